@@ -1,0 +1,87 @@
+import math
+
+import numpy as np
+import pytest
+
+from wsi_acquisition.stage import (SimulatedStage, StageDynamics, StageLimitError, StageLimits,
+                                   trapezoid_duration_s, trapezoid_fraction)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def exact_stage(clock, **dynamics):
+    """A stage with no jitter, so that positions can be checked exactly."""
+    params = dict(xy_jitter_um=0.0, z_jitter_um=0.0, encoder_resolution_um=1e-6) | dynamics
+    return SimulatedStage(StageLimits(), StageDynamics(**params), clock=clock,
+                          start_um=(10_000.0, 10_000.0, 0.0))
+
+
+def test_trapezoid_reaches_full_speed_on_long_moves_and_not_on_short_ones():
+    assert trapezoid_duration_s(30_000, 30_000, 300_000) == pytest.approx(1.0 + 0.1)
+    assert trapezoid_duration_s(100, 30_000, 300_000) == pytest.approx(2 * math.sqrt(100 / 300_000))
+    halfway = trapezoid_duration_s(30_000, 30_000, 300_000) / 2
+    assert trapezoid_fraction(halfway, 30_000, 30_000, 300_000) == pytest.approx(0.5)
+    fractions = [trapezoid_fraction(t, 500, 30_000, 300_000) for t in np.linspace(0, 0.1, 50)]
+    assert np.all(np.diff(fractions) >= 0) and fractions[-1] == 1.0
+
+
+def test_move_follows_the_clock_and_settles_at_the_target():
+    clock = FakeClock()
+    stage = exact_stage(clock)
+    duration = stage.start_move(40_000.0, 10_000.0, 0.0)
+    assert duration == pytest.approx(trapezoid_duration_s(30_000, 30_000, 300_000) + StageDynamics().settle_s)
+    clock.now = duration / 2
+    assert stage.is_moving()
+    assert stage.position_um()[0] == pytest.approx(25_000.0, abs=1500)
+    clock.now = duration + 1e-6
+    assert not stage.is_moving()
+    assert stage.position_um() == pytest.approx((40_000.0, 10_000.0, 0.0))
+
+
+def test_reversing_an_axis_loses_the_backlash():
+    clock = FakeClock()
+    stage = exact_stage(clock, backlash_um=2.0)
+    clock.now += stage.start_move(10_000.0, 10_000.0, 50.0) + 1
+    clock.now += stage.start_move(10_000.0, 10_000.0, 20.0) + 1
+    assert stage.position_um()[2] == pytest.approx(22.0)       # reversed: stops 2 µm short
+    clock.now += stage.start_move(10_000.0, 10_000.0, 10.0) + 1
+    assert stage.position_um()[2] == pytest.approx(10.0)       # same direction: no loss
+
+
+def test_stop_leaves_the_stage_where_it_was():
+    clock = FakeClock()
+    stage = exact_stage(clock)
+    duration = stage.start_move(40_000.0, 10_000.0, 0.0)
+    clock.now = duration / 3
+    stage.stop()
+    stopped_at = stage.position_um()
+    clock.now = duration * 2
+    assert not stage.is_moving()
+    assert stage.position_um() == stopped_at and 10_000 < stopped_at[0] < 40_000
+
+
+def test_jitter_makes_measured_positions_scatter_around_the_target():
+    clock = FakeClock()
+    stage = SimulatedStage(clock=clock, seed=3, dynamics=StageDynamics(backlash_um=0.0))
+    errors = []
+    for i in range(200):
+        target = (20_000.0 + 100 * (i % 2), 12_000.0, 0.0)
+        clock.now += stage.start_move(*target) + 1
+        errors.append(stage.position_um()[0] - target[0])
+    assert 0.1 < np.std(errors) < 0.3 and abs(np.mean(errors)) < 0.05
+
+
+def test_targets_outside_the_limits_name_the_axis_and_the_range():
+    stage = SimulatedStage()
+    with pytest.raises(StageLimitError, match=r"y=30000.000 µm is outside \[0.000, 25000.000\] µm"):
+        stage.start_move(1000.0, 30_000.0, 0.0)
+    with pytest.raises(StageLimitError, match="z=nan is not a finite number"):
+        stage.start_move(1000.0, 1000.0, float("nan"))
+    with pytest.raises(ValueError, match="min 5.0 µm must be below max 1.0 µm"):
+        StageLimits(x_min_um=5.0, x_max_um=1.0)

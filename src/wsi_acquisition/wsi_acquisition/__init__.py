@@ -1,0 +1,1 @@
+"""Virtual microscope, stage action server, camera publisher and scan orchestrator."""

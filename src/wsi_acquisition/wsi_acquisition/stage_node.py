@@ -1,0 +1,138 @@
+"""Stage node: the MoveStage action server and the StageState publisher over a stage backend."""
+import math
+import threading
+import time
+
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+
+from wsi_acquisition.stage import (AXES, SimulatedStage, StageDynamics, StageFault, StageLimitError,
+                                   StageLimits)
+from wsi_common.node_main import NodeConfigurationError, spin_node
+from wsi_common.params import declare_parameters
+from wsi_common.qos import EVENT_QOS
+from wsi_interfaces.action import MoveStage
+from wsi_interfaces.msg import StageState
+
+PARAMETERS = {
+    "backend": ("sim", "stage backend: 'sim' (virtual microscope)"),
+    "x_min_um": (0.0, "soft limit, µm"), "x_max_um": (75_000.0, "soft limit, µm"),
+    "y_min_um": (0.0, "soft limit, µm"), "y_max_um": (25_000.0, "soft limit, µm"),
+    "z_min_um": (-500.0, "soft limit, µm"), "z_max_um": (500.0, "soft limit, µm"),
+    "sim_seed": (0, "seed of the simulated stage's jitter"),
+    "sim_speedup": (1.0, "simulated moves take 1/sim_speedup of their physical time"),
+    "state_rate_hz": (10.0, "StageState publishing rate"),
+    "feedback_rate_hz": (20.0, "MoveStage feedback rate"),
+    "move_timeout_margin_s": (2.0, "a move that takes this much longer than expected fails"),
+}
+
+
+def make_backend(params: dict):
+    if params["backend"] != "sim":
+        raise NodeConfigurationError(f"unknown stage backend {params['backend']!r}; expected 'sim'")
+    try:
+        limits = StageLimits(**{f"{a}_{b}_um": params[f"{a}_{b}_um"] for a in AXES for b in ("min", "max")})
+        return SimulatedStage(limits, StageDynamics(), seed=params["sim_seed"],
+                              speedup=params["sim_speedup"])
+    except ValueError as error:
+        raise NodeConfigurationError(str(error)) from error
+
+
+def target_of(goal, current: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Absolute target of a MoveStage goal; axes not selected keep their current value."""
+    axes = goal.axes or MoveStage.Goal.AXES_XYZ
+    requested = (goal.x_um, goal.y_um, goal.z_um)
+    masks = (MoveStage.Goal.AXES_X, MoveStage.Goal.AXES_Y, MoveStage.Goal.AXES_Z)
+    return tuple((cur + req if goal.relative else req) if axes & mask else cur
+                 for cur, req, mask in zip(current, requested, masks))
+
+
+class StageNode(Node):
+    def __init__(self):
+        super().__init__("stage")
+        self.params = declare_parameters(self, PARAMETERS)
+        self.stage = make_backend(self.params)
+        self._busy = threading.Lock()
+        group = ReentrantCallbackGroup()
+        self._state_pub = self.create_publisher(StageState, "stage/state", EVENT_QOS)
+        self.create_timer(1.0 / self.params["state_rate_hz"], self._publish_state, callback_group=group)
+        self._server = ActionServer(
+            self, MoveStage, "stage/move", execute_callback=self._execute,
+            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
+            callback_group=group)
+        self.get_logger().info(f"stage ready ({self.params['backend']} backend)")
+
+    def _on_goal(self, goal) -> GoalResponse:
+        try:
+            if not math.isfinite(goal.speed_um_s) or goal.speed_um_s < 0:
+                raise ValueError(f"speed {goal.speed_um_s} µm/s must be >= 0")
+            self.stage.limits.check(*target_of(goal, self.stage.position_um()))
+        except (StageLimitError, ValueError) as error:
+            self.get_logger().warning(f"rejected MoveStage goal: {error}")
+            return GoalResponse.REJECT
+        if self._busy.locked():
+            self.get_logger().warning("rejected MoveStage goal: another move is in progress")
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _result(self, goal_handle, code: int, message: str, started: float):
+        result = MoveStage.Result(error_code=code, error_message=message,
+                                  duration_s=time.monotonic() - started)
+        result.x_um, result.y_um, result.z_um = self.stage.position_um()
+        if code == MoveStage.Result.ERROR_NONE:
+            goal_handle.succeed()
+        elif code == MoveStage.Result.ERROR_CANCELED:
+            goal_handle.canceled()
+        else:
+            self.get_logger().error(message)
+            goal_handle.abort()
+        return result
+
+    def _execute(self, goal_handle):
+        started = time.monotonic()
+        with self._busy:
+            target = target_of(goal_handle.request, self.stage.position_um())
+            try:
+                expected_s = self.stage.start_move(*target, speed_um_s=goal_handle.request.speed_um_s)
+            except StageLimitError as error:
+                return self._result(goal_handle, MoveStage.Result.ERROR_OUT_OF_LIMITS, str(error), started)
+            except StageFault as error:
+                return self._result(goal_handle, MoveStage.Result.ERROR_FAULT, str(error), started)
+            deadline = started + expected_s + self.params["move_timeout_margin_s"]
+            period = 1.0 / self.params["feedback_rate_hz"]
+            while self.stage.is_moving():
+                if goal_handle.is_cancel_requested:
+                    self.stage.stop()
+                    return self._result(goal_handle, MoveStage.Result.ERROR_CANCELED, "canceled", started)
+                if time.monotonic() > deadline:
+                    self.stage.stop()
+                    return self._result(goal_handle, MoveStage.Result.ERROR_TIMEOUT,
+                                        f"move did not finish within {expected_s:.2f} s "
+                                        f"+ {self.params['move_timeout_margin_s']} s", started)
+                position = self.stage.position_um()
+                goal_handle.publish_feedback(MoveStage.Feedback(
+                    x_um=position[0], y_um=position[1], z_um=position[2],
+                    distance_remaining_um=math.dist(position, target)))
+                time.sleep(period)
+            return self._result(goal_handle, MoveStage.Result.ERROR_NONE, "", started)
+
+    def _publish_state(self):
+        limits = self.stage.limits
+        msg = StageState(moving=self.stage.is_moving(), connected=True, fault=getattr(self.stage, "fault", ""))
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.x_um, msg.y_um, msg.z_um = self.stage.position_um()
+        for axis in AXES:
+            low, high = limits.bounds(axis)
+            setattr(msg, f"{axis}_min_um", low)
+            setattr(msg, f"{axis}_max_um", high)
+        self._state_pub.publish(msg)
+
+
+def main(args=None):
+    spin_node(StageNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=4))
+
+
+if __name__ == "__main__":
+    main()
