@@ -1,0 +1,118 @@
+"""The foundation's round trips with real rclpy in separate processes."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import rclpy
+from action_msgs.msg import GoalStatus
+
+from wsi.actions import ActionCallError, ActionCaller
+from wsi.graph import GraphConfig, scan_graph
+from wsi_common.ros_env import node_environment
+from wsi_interfaces.action import MoveStage
+
+pytestmark = pytest.mark.ros
+
+
+def probe(*args):
+    return subprocess.Popen([sys.executable, "-m", "wsi.tile_probe", *args], env=node_environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_json(process, timeout_s=60):
+    out, err = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_tiles_cross_processes_intact():
+    receiver = probe("receive", "--count", "5", "--duration", "40", "--checksums")
+    assert json.loads(receiver.stdout.readline()) == {"ready": True}
+    sender = probe("send", "--count", "5", "--size", "1024", "--rate", "20")
+    sent = last_json(sender)
+    received = last_json(receiver)
+    assert sent["sent"] == received["count"] == 5
+    assert [t["sequence"] for t in received["tiles"]] == list(range(5))
+    assert [(t["row"], t["col"]) for t in received["tiles"]] == [divmod(i, 16) for i in range(5)]
+    assert all(t["encoding"] == "rgb8" and t["shape"] == [1024, 1024, 3] for t in received["tiles"])
+    assert [t["crc32"] for t in received["tiles"]] == sent["crc32"]
+
+
+@pytest.fixture
+def stage(run_nodes, ros_node):
+    run_nodes(scan_graph(GraphConfig(sim_speedup=1.0)))
+    caller = ActionCaller(ros_node, MoveStage, "stage/move")
+    caller.wait_for_server(timeout_s=30)
+    return caller
+
+
+def test_move_goal_is_fed_back_and_finishes_at_the_target(stage):
+    outcome = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=12.0), timeout_s=30)
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED
+    assert outcome.result.error_code == MoveStage.Result.ERROR_NONE
+    assert (outcome.result.x_um, outcome.result.y_um, outcome.result.z_um) == pytest.approx(
+        (20_000.0, 5_000.0, 12.0), abs=2.0)
+    assert len(outcome.feedback) >= 3
+    remaining = [f.distance_remaining_um for f in outcome.feedback]
+    assert remaining[0] > remaining[-1]
+
+
+def test_a_second_goal_is_cancelled_mid_move(stage, ros_node):
+    stage.call(MoveStage.Goal(x_um=1_000.0, y_um=1_000.0, z_um=0.0), timeout_s=30)
+    feedback = []
+    handle = stage.send_goal(MoveStage.Goal(x_um=74_000.0, y_um=24_000.0, z_um=0.0), timeout_s=30,
+                             on_feedback=feedback.append)
+    deadline = time.monotonic() + 10
+    while not feedback and time.monotonic() < deadline:
+        rclpy.spin_once(ros_node, timeout_sec=0.05)
+    stage.cancel(handle)
+    status, result = stage.wait_for_result(handle, timeout_s=30)
+    assert status == GoalStatus.STATUS_CANCELED
+    assert result.error_code == MoveStage.Result.ERROR_CANCELED
+    assert 1_000.0 < result.x_um < 74_000.0 - 1.0   # stopped on the way, not at the target
+
+
+def test_goal_outside_the_limits_is_rejected(stage):
+    with pytest.raises(ActionCallError, match="goal rejected"):
+        stage.send_goal(MoveStage.Goal(x_um=-5.0, y_um=0.0, z_um=0.0), timeout_s=30)
+
+
+def run_cli(*args, timeout_s=90):
+    return subprocess.run([sys.executable, "-m", "wsi.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env=node_environment())
+
+
+def test_wsi_smoke_runs_a_round_trip_through_a_fresh_graph():
+    done = run_cli("smoke", "--sim-speedup", "4")
+    assert done.returncode == 0, done.stderr
+    assert "goal outside the stage limits rejected" in done.stdout
+    assert "the graph answered end to end" in done.stdout
+
+
+def test_wsi_launch_stops_cleanly_on_ctrl_c():
+    launcher = subprocess.Popen([sys.executable, "-m", "wsi.cli", "launch"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=node_environment())
+    for line in launcher.stdout:
+        if "stage ready" in line:
+            break
+    assert line.startswith("[stage] ")
+    launcher.send_signal(signal.SIGINT)
+    rest, _ = launcher.communicate(timeout=30)
+    assert launcher.returncode == 0, rest
+    assert "wsi launch: stopping" in rest
+
+
+def test_wsi_launch_fails_clearly_when_a_node_dies():
+    done = run_cli("launch", "--sim-speedup", "-1", timeout_s=60)
+    assert done.returncode == 1
+    assert "speedup -1.0 must be positive" in done.stdout
+    assert "node process died: stage (exit code 2)" in done.stderr
+
+
+def test_bad_launch_argument_is_a_usage_error():
+    done = run_cli("launch", "--record", "maybe")
+    assert done.returncode == 2
+    assert "launch argument record='maybe' is not a boolean" in done.stderr

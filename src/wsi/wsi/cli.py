@@ -1,0 +1,126 @@
+"""`wsi` command: start the scanner graph, and check it end to end.
+
+    wsi launch [--sim true] [--slide 0] [--output-dir out] [--namespace ns] ...
+    wsi smoke  [--attach]       start the graph (or use a running one) and run a round trip through it
+"""
+import argparse
+import math
+import sys
+import time
+from contextlib import nullcontext
+
+import rclpy
+from action_msgs.msg import GoalStatus
+from rclpy.node import Node
+
+from wsi.actions import ActionCallError, ActionCaller
+from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
+from wsi_common.supervisor import NodeDiedError, Supervisor
+from wsi_interfaces.action import MoveStage
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, (default, description) in LAUNCH_ARGUMENTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default,
+                            help=f"{description} (default: {default!r})")
+
+
+def _graph_config(args: argparse.Namespace) -> GraphConfig:
+    return GraphConfig.from_strings({name: getattr(args, name) for name in LAUNCH_ARGUMENTS})
+
+
+def _topic(namespace: str, name: str) -> str:
+    return f"/{namespace.strip('/')}/{name}" if namespace.strip("/") else name
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    supervisor = Supervisor(scan_graph(_graph_config(args)))
+    print(f"wsi launch: starting {', '.join(map(supervisor.label, supervisor.specs))}; Ctrl-C stops",
+          flush=True)
+    supervisor.start()
+    try:
+        while True:
+            supervisor.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("wsi launch: stopping", flush=True)
+        codes = supervisor.stop()
+        return EXIT_OK if all(code in (0, -2) for code in codes.values()) else EXIT_FAILED
+    except NodeDiedError as error:
+        print(f"wsi launch: {error}; stopping the other nodes", file=sys.stderr, flush=True)
+        supervisor.stop()
+        return EXIT_FAILED
+
+
+def smoke_round_trip(namespace: str, timeout_s: float) -> list[str]:
+    """Drive the running graph through a stage move and a refused goal; return what was checked."""
+    checks = []
+    rclpy.init()
+    node = Node("wsi_smoke")
+    try:
+        stage = ActionCaller(node, MoveStage, _topic(namespace, "stage/move"))
+        started = time.monotonic()
+        stage.wait_for_server(timeout_s)
+        checks.append(f"stage action server found in {time.monotonic() - started:.1f} s")
+        for target in ((30_000.0, 12_000.0, 10.0), (31_000.0, 12_500.0, -5.0)):
+            outcome = stage.call(MoveStage.Goal(x_um=target[0], y_um=target[1], z_um=target[2]), timeout_s)
+            result = outcome.result
+            error_um = math.dist((result.x_um, result.y_um, result.z_um), target)
+            if outcome.status != GoalStatus.STATUS_SUCCEEDED or result.error_code != result.ERROR_NONE:
+                raise ActionCallError(f"move to {target} failed: {result.error_message or outcome.status}")
+            if error_um > 5.0:
+                raise ActionCallError(f"move to {target} ended {error_um:.2f} µm away from the target")
+            checks.append(f"moved to {target} µm: reached within {error_um:.2f} µm in "
+                          f"{result.duration_s:.2f} s, {len(outcome.feedback)} feedback messages")
+        try:
+            stage.send_goal(MoveStage.Goal(x_um=-1e6, y_um=0.0, z_um=0.0), timeout_s)
+        except ActionCallError:
+            checks.append("goal outside the stage limits rejected")
+        else:
+            raise ActionCallError("a goal outside the stage limits was accepted")
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return checks
+
+
+def run_smoke(args: argparse.Namespace) -> int:
+    config = _graph_config(args)
+    graph = nullcontext() if args.attach else Supervisor(scan_graph(config))
+    try:
+        with graph:
+            checks = smoke_round_trip(config.namespace, args.timeout)
+            if not args.attach:
+                graph.check_alive()
+    except Exception as error:  # any failure of the round trip is the smoke test's finding
+        print(f"wsi smoke: FAILED: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    for check in checks:
+        print(f"wsi smoke: ok: {check}")
+    print("wsi smoke: the graph answered end to end")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="wsi", description="WSI whole-slide scanner")
+    commands = parser.add_subparsers(dest="command", required=True)
+    launch = commands.add_parser("launch", help="start the scanner node graph until Ctrl-C")
+    _add_graph_arguments(launch)
+    launch.set_defaults(run=run_launch)
+    smoke = commands.add_parser("smoke", help="start the graph and check it answers end to end")
+    _add_graph_arguments(smoke)
+    smoke.add_argument("--attach", action="store_true", help="use an already running graph")
+    smoke.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    smoke.set_defaults(run=run_smoke)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"wsi {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The WSI node graph, described once. `launch/scan.launch.py` and `wsi launch` both build from it."""
+from dataclasses import dataclass, fields
+
+from wsi_common.supervisor import NodeSpec
+
+# Launch arguments: name -> (default as a string, description). Shared by the launch file and the CLI.
+LAUNCH_ARGUMENTS = {
+    "sim": ("true", "use the virtual microscope instead of real hardware"),
+    "slide": ("0", "virtual slide: an integer seed, or the path of an RGB image to use as specimen"),
+    "output_dir": ("out", "directory for scan manifests, mosaics and exports"),
+    "record": ("false", "record every tile, estimate and status into a rosbag2 (MCAP) bag"),
+    "autofocus_backend": ("auto", "autofocus inference backend: auto, torch, onnxruntime, tensorrt"),
+    "namespace": ("", "ROS namespace of this scanner, so that two scanners can share one ROS graph"),
+    "sim_speedup": ("1.0", "simulated stage moves run this many times faster than physical time"),
+}
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"launch argument {name}={text!r} is not a boolean; expected true or false")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    sim: bool = True
+    slide: str = "0"
+    output_dir: str = "out"
+    record: bool = False
+    autofocus_backend: str = "auto"
+    namespace: str = ""
+    sim_speedup: float = 1.0
+
+    @classmethod
+    def from_strings(cls, values: dict) -> "GraphConfig":
+        """Build from launch-argument strings (missing ones take their defaults)."""
+        kwargs = {}
+        for f in fields(cls):
+            text = values.get(f.name, LAUNCH_ARGUMENTS[f.name][0])
+            if f.type is bool:
+                kwargs[f.name] = _parse_bool(text, f.name)
+            elif f.type is float:
+                try:
+                    kwargs[f.name] = float(text)
+                except ValueError:
+                    raise ValueError(f"launch argument {f.name}={text!r} is not a number") from None
+            else:
+                kwargs[f.name] = text
+        return cls(**kwargs)
+
+
+def scan_graph(config: GraphConfig) -> list[NodeSpec]:
+    """Every node of one scanner, with its parameters and remappings."""
+    if not config.sim:
+        raise ValueError("sim=false needs a hardware backend; the Micro-Manager backend is not available yet")
+    return [
+        NodeSpec(name="stage", package="wsi_acquisition", executable="stage_node",
+                 module="wsi_acquisition.stage_node", namespace=config.namespace,
+                 parameters={"backend": "sim", "sim_speedup": config.sim_speedup}),
+    ]
