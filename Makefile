@@ -1,0 +1,45 @@
+# One command for the tests, one for the main job. Both set up everything on a fresh clone:
+# .venv (Python 3.11) with the pinned ROS 2 wheels and Python packages, then a colcon build of
+# src/ into the venv. Re-running is fast: each step only re-runs when its inputs changed.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_ABS := $(CURDIR)/$(VENV)
+# Keep DDS discovery on this machine unless the caller says otherwise.
+export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
+SOURCES := $(shell find src -type f -not -path '*/__pycache__/*' -not -name '*.pyc') colcon.meta
+
+.PHONY: test scan build bench lock clean
+
+test: $(VENV)/.built
+	$(PY) -m pytest
+
+scan: $(VENV)/.built
+	$(VENV)/bin/wsi smoke
+
+build: $(VENV)/.built
+
+bench: $(VENV)/.built
+	$(PY) bench/transport.py
+
+$(VENV)/.installed: requirements/ros-pypi.txt requirements/python.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/ros-pypi.txt -r requirements/python.txt -c constraints.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	AMENT_PREFIX_PATH=$(VENV_ABS) CMAKE_PREFIX_PATH=$(VENV_ABS) $(VENV)/bin/colcon \
+	    --log-base build/log build --base-paths src --build-base build --install-base $(VENV) \
+	    --merge-install --event-handlers console_cohesion- summary+ \
+	    --cmake-args -DPython3_EXECUTABLE=$(VENV_ABS)/bin/python
+	ln -sf ../lib/wsi/wsi $(VENV)/bin/wsi
+	touch $@
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^wsi' \
+	    | sed '1i # Exact versions of every package in .venv (make lock regenerates it from a working venv).' \
+	    > constraints.txt
+
+clean:
+	rm -rf build log $(VENV)

@@ -1,0 +1,1 @@
+"""Deep-learning autofocus: focus regressor training, evaluation, inference backends and node."""
