@@ -1,5 +1,4 @@
 """Process entry point shared by every WSI node: init, spin, clean shutdown on Ctrl-C or SIGTERM."""
-import signal
 import sys
 
 import rclpy
@@ -11,11 +10,12 @@ class NodeConfigurationError(ValueError):
 
 
 def spin_node(node_class, args=None, make_executor=SingleThreadedExecutor) -> None:
-    """Run one node until Ctrl-C/SIGTERM; exit 0, or 2 with a one-line reason if it cannot start."""
-    rclpy.init(args=args, signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
-    # SIGTERM (from a supervisor) and SIGINT (Ctrl-C) both end the spin the same way.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: rclpy.try_shutdown())
+    """Run one node until Ctrl-C/SIGTERM; exit 0, or 2 with a one-line reason if it cannot start.
+
+    rclpy's own signal handlers (SIGINT and SIGTERM) wake the executor and shut the context down,
+    which ends the spin with ExternalShutdownException.
+    """
+    rclpy.init(args=args)
     exit_code = 0
     node = None
     try:
@@ -23,7 +23,7 @@ def spin_node(node_class, args=None, make_executor=SingleThreadedExecutor) -> No
         executor = make_executor()
         executor.add_node(node)
         executor.spin()
-    except ExternalShutdownException:
+    except (ExternalShutdownException, KeyboardInterrupt):
         pass
     except NodeConfigurationError as error:
         print(f"{node_class.__name__}: cannot start: {error}", file=sys.stderr)
