@@ -37,7 +37,10 @@ def run_case(use_profile: bool, rate_hz: float, duration_s: float, size_px: int,
     receiver = subprocess.Popen([*probe, "receive", "--duration", str(duration_s + 15)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     sender = subprocess.run([*probe, "send", "--size", str(size_px), "--duration", str(duration_s),
-                             "--rate", str(rate_hz)], env=env, capture_output=True, text=True, check=True)
+                             "--rate", str(rate_hz)], env=env, capture_output=True, text=True)
+    if sender.returncode != 0:
+        receiver.kill()
+        raise SystemExit(f"tile sender failed (exit {sender.returncode}):\n{sender.stderr}")
     received_text, _ = receiver.communicate(timeout=duration_s + 60)
     sent = last_json_line(sender.stdout)
     received = last_json_line(received_text)
