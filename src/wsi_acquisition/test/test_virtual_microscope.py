@@ -1,0 +1,141 @@
+"""VirtualMicroscope: ground truth, noise statistics, ROI patches, illumination, overview."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from wsi_acquisition.focus import brenner
+from wsi_acquisition.microscope import CaptureError, VirtualMicroscope
+from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, OpticsError
+
+TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
+GLASS_X_UM, GLASS_Y_UM = 8_000.0, 5_000.0
+
+
+def test_ground_truth_defocus_is_stage_z_minus_focal_z():
+    microscope = VirtualMicroscope(seed=2)
+    z = 12.5
+    capture = microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, z, 20, roi=(0, 0, 32, 32))
+    focal = microscope.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM)
+    assert capture.focal_z_um == pytest.approx(focal)
+    assert capture.defocus_um == pytest.approx(z - focal)
+    assert (capture.stage_x_um, capture.stage_y_um, capture.stage_z_um) == (TISSUE_X_UM, TISSUE_Y_UM, z)
+    assert capture.pixel_size_um == pytest.approx(6.5 / 20)
+    assert capture.numerical_aperture == 0.75
+
+
+def test_focal_surface_is_tilted_and_warped_but_smooth():
+    microscope = VirtualMicroscope(seed=4)
+    xs = np.linspace(36_000, 51_000, 31)
+    z = microscope.focal_z_um(xs, np.full_like(xs, 12_500.0))
+    assert np.ptp(z) > 2.0                            # across a 15 mm section: several DOF of relief
+    assert np.abs(np.diff(z)).max() < 2.5             # but smooth over 0.5 mm steps
+
+
+def test_captures_are_deterministic_per_seed_and_noise_differs_per_capture():
+    first = VirtualMicroscope(seed=9)
+    second = VirtualMicroscope(seed=9)
+    roi = (100, 100, 64, 64)
+    a = first.capture(TISSUE_X_UM, TISSUE_Y_UM, 0.0, 20, roi=roi)
+    b = second.capture(TISSUE_X_UM, TISSUE_Y_UM, 0.0, 20, roi=roi)
+    again = first.capture(TISSUE_X_UM, TISSUE_Y_UM, 0.0, 20, roi=roi)
+    assert np.array_equal(a.raw, b.raw)
+    assert not np.array_equal(a.raw, again.raw)
+    assert again.capture_index == a.capture_index + 1
+    assert np.abs(a.raw.astype(float) - again.raw).mean() < 0.03 * a.raw.mean()
+
+
+def test_noise_statistics_match_shot_plus_read_noise():
+    camera = Camera(bit_depth=16, full_well_e=30_000.0, read_noise_e=8.0, bright_field_e_per_ms=1_000.0)
+    microscope = VirtualMicroscope(seed=1, camera=camera)
+    roi = (448, 448, 128, 128)   # field centre: illumination flat to < 0.1 %
+    counts_per_e = camera.max_adu / camera.full_well_e
+    for exposure_ms, gain in ((5.0, 1.0), (20.0, 1.0), (5.0, 2.0)):
+        raw = microscope.capture(GLASS_X_UM, GLASS_Y_UM, 0.0, 20, exposure_ms=exposure_ms, gain=gain,
+                                 roi=roi).raw.astype(np.float64)
+        electrons = raw / (counts_per_e * gain)
+        glass_transmission = 10 ** -np.array([0.012, 0.010, 0.016])
+        expected_mean = exposure_ms * camera.bright_field_e_per_ms * glass_transmission
+        measured_mean = electrons.mean(axis=(0, 1))
+        assert np.allclose(measured_mean, expected_mean, rtol=0.01)
+        expected_var = expected_mean + camera.read_noise_e ** 2
+        measured_var = electrons.var(axis=(0, 1))
+        assert np.allclose(measured_var, expected_var, rtol=0.08)
+
+
+def test_saturation_clips_at_full_well():
+    microscope = VirtualMicroscope(seed=1)
+    capture = microscope.capture(GLASS_X_UM, GLASS_Y_UM, 0.0, 20, exposure_ms=100.0, roi=(0, 0, 16, 16))
+    assert capture.raw.max() == microscope.camera.max_adu
+    assert capture.image_rgb8.max() == 255
+
+
+def test_patch_roi_matches_the_same_pixels_of_the_full_frame():
+    # A deep-well camera makes noise negligible, so the images can be compared pixel by pixel.
+    camera = Camera(width_px=512, height_px=512, bit_depth=16, full_well_e=1e9, read_noise_e=0.0,
+                    bright_field_e_per_ms=1e8)
+    microscope = VirtualMicroscope(seed=3, camera=camera)
+    z = microscope.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM) + 1.5
+    full = microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, z, 20).raw.astype(np.float64)
+    patch = microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, z, 20, roi=(300, 40, 96, 128)).raw
+    crop = full[300:396, 40:168]
+    assert np.abs(patch - crop).max() < 2e-3 * full.max()
+    assert np.abs(patch - full[301:397, 40:168]).mean() > 10 * np.abs(patch - crop).mean()
+
+
+def test_vignetting_darkens_the_corners():
+    microscope = VirtualMicroscope(seed=1, lamp_gradient=(0.0, 0.0))
+    objective = microscope.objective(20)
+    capture = microscope.capture(GLASS_X_UM, GLASS_Y_UM, 0.0, 20)
+    image = capture.raw.astype(np.float64).mean(axis=2)
+    centre = image[480:544, 480:544].mean()
+    corner = image[:32, :32].mean()
+    corner_radius = np.hypot(496, 496) * capture.pixel_size_um / objective.field_radius_um
+    expected = 1.0 - objective.vignetting * corner_radius ** 2
+    assert corner / centre == pytest.approx(expected, abs=0.01)
+
+
+def test_field_curvature_moves_best_focus_at_the_field_edge():
+    edge_roi = (448, 896, 128, 128)                   # centred 448 px right of the optical axis
+    field_radius_um = (960 - 512) * 6.5 / 20
+
+    def best_focus_offset(field_curvature_um):
+        objective = dataclasses.replace(STANDARD_OBJECTIVES[20.0], field_curvature_um=field_curvature_um)
+        # Enough blur levels to follow 20 um of curvature (the default 3 suit plan objectives).
+        microscope = VirtualMicroscope(seed=5, objectives={20.0: objective}, max_blur_levels=12)
+        focal = microscope.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM)
+        z_values = focal + np.arange(-5.0, 2.01, 0.25)
+        sharpness = [brenner(microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, z, 20, roi=edge_roi).image_rgb8)
+                     for z in z_values]
+        return z_values[int(np.argmax(sharpness))] - focal, objective.field_radius_um
+
+    flat, _ = best_focus_offset(0.0)     # the control: focal-surface slope and colour focus shifts
+    curved, field_number_radius_um = best_focus_offset(20.0)
+    expected_shift = -20.0 * (field_radius_um / field_number_radius_um) ** 2
+    assert curved - flat == pytest.approx(expected_shift, abs=0.3)
+
+
+def test_depth_of_field_and_field_of_view():
+    microscope = VirtualMicroscope()
+    assert microscope.field_of_view_um(20) == pytest.approx((1024 * 0.325, 1024 * 0.325))
+    assert microscope.depth_of_field_um(40) < microscope.depth_of_field_um(20) < microscope.depth_of_field_um(10)
+
+
+def test_overview_shows_tissue_darker_than_glass():
+    microscope = VirtualMicroscope(seed=2)
+    overview = microscope.capture_overview(pixel_size_um=50.0)
+    assert overview.image_rgb8.shape == (500, 1500, 3)
+    gray = overview.image_rgb8.mean(axis=2)
+    tissue = gray[250, int(43_500 / 50)]
+    glass = gray[50, 100]
+    assert glass - tissue > 30
+
+
+def test_invalid_requests_raise_clear_errors():
+    microscope = VirtualMicroscope()
+    with pytest.raises(CaptureError, match="60x"):
+        microscope.capture(0, 0, 0, 60)
+    with pytest.raises(CaptureError, match="roi"):
+        microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, 0, 20, roi=(1000, 0, 100, 100))
+    with pytest.raises(OpticsError, match="exposure_ms"):
+        microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, 0, 20, exposure_ms=0, roi=(0, 0, 8, 8))

@@ -1,0 +1,256 @@
+"""Virtual bright-field microscope: a specimen imaged through an objective onto a camera.
+
+Stage coordinates are slide coordinates (µm): x right, y down, z towards the objective. The image row
+axis runs along +y and the column axis along +x; the field-of-view centre (sensor centre) sits at the
+commanded stage (x, y). Every capture carries its ground truth (true pose, focal z, defocus).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft, ndimage
+
+from .optics import (CHANNEL_WAVELENGTHS_UM, STANDARD_OBJECTIVES, Camera, FocalSurface, Objective,
+                     OtfGrid, depth_of_field_um, expose, relative_illumination, to_rgb8)
+from .specimen import Specimen, SyntheticSlide
+
+_LN10 = math.log(10.0)
+# The local defocus over the field is sampled on this many points per axis and interpolated.
+_DEFOCUS_SAMPLES = 9
+# Rendered border around the ROI so the FFT convolution does not wrap; blur radii beyond it (defocus
+# of tens of µm) leave a slightly wrong border band in images that are featureless blur anyway.
+_MAX_MARGIN_PX = 256
+
+
+class CaptureError(ValueError):
+    """A capture was requested with invalid arguments (unknown objective, ROI off the sensor...)."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    image_rgb8: np.ndarray          # (height, width, 3) uint8
+    raw: np.ndarray                 # (height, width, 3) counts at the camera bit depth (uint8/uint16)
+    bit_depth: int
+    pixel_size_um: float            # image pixel in the specimen plane
+    stage_x_um: float               # true pose of the stage: field-of-view centre on the slide
+    stage_y_um: float
+    stage_z_um: float
+    focal_z_um: float               # true focal z at the field-of-view centre (reference wavelength)
+    defocus_um: float               # stage_z_um - focal_z_um; positive = stage above focus
+    objective_magnification: float
+    numerical_aperture: float
+    exposure_ms: float
+    gain: float
+    roi: tuple[int, int, int, int]  # (row, col, height, width) of the image on the sensor; the
+                                    # stage pose is that of the sensor centre whatever the ROI
+    capture_index: int
+
+
+@dataclass(frozen=True)
+class Overview:
+    image_rgb8: np.ndarray          # whole slide, (height, width, 3) uint8
+    pixel_size_um: float
+    origin_x_um: float = 0.0        # slide position of the image's top-left corner
+    origin_y_um: float = 0.0
+
+
+class VirtualMicroscope:
+    """Specimen + focal surface + objectives + camera. Deterministic for a seed; the camera noise of
+    capture number k is drawn from (seed, k) unless `noise_seed` is given."""
+
+    def __init__(self, specimen: Specimen | None = None, seed: int = 0, camera: Camera | None = None,
+                 objectives: dict[float, Objective] | None = None,
+                 focal_surface: FocalSurface | None = None, max_blur_levels: int = 3,
+                 lamp_gradient: tuple[float, float] = (0.02, -0.015)):
+        self.seed = int(seed)
+        self.specimen = SyntheticSlide(seed=seed) if specimen is None else specimen
+        self.camera = Camera() if camera is None else camera
+        self.objectives = dict(STANDARD_OBJECTIVES if objectives is None else objectives)
+        if focal_surface is None:
+            focal_surface = FocalSurface(seed=seed, center_x_um=self.specimen.width_um / 2,
+                                         center_y_um=self.specimen.height_um / 2)
+        self.focal_surface = focal_surface
+        if max_blur_levels < 1:
+            raise CaptureError(f"max_blur_levels={max_blur_levels}; expected >= 1")
+        self.max_blur_levels = max_blur_levels
+        self.lamp_gradient = lamp_gradient
+        self._capture_count = 0
+        self._otf_grids: dict[tuple, OtfGrid] = {}
+
+    # -- optics queries ---------------------------------------------------------------------------
+    def objective(self, magnification: float) -> Objective:
+        try:
+            return self.objectives[float(magnification)]
+        except KeyError:
+            raise CaptureError(f"no {magnification}x objective; available: "
+                               f"{sorted(self.objectives)}") from None
+
+    def pixel_size_um(self, magnification: float) -> float:
+        return self.camera.specimen_pixel_size_um(self.objective(magnification))
+
+    def field_of_view_um(self, magnification: float) -> tuple[float, float]:
+        """(width, height) of the full sensor in the specimen plane, µm."""
+        p = self.pixel_size_um(magnification)
+        return self.camera.width_px * p, self.camera.height_px * p
+
+    def depth_of_field_um(self, magnification: float) -> float:
+        return depth_of_field_um(self.objective(magnification), self.camera.pixel_size_um)
+
+    def focal_z_um(self, x_um, y_um):
+        """True focal z (µm) at slide positions: the answer autofocus should find."""
+        return self.focal_surface.z_um(x_um, y_um)
+
+    # -- imaging ---------------------------------------------------------------------------------
+    def capture(self, x_um: float, y_um: float, z_um: float, magnification: float,
+                exposure_ms: float = 10.0, gain: float = 1.0,
+                roi: tuple[int, int, int, int] | None = None, noise_seed: int | None = None) -> Capture:
+        """Image the field of view centred on (x_um, y_um) with the stage at z_um.
+
+        roi=(row, col, height, width) renders only that part of the sensor (same pixels, blur, field
+        curvature and vignetting as in the full frame), e.g. 256x256 patches for autofocus training."""
+        objective = self.objective(magnification)
+        camera = self.camera
+        row0, col0, height, width = self._check_roi(roi)
+        p = camera.specimen_pixel_size_um(objective)
+        field_x = (col0 + np.arange(width) + 0.5 - camera.width_px / 2) * p
+        field_y = (row0 + np.arange(height) + 0.5 - camera.height_px / 2) * p
+
+        levels, weights = self._blur_plan(self._sensor_defocus(x_um, y_um, z_um, objective),
+                                          objective, (row0, col0, height, width))
+        transmitted = self._blurred_transmission(x_um + field_x[0] - p / 2, y_um + field_y[0] - p / 2,
+                                                 width, height, p, objective, levels, weights)
+        transmitted *= relative_illumination(field_x, field_y, objective, self.lamp_gradient)[..., None]
+
+        capture_index = self._capture_count
+        self._capture_count += 1
+        rng = np.random.default_rng(
+            [self.seed & 0xFFFFFFFF, capture_index] if noise_seed is None else [noise_seed & 0xFFFFFFFF])
+        raw = expose(transmitted, camera, exposure_ms, gain, rng)
+        focal_z = float(self.focal_surface.z_um(x_um, y_um))
+        return Capture(
+            image_rgb8=to_rgb8(raw, camera.bit_depth), raw=raw, bit_depth=camera.bit_depth,
+            pixel_size_um=p, stage_x_um=float(x_um), stage_y_um=float(y_um), stage_z_um=float(z_um),
+            focal_z_um=focal_z, defocus_um=float(z_um) - focal_z,
+            objective_magnification=objective.magnification,
+            numerical_aperture=objective.numerical_aperture, exposure_ms=float(exposure_ms),
+            gain=float(gain), roi=(row0, col0, height, width), capture_index=capture_index)
+
+    def capture_overview(self, pixel_size_um: float = 20.0, exposure_ms: float = 10.0) -> Overview:
+        """Low-magnification image of the whole slide (macro camera), for tissue detection.
+
+        A low-NA lens: blur of about one pixel, mild uneven illumination, 8-bit camera noise."""
+        if not pixel_size_um > 0:
+            raise CaptureError(f"pixel_size_um={pixel_size_um}; expected > 0")
+        width = max(1, round(self.specimen.width_um / pixel_size_um))
+        height = max(1, round(self.specimen.height_um / pixel_size_um))
+        od = self.specimen.optical_density(0.0, 0.0, width, height, pixel_size_um)
+        transmitted = np.exp(od * np.float32(-_LN10))
+        ndimage.gaussian_filter(transmitted, sigma=(0.7, 0.7, 0.0), output=transmitted, mode="nearest")
+        ys = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
+        xs = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
+        transmitted *= (1.0 - 0.06 * (xs * xs + ys * ys) + 0.02 * xs)[..., None]
+        overview_camera = Camera(width_px=width, height_px=height, bit_depth=8, full_well_e=10_000.0,
+                                 read_noise_e=5.0, bright_field_e_per_ms=900.0)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xFEED])
+        raw = expose(transmitted, overview_camera, exposure_ms, 1.0, rng)
+        return Overview(image_rgb8=raw, pixel_size_um=float(pixel_size_um))
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _check_roi(self, roi):
+        sensor_h, sensor_w = self.camera.height_px, self.camera.width_px
+        if roi is None:
+            return 0, 0, sensor_h, sensor_w
+        row0, col0, height, width = (int(v) for v in roi)
+        if height < 1 or width < 1 or row0 < 0 or col0 < 0 or row0 + height > sensor_h or col0 + width > sensor_w:
+            raise CaptureError(f"roi (row, col, height, width)={roi} is not inside the "
+                               f"{sensor_h}x{sensor_w} px sensor")
+        return row0, col0, height, width
+
+    def _sensor_defocus(self, x_um, y_um, z_um, objective) -> np.ndarray:
+        """Defocus (µm, reference wavelength) over the whole sensor on a coarse grid: stage z minus the
+        local focal z, plus field curvature (the objective's best-focus surface bends with field^2).
+        Always the whole sensor, so a ROI is rendered exactly like the same pixels of a full frame."""
+        p = self.camera.specimen_pixel_size_um(objective)
+        half_w = (self.camera.width_px - 1) / 2 * p
+        half_h = (self.camera.height_px - 1) / 2 * p
+        sample_x = np.linspace(-half_w, half_w, _DEFOCUS_SAMPLES)
+        sample_y = np.linspace(-half_h, half_h, _DEFOCUS_SAMPLES)
+        focal = self.focal_surface.z_um(x_um + sample_x[None, :], y_um + sample_y[:, None])
+        curvature = objective.field_curvature_um * (
+            sample_x[None, :] ** 2 + sample_y[:, None] ** 2) / objective.field_radius_um ** 2
+        return z_um - focal + curvature
+
+    def _blur_plan(self, sensor_defocus, objective, roi):
+        """Defocus levels to render for the ROI and each level's per-pixel weight (None: weight 1).
+
+        Levels span the defocus range of the whole sensor, about DOF/3 apart (at most
+        max_blur_levels); pixels interpolate linearly between the two levels around their local
+        defocus. One level when the defocus varies by less than DOF/6 over the sensor; levels no ROI
+        pixel uses are not rendered."""
+        low, high = float(sensor_defocus.min()), float(sensor_defocus.max())
+        step = depth_of_field_um(objective, self.camera.pixel_size_um) / 3
+        if high - low <= step / 2:
+            return [0.5 * (low + high)], [None]
+        count = min(self.max_blur_levels, math.ceil((high - low) / step) + 1)
+        levels = np.linspace(low, high, count)
+        row0, col0, height, width = roi
+        rows = _interpolation_matrix(_DEFOCUS_SAMPLES, self.camera.height_px)[row0:row0 + height]
+        cols = _interpolation_matrix(_DEFOCUS_SAMPLES, self.camera.width_px)[col0:col0 + width]
+        local = rows @ sensor_defocus.astype(np.float32) @ cols.T
+        position = np.clip((local - levels[0]) / (levels[1] - levels[0]), 0, count - 1)
+        used = []
+        for k in range(count):
+            weight = np.clip(1.0 - np.abs(position - k), 0.0, 1.0).astype(np.float32)
+            if weight.max() > 0:
+                used.append((float(levels[k]), weight))
+        if len(used) == 1:
+            return [used[0][0]], [None]
+        return [level for level, _ in used], [weight for _, weight in used]
+
+    def _blurred_transmission(self, left_um, top_um, width, height, p, objective, levels, weights):
+        chromatic = objective.axial_chromatic_um
+        worst_defocus = max(abs(levels[0]), abs(levels[-1])) + max(abs(c) for c in chromatic)
+        margin_um = objective.geometric_blur_radius_um(worst_defocus) + 8.0 * max(
+            CHANNEL_WAVELENGTHS_UM) / objective.numerical_aperture
+        margin = min(math.ceil(margin_um / p) + 2, _MAX_MARGIN_PX)
+        padded_h = fft.next_fast_len(height + 2 * margin, real=True)
+        padded_w = fft.next_fast_len(width + 2 * margin, real=True)
+        od = self.specimen.optical_density(left_um - margin * p, top_um - margin * p, padded_w, padded_h, p)
+        transmission = np.exp(od * np.float32(-_LN10))
+        del od
+
+        grid = self._otf_grid((padded_h, padded_w), p)
+        result = np.empty((height, width, 3), dtype=np.float32)
+        for channel, wavelength in enumerate(CHANNEL_WAVELENGTHS_UM):
+            spectrum = fft.rfft2(transmission[..., channel], workers=1)
+            accumulated = None
+            for level, weight in zip(levels, weights):
+                otf = grid.evaluate(objective, wavelength, level + chromatic[channel])
+                blurred = fft.irfft2(spectrum * otf, s=(padded_h, padded_w), workers=1)[
+                    margin:margin + height, margin:margin + width]
+                contribution = blurred if weight is None else blurred * weight
+                accumulated = contribution if accumulated is None else accumulated + contribution
+            result[..., channel] = accumulated
+        return result
+
+    def _otf_grid(self, shape, p) -> OtfGrid:
+        key = (shape, p)
+        if key not in self._otf_grids:
+            if len(self._otf_grids) > 8:
+                self._otf_grids.clear()
+            self._otf_grids[key] = OtfGrid(shape, p)
+        return self._otf_grids[key]
+
+
+def _interpolation_matrix(sample_count: int, pixel_count: int) -> np.ndarray:
+    """(pixel_count, sample_count) linear interpolation weights from samples spanning the first to the
+    last pixel centre (sample_count >= 2)."""
+    position = np.linspace(0.0, sample_count - 1, pixel_count)
+    low = np.minimum(np.floor(position).astype(int), sample_count - 2)
+    fraction = position - low
+    matrix = np.zeros((pixel_count, sample_count), dtype=np.float32)
+    matrix[np.arange(pixel_count), low] = 1.0 - fraction
+    matrix[np.arange(pixel_count), low + 1] = fraction
+    return matrix

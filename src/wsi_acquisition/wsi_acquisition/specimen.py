@@ -1,0 +1,519 @@
+"""Virtual specimens described as absorbance (optical density per R, G, B channel).
+
+A specimen answers one question: what is the optical density of the region whose top-left corner is
+(x0_um, y0_um), sampled on a grid of `width_px` x `height_px` pixels of `pixel_size_um`? Pixel (row, col)
+covers the slide point (x0_um + (col + 0.5) * pixel_size_um, y0_um + (row + 0.5) * pixel_size_um).
+Slide coordinates: x to the right along the 75 mm edge, y down along the 25 mm edge, origin at the
+top-left corner of the glass.
+
+`SyntheticSlide` is procedural: every value is a function of the slide position and the seed only, so
+overlapping regions agree exactly (tiles stitch) and nothing at full resolution is ever held in memory.
+`ImageSpecimen` places a user RGB image on the glass.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+SLIDE_WIDTH_UM = 75_000.0
+SLIDE_HEIGHT_UM = 25_000.0
+
+# Optical density of a unit amount of each stain in the R, G, B channels (Ruifrok & Johnston 2001).
+HEMATOXYLIN_OD = np.array([0.650, 0.704, 0.286], dtype=np.float32)
+EOSIN_OD = np.array([0.072, 0.990, 0.105], dtype=np.float32)
+DAB_OD = np.array([0.268, 0.570, 0.776], dtype=np.float32)
+# Bare glass, mounting medium and coverslip absorb a little and not quite neutrally.
+GLASS_OD = np.array([0.012, 0.010, 0.016], dtype=np.float32)
+
+STAINS = ("he", "ihc")
+
+# Below this pixel size individual nuclei and fibres are drawn; above it they are replaced by their
+# area average, which is what a coarse pixel integrates anyway (and avoids aliasing).
+_DETAIL_MAX_PIXEL_UM = 2.0
+
+
+class SpecimenError(ValueError):
+    """A specimen was configured or queried with invalid values."""
+
+
+class Specimen(Protocol):
+    width_um: float
+    height_um: float
+
+    def optical_density(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
+                        pixel_size_um: float) -> np.ndarray:
+        """(height_px, width_px, 3) float32 optical density of the region."""
+
+    def tissue_bounds_um(self) -> list[tuple[float, float, float, float]]:
+        """(left, top, right, bottom) of each piece of specimen, µm: where scans should look."""
+
+
+def _check_region(width_px: int, height_px: int, pixel_size_um: float) -> None:
+    if width_px < 1 or height_px < 1:
+        raise SpecimenError(f"region size {width_px}x{height_px} px; expected at least 1x1")
+    if not pixel_size_um > 0:
+        raise SpecimenError(f"pixel_size_um={pixel_size_um}; expected > 0")
+
+
+def pixel_centres_um(origin_um: float, count_px: int, pixel_size_um: float) -> np.ndarray:
+    return origin_um + (np.arange(count_px, dtype=np.float64) + 0.5) * pixel_size_um
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hashed value noise, defined on the whole slide plane.
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def noise_key(seed: int, stream: int) -> int:
+    """Independent 64-bit hash key for one noise field of one seed."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (stream * 0xD1B54A32D192ED03 & _MASK64))
+
+
+def hash_uniform(ix: np.ndarray, iy: np.ndarray, key: int) -> np.ndarray:
+    """Uniform [0, 1) float64 per integer lattice point (ix, iy broadcast together)."""
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
+        h = (np.asarray(ix, dtype=np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            np.asarray(iy, dtype=np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+        h = h ^ np.uint64(key)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _smoothstep(t):
+    return t * t * (3.0 - 2.0 * t)
+
+
+def value_noise_grid(xs_um: np.ndarray, ys_um: np.ndarray, lattice_um: float, key: int) -> np.ndarray:
+    """Value noise in [-1, 1] on the grid xs_um (ascending, W) x ys_um (ascending, H) -> (H, W) float32.
+
+    Separable: lattice values are interpolated along x for the few lattice rows involved, then along y,
+    so the cost is a few passes over the output whatever the lattice spacing."""
+    gx = xs_um / lattice_um
+    gy = ys_um / lattice_um
+    ix0 = np.floor(gx).astype(np.int64)
+    iy0 = np.floor(gy).astype(np.int64)
+    tx = _smoothstep(gx - ix0).astype(np.float32)
+    ty = _smoothstep(gy - iy0).astype(np.float32)[:, None]
+    lattice_x = np.arange(ix0[0], ix0[-1] + 2)
+    lattice_y = np.arange(iy0[0], iy0[-1] + 2)
+    values = (hash_uniform(lattice_x[None, :], lattice_y[:, None], key) * 2.0 - 1.0).astype(np.float32)
+    cols = ix0 - ix0[0]
+    rows = iy0 - iy0[0]
+    along_x = values[:, cols] * (1.0 - tx) + values[:, cols + 1] * tx
+    return along_x[rows] * (1.0 - ty) + along_x[rows + 1] * ty
+
+
+def value_noise_points(x_um, y_um, lattice_um: float, key: int) -> np.ndarray:
+    """The same noise as `value_noise_grid`, at arbitrary points (float64, shape of the inputs)."""
+    gx = np.asarray(x_um, dtype=np.float64) / lattice_um
+    gy = np.asarray(y_um, dtype=np.float64) / lattice_um
+    ix0 = np.floor(gx).astype(np.int64)
+    iy0 = np.floor(gy).astype(np.int64)
+    tx = _smoothstep(gx - ix0)
+    ty = _smoothstep(gy - iy0)
+
+    def corner(dx, dy):
+        return hash_uniform(ix0 + dx, iy0 + dy, key) * 2.0 - 1.0
+
+    top = corner(0, 0) * (1.0 - tx) + corner(1, 0) * tx
+    bottom = corner(0, 1) * (1.0 - tx) + corner(1, 1) * tx
+    return top * (1.0 - ty) + bottom * ty
+
+
+def fractal_noise_grid(xs_um, ys_um, lattice_um: float, octaves: int, key: int,
+                       pixel_size_um: float) -> np.ndarray:
+    """Sum of `octaves` value-noise octaves (spacing halving, amplitude halving), normalised so the
+    amplitude sum is 1. Octaves finer than two pixels are left out: a pixel averages them to their
+    mean, zero."""
+    total = np.zeros((len(ys_um), len(xs_um)), dtype=np.float32)
+    amplitude_sum = 0.0
+    for octave in range(octaves):
+        spacing = lattice_um / 2 ** octave
+        amplitude = 0.5 ** octave
+        amplitude_sum += amplitude
+        if spacing >= 2.0 * pixel_size_um:
+            total += np.float32(amplitude) * value_noise_grid(xs_um, ys_um, spacing, key + octave)
+    total *= np.float32(1.0 / amplitude_sum)
+    return total
+
+
+def fractal_noise_points(x_um, y_um, lattice_um: float, octaves: int, key: int) -> np.ndarray:
+    total = 0.0
+    amplitude_sum = 0.0
+    for octave in range(octaves):
+        amplitude = 0.5 ** octave
+        amplitude_sum += amplitude
+        total = total + amplitude * value_noise_points(x_um, y_um, lattice_um / 2 ** octave, key + octave)
+    return total / amplitude_sum
+
+
+def _ramp(values, low: float, high: float):
+    """0 below `low`, 1 above `high`, linear in between (float32)."""
+    return np.clip((values - np.float32(low)) * np.float32(1.0 / (high - low)), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Procedural tissue
+
+
+@dataclass(frozen=True)
+class TissueSection:
+    """One tissue section on the slide: a rounded rectangle with a ragged edge."""
+    center_x_um: float
+    center_y_um: float
+    width_um: float = 15_000.0
+    height_um: float = 15_000.0
+    stain: str = "he"
+
+    def __post_init__(self):
+        if self.stain not in STAINS:
+            raise SpecimenError(f"stain {self.stain!r}; expected one of {STAINS}")
+        if not (self.width_um > 0 and self.height_um > 0):
+            raise SpecimenError(f"section size {self.width_um}x{self.height_um} um; expected > 0")
+
+
+@dataclass(frozen=True)
+class _Fold:
+    point_x_um: float
+    point_y_um: float
+    direction_x: float
+    direction_y: float
+    width_um: float
+    length_um: float
+
+
+@dataclass(frozen=True)
+class _NucleusLayer:
+    """Nuclei on a hashed grid of cells: at most one nucleus per cell, kept inside its cell, so every
+    pixel only looks at the cell it falls in. Two layers of different cell size hide the grid."""
+    stream: int
+    cell_um: float
+    radius_um: float
+    elongation: float          # major/minor axis ratio, upper bound
+    intensity: float           # stain amount in the nucleus
+    cellular: bool             # presence follows cellularity (True) or its complement (False)
+
+
+_NUCLEUS_LAYERS = (
+    _NucleusLayer(stream=40, cell_um=11.0, radius_um=2.5, elongation=1.6, intensity=0.85, cellular=True),
+    _NucleusLayer(stream=50, cell_um=14.0, radius_um=2.2, elongation=3.2, intensity=1.1, cellular=False),
+)
+
+# Raggedness of the section edge, as a fraction of the section half size.
+_EDGE_NOISE = 0.10
+
+
+class SyntheticSlide:
+    """Procedural stained tissue on a 25 x 75 mm glass slide, rendered lazily for any region.
+
+    Content per section: ragged outline, holes (tears, lumens) of several sizes, cellular (epithelium /
+    tumour) and stromal areas, wavy eosinophilic fibres, two populations of nuclei with chromatin
+    texture, tissue folds (doubled thickness); H&E or IHC (DAB brown + hematoxylin counterstain)."""
+
+    def __init__(self, seed: int = 0, sections: tuple[TissueSection, ...] | None = None,
+                 width_um: float = SLIDE_WIDTH_UM, height_um: float = SLIDE_HEIGHT_UM):
+        if sections is None:
+            sections = (TissueSection(center_x_um=width_um * 0.58, center_y_um=height_um / 2),)
+        if not sections:
+            raise SpecimenError("sections is empty; expected at least one TissueSection (or None)")
+        for section in sections:
+            left, top, right, bottom = _section_bounds(section)
+            if left < 0 or top < 0 or right > width_um or bottom > height_um:
+                raise SpecimenError(
+                    f"section {section} extends outside the {width_um} x {height_um} um slide")
+        self.seed = int(seed)
+        self.width_um = float(width_um)
+        self.height_um = float(height_um)
+        self.sections = tuple(sections)
+        self._folds = tuple(self._make_folds(index, s) for index, s in enumerate(self.sections))
+
+    def _make_folds(self, index: int, section: TissueSection) -> tuple[_Fold, ...]:
+        rng = random.Random(noise_key(self.seed, 1000 + index))
+        folds = []
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            angle = rng.uniform(0.0, math.pi)
+            folds.append(_Fold(
+                point_x_um=section.center_x_um + rng.uniform(-0.35, 0.35) * section.width_um,
+                point_y_um=section.center_y_um + rng.uniform(-0.35, 0.35) * section.height_um,
+                direction_x=math.cos(angle), direction_y=math.sin(angle),
+                width_um=rng.uniform(60.0, 220.0),
+                length_um=rng.uniform(0.2, 0.6) * max(section.width_um, section.height_um)))
+        return tuple(folds)
+
+    def tissue_bounds_um(self) -> list[tuple[float, float, float, float]]:
+        """(left, top, right, bottom) of each section's extent (the ragged edge stays inside)."""
+        return [_section_bounds(s) for s in self.sections]
+
+    def optical_density(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
+                        pixel_size_um: float) -> np.ndarray:
+        _check_region(width_px, height_px, pixel_size_um)
+        xs = pixel_centres_um(x0_um, width_px, pixel_size_um)
+        ys = pixel_centres_um(y0_um, height_px, pixel_size_um)
+        od = np.empty((height_px, width_px, 3), dtype=np.float32)
+        od[:] = GLASS_OD
+        for index, section in enumerate(self.sections):
+            left, top, right, bottom = _section_bounds(section)
+            if xs[-1] < left or xs[0] > right or ys[-1] < top or ys[0] > bottom:
+                continue
+            self._add_section(od, xs, ys, pixel_size_um, index, section)
+        return od
+
+    def _add_section(self, od, xs, ys, pixel_size_um, index, section):
+        key = noise_key(self.seed, index)
+        p = pixel_size_um
+        detailed = p <= _DETAIL_MAX_PIXEL_UM
+
+        def noise(lattice_um, octaves, stream):
+            return fractal_noise_grid(xs, ys, lattice_um, octaves, key + 100 * stream, p)
+
+        presence = self._section_presence(xs, ys, p, section, noise)
+        if not presence.any():
+            return
+        holes = np.maximum(_ramp(noise(420.0, 3, 2), 0.36, 0.365),
+                           _ramp(noise(45.0, 2, 3), 0.58, 0.59))
+        presence *= 1.0 - holes
+        presence *= 1.0 + self._fold_thickness(xs, ys, p, index, noise)
+
+        cellularity = _ramp(noise(700.0, 3, 4), -0.1, 0.25)
+        texture = noise(3.0, 2, 5) if p <= 1.0 else np.float32(0.0)
+
+        if detailed:
+            phase = noise(220.0, 3, 6) * np.float32(2 * math.pi * 220.0 / 7.0)
+            continuity = _ramp(noise(25.0, 2, 9), -0.35, 0.25)
+            fibres = (0.5 + 0.5 * np.sin(phase)) ** 4 * continuity
+        else:
+            fibres = np.float32(35.0 / 128.0 * 0.6)  # mean of ((1 + sin) / 2) ** 4 times continuity
+        nuclei = [self._nuclei(xs, ys, p, key, layer, cellularity, texture, detailed)
+                  for layer in _NUCLEUS_LAYERS]
+        nuclear_stain = nuclei[0] + nuclei[1]
+
+        if section.stain == "he":
+            eosin = ((1.0 - cellularity) * (0.12 + 0.55 * fibres)
+                     + cellularity * (0.28 + 0.12 * texture))
+            hematoxylin = 0.04 + 0.05 * cellularity + nuclear_stain
+            stains = ((hematoxylin, HEMATOXYLIN_OD), (eosin, EOSIN_OD))
+        else:
+            positive = _ramp(noise(500.0, 2, 7), 0.05, 0.15) * cellularity
+            nucleus_positive = self._nucleus_positive(xs, ys, key, detailed)
+            dab = positive * (0.12 + 0.05 * texture + 0.9 * nuclear_stain * nucleus_positive)
+            hematoxylin = 0.03 + 0.05 * fibres + 0.55 * nuclear_stain * (1.0 - positive * nucleus_positive)
+            stains = ((hematoxylin, HEMATOXYLIN_OD), (dab, DAB_OD))
+        for channel in range(3):
+            channel_od = np.zeros_like(presence)
+            for amount, vector in stains:
+                channel_od += amount * vector[channel]
+            od[..., channel] += presence * channel_od
+
+    def _section_presence(self, xs, ys, p, section, noise):
+        half_w = section.width_um / 2
+        half_h = section.height_um / 2
+        u = ((xs - section.center_x_um) / half_w).astype(np.float32)
+        v = ((ys - section.center_y_um) / half_h).astype(np.float32)
+        radius = (u[None, :] ** 4 + v[:, None] ** 4) ** 0.25
+        edge_um = max(p, 1.0)
+        inside_um = (1.0 - _EDGE_NOISE - radius + np.float32(_EDGE_NOISE) * noise(1800.0, 4, 1)) * min(
+            half_w, half_h)
+        return np.clip(inside_um / np.float32(edge_um) + 0.5, 0.0, 1.0)
+
+    def _fold_thickness(self, xs, ys, p, index, noise):
+        """Extra thickness (0..1 section) where the section folded over itself."""
+        folds = self._folds[index]
+        extra = np.zeros((len(ys), len(xs)), dtype=np.float32)
+        if not folds:
+            return extra
+        wobble = noise(900.0, 2, 8) * np.float32(120.0)
+        edge_um = max(p, 2.0)
+        for fold in folds:
+            dx = (xs - fold.point_x_um).astype(np.float32)[None, :]
+            dy = (ys - fold.point_y_um).astype(np.float32)[:, None]
+            across = np.abs(dx * fold.direction_y - dy * fold.direction_x + wobble)
+            along = np.abs(dx * fold.direction_x + dy * fold.direction_y)
+            inside = np.minimum(fold.width_um / 2 - across, fold.length_um / 2 - along)
+            extra = np.maximum(extra, np.clip(inside / np.float32(edge_um) + 0.5, 0.0, 1.0))
+        return extra
+
+    def _cell_grid(self, xs, ys, cell_um):
+        col_cells = np.floor(xs / cell_um).astype(np.int64)
+        row_cells = np.floor(ys / cell_um).astype(np.int64)
+        cell_x = np.arange(col_cells[0], col_cells[-1] + 1)
+        cell_y = np.arange(row_cells[0], row_cells[-1] + 1)
+        return cell_x, cell_y, col_cells - col_cells[0], row_cells - row_cells[0]
+
+    def _nuclei(self, xs, ys, p, key, layer: _NucleusLayer, cellularity, texture, detailed):
+        """Hematoxylin amount of one nucleus layer."""
+        cell = layer.cell_um
+        base_probability = 0.75 if layer.cellular else 0.35
+        if not detailed:
+            mean_area = math.pi * layer.radius_um ** 2 * (1 + layer.elongation) / 2 / cell ** 2
+            weight = cellularity if layer.cellular else 1.0 - cellularity
+            return weight * np.float32(base_probability * mean_area * layer.intensity)
+        cell_x, cell_y, cols, rows = self._cell_grid(xs, ys, cell)
+        layer_key = key + 100 * layer.stream
+
+        def uniform(stream):
+            return hash_uniform(cell_x[None, :], cell_y[:, None], layer_key + stream)
+
+        centre_x = (cell_x[None, :] + 0.5) * cell
+        centre_y = (cell_y[:, None] + 0.5) * cell
+        cell_cellularity = np.clip(
+            (fractal_noise_points(centre_x, centre_y, 700.0, 3, key + 400) + 0.1) / 0.35, 0.0, 1.0)
+        weight = cell_cellularity if layer.cellular else 1.0 - cell_cellularity
+        present = uniform(1) < base_probability * weight
+        minor = layer.radius_um * (0.7 + 0.6 * uniform(2))
+        major = np.minimum(minor * (1.0 + (layer.elongation - 1.0) * uniform(3)), 0.46 * cell)
+        angle = math.pi * uniform(4)
+        slack = np.maximum(cell / 2 - major, 0.0)
+        nucleus_x = centre_x + (uniform(5) * 2 - 1) * slack
+        nucleus_y = centre_y + (uniform(6) * 2 - 1) * slack
+        cos, sin = np.cos(angle), np.sin(angle)
+        # Quadratic form of the ellipse: q <= 1 inside.
+        qa = (cos / major) ** 2 + (sin / minor) ** 2
+        qb = cos * sin * (1 / major ** 2 - 1 / minor ** 2)
+        qc = (sin / major) ** 2 + (cos / minor) ** 2
+        strength = np.where(present, layer.intensity * (0.75 + 0.5 * uniform(7)), 0.0)
+
+        def per_pixel(values):
+            return values.astype(np.float32)[rows][:, cols]
+
+        dx = xs.astype(np.float32)[None, :] - per_pixel(nucleus_x)
+        dy = ys.astype(np.float32)[:, None] - per_pixel(nucleus_y)
+        q = per_pixel(qa) * dx * dx + 2 * per_pixel(qb) * dx * dy + per_pixel(qc) * dy * dy
+        inset_um = (1.0 - np.sqrt(q)) * np.float32(layer.radius_um)
+        edge_um = np.float32(max(p, 0.3))
+        body = np.clip(inset_um / edge_um + 0.5, 0.0, 1.0)
+        # Chromatin condenses at the nuclear membrane and in granules.
+        rim = np.clip(1.0 - inset_um * np.float32(1 / 0.7), 0.0, 1.0) ** 2 * body
+        return per_pixel(strength) * (body * (0.8 + 0.35 * texture) + 0.35 * rim)
+
+    def _nucleus_positive(self, xs, ys, key, detailed):
+        """1 where the nucleus of the cellular layer is DAB positive (IHC), area fraction otherwise."""
+        if not detailed:
+            return np.float32(0.6)
+        cell_x, cell_y, cols, rows = self._cell_grid(xs, ys, _NUCLEUS_LAYERS[0].cell_um)
+        positive = hash_uniform(cell_x[None, :], cell_y[:, None], key + 100 * 60) < 0.6
+        return positive.astype(np.float32)[rows][:, cols]
+
+
+def _section_bounds(section: TissueSection) -> tuple[float, float, float, float]:
+    half_w = section.width_um / 2
+    half_h = section.height_um / 2
+    return (section.center_x_um - half_w, section.center_y_um - half_h,
+            section.center_x_um + half_w, section.center_y_um + half_h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# User image as specimen
+
+
+class ImageSpecimen:
+    """Any RGB image (H, W, 3; uint8, uint16 or float in 0..1) placed on the glass with its pixel size.
+
+    Intensities are read as transmission relative to `white_level` (the dtype maximum by default) and
+    converted to optical density; outside the image is bare glass. The image is kept once in its own
+    dtype plus a 2x mean pyramid, so coarse renders are area-averaged instead of aliased."""
+
+    def __init__(self, image: np.ndarray, pixel_size_um: float, origin_x_um: float | None = None,
+                 origin_y_um: float | None = None, white_level: float | None = None,
+                 width_um: float = SLIDE_WIDTH_UM, height_um: float = SLIDE_HEIGHT_UM):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+            raise SpecimenError(f"image shape {image.shape}; expected (height, width, 3)")
+        if not pixel_size_um > 0:
+            raise SpecimenError(f"pixel_size_um={pixel_size_um}; expected > 0")
+        if image.dtype == np.uint8 or image.dtype == np.uint16:
+            levels = np.iinfo(image.dtype).max
+        elif np.issubdtype(image.dtype, np.floating):
+            if not np.all(np.isfinite(image)) or image.min() < 0 or image.max() > 1:
+                raise SpecimenError("float image has values outside 0..1 (or NaN); expected 0..1")
+            image = np.round(image * 65535).astype(np.uint16)
+            levels = 65535
+        else:
+            raise SpecimenError(f"image dtype {image.dtype}; expected uint8, uint16 or float")
+        white = float(levels if white_level is None else white_level)
+        if not white > 0:
+            raise SpecimenError(f"white_level={white_level}; expected > 0")
+        self.width_um = float(width_um)
+        self.height_um = float(height_um)
+        self.pixel_size_um = float(pixel_size_um)
+        image_width_um = image.shape[1] * pixel_size_um
+        image_height_um = image.shape[0] * pixel_size_um
+        self.origin_x_um = (width_um - image_width_um) / 2 if origin_x_um is None else float(origin_x_um)
+        self.origin_y_um = (height_um - image_height_um) / 2 if origin_y_um is None else float(origin_y_um)
+        if (self.origin_x_um < 0 or self.origin_y_um < 0 or self.origin_x_um + image_width_um > width_um
+                or self.origin_y_um + image_height_um > height_um):
+            raise SpecimenError(
+                f"image of {image_width_um:.0f} x {image_height_um:.0f} um at ({self.origin_x_um:.0f}, "
+                f"{self.origin_y_um:.0f}) um does not fit on the {width_um} x {height_um} um slide")
+        transmission = np.arange(levels + 1, dtype=np.float64) / white
+        self._od_lookup = (-np.log10(np.clip(transmission, 1.0 / 4096, None))).astype(np.float32)
+        self._pyramid = [image]
+        while min(self._pyramid[-1].shape[:2]) >= 4:
+            level = self._pyramid[-1]
+            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+            mean = level[:h:2, :w:2].astype(np.float32) + level[1:h:2, :w:2] + level[:h:2, 1:w:2] + level[
+                1:h:2, 1:w:2]
+            self._pyramid.append(np.round(mean / 4).astype(image.dtype))
+
+    def tissue_bounds_um(self) -> list[tuple[float, float, float, float]]:
+        image = self._pyramid[0]
+        return [(self.origin_x_um, self.origin_y_um, self.origin_x_um + image.shape[1] * self.pixel_size_um,
+                 self.origin_y_um + image.shape[0] * self.pixel_size_um)]
+
+    def optical_density(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
+                        pixel_size_um: float) -> np.ndarray:
+        _check_region(width_px, height_px, pixel_size_um)
+        level_index = 0
+        while (level_index + 1 < len(self._pyramid)
+               and self.pixel_size_um * 2 ** (level_index + 1) <= pixel_size_um):
+            level_index += 1
+        level = self._pyramid[level_index]
+        level_pixel_um = self.pixel_size_um * 2 ** level_index
+        # Fractional source coordinates of the target pixel centres (source pixel centres at k + 0.5).
+        src_x = (pixel_centres_um(x0_um, width_px, pixel_size_um) - self.origin_x_um) / level_pixel_um - 0.5
+        src_y = (pixel_centres_um(y0_um, height_px, pixel_size_um) - self.origin_y_um) / level_pixel_um - 0.5
+        od = np.empty((height_px, width_px, 3), dtype=np.float32)
+        od[:] = GLASS_OD
+        inside_x = (src_x > -1.0) & (src_x < level.shape[1])
+        inside_y = (src_y > -1.0) & (src_y < level.shape[0])
+        if not inside_x.any() or not inside_y.any():
+            return od
+        col0, col1 = np.flatnonzero(inside_x)[[0, -1]]
+        row0, row1 = np.flatnonzero(inside_y)[[0, -1]]
+        sx = np.clip(src_x[col0:col1 + 1], 0.0, level.shape[1] - 1.0)
+        sy = np.clip(src_y[row0:row1 + 1], 0.0, level.shape[0] - 1.0)
+        x_low = np.minimum(np.floor(sx).astype(np.int64), level.shape[1] - 2) if level.shape[1] > 1 else \
+            np.zeros(len(sx), dtype=np.int64)
+        y_low = np.minimum(np.floor(sy).astype(np.int64), level.shape[0] - 2) if level.shape[0] > 1 else \
+            np.zeros(len(sy), dtype=np.int64)
+        x_high = np.minimum(x_low + 1, level.shape[1] - 1)
+        y_high = np.minimum(y_low + 1, level.shape[0] - 1)
+        tx = (sx - x_low).astype(np.float32)[None, :, None]
+        ty = (sy - y_low).astype(np.float32)[:, None, None]
+        # Crop the source window first, then look up optical density: interpolation happens in
+        # absorbance, where stain amounts add.
+        window_rows = np.arange(y_low.min(), y_high.max() + 1)
+        window_cols = np.arange(x_low.min(), x_high.max() + 1)
+        window = self._od_lookup[level[window_rows[0]:window_rows[-1] + 1,
+                                       window_cols[0]:window_cols[-1] + 1]]
+        x_low -= window_cols[0]
+        x_high -= window_cols[0]
+        y_low -= window_rows[0]
+        y_high -= window_rows[0]
+        top = window[y_low][:, x_low] * (1 - tx) + window[y_low][:, x_high] * tx
+        bottom = window[y_high][:, x_low] * (1 - tx) + window[y_high][:, x_high] * tx
+        od[row0:row1 + 1, col0:col1 + 1] = top * (1 - ty) + bottom * ty
+        return od
