@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+from wsi_acquisition.focus import SHARPNESS_METRICS, brenner, refine_peak, tissue_fraction
+from wsi_acquisition.microscope import VirtualMicroscope
+
+TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
+
+
+def test_refine_peak_finds_the_vertex_between_samples():
+    z = np.arange(-5.0, 5.1, 1.0)
+    assert refine_peak(z, -(z - 0.3) ** 2) == pytest.approx(0.3)
+    assert refine_peak(z, z) == 5.0          # monotonic: the end of the sweep
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_METRICS))
+def test_every_metric_prefers_the_focused_image_and_ignores_exposure(name):
+    microscope = VirtualMicroscope(seed=4)
+    focal = microscope.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM)
+    roi = (384, 384, 256, 256)
+    focused = microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, focal, 20, roi=roi, noise_seed=1).image_rgb8
+    blurred = microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, focal + 4, 20, roi=roi, noise_seed=1).image_rgb8
+    metric = SHARPNESS_METRICS[name]
+    assert metric(focused) > 1.5 * metric(blurred)
+    darker = (focused.astype(np.float64) * 0.6).astype(np.uint8)
+    assert metric(darker) == pytest.approx(metric(focused), rel=0.1)
+
+
+def test_tissue_fraction_separates_tissue_from_glass():
+    microscope = VirtualMicroscope(seed=4)
+    tissue = microscope.capture(TISSUE_X_UM, TISSUE_Y_UM, 0.0, 20, roi=(0, 0, 256, 256)).image_rgb8
+    glass = microscope.capture(8_000.0, 5_000.0, 0.0, 20, roi=(0, 0, 256, 256)).image_rgb8
+    assert tissue_fraction(tissue) > 0.5 and tissue_fraction(glass) < 0.05
+    assert brenner(glass) < brenner(tissue)

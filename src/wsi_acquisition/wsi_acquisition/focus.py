@@ -1,0 +1,82 @@
+"""Classical focus measures: sharpness of an image, tissue content, and the peak of a z-sweep.
+
+The scan uses them to build its focus map; the autofocus evaluation uses them as baselines.
+
+All take an RGB or grey image (uint8/uint16/float) and work on its luminance; sharpness values are
+normalised by the squared mean intensity so that exposure changes do not change them.
+"""
+import numpy as np
+from scipy import ndimage
+
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """float64 luminance in [0, 1] of an (H, W) or (H, W, 3) image."""
+    image = np.asarray(image)
+    scale = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
+    if image.ndim == 3:
+        return (image.astype(np.float64) @ LUMA_WEIGHTS) / scale
+    if image.ndim == 2:
+        return image.astype(np.float64) / scale
+    raise ValueError(f"image of shape {image.shape}; expected (H, W) or (H, W, 3)")
+
+
+def _normalise(energy: float, grey: np.ndarray) -> float:
+    return float(energy / max(grey.mean() ** 2, 1e-12))
+
+
+def brenner(image: np.ndarray) -> float:
+    """Mean squared difference of pixels two apart (horizontal and vertical)."""
+    grey = luminance(image)
+    dx = grey[:, 2:] - grey[:, :-2]
+    dy = grey[2:, :] - grey[:-2, :]
+    return _normalise((np.mean(dx ** 2) + np.mean(dy ** 2)) / 2, grey)
+
+
+def tenengrad(image: np.ndarray) -> float:
+    """Mean squared Sobel gradient magnitude."""
+    grey = luminance(image)
+    gx = ndimage.sobel(grey, axis=1)
+    gy = ndimage.sobel(grey, axis=0)
+    return _normalise(np.mean(gx ** 2 + gy ** 2), grey)
+
+
+def variance_of_laplacian(image: np.ndarray) -> float:
+    grey = luminance(image)
+    return _normalise(np.var(ndimage.laplace(grey)), grey)
+
+
+SHARPNESS_METRICS = {"brenner": brenner, "tenengrad": tenengrad, "variance_of_laplacian": variance_of_laplacian}
+
+
+def tissue_mask(image: np.ndarray, chroma_threshold: float = 0.1) -> np.ndarray:
+    """Pixels showing stain. Stains are coloured and bright-field glass is neutral grey, so the
+    chroma (max - min channel, relative to the mean) separates them whatever the exposure."""
+    rgb = np.asarray(image, dtype=np.float32)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"image of shape {rgb.shape}; expected (H, W, 3) RGB")
+    chroma = (rgb.max(axis=2) - rgb.min(axis=2)) / np.maximum(rgb.mean(axis=2), 1e-6)
+    return chroma > chroma_threshold
+
+
+def tissue_fraction(image: np.ndarray) -> float:
+    return float(tissue_mask(image).mean())
+
+
+def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:
+    """Peak of a sampled focus curve (evenly spaced z), refined by a parabola through the best
+    sample and its neighbours; the best sample itself when it lies at an end of the sweep."""
+    z_um, scores = np.asarray(z_um, dtype=float), np.asarray(scores, dtype=float)
+    best = int(np.argmax(scores))
+    if 0 < best < len(scores) - 1:
+        left, centre, right = scores[best - 1:best + 2]
+        curvature = left - 2 * centre + right
+        if curvature < 0:
+            return float(z_um[best] + 0.5 * (left - right) / curvature * (z_um[best + 1] - z_um[best]))
+    return float(z_um[best])
+
+
+def sweep_sharpness(z_um, image_at, metric=brenner) -> np.ndarray:
+    """Sharpness of the image taken at each z of a sweep; `image_at(z)` moves and captures."""
+    return np.array([metric(image_at(z)) for z in z_um])
