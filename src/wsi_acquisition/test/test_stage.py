@@ -16,8 +16,8 @@ class FakeClock:
 
 
 def exact_stage(clock, **dynamics):
-    """A stage with no jitter, so that positions can be checked exactly."""
-    params = dict(xy_jitter_um=0.0, z_jitter_um=0.0, encoder_resolution_um=1e-6) | dynamics
+    """A stage with no jitter (and no backlash unless asked), so positions can be checked exactly."""
+    params = dict(xy_jitter_um=0.0, z_jitter_um=0.0, backlash_um=0.0, encoder_resolution_um=1e-6) | dynamics
     return SimulatedStage(StageLimits(), StageDynamics(**params), clock=clock,
                           start_um=(10_000.0, 10_000.0, 0.0))
 
@@ -44,14 +44,18 @@ def test_move_follows_the_clock_and_settles_at_the_target():
     assert stage.position_um() == pytest.approx((40_000.0, 10_000.0, 0.0))
 
 
-def test_reversing_an_axis_loses_the_backlash():
+def test_backlash_makes_the_approach_direction_matter():
     clock = FakeClock()
     stage = exact_stage(clock, backlash_um=2.0)
     clock.now += stage.start_move(10_000.0, 10_000.0, 50.0) + 1
     clock.now += stage.start_move(10_000.0, 10_000.0, 20.0) + 1
-    assert stage.position_um()[2] == pytest.approx(22.0)       # reversed: stops 2 µm short
+    from_above = stage.position_um()[2]
     clock.now += stage.start_move(10_000.0, 10_000.0, 10.0) + 1
-    assert stage.position_um()[2] == pytest.approx(10.0)       # same direction: no loss
+    clock.now += stage.start_move(10_000.0, 10_000.0, 20.0) + 1
+    from_below = stage.position_um()[2]
+    assert from_above == pytest.approx(21.0) and from_below == pytest.approx(19.0)
+    clock.now += stage.start_move(10_000.0, 10_000.0, 30.0) + 1
+    assert stage.position_um()[2] == pytest.approx(29.0)      # same direction: the same offset
 
 
 def test_stop_leaves_the_stage_where_it_was():

@@ -1,8 +1,8 @@
 """XYZ stage: soft limits, a clock-driven simulated stage, and the interface real backends implement.
 
 The simulated stage follows the motion of a real motorised stage: trapezoidal velocity profiles
-(XY as one vector move, Z on its own axis), a settle time after each move, backlash when an axis
-reverses direction, and positioning jitter. The encoder reading is the true position quantised to
+(XY as one vector move, Z on its own axis), a settle time after each move, backlash (the
+carriage trails the screw by half the backlash in the direction of travel), and positioning jitter. The encoder reading is the true position quantised to
 the encoder resolution, so `measured` differs from `commanded` the way it does on hardware.
 """
 import math
@@ -62,7 +62,7 @@ class StageDynamics:
     z_speed_um_s: float = 2_000.0
     z_accel_um_s2: float = 50_000.0
     settle_s: float = 0.03
-    backlash_um: float = 1.0          # lost motion when an axis reverses direction
+    backlash_um: float = 1.0          # lost motion between approaching from one side and the other
     xy_jitter_um: float = 0.2         # one-sigma positioning repeatability
     z_jitter_um: float = 0.03
     encoder_resolution_um: float = 0.05
@@ -207,10 +207,10 @@ class SimulatedStage:
             start = self._true_position_locked()
             delta = target - start
             direction = np.sign(delta)
-            reversed_axes = (direction != 0) & (self._last_direction != 0) & (direction != self._last_direction)
             self._last_direction = np.where(direction != 0, direction, self._last_direction)
-            # The carriage lags the screw by the backlash after a reversal: it stops short.
-            end = target - reversed_axes * direction * dyn.backlash_um
+            # Hysteresis: the carriage trails the screw by half the backlash in the direction it last
+            # moved, so the same target reached from above and from below differs by the backlash.
+            end = target - self._last_direction * dyn.backlash_um / 2
             jitter = self._rng.normal(0.0, [dyn.xy_jitter_um, dyn.xy_jitter_um, dyn.z_jitter_um])
             end = end + np.where(direction != 0, jitter, 0.0)
             duration = self._duration_s(delta, xy_speed)

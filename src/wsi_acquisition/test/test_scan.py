@@ -1,0 +1,138 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
+from wsi_acquisition.optics import Camera
+from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
+
+# A small tissue region, imaged with a small sensor so that a scan takes a few seconds.
+REGION_UM = (43_000.0, 12_000.0, 500.0, 400.0)
+
+
+def small_microscope(seed=0):
+    return SimulatedMicroscope.create(slide_seed=seed, speedup=1000.0, camera=Camera(width_px=256, height_px=256))
+
+
+def request(tmp_path, **changes):
+    values = dict(scan_id="s1", output_dir=tmp_path, region_um=REGION_UM, objective_magnification=20.0,
+                  focus_strategy=FocusStrategy.MAP, focus_points=5, skip_empty_tiles=False)
+    return ScanRequest(**(values | changes))
+
+
+def test_scan_captures_every_planned_tile_in_focus_and_writes_the_manifest(tmp_path):
+    backend = small_microscope()
+    published, progress = [], []
+    runner = ScanRunner(backend, request(tmp_path), publish_tile=lambda r, f: published.append((r, f)),
+                        on_progress=lambda p: progress.append((p.state, p.tiles_done, p.eta_s)))
+    outcome = runner.run()
+    plan = outcome.plan
+    assert len(plan.tiles) == plan.rows * plan.cols >= 20
+    assert [(r.row, r.col) for r, _ in published] == [(t.row, t.col) for t in plan.tiles]
+    assert plan.tiles[plan.cols].col == plan.cols - 1          # serpentine: row 1 runs right to left
+    manifest = json.loads(outcome.manifest_path.read_text())
+    assert manifest["status"] == "complete" and len(manifest["tiles"]) == len(plan.tiles)
+    assert manifest["pixel_size_um"] == pytest.approx(backend.pixel_size_um())
+    first = manifest["tiles"][0]
+    stored = tifffile.imread(outcome.scan_dir / first["image"])
+    np.testing.assert_array_equal(stored, published[0][1].image_rgb8)
+    measured_error = [abs(t["measured_x_um"] - t["commanded_x_um"]) for t in manifest["tiles"]]
+    assert 0 < max(measured_error) < 2.0                        # jitter and backlash, recorded
+    defocus = np.array([t["ground_truth"]["defocus_um"] for t in manifest["tiles"]])
+    assert np.max(np.abs(defocus)) < backend.depth_of_field_um()  # the focus map found the surface
+    states = [s for s, _, _ in progress]
+    assert states[0] == State.OVERVIEW and State.FOCUS_MAP in states and states[-1] == State.SUCCEEDED
+    assert progress[-2][1] == len(plan.tiles) and progress[-2][2] == pytest.approx(0.0)
+
+
+def test_without_focus_correction_tiles_are_out_of_focus(tmp_path):
+    backend = small_microscope()
+    outcome = ScanRunner(backend, request(tmp_path, focus_strategy=FocusStrategy.NONE)).run()
+    defocus = [r.ground_truth["defocus_um"] for r in outcome.records]
+    assert np.max(np.abs(defocus)) > backend.depth_of_field_um()
+
+
+def test_inline_estimates_recapture_tiles_beyond_half_the_depth_of_field(tmp_path):
+    backend = small_microscope()
+    half_dof = backend.depth_of_field_um() / 2
+
+    def oracle(record, frame):      # a perfect autofocus: the simulator's ground truth
+        return FocusReply(frame.ground_truth_defocus_um, 0.1)
+
+    # No focus map at all: start 3 µm off, inline correction must pull every tile in.
+    runner = ScanRunner(backend, request(tmp_path, focus_strategy=FocusStrategy.MAP_INLINE, focus_points=1),
+                        estimate_focus=oracle)
+    runner.focus_map = lambda plan: None
+    backend.stage.start_move(*backend.stage.position_um()[:2], 3.0 + float(backend.microscope.focal_z_um(
+        REGION_UM[0], REGION_UM[1])))
+    outcome = runner.run()
+    assert outcome.refocus_count >= 1
+    recaptures = [r for r in outcome.records if r.is_recapture]
+    assert len(recaptures) == outcome.refocus_count
+    final = {}
+    for record in outcome.records:
+        final[(record.row, record.col)] = record
+    assert all(abs(r.ground_truth["defocus_um"]) <= half_dof + 0.3 for r in final.values())
+
+
+def test_cancel_keeps_what_was_captured(tmp_path):
+    backend = small_microscope()
+    captured = []
+    runner = ScanRunner(backend, request(tmp_path, focus_strategy=FocusStrategy.NONE),
+                        publish_tile=lambda r, f: captured.append(r), should_cancel=lambda: len(captured) >= 4)
+    with pytest.raises(ScanError) as raised:
+        runner.run()
+    assert raised.value.code == ScanErrorCode.CANCELED
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["status"] == "canceled" and len(manifest["tiles"]) == 4
+    assert all((tmp_path / "s1" / t["image"]).exists() for t in manifest["tiles"])
+
+
+class FlakyCamera:
+    """Wraps a backend; its camera fails on chosen snap numbers."""
+
+    def __init__(self, backend, failing):
+        self._backend, self._failing, self._count = backend, failing, 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def snap(self, *args, **kwargs):
+        self._count += 1
+        if self._failing(self._count):
+            raise CameraError(f"timeout waiting for frame {self._count}")
+        return self._backend.snap(*args, **kwargs)
+
+
+def test_camera_timeouts_are_retried(tmp_path):
+    backend = FlakyCamera(small_microscope(), failing=lambda n: n % 3 == 0)
+    outcome = ScanRunner(backend, request(tmp_path, focus_strategy=FocusStrategy.NONE)).run()
+    assert len(outcome.records) == len(outcome.plan.tiles)
+
+
+def test_a_dead_camera_aborts_with_the_tiles_so_far_on_disk(tmp_path):
+    backend = FlakyCamera(small_microscope(), failing=lambda n: n > 6)
+    with pytest.raises(ScanError, match="camera failed 3 times: timeout waiting for frame") as raised:
+        ScanRunner(backend, request(tmp_path, focus_strategy=FocusStrategy.NONE)).run()
+    assert raised.value.code == ScanErrorCode.CAMERA
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "camera failed" in manifest["error"]
+    assert len(manifest["tiles"]) == 6
+
+
+@pytest.mark.parametrize("changes, code, message", [
+    (dict(region_um=(74_900.0, 100.0, 500.0, 500.0)), ScanErrorCode.INVALID_GOAL, "outside the stage limits"),
+    (dict(objective_magnification=63.0), ScanErrorCode.INVALID_GOAL, "no 63.0x objective"),
+    (dict(overlap_fraction=0.7), ScanErrorCode.INVALID_GOAL, "overlap 0.7"),
+    (dict(region_um=(3_000.0, 3_000.0, 400.0, 400.0), skip_empty_tiles=True), ScanErrorCode.NO_TISSUE,
+     "no tissue"),
+])
+def test_bad_goals_fail_before_anything_moves(tmp_path, changes, code, message):
+    backend = small_microscope()
+    start = backend.stage.position_um()
+    with pytest.raises(ScanError, match=message) as raised:
+        ScanRunner(backend, request(tmp_path, **changes)).run()
+    assert raised.value.code == code
+    assert backend.stage.position_um() == start

@@ -1,0 +1,409 @@
+"""Scanning a slide: overview → tissue detection → tile plan → focus map → tiles, with a manifest.
+
+ROS-free: the orchestrator node gives the runner a hardware backend and callbacks (publish a tile,
+ask the autofocus for an estimate, report progress, check for cancel). Every captured tile is
+recorded in the manifest (written atomically after each tile) and its image saved, so a cancelled,
+failed or killed scan leaves everything captured so far readable.
+"""
+import enum
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tifffile
+
+from wsi_acquisition.focus import refine_peak, sweep_sharpness
+from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
+from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
+                                      detect_tissue, plan_tiles)
+from wsi_acquisition.stage import StageFault, StageLimitError
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ScanErrorCode(enum.IntEnum):
+    """Mirrors ScanSlide.Result.ERROR_*."""
+    NONE = 0
+    INVALID_GOAL = 1
+    STAGE = 2
+    CAMERA = 3
+    NO_TISSUE = 4
+    STORAGE = 5
+    CANCELED = 8
+    INTERNAL = 9
+
+
+class ScanError(RuntimeError):
+    def __init__(self, code: ScanErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class FocusStrategy(enum.IntEnum):
+    """Mirrors ScanSlide.Goal.FOCUS_*."""
+    NONE = 0
+    MAP = 1
+    MAP_INLINE = 2
+
+
+class State(enum.IntEnum):
+    """Mirrors ScanStatus.STATE_*."""
+    IDLE = 0
+    OVERVIEW = 1
+    PLANNING = 2
+    FOCUS_MAP = 3
+    ACQUIRING = 4
+    FINISHING = 5
+    SUCCEEDED = 6
+    CANCELED = 7
+    FAILED = 8
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    scan_id: str
+    output_dir: Path
+    region_um: tuple[float, float, float, float] | None   # (x, y, width, height); None: tissue detection
+    objective_magnification: float = 20.0
+    overlap_fraction: float = 0.1
+    focus_strategy: FocusStrategy = FocusStrategy.MAP_INLINE
+    focus_points: int = 0                  # 0: about one per 25 tiles, 5..25
+    skip_empty_tiles: bool = True
+    exposure_ms: float = 8.0
+    gain: float = 1.0
+    save_tiles: bool = True
+
+
+@dataclass(frozen=True)
+class FocusReply:
+    """What the autofocus said about one image."""
+    defocus_um: float
+    uncertainty_um: float
+
+
+@dataclass
+class TileRecord:
+    sequence: int
+    row: int
+    col: int
+    is_recapture: bool
+    commanded_x_um: float
+    commanded_y_um: float
+    commanded_z_um: float
+    measured_x_um: float
+    measured_y_um: float
+    measured_z_um: float
+    focus_map_z_um: float
+    applied_focus_offset_um: float
+    pixel_size_um: float
+    exposure_ms: float
+    gain: float
+    image: str = ""                        # path relative to the scan directory
+    predicted_defocus_um: float | None = None
+    predicted_uncertainty_um: float | None = None
+    ground_truth: dict | None = None       # simulation: true pose, focal z, defocus
+
+
+@dataclass
+class ScanProgress:
+    state: State
+    tiles_done: int = 0
+    tiles_total: int = 0
+    refocus_count: int = 0
+    elapsed_s: float = 0.0
+    eta_s: float = -1.0
+    current: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class ScanOutcome:
+    scan_dir: Path
+    manifest_path: Path
+    plan: TilePlan | None
+    records: list[TileRecord] = field(default_factory=list)
+    refocus_count: int = 0
+    tiles_failed: int = 0
+    duration_s: float = 0.0
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class ScanRunner:
+    def __init__(self, backend: MicroscopeBackend, request: ScanRequest,
+                 publish_tile: Callable[[TileRecord, Frame], None] = lambda record, frame: None,
+                 estimate_focus: Callable[[TileRecord, Frame], FocusReply | None] | None = None,
+                 on_progress: Callable[[ScanProgress], None] = lambda progress: None,
+                 should_cancel: Callable[[], bool] = lambda: False,
+                 retries: int = 2, z_approach_um: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.backend = backend
+        self.request = request
+        self.publish_tile = publish_tile
+        self.estimate_focus = estimate_focus
+        self.on_progress = on_progress
+        self.should_cancel = should_cancel
+        self.retries = retries
+        self.z_approach_um = z_approach_um
+        self.clock = clock
+        self.scan_dir = Path(request.output_dir) / request.scan_id
+        self.outcome = ScanOutcome(self.scan_dir, self.scan_dir / MANIFEST_NAME, None)
+        self._progress = ScanProgress(State.IDLE)
+        self._started = clock()
+        self._status, self._error = "running", ""
+
+    # -- validation and planning ---------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ScanError(INVALID_GOAL) before anything moves, naming the bad value."""
+        request = self.request
+        if float(request.objective_magnification) not in self.backend.objectives():
+            raise ScanError(ScanErrorCode.INVALID_GOAL, f"no {request.objective_magnification}x objective; "
+                                                        f"available: {self.backend.objectives()}")
+        if not 0.0 <= request.overlap_fraction <= 0.5:
+            raise ScanError(ScanErrorCode.INVALID_GOAL,
+                            f"overlap {request.overlap_fraction}; expected 0 <= overlap <= 0.5")
+        if request.exposure_ms <= 0:
+            raise ScanError(ScanErrorCode.INVALID_GOAL, f"exposure {request.exposure_ms} ms; expected > 0")
+        if request.region_um is not None:
+            x, y, width, height = request.region_um
+            limits = self.backend.stage.limits
+            if not (width > 0 and height > 0):
+                raise ScanError(ScanErrorCode.INVALID_GOAL, f"region size {width} x {height} µm; expected > 0")
+            if x < limits.x_min_um or y < limits.y_min_um or x + width > limits.x_max_um \
+                    or y + height > limits.y_max_um:
+                raise ScanError(ScanErrorCode.INVALID_GOAL,
+                                f"region x={x}, y={y}, {width} x {height} µm is outside the stage limits "
+                                f"x {limits.x_min_um}..{limits.x_max_um}, y {limits.y_min_um}..{limits.y_max_um} µm")
+        if request.region_um is None and self.backend.overview() is None:
+            raise ScanError(ScanErrorCode.INVALID_GOAL, "automatic tissue detection needs an overview camera; "
+                                                        "give a region instead")
+
+    def plan(self) -> TilePlan:
+        request = self.request
+        self._report(State.OVERVIEW)
+        overview = self.backend.overview() if (request.region_um is None or request.skip_empty_tiles) else None
+        self._report(State.PLANNING)
+        tissue = None
+        if overview is not None:
+            tissue = detect_tissue(overview.image_rgb8, overview.pixel_size_um, overview.origin_x_um,
+                                   overview.origin_y_um)
+        region = request.region_um
+        if region is None:
+            box = tissue.bounding_box_um if tissue is not None else None
+            if box is None:
+                raise ScanError(ScanErrorCode.NO_TISSUE, "tissue detection found no tissue on the slide")
+            region = box
+        limits = self.backend.stage.limits
+        fov_width, fov_height = self.backend.field_of_view_um()
+        try:
+            plan = plan_tiles(*region, fov_width, fov_height, request.overlap_fraction,
+                              (limits.x_min_um, limits.y_min_um, limits.x_max_um, limits.y_max_um),
+                              tissue=tissue if request.skip_empty_tiles else None)
+        except PlanningError as error:
+            raise ScanError(ScanErrorCode.INVALID_GOAL, str(error)) from error
+        if not plan.tiles:
+            raise ScanError(ScanErrorCode.NO_TISSUE, f"no tissue in the region {region} µm")
+        return plan
+
+    # -- hardware with retries -----------------------------------------------------------------
+    def _move(self, x_um: float, y_um: float, z_um: float) -> None:
+        """Move and wait. z is always approached from below: a downward move first goes past the
+        target by `z_approach_um`, so z backlash is taken up the same way on every tile."""
+        z_now = self.backend.stage.position_um()[2]
+        if z_um < z_now - 1e-6:
+            z_min = self.backend.stage.limits.bounds("z")[0]
+            self._move_once(x_um, y_um, max(z_um - self.z_approach_um, z_min))
+        self._move_once(x_um, y_um, z_um)
+
+    def _move_once(self, x_um: float, y_um: float, z_um: float) -> None:
+        stage = self.backend.stage
+        for attempt in range(self.retries + 1):
+            try:
+                duration = stage.start_move(x_um, y_um, z_um)
+                deadline = self.clock() + duration + 5.0
+                while stage.is_moving():
+                    if self.clock() > deadline:
+                        stage.stop()
+                        raise StageFault(f"move to ({x_um:.1f}, {y_um:.1f}, {z_um:.2f}) µm timed out")
+                    time.sleep(min(0.005, max(duration, 0.0)))
+                return
+            except StageLimitError as error:
+                raise ScanError(ScanErrorCode.STAGE, str(error)) from error
+            except StageFault as error:
+                if attempt == self.retries:
+                    raise ScanError(ScanErrorCode.STAGE, f"stage failed {attempt + 1} times: {error}") from error
+
+    def _snap(self, roi=None) -> Frame:
+        for attempt in range(self.retries + 1):
+            try:
+                return self.backend.snap(self.request.exposure_ms, self.request.gain, roi=roi)
+            except CameraError as error:
+                if attempt == self.retries:
+                    raise ScanError(ScanErrorCode.CAMERA, f"camera failed {attempt + 1} times: {error}") from error
+
+    # -- focus ---------------------------------------------------------------------------------
+    def _centre_roi(self, size_px: int = 256):
+        width, height = self.backend.sensor_size_px()
+        size = min(size_px, width, height)
+        return ((height - size) // 2, (width - size) // 2, size, size)
+
+    def find_focus(self, x_um: float, y_um: float, z_guess_um: float) -> float:
+        """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness."""
+        roi = self._centre_roi()
+        dof = self.backend.depth_of_field_um()
+        z_min, z_max = self.backend.stage.limits.bounds("z")
+        best = z_guess_um
+        for half_range, step in ((30.0, max(2.0, 2 * dof)), (3.0 * max(2.0, 2 * dof) / 2, max(0.25, dof / 3))):
+            offsets = np.arange(-half_range, half_range + 1e-9, step)
+            zs = np.clip(best + offsets, z_min, z_max)
+            scores = sweep_sharpness(zs, lambda z: (self._move(x_um, y_um, float(z)), self._snap(roi))[1].image_rgb8)
+            best = refine_peak(zs, scores)
+        return float(best)
+
+    def focus_map(self, plan: TilePlan) -> FocusMap | None:
+        if self.request.focus_strategy == FocusStrategy.NONE:
+            return None
+        self._report(State.FOCUS_MAP)
+        count = self.request.focus_points or int(np.clip(len(plan.tiles) // 25, 5, 25))
+        points = choose_focus_points(plan, count)
+        z_guess = float(np.mean(self.backend.stage.limits.bounds("z")))
+        measured = []
+        for point in points:
+            if self.should_cancel():
+                raise ScanError(ScanErrorCode.CANCELED, "canceled while measuring the focus map")
+            z = self.find_focus(point.x_um, point.y_um, measured[-1] if measured else z_guess)
+            measured.append(z)
+        return FocusMap([p.x_um for p in points], [p.y_um for p in points], measured)
+
+    # -- acquisition ---------------------------------------------------------------------------
+    def _report(self, state: State, **changes) -> None:
+        progress = self._progress
+        progress.state = state
+        for key, value in changes.items():
+            setattr(progress, key, value)
+        progress.elapsed_s = self.clock() - self._started
+        self.on_progress(progress)
+
+    def _write_manifest(self) -> None:
+        plan = self.outcome.plan
+        request = self.request
+        width, height = self.backend.sensor_size_px()
+        payload = {
+            "format": "wsi-scan-manifest", "version": 1, "scan_id": request.scan_id, "status": self._status,
+            "error": self._error, "objective_magnification": request.objective_magnification,
+            "numerical_aperture": self.backend.numerical_aperture(), "pixel_size_um": self.backend.pixel_size_um(),
+            "tile_width_px": width, "tile_height_px": height, "overlap_fraction": request.overlap_fraction,
+            "exposure_ms": request.exposure_ms, "focus_strategy": request.focus_strategy.name.lower(),
+            "started_unix_s": time.time() - (self.clock() - self._started),
+            "duration_s": self.clock() - self._started, "refocus_count": self.outcome.refocus_count,
+            "plan": None if plan is None else {
+                "rows": plan.rows, "cols": plan.cols, "step_x_um": plan.step_x_um, "step_y_um": plan.step_y_um,
+                "origin_x_um": plan.origin_x_um, "origin_y_um": plan.origin_y_um,
+                "tiles": [[t.row, t.col] for t in plan.tiles], "skipped_empty": [list(rc) for rc in plan.skipped]},
+            "tiles": [asdict(r) for r in self.outcome.records],
+        }
+        try:
+            _atomic_write_json(self.outcome.manifest_path, payload)
+        except OSError as error:
+            raise ScanError(ScanErrorCode.STORAGE, f"cannot write {self.outcome.manifest_path}: {error}") from error
+
+    def _capture(self, sequence: int, row: int, col: int, x: float, y: float, map_z: float, offset: float,
+                 is_recapture: bool) -> tuple[TileRecord, Frame]:
+        z = map_z + offset
+        self._move(x, y, z)
+        frame = self._snap()
+        record = TileRecord(sequence, row, col, is_recapture, x, y, z, frame.measured_x_um, frame.measured_y_um,
+                            frame.measured_z_um, map_z, offset, frame.pixel_size_um, frame.exposure_ms, frame.gain)
+        if not math.isnan(frame.ground_truth_defocus_um):
+            record.ground_truth = {"x_um": frame.true_x_um, "y_um": frame.true_y_um, "z_um": frame.true_z_um,
+                                   "focal_z_um": frame.focal_z_um, "defocus_um": frame.ground_truth_defocus_um}
+        if self.request.save_tiles:
+            relative = f"tiles/r{row:04d}_c{col:04d}.tif"
+            try:
+                tifffile.imwrite(self.scan_dir / relative, frame.image_rgb8, photometric="rgb")
+            except OSError as error:
+                raise ScanError(ScanErrorCode.STORAGE, f"cannot save tile ({row}, {col}): {error}") from error
+            record.image = relative
+        return record, frame
+
+    def acquire(self, plan: TilePlan, focus_map: FocusMap | None) -> None:
+        request = self.request
+        inline = request.focus_strategy == FocusStrategy.MAP_INLINE and self.estimate_focus is not None
+        half_dof = self.backend.depth_of_field_um() / 2
+        offset = 0.0                           # running correction of the focus map from inline estimates
+        z_default = float(self.backend.stage.position_um()[2])
+        acquisition_started = self.clock()
+        total = len(plan.tiles)
+        for done, tile in enumerate(plan.tiles):
+            if self.should_cancel():
+                raise ScanError(ScanErrorCode.CANCELED, f"canceled after {done} of {total} tiles")
+            map_z = focus_map.z_um(tile.x_um, tile.y_um) if focus_map is not None else z_default
+            record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um,
+                                          float(map_z), offset, False)
+            self._emit(record, frame)
+            if inline:
+                reply = self.estimate_focus(record, frame)
+                if reply is not None:
+                    record.predicted_defocus_um, record.predicted_uncertainty_um = reply.defocus_um, reply.uncertainty_um
+                    confident = reply.uncertainty_um < max(half_dof, 1.0)
+                    if confident:
+                        # Follow the specimen: half of each confident residual feeds the next tiles.
+                        offset -= 0.5 * reply.defocus_um
+                    if confident and abs(reply.defocus_um) > half_dof:
+                        self.outcome.refocus_count += 1
+                        record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um,
+                                                      tile.y_um, float(map_z), record.applied_focus_offset_um
+                                                      - reply.defocus_um, True)
+                        self._emit(record, frame)
+            self._write_manifest()
+            elapsed = self.clock() - acquisition_started
+            self._report(State.ACQUIRING, tiles_done=done + 1, tiles_total=total,
+                         refocus_count=self.outcome.refocus_count, current=(tile.row, tile.col),
+                         eta_s=elapsed / (done + 1) * (total - done - 1))
+
+    def _emit(self, record: TileRecord, frame: Frame) -> None:
+        self.outcome.records.append(record)
+        self.publish_tile(record, frame)
+
+    def run(self) -> ScanOutcome:
+        """Scan; on any ScanError the manifest records the tiles so far and the error, then it is raised."""
+        try:
+            (self.scan_dir / "tiles").mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ScanError(ScanErrorCode.STORAGE, f"cannot create {self.scan_dir}: {error}") from error
+        try:
+            self.validate()
+            self.backend.set_objective(self.request.objective_magnification)
+            try:
+                self.outcome.plan = self.plan()
+                self._report(State.PLANNING, tiles_total=len(self.outcome.plan.tiles))
+                focus = self.focus_map(self.outcome.plan)
+            except NoTissueError as error:
+                raise ScanError(ScanErrorCode.NO_TISSUE, str(error)) from error
+            self._write_manifest()
+            self.acquire(self.outcome.plan, focus)
+        except ScanError as error:
+            self._status = "canceled" if error.code == ScanErrorCode.CANCELED else "failed"
+            self._error = str(error)
+            self._finish(State.CANCELED if error.code == ScanErrorCode.CANCELED else State.FAILED)
+            raise
+        self._status = "complete"
+        self._finish(State.SUCCEEDED)
+        return self.outcome
+
+    def _finish(self, state: State) -> None:
+        self.outcome.duration_s = self.clock() - self._started
+        try:
+            self._write_manifest()
+        finally:
+            self._report(state)
