@@ -13,6 +13,6 @@ setup(
     install_requires=["setuptools"],
     zip_safe=False,
     entry_points={"console_scripts": [
-        "stage_node = wsi_acquisition.stage_node:main",
+        "microscope_node = wsi_acquisition.microscope_node:main",
     ]},
 )

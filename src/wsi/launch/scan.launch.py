@@ -14,7 +14,7 @@ from wsi_common.ros_env import fastdds_profile_path
 def _nodes(context):
     values = {name: LaunchConfiguration(name).perform(context) for name in LAUNCH_ARGUMENTS}
     return [
-        Node(package=spec.package, executable=spec.executable, name=spec.name,
+        Node(package=spec.package, executable=spec.executable, name=spec.name if spec.single_node else None,
              namespace=spec.namespace or None, parameters=[spec.parameters],
              remappings=list(spec.remappings), output="screen", emulate_tty=True)
         for spec in scan_graph(GraphConfig.from_strings(values))

@@ -35,6 +35,8 @@ def test_node_arguments_and_params_file(tmp_path):
     params = write_params_file(spec, tmp_path)
     assert spec.ros_arguments(params) == ["--ros-args", "-r", "__node:=stage", "--params-file",
                                           str(params), "-r", "__ns:=/ns", "-r", "a:=b"]
+    several = NodeSpec(name="microscope", package="p", executable="e", module="m", single_node=False)
+    assert "__node:=microscope" not in several.ros_arguments(params)
     import yaml
     assert yaml.safe_load(params.read_text()) == {"/**": {"ros__parameters": {
         "backend": "sim", "seed": 3, "label": "007"}}}   # "007" stays a string
@@ -83,7 +85,8 @@ def test_launch_file_builds_its_nodes_from_the_graph(monkeypatch):
     expected = scan_graph(GraphConfig.from_strings(context))
     assert [(n.kwargs["package"], n.kwargs["executable"], n.kwargs["name"], n.kwargs["namespace"],
              n.kwargs["parameters"]) for n in nodes] == [
-        (s.package, s.executable, s.name, s.namespace, [s.parameters]) for s in expected]
+        (s.package, s.executable, s.name if s.single_node else None, s.namespace, [s.parameters])
+        for s in expected]
 
 
 def test_colcon_installed_the_launch_file_and_the_node_executables(monkeypatch):

@@ -96,9 +96,9 @@ def test_wsi_launch_stops_cleanly_on_ctrl_c():
     launcher = subprocess.Popen([sys.executable, "-m", "wsi.cli", "launch"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=node_environment())
     for line in launcher.stdout:
-        if "stage ready" in line:
+        if "microscope ready" in line:
             break
-    assert line.startswith("[stage] ")
+    assert line.startswith("[microscope] ")
     launcher.send_signal(signal.SIGINT)
     rest, _ = launcher.communicate(timeout=30)
     assert launcher.returncode == 0, rest
@@ -109,7 +109,7 @@ def test_wsi_launch_fails_clearly_when_a_node_dies():
     done = run_cli("launch", "--sim-speedup", "-1", timeout_s=60)
     assert done.returncode == 1
     assert "speedup -1.0 must be positive" in done.stdout
-    assert "node process died: stage (exit code 2)" in done.stderr
+    assert "node process died: microscope (exit code 2)" in done.stderr
 
 
 def test_bad_launch_argument_is_a_usage_error():

@@ -57,7 +57,8 @@ def scan_graph(config: GraphConfig) -> list[NodeSpec]:
     if not config.sim:
         raise ValueError("sim=false needs a hardware backend; the Micro-Manager backend is not available yet")
     return [
-        NodeSpec(name="stage", package="wsi_acquisition", executable="stage_node",
-                 module="wsi_acquisition.stage_node", namespace=config.namespace,
-                 parameters={"backend": "sim", "sim_speedup": config.sim_speedup}),
+        NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
+                 module="wsi_acquisition.microscope_node", namespace=config.namespace, single_node=False,
+                 parameters={"backend": "sim", "sim_slide": config.slide, "sim_speedup": config.sim_speedup,
+                             "output_root": config.output_dir}),
     ]

@@ -146,6 +146,7 @@ class ScanRunner:
                  estimate_focus: Callable[[TileRecord, Frame], FocusReply | None] | None = None,
                  on_progress: Callable[[ScanProgress], None] = lambda progress: None,
                  should_cancel: Callable[[], bool] = lambda: False,
+                 on_plan: Callable[[TilePlan], None] = lambda plan: None,
                  retries: int = 2, z_approach_um: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.backend = backend
         self.request = request
@@ -153,6 +154,7 @@ class ScanRunner:
         self.estimate_focus = estimate_focus
         self.on_progress = on_progress
         self.should_cancel = should_cancel
+        self.on_plan = on_plan
         self.retries = retries
         self.z_approach_um = z_approach_um
         self.clock = clock
@@ -386,6 +388,7 @@ class ScanRunner:
             self.backend.set_objective(self.request.objective_magnification)
             try:
                 self.outcome.plan = self.plan()
+                self.on_plan(self.outcome.plan)
                 self._report(State.PLANNING, tiles_total=len(self.outcome.plan.tiles))
                 focus = self.focus_map(self.outcome.plan)
             except NoTissueError as error:

@@ -5,39 +5,19 @@ import time
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
-from wsi_acquisition.stage import (AXES, SimulatedStage, StageDynamics, StageFault, StageLimitError,
-                                   StageLimits)
-from wsi_common.node_main import NodeConfigurationError, spin_node
+from wsi_acquisition.stage import AXES, StageFault, StageLimitError
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS
 from wsi_interfaces.action import MoveStage
 from wsi_interfaces.msg import StageState
 
 PARAMETERS = {
-    "backend": ("sim", "stage backend: 'sim' (virtual microscope)"),
-    "x_min_um": (0.0, "soft limit, µm"), "x_max_um": (75_000.0, "soft limit, µm"),
-    "y_min_um": (0.0, "soft limit, µm"), "y_max_um": (25_000.0, "soft limit, µm"),
-    "z_min_um": (-500.0, "soft limit, µm"), "z_max_um": (500.0, "soft limit, µm"),
-    "sim_seed": (0, "seed of the simulated stage's jitter"),
-    "sim_speedup": (1.0, "simulated moves take 1/sim_speedup of their physical time"),
     "state_rate_hz": (10.0, "StageState publishing rate"),
     "feedback_rate_hz": (20.0, "MoveStage feedback rate"),
     "move_timeout_margin_s": (2.0, "a move that takes this much longer than expected fails"),
 }
-
-
-def make_backend(params: dict):
-    if params["backend"] != "sim":
-        raise NodeConfigurationError(f"unknown stage backend {params['backend']!r}; expected 'sim'")
-    try:
-        limits = StageLimits(**{f"{a}_{b}_um": params[f"{a}_{b}_um"] for a in AXES for b in ("min", "max")})
-        return SimulatedStage(limits, StageDynamics(), seed=params["sim_seed"],
-                              speedup=params["sim_speedup"])
-    except ValueError as error:
-        raise NodeConfigurationError(str(error)) from error
 
 
 def target_of(goal, current: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -50,11 +30,13 @@ def target_of(goal, current: tuple[float, float, float]) -> tuple[float, float, 
 
 
 class StageNode(Node):
-    def __init__(self):
+    """`hardware_lock` is held during a move, so a scan and a manual move never drive the stage together."""
+
+    def __init__(self, stage, hardware_lock: threading.Lock):
         super().__init__("stage")
         self.params = declare_parameters(self, PARAMETERS)
-        self.stage = make_backend(self.params)
-        self._busy = threading.Lock()
+        self.stage = stage
+        self._lock = hardware_lock
         group = ReentrantCallbackGroup()
         self._state_pub = self.create_publisher(StageState, "stage/state", EVENT_QOS)
         self.create_timer(1.0 / self.params["state_rate_hz"], self._publish_state, callback_group=group)
@@ -62,7 +44,6 @@ class StageNode(Node):
             self, MoveStage, "stage/move", execute_callback=self._execute,
             goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
             callback_group=group)
-        self.get_logger().info(f"stage ready ({self.params['backend']} backend)")
 
     def _on_goal(self, goal) -> GoalResponse:
         try:
@@ -72,8 +53,8 @@ class StageNode(Node):
         except (StageLimitError, ValueError) as error:
             self.get_logger().warning(f"rejected MoveStage goal: {error}")
             return GoalResponse.REJECT
-        if self._busy.locked():
-            self.get_logger().warning("rejected MoveStage goal: another move is in progress")
+        if self._lock.locked():
+            self.get_logger().warning("rejected MoveStage goal: the stage is busy (a move or a scan is running)")
             return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
@@ -92,31 +73,38 @@ class StageNode(Node):
 
     def _execute(self, goal_handle):
         started = time.monotonic()
-        with self._busy:
-            target = target_of(goal_handle.request, self.stage.position_um())
-            try:
-                expected_s = self.stage.start_move(*target, speed_um_s=goal_handle.request.speed_um_s)
-            except StageLimitError as error:
-                return self._result(goal_handle, MoveStage.Result.ERROR_OUT_OF_LIMITS, str(error), started)
-            except StageFault as error:
-                return self._result(goal_handle, MoveStage.Result.ERROR_FAULT, str(error), started)
-            deadline = started + expected_s + self.params["move_timeout_margin_s"]
-            period = 1.0 / self.params["feedback_rate_hz"]
-            while self.stage.is_moving():
-                if goal_handle.is_cancel_requested:
-                    self.stage.stop()
-                    return self._result(goal_handle, MoveStage.Result.ERROR_CANCELED, "canceled", started)
-                if time.monotonic() > deadline:
-                    self.stage.stop()
-                    return self._result(goal_handle, MoveStage.Result.ERROR_TIMEOUT,
-                                        f"move did not finish within {expected_s:.2f} s "
-                                        f"+ {self.params['move_timeout_margin_s']} s", started)
-                position = self.stage.position_um()
-                goal_handle.publish_feedback(MoveStage.Feedback(
-                    x_um=position[0], y_um=position[1], z_um=position[2],
-                    distance_remaining_um=math.dist(position, target)))
-                time.sleep(period)
-            return self._result(goal_handle, MoveStage.Result.ERROR_NONE, "", started)
+        if not self._lock.acquire(blocking=False):
+            return self._result(goal_handle, MoveStage.Result.ERROR_FAULT, "the stage is busy", started)
+        try:
+            return self._move(goal_handle, started)
+        finally:
+            self._lock.release()
+
+    def _move(self, goal_handle, started: float):
+        target = target_of(goal_handle.request, self.stage.position_um())
+        try:
+            expected_s = self.stage.start_move(*target, speed_um_s=goal_handle.request.speed_um_s)
+        except StageLimitError as error:
+            return self._result(goal_handle, MoveStage.Result.ERROR_OUT_OF_LIMITS, str(error), started)
+        except StageFault as error:
+            return self._result(goal_handle, MoveStage.Result.ERROR_FAULT, str(error), started)
+        deadline = started + expected_s + self.params["move_timeout_margin_s"]
+        period = 1.0 / self.params["feedback_rate_hz"]
+        while self.stage.is_moving():
+            if goal_handle.is_cancel_requested:
+                self.stage.stop()
+                return self._result(goal_handle, MoveStage.Result.ERROR_CANCELED, "canceled", started)
+            if time.monotonic() > deadline:
+                self.stage.stop()
+                return self._result(goal_handle, MoveStage.Result.ERROR_TIMEOUT,
+                                    f"move did not finish within {expected_s:.2f} s "
+                                    f"+ {self.params['move_timeout_margin_s']} s", started)
+            position = self.stage.position_um()
+            goal_handle.publish_feedback(MoveStage.Feedback(
+                x_um=position[0], y_um=position[1], z_um=position[2],
+                distance_remaining_um=math.dist(position, target)))
+            time.sleep(period)
+        return self._result(goal_handle, MoveStage.Result.ERROR_NONE, "", started)
 
     def _publish_state(self):
         limits = self.stage.limits
@@ -128,11 +116,3 @@ class StageNode(Node):
             setattr(msg, f"{axis}_min_um", low)
             setattr(msg, f"{axis}_max_um", high)
         self._state_pub.publish(msg)
-
-
-def main(args=None):
-    spin_node(StageNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=4))
-
-
-if __name__ == "__main__":
-    main()

@@ -28,9 +28,14 @@ class NodeSpec:
     parameters: dict = field(default_factory=dict)
     remappings: tuple = ()                # ((from, to), ...)
     namespace: str = ""
+    # False for a process that hosts several nodes: renaming would give all of them this name.
+    single_node: bool = True
 
     def ros_arguments(self, params_file: Path) -> list[str]:
-        args = ["--ros-args", "-r", f"__node:={self.name}", "--params-file", str(params_file)]
+        args = ["--ros-args"]
+        if self.single_node:
+            args += ["-r", f"__node:={self.name}"]
+        args += ["--params-file", str(params_file)]
         if self.namespace:
             args += ["-r", f"__ns:=/{self.namespace.strip('/')}"]
         for source, target in self.remappings:

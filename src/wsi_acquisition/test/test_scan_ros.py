@@ -1,0 +1,102 @@
+"""ScanSlide through the real microscope process (stage + camera + orchestrator nodes)."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import rclpy
+from action_msgs.msg import GoalStatus
+from std_srvs.srv import Trigger
+from sensor_msgs.msg import Image
+
+from wsi.actions import ActionCallError, ActionCaller
+from wsi_common.image import image_to_array
+from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.supervisor import NodeSpec
+from wsi_interfaces.action import ScanSlide
+from wsi_interfaces.msg import ScanPlan, Tile
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+TISSUE_REGION_UM = (40_000.0, 11_000.0, 3_000.0, 3_000.0)   # inside the default slide's tissue
+
+
+def microscope_spec(output_root: Path, **parameters) -> NodeSpec:
+    return NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
+                    module="wsi_acquisition.microscope_node", single_node=False,
+                    parameters={"sim_speedup": 20.0, "output_root": str(output_root)} | parameters)
+
+
+@pytest.fixture
+def scanner(run_nodes, ros_node, tmp_path):
+    run_nodes([microscope_spec(tmp_path)])
+    caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    caller.wait_for_server(timeout_s=30)
+    return caller
+
+
+def goal(region=TISSUE_REGION_UM, **changes) -> ScanSlide.Goal:
+    x, y, width, height = region
+    values = dict(scan_id="t1", region_x_um=x, region_y_um=y, region_width_um=width, region_height_um=height,
+                  objective_magnification=20.0, focus_strategy=ScanSlide.Goal.FOCUS_MAP, skip_empty_tiles=True)
+    return ScanSlide.Goal(**(values | changes))
+
+
+def test_scan_of_a_3mm_region_at_20x_publishes_every_tile(scanner, ros_node, tmp_path):
+    tiles, plans = [], []
+    ros_node.create_subscription(Tile, "tiles", tiles.append, TILE_QOS)
+    ros_node.create_subscription(ScanPlan, "scan/plan", plans.append, LATCHED_QOS)
+    outcome = scanner.call(goal(), timeout_s=600)
+    result = outcome.result
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
+    deadline = time.monotonic() + 10
+    while len(tiles) < result.tiles_captured and time.monotonic() < deadline:
+        rclpy.spin_once(ros_node, timeout_sec=0.1)
+    manifest = json.loads(Path(result.manifest_uri).read_text())
+    planned = len(manifest["plan"]["tiles"])
+    assert planned >= 81 and result.tiles_planned == planned == result.tiles_captured
+    assert len(tiles) == planned and [t.sequence for t in tiles] == list(range(planned))
+    assert {(t.index.row, t.index.col) for t in tiles} == {tuple(rc) for rc in manifest["plan"]["tiles"]}
+    first = tiles[0]
+    assert image_to_array(first.image).shape == (1024, 1024, 3)
+    assert first.pixel_size_um == pytest.approx(0.325) and first.objective_magnification == 20.0
+    assert abs(first.ground_truth_defocus_um) < 1.41       # within the depth of field at 20x
+    assert plans and plans[-1].rows * plans[-1].cols >= planned and plans[-1].manifest_uri == result.manifest_uri
+    assert manifest["status"] == "complete" and result.scanned_area_mm2 > 9.0
+    assert outcome.feedback and outcome.feedback[-1].tiles_done == planned
+    assert any(f.eta_s > 0 for f in outcome.feedback)
+
+
+def test_goal_outside_the_stage_limits_is_rejected(scanner):
+    with pytest.raises(ActionCallError, match="goal rejected"):
+        scanner.send_goal(goal(region=(74_000.0, 1_000.0, 3_000.0, 3_000.0)), timeout_s=30)
+    with pytest.raises(ActionCallError, match="goal rejected"):
+        scanner.send_goal(goal(scan_id="../escape"), timeout_s=30)
+
+
+def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):
+    feedback = []
+    handle = scanner.send_goal(goal(scan_id="t2", focus_strategy=ScanSlide.Goal.FOCUS_NONE), timeout_s=30,
+                               on_feedback=feedback.append)
+    deadline = time.monotonic() + 120
+    while not any(f.tiles_done >= 3 for f in feedback) and time.monotonic() < deadline:
+        rclpy.spin_once(ros_node, timeout_sec=0.1)
+    scanner.cancel(handle)
+    status, result = scanner.wait_for_result(handle, timeout_s=60)
+    assert status == GoalStatus.STATUS_CANCELED
+    assert result.error_code == ScanSlide.Result.ERROR_CANCELED
+    manifest = json.loads(Path(result.manifest_uri).read_text())
+    assert manifest["status"] == "canceled" and 3 <= len(manifest["tiles"]) < result.tiles_planned
+    assert all((Path(result.manifest_uri).parent / t["image"]).exists() for t in manifest["tiles"])
+    # The microscope is free again: the camera answers a trigger.
+    trigger = ros_node.create_client(Trigger, "camera/trigger")
+    images = []
+    ros_node.create_subscription(Image, "camera/image", images.append, EVENT_QOS)
+    assert trigger.wait_for_service(timeout_sec=10)
+    future = trigger.call_async(Trigger.Request())
+    rclpy.spin_until_future_complete(ros_node, future, timeout_sec=30)
+    assert future.result().success, future.result().message
+    deadline = time.monotonic() + 10
+    while not images and time.monotonic() < deadline:
+        rclpy.spin_once(ros_node, timeout_sec=0.1)
+    assert images and images[0].width == 1024
