@@ -16,7 +16,7 @@ test: $(VENV)/.built
 	$(PY) -m pytest
 
 scan: $(VENV)/.built
-	$(VENV)/bin/wsi smoke
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/wsi scan --output-dir out
 
 build: $(VENV)/.built
 

@@ -1,6 +1,7 @@
-"""`wsi` command: start the scanner graph, and check it end to end.
+"""`wsi` command: start the scanner graph, scan a slide, check the graph end to end.
 
     wsi launch [--sim true] [--slide 0] [--output-dir out] [--namespace ns] ...
+    wsi scan   [--attach] [--region X Y W H | --auto] [--objective 20] ...   scan with a progress bar
     wsi smoke  [--attach]       start the graph (or use a running one) and run a round trip through it
 """
 import argparse
@@ -14,9 +15,10 @@ from action_msgs.msg import GoalStatus
 from rclpy.node import Node
 
 from wsi.actions import ActionCallError, ActionCaller
+from wsi import scan_client
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
 from wsi_common.supervisor import NodeDiedError, Supervisor
-from wsi_interfaces.action import MoveStage
+from wsi_interfaces.action import MoveStage, ScanSlide
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -103,12 +105,49 @@ def run_smoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_scan(args: argparse.Namespace) -> int:
+    config = _graph_config(args)
+    goal = scan_client.build_goal(args.scan_id, args.region, args.auto, args.objective,
+                                  FOCUS_STRATEGIES[args.focus], args.formats)
+    graph = None if args.attach else Supervisor(scan_graph(config), log=args.node_log)
+    try:
+        with graph or nullcontext():
+            status, result = scan_client.run_scan_goal(_topic(config.namespace, "scan_slide"), goal,
+                                                       args.timeout, graph)
+    except (ActionCallError, NodeDiedError) as error:
+        print(f"wsi scan: {scan_client.describe_error(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in scan_client.report(status, result):
+        print(f"wsi scan: {line}")
+    return scan_client.exit_code(status)
+
+
+FOCUS_STRATEGIES = {"none": ScanSlide.Goal.FOCUS_NONE, "map": ScanSlide.Goal.FOCUS_MAP,
+                    "map-inline": ScanSlide.Goal.FOCUS_MAP_INLINE}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="wsi", description="WSI whole-slide scanner")
     commands = parser.add_subparsers(dest="command", required=True)
     launch = commands.add_parser("launch", help="start the scanner node graph until Ctrl-C")
     _add_graph_arguments(launch)
     launch.set_defaults(run=run_launch)
+    scan = commands.add_parser("scan", help="scan a slide: start the graph, send ScanSlide, show progress")
+    _add_graph_arguments(scan)
+    scan.add_argument("--attach", action="store_true", help="use an already running graph")
+    where = scan.add_mutually_exclusive_group()
+    where.add_argument("--region", nargs=4, type=float, metavar=("X", "Y", "W", "H"),
+                       default=scan_client.DEFAULT_REGION_UM, help="region in stage µm (default: a 2.5 mm "
+                       "square of the default slide's tissue)")
+    where.add_argument("--auto", action="store_true", help="find the tissue on an overview and scan all of it")
+    scan.add_argument("--objective", type=float, default=20.0, help="objective magnification (10, 20, 40)")
+    scan.add_argument("--focus", choices=sorted(FOCUS_STRATEGIES), default="map-inline")
+    scan.add_argument("--scan-id", default="", help="name of the scan (default: from the time)")
+    scan.add_argument("--formats", nargs="*", default=[], help="outputs besides the tiles: ome-tiff ome-zarr")
+    scan.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the graph to answer")
+    scan.add_argument("--node-log", type=argparse.FileType("a"), default=sys.stderr,
+                      help="where the nodes' own log lines go (default: stderr)")
+    scan.set_defaults(run=run_scan)
     smoke = commands.add_parser("smoke", help="start the graph and check it answers end to end")
     _add_graph_arguments(smoke)
     smoke.add_argument("--attach", action="store_true", help="use an already running graph")

@@ -1,0 +1,43 @@
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from wsi.scan_client import format_duration, progress_line
+from wsi_common.ros_env import node_environment
+
+
+def test_progress_line_shows_state_bar_tiles_and_eta():
+    feedback = SimpleNamespace(state=4, tiles_done=15, tiles_total=60, refocus_count=2, elapsed_s=75.0, eta_s=3725.0)
+    assert progress_line(feedback, width=8) == (
+        "acquiring  [##......] 15/60 tiles, 2 refocused, elapsed 01:15, ETA 1:02:05")
+    assert format_duration(-1.0) == "--:--"
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_scan_and_keeps_the_tiles(tmp_path):
+    env = node_environment() | {"OPENBLAS_NUM_THREADS": "1"}
+    scan = subprocess.Popen(
+        [sys.executable, "-m", "wsi.cli", "scan", "--region", "41000", "11000", "2000", "2000", "--focus", "none",
+         "--sim-speedup", "5", "--output-dir", str(tmp_path), "--scan-id", "interrupted",
+         "--node-log", str(tmp_path / "nodes.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    for line in scan.stdout:
+        if re.search(r"acquiring .* [1-9]\d*/\d+ tiles", line) or time.monotonic() > deadline:
+            break
+    scan.send_signal(signal.SIGINT)
+    rest, _ = scan.communicate(timeout=120)
+    assert scan.returncode == 130, rest
+    assert "Ctrl-C: cancelling the scan" in rest
+    assert "did not finish (canceled)" in rest
+    manifest = json.loads((tmp_path / "interrupted" / "manifest.json").read_text())
+    assert manifest["status"] == "canceled" and manifest["tiles"]
+    assert f"manifest: {tmp_path / 'interrupted' / 'manifest.json'}" in rest
