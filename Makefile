@@ -10,7 +10,9 @@ VENV_ABS := $(CURDIR)/$(VENV)
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 SOURCES := $(shell find src -type f -not -path '*/__pycache__/*' -not -name '*.pyc') colcon.meta
 
-.PHONY: test scan build bench lock clean
+.PHONY: test scan build bench train-autofocus lock clean
+MODEL_DIR := src/wsi_autofocus/wsi_autofocus/models/focus_resnet_small
+AUTOFOCUS_DATA := build/autofocus-data
 
 test: $(VENV)/.built
 	$(PY) -m pytest
@@ -22,6 +24,16 @@ build: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) bench/transport.py
+	$(PY) bench/autofocus.py
+
+# Reproduces the shipped focus model: render the data, train (<= 40 min on 2 cores), export,
+# evaluate on held-out specimens, write the model card. Run `make build` after it to install it.
+train-autofocus: $(VENV)/.built
+	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
+	$(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR)
+	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
+	    --summary-json $(MODEL_DIR)/evaluation.json
+	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
 
 $(VENV)/.installed: requirements/ros-pypi.txt requirements/python.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -10,7 +10,11 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
     ],
+    package_data={PACKAGE: ["models/*/*"]},
     install_requires=["setuptools"],
     zip_safe=False,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "autofocus_node = wsi_autofocus.node:main",
+        "wsi-autofocus = wsi_autofocus.cli:main",
+    ]},
 )

@@ -1,0 +1,90 @@
+"""Benchmark: focus model inference on 2 CPU threads, every backend available here.
+
+    .venv/bin/python bench/autofocus.py [--model DIR] [--threads 2] [--repeats 50]
+
+Per backend: latency of one 256x256 patch at batch 1 (the published mobile-net anchor is ~9 ms),
+latency at the model's own patch size, throughput at batch 8 and 32, and the latency of a whole
+tile estimate (1024x1024 tile: patch selection + inference + aggregation). Prints a table and
+writes bench/results/autofocus.json.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsi_autofocus.inference import (BACKENDS, BackendUnavailableError, FocusEstimator, default_model_dir,
+                                     load_backend, read_model_metadata)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_ms(function, repeats: int) -> list[float]:
+    function()                                   # warm-up: allocations, lazy initialisation
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def bench_backend(backend, estimator: FocusEstimator, patch_px: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    row = {"backend": backend.name}
+    for size in sorted({256, patch_px}):
+        patch = rng.random((1, 3, size, size), dtype=np.float32)
+        times = timed_ms(lambda: backend.predict(patch), repeats)
+        row[f"patch{size}_b1_ms_median"] = statistics.median(times)
+        row[f"patch{size}_b1_ms_p95"] = float(np.percentile(times, 95))
+    for batch in (8, 32):
+        patches = rng.random((batch, 3, patch_px, patch_px), dtype=np.float32)
+        times = timed_ms(lambda: backend.predict(patches), max(3, repeats // batch * 4))
+        row[f"b{batch}_patches_per_s"] = batch / (statistics.median(times) / 1e3)
+    tile = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    times = timed_ms(lambda: estimator.estimate(tile), max(5, repeats // 5))
+    row["tile_estimate_ms_median"] = statistics.median(times)
+    row["patches_per_tile"] = estimator.patches_per_tile
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--output", type=Path, default=RESULTS / "autofocus.json")
+    args = parser.parse_args()
+    metadata = read_model_metadata(args.model)
+    patch_px = int(metadata["patch_px"])
+    rows, unavailable = [], {}
+    for name in BACKENDS:
+        try:
+            backend, _ = load_backend(name, args.model, threads=args.threads)
+        except BackendUnavailableError as error:
+            unavailable[name] = str(error)
+            continue
+        rows.append(bench_backend(backend, FocusEstimator(backend, args.model), patch_px, args.repeats))
+    print(f"Focus model {metadata['name']}@{metadata['version']} ({metadata['architecture']}), "
+          f"{args.threads} threads, model patch {patch_px} px")
+    print(f"{'backend':<13}{'256px b1 ms':>12}{'p95':>7}{f'{patch_px}px b1 ms':>12}{'b8 patch/s':>12}"
+          f"{'b32 patch/s':>12}{'tile ms':>9}")
+    for r in rows:
+        print(f"{r['backend']:<13}{r['patch256_b1_ms_median']:>12.2f}{r['patch256_b1_ms_p95']:>7.2f}"
+              f"{r[f'patch{patch_px}_b1_ms_median']:>12.2f}{r['b8_patches_per_s']:>12.0f}"
+              f"{r['b32_patches_per_s']:>12.0f}{r['tile_estimate_ms_median']:>9.1f}")
+    for name, reason in unavailable.items():
+        print(f"{name:<13}not available here: {reason}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"model": metadata["name"], "version": metadata["version"],
+                                       "threads": args.threads, "patch_px": patch_px, "results": rows,
+                                       "unavailable": unavailable}, indent=2))
+    print(f"written {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from wsi_acquisition.focus import brenner
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_autofocus.data import DatasetSpec, render_specimen
+from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
+                                     load_backend)
+from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
+from wsi_autofocus.patches import select_patches
+from wsi_autofocus.training import InlineFocusDataset, TrainingConfig, train
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_maps_patches_to_defocus_and_log_variance(name):
+    model = build_model(name).eval()
+    with torch.inference_mode():
+        output = model(torch.rand(3, 3, 64, 64))
+    assert output.shape == (3, 2) and torch.isfinite(output).all()
+
+
+def test_unknown_architecture_names_the_choices():
+    with pytest.raises(UnknownArchitectureError, match="expected one of"):
+        architecture("vgg16")
+
+
+def test_exposure_does_not_change_the_prediction():
+    model = build_model("resnet_small").eval()
+    patch = torch.rand(1, 3, 64, 64) * 0.5 + 0.2
+    with torch.inference_mode():
+        np.testing.assert_allclose(model(patch).numpy(), model(patch * 1.4).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_aggregate_is_a_robust_weighted_median_with_honest_uncertainty():
+    agreeing, sigma_agree = aggregate(np.array([1.0, 1.1, 0.9, 1.0, 15.0]), np.log(np.full(5, 0.04)))
+    assert agreeing == pytest.approx(1.0, abs=0.11)         # the outlier patch does not drag it
+    _, sigma_disagree = aggregate(np.array([-4.0, 4.0, -3.0, 3.0, 0.0]), np.log(np.full(5, 0.04)))
+    assert sigma_disagree > 3 * sigma_agree
+    trusted, _ = aggregate(np.array([2.0, 8.0, 8.0]), np.log(np.array([0.01, 25.0, 25.0])))
+    assert trusted == 2.0                                    # the confident patch outweighs two unsure ones
+
+
+def test_patches_are_taken_where_the_tissue_is():
+    image = np.full((256, 512, 3), 200, np.uint8)
+    image[:, 256:] = [180, 90, 170]                         # stained right half
+    patches, fractions = select_patches(image, 64, 4)
+    assert patches.shape == (4, 3, 64, 64) and patches.dtype == np.float32
+    assert np.all(fractions == 1.0)
+    assert np.allclose(patches[:, 1].mean(axis=(1, 2)), 90 / 255)
+
+
+def test_augmentation_keeps_labels_and_focus_ordering():
+    microscope = VirtualMicroscope(seed=3)
+    x, y = 43_200.0, 12_300.0
+    focal = microscope.focal_z_um(x, y)
+    roi = (448, 448, 96, 96)
+    sharp = microscope.capture(x, y, focal, 20, roi=roi, noise_seed=1).image_rgb8
+    blurred = microscope.capture(x, y, focal + 3, 20, roi=roi, noise_seed=1).image_rgb8
+    dataset = InlineFocusDataset(np.stack([sharp, blurred]), np.array([0.0, 3.0]), augment=True, seed=4)
+    for _ in range(10):
+        (sharp_t, sharp_label), (blurred_t, blurred_label) = dataset[0], dataset[1]
+        assert (sharp_label.item(), blurred_label.item()) == (0.0, 3.0)
+        to_image = lambda t: (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)  # noqa: E731
+        assert brenner(to_image(sharp_t)) > brenner(to_image(blurred_t))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A model trained for one epoch on a tiny rendered set: enough to test export and backends."""
+    directory = tmp_path_factory.mktemp("model")
+    train_data = render_specimen((DatasetSpec((1,), 48, patch_px=64, seed=1), 1))
+    val_data = render_specimen((DatasetSpec((101,), 16, patch_px=64, seed=2), 101))
+    train(train_data, val_data, TrainingConfig(epochs=1, batch_size=16, patch_px=64, patches_per_tile=4),
+          directory, log=lambda line: None)
+    return directory
+
+
+def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
+    for name in ("model.pt", "model.onnx", "model.torchscript.pt", "metadata.json"):
+        assert (tiny_model / name).stat().st_size > 0
+    scripted = torch.jit.load(str(tiny_model / "model.torchscript.pt"))
+    assert scripted(torch.rand(2, 3, 64, 64)).shape == (2, 2)
+
+
+def test_available_backends_agree(tiny_model):
+    patches = np.random.default_rng(0).random((5, 3, 64, 64), dtype=np.float32)
+    torch_backend, _ = load_backend("torch-cpu", tiny_model)
+    onnx_backend, _ = load_backend("onnxruntime", tiny_model)
+    np.testing.assert_allclose(onnx_backend.predict(patches), torch_backend.predict(patches), rtol=1e-3, atol=1e-3)
+
+
+def test_auto_falls_back_and_says_why(tiny_model):
+    backend, skipped = load_backend("auto", tiny_model)
+    if not torch.cuda.is_available():
+        assert backend.name == "onnxruntime"
+        assert any("tensorrt" in reason for reason in skipped) and any("torch-cuda" in r for r in skipped)
+
+
+def test_missing_model_and_unknown_backend_are_clear_errors(tmp_path, tiny_model):
+    with pytest.raises(BackendUnavailableError, match="no focus model in"):
+        load_backend("onnxruntime", tmp_path)
+    with pytest.raises(ValueError, match="unknown autofocus backend 'cuda'"):
+        load_backend("cuda", tiny_model)
+
+
+def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
+    backend, _ = load_backend("onnxruntime", tiny_model)
+    estimator = FocusEstimator(backend, tiny_model)
+    with pytest.raises(FocusInputError, match=r"shape \(64, 64\).*expected an \(H, W, 3\) uint8"):
+        estimator.estimate(np.zeros((64, 64), np.uint8))
+    with pytest.raises(FocusInputError, match="smaller than one 64 px model patch"):
+        estimator.estimate(np.zeros((32, 200, 3), np.uint8))
+    results = estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3)
+    assert len(results) == 3 and all(r.patches_used == 4 for r in results)

@@ -1,0 +1,101 @@
+"""wsi-autofocus: make the data, train, evaluate and benchmark the focus model.
+
+    wsi-autofocus generate [--data-dir D]          render train/val/test splits with the virtual microscope
+    wsi-autofocus train [--data-dir D] [--output M]  train and export (model.pt, model.onnx, TorchScript)
+    wsi-autofocus eval [--model M] [--backend B]   held-out specimens: metrics, baselines, plots
+    wsi-autofocus card [--model M]                 write MODEL_CARD.md from the model's metadata and evaluation
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from wsi_autofocus import data
+from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
+
+DEFAULT_DATA_DIR = Path("build/autofocus-data")
+
+
+def command_generate(args) -> int:
+    for split in args.splits:
+        path = args.data_dir / f"{split}.npz"
+        if path.exists() and not args.force:
+            print(f"{path} exists (use --force to render again)")
+            continue
+        data.generate(data.SPLITS[split], path, workers=args.workers)
+        print(f"wrote {path}")
+    return 0
+
+
+def command_train(args) -> int:
+    from wsi_autofocus.training import TrainingConfig, train
+
+    splits = {name: data.load(args.data_dir / f"{name}.npz") for name in ("train", "val")}
+    config = TrainingConfig(time_budget_s=args.time_budget, epochs=args.epochs, seed=args.seed)
+    result = train(splits["train"], splits["val"], config, args.output)
+    print(f"best validation loss {result['best_val_loss']:.4f}; model written to {args.output}")
+    return 0
+
+
+def command_eval(args) -> int:
+    from wsi_autofocus.evaluate import EvaluationSpec, format_table, plot, run_evaluation, summarize, write_report
+
+    backend, skipped = load_backend(args.backend, args.model, threads=args.threads)
+    for reason in skipped:
+        print(f"skipped backend: {reason}")
+    estimator = FocusEstimator(backend, args.model)
+    spec = EvaluationSpec(tiles_per_specimen_and_objective=args.tiles)
+    evaluation = run_evaluation(estimator, spec)
+    summary = summarize(evaluation, backend.name)
+    report = write_report(evaluation, summary, args.output)
+    plots = plot(evaluation, summary, args.output)
+    print(format_table(summary))
+    print(f"report: {report}; plots: {', '.join(map(str, plots))}")
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def command_card(args) -> int:
+    from wsi_autofocus.model_card import render
+
+    path = args.model / "MODEL_CARD.md"
+    path.write_text(render(args.model))
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="wsi-autofocus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="render the data sets")
+    generate.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    generate.add_argument("--splits", nargs="+", default=list(data.SPLITS), choices=list(data.SPLITS))
+    generate.add_argument("--workers", type=int, default=2)
+    generate.add_argument("--force", action="store_true")
+    generate.set_defaults(run=command_generate)
+    train = commands.add_parser("train", help="train and export the model")
+    train.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    train.add_argument("--output", type=Path, default=default_model_dir())
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--time-budget", type=float, default=2400.0, help="seconds of training at most")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=command_train)
+    evaluate = commands.add_parser("eval", help="evaluate on held-out specimens")
+    evaluate.add_argument("--model", type=Path, default=default_model_dir())
+    evaluate.add_argument("--backend", default="onnxruntime")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--tiles", type=int, default=40, help="tiles per specimen and objective")
+    evaluate.add_argument("--output", type=Path, default=Path("build/autofocus-eval"))
+    evaluate.add_argument("--summary-json", type=Path)
+    evaluate.set_defaults(run=command_eval)
+    card = commands.add_parser("card", help="write the model card")
+    card.add_argument("--model", type=Path, default=default_model_dir())
+    card.set_defaults(run=command_card)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

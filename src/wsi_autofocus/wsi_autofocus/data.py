@@ -1,0 +1,109 @@
+"""Autofocus data sets rendered by the virtual microscope, split by specimen.
+
+Every sample is one patch imaged at the centre of the field of view with the stage at a known
+defocus from the true focal surface: the label is physical, not painted. Specimens (slide seeds)
+of the test split are never used for training or validation.
+"""
+import json
+import multiprocessing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.specimen import SyntheticSlide, TissueSection
+from wsi_acquisition.planning import detect_tissue
+
+OBJECTIVES = (10.0, 20.0, 40.0)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    specimen_seeds: tuple[int, ...]
+    samples_per_specimen: int
+    patch_px: int = 96
+    max_defocus_um: float = 20.0
+    objective_weights: tuple[float, ...] = (0.25, 0.5, 0.25)     # 10x, 20x, 40x
+    sparse_fraction: float = 0.1          # samples taken anywhere, including near-empty glass
+    seed: int = 0
+
+
+SPLITS = {
+    # Seeds are disjoint between splits: the held-out specimens are never seen in training.
+    "train": DatasetSpec(tuple(range(0, 24)), 900, seed=1),
+    "val": DatasetSpec(tuple(range(100, 104)), 500, seed=2),
+    "test": DatasetSpec(tuple(range(200, 206)), 800, seed=3),
+}
+
+
+def specimen_for_seed(seed: int) -> SyntheticSlide:
+    """A slide whose section size, place and stain (H&E or IHC) vary with the seed."""
+    rng = np.random.default_rng([7, seed])
+    size_um = float(rng.uniform(6_000, 14_000))
+    section = TissueSection(center_x_um=float(rng.uniform(0.35, 0.7)) * 75_000, center_y_um=12_500.0,
+                            width_um=size_um, height_um=size_um * float(rng.uniform(0.8, 1.2)),
+                            stain="ihc" if seed % 3 == 0 else "he")
+    return SyntheticSlide(seed=seed, sections=(section,))
+
+
+def tissue_points(microscope: VirtualMicroscope, rng: np.random.Generator, count: int) -> np.ndarray:
+    overview = microscope.capture_overview(pixel_size_um=40.0)
+    detection = detect_tissue(overview.image_rgb8, overview.pixel_size_um, overview.origin_x_um,
+                              overview.origin_y_um)
+    rows, cols = np.nonzero(detection.mask)
+    pick = rng.integers(0, len(rows), size=count)
+    jitter = rng.uniform(-0.5, 0.5, size=(count, 2)) * overview.pixel_size_um
+    return np.column_stack([overview.origin_x_um + (cols[pick] + 0.5) * overview.pixel_size_um,
+                            overview.origin_y_um + (rows[pick] + 0.5) * overview.pixel_size_um]) + jitter
+
+
+def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
+    spec, specimen_seed = args
+    rng = np.random.default_rng([spec.seed, specimen_seed])
+    microscope = VirtualMicroscope(specimen=specimen_for_seed(specimen_seed), seed=specimen_seed)
+    n = spec.samples_per_specimen
+    points = tissue_points(microscope, rng, n)
+    sparse = rng.random(n) < spec.sparse_fraction
+    width_um, height_um = microscope.specimen.width_um, microscope.specimen.height_um
+    points[sparse] = np.column_stack([rng.uniform(0.1, 0.9, sparse.sum()) * width_um,
+                                      rng.uniform(0.1, 0.9, sparse.sum()) * height_um])
+    objectives = rng.choice(OBJECTIVES, size=n, p=np.array(spec.objective_weights) / sum(spec.objective_weights))
+    # Half the samples within ±10 µm, where the accuracy matters most; the rest over the full range.
+    near = rng.random(n) < 0.5
+    defocus = np.where(near, rng.uniform(-10, 10, n), rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, n))
+    exposures = rng.uniform(3.0, 10.0, n)     # glass from ~60 to ~210 of 255: no clipping
+    camera = microscope.camera
+    p = spec.patch_px
+    roi = ((camera.height_px - p) // 2, (camera.width_px - p) // 2, p, p)
+    patches = np.empty((n, p, p, 3), np.uint8)
+    labels = np.empty(n, np.float32)
+    for i in range(n):
+        x, y = points[i]
+        focal = float(microscope.focal_z_um(x, y))
+        capture = microscope.capture(x, y, focal + defocus[i], objectives[i], exposure_ms=exposures[i], roi=roi)
+        patches[i] = capture.image_rgb8
+        labels[i] = capture.defocus_um
+    return {"patches": patches, "defocus_um": labels, "objective": objectives.astype(np.float32),
+            "specimen": np.full(n, specimen_seed, np.int32), "sparse": sparse,
+            "exposure_ms": exposures.astype(np.float32)}
+
+
+def generate(spec: DatasetSpec, output: Path, workers: int = 2) -> Path:
+    """Render a split into one .npz (uint8 patches + labels + metadata) and return its path."""
+    jobs = [(spec, seed) for seed in spec.specimen_seeds]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(render_specimen, jobs)
+    else:
+        parts = [render_specimen(job) for job in jobs]
+    merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(output, **merged)
+    output.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=1))
+    return output
+
+
+def load(path: Path) -> dict:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}

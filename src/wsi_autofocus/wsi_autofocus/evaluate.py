@@ -1,0 +1,215 @@
+"""Held-out evaluation of single-shot autofocus against classical z-sweep baselines.
+
+Tiles are rendered by the virtual microscope from specimens never used in training, at known
+defocus. Our estimate uses one image per tile; each baseline sweeps z, scores every image with a
+sharpness measure and takes the refined peak.
+"""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
+from wsi_autofocus.data import OBJECTIVES, SPLITS, specimen_for_seed, tissue_points
+from wsi_acquisition.focus import SHARPNESS_METRICS, refine_peak
+from wsi_autofocus.inference import FocusEstimator
+
+DEFOCUS_BIN_EDGES_UM = (-20, -15, -10, -6, -3, -1, 1, 3, 6, 10, 15, 20)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    tile_px: int = 384
+    tiles_per_specimen_and_objective: int = 40
+    sparse_tiles_per_specimen: int = 10          # near-empty fields, for the robustness check
+    sweep_tiles_per_specimen: int = 4            # tiles (20x) that also get the z-sweep baselines
+    sweep_range_um: float = 20.0
+    sweep_step_um: float = 1.0
+    exposure_ms: float = 8.0
+    seed: int = 5
+
+
+def _tile(microscope: VirtualMicroscope, x, y, defocus_um, magnification, spec: EvaluationSpec):
+    camera = microscope.camera
+    roi = ((camera.height_px - spec.tile_px) // 2, (camera.width_px - spec.tile_px) // 2, spec.tile_px, spec.tile_px)
+    focal = float(microscope.focal_z_um(x, y))
+    return microscope.capture(x, y, focal + defocus_um, magnification, exposure_ms=spec.exposure_ms, roi=roi)
+
+
+def sweep_time_s(images: int, step_um: float, exposure_ms: float, dynamics: StageDynamics = StageDynamics()) -> float:
+    """Acquisition time of a z-sweep: every image needs a z step, a settle and an exposure."""
+    step_s = trapezoid_duration_s(step_um, dynamics.z_speed_um_s, dynamics.z_accel_um_s2) + dynamics.settle_s
+    return images * (step_s + exposure_ms / 1e3)
+
+
+def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationSpec(), log=print) -> dict:
+    records, sweeps = [], []
+    test = SPLITS["test"]
+    for specimen_seed in test.specimen_seeds:
+        rng = np.random.default_rng([spec.seed, specimen_seed])
+        microscope = VirtualMicroscope(specimen=specimen_for_seed(specimen_seed), seed=specimen_seed)
+        count = spec.tiles_per_specimen_and_objective
+        for magnification in OBJECTIVES:
+            points = tissue_points(microscope, rng, count)
+            for (x, y), defocus in zip(points, rng.uniform(-20, 20, count)):
+                capture = _tile(microscope, x, y, defocus, magnification, spec)
+                result = estimator.estimate(capture.image_rgb8)
+                records.append({"specimen": specimen_seed, "objective": magnification, "sparse": False,
+                                "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
+                                "uncertainty_um": result.uncertainty_um, "tissue_fraction": result.tissue_fraction,
+                                "latency_ms": result.latency_ms})
+        # Near-empty fields: positions off the tissue section, on bare glass or its ragged edge.
+        for _ in range(spec.sparse_tiles_per_specimen):
+            x, y = rng.uniform(0.03, 0.2) * microscope.specimen.width_um, rng.uniform(0.1, 0.9) * microscope.specimen.height_um
+            capture = _tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
+            result = estimator.estimate(capture.image_rgb8)
+            records.append({"specimen": specimen_seed, "objective": 20.0, "sparse": True,
+                            "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
+                            "uncertainty_um": result.uncertainty_um, "tissue_fraction": result.tissue_fraction,
+                            "latency_ms": result.latency_ms})
+        for x, y in tissue_points(microscope, rng, spec.sweep_tiles_per_specimen):
+            sweeps.append(_sweep(microscope, x, y, float(rng.uniform(-10, 10)), spec))
+        log(f"specimen {specimen_seed}: {len(records)} tiles, {len(sweeps)} sweeps")
+    return {"spec": spec.__dict__, "tiles": records, "sweeps": sweeps}
+
+
+def _sweep(microscope, x, y, start_defocus_um: float, spec: EvaluationSpec) -> dict:
+    """Single shot vs z-sweeps at one position whose current defocus is `start_defocus_um`."""
+    offsets = np.arange(-spec.sweep_range_um, spec.sweep_range_um + 1e-9, spec.sweep_step_um)
+    images, truth = [], None
+    for offset in offsets:
+        capture = _tile(microscope, x, y, start_defocus_um + offset, 20.0, spec)
+        images.append(capture.image_rgb8)
+        truth = capture.focal_z_um
+    start_z = truth + start_defocus_um
+    outcome = {"start_defocus_um": start_defocus_um, "images": len(offsets)}
+    for name, metric in SHARPNESS_METRICS.items():
+        started = time.perf_counter()
+        scores = np.array([metric(image) for image in images])
+        peak_z = start_z + refine_peak(offsets, scores)
+        outcome[name] = {"error_um": float(peak_z - truth), "compute_ms": (time.perf_counter() - started) * 1e3}
+    return outcome
+
+
+def summarize(evaluation: dict, estimator_backend: str) -> dict:
+    tiles = evaluation["tiles"]
+    dense = [t for t in tiles if not t["sparse"]]
+
+    def stats(rows) -> dict:
+        if not rows:
+            return {"n": 0}
+        true = np.array([r["true_um"] for r in rows])
+        error = np.array([r["predicted_um"] for r in rows]) - true
+        signed = np.abs(true) > 1.0
+        predicted = np.array([r["predicted_um"] for r in rows])
+        return {"n": len(rows), "mae_um": float(np.mean(np.abs(error))),
+                "rmse_um": float(np.sqrt(np.mean(error ** 2))),
+                "p95_abs_error_um": float(np.percentile(np.abs(error), 95)),
+                "sign_accuracy_beyond_1um": float(np.mean(np.sign(predicted[signed]) == np.sign(true[signed])))
+                if signed.any() else None,
+                "median_uncertainty_um": float(np.median([r["uncertainty_um"] for r in rows]))}
+
+    def within(rows, limit):
+        return [r for r in rows if abs(r["true_um"]) <= limit]
+
+    by_objective = {f"{m:g}x": {"within_10um": stats(within([t for t in dense if t["objective"] == m], 10)),
+                                "within_20um": stats(within([t for t in dense if t["objective"] == m], 20))}
+                    for m in OBJECTIVES}
+    bins = []
+    edges = DEFOCUS_BIN_EDGES_UM
+    twenty = [t for t in dense if t["objective"] == 20.0]
+    for low, high in zip(edges[:-1], edges[1:]):
+        bins.append({"bin_um": [low, high], **stats([t for t in twenty if low <= t["true_um"] < high])})
+    sparse = [t for t in tiles if t["sparse"]]
+    sparse_low = [t for t in sparse if t["tissue_fraction"] < 0.05]
+    confident_wrong = [t for t in sparse_low if abs(t["predicted_um"] - t["true_um"]) > 2 * t["uncertainty_um"]
+                       and abs(t["predicted_um"] - t["true_um"]) > 2.0]
+    sweeps = evaluation["sweeps"]
+    baselines = {}
+    for name in SHARPNESS_METRICS:
+        errors = np.array([s[name]["error_um"] for s in sweeps])
+        images = int(np.mean([s["images"] for s in sweeps]))
+        spec = evaluation["spec"]
+        baselines[name] = {"n": len(errors), "mae_um": float(np.mean(np.abs(errors))),
+                           "p95_abs_error_um": float(np.percentile(np.abs(errors), 95)),
+                           "images_per_tile": images,
+                           "acquisition_s_per_tile": sweep_time_s(images, spec["sweep_step_um"], spec["exposure_ms"]),
+                           "compute_ms_per_tile": float(np.mean([s[name]["compute_ms"] for s in sweeps]))}
+    single_shot = {"images_per_tile": 1,
+                   "acquisition_s_per_tile": evaluation["spec"]["exposure_ms"] / 1e3,
+                   "compute_ms_per_tile": float(np.median([t["latency_ms"] for t in tiles])),
+                   "backend": estimator_backend}
+    return {
+        "held_out_specimens": list(SPLITS["test"].specimen_seeds),
+        "20x_within_10um": stats(within(twenty, 10)), "20x_within_20um": stats(within(twenty, 20)),
+        "by_objective": by_objective, "20x_by_defocus_bin": bins,
+        "sparse_fields": {"n": len(sparse), "n_below_5pct_tissue": len(sparse_low),
+                          "median_uncertainty_um": float(np.median([t["uncertainty_um"] for t in sparse_low]))
+                          if sparse_low else None,
+                          "tissue_median_uncertainty_um": stats(within(twenty, 20)).get("median_uncertainty_um"),
+                          "confident_wrong": len(confident_wrong)},
+        "single_shot": single_shot, "z_sweep_baselines": baselines,
+    }
+
+
+def plot(evaluation: dict, summary: dict, output_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dense = [t for t in evaluation["tiles"] if not t["sparse"]]
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for magnification, colour in zip(OBJECTIVES, ("tab:blue", "tab:orange", "tab:green")):
+        rows = [t for t in dense if t["objective"] == magnification]
+        axis.scatter([t["true_um"] for t in rows], [t["predicted_um"] for t in rows], s=6, c=colour,
+                     label=f"{magnification:g}x", alpha=0.7)
+    axis.plot([-20, 20], [-20, 20], "k--", lw=0.8)
+    axis.set(xlabel="true defocus (µm)", ylabel="predicted defocus (µm)", title="Held-out specimens")
+    axis.legend()
+    scatter = output_dir / "predicted_vs_true.png"
+    figure.savefig(scatter, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    bins = summary["20x_by_defocus_bin"]
+    figure, axis = plt.subplots(figsize=(6.5, 3.5))
+    labels = [f"{b['bin_um'][0]}..{b['bin_um'][1]}" for b in bins]
+    axis.bar(labels, [b.get("mae_um", 0) for b in bins], color="tab:orange")
+    axis.set(xlabel="true defocus bin (µm), 20x/0.75", ylabel="MAE (µm)", title="Error by defocus")
+    axis.tick_params(axis="x", rotation=45)
+    by_bin = output_dir / "error_by_defocus_bin.png"
+    figure.savefig(by_bin, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return [scatter, by_bin]
+
+
+def write_report(evaluation: dict, summary: dict, output_dir: Path) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "evaluation.json").write_text(json.dumps({"summary": summary, "raw": evaluation}, indent=1))
+    return output_dir / "evaluation.json"
+
+
+def format_table(summary: dict) -> str:
+    lines = ["objective  range    n    MAE µm  RMSE µm  p95 µm  sign>1µm"]
+    for objective, ranges in summary["by_objective"].items():
+        for name, s in ranges.items():
+            if s["n"]:
+                lines.append(f"{objective:<10} {name[7:]:<7} {s['n']:4d}  {s['mae_um']:7.3f}  {s['rmse_um']:7.3f} "
+                             f"{s['p95_abs_error_um']:7.3f}  {s['sign_accuracy_beyond_1um'] or 0:7.3f}")
+    lines.append("")
+    lines.append("method                 images/tile  acq s/tile  compute ms  MAE µm   p95 µm")
+    single = summary["single_shot"]
+    ours = summary["20x_within_10um"]
+    lines.append(f"single shot ({single['backend']:<10}) {1:6d}  {single['acquisition_s_per_tile']:10.3f}  "
+                 f"{single['compute_ms_per_tile']:10.1f}  {ours['mae_um']:6.3f}  {ours['p95_abs_error_um']:7.3f}")
+    for name, b in summary["z_sweep_baselines"].items():
+        lines.append(f"z-sweep {name:<22} {b['images_per_tile']:4d}  {b['acquisition_s_per_tile']:10.3f}  "
+                     f"{b['compute_ms_per_tile']:10.1f}  {b['mae_um']:6.3f}  {b['p95_abs_error_um']:7.3f}")
+    sparse = summary["sparse_fields"]
+    lines.append("")
+    lines.append(f"near-empty fields (<5% tissue): n={sparse['n_below_5pct_tissue']}, median uncertainty "
+                 f"{sparse['median_uncertainty_um']} µm vs {sparse['tissue_median_uncertainty_um']} µm on tissue; "
+                 f"confidently wrong: {sparse['confident_wrong']}")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""ResNet focus regressor in plain torch.nn (torchvision does not install beside the CPU torch here).
+
+The network maps one RGB patch to a signed defocus (µm) and a log-variance, trained with a Gaussian
+negative log-likelihood so that it says how unsure it is (large on empty or sparse fields).
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    blocks_per_stage: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_width: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ARCHITECTURES = {
+    "resnet18": Architecture("resnet18", (2, 2, 2, 2), (64, 128, 256, 512), 64),
+    "resnet34": Architecture("resnet34", (3, 4, 6, 3), (64, 128, 256, 512), 64),
+    # Same residual design, narrower and shallower: fast enough for inline use on a CPU or a Jetson.
+    "resnet_small": Architecture("resnet_small", (1, 1, 2, 1), (16, 32, 64, 128), 16),
+}
+
+
+class UnknownArchitectureError(ValueError):
+    pass
+
+
+def architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"unknown focus model architecture {name!r}; expected one of {sorted(ARCHITECTURES)}") from None
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class FocusRegressor(nn.Module):
+    """ResNet backbone + head predicting (defocus_um, log_variance) per patch.
+
+    Input: float tensor (N, 3, H, W), RGB in [0, 1]. Each patch is divided by its own mean inside the
+    network, so exposure does not shift the answer while contrast (a defocus cue) is kept, and the
+    exported ONNX/TorchScript models take raw [0, 1] pixels.
+    """
+
+    def __init__(self, arch: Architecture, defocus_scale_um: float = 10.0):
+        super().__init__()
+        self.arch = arch
+        self.defocus_scale_um = defocus_scale_um
+        # The first layer keeps full resolution: defocus lives in the finest spatial frequencies.
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, arch.stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem_width),
+            nn.ReLU(inplace=True), nn.Conv2d(arch.stem_width, arch.stem_width, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(arch.stem_width), nn.ReLU(inplace=True))
+        stages, in_channels = [], arch.stem_width
+        for stage_index, (blocks, width) in enumerate(zip(arch.blocks_per_stage, arch.widths)):
+            for block_index in range(blocks):
+                stride = 2 if block_index == 0 and stage_index > 0 else 1
+                stages.append(BasicBlock(in_channels, width, stride))
+                in_channels = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(in_channels, 2)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        mean = patches.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        features = self.pool(self.stages(self.stem(patches / mean - 1.0))).flatten(1)
+        raw = self.head(features)
+        defocus = raw[:, 0] * self.defocus_scale_um
+        log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * torch.log(torch.tensor(self.defocus_scale_um))
+        return torch.stack([defocus, log_variance], dim=1)
+
+
+def build_model(name: str) -> FocusRegressor:
+    return FocusRegressor(architecture(name))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

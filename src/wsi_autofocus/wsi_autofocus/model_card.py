@@ -1,0 +1,62 @@
+"""The shipped model's card, written from its metadata and its evaluation (no number typed by hand)."""
+import json
+from pathlib import Path
+
+from wsi_autofocus.data import OBJECTIVES, SPLITS
+from wsi_autofocus.evaluate import format_table
+
+
+def render(model_dir: Path) -> str:
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    summary = json.loads((model_dir / "evaluation.json").read_text())
+    history = metadata["history"]
+    training = metadata["training"]
+    best = min(history, key=lambda h: h["val_loss"])
+    train, val, test = SPLITS["train"], SPLITS["val"], SPLITS["test"]
+    twenty = summary["20x_within_10um"]
+    lines = [
+        f"# Model card: {metadata['name']} v{metadata['version']}",
+        "",
+        "Single-shot autofocus for bright-field whole-slide scanning: predicts the signed distance from",
+        "the focal plane (µm, positive = stage above focus) and a one-sigma uncertainty from one RGB tile.",
+        "",
+        "## Model",
+        f"- Architecture: `{metadata['architecture']}` (plain torch.nn ResNet, `wsi_autofocus.model`), "
+        f"input {metadata['patch_px']}×{metadata['patch_px']} px RGB patches in [0, 1], output (defocus µm, log variance).",
+        f"- Per tile: the {metadata['patches_per_tile']} most tissue-rich patches, inverse-variance weighted median, "
+        "uncertainty from the model's variance and the patches' spread.",
+        "- Files: `model.pt` (checkpoint), `model.onnx` (opset 17, dynamic batch), `model.torchscript.pt`.",
+        "",
+        "## Data (all simulated, rendered by `wsi_acquisition.VirtualMicroscope`)",
+        f"- Train: specimens (slide seeds) {train.specimen_seeds[0]}–{train.specimen_seeds[-1]}, "
+        f"{train.samples_per_specimen} patches each; validation: seeds {val.specimen_seeds[0]}–{val.specimen_seeds[-1]}, "
+        f"{val.samples_per_specimen} each. Held-out test specimens: seeds {test.specimen_seeds[0]}–{test.specimen_seeds[-1]}, "
+        "never seen in training or validation (split by specimen).",
+        f"- Objectives {', '.join(f'{m:g}×' for m in OBJECTIVES)}; defocus uniform over ±{train.max_defocus_um:g} µm "
+        "(half the samples within ±10 µm); exposure 3–10 ms; H&E and IHC stains; "
+        f"{train.sparse_fraction:.0%} of samples at random positions including bare glass.",
+        "- Augmentation that keeps the focus ordering: flips, 90° rotations, exposure, per-channel gain, mild contrast. "
+        "No blur or sharpening.",
+        "",
+        "## Training",
+        "- Reproduce: `make train-autofocus` (renders the data, trains, exports, evaluates, writes this card).",
+        f"- AdamW (lr {training['learning_rate']}, weight decay {training['weight_decay']}), ReduceLROnPlateau, "
+        f"early stopping (patience {training['early_stopping_patience']}), batch {training['batch_size']}, "
+        f"seed {training['seed']}, {training['threads']} CPU threads.",
+        f"- {len(history)} epochs in {history[-1]['elapsed_s'] / 60:.0f} min; best epoch {best['epoch']} "
+        f"(validation MAE {best['val_mae_um']:.3f} µm on patches).",
+        "",
+        "## Held-out evaluation (`wsi-autofocus eval`)",
+        f"20×/0.75, |defocus| ≤ 10 µm: MAE {twenty['mae_um']:.3f} µm, RMSE {twenty['rmse_um']:.3f} µm, "
+        f"p95 {twenty['p95_abs_error_um']:.3f} µm, sign correct {twenty['sign_accuracy_beyond_1um']:.1%} for |defocus| > 1 µm.",
+        "",
+        "```",
+        format_table(summary),
+        "```",
+        "",
+        "## Limits",
+        "- Trained and evaluated only on the virtual microscope. Real slides, cameras and objectives differ; "
+        "fine-tune on z-stacks from the target scanner before relying on it.",
+        "- Bright-field, RGB, H&E/IHC-like stains; not fluorescence.",
+    ]
+    return "\n".join(lines) + "\n"

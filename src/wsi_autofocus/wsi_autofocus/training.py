@@ -1,0 +1,168 @@
+"""Training the focus regressor: dataset with focus-preserving augmentation, AdamW + ReduceLROnPlateau,
+early stopping, seeded; checkpoints and ONNX / TorchScript export."""
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from wsi_autofocus.model import Architecture, FocusRegressor, build_model
+
+MODEL_NAME = "focus_resnet_small"
+MODEL_VERSION = "1"
+
+
+class InlineFocusDataset(Dataset):
+    """Patches and signed defocus labels (µm), with augmentations that keep the focus ordering.
+
+    Flips and 90° rotations, intensity (exposure), per-channel gain (stain colour) and a mild
+    contrast jitter around the patch mean: none of them blur or sharpen, so the label stays true.
+    """
+
+    def __init__(self, patches: np.ndarray, defocus_um: np.ndarray, augment: bool, seed: int = 0):
+        if len(patches) != len(defocus_um):
+            raise ValueError(f"{len(patches)} patches but {len(defocus_um)} labels")
+        self.patches = patches
+        self.defocus_um = defocus_um.astype(np.float32)
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: int):
+        patch = self.patches[index].astype(np.float32) / 255.0
+        if self.augment:
+            rng = self.rng
+            patch = np.rot90(patch, k=int(rng.integers(4)))
+            if rng.random() < 0.5:
+                patch = patch[:, ::-1]
+            mean = patch.mean()
+            patch = mean + (patch - mean) * rng.uniform(0.9, 1.1)
+            patch = patch * rng.uniform(0.8, 1.2) * rng.uniform(0.93, 1.07, size=3)
+            patch = np.clip(patch, 0.0, 1.0, dtype=np.float32)
+        pixels = np.ascontiguousarray(patch.transpose(2, 0, 1), dtype=np.float32)
+        return torch.from_numpy(pixels), torch.tensor(self.defocus_um[index])
+
+
+def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Heteroscedastic Gaussian negative log-likelihood plus an L1 term that keeps the mean sharp
+    where the model would otherwise buy a low loss with a large variance."""
+    mean, log_variance = output[:, 0], output[:, 1]
+    nll = 0.5 * (log_variance + (target - mean) ** 2 / log_variance.exp())
+    return nll.mean() + 0.2 * (target - mean).abs().mean()
+
+
+@dataclass
+class TrainingConfig:
+    architecture: str = "resnet_small"
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    lr_patience: int = 2
+    early_stopping_patience: int = 6
+    time_budget_s: float = 2400.0        # stop starting new epochs after this long
+    threads: int = 2
+    seed: int = 0
+    patch_px: int = 96
+    patches_per_tile: int = 8
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def evaluate_loss(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
+    """(mean loss, MAE µm) over a loader."""
+    model.eval()
+    losses, errors = [], []
+    with torch.inference_mode():
+        for patches, target in loader:
+            output = model(patches)
+            losses.append(gaussian_nll(output, target).item() * len(target))
+            errors.append((output[:, 0] - target).abs())
+    count = sum(len(e) for e in errors)
+    return sum(losses) / count, torch.cat(errors).mean().item()
+
+
+def save_checkpoint(model: FocusRegressor, path: Path, metadata: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"architecture": model.arch.to_dict(), "defocus_scale_um": model.defocus_scale_um,
+                "state_dict": model.state_dict(), "metadata": metadata}, path)
+
+
+def load_checkpoint(path: Path) -> FocusRegressor:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    arch = checkpoint["architecture"]
+    model = FocusRegressor(Architecture(arch["name"], tuple(arch["blocks_per_stage"]), tuple(arch["widths"]),
+                                        arch["stem_width"]), checkpoint["defocus_scale_um"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: Path, log=print) -> dict:
+    """Train, keep the best checkpoint by validation loss, export it; return the training history."""
+    seed_everything(config.seed)
+    torch.set_num_threads(config.threads)
+    model = build_model(config.architecture)
+    train_set = InlineFocusDataset(train_data["patches"], train_data["defocus_um"], augment=True, seed=config.seed)
+    val_set = InlineFocusDataset(val_data["patches"], val_data["defocus_um"], augment=False)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator)
+    val_loader = DataLoader(val_set, batch_size=256)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.lr_patience)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    best_loss, epochs_without_gain, history = float("inf"), 0, []
+    started = time.monotonic()
+    metadata = {"name": MODEL_NAME, "version": MODEL_VERSION, "architecture": config.architecture,
+                "patch_px": config.patch_px, "patches_per_tile": config.patches_per_tile,
+                "training": asdict(config)}
+    for epoch in range(config.epochs):
+        model.train()
+        for patches, target in train_loader:
+            optimizer.zero_grad()
+            loss = gaussian_nll(model(patches), target)
+            loss.backward()
+            optimizer.step()
+        val_loss, val_mae = evaluate_loss(model, val_loader)
+        scheduler.step(val_loss)
+        lr = optimizer.param_groups[0]["lr"]
+        history.append({"epoch": epoch, "val_loss": val_loss, "val_mae_um": val_mae, "lr": lr,
+                        "elapsed_s": time.monotonic() - started})
+        log(f"epoch {epoch:3d}  val loss {val_loss:7.4f}  val MAE {val_mae:6.3f} µm  lr {lr:.2e}  "
+            f"{time.monotonic() - started:6.0f} s")
+        if val_loss < best_loss - 1e-4:
+            best_loss, epochs_without_gain = val_loss, 0
+            save_checkpoint(model, output_dir / "model.pt", metadata | {"epoch": epoch, "val_mae_um": val_mae})
+        else:
+            epochs_without_gain += 1
+        if epochs_without_gain >= config.early_stopping_patience:
+            log(f"early stop: no validation gain for {epochs_without_gain} epochs")
+            break
+        if time.monotonic() - started > config.time_budget_s:
+            log(f"time budget of {config.time_budget_s:.0f} s reached")
+            break
+    best = load_checkpoint(output_dir / "model.pt")
+    export(best, output_dir, config.patch_px)
+    (output_dir / "metadata.json").write_text(json.dumps(
+        metadata | {"history": history, "best_val_loss": best_loss}, indent=1))
+    return {"history": history, "best_val_loss": best_loss}
+
+
+def export(model: FocusRegressor, output_dir: Path, patch_px: int) -> None:
+    """ONNX (dynamic batch, opset 17) and TorchScript next to the checkpoint."""
+    model = model.eval()
+    example = torch.rand(1, 3, patch_px, patch_px)
+    torch.onnx.export(model, example, output_dir / "model.onnx", input_names=["patches"],
+                      output_names=["defocus_logvar"], dynamic_axes={"patches": {0: "batch"},
+                                                                     "defocus_logvar": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    torch.jit.trace(model, example).save(str(output_dir / "model.torchscript.pt"))
