@@ -4,12 +4,11 @@ import torch
 
 from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import VirtualMicroscope
-from wsi_autofocus.data import DatasetSpec, render_specimen
 from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.patches import select_patches
-from wsi_autofocus.training import InlineFocusDataset, TrainingConfig, train
+from wsi_autofocus.training import InlineFocusDataset
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -63,17 +62,6 @@ def test_augmentation_keeps_labels_and_focus_ordering():
         assert (sharp_label.item(), blurred_label.item()) == (0.0, 3.0)
         to_image = lambda t: (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)  # noqa: E731
         assert brenner(to_image(sharp_t)) > brenner(to_image(blurred_t))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A model trained for one epoch on a tiny rendered set: enough to test export and backends."""
-    directory = tmp_path_factory.mktemp("model")
-    train_data = render_specimen((DatasetSpec((1,), 48, patch_px=64, seed=1), 1))
-    val_data = render_specimen((DatasetSpec((101,), 16, patch_px=64, seed=2), 101))
-    train(train_data, val_data, TrainingConfig(epochs=1, batch_size=16, patch_px=64, patches_per_tile=4),
-          directory, log=lambda line: None)
-    return directory
 
 
 def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):

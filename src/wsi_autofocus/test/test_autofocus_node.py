@@ -1,0 +1,76 @@
+"""The autofocus node in its own process: EstimateFocus answers, published tiles get estimates."""
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import rclpy
+from sensor_msgs.msg import Image
+
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_common.image import array_to_image
+from wsi_common.qos import EVENT_QOS
+from wsi_common.ros_env import node_environment
+from wsi_common.supervisor import NodeSpec
+from wsi_interfaces.msg import FocusEstimate
+from wsi_interfaces.srv import EstimateFocus
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture
+def autofocus(run_nodes, ros_node, tiny_model):
+    run_nodes([NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
+                        module="wsi_autofocus.node", parameters={"model_dir": str(tiny_model), "backend": "auto"})])
+    client = ros_node.create_client(EstimateFocus, "estimate_focus")
+    assert client.wait_for_service(timeout_sec=30)
+    return client
+
+
+def call(node, client, request):
+    future = client.call_async(request)
+    rclpy.spin_until_future_complete(node, future, timeout_sec=30)
+    assert future.done()
+    return future.result()
+
+
+def test_estimate_focus_answers_for_an_image(autofocus, ros_node):
+    microscope = VirtualMicroscope(seed=200)
+    x, y = 43_000.0, 12_500.0
+    capture = microscope.capture(x, y, microscope.focal_z_um(x, y) + 4.0, 20, roi=(256, 256, 512, 512))
+    request = EstimateFocus.Request(pixel_size_um=capture.pixel_size_um, numerical_aperture=0.75)
+    array_to_image(capture.image_rgb8, "rgb8", request.image)
+    response = call(ros_node, autofocus, request)
+    assert response.success, response.error
+    assert np.isfinite(response.defocus_um) and response.uncertainty_um > 0
+    assert response.backend == "onnxruntime" and response.model_id.startswith("focus_resnet_small@")
+    assert 0.5 < response.tissue_fraction <= 1.0 and response.inference_latency_ms > 0
+
+
+def test_bad_images_get_a_reason_not_a_crash(autofocus, ros_node):
+    request = EstimateFocus.Request()
+    request.image = Image(height=4, width=4, encoding="yuv422", step=8, data=bytes(32))
+    response = call(ros_node, autofocus, request)
+    assert not response.success and "unsupported image encoding 'yuv422'" in response.error
+    request = EstimateFocus.Request()
+    array_to_image(np.zeros((16, 16, 3), np.uint8), "rgb8", request.image)
+    response = call(ros_node, autofocus, request)
+    assert not response.success and "smaller than one 64 px model patch" in response.error
+    # Still alive and answering:
+    array_to_image(np.full((128, 128, 3), 120, np.uint8), "rgb8", request.image)
+    assert call(ros_node, autofocus, request).success
+
+
+def test_published_tiles_are_tagged_with_estimates(autofocus, ros_node):
+    estimates = []
+    ros_node.create_subscription(FocusEstimate, "focus_estimates", estimates.append, EVENT_QOS)
+    sender = subprocess.run([sys.executable, "-m", "wsi.tile_probe", "send", "--count", "6", "--size", "256",
+                             "--rate", "50"], env=node_environment(), capture_output=True, text=True, timeout=60)
+    assert sender.returncode == 0, sender.stderr
+    deadline = time.monotonic() + 30
+    while len(estimates) < 6 and time.monotonic() < deadline:
+        rclpy.spin_once(ros_node, timeout_sec=0.1)
+    assert sorted(e.sequence for e in estimates) == list(range(6))
+    assert all(e.valid and e.scan_id == "probe" and e.patches_used == 4 for e in estimates)
+    assert all(e.inference_latency_ms > 0 and e.backend == "onnxruntime" for e in estimates)
