@@ -103,6 +103,7 @@ class TileRecord:
     pixel_size_um: float
     exposure_ms: float
     gain: float
+    captured_s: float = 0.0                # seconds since the scan started
     image: str = ""                        # path relative to the scan directory
     predicted_defocus_um: float | None = None
     predicted_uncertainty_um: float | None = None
@@ -163,6 +164,7 @@ class ScanRunner:
         self._progress = ScanProgress(State.IDLE)
         self._started = clock()
         self._status, self._error = "running", ""
+        self._overview: dict | None = None
 
     # -- validation and planning ---------------------------------------------------------------
     def validate(self) -> None:
@@ -194,6 +196,8 @@ class ScanRunner:
         request = self.request
         self._report(State.OVERVIEW)
         overview = self.backend.overview() if (request.region_um is None or request.skip_empty_tiles) else None
+        if overview is not None:
+            self._save_overview(overview)
         self._report(State.PLANNING)
         tissue = None
         if overview is not None:
@@ -216,6 +220,15 @@ class ScanRunner:
         if not plan.tiles:
             raise ScanError(ScanErrorCode.NO_TISSUE, f"no tissue in the region {region} µm")
         return plan
+
+    def _save_overview(self, overview) -> None:
+        """The macro image goes beside the tiles: the QC report and the export's overview series use it."""
+        try:
+            tifffile.imwrite(self.scan_dir / "overview.tif", overview.image_rgb8, photometric="rgb")
+        except OSError as error:
+            raise ScanError(ScanErrorCode.STORAGE, f"cannot save the overview: {error}") from error
+        self._overview = {"image": "overview.tif", "pixel_size_um": overview.pixel_size_um,
+                          "origin_x_um": overview.origin_x_um, "origin_y_um": overview.origin_y_um}
 
     # -- hardware with retries -----------------------------------------------------------------
     def _move(self, x_um: float, y_um: float, z_um: float) -> None:
@@ -308,6 +321,7 @@ class ScanRunner:
             "exposure_ms": request.exposure_ms, "focus_strategy": request.focus_strategy.name.lower(),
             "started_unix_s": time.time() - (self.clock() - self._started),
             "duration_s": self.clock() - self._started, "refocus_count": self.outcome.refocus_count,
+            "overview": self._overview,
             "plan": None if plan is None else {
                 "rows": plan.rows, "cols": plan.cols, "step_x_um": plan.step_x_um, "step_y_um": plan.step_y_um,
                 "origin_x_um": plan.origin_x_um, "origin_y_um": plan.origin_y_um,
@@ -325,7 +339,8 @@ class ScanRunner:
         self._move(x, y, z)
         frame = self._snap()
         record = TileRecord(sequence, row, col, is_recapture, x, y, z, frame.measured_x_um, frame.measured_y_um,
-                            frame.measured_z_um, map_z, offset, frame.pixel_size_um, frame.exposure_ms, frame.gain)
+                            frame.measured_z_um, map_z, offset, frame.pixel_size_um, frame.exposure_ms, frame.gain,
+                            captured_s=self.clock() - self._started)
         if not math.isnan(frame.ground_truth_defocus_um):
             record.ground_truth = {"x_um": frame.true_x_um, "y_um": frame.true_y_um, "z_um": frame.true_z_um,
                                    "focal_z_um": frame.focal_z_um, "defocus_um": frame.ground_truth_defocus_um}

@@ -1,0 +1,26 @@
+import json
+
+from wsi.qc_report import write_qc_report
+from wsi_acquisition.hardware import SimulatedMicroscope
+from wsi_acquisition.optics import Camera
+from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanRequest, ScanRunner
+
+
+def test_qc_report_shows_grid_focus_registration_and_timing(tmp_path):
+    backend = SimulatedMicroscope.create(speedup=1000.0, camera=Camera(width_px=192, height_px=192))
+    request = ScanRequest(scan_id="qc", output_dir=tmp_path, region_um=(43_000.0, 12_000.0, 300.0, 250.0),
+                          focus_strategy=FocusStrategy.MAP_INLINE, focus_points=3, skip_empty_tiles=True)
+    oracle = lambda record, frame: FocusReply(frame.ground_truth_defocus_um + 0.2, 0.3)  # noqa: E731
+    outcome = ScanRunner(backend, request, estimate_focus=oracle).run()
+    registration = tmp_path / "qc" / "mosaic.registration.json"
+    registration.write_text(json.dumps({"summary": {"pairs_dropped": 1}, "edges": [
+        {"kept": True, "residual_px": 0.2}, {"kept": True, "residual_px": 0.4}, {"kept": False, "residual_px": 9.0}]}))
+    index = write_qc_report(outcome.manifest_path, registration, outputs={"manifest": outcome.manifest_path})
+    page = index.read_text()
+    for png in ("overview_grid.png", "focus_heatmap.png", "registration_residuals.png", "timing.png"):
+        assert (index.parent / png).stat().st_size > 1000 and png in page
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["tiles kept"] == len(outcome.plan.tiles)
+    assert float(summary["autofocus mae um"]) == 0.2        # the oracle's bias, measured back
+    assert summary["registration pairs dropped"] == 1
+    assert "manifest.json" in summary["output manifest"]

@@ -1,0 +1,170 @@
+"""Scan QC report: one HTML page with PNGs, written beside the scan's manifest.
+
+Sections: the overview with the tile grid, focus (true defocus per tile in simulation, and the
+autofocus error where it predicted), registration residuals from the stitching report, scan timing,
+and the outputs. Everything is read from files the pipeline wrote; nothing needs ROS.
+"""
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+REPORT_DIR = "qc"
+
+
+def _final_captures(tiles: list[dict]) -> dict[tuple[int, int], dict]:
+    """The last capture of every grid cell (a re-capture supersedes the first)."""
+    final = {}
+    for tile in tiles:
+        final[(tile["row"], tile["col"])] = tile
+    return final
+
+
+def _grid(plan: dict, values: dict[tuple[int, int], float]) -> np.ndarray:
+    grid = np.full((plan["rows"], plan["cols"]), np.nan)
+    for (row, col), value in values.items():
+        grid[row, col] = value
+    return grid
+
+
+def _plot_overview(manifest: dict, scan_dir: Path, output: Path, plt) -> Path | None:
+    overview, plan = manifest.get("overview"), manifest.get("plan")
+    if not overview or not plan:
+        return None
+    image = tifffile.imread(scan_dir / overview["image"])
+    pixel, x0, y0 = overview["pixel_size_um"], overview["origin_x_um"], overview["origin_y_um"]
+    fov_w = manifest["tile_width_px"] * manifest["pixel_size_um"]
+    fov_h = manifest["tile_height_px"] * manifest["pixel_size_um"]
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    axis.imshow(image, extent=(x0, x0 + image.shape[1] * pixel, y0 + image.shape[0] * pixel, y0))
+    from matplotlib.patches import Rectangle
+    for row, col in plan["tiles"]:
+        cx, cy = plan["origin_x_um"] + col * plan["step_x_um"], plan["origin_y_um"] + row * plan["step_y_um"]
+        axis.add_patch(Rectangle((cx - fov_w / 2, cy - fov_h / 2), fov_w, fov_h, fill=False, lw=0.4, ec="tab:blue"))
+    for row, col in plan["skipped_empty"]:
+        cx, cy = plan["origin_x_um"] + col * plan["step_x_um"], plan["origin_y_um"] + row * plan["step_y_um"]
+        axis.add_patch(Rectangle((cx - fov_w / 2, cy - fov_h / 2), fov_w, fov_h, fill=False, lw=0.3, ec="0.6"))
+    # Zoom to the scanned area (with context around it) rather than the whole slide.
+    xs = [plan["origin_x_um"] + c * plan["step_x_um"] for _, c in plan["tiles"] + plan["skipped_empty"]]
+    ys = [plan["origin_y_um"] + r * plan["step_y_um"] for r, _ in plan["tiles"] + plan["skipped_empty"]]
+    margin = max(1_000.0, 0.3 * max(max(xs) - min(xs), max(ys) - min(ys)))
+    axis.set_xlim(min(xs) - fov_w / 2 - margin, max(xs) + fov_w / 2 + margin)
+    axis.set_ylim(max(ys) + fov_h / 2 + margin, min(ys) - fov_h / 2 - margin)
+    axis.set(xlabel="stage x (µm)", ylabel="stage y (µm)",
+             title=f"Overview: {len(plan['tiles'])} tiles (blue), {len(plan['skipped_empty'])} empty positions skipped (grey)")
+    path = output / "overview_grid.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _plot_focus(manifest: dict, output: Path, plt) -> tuple[Path | None, dict]:
+    plan = manifest.get("plan")
+    final = _final_captures(manifest["tiles"])
+    truth = {cell: t["ground_truth"]["defocus_um"] for cell, t in final.items() if t.get("ground_truth")}
+    errors = {cell: t["predicted_defocus_um"] - t["ground_truth"]["defocus_um"]
+              for cell, t in _first_captures(manifest["tiles"]).items()
+              if t.get("ground_truth") and t.get("predicted_defocus_um") is not None}
+    stats = {}
+    if truth:
+        values = np.abs(list(truth.values()))
+        stats["final_abs_defocus_um_median"] = float(np.median(values))
+        stats["final_abs_defocus_um_max"] = float(values.max())
+    if errors:
+        values = np.abs(list(errors.values()))
+        stats["autofocus_mae_um"] = float(values.mean())
+        stats["autofocus_p95_um"] = float(np.percentile(values, 95))
+    if not plan or not truth:
+        return None, stats
+    panels = [("true defocus of the kept image (µm)", truth)] + ([("autofocus error, first capture (µm)", errors)]
+                                                                  if errors else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (title, values) in zip(axes[0], panels):
+        limit = max(1.0, float(np.nanmax(np.abs(list(values.values())))))
+        shown = axis.imshow(_grid(plan, values), cmap="coolwarm", vmin=-limit, vmax=limit)
+        axis.set(title=title, xlabel="column", ylabel="row")
+        figure.colorbar(shown, ax=axis, shrink=0.8)
+    path = output / "focus_heatmap.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path, stats
+
+
+def _first_captures(tiles: list[dict]) -> dict[tuple[int, int], dict]:
+    first = {}
+    for tile in tiles:
+        first.setdefault((tile["row"], tile["col"]), tile)
+    return first
+
+
+def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
+    if not report or not report.get("edges"):
+        return None
+    edges = report["edges"]
+    kept = [e["residual_px"] for e in edges if e.get("kept") and e.get("residual_px") is not None]
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.hist(kept, bins=30, color="tab:green")
+    dropped = sum(1 for e in edges if not e.get("kept"))
+    axis.set(xlabel="residual after global alignment (px)", ylabel="tile pairs",
+             title=f"Registration: {len(kept)} pairs kept, {dropped} dropped")
+    path = output / "registration_residuals.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _plot_timing(manifest: dict, output: Path, plt) -> Path | None:
+    times = [t.get("captured_s", 0.0) for t in manifest["tiles"]]
+    if len(times) < 2:
+        return None
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.plot(times, np.arange(1, len(times) + 1), color="tab:purple")
+    axis.set(xlabel="seconds since the scan started", ylabel="images captured",
+             title=f"Timing: {len(times)} images in {manifest['duration_s']:.0f} s")
+    path = output / "timing.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def write_qc_report(manifest_path: Path, registration_report: Path | None = None,
+                    outputs: dict[str, Path] | None = None) -> Path:
+    """Write <scan>/qc/index.html (+ PNGs) and return its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    manifest_path = Path(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    scan_dir = manifest_path.parent
+    output = scan_dir / REPORT_DIR
+    output.mkdir(exist_ok=True)
+    report = json.loads(Path(registration_report).read_text()) if registration_report else None
+    focus_png, focus_stats = _plot_focus(manifest, output, plt)
+    figures = [("Overview and tile grid", _plot_overview(manifest, scan_dir, output, plt)),
+               ("Focus", focus_png), ("Registration", _plot_registration(report, output, plt)),
+               ("Timing", _plot_timing(manifest, output, plt))]
+    final = _final_captures(manifest["tiles"])
+    summary = {"scan": manifest["scan_id"], "status": manifest["status"], "tiles kept": len(final),
+               "images captured": len(manifest["tiles"]), "re-captured (refocus)": manifest["refocus_count"],
+               "objective": f"{manifest['objective_magnification']:g}x / NA {manifest['numerical_aperture']:.2f}",
+               "pixel size (µm)": f"{manifest['pixel_size_um']:.4f}", "duration (s)": f"{manifest['duration_s']:.1f}"}
+    summary |= {key.replace("_", " "): f"{value:.3f}" for key, value in focus_stats.items()}
+    if report:
+        summary |= {f"registration {k.replace('_', ' ')}": v for k, v in report.get("summary", {}).items()}
+    for name, path in (outputs or {}).items():
+        size = sum(f.stat().st_size for f in Path(path).rglob("*")) if Path(path).is_dir() else Path(path).stat().st_size
+        summary[f"output {name}"] = f"{Path(path).name} ({size / 1e6:.1f} MB)"
+    rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    sections = "\n".join(f"<h2>{html.escape(title)}</h2><img src='{png.name}' alt='{html.escape(title)}'>"
+                         for title, png in figures if png is not None)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>QC {html.escape(manifest['scan_id'])}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}img{max-width:100%}"
+            f"</style></head><body><h1>Scan QC: {html.escape(manifest['scan_id'])}</h1><table>{rows}</table>"
+            f"{sections}</body></html>")
+    index = output / "index.html"
+    index.write_text(page)
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    return index
