@@ -16,13 +16,24 @@ from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.orchestrator_node import ScanOrchestratorNode
 from wsi_acquisition.specimen import ImageSpecimen, SpecimenError
+from wsi_acquisition.stage import StageFault, StageLimits
 from wsi_acquisition.stage_node import StageNode
 from wsi_common.node_main import NodeConfigurationError, spin_nodes
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS
 
 PARAMETERS = {
-    "backend": ("sim", "hardware backend: 'sim' (virtual microscope)"),
+    "backend": ("sim", "hardware backend: 'sim' (virtual microscope), 'micromanager' (load mm_config), "
+                       "'micromanager-sim' (the virtual microscope as Micro-Manager devices)"),
+    "mm_config": ("", "Micro-Manager hardware config file (.cfg) for backend 'micromanager'"),
+    "mm_adapter_dir": ("", "Micro-Manager installation with the device adapters; '': the one pymmcore-plus finds"),
+    "mm_stage_limits_um": ([0.0, 75_000.0, 0.0, 25_000.0, -500.0, 500.0],
+                           "stage soft limits x_min, x_max, y_min, y_max, z_min, z_max (µm)"),
+    "mm_objective_magnifications": ([20.0], "magnification of each objective"),
+    "mm_objective_numerical_apertures": ([0.75], "numerical aperture of each objective"),
+    "mm_objective_pixel_sizes_um": ([0.0], "image pixel size of each objective; 0: the config's pixel size"),
+    "mm_objective_presets": ([""], "preset of mm_objective_group selecting each objective; '': fixed objective"),
+    "mm_objective_group": ("", "Micro-Manager config group that switches objectives"),
     "sim_slide": ("0", "virtual slide: an integer seed, or the path of an RGB image used as the specimen"),
     "sim_image_pixel_size_um": (0.25, "pixel size of an image given as sim_slide, µm"),
     "sim_stage_seed": (0, "seed of the simulated stage's positioning jitter"),
@@ -53,34 +64,57 @@ def load_specimen(slide: str, pixel_size_um: float):
         raise NodeConfigurationError(f"sim_slide {slide}: {error}") from error
 
 
+def build_backend(p: dict):
+    """The hardware backend named by the parameters. pymmcore-plus is imported only by the
+    Micro-Manager backends, so the plain simulator starts without it."""
+    if p["backend"] == "micromanager":
+        from wsi_acquisition.micromanager import MicroManagerMicroscope, load_micromanager, objectives_from_lists
+        core = load_micromanager(p["mm_config"], p["mm_adapter_dir"] or None)
+        objectives = objectives_from_lists(p["mm_objective_magnifications"], p["mm_objective_numerical_apertures"],
+                                           p["mm_objective_pixel_sizes_um"], p["mm_objective_presets"])
+        return MicroManagerMicroscope(core, StageLimits(*p["mm_stage_limits_um"]), objectives,
+                                      objective_group=p["mm_objective_group"],
+                                      objective_magnification=p["objective_magnification"])
+    if p["backend"] not in ("sim", "micromanager-sim"):
+        raise NodeConfigurationError(f"unknown hardware backend {p['backend']!r}; "
+                                     "expected 'sim', 'micromanager' or 'micromanager-sim'")
+    specimen = load_specimen(p["sim_slide"], p["sim_image_pixel_size_um"])
+    sim = SimulatedMicroscope.create(
+        slide_seed=int(p["sim_slide"]) if specimen is None else 0, specimen=specimen,
+        stage_seed=p["sim_stage_seed"], speedup=p["sim_speedup"], objective_magnification=p["objective_magnification"],
+        camera=Camera(width_px=p["camera_width_px"], height_px=p["camera_height_px"]))
+    if p["backend"] == "sim":
+        return sim
+    from wsi_acquisition.mm_sim_devices import simulated_micromanager
+    return simulated_micromanager(sim)
+
+
 class MicroscopeNode(Node):
     """Owns the hardware backend and reports its health on /diagnostics."""
 
     def __init__(self):
         super().__init__("microscope")
         self.params = p = declare_parameters(self, PARAMETERS)
-        if p["backend"] != "sim":
-            raise NodeConfigurationError(f"unknown hardware backend {p['backend']!r}; expected 'sim'")
-        specimen = load_specimen(p["sim_slide"], p["sim_image_pixel_size_um"])
-        seed = int(p["sim_slide"]) if specimen is None else 0
         try:
-            self.backend = SimulatedMicroscope.create(
-                slide_seed=seed, specimen=specimen, stage_seed=p["sim_stage_seed"], speedup=p["sim_speedup"],
-                objective_magnification=p["objective_magnification"],
-                camera=Camera(width_px=p["camera_width_px"], height_px=p["camera_height_px"]))
-        except ValueError as error:
+            self.backend = build_backend(p)
+        except (ValueError, RuntimeError) as error:     # bad parameters, or hardware failing at start-up
             raise NodeConfigurationError(str(error)) from error
         self.hardware_lock = threading.Lock()
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
         self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
-        self.get_logger().info(f"microscope ready: simulated, slide {p['sim_slide']}, "
-                               f"{p['objective_magnification']:g}x, {p['camera_width_px']}x{p['camera_height_px']} px")
+        width, height = self.backend.sensor_size_px()
+        self.get_logger().info(f"microscope ready: backend {p['backend']}, "
+                               f"{self.backend.objective_magnification:g}x, {width}x{height} px")
 
     def _publish_diagnostics(self) -> None:
         fault = getattr(self.backend.stage, "fault", "")
-        values = {"backend": self.params["backend"], "connected": "true", "busy": str(self.hardware_lock.locked()),
-                  "objective": f"{self.backend.objective_magnification:g}x",
-                  "stage_position_um": ", ".join(f"{v:.2f}" for v in self.backend.stage.position_um())}
+        try:
+            position = ", ".join(f"{v:.2f}" for v in self.backend.stage.position_um())
+        except StageFault as error:       # a real stage that stopped answering is reported, not fatal
+            fault, position = str(error), "unknown"
+        values = {"backend": self.params["backend"], "connected": "false" if position == "unknown" else "true",
+                  "busy": str(self.hardware_lock.locked()),
+                  "objective": f"{self.backend.objective_magnification:g}x", "stage_position_um": position}
         status = DiagnosticStatus(level=DiagnosticStatus.ERROR if fault else DiagnosticStatus.OK,
                                   name=self.get_fully_qualified_name(), hardware_id="microscope",
                                   message=fault or "connected",
