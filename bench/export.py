@@ -1,0 +1,203 @@
+"""Benchmark: our streaming pyramidal OME-TIFF writer vs libvips tiffsave on the same mosaic.
+
+    nice -n 10 .venv/bin/python bench/export.py --size 20000           # speed comparison
+    nice -n 10 .venv/bin/python bench/export.py --size 50000 --writers ours   # memory run
+
+The mosaic (synthetic tissue, shared Zarr contract, zstd chunks of 512 px) is generated once per size
+and cached under --cache-dir; "ours" exports it as is, "ours-raw" exports an uncompressed-chunk copy
+(same contract), i.e. with the same input cost as libvips. libvips reads the same pixels from an
+uncompressed, stripped TIFF written from the mosaic beforehand (not timed), opened with
+access="sequential", so it neither decodes Zarr nor memory-maps the input. Each writer runs in its
+own subprocess; wall and CPU time are measured around the write call only (imports excluded), peak
+RSS is the subprocess' ru_maxrss (includes interpreter and imports). The machine is shared, so writers
+alternate over --repeats runs and the fastest run of each is reported (all runs are in the JSON).
+Both write BigTIFF, 512 px tiles, JPEG quality 90, SubIFD pyramid with 2x mean reduction. Differences
+left at each writer's defaults: ours stores JPEG as YCbCr 4:4:4 (photometric YCbCr) and stops at the
+first level within 1024 px, plus writes OME-XML, a thumbnail and a macro image; libvips stores JPEG in
+RGB (photometric RGB, about twice the bytes) and reduces down to a single tile."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src" / "wsi_export"))
+
+WRITERS = ("ours", "ours-raw", "libvips")
+
+
+def mosaic_path(cache_dir: Path, size_px: int) -> Path:
+    return cache_dir / f"tissue-{size_px}.zarr"
+
+
+def ensure_mosaic(cache_dir: Path, size_px: int) -> Path:
+    import zarr
+    from wsi_export.synthetic import write_synthetic_mosaic
+    path = mosaic_path(cache_dir, size_px)
+    try:
+        if zarr.open_group(str(path), mode="r").attrs["wsi_mosaic"]["complete"]:
+            return path
+    except Exception:  # absent or half-written cache: rebuild it
+        pass
+    print(f"generating {size_px} x {size_px} synthetic mosaic at {path} ...", flush=True)
+    started = time.perf_counter()
+    write_synthetic_mosaic(path, size_px, size_px, workers=os.cpu_count() or 1)
+    print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    return path
+
+
+def ensure_raw_mosaic(cache_dir: Path, size_px: int, mosaic: Path) -> Path:
+    """Copy of the mosaic with uncompressed chunks: the same input cost libvips gets."""
+    import zarr
+    path = cache_dir / f"tissue-{size_px}-raw.zarr"
+    try:
+        if zarr.open_group(str(path), mode="r").attrs["wsi_mosaic"]["complete"]:
+            return path
+    except Exception:  # absent or half-written cache: rebuild it
+        pass
+    source = zarr.open_group(str(mosaic), mode="r")
+    target = zarr.open_group(str(path), mode="w", zarr_format=3)
+    image = target.create_array("image", shape=source["image"].shape, dtype="uint8", chunks=(512, 512, 3),
+                                fill_value=255, compressors=None)
+    for row in range(0, size_px, 512):
+        image[row:row + 512] = source["image"][row:row + 512]
+    target.attrs["wsi_mosaic"] = source.attrs["wsi_mosaic"]
+    return path
+
+
+def ensure_libvips_input(cache_dir: Path, size_px: int, mosaic: Path) -> Path:
+    """Uncompressed, stripped (64 rows) TIFF copy of the mosaic: libvips' tiffload streams it with
+    plain reads, strip by strip (this build has no PPM loader; raw/.v inputs would be memory-mapped and
+    inflate libvips' RSS)."""
+    import numpy as np
+    import tifffile
+    import zarr
+    path = cache_dir / f"tissue-{size_px}-strips.tif"
+    if path.exists():
+        return path
+    image = zarr.open_group(str(mosaic), mode="r")["image"]
+    rows_per_strip = 64
+
+    def strips():
+        for row in range(0, size_px, rows_per_strip):
+            yield np.ascontiguousarray(image[row:row + rows_per_strip]).tobytes()
+
+    partial = path.with_suffix(".partial")
+    with tifffile.TiffWriter(partial, bigtiff=True) as tiff:
+        tiff.write(strips(), shape=(size_px, size_px, 3), dtype=np.uint8, photometric="rgb",
+                   rowsperstrip=rows_per_strip, metadata=None)
+    partial.rename(path)
+    return path
+
+
+def load_writer(name: str) -> Callable[[Path, Path, int, int], None]:
+    """Import the writer's libraries (outside the timed region) and return write(source, output, ...)."""
+    if name in ("ours", "ours-raw"):
+        from wsi_export.export import ExportOptions, export_slide
+
+        def write_ours(mosaic: Path, output: Path, tile_px: int, quality: int) -> None:
+            export_slide(mosaic, output.parent, output.name[:-len(".ome.tif")], ("ome-tiff",),
+                         ExportOptions(compression="jpeg", quality=quality, tile_size_px=tile_px, overwrite=True))
+        return write_ours
+
+    import pyvips
+
+    def write_libvips(source_tiff: Path, output: Path, tile_px: int, quality: int) -> None:
+        image = pyvips.Image.new_from_file(str(source_tiff), access="sequential")
+        image.tiffsave(str(output), tile=True, tile_width=tile_px, tile_height=tile_px, pyramid=True,
+                       subifd=True, bigtiff=True, compression="jpeg", Q=quality, region_shrink="mean")
+    return write_libvips
+
+
+def child_main(args: argparse.Namespace) -> None:
+    write = load_writer(args.child)
+    output = Path(args.output)
+    output.unlink(missing_ok=True)
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    write(Path(args.input), output, args.tile, args.quality)
+    wall_s = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
+    print(json.dumps({"wall_s": wall_s, "cpu_s": cpu_s, "peak_rss_mb": usage.ru_maxrss / 1024,
+                      "output_bytes": output.stat().st_size, "load_average_1min": os.getloadavg()[0]}))
+
+
+def measure(writer: str, source: Path, output: Path, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", writer, "--input", str(source), "--output", str(output),
+               "--tile", str(args.tile), "--quality", str(args.quality)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{writer} failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=20000, help="mosaic edge, px (square mosaic)")
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--writers", default=",".join(WRITERS),
+                        help="comma-separated subset of ours (zstd mosaic), ours-raw (uncompressed mosaic), "
+                             "libvips")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per writer (alternating); the table shows the fastest run")
+    parser.add_argument("--cache-dir", default="/tmp/wsi_export_bench")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "export.json"))
+    parser.add_argument("--child", choices=WRITERS, help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+
+    writers = [w for w in args.writers.split(",") if w]
+    unknown = set(writers) - set(WRITERS)
+    if unknown:
+        parser.error(f"unknown writers {sorted(unknown)}; expected a subset of {WRITERS}")
+    cache_dir = Path(args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    mosaic = ensure_mosaic(cache_dir, args.size)
+    sources = {"ours": mosaic}
+    if "ours-raw" in writers:
+        sources["ours-raw"] = ensure_raw_mosaic(cache_dir, args.size, mosaic)
+    if "libvips" in writers:
+        sources["libvips"] = ensure_libvips_input(cache_dir, args.size, mosaic)
+
+    runs: dict[str, list[dict]] = {writer: [] for writer in writers}
+    for _ in range(args.repeats):  # alternate writers so drifting load from other jobs hits both alike
+        for writer in writers:
+            output = cache_dir / f"out-{writer}-{args.size}.ome.tif"
+            runs[writer].append(measure(writer, sources[writer], output, args))
+            output.unlink(missing_ok=True)
+    results = {writer: {**min(rows, key=lambda row: row["wall_s"]), "runs": rows}
+               for writer, rows in runs.items()}
+
+    print(f"\nexport {args.size} x {args.size} RGB, tile {args.tile}, JPEG Q{args.quality}, "
+          f"{os.cpu_count()} cores, best of {args.repeats}")
+    print(f"{'writer':<10}{'wall s':>10}{'CPU s':>10}{'peak RSS MB':>14}{'output MB':>12}{'load 1m':>10}")
+    for writer, row in results.items():
+        print(f"{writer:<10}{row['wall_s']:>10.2f}{row['cpu_s']:>10.2f}{row['peak_rss_mb']:>14.0f}"
+              f"{row['output_bytes'] / 1e6:>12.1f}{row['load_average_1min']:>10.2f}")
+
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    report = json.loads(json_path.read_text()) if json_path.exists() else {}
+    report[f"size_{args.size}"] = {"size_px": args.size, "tile_px": args.tile, "jpeg_quality": args.quality,
+                                   "cpu_count": os.cpu_count(), "repeats": args.repeats,
+                                   "command": " ".join(sys.argv),
+                                   "writers": results}
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {json_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""export_slide: mosaic -> pyramidal OME-TIFF and/or OME-Zarr, streamed block by block.
+
+Levels are produced in file order. Each level is cut into block jobs (see blocks.py) that run on a
+local thread pool or on a dask.distributed cluster; the caller's thread consumes their results in order
+and hands the encoded tiles to tifffile. A job also writes its 2x reduction into an uncompressed
+scratch file of the next level, so every level is read exactly once and memory stays bounded by the
+number of blocks in flight, whatever the slide size. Everything is written inside a hidden work
+directory next to the outputs and renamed into place only when complete."""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tifffile
+
+from . import __version__
+from .blocks import BlockJob, BlockResult, PixelSource, plan_level_blocks, run_block_job
+from .codecs import TileCodec, resolve_codec
+from .errors import ExportCancelled, ExportError, ExportOptionsError, ExportStorageError, MosaicInputError
+from .mosaic import Mosaic, open_mosaic
+from .ome_xml import OmeSeries, build_ome_xml
+from .ome_zarr_output import create_ome_zarr
+from .pyramid import LOWEST_LEVEL_MAX_EDGE_PX, pyramid_level_shapes, shrink_to_fit
+from .region_reader import region_reader
+from .scratch import ScratchLevel
+
+FORMATS = ("ome-tiff", "ome-zarr")
+OUTPUT_SUFFIXES = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
+MICROMETRES_PER_CENTIMETRE = 1e4
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    compression: str = "jpeg"  # one of codecs.COMPRESSIONS
+    quality: int = 90  # 1..100, jpeg and lossy jpeg2000
+    lossless: bool = False  # jpeg -> deflate, jpeg2000 -> reversible
+    jpeg_subsampling: tuple[int, int] = (1, 1)  # YCbCr chroma subsampling; (1, 1) = 4:4:4 keeps stain hues
+    tile_size_px: int = 512  # TIFF tile and OME-Zarr chunk edge, multiple of 16
+    write_thumbnail: bool = True  # thumbnail and overview ("macro") series in the OME-TIFF
+    thumbnail_max_edge_px: int = 256
+    overview_max_edge_px: int = 1024
+    lowest_level_max_edge_px: int = LOWEST_LEVEL_MAX_EDGE_PX
+    scheduler_address: str | None = None  # dask.distributed scheduler; None = local threads
+    scheduler_timeout_s: float = 10.0
+    local_workers: int | None = None  # local job threads; None = default_local_workers()
+    block_width_tiles: int = 8  # job width in tiles (even); a job is 2 tile rows high
+    experimenter_name: str | None = None  # the only personal data ever written, and only if given
+    file_uuid: str | None = None  # OME UUID of the TIFF; None = random
+    overwrite: bool = False
+    allow_incomplete_mosaic: bool = False
+
+
+@dataclass(frozen=True)
+class ExportProgress:
+    format: str  # formats being written in this pass, comma-separated
+    level: int  # 0 = full resolution
+    levels_total: int
+    fraction_done: float  # 0..1 over all levels, weighted by pixel count
+    bytes_written: int  # encoded OME-TIFF tile bytes so far (OME-Zarr only: pixel bytes stored)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output_paths: list[Path]  # in the order of the requested formats
+    output_sizes_bytes: list[int]
+    level_shapes: list[tuple[int, int]]  # (height_px, width_px) per level, full resolution first
+    pixel_size_um: float  # full-resolution pixel size; level k is 2**k times larger
+    duration_s: float
+
+    @property
+    def levels(self) -> int:
+        return len(self.level_shapes)
+
+
+@dataclass
+class _ProgressTracker:
+    callback: Callable[[ExportProgress], None] | None
+    format_label: str
+    levels_total: int
+    pixels_total: int
+    pixels_done: int = 0
+    bytes_written: int = 0
+
+    def block_done(self, level: int, pixels: int, nbytes: int) -> None:
+        self.pixels_done += pixels
+        self.bytes_written += nbytes
+        if self.callback is not None:
+            self.callback(ExportProgress(self.format_label, level, self.levels_total,
+                                         self.pixels_done / self.pixels_total, self.bytes_written))
+
+
+class _LocalExecutor:
+    def __init__(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-export")
+        self.parallelism = workers
+
+    def submit(self, job: BlockJob) -> Any:
+        return self._pool.submit(run_block_job, job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _DistributedExecutor:
+    """Jobs go to the cluster; their zarr arrays must live on storage the workers can reach."""
+
+    def __init__(self, scheduler_address: str, timeout_s: float):
+        from distributed import Client
+        try:
+            self._client = Client(scheduler_address, set_as_default=False, timeout=timeout_s)
+        except (OSError, TimeoutError) as error:
+            raise ExportOptionsError(f"cannot connect to dask scheduler {scheduler_address!r}: "
+                                     f"{error}") from error
+        self.parallelism = max(1, sum(self._client.nthreads().values()))
+
+    def submit(self, job: BlockJob) -> Any:
+        return self._client.submit(run_block_job, job, pure=False)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def default_local_workers() -> int:
+    """Two job threads per core (at most 8): a core stays busy while one of its threads waits on a
+    file or is preempted by another process; each thread holds about 40 MB of block buffers."""
+    return min(2 * (os.cpu_count() or 1), 8)
+
+
+def _check_not_cancelled(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise ExportCancelled("export cancelled by the caller; no output was left under the final name")
+
+
+@dataclass(frozen=True)
+class _PlannedJob:
+    job: BlockJob
+    depends_on: tuple[int, ...]  # plan indices of the earlier jobs that write this job's input pixels
+
+
+def _ordered_results(executor: Any, plan: list[_PlannedJob], window: int,
+                     should_cancel: Callable[[], bool] | None) -> Iterator[BlockResult]:
+    """Results in plan order with at most `window` jobs submitted but not yet consumed (this bounds
+    memory). A job is submitted as soon as the jobs writing its input have completed, so the start of
+    a level overlaps the end of the level above instead of waiting for it to drain."""
+    submitted: dict[int, Any] = {}
+    next_submit = next_yield = 0
+    try:
+        while next_yield < len(plan):
+            while next_submit < len(plan) and next_submit - next_yield < window:
+                _check_not_cancelled(should_cancel)
+                for dependency in plan[next_submit].depends_on:
+                    if dependency >= next_yield:
+                        submitted[dependency].result()
+                submitted[next_submit] = executor.submit(plan[next_submit].job)
+                next_submit += 1
+            result = submitted.pop(next_yield).result()
+            next_yield += 1
+            _check_not_cancelled(should_cancel)
+            yield result
+    finally:
+        for future in submitted.values():
+            future.cancel()
+
+
+def _validate(name: str, formats: tuple[str, ...], options: ExportOptions) -> TileCodec:
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ExportOptionsError(f"output name {name!r} must be a plain file stem: letters, digits, "
+                                 f"'.', '_', '-', starting with a letter or digit")
+    if not formats:
+        raise ExportOptionsError(f"formats is empty; expected any of {FORMATS}")
+    for export_format in formats:
+        if export_format not in FORMATS:
+            raise ExportOptionsError(f"format {export_format!r} is not supported; expected any of {FORMATS}")
+    if len(set(formats)) != len(formats):
+        raise ExportOptionsError(f"formats {formats} lists a format twice")
+    tile = options.tile_size_px
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16 or tile % 16:
+        raise ExportOptionsError(f"tile_size_px={tile!r} must be a positive multiple of 16")
+    if options.block_width_tiles < 2 or options.block_width_tiles % 2:
+        raise ExportOptionsError(f"block_width_tiles={options.block_width_tiles} must be even and >= 2")
+    for key in ("thumbnail_max_edge_px", "overview_max_edge_px", "lowest_level_max_edge_px"):
+        if getattr(options, key) < 16:
+            raise ExportOptionsError(f"{key}={getattr(options, key)} must be >= 16")
+    if options.local_workers is not None and options.local_workers < 1:
+        raise ExportOptionsError(f"local_workers={options.local_workers} must be >= 1")
+    if options.file_uuid is not None:
+        try:
+            uuid.UUID(options.file_uuid)
+        except ValueError as error:
+            raise ExportOptionsError(f"file_uuid={options.file_uuid!r} is not a UUID") from error
+    return resolve_codec(options.compression, options.quality, options.lossless, options.jpeg_subsampling)
+
+
+def _shape_after_shrink(shape: tuple[int, int], max_edge_px: int) -> tuple[int, int]:
+    h, w = shape
+    while max(h, w) > max_edge_px:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def _path_size_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
+
+
+def _open_binary_output(path: Path) -> io.BufferedWriter:
+    """The TIFF file handle; a seam so tests can simulate a full disk."""
+    return open(path, "xb")
+
+
+class _Export:
+    def __init__(self, mosaic: Mosaic, output_dir: Path, name: str, formats: tuple[str, ...],
+                 options: ExportOptions, codec: TileCodec,
+                 progress: Callable[[ExportProgress], None] | None,
+                 should_cancel: Callable[[], bool] | None):
+        self.mosaic = mosaic
+        self.output_dir = output_dir
+        self.name = name
+        self.formats = formats
+        self.options = options
+        self.tile_px = options.tile_size_px
+        self.codec = codec if "ome-tiff" in formats else None
+        self.should_cancel = should_cancel
+        self.level_shapes = pyramid_level_shapes(mosaic.height_px, mosaic.width_px,
+                                                 options.lowest_level_max_edge_px)
+        self.final_paths = {f: output_dir / f"{name}{OUTPUT_SUFFIXES[f]}" for f in formats}
+        self.tracker = _ProgressTracker(progress, ",".join(formats), len(self.level_shapes),
+                                        sum(h * w for h, w in self.level_shapes))
+
+    def pixel_size_um(self, level: int) -> float:
+        return self.mosaic.metadata.pixel_size_um * 2 ** level
+
+    def run(self, work_dir: Path, executor: Any) -> dict[str, Path]:
+        """Write every requested output inside work_dir; return their temporary paths."""
+        written = {f: work_dir / path.name for f, path in self.final_paths.items()}
+        ome_zarr_levels = (create_ome_zarr(written["ome-zarr"], self.name, self.level_shapes,
+                                           self.mosaic.metadata.pixel_size_um, self.tile_px)
+                           if "ome-zarr" in written else None)
+        level_sources = self._level_sources(work_dir)
+        plan, level_rows = self._plan(level_sources, ome_zarr_levels)
+        results = _ordered_results(executor, plan, 2 * executor.parallelism + 1, self.should_cancel)
+
+        def level_tiles(level: int) -> Iterator[bytes]:
+            for row in level_rows[level]:
+                row_results = [next(results) for _ in row]
+                for result in row_results:
+                    encoded = sum(len(tile) for tile_row in result.tile_rows for tile in tile_row)
+                    self.tracker.block_done(level, result.pixel_count,
+                                            encoded if self.codec else result.pixel_count * 3)
+                for tile_row_index in range(len(row_results[0].tile_rows)):
+                    for result in row_results:
+                        yield from result.tile_rows[tile_row_index]
+
+        try:
+            if "ome-tiff" in written:
+                self._write_ome_tiff(written["ome-tiff"], level_tiles, level_sources)
+            else:
+                for level in range(len(self.level_shapes)):
+                    for _ in level_tiles(level):
+                        pass
+                    self._drop_scratch_level(level, level_sources)
+        finally:
+            results.close()  # cancels whatever is still queued
+        return written
+
+    def _plan(self, level_sources: list[PixelSource], ome_zarr_levels: list[Any] | None
+              ) -> tuple[list[_PlannedJob], list[list[list[int]]]]:
+        """All block jobs in file order, and their plan indices per level and pair of tile rows.
+
+        Rows [2jT, 2jT + 2T) of level k + 1 are written by the jobs of tile-row pairs 2j and 2j + 1 of
+        level k, so those are the dependencies of level k + 1's row pair j."""
+        plan: list[_PlannedJob] = []
+        level_rows: list[list[list[int]]] = []
+        for level, (h, w) in enumerate(self.level_shapes):
+            above = level_rows[-1] if level_rows else []
+            rows = []
+            for pair, row in enumerate(plan_level_blocks(h, w, self.tile_px, self.options.block_width_tiles)):
+                depends_on = tuple(index for above_pair in (2 * pair, 2 * pair + 1)
+                                   if above_pair < len(above) for index in above[above_pair])
+                indices = []
+                for r0, c0, bh, bw in row:
+                    indices.append(len(plan))
+                    plan.append(_PlannedJob(BlockJob(
+                        source=level_sources[level], row0_px=r0, col0_px=c0, height_px=bh, width_px=bw,
+                        tile_size_px=self.tile_px, codec=self.codec,
+                        next_level=level_sources[level + 1] if level + 1 < len(level_sources) else None,
+                        ome_zarr_level=ome_zarr_levels[level] if ome_zarr_levels else None), depends_on))
+                rows.append(indices)
+            level_rows.append(rows)
+        return plan, level_rows
+
+    def _level_sources(self, work_dir: Path) -> list[PixelSource]:
+        """Level 0 is the mosaic; each lower level is a scratch file in the work directory."""
+        sources: list[PixelSource] = [region_reader(self.mosaic.image)]
+        for level, (h, w) in enumerate(self.level_shapes[1:], start=1):
+            sources.append(ScratchLevel(work_dir / f"level{level}.scratch", h, w, self.tile_px).create())
+        return sources
+
+    def _drop_scratch_level(self, level: int, level_sources: list[PixelSource]) -> None:
+        """A scratch level is dead once its own blocks are done; the last one feeds the thumbnails."""
+        if 0 < level < len(level_sources) - 1:
+            level_sources[level].remove()
+
+    def _associated_images(self, level_sources: list[PixelSource]) -> tuple[np.ndarray, np.ndarray]:
+        lowest = np.asarray(level_sources[-1][:, :])
+        overview = shrink_to_fit(lowest, self.options.overview_max_edge_px)
+        return shrink_to_fit(overview, self.options.thumbnail_max_edge_px), overview
+
+    def _ome_series(self) -> list[OmeSeries]:
+        """The pyramid, then (optionally) thumbnail and overview, each with its effective pixel size."""
+        series = [OmeSeries(self.name, *self.level_shapes[0], self.pixel_size_um(0), ifd=0)]
+        if self.options.write_thumbnail:
+            overview_shape = _shape_after_shrink(self.level_shapes[-1], self.options.overview_max_edge_px)
+            thumbnail_shape = _shape_after_shrink(overview_shape, self.options.thumbnail_max_edge_px)
+            for ifd, (label, (h, w)) in enumerate(
+                    (("thumbnail", thumbnail_shape), ("macro", overview_shape)), start=1):
+                pixel_size_um = self.pixel_size_um(0) * self.level_shapes[0][1] / w
+                series.append(OmeSeries(label, h, w, pixel_size_um, ifd=ifd))
+        return series
+
+    def _resolution_tags(self, pixel_size_um: float) -> dict[str, Any]:
+        pixels_per_cm = MICROMETRES_PER_CENTIMETRE / pixel_size_um
+        return {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
+
+    def _write_ome_tiff(self, path: Path, level_tiles: Callable[[int], Iterator[bytes]],
+                        level_sources: list[PixelSource]) -> None:
+        description = build_ome_xml(
+            file_name=self.final_paths["ome-tiff"].name,
+            file_uuid=self.options.file_uuid or str(uuid.uuid4()),
+            metadata=self.mosaic.metadata, series=self._ome_series(),
+            experimenter_name=self.options.experimenter_name)
+        codec_arguments = self.codec.tifffile_arguments()
+        common = dict(dtype=np.uint8, tile=(self.tile_px, self.tile_px), metadata=None,
+                      software=f"wsi_export {__version__}", **codec_arguments)
+        with _open_binary_output(path) as handle, \
+                tifffile.TiffWriter(handle, bigtiff=True, byteorder="<", ome=False) as tiff:
+            for level, (h, w) in enumerate(self.level_shapes):
+                placement = ({"subifds": len(self.level_shapes) - 1, "description": description.encode()}
+                             if level == 0 else {"subfiletype": 1})
+                tiles = level_tiles(level)
+                tiff.write(tiles, shape=(h, w, 3), **placement,
+                           **self._resolution_tags(self.pixel_size_um(level)), **common)
+                tiles.close()
+                self._drop_scratch_level(level, level_sources)
+            if self.options.write_thumbnail:
+                for series, image in zip(self._ome_series()[1:], self._associated_images(level_sources)):
+                    tiff.write(image, **self._resolution_tags(series.pixel_size_um), **common)
+
+
+def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str | None = None,
+                 formats: tuple[str, ...] | list[str] = ("ome-tiff",),
+                 options: ExportOptions = ExportOptions(),
+                 progress: Callable[[ExportProgress], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> ExportResult:
+    """Export a mosaic (path of the shared Zarr contract, or a Mosaic from mosaic_from_array).
+
+    Outputs are `<output_dir>/<name>.ome.tif` and/or `<name>.ome.zarr`, created atomically.
+    `progress` is called after every block with an ExportProgress; `should_cancel` is polled between
+    blocks and makes the export raise ExportCancelled. Raises ExportOptionsError, MosaicInputError,
+    ExportStorageError or ExportCancelled; on any error no output exists under a final name."""
+    started = time.perf_counter()
+    formats = tuple(formats)
+    if not isinstance(mosaic, Mosaic):
+        mosaic = open_mosaic(mosaic)
+    name = mosaic.source_name if name is None else name
+    codec = _validate(name, formats, options)
+    if not mosaic.metadata.complete and not options.allow_incomplete_mosaic:
+        raise MosaicInputError(f"mosaic {mosaic.source_name!r} is marked complete=False (still being "
+                               f"stitched); pass allow_incomplete_mosaic=True to export it anyway")
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise ExportStorageError(f"output directory {str(output_dir)!r} does not exist or is not a directory")
+    export = _Export(mosaic, output_dir, name, formats, options, codec, progress, should_cancel)
+    for path in export.final_paths.values():
+        if path.exists() and not options.overwrite:
+            raise ExportStorageError(f"output {str(path)!r} already exists; pass overwrite=True to replace it")
+
+    try:
+        work_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".export-partial", dir=output_dir))
+    except OSError as error:
+        raise ExportStorageError(error.errno, f"cannot create a work directory in {str(output_dir)!r}: "
+                                              f"{error.strerror or error}") from error
+    executor = None
+    try:
+        executor = (_DistributedExecutor(options.scheduler_address, options.scheduler_timeout_s)
+                    if options.scheduler_address
+                    else _LocalExecutor(options.local_workers or default_local_workers()))
+        written = export.run(work_dir, executor)
+        _check_not_cancelled(should_cancel)
+        _commit(written, export.final_paths, work_dir)
+    except ExportError:
+        raise
+    except OSError as error:
+        raise ExportStorageError(error.errno, f"writing the export of {name!r} into {str(output_dir)!r} "
+                                              f"failed: {error.strerror or error}") from error
+    finally:
+        if executor is not None:
+            executor.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    paths = [export.final_paths[f] for f in formats]
+    return ExportResult(output_paths=paths, output_sizes_bytes=[_path_size_bytes(p) for p in paths],
+                        level_shapes=export.level_shapes, pixel_size_um=mosaic.metadata.pixel_size_um,
+                        duration_s=time.perf_counter() - started)
+
+
+def _commit(written: dict[str, Path], final_paths: dict[str, Path], work_dir: Path) -> None:
+    """Rename complete outputs into place; if one rename fails, the ones already renamed are removed."""
+    committed: list[Path] = []
+    try:
+        for export_format, temporary in written.items():
+            final = final_paths[export_format]
+            if final.is_dir():
+                final.rename(work_dir / "replaced-output")
+            os.replace(temporary, final)
+            committed.append(final)
+    except OSError:
+        for final in committed:
+            if final.is_dir():
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                final.unlink(missing_ok=True)
+        raise
