@@ -6,7 +6,6 @@ with inline autofocus it waits for the autofocus node's FocusEstimate of each ti
 import re
 import threading
 import time
-from pathlib import Path
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -15,6 +14,7 @@ from rclpy.node import Node
 from wsi_acquisition.scan import (FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanProgress, ScanRequest,
                                   ScanRunner, State)
 from wsi_common.image import array_to_image
+from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
 from wsi_interfaces.action import ScanSlide
@@ -36,15 +36,6 @@ OUTPUT_FORMATS = ("ome-tiff", "ome-zarr")
 
 class GoalError(ValueError):
     pass
-
-
-def resolve_under(root: Path, requested: str) -> Path:
-    """`requested` (absolute or relative to root) if it lies under root; GoalError otherwise."""
-    root = root.resolve()
-    path = (root / requested).resolve() if requested else root
-    if path != root and root not in path.parents:
-        raise GoalError(f"output_dir {requested!r} is outside the output root {root}")
-    return path
 
 
 class ScanOrchestratorNode(Node):
@@ -86,8 +77,12 @@ class ScanOrchestratorNode(Node):
             limits = self.backend.stage.limits
             region = (limits.x_min_um, limits.y_min_um, limits.x_max_um - limits.x_min_um,
                       limits.y_max_um - limits.y_min_um)
+        try:
+            output_dir = resolve_under(self.params["output_root"], goal.output_dir)
+        except OutsideRootError as error:
+            raise GoalError(f"output_dir {error}") from error
         return ScanRequest(
-            scan_id=scan_id, output_dir=resolve_under(Path(self.params["output_root"]), goal.output_dir),
+            scan_id=scan_id, output_dir=output_dir,
             region_um=region, objective_magnification=goal.objective_magnification or self.params["default_objective"],
             overlap_fraction=goal.overlap_fraction or 0.1, focus_strategy=FocusStrategy(goal.focus_strategy),
             focus_points=goal.focus_points, skip_empty_tiles=goal.skip_empty_tiles,

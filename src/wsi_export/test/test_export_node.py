@@ -1,0 +1,71 @@
+"""The ExportSlide action in a real export node process."""
+import time
+
+import pytest
+import rclpy
+import tifffile
+from action_msgs.msg import GoalStatus
+
+from wsi.actions import ActionCallError, ActionCaller
+from wsi_common.supervisor import NodeSpec
+from wsi_export.synthetic import write_synthetic_mosaic
+from wsi_interfaces.action import ExportSlide
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.fixture
+def exporter(run_nodes, ros_node, tmp_path):
+    write_synthetic_mosaic(tmp_path / "scan" / "mosaic.zarr", 1500, 2200, pixel_size_um=0.5, seed=1)
+    run_nodes([NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
+                        parameters={"output_root": str(tmp_path), "mosaic_root": str(tmp_path)})])
+    caller = ActionCaller(ros_node, ExportSlide, "export_slide")
+    caller.wait_for_server(timeout_s=30)
+    return caller
+
+
+def test_export_writes_both_formats_with_feedback_per_level(exporter, tmp_path):
+    goal = ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", output_dir="scan", output_name="slide",
+                            formats=["ome-tiff", "ome-zarr"], compression="jpeg", jpeg_quality=85,
+                            tile_size_px=256, write_thumbnail=True)
+    outcome = exporter.call(goal, timeout_s=120)
+    result = outcome.result
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
+    assert result.output_paths == [str((tmp_path / "scan" / "slide.ome.tif").resolve()),
+                                   str((tmp_path / "scan" / "slide.ome.zarr").resolve())]
+    assert all(size > 0 for size in result.output_sizes_bytes) and result.levels >= 3
+    with tifffile.TiffFile(result.output_paths[0]) as tiff:
+        assert tiff.is_ome and tiff.series[0].levels[0].shape[:2] == (1500, 2200)
+        assert len(tiff.series[0].levels) == result.levels
+    levels_seen = {f.level for f in outcome.feedback}
+    assert levels_seen == set(range(result.levels)) and outcome.feedback[-1].fraction_done == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("changes", [dict(output_dir="../elsewhere"), dict(mosaic_uri="../../etc/passwd"),
+                                     dict(mosaic_uri="scan/missing.zarr"), dict(formats=["png"])])
+def test_bad_goals_are_rejected(exporter, changes):
+    goal = ExportSlide.Goal(**({"mosaic_uri": "scan/mosaic.zarr", "output_dir": "scan"} | changes))
+    with pytest.raises(ActionCallError, match="goal rejected"):
+        exporter.send_goal(goal, timeout_s=30)
+
+
+def test_a_bad_codec_fails_with_a_reason_and_the_node_lives_on(exporter):
+    outcome = exporter.call(ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", output_dir="scan", compression="gif"),
+                            timeout_s=60)
+    assert outcome.status == GoalStatus.STATUS_ABORTED
+    assert outcome.result.error_code == ExportSlide.Result.ERROR_INVALID_GOAL and "gif" in outcome.result.error_message
+    again = exporter.call(ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", output_dir="scan", output_name="ok"),
+                          timeout_s=120)
+    assert again.status == GoalStatus.STATUS_SUCCEEDED
+
+
+def test_cancel_leaves_no_file_under_the_final_name(exporter, ros_node, tmp_path):
+    feedback = []
+    handle = exporter.send_goal(ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", output_dir="scan",
+                                                 output_name="cancelled", compression="deflate", tile_size_px=128),
+                                timeout_s=30, on_feedback=feedback.append)
+    exporter.cancel(handle)
+    status, result = exporter.wait_for_result(handle, timeout_s=120)
+    assert status == GoalStatus.STATUS_CANCELED and result.error_code == ExportSlide.Result.ERROR_CANCELED
+    assert not (tmp_path / "scan" / "cancelled.ome.tif").exists()
+    assert not list((tmp_path / "scan").glob(".cancelled*"))

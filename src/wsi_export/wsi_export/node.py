@@ -1,0 +1,120 @@
+"""Export node: the ExportSlide action (mosaic -> OME-TIFF / OME-Zarr), confined to an output root."""
+import threading
+import time
+
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+
+from wsi_common.node_main import spin_node
+from wsi_common.params import declare_parameters
+from wsi_common.paths import OutsideRootError, resolve_under
+from wsi_export import (ExportCancelled, ExportOptions, ExportOptionsError, ExportStorageError, MosaicInputError,
+                        export_slide)
+from wsi_interfaces.action import ExportSlide
+
+PARAMETERS = {
+    "output_root": ("out", "exports are written under this directory; goals may name a sub-directory of it"),
+    "mosaic_root": ("out", "mosaics are read from under this directory"),
+    "workers": (0, "local encoding threads; 0 = automatic"),
+    "default_scheduler_address": ("", "dask.distributed scheduler used when a goal names none; empty = local"),
+}
+
+FORMATS = ("ome-tiff", "ome-zarr")
+ERROR_CODES = ((ExportCancelled, ExportSlide.Result.ERROR_CANCELED),
+               (ExportOptionsError, ExportSlide.Result.ERROR_INVALID_GOAL),
+               (MosaicInputError, ExportSlide.Result.ERROR_INPUT),
+               (ExportStorageError, ExportSlide.Result.ERROR_STORAGE))
+
+
+class GoalError(ValueError):
+    pass
+
+
+def options_from_goal(goal, workers: int, default_scheduler: str) -> ExportOptions:
+    return ExportOptions(compression=goal.compression or "jpeg", quality=goal.jpeg_quality or 90,
+                         lossless=goal.lossless, tile_size_px=goal.tile_size_px or 512,
+                         write_thumbnail=goal.write_thumbnail,
+                         scheduler_address=goal.scheduler_address or default_scheduler or None,
+                         local_workers=workers or None)
+
+
+class ExportNode(Node):
+    def __init__(self):
+        super().__init__("export")
+        self.params = declare_parameters(self, PARAMETERS)
+        self._busy = threading.Lock()
+        self._server = ActionServer(self, ExportSlide, "export_slide", execute_callback=self._execute,
+                                    goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
+                                    callback_group=ReentrantCallbackGroup())
+
+    def checked_goal(self, goal):
+        """(mosaic path, output dir, formats, options) of a goal, or GoalError naming what is wrong."""
+        try:
+            mosaic = resolve_under(self.params["mosaic_root"], goal.mosaic_uri)
+            output_dir = resolve_under(self.params["output_root"], goal.output_dir)
+        except OutsideRootError as error:
+            raise GoalError(str(error)) from error
+        if not goal.mosaic_uri or not mosaic.exists():
+            raise GoalError(f"mosaic {goal.mosaic_uri!r} does not exist")
+        formats = tuple(goal.formats) or ("ome-tiff",)
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise GoalError(f"unknown formats {unknown}; expected any of {FORMATS}")
+        options = options_from_goal(goal, self.params["workers"], self.params["default_scheduler_address"])
+        return mosaic, output_dir, formats, options
+
+    def _on_goal(self, goal) -> GoalResponse:
+        try:
+            self.checked_goal(goal)
+        except GoalError as error:
+            self.get_logger().warning(f"rejected ExportSlide goal: {error}")
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _execute(self, goal_handle):
+        started = time.monotonic()
+        result = ExportSlide.Result()
+        with self._busy:   # one export at a time: each already uses every core
+            try:
+                mosaic, output_dir, formats, options = self.checked_goal(goal_handle.request)
+                output_dir.mkdir(parents=True, exist_ok=True)
+                exported = export_slide(mosaic, output_dir, goal_handle.request.output_name or None, formats,
+                                        options, progress=lambda p: self._feedback(goal_handle, p),
+                                        should_cancel=lambda: goal_handle.is_cancel_requested)
+            except Exception as error:  # mapped to a result code below; never lets the node die
+                return self._failed(goal_handle, result, error, started)
+        result.output_paths = [str(p) for p in exported.output_paths]
+        result.output_sizes_bytes = list(exported.output_sizes_bytes)
+        result.levels = exported.levels
+        result.duration_s = time.monotonic() - started
+        goal_handle.succeed()
+        return result
+
+    def _feedback(self, goal_handle, progress) -> None:
+        goal_handle.publish_feedback(ExportSlide.Feedback(
+            format=progress.format, level=progress.level, levels_total=progress.levels_total,
+            fraction_done=progress.fraction_done, bytes_written=progress.bytes_written))
+
+    def _failed(self, goal_handle, result, error: Exception, started: float):
+        code = next((c for kind, c in ERROR_CODES if isinstance(error, kind)),
+                    ExportSlide.Result.ERROR_INVALID_GOAL if isinstance(error, GoalError)
+                    else ExportSlide.Result.ERROR_STORAGE if isinstance(error, OSError)
+                    else ExportSlide.Result.ERROR_INTERNAL)
+        result.error_code, result.error_message = code, str(error)
+        result.duration_s = time.monotonic() - started
+        if code == ExportSlide.Result.ERROR_CANCELED:
+            goal_handle.canceled()
+        else:
+            self.get_logger().error(f"export failed: {error}")
+            goal_handle.abort()
+        return result
+
+
+def main(args=None):
+    spin_node(ExportNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=3))
+
+
+if __name__ == "__main__":
+    main()
