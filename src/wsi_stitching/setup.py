@@ -12,5 +12,7 @@ setup(
     ],
     install_requires=["setuptools"],
     zip_safe=False,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "stitching_node = wsi_stitching.node:main",
+    ]},
 )

@@ -1,0 +1,111 @@
+"""Stitching a scan while it runs, from its tile stream, with the scan manifest as the last word.
+
+A re-captured tile (refocused) follows its first capture immediately, so each tile is held back
+until a tile of another grid cell arrives: the re-capture then replaces it before it is used.
+At the end of the scan the manifest says which capture of each cell was kept; any of those that
+did not arrive over the network (a dropped message, a late subscriber) is read from the tile file
+the scan saved, so the mosaic is complete whenever the scan's own record is.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_stitching.errors import BadTileError, ManifestError
+from wsi_stitching.layout import TileGridLayout, load_tile_image
+from wsi_stitching.stitcher import MosaicStitcher, StitchParameters, StitchResult
+
+
+@dataclass(frozen=True)
+class PlannedScan:
+    """What a ScanPlan message says, in plain values."""
+    scan_id: str
+    rows: int
+    cols: int
+    cells: list[tuple[int, int]]
+    tile_width_px: int
+    tile_height_px: int
+    pixel_size_um: float
+    origin_x_um: float          # left edge of column 0
+    origin_y_um: float          # top edge of row 0
+    step_x_um: float
+    step_y_um: float
+    objective_magnification: float = 0.0
+    numerical_aperture: float = 0.0
+
+    def layout(self) -> TileGridLayout:
+        """Nominal positions are field-of-view centres, like the tiles' stage poses."""
+        half_w = self.tile_width_px * self.pixel_size_um / 2
+        half_h = self.tile_height_px * self.pixel_size_um / 2
+        positions = {(r, c): (self.origin_x_um + half_w + c * self.step_x_um,
+                              self.origin_y_um + half_h + r * self.step_y_um) for r, c in self.cells}
+        return TileGridLayout(self.scan_id, self.rows, self.cols, self.tile_height_px, self.tile_width_px,
+                              self.pixel_size_um, positions, self.objective_magnification, self.numerical_aperture)
+
+
+@dataclass
+class _Held:
+    sequence: int
+    row: int
+    col: int
+    image: np.ndarray
+    x_um: float
+    y_um: float
+
+
+@dataclass
+class InlineStitch:
+    plan: PlannedScan
+    mosaic_path: Path
+    parameters: StitchParameters = field(default_factory=StitchParameters)
+
+    def __post_init__(self):
+        self.stitcher = MosaicStitcher(self.plan.layout(), self.mosaic_path, self.parameters, resume=True)
+        self._held: _Held | None = None
+        self.used_sequences: dict[tuple[int, int], int] = {}
+        self.rejected: list[str] = []
+        self.read_from_disk = 0
+
+    def offer(self, sequence: int, row: int, col: int, image: np.ndarray, x_um: float, y_um: float) -> None:
+        """Take a tile from the stream. A bad tile is recorded in `rejected` and skipped."""
+        if self._held is not None and (self._held.row, self._held.col) != (row, col):
+            self._use(self._held)
+        self._held = _Held(sequence, row, col, np.array(image, copy=True), x_um, y_um)
+
+    def _use(self, tile: _Held) -> None:
+        try:
+            self.stitcher.add_tile(tile.row, tile.col, tile.image, tile.x_um, tile.y_um)
+        except BadTileError as error:
+            self.rejected.append(f"tile #{tile.sequence} ({tile.row}, {tile.col}): {error}")
+        else:
+            self.used_sequences[(tile.row, tile.col)] = tile.sequence
+
+    def finish(self, manifest_path: Path) -> StitchResult:
+        """Use the held tile, fetch kept captures that never arrived from disk, and finalise."""
+        kept = final_captures(manifest_path)
+        if self._held is not None:
+            cell = (self._held.row, self._held.col)
+            if cell not in kept or kept[cell]["sequence"] == self._held.sequence:
+                self._use(self._held)
+            self._held = None
+        for cell, entry in sorted(kept.items()):
+            if cell in self.used_sequences or not entry.get("image"):
+                continue
+            tile = _Held(entry["sequence"], cell[0], cell[1], load_tile_image(manifest_path.parent / entry["image"]),
+                         entry["measured_x_um"], entry["measured_y_um"])
+            self._use(tile)
+            self.read_from_disk += 1
+        return self.stitcher.finish()
+
+
+def final_captures(manifest_path: Path) -> dict[tuple[int, int], dict]:
+    """The capture kept for every grid cell of a scan manifest (the last one)."""
+    try:
+        manifest = json.loads(Path(manifest_path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"cannot read manifest {manifest_path}: {error}") from error
+    kept = {}
+    for entry in manifest.get("tiles", []):
+        kept[(entry["row"], entry["col"])] = entry
+    return kept

@@ -1,0 +1,54 @@
+"""Append-only progress journal (JSON lines) kept beside the mosaic so an interrupted run resumes.
+
+Order of writes makes it safe: a tile's frozen position is journaled before any chunk using it is
+written, and a chunk is journaled only after its pixels are in the Zarr store; a crash in between
+merely recomposes that chunk. A torn last line (crash mid-write) is ignored on reading.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class Journal:
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def read_and_repair(self) -> list[dict]:
+        """All complete events; a torn tail (crash mid-write) is cut off so appending continues cleanly."""
+        events = []
+        if not self.path.exists():
+            return events
+        data = self.path.read_bytes()
+        valid_length = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            valid_length += len(line)
+        if valid_length < len(data):
+            with open(self.path, "r+b") as file:
+                file.truncate(valid_length)
+        return events
+
+    def append(self, event: dict) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
+        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._file = None

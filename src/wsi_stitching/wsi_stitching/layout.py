@@ -1,0 +1,143 @@
+"""Tile-grid layout of a scan and the scan-manifest reader.
+
+Stage positions are in µm and refer to the centre of a tile's field of view, like the stage poses in
+Tile messages and scan manifests; only differences between positions matter to the mosaic. Stage x
+runs with image columns, stage y with rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LayoutError, ManifestError
+
+Cell = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TileGridLayout:
+    """What the stitcher must know before the first tile: grid size, tile size, optics and the
+    nominal stage position of every grid cell that will be captured (uncaptured cells are absent)."""
+    scan_id: str
+    rows: int
+    cols: int
+    tile_height_px: int
+    tile_width_px: int
+    pixel_size_um: float
+    nominal_positions_um: dict[Cell, tuple[float, float]]  # cell -> (x_um, y_um)
+    objective_magnification: float = 0.0  # 0.0: unknown
+    numerical_aperture: float = 0.0  # 0.0: unknown
+    acquisition_datetime: str = ""
+
+    def __post_init__(self):
+        if self.rows < 1 or self.cols < 1:
+            raise LayoutError(f"grid must have at least 1 row and column, got {self.rows}x{self.cols}")
+        if self.tile_height_px < 16 or self.tile_width_px < 16:
+            raise LayoutError(f"tile size must be at least 16x16 px, got "
+                              f"{self.tile_height_px}x{self.tile_width_px}")
+        if not (math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0):
+            raise LayoutError(f"pixel_size_um must be a positive number, got {self.pixel_size_um}")
+        if not self.nominal_positions_um:
+            raise LayoutError("layout lists no captured grid cells")
+        for (row, col), (x_um, y_um) in self.nominal_positions_um.items():
+            if not (0 <= row < self.rows and 0 <= col < self.cols):
+                raise LayoutError(f"grid cell ({row}, {col}) is outside the {self.rows}x{self.cols} grid")
+            if not (math.isfinite(x_um) and math.isfinite(y_um)):
+                raise LayoutError(f"nominal position of cell ({row}, {col}) is not finite: {(x_um, y_um)}")
+
+    @property
+    def cells(self) -> list[Cell]:
+        return sorted(self.nominal_positions_um)
+
+    def fingerprint(self) -> dict:
+        """JSON-able identity of the layout, used to refuse resuming with different inputs."""
+        return {
+            "scan_id": self.scan_id, "rows": self.rows, "cols": self.cols,
+            "tile_height_px": self.tile_height_px, "tile_width_px": self.tile_width_px,
+            "pixel_size_um": self.pixel_size_um,
+            "nominal_positions_um": [[r, c, x, y] for (r, c), (x, y) in sorted(self.nominal_positions_um.items())],
+        }
+
+    @classmethod
+    def regular(cls, scan_id: str, rows: int, cols: int, tile_height_px: int, tile_width_px: int,
+                pixel_size_um: float, overlap_fraction: float, origin_x_um: float = 0.0,
+                origin_y_um: float = 0.0, cells: list[Cell] | None = None, **optics) -> "TileGridLayout":
+        """Layout of a regular raster with the given nominal overlap (what a ScanPlan describes)."""
+        if not 0.0 <= overlap_fraction < 0.5:
+            raise LayoutError(f"overlap_fraction must be in [0, 0.5), got {overlap_fraction}")
+        step_x_um = tile_width_px * (1 - overlap_fraction) * pixel_size_um
+        step_y_um = tile_height_px * (1 - overlap_fraction) * pixel_size_um
+        chosen = cells if cells is not None else [(r, c) for r in range(rows) for c in range(cols)]
+        positions = {(r, c): (origin_x_um + c * step_x_um, origin_y_um + r * step_y_um) for r, c in chosen}
+        return cls(scan_id, rows, cols, tile_height_px, tile_width_px, pixel_size_um, positions, **optics)
+
+
+@dataclass(frozen=True)
+class ManifestTile:
+    row: int
+    col: int
+    x_um: float
+    y_um: float
+    image_path: Path
+
+
+@dataclass(frozen=True)
+class ScanManifest:
+    layout: TileGridLayout
+    tiles: list[ManifestTile] = field(default_factory=list)
+
+
+def read_manifest(manifest_path: str | Path) -> ScanManifest:
+    """Read a scan manifest as wsi_acquisition writes it: {"scan_id", "pixel_size_um", "tile_width_px",
+    "tile_height_px", "tiles": [{"row", "col", "measured_x_um", "measured_y_um", "image": path relative
+    to the manifest (.npy/.tif)}, ...]}. Optional: "objective_magnification", "numerical_aperture",
+    "acquisition_datetime". A cell listed again (a re-capture) replaces the earlier entry. The measured
+    tile poses double as the nominal layout positions (a finished scan has no other)."""
+    manifest_path = Path(manifest_path)
+    try:
+        doc = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read manifest {manifest_path}: {exc}") from exc
+    required = ("scan_id", "pixel_size_um", "tile_width_px", "tile_height_px", "tiles")
+    missing = [key for key in required if key not in doc]
+    if missing:
+        raise ManifestError(f"manifest {manifest_path} lacks keys {missing}; expected all of {list(required)}")
+    tiles = []
+    for index, entry in enumerate(doc["tiles"]):
+        try:
+            tile = ManifestTile(int(entry["row"]), int(entry["col"]), float(entry["measured_x_um"]),
+                                float(entry["measured_y_um"]), manifest_path.parent / entry["image"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest tile #{index} is malformed ({exc}); expected keys "
+                                f"row, col, measured_x_um, measured_y_um, image") from exc
+        if not tile.image_path.is_file():
+            raise ManifestError(f"manifest tile #{index} image {tile.image_path} does not exist")
+        tiles.append(tile)
+    tiles = list({(t.row, t.col): t for t in tiles}.values())
+    cells = [(t.row, t.col) for t in tiles]
+    if not tiles:
+        raise ManifestError(f"manifest {manifest_path} lists no tiles")
+    layout = TileGridLayout(
+        scan_id=str(doc["scan_id"]), rows=max(r for r, _ in cells) + 1, cols=max(c for _, c in cells) + 1,
+        tile_height_px=int(doc["tile_height_px"]), tile_width_px=int(doc["tile_width_px"]),
+        pixel_size_um=float(doc["pixel_size_um"]),
+        nominal_positions_um={(t.row, t.col): (t.x_um, t.y_um) for t in tiles},
+        objective_magnification=float(doc.get("objective_magnification", 0.0)),
+        numerical_aperture=float(doc.get("numerical_aperture", 0.0)),
+        acquisition_datetime=str(doc.get("acquisition_datetime", "")))
+    return ScanManifest(layout, tiles)
+
+
+def load_tile_image(image_path: Path) -> np.ndarray:
+    """Pixels of one manifest tile (.npy or .tif/.tiff)."""
+    suffix = image_path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(image_path)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+        return tifffile.imread(image_path)
+    raise ManifestError(f"tile image {image_path} has unsupported type {suffix!r}; expected .npy or .tif")

@@ -1,0 +1,162 @@
+"""Stitching node: composes the mosaic while the scan runs; finalises it when the scan ends.
+
+Inputs: `scan/plan` (starts a mosaic), `tiles`, `scan/status` (a finished, cancelled or failed scan
+finalises its mosaic from what was captured). Output: `mosaic/status` (latched) with the mosaic and
+report paths. Registration runs in a worker thread so callbacks never block on it; bad tiles are
+reported and skipped.
+"""
+import queue
+import threading
+from pathlib import Path
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+
+from wsi_common.image import ImageConversionError, image_to_array, to_rgb
+from wsi_common.node_main import NodeConfigurationError, spin_node
+from wsi_common.params import declare_parameters
+from wsi_common.paths import OutsideRootError, resolve_under
+from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
+from wsi_stitching.errors import StitchingError
+from wsi_stitching.inline import InlineStitch, PlannedScan
+from wsi_stitching.stitcher import StitchParameters
+
+PARAMETERS = {
+    "output_root": ("out", "mosaics are written into the scan's directory, which must lie under this root"),
+    "mosaic_name": ("mosaic.zarr", "name of the mosaic inside the scan directory"),
+    "blending": ("feather", "overlap blending: feather, none or sharpness"),
+    "flat_field": ("estimate", "vignetting correction: 'estimate' from the tiles, or 'none'"),
+    "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
+}
+TERMINAL_STATES = (ScanStatus.STATE_SUCCEEDED, ScanStatus.STATE_CANCELED, ScanStatus.STATE_FAILED)
+
+
+def planned_scan(msg: ScanPlan) -> PlannedScan:
+    return PlannedScan(msg.scan_id, msg.rows, msg.cols, [(t.row, t.col) for t in msg.tiles], msg.tile_width_px,
+                       msg.tile_height_px, msg.pixel_size_um, msg.origin_x_um, msg.origin_y_um, msg.step_x_um,
+                       msg.step_y_um)
+
+
+class StitchingNode(Node):
+    def __init__(self):
+        super().__init__("stitching")
+        self.params = declare_parameters(self, PARAMETERS)
+        try:
+            self.stitch_parameters = StitchParameters(blending=self.params["blending"],
+                                                      flat_field=self.params["flat_field"])
+        except StitchingError as error:
+            raise NodeConfigurationError(str(error)) from error
+        self._work: queue.Queue = queue.Queue()
+        self._status_pub = self.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
+        self.create_subscription(ScanPlan, "scan/plan", lambda m: self._work.put(("plan", m)), LATCHED_QOS)
+        self.create_subscription(Tile, "tiles", lambda m: self._work.put(("tile", m)), TILE_QOS)
+        self.create_subscription(ScanStatus, "scan/status", self._on_status, EVENT_QOS)
+        self.create_timer(self.params["diagnostics_period_s"], self._publish_diagnostics)
+        self._session: InlineStitch | None = None
+        self._plan: ScanPlan | None = None
+        self._received = 0
+        self._running = True
+        self._worker = threading.Thread(target=self._run, daemon=True)
+        self._worker.start()
+
+    def _on_status(self, msg: ScanStatus) -> None:
+        if msg.state in TERMINAL_STATES:
+            self._work.put(("end", msg))
+
+    def _run(self) -> None:
+        handlers = {"plan": self._start, "tile": self._tile, "end": self._end}
+        while self._running:
+            try:
+                kind, msg = self._work.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            handlers[kind](msg)
+
+    def _start(self, plan: ScanPlan) -> None:
+        if self._plan is not None and self._plan.scan_id == plan.scan_id:
+            return
+        try:
+            scan_dir = resolve_under(self.params["output_root"], plan.output_dir)
+            self._session = InlineStitch(planned_scan(plan), scan_dir / self.params["mosaic_name"],
+                                         self.stitch_parameters)
+        except (OutsideRootError, StitchingError) as error:
+            self._session = None
+            self._publish(plan.scan_id, finished=True, error=f"cannot stitch scan {plan.scan_id}: {error}")
+            return
+        self._plan, self._received = plan, 0
+        self.get_logger().info(f"stitching scan {plan.scan_id}: {len(plan.tiles)} tiles into "
+                               f"{self._session.mosaic_path}")
+        self._publish(plan.scan_id)
+
+    def _tile(self, tile: Tile) -> None:
+        if self._session is None or tile.scan_id != self._plan.scan_id:
+            return
+        self._received += 1
+        try:
+            pixels = to_rgb(image_to_array(tile.image), tile.image.encoding)
+        except ImageConversionError as error:
+            self._session.rejected.append(f"tile #{tile.sequence}: {error}")
+            self.get_logger().warning(f"skipped tile #{tile.sequence}: {error}")
+            return
+        self._session.offer(tile.sequence, tile.index.row, tile.index.col, pixels, tile.measured_x_um,
+                            tile.measured_y_um)
+
+    def _end(self, status: ScanStatus) -> None:
+        if self._session is None or status.scan_id != self._plan.scan_id:
+            return
+        session, plan = self._session, self._plan
+        self._session = None
+        try:
+            result = session.finish(Path(plan.manifest_uri))
+        except (StitchingError, OSError) as error:
+            self._publish(plan.scan_id, finished=True, error=f"stitching scan {plan.scan_id} failed: {error}")
+            return
+        if session.read_from_disk:
+            self.get_logger().warning(f"{session.read_from_disk} tiles did not arrive on 'tiles' and were read "
+                                      "from the scan's tile files")
+        self._publish(plan.scan_id, finished=True, result=result, rejected=len(session.rejected))
+        self.get_logger().info(f"mosaic of scan {plan.scan_id}: {result.width_px}x{result.height_px} px, "
+                               f"residual RMS {result.residual_rms_px:.2f} px -> {result.mosaic_path}")
+
+    def _publish(self, scan_id: str, finished: bool = False, error: str = "", result=None, rejected: int = 0):
+        msg = MosaicStatus(scan_id=scan_id, finished=finished, success=finished and not error, error=error,
+                           tiles_received=self._received, tiles_rejected=rejected)
+        if self._session is not None:
+            msg.mosaic_uri = str(self._session.mosaic_path)
+        if result is not None:
+            msg.mosaic_uri, msg.report_uri = str(result.mosaic_path), str(result.report_path)
+            msg.width_px, msg.height_px, msg.pixel_size_um = result.width_px, result.height_px, result.pixel_size_um
+            msg.tiles_composed, msg.pairs_total, msg.pairs_dropped = (result.tiles_composed, result.pairs_total,
+                                                                      result.pairs_dropped)
+            msg.tiles_at_stage_position, msg.residual_rms_px = result.tiles_at_stage_position, result.residual_rms_px
+        if error:
+            self.get_logger().error(error)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(msg)
+
+    def _publish_diagnostics(self) -> None:
+        values = {"queue_depth": str(self._work.qsize()), "scan": self._plan.scan_id if self._plan else "",
+                  "tiles_received": str(self._received),
+                  "tiles_rejected": str(len(self._session.rejected)) if self._session else "0"}
+        status = DiagnosticStatus(level=DiagnosticStatus.OK, name=self.get_fully_qualified_name(),
+                                  hardware_id="stitching", message="stitching" if self._session else "idle",
+                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics.publish(array)
+
+    def destroy_node(self):
+        self._running = False
+        self._worker.join(timeout=5.0)
+        return super().destroy_node()
+
+
+def main(args=None):
+    spin_node(StitchingNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""Incremental stitcher: tiles in, chunked Zarr mosaic out, with bounded memory and a resume journal.
+
+Life of a tile: on arrival it is checked, registered against every already received grid neighbour
+(4-neighbourhood), and kept in memory. Positions are fixed ("frozen") incrementally: once every
+planned cell in a tile's 8-neighbourhood has arrived, all four square loops around it are closed,
+so the global solve over all received, not yet frozen tiles (frozen ones enter as constants) can
+reject a bad link around it; the tile's position is then frozen and never changes. A mosaic chunk is
+composed and written once every tile that could touch it (nominal footprint widened by the largest
+believable stage error) is frozen. A tile's pixels are dropped as soon as its chunks are written.
+
+Trade-off of freezing (documented for users): information that arrives later (loops closed two rows
+further down) can no longer move a frozen tile, so the solution is slightly less accurate than one
+batch solve over the whole scan, and a bad link whose only contradicting loop is more than one row
+away is judged with the information at hand. In exchange, memory is about two rows of tiles and
+chunks stream to disk during the scan.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .alignment import AlignmentParameters, Link, solve_positions
+from .compose import CHUNK_PX, FILL_VALUE, PlacedTile, check_blending, compose_chunk, sharpness_map
+from .errors import BadTileError, DuplicateTileError, ResumeError, StitchingError
+from .flatfield import FlatField, estimate_flat_field, tile_thumbnail
+from .journal import Journal
+from .layout import Cell, TileGridLayout, load_tile_image, read_manifest
+from .registration import PairRegistration, RegistrationParameters, register_pair
+
+MOSAIC_FORMAT_VERSION = 1
+NEIGHBOURS_4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
+NEIGHBOURS_8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+
+
+@dataclass(frozen=True)
+class StitchParameters:
+    blending: str = "feather"
+    feather_px: float | None = None          # ramp length; None: the nominal overlap width
+    flat_field: str = "estimate"             # "estimate" from the tiles, or "none"
+    flat_field_min_tiles: int = 24           # tiles to collect before estimating the flat-field
+    registration: RegistrationParameters = field(default_factory=RegistrationParameters)
+    alignment: AlignmentParameters = field(default_factory=AlignmentParameters)
+
+    def __post_init__(self):
+        check_blending(self.blending)
+        if self.flat_field not in ("estimate", "none"):
+            raise StitchingError(f"flat_field must be 'estimate' or 'none', got {self.flat_field!r}")
+
+    @property
+    def max_position_error_px(self) -> float:
+        """How far a tile may end up from its nominal position: half the pairwise search range."""
+        return self.registration.max_shift_px / 2
+
+
+@dataclass
+class StitchResult:
+    mosaic_path: Path
+    report_path: Path
+    height_px: int
+    width_px: int
+    pixel_size_um: float
+    positions_px: dict[Cell, tuple[float, float]]   # sub-pixel (y, x) of tile top-left, mosaic px
+    tiles_received: int
+    tiles_composed: int
+    pairs_total: int
+    pairs_dropped: int
+    tiles_at_stage_position: int
+    residual_rms_px: float
+
+
+def _edge_key(a: Cell, b: Cell) -> tuple[Cell, Cell]:
+    return (a, b) if a < b else (b, a)
+
+
+class MosaicStitcher:
+    """Feed tiles with add_tile() in any order; finish() freezes the rest and finalises the mosaic.
+
+    Output: `<output_path>` (a `.zarr` group per the mosaic contract), `<stem>.journal.jsonl` (resume
+    state) and `<stem>.registration.json` (per-edge QC report) beside it. With resume=True and an
+    existing journal made from the same layout and parameters, work already journaled is reused:
+    feed all tiles again and only the missing chunks are composed.
+    """
+
+    def __init__(self, layout: TileGridLayout, output_path: str | Path,
+                 parameters: StitchParameters = StitchParameters(), resume: bool = True,
+                 flat_field: FlatField | None = None):
+        self.layout = layout
+        self.parameters = parameters
+        self.mosaic_path = Path(output_path)
+        if self.mosaic_path.suffix != ".zarr":
+            raise StitchingError(f"mosaic path must end in .zarr, got {self.mosaic_path}")
+        stem = self.mosaic_path.with_suffix("")
+        self.report_path = stem.with_name(stem.name + ".registration.json")
+        self.journal = Journal(stem.with_name(stem.name + ".journal.jsonl"))
+        self._feather_px = parameters.feather_px or self._nominal_overlap_px()
+        self._margin_px = int(math.ceil(parameters.max_position_error_px)) + 1
+        self._set_geometry()
+
+        self._stage_px: dict[Cell, tuple[float, float]] = {}
+        self._images: dict[Cell, np.ndarray] = {}
+        self._sharpness: dict[Cell, np.ndarray] = {}
+        self._thumbnails: dict[Cell, np.ndarray] = {}
+        self._registrations: dict[tuple[Cell, Cell], PairRegistration] = {}
+        self._edge_status: dict[tuple[Cell, Cell], dict] = {}
+        self._frozen: dict[Cell, tuple[float, float]] = {}
+        self._placement: dict[Cell, str] = {}
+        self._composed: set[tuple[int, int]] = set()
+        self._ready: set[tuple[int, int]] = set()
+        self._finished = False
+        self._flat_field = flat_field
+        self._gain = None
+        self._journaled_frozen: dict[Cell, tuple[tuple[float, float], str]] = {}
+        self._pending = {chunk: len(cells) for chunk, cells in self._chunk_cells.items()}
+        self._open_output(resume)
+
+    # ----- geometry -------------------------------------------------------------------------
+    def _nominal_overlap_px(self) -> float:
+        """Smallest nominal overlap between grid neighbours, px (the feather ramp length)."""
+        overlaps = []
+        positions = self.layout.nominal_positions_um
+        size = (self.layout.tile_width_px, self.layout.tile_height_px)
+        for (row, col), (x_um, y_um) in positions.items():
+            for (dr, dc), axis in (((0, 1), 0), ((1, 0), 1)):
+                neighbour = positions.get((row + dr, col + dc))
+                if neighbour is not None:
+                    step_px = abs(neighbour[axis] - (x_um, y_um)[axis]) / self.layout.pixel_size_um
+                    overlaps.append(size[axis] - step_px)
+        positive = [o for o in overlaps if o > 1]
+        return float(min(positive)) if positive else 1.0
+
+    def _set_geometry(self):
+        layout = self.layout
+        ys = [y / layout.pixel_size_um for _, y in layout.nominal_positions_um.values()]
+        xs = [x / layout.pixel_size_um for x, _ in layout.nominal_positions_um.values()]
+        self._origin_px = (min(ys) - self._margin_px, min(xs) - self._margin_px)
+        self.height_px = int(math.ceil(max(ys) - self._origin_px[0] + layout.tile_height_px + self._margin_px))
+        self.width_px = int(math.ceil(max(xs) - self._origin_px[1] + layout.tile_width_px + self._margin_px))
+        self._nominal_px = {cell: self._to_mosaic_px(x_um, y_um)
+                            for cell, (x_um, y_um) in layout.nominal_positions_um.items()}
+        self._cell_chunks: dict[Cell, list[tuple[int, int]]] = {}
+        self._chunk_cells: dict[tuple[int, int], list[Cell]] = {}
+        for cell, (y, x) in self._nominal_px.items():
+            first_row = max(0, int((y - self._margin_px) // CHUNK_PX))
+            last_row = int((y + layout.tile_height_px + self._margin_px) // CHUNK_PX)
+            first_col = max(0, int((x - self._margin_px) // CHUNK_PX))
+            last_col = int((x + layout.tile_width_px + self._margin_px) // CHUNK_PX)
+            chunks = [(r, c) for r in range(first_row, min(last_row, self._chunk_rows - 1) + 1)
+                      for c in range(first_col, min(last_col, self._chunk_cols - 1) + 1)]
+            self._cell_chunks[cell] = chunks
+            for chunk in chunks:
+                self._chunk_cells.setdefault(chunk, []).append(cell)
+
+    @property
+    def _chunk_rows(self) -> int:
+        return -(-self.height_px // CHUNK_PX)
+
+    @property
+    def _chunk_cols(self) -> int:
+        return -(-self.width_px // CHUNK_PX)
+
+    def _to_mosaic_px(self, x_um: float, y_um: float) -> tuple[float, float]:
+        return (y_um / self.layout.pixel_size_um - self._origin_px[0],
+                x_um / self.layout.pixel_size_um - self._origin_px[1])
+
+    # ----- output and resume ----------------------------------------------------------------
+    def _journal_header(self) -> dict:
+        return {"type": "header", "version": MOSAIC_FORMAT_VERSION, "layout": self.layout.fingerprint(),
+                "parameters": json.loads(json.dumps(asdict(self.parameters)))}
+
+    def _mosaic_attributes(self, complete: bool) -> dict:
+        layout = self.layout
+        return {"version": MOSAIC_FORMAT_VERSION, "pixel_size_um": layout.pixel_size_um,
+                "objective_magnification": layout.objective_magnification,
+                "numerical_aperture": layout.numerical_aperture,
+                "acquisition_datetime": layout.acquisition_datetime, "scan_id": layout.scan_id,
+                "complete": complete}
+
+    def _open_output(self, resume: bool):
+        header = self._journal_header()
+        if self.mosaic_path.exists() or self.journal.path.exists():
+            if not resume:
+                raise ResumeError(f"{self.mosaic_path} or {self.journal.path} already exists and "
+                                  f"resume=False; remove them or pass resume=True")
+            events = self.journal.read_and_repair()
+            if not events or events[0] != header:
+                raise ResumeError(f"journal {self.journal.path} was made from a different layout or "
+                                  f"parameters (or is empty); expected header {header['layout']['scan_id']!r} "
+                                  f"with the same grid, poses and parameters")
+            if not self.mosaic_path.exists():
+                raise ResumeError(f"journal {self.journal.path} exists but mosaic {self.mosaic_path} is gone")
+            self._replay(events[1:])
+            self._array = zarr.open_group(str(self.mosaic_path), mode="r+")["image"]
+            return
+        group = zarr.open_group(str(self.mosaic_path), mode="w")
+        self._array = group.create_array("image", shape=(self.height_px, self.width_px, 3),
+                                         chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8",
+                                         fill_value=FILL_VALUE)
+        group.attrs["wsi_mosaic"] = self._mosaic_attributes(complete=False)
+        self.journal.append(header)
+        if self._flat_field is not None:
+            self.journal.append({"type": "flat_field", **self._flat_field.to_json()})
+
+    def _replay(self, events: list[dict]):
+        for event in events:
+            kind = event["type"]
+            if kind == "edge":
+                a, b = tuple(event["a"]), tuple(event["b"])
+                self._registrations[(a, b)] = PairRegistration(
+                    tuple(event["offset_px"]), tuple(event["stage_offset_px"]), event["peak_ratio"],
+                    event["ncc"], event["texture"], tuple(event["overlap_px"]), event["reliable"],
+                    event["reason"])
+            elif kind == "edge_status":
+                self._edge_status[(tuple(event["a"]), tuple(event["b"]))] = {
+                    k: event[k] for k in ("status", "reason", "residual_px")}
+            elif kind == "flat_field":
+                self._flat_field = FlatField.from_json(event)
+            elif kind == "frozen":
+                self._journaled_frozen[tuple(event["cell"])] = (tuple(event["position_px"]), event["placement"])
+            elif kind == "chunks":
+                self._composed.update(tuple(c) for c in event["indices"])
+
+    # ----- tiles ----------------------------------------------------------------------------
+    def _check_tile(self, row: int, col: int, image, stage_x_um: float, stage_y_um: float) -> np.ndarray:
+        cell = (row, col)
+        if cell not in self.layout.nominal_positions_um:
+            raise BadTileError(f"tile ({row}, {col}) is not a planned grid cell of scan {self.layout.scan_id!r}")
+        if cell in self._stage_px:
+            raise DuplicateTileError(f"tile ({row}, {col}) was already received")
+        if self._finished:
+            raise BadTileError(f"tile ({row}, {col}) arrived after finish()")
+        image = np.asarray(image)
+        expected = (self.layout.tile_height_px, self.layout.tile_width_px)
+        if image.dtype != np.uint8:
+            raise BadTileError(f"tile ({row}, {col}) has dtype {image.dtype}; expected uint8")
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[:2] != expected or image.shape[2] != 3:
+            raise BadTileError(f"tile ({row}, {col}) has shape {image.shape}; expected "
+                               f"{expected + (3,)} (RGB) or {expected} (mono)")
+        if not (math.isfinite(stage_x_um) and math.isfinite(stage_y_um)):
+            raise BadTileError(f"tile ({row}, {col}) stage pose ({stage_x_um}, {stage_y_um}) µm is not finite")
+        measured = self._to_mosaic_px(stage_x_um, stage_y_um)
+        nominal = self._nominal_px[cell]
+        deviation = max(abs(measured[0] - nominal[0]), abs(measured[1] - nominal[1]))
+        if deviation > self.parameters.max_position_error_px:
+            raise BadTileError(
+                f"tile ({row}, {col}) stage pose ({stage_x_um:.2f}, {stage_y_um:.2f}) µm is {deviation:.1f} px "
+                f"from its planned position; expected within {self.parameters.max_position_error_px:.1f} px")
+        return image
+
+    def add_tile(self, row: int, col: int, image: np.ndarray, stage_x_um: float, stage_y_um: float) -> int:
+        """Take one tile; returns the number of chunks written as a consequence. Raises BadTileError
+        (nothing changed) for a tile that cannot be used."""
+        image = self._check_tile(row, col, image, stage_x_um, stage_y_um)
+        cell = (row, col)
+        self._stage_px[cell] = self._to_mosaic_px(stage_x_um, stage_y_um)
+        self._images[cell] = image
+        if self.parameters.blending == "sharpness":
+            self._sharpness[cell] = sharpness_map(image)
+        if self.parameters.flat_field == "estimate" and self._flat_field is None:
+            self._thumbnails[cell] = tile_thumbnail(image)
+        for dr, dc in NEIGHBOURS_4:
+            neighbour = (row + dr, col + dc)
+            if neighbour in self._stage_px and neighbour != cell:
+                self._register(cell, neighbour)
+        if cell in self._journaled_frozen:
+            position, placement = self._journaled_frozen[cell]
+            self._freeze(cell, position, placement, journal=False)
+        self._freeze_complete_tiles()
+        written = self._compose_ready_chunks()
+        self._release_images()
+        return written
+
+    def _register(self, cell: Cell, neighbour: Cell):
+        a, b = _edge_key(cell, neighbour)
+        if (a, b) in self._registrations:
+            return
+        stage_a, stage_b = self._stage_px[a], self._stage_px[b]
+        result = register_pair(self._images[a], self._images[b],
+                               (stage_b[0] - stage_a[0], stage_b[1] - stage_a[1]),
+                               self.parameters.registration)
+        self._registrations[(a, b)] = result
+        self.journal.append({"type": "edge", "a": a, "b": b, **asdict(result)})
+
+    def _is_complete(self, cell: Cell) -> bool:
+        if self._finished:
+            return True
+        row, col = cell
+        return all((row + dr, col + dc) in self._stage_px
+                   or (row + dr, col + dc) not in self.layout.nominal_positions_um
+                   for dr, dc in NEIGHBOURS_8)
+
+    def _freeze_complete_tiles(self):
+        unfrozen = [cell for cell in self._stage_px if cell not in self._frozen]
+        complete = [cell for cell in unfrozen if self._is_complete(cell)]
+        if not complete:
+            return
+        links = [Link(a, b, r.offset_px, r.weight) for (a, b), r in self._registrations.items()
+                 if r.reliable and a in self._stage_px and b in self._stage_px
+                 and not (a in self._frozen and b in self._frozen)]
+        solution = solve_positions({cell: self._stage_px[cell] for cell in unfrozen}, links,
+                                   self._frozen, self.parameters.alignment)
+        for key, residual in solution.residuals_px.items():
+            if key not in self._edge_status or self._edge_status[key].get("final") is not True:
+                dropped = key in solution.dropped
+                self._edge_status[key] = {"status": "dropped" if dropped else "kept",
+                                          "reason": "outlier_residual" if dropped else "",
+                                          "residual_px": residual}
+        kept_cells = {cell for key, status in self._edge_status.items()
+                      if status["status"] == "kept" for cell in key}
+        for cell in sorted(complete):
+            placement = "registered" if cell in kept_cells else "stage_position"
+            self._freeze(cell, self._clamped(cell, solution.positions_px[cell]), placement, journal=True)
+
+    def _clamped(self, cell: Cell, position: tuple[float, float]) -> tuple[float, float]:
+        nominal = self._nominal_px[cell]
+        limit = self.parameters.max_position_error_px
+        return tuple(float(min(max(p, n - limit), n + limit)) for p, n in zip(position, nominal))
+
+    def _freeze(self, cell: Cell, position, placement: str, journal: bool):
+        self._frozen[cell] = (float(position[0]), float(position[1]))
+        self._placement[cell] = placement
+        if journal:
+            self.journal.append({"type": "frozen", "cell": cell, "position_px": self._frozen[cell],
+                                 "placement": placement})
+        for dr, dc in NEIGHBOURS_4:
+            key = _edge_key(cell, (cell[0] + dr, cell[1] + dc))
+            if key[0] in self._frozen and key[1] in self._frozen and key in self._registrations:
+                self._finalise_edge(key, journal)
+        for chunk in self._cell_chunks[cell]:
+            self._settle_chunk(chunk)
+
+    def _finalise_edge(self, key, journal: bool):
+        status = self._edge_status.get(key)
+        if status is None or status.get("final"):
+            return
+        status["final"] = True
+        if journal:
+            self.journal.append({"type": "edge_status", "a": key[0], "b": key[1],
+                                 **{k: status[k] for k in ("status", "reason", "residual_px")}})
+
+    def _settle_chunk(self, chunk):
+        self._pending[chunk] -= 1
+        if self._pending[chunk] == 0 and chunk not in self._composed:
+            self._ready.add(chunk)
+
+    # ----- composition ----------------------------------------------------------------------
+    def _ensure_flat_field(self) -> bool:
+        """True once the gain is settled: known, disabled, or (a scan of fewer than 3 tiles) left
+        uncorrected. Inline estimation waits for flat_field_min_tiles tiles."""
+        if self.parameters.flat_field == "none" or self._gain is not None:
+            return True
+        if self._flat_field is None:
+            wanted = max(3, min(self.parameters.flat_field_min_tiles, len(self.layout.nominal_positions_um)))
+            if len(self._thumbnails) < wanted and not self._finished:
+                return False
+            if len(self._thumbnails) < 3:
+                return True
+            self._flat_field = estimate_flat_field(list(self._thumbnails.values()))
+            self.journal.append({"type": "flat_field", **self._flat_field.to_json()})
+        self._thumbnails.clear()
+        self._gain = self._flat_field.gain(self.layout.tile_height_px, self.layout.tile_width_px)
+        return True
+
+    def _compose_ready_chunks(self) -> int:
+        if not self._ready or not self._ensure_flat_field():
+            return 0
+        written = []
+        for chunk in sorted(self._ready):
+            self._write_chunk(chunk)
+            written.append(chunk)
+        self._ready.clear()
+        self._composed.update(written)
+        self.journal.append({"type": "chunks", "indices": written})
+        return len(written)
+
+    def _write_chunk(self, chunk):
+        y0, x0 = chunk[0] * CHUNK_PX, chunk[1] * CHUNK_PX
+        height, width = min(CHUNK_PX, self.height_px - y0), min(CHUNK_PX, self.width_px - x0)
+        tiles = [PlacedTile(self._images[cell], int(round(self._frozen[cell][0])),
+                            int(round(self._frozen[cell][1])), self._sharpness.get(cell))
+                 for cell in self._chunk_cells[chunk] if cell in self._images]
+        block = compose_chunk(y0, x0, height, width, tiles, self._gain, self.parameters.blending,
+                              self._feather_px)
+        self._array[y0:y0 + height, x0:x0 + width, :] = block
+
+    def _release_images(self):
+        for cell in list(self._images):
+            row, col = cell
+            neighbours_done = self._finished or all(
+                (row + dr, col + dc) in self._stage_px or (row + dr, col + dc) not in self.layout.nominal_positions_um
+                for dr, dc in NEIGHBOURS_4)
+            if neighbours_done and all(chunk in self._composed for chunk in self._cell_chunks[cell]):
+                del self._images[cell]
+                self._sharpness.pop(cell, None)
+
+    # ----- end of scan ----------------------------------------------------------------------
+    def finish(self) -> StitchResult:
+        """Treat planned cells that never arrived as absent, place the rest, write what is left,
+        mark the mosaic complete and write the QC report."""
+        if not self._stage_px:
+            raise StitchingError(f"scan {self.layout.scan_id!r}: finish() called before any tile arrived")
+        self._finished = True
+        for cell in self.layout.nominal_positions_um:
+            if cell not in self._stage_px:
+                for chunk in self._cell_chunks[cell]:
+                    self._settle_chunk(chunk)
+        self._freeze_complete_tiles()
+        for key in self._registrations:
+            if key[0] in self._frozen and key[1] in self._frozen:
+                self._finalise_edge(key, journal=True)
+        self._compose_ready_chunks()
+        self._release_images()
+        result = self._write_report()
+        group = zarr.open_group(str(self.mosaic_path), mode="r+")
+        group.attrs["wsi_mosaic"] = self._mosaic_attributes(complete=True)
+        self.journal.append({"type": "finished"})
+        self.journal.close()
+        return result
+
+    def edge_reports(self) -> list[dict]:
+        """Per-pair QC: measured shift against the stage, confidence, residual, kept/dropped and why."""
+        reports = []
+        for (a, b), r in sorted(self._registrations.items()):
+            status = self._edge_status.get((a, b))
+            if not r.reliable:
+                outcome, reason, residual = "dropped", r.reason, None
+            elif status is None:
+                outcome, reason, residual = "pending", "", None
+            else:
+                outcome, reason, residual = status["status"], status["reason"], status["residual_px"]
+            reports.append({
+                "a": list(a), "b": list(b), "stage_offset_px": list(r.stage_offset_px),
+                "measured_offset_px": list(r.offset_px),
+                "shift_from_stage_px": [r.offset_px[0] - r.stage_offset_px[0], r.offset_px[1] - r.stage_offset_px[1]],
+                "peak_ratio": r.peak_ratio if math.isfinite(r.peak_ratio) else None, "ncc": r.ncc,
+                "texture": r.texture, "overlap_px": list(r.overlap_px), "residual_px": residual,
+                "status": outcome, "reason": reason})
+        return reports
+
+    def _write_report(self) -> StitchResult:
+        edges = self.edge_reports()
+        kept_residuals = [e["residual_px"] for e in edges if e["status"] == "kept"]
+        residual_rms = float(np.sqrt(np.mean(np.square(kept_residuals)))) if kept_residuals else 0.0
+        tiles = [{"row": cell[0], "col": cell[1], "stage_px": list(self._stage_px[cell]),
+                  "position_px": list(self._frozen[cell]), "placement": self._placement[cell]}
+                 for cell in sorted(self._frozen)]
+        at_stage = sum(1 for t in tiles if t["placement"] == "stage_position")
+        summary = {"tiles_planned": len(self.layout.nominal_positions_um), "tiles_received": len(self._stage_px),
+                   "tiles_composed": len(self._frozen), "tiles_at_stage_position": at_stage,
+                   "pairs_total": len(edges), "pairs_dropped": sum(e["status"] == "dropped" for e in edges),
+                   "residual_rms_px": residual_rms,
+                   "flat_field": self._flat_field.to_json() if self._flat_field else None}
+        report = {"scan_id": self.layout.scan_id, "mosaic": str(self.mosaic_path),
+                  "pixel_size_um": self.layout.pixel_size_um, "height_px": self.height_px,
+                  "width_px": self.width_px, "blending": self.parameters.blending,
+                  "summary": summary, "tiles": tiles, "edges": edges}
+        temporary = self.report_path.with_name(self.report_path.name + ".tmp")
+        temporary.write_text(json.dumps(report, indent=1))
+        os.replace(temporary, self.report_path)
+        return StitchResult(self.mosaic_path, self.report_path, self.height_px, self.width_px,
+                            self.layout.pixel_size_um, dict(self._frozen), len(self._stage_px),
+                            len(self._frozen), len(edges), summary["pairs_dropped"], at_stage, residual_rms)
+
+    @property
+    def tiles_in_memory(self) -> int:
+        return len(self._images)
+
+
+def remove_mosaic(mosaic_path: str | Path) -> None:
+    """Delete a mosaic with its journal and report (to restart from scratch)."""
+    mosaic_path = Path(mosaic_path)
+    stem = mosaic_path.with_suffix("")
+    shutil.rmtree(mosaic_path, ignore_errors=True)
+    for suffix in (".journal.jsonl", ".registration.json"):
+        stem.with_name(stem.name + suffix).unlink(missing_ok=True)
+
+
+def stitch_manifest(manifest_path: str | Path, output_path: str | Path,
+                    parameters: StitchParameters = StitchParameters(), resume: bool = True) -> StitchResult:
+    """Stitch a finished scan. The flat-field is estimated from all tiles first (a cheap pre-pass on
+    thumbnails), then tiles are fed in row-major order through the same incremental path."""
+    manifest = read_manifest(manifest_path)
+    flat_field = None
+    if parameters.flat_field == "estimate" and not Path(output_path).exists():
+        thumbnails = [tile_thumbnail(load_tile_image(t.image_path)) for t in manifest.tiles]
+        if len(thumbnails) >= 3:
+            flat_field = estimate_flat_field(thumbnails)
+    stitcher = MosaicStitcher(manifest.layout, output_path, parameters, resume=resume, flat_field=flat_field)
+    for tile in sorted(manifest.tiles, key=lambda t: (t.row, t.col)):
+        stitcher.add_tile(tile.row, tile.col, load_tile_image(tile.image_path), tile.x_um, tile.y_um)
+    return stitcher.finish()
