@@ -1,6 +1,6 @@
 import json
 
-from wsi.qc_report import write_qc_report
+from wsi_acquisition.qc_report import write_qc_report
 from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanRequest, ScanRunner
@@ -14,7 +14,8 @@ def test_qc_report_shows_grid_focus_registration_and_timing(tmp_path):
     outcome = ScanRunner(backend, request, estimate_focus=oracle).run()
     registration = tmp_path / "qc" / "mosaic.registration.json"
     registration.write_text(json.dumps({"summary": {"pairs_dropped": 1}, "edges": [
-        {"kept": True, "residual_px": 0.2}, {"kept": True, "residual_px": 0.4}, {"kept": False, "residual_px": 9.0}]}))
+        {"status": "kept", "residual_px": 0.2}, {"status": "kept", "residual_px": 0.4},
+        {"status": "dropped", "residual_px": None}]}))
     index = write_qc_report(outcome.manifest_path, registration, outputs={"manifest": outcome.manifest_path})
     page = index.read_text()
     for png in ("overview_grid.png", "focus_heatmap.png", "registration_residuals.png", "timing.png"):

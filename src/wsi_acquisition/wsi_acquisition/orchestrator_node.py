@@ -6,19 +6,22 @@ with inline autofocus it waits for the autofocus node's FocusEstimate of each ti
 import re
 import threading
 import time
+from pathlib import Path
 
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from action_msgs.msg import GoalStatus
+from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 
+from wsi_acquisition.qc_report import write_qc_report
 from wsi_acquisition.scan import (FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanProgress, ScanRequest,
                                   ScanRunner, State)
 from wsi_common.image import array_to_image
 from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
-from wsi_interfaces.action import ScanSlide
-from wsi_interfaces.msg import FocusEstimate, ScanPlan, ScanStatus, Tile, TileIndex
+from wsi_interfaces.action import ExportSlide, ScanSlide
+from wsi_interfaces.msg import FocusEstimate, MosaicStatus, ScanPlan, ScanStatus, Tile, TileIndex
 
 PARAMETERS = {
     "output_root": ("out", "scans are written under this directory; goals may name a sub-directory of it"),
@@ -28,6 +31,9 @@ PARAMETERS = {
     "inline_autofocus": (True, "correct focus from the autofocus node's estimates when one is running"),
     "autofocus_timeout_s": (5.0, "how long to wait for a tile's FocusEstimate before going on without it"),
     "save_tiles": (True, "also save every tile as TIFF beside the manifest"),
+    "stitch_timeout_s": (900.0, "how long to wait after the last tile for the stitching node's final mosaic"),
+    "export_timeout_s": (3600.0, "how long an export may take"),
+    "qc_report": (True, "write the QC report (qc/index.html) beside the manifest after every scan"),
 }
 
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -51,6 +57,10 @@ class ScanOrchestratorNode(Node):
         self._estimates: dict[tuple[str, int], FocusEstimate] = {}
         self._estimate_arrived = threading.Condition()
         self.create_subscription(FocusEstimate, "focus_estimates", self._on_estimate, EVENT_QOS, callback_group=group)
+        self._mosaics: dict[str, MosaicStatus] = {}
+        self._mosaic_arrived = threading.Condition()
+        self.create_subscription(MosaicStatus, "mosaic/status", self._on_mosaic, LATCHED_QOS, callback_group=group)
+        self._export = ActionClient(self, ExportSlide, "export_slide", callback_group=group)
         self._server = ActionServer(self, ScanSlide, "scan_slide", execute_callback=self._execute,
                                     goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
                                     callback_group=group)
@@ -64,8 +74,6 @@ class ScanOrchestratorNode(Node):
         unknown = [f for f in goal.output_formats if f not in OUTPUT_FORMATS]
         if unknown:
             raise GoalError(f"unknown output formats {unknown}; expected any of {OUTPUT_FORMATS}")
-        if goal.output_formats:
-            raise GoalError("output_formats needs the stitching and export nodes, which this graph does not run yet")
         if goal.pixel_size_um != 0.0:
             raise GoalError(f"pixel_size_um {goal.pixel_size_um}: tiles are taken at the objective's native "
                             "pixel size; give 0 and choose the objective")
@@ -131,7 +139,66 @@ class ScanOrchestratorNode(Node):
             result.scanned_area_mm2 = len({(r.row, r.col) for r in outcome.records}) * fov_w * fov_h / 1e6
         result.tiles_captured = len(outcome.records)
         result.refocus_count = outcome.refocus_count
+        mosaic = None
+        if code == ScanErrorCode.NONE and goal_handle.request.output_formats:
+            goal_handle.publish_feedback(ScanSlide.Feedback(state=int(State.FINISHING), tiles_done=result.tiles_planned,
+                                                            tiles_total=result.tiles_planned))
+            code, message, mosaic = self._produce_outputs(request, runner, goal_handle.request.output_formats, result)
+        if self.params["qc_report"] and outcome.records:
+            self._write_qc(runner, mosaic, result)
         return self._finish(goal_handle, result, code, message, started)
+
+    # -- stitching, export and QC after the tiles -------------------------------------------------
+    def _produce_outputs(self, request: ScanRequest, runner: ScanRunner, formats, result):
+        """Wait for the stitching node's final mosaic, then export it; (code, message, mosaic status)."""
+        if self.count_publishers("mosaic/status") == 0:
+            return ScanErrorCode.STITCHING, "output formats need a stitching node, and none is running", None
+        with self._mosaic_arrived:
+            finished = self._mosaic_arrived.wait_for(
+                lambda: request.scan_id in self._mosaics and self._mosaics[request.scan_id].finished,
+                timeout=self.params["stitch_timeout_s"])
+            mosaic = self._mosaics.get(request.scan_id)
+        if not finished:
+            return ScanErrorCode.STITCHING, f"no final mosaic within {self.params['stitch_timeout_s']:.0f} s", mosaic
+        if not mosaic.success:
+            return ScanErrorCode.STITCHING, mosaic.error, mosaic
+        result.mosaic_uri = mosaic.mosaic_uri
+        if not self._export.wait_for_server(timeout_sec=10.0):
+            return ScanErrorCode.EXPORT, "output formats need an export node, and none answers", mosaic
+        goal = ExportSlide.Goal(mosaic_uri=mosaic.mosaic_uri, output_dir=str(runner.scan_dir),
+                                output_name=request.scan_id, formats=list(formats), write_thumbnail=True)
+        response = self._wait(self._export.send_goal_async(goal), 30.0)
+        if response is None or not response.accepted:
+            return ScanErrorCode.EXPORT, "the export node refused the export goal (its log says why)", mosaic
+        outcome = self._wait(response.get_result_async(), self.params["export_timeout_s"])
+        if outcome is None:
+            return ScanErrorCode.EXPORT, f"export did not finish within {self.params['export_timeout_s']:.0f} s", mosaic
+        if outcome.status != GoalStatus.STATUS_SUCCEEDED:
+            return ScanErrorCode.EXPORT, outcome.result.error_message, mosaic
+        result.output_uris = list(outcome.result.output_paths)
+        return ScanErrorCode.NONE, "", mosaic
+
+    @staticmethod
+    def _wait(future, timeout_s: float):
+        """Result of a future completed by another executor thread, or None after the timeout."""
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        return future.result() if done.wait(timeout_s) else None
+
+    def _write_qc(self, runner: ScanRunner, mosaic, result) -> None:
+        outputs = {Path(uri).name: Path(uri) for uri in result.output_uris}
+        report = Path(mosaic.report_uri) if mosaic is not None and mosaic.report_uri else None
+        try:
+            index = write_qc_report(runner.outcome.manifest_path, report, outputs)
+        except (OSError, ValueError, KeyError) as error:
+            self.get_logger().error(f"QC report of scan {result.scan_id} could not be written: {error}")
+            return
+        self.get_logger().info(f"QC report: {index}")
+
+    def _on_mosaic(self, msg: MosaicStatus) -> None:
+        with self._mosaic_arrived:
+            self._mosaics[msg.scan_id] = msg
+            self._mosaic_arrived.notify_all()
 
     def _finish(self, goal_handle, result, code: ScanErrorCode, message: str, started: float):
         result.error_code, result.error_message = int(code), message
@@ -168,6 +235,8 @@ class ScanOrchestratorNode(Node):
         msg = ScanPlan(scan_id=request.scan_id, output_dir=str(runner.scan_dir), rows=plan.rows, cols=plan.cols,
                        tiles=[TileIndex(row=t.row, col=t.col) for t in plan.tiles], tile_width_px=width,
                        tile_height_px=height, pixel_size_um=pixel, overlap_fraction=plan.overlap_fraction,
+                       objective_magnification=self.backend.objective_magnification,
+                       numerical_aperture=self.backend.numerical_aperture(),
                        origin_x_um=plan.origin_x_um - width * pixel / 2,
                        origin_y_um=plan.origin_y_um - height * pixel / 2,
                        step_x_um=plan.step_x_um, step_y_um=plan.step_y_um,

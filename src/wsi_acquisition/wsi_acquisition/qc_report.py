@@ -103,10 +103,10 @@ def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
     if not report or not report.get("edges"):
         return None
     edges = report["edges"]
-    kept = [e["residual_px"] for e in edges if e.get("kept") and e.get("residual_px") is not None]
+    kept = [e["residual_px"] for e in edges if e.get("status") == "kept" and e.get("residual_px") is not None]
     figure, axis = plt.subplots(figsize=(5, 3.2))
     axis.hist(kept, bins=30, color="tab:green")
-    dropped = sum(1 for e in edges if not e.get("kept"))
+    dropped = sum(1 for e in edges if e.get("status") == "dropped")
     axis.set(xlabel="residual after global alignment (px)", ylabel="tile pairs",
              title=f"Registration: {len(kept)} pairs kept, {dropped} dropped")
     path = output / "registration_residuals.png"

@@ -34,6 +34,8 @@ class ScanErrorCode(enum.IntEnum):
     CAMERA = 3
     NO_TISSUE = 4
     STORAGE = 5
+    STITCHING = 6
+    EXPORT = 7
     CANCELED = 8
     INTERNAL = 9
 

@@ -33,6 +33,7 @@ class PlannedScan:
     step_y_um: float
     objective_magnification: float = 0.0
     numerical_aperture: float = 0.0
+    acquisition_datetime: str = ""      # ISO 8601, when the scan started
 
     def layout(self) -> TileGridLayout:
         """Nominal positions are field-of-view centres, like the tiles' stage poses."""
@@ -41,7 +42,8 @@ class PlannedScan:
         positions = {(r, c): (self.origin_x_um + half_w + c * self.step_x_um,
                               self.origin_y_um + half_h + r * self.step_y_um) for r, c in self.cells}
         return TileGridLayout(self.scan_id, self.rows, self.cols, self.tile_height_px, self.tile_width_px,
-                              self.pixel_size_um, positions, self.objective_magnification, self.numerical_aperture)
+                              self.pixel_size_um, positions, self.objective_magnification, self.numerical_aperture,
+                              self.acquisition_datetime)
 
 
 @dataclass

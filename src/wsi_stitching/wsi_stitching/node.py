@@ -7,6 +7,7 @@ reported and skipped.
 """
 import queue
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -36,7 +37,9 @@ TERMINAL_STATES = (ScanStatus.STATE_SUCCEEDED, ScanStatus.STATE_CANCELED, ScanSt
 def planned_scan(msg: ScanPlan) -> PlannedScan:
     return PlannedScan(msg.scan_id, msg.rows, msg.cols, [(t.row, t.col) for t in msg.tiles], msg.tile_width_px,
                        msg.tile_height_px, msg.pixel_size_um, msg.origin_x_um, msg.origin_y_um, msg.step_x_um,
-                       msg.step_y_um)
+                       msg.step_y_um, msg.objective_magnification, msg.numerical_aperture,
+                       datetime.fromtimestamp(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9,
+                                              tz=timezone.utc).isoformat(timespec="seconds"))
 
 
 class StitchingNode(Node):
