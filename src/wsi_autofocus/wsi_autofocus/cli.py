@@ -32,7 +32,7 @@ def command_train(args) -> int:
 
     splits = {name: data.load(args.data_dir / f"{name}.npz") for name in ("train", "val")}
     config = TrainingConfig(time_budget_s=args.time_budget, epochs=args.epochs, seed=args.seed)
-    result = train(splits["train"], splits["val"], config, args.output)
+    result = train(splits["train"], splits["val"], config, args.output, log=lambda line: print(line, flush=True))
     print(f"best validation loss {result['best_val_loss']:.4f}; model written to {args.output}")
     return 0
 
