@@ -9,7 +9,11 @@ from action_msgs.msg import GoalStatus
 
 from wsi.actions import ActionCaller
 from wsi.graph import GraphConfig, scan_graph
+from diagnostic_msgs.msg import DiagnosticArray
+
+from wsi_common.qos import EVENT_QOS
 from wsi_interfaces.action import ScanSlide
+from wsi_interfaces.msg import ScanStatus
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -21,6 +25,8 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
         if spec.name == "microscope":
             spec.parameters.update(camera_width_px=512, camera_height_px=512)
     run_nodes(graph)
+    diagnostics = []
+    ros_node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, EVENT_QOS)
     scanner = ActionCaller(ros_node, ScanSlide, "scan_slide")
     scanner.wait_for_server(timeout_s=30)
     goal = ScanSlide.Goal(scan_id="pipeline", region_x_um=43_000.0, region_y_um=12_000.0, region_width_um=700.0,
@@ -44,4 +50,7 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
     qc = scan_dir / "qc" / "index.html"
     page = qc.read_text()
     assert "registration_residuals.png" in page and "focus_heatmap.png" in page and "pipeline.ome.tif" in page
-    assert any(f.state == ScanSlide.Feedback().state + 5 for f in outcome.feedback)   # FINISHING was reported
+    assert any(f.state == ScanStatus.STATE_FINISHING for f in outcome.feedback)
+    reporting = {status.hardware_id: status for array in diagnostics for status in array.status}
+    assert {"microscope", "stitching"} <= set(reporting)
+    assert {kv.key for kv in reporting["microscope"].values} >= {"connected", "busy", "stage_position_um"}

@@ -3,6 +3,7 @@
     wsi launch [--sim true] [--slide 0] [--output-dir out] [--namespace ns] ...
     wsi scan   [--attach] [--region X Y W H | --auto] [--objective 20] ...   scan with a progress bar
     wsi smoke  [--attach]       start the graph (or use a running one) and run a round trip through it
+    wsi play   BAG [--rate 1] [--topics T ...] [--loop]   replay a recorded bag
 """
 import argparse
 import math
@@ -13,9 +14,10 @@ from contextlib import nullcontext
 import rclpy
 from action_msgs.msg import GoalStatus
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 
 from wsi.actions import ActionCallError, ActionCaller
-from wsi import scan_client
+from wsi import player, scan_client
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
 from wsi_common.supervisor import NodeDiedError, Supervisor
 from wsi_interfaces.action import MoveStage, ScanSlide
@@ -122,6 +124,30 @@ def run_scan(args: argparse.Namespace) -> int:
     return scan_client.exit_code(status)
 
 
+def run_play(args: argparse.Namespace) -> int:
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        report = player.play(args.bag, rate=args.rate, topics=args.topics, loop=args.loop,
+                             wait_for_subscribers=args.wait_for_subscribers, wait_timeout_s=args.wait_timeout)
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except player.NoSubscriberError as error:
+        print(f"wsi play: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        rclpy.try_shutdown()
+    counts = ", ".join(f"{topic}: {count}" for topic, count in report.published.items())
+    stopped = " (stopped by Ctrl-C)" if report.interrupted else ""
+    print(f"wsi play: published {report.total} messages in {report.seconds:.2f} s{stopped} ({counts})")
+    for topic in report.unacknowledged:
+        print(f"wsi play: not every subscriber of {topic} acknowledged the last messages", file=sys.stderr)
+    if report.problems:
+        print(f"wsi play: damaged bag {args.bag}; replayed what was readable. "
+              f"{'; '.join(report.problems)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 FOCUS_STRATEGIES = {"none": ScanSlide.Goal.FOCUS_NONE, "map": ScanSlide.Goal.FOCUS_MAP,
                     "map-inline": ScanSlide.Goal.FOCUS_MAP_INLINE}
 
@@ -143,7 +169,8 @@ def main(argv=None) -> int:
     scan.add_argument("--objective", type=float, default=20.0, help="objective magnification (10, 20, 40)")
     scan.add_argument("--focus", choices=sorted(FOCUS_STRATEGIES), default="map-inline")
     scan.add_argument("--scan-id", default="", help="name of the scan (default: from the time)")
-    scan.add_argument("--formats", nargs="*", default=[], help="outputs besides the tiles: ome-tiff ome-zarr")
+    scan.add_argument("--formats", nargs="*", default=["ome-tiff", "ome-zarr"],
+                      help="exports of the stitched mosaic (default: ome-tiff ome-zarr; none: tiles and manifest only)")
     scan.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the graph to answer")
     scan.add_argument("--node-log", type=argparse.FileType("a"), default=sys.stderr,
                       help="where the nodes' own log lines go (default: stderr)")
@@ -153,6 +180,16 @@ def main(argv=None) -> int:
     smoke.add_argument("--attach", action="store_true", help="use an already running graph")
     smoke.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
     smoke.set_defaults(run=run_smoke)
+    play = commands.add_parser("play", help="replay a recorded bag (rosbag2, MCAP) onto the ROS graph")
+    play.add_argument("bag", help="bag directory or .mcap file")
+    play.add_argument("--rate", type=float, default=1.0,
+                      help="speed factor of the recorded timing; 0 = as fast as possible, in order")
+    play.add_argument("--topics", nargs="+", default=None, help="replay only these topics (default: all)")
+    play.add_argument("--loop", action="store_true", help="replay again from the start until Ctrl-C")
+    play.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
+                      help="before replaying, wait until every replayed topic has N subscribers")
+    play.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for them")
+    play.set_defaults(run=run_play)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
@@ -18,9 +17,9 @@ from wsi_acquisition.orchestrator_node import ScanOrchestratorNode
 from wsi_acquisition.specimen import ImageSpecimen, SpecimenError
 from wsi_acquisition.stage import StageFault, StageLimits
 from wsi_acquisition.stage_node import StageNode
+from wsi_common.diagnostics import ERROR, OK, DiagnosticsPublisher
 from wsi_common.node_main import NodeConfigurationError, spin_nodes
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS
 
 PARAMETERS = {
     "backend": ("sim", "hardware backend: 'sim' (virtual microscope), 'micromanager' (load mm_config), "
@@ -100,13 +99,12 @@ class MicroscopeNode(Node):
         except (ValueError, RuntimeError) as error:     # bad parameters, or hardware failing at start-up
             raise NodeConfigurationError(str(error)) from error
         self.hardware_lock = threading.Lock()
-        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
-        self.create_timer(p["diagnostics_period_s"], self._publish_diagnostics)
+        DiagnosticsPublisher(self, "microscope", p["diagnostics_period_s"], self._diagnostics)
         width, height = self.backend.sensor_size_px()
         self.get_logger().info(f"microscope ready: backend {p['backend']}, "
                                f"{self.backend.objective_magnification:g}x, {width}x{height} px")
 
-    def _publish_diagnostics(self) -> None:
+    def _diagnostics(self):
         fault = getattr(self.backend.stage, "fault", "")
         try:
             position = ", ".join(f"{v:.2f}" for v in self.backend.stage.position_um())
@@ -115,13 +113,7 @@ class MicroscopeNode(Node):
         values = {"backend": self.params["backend"], "connected": "false" if position == "unknown" else "true",
                   "busy": str(self.hardware_lock.locked()),
                   "objective": f"{self.backend.objective_magnification:g}x", "stage_position_um": position}
-        status = DiagnosticStatus(level=DiagnosticStatus.ERROR if fault else DiagnosticStatus.OK,
-                                  name=self.get_fully_qualified_name(), hardware_id="microscope",
-                                  message=fault or "connected",
-                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+        return (ERROR if fault else OK), fault or "connected", values
 
 
 def make_nodes() -> list[Node]:

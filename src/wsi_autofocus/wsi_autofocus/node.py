@@ -8,12 +8,12 @@ import queue
 import threading
 import time
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
 from wsi_autofocus.inference import BackendUnavailableError, FocusEstimator, FocusInputError, load_backend
+from wsi_common.diagnostics import OK, DiagnosticsPublisher
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
@@ -48,11 +48,10 @@ class AutofocusNode(Node):
             self.get_logger().info(f"backend skipped: {reason}")
         self._queue: queue.Queue[Tile] = queue.Queue()
         self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
-        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
         self.create_subscription(Tile, "tiles", self._queue.put, TILE_QOS)
         self.create_service(EstimateFocus, "estimate_focus", self._serve,
                             callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_timer(self.params["diagnostics_period_s"], self._publish_diagnostics)
+        DiagnosticsPublisher(self, "autofocus", self.params["diagnostics_period_s"], self._diagnostics)
         self._stats_lock = threading.Lock()
         self._evaluated = self._rejected = 0
         self._last_latency_ms = 0.0
@@ -115,18 +114,12 @@ class AutofocusNode(Node):
         response.inference_latency_ms = result.latency_ms
         return response
 
-    def _publish_diagnostics(self) -> None:
+    def _diagnostics(self):
         with self._stats_lock:
-            values = {"backend": self.estimator.backend.name, "model": self.estimator.model_id,
-                      "queue_depth": str(self._queue.qsize()), "tiles_evaluated": str(self._evaluated),
-                      "tiles_rejected": str(self._rejected),
-                      "inference_latency_ms": f"{self._last_latency_ms:.1f}"}
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_fully_qualified_name()}",
-                                  hardware_id="autofocus", message="running",
-                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+            return OK, "running", {"backend": self.estimator.backend.name, "model": self.estimator.model_id,
+                                   "queue_depth": self._queue.qsize(), "tiles_evaluated": self._evaluated,
+                                   "tiles_rejected": self._rejected,
+                                   "inference_latency_ms": f"{self._last_latency_ms:.1f}"}
 
     def destroy_node(self):
         self._running = False

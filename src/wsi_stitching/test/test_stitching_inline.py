@@ -67,3 +67,16 @@ def test_tiles_lost_in_transport_are_read_from_the_scan_files(scan, tmp_path):
     np.testing.assert_array_equal(recovered, full)
     manifest = json.loads(outcome.manifest_path.read_text())
     assert manifest["status"] == "complete"
+
+
+def test_a_bad_tile_is_reported_and_skipped(scan, tmp_path):
+    outcome, planned, published = scan
+    session = InlineStitch(planned, tmp_path / "mosaic.zarr")
+    first_cell = (published[0][0].row, published[0][0].col)
+    second, image = next((r, i) for r, i in published if (r.row, r.col) != first_cell)
+    session.offer(900, second.row, second.col, image[:100], second.measured_x_um, second.measured_y_um)
+    for record, pixels in published:     # the first tile (another cell) makes the bad one be used
+        session.offer(record.sequence, record.row, record.col, pixels, record.measured_x_um, record.measured_y_um)
+    result = session.finish(outcome.manifest_path)
+    assert len(session.rejected) == 1 and session.rejected[0].startswith(f"tile #900 ({second.row}, {second.col})")
+    assert result.tiles_composed == len(planned.cells)

@@ -10,10 +10,10 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
+from wsi_common.diagnostics import OK, DiagnosticsPublisher
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
@@ -53,11 +53,10 @@ class StitchingNode(Node):
             raise NodeConfigurationError(str(error)) from error
         self._work: queue.Queue = queue.Queue()
         self._status_pub = self.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
-        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
         self.create_subscription(ScanPlan, "scan/plan", lambda m: self._work.put(("plan", m)), LATCHED_QOS)
         self.create_subscription(Tile, "tiles", lambda m: self._work.put(("tile", m)), TILE_QOS)
         self.create_subscription(ScanStatus, "scan/status", self._on_status, EVENT_QOS)
-        self.create_timer(self.params["diagnostics_period_s"], self._publish_diagnostics)
+        DiagnosticsPublisher(self, "stitching", self.params["diagnostics_period_s"], self._diagnostics)
         self._session: InlineStitch | None = None
         self._plan: ScanPlan | None = None
         self._received = 0
@@ -140,16 +139,11 @@ class StitchingNode(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(msg)
 
-    def _publish_diagnostics(self) -> None:
-        values = {"queue_depth": str(self._work.qsize()), "scan": self._plan.scan_id if self._plan else "",
-                  "tiles_received": str(self._received),
-                  "tiles_rejected": str(len(self._session.rejected)) if self._session else "0"}
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name=self.get_fully_qualified_name(),
-                                  hardware_id="stitching", message="stitching" if self._session else "idle",
-                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+    def _diagnostics(self):
+        session = self._session
+        return OK, "stitching" if session else "idle", {
+            "queue_depth": self._work.qsize(), "scan": self._plan.scan_id if self._plan else "",
+            "tiles_received": self._received, "tiles_rejected": len(session.rejected) if session else 0}
 
     def destroy_node(self):
         self._running = False

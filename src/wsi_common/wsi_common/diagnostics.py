@@ -1,0 +1,27 @@
+"""/diagnostics for every WSI node: one status per node, with its own key/value readings."""
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+from wsi_common.qos import EVENT_QOS
+
+
+class DiagnosticsPublisher:
+    """Publishes `collect()` -> (level, message, {key: value}) every `period_s` on /diagnostics."""
+
+    def __init__(self, node, hardware_id: str, period_s: float, collect):
+        self._node = node
+        self._hardware_id = hardware_id
+        self._collect = collect
+        self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
+        node.create_timer(period_s, self.publish)
+
+    def publish(self) -> None:
+        level, message, values = self._collect()
+        status = DiagnosticStatus(level=level, name=self._node.get_fully_qualified_name(),
+                                  hardware_id=self._hardware_id, message=message,
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self._node.get_clock().now().to_msg()
+        self._publisher.publish(array)
+
+
+OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
