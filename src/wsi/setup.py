@@ -13,5 +13,5 @@ setup(
     ],
     install_requires=["setuptools"],
     zip_safe=False,
-    entry_points={"console_scripts": ["wsi = wsi.cli:main"]},
+    entry_points={"console_scripts": ["wsi = wsi.cli:main", "recorder_node = wsi.recorder_node:main"]},
 )

@@ -1,5 +1,7 @@
 """The WSI node graph, described once. `launch/scan.launch.py` and `wsi launch` both build from it."""
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import PurePath
 
 from wsi_common.supervisor import NodeSpec
 
@@ -56,9 +58,29 @@ def scan_graph(config: GraphConfig) -> list[NodeSpec]:
     """Every node of one scanner, with its parameters and remappings."""
     if not config.sim:
         raise ValueError("sim=false needs a hardware backend; the Micro-Manager backend is not available yet")
-    return [
+    namespace, output = config.namespace, config.output_dir
+    specs = [
         NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
-                 module="wsi_acquisition.microscope_node", namespace=config.namespace, single_node=False,
+                 module="wsi_acquisition.microscope_node", namespace=namespace, single_node=False,
                  parameters={"backend": "sim", "sim_slide": config.slide, "sim_speedup": config.sim_speedup,
-                             "output_root": config.output_dir}),
+                             "output_root": output}),
+        NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
+                 module="wsi_autofocus.node", namespace=namespace,
+                 parameters={"backend": config.autofocus_backend}),
+        NodeSpec(name="stitching", package="wsi_stitching", executable="stitching_node",
+                 module="wsi_stitching.node", namespace=namespace, parameters={"output_root": output}),
+        NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
+                 namespace=namespace, parameters={"output_root": output, "mosaic_root": output}),
     ]
+    if config.record:
+        specs.append(NodeSpec(name="recorder", package="wsi", executable="recorder_node",
+                              module="wsi.recorder_node", namespace=config.namespace,
+                              parameters={"bag_path": bag_path(config)}))
+    return specs
+
+
+def bag_path(config: GraphConfig, now: datetime | None = None) -> str:
+    """`<output_dir>/bags/<UTC time>[_<namespace>]`: a new directory per run and per scanner."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    suffix = f"_{config.namespace.strip('/').replace('/', '_')}" if config.namespace.strip("/") else ""
+    return str(PurePath(config.output_dir) / "bags" / f"{stamp}{suffix}")
