@@ -26,11 +26,11 @@ bench: $(VENV)/.built
 	$(PY) bench/transport.py
 	$(PY) bench/autofocus.py
 
-# Reproduces the shipped focus model: render the data, train (<= 40 min on 2 cores), export,
+# Reproduces the shipped focus model: render the data, train (30 min on 2 cores), export,
 # evaluate on held-out specimens, write the model card. Run `make build` after it to install it.
 train-autofocus: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
-	$(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR)
+	$(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --time-budget 1800
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)

@@ -13,7 +13,7 @@ from wsi_autofocus.training import InlineFocusDataset
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_architecture_maps_patches_to_defocus_and_log_variance(name):
-    model = build_model(name).eval()
+    model = build_model(name, 64).eval()
     with torch.inference_mode():
         output = model(torch.rand(3, 3, 64, 64))
     assert output.shape == (3, 2) and torch.isfinite(output).all()
@@ -25,7 +25,7 @@ def test_unknown_architecture_names_the_choices():
 
 
 def test_exposure_does_not_change_the_prediction():
-    model = build_model("resnet_small").eval()
+    model = build_model("resnet_small", 64).eval()
     patch = torch.rand(1, 3, 64, 64) * 0.5 + 0.2
     with torch.inference_mode():
         np.testing.assert_allclose(model(patch).numpy(), model(patch * 1.4).numpy(), rtol=1e-3, atol=1e-4)

@@ -2,7 +2,14 @@
 
 The network maps one RGB patch to a signed defocus (µm) and a log-variance, trained with a Gaussian
 negative log-likelihood so that it says how unsure it is (large on empty or sparse fields).
+
+Besides the ResNet on pixels, a spectral branch sees each channel's radially averaged log power
+spectrum: above and below focus the objective's aberrations put the zeros of the transfer function
+at different frequencies, a cue that is independent of the specimen and that a CNN on pixels finds
+only slowly. The spectrum is computed with fixed DFT matrices (plain matrix products), so the model
+exports to ONNX and TensorRT unchanged.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,18 +66,47 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class RadialLogSpectrum(nn.Module):
+    """(N, C, P, P) patches -> (N, C, bins) log power, radially averaged up to the Nyquist frequency."""
+
+    def __init__(self, patch_px: int, bins: int = 32):
+        super().__init__()
+        n = torch.arange(patch_px, dtype=torch.float64)
+        angle = 2 * math.pi * torch.outer(n, n) / patch_px
+        self.register_buffer("cos", torch.cos(angle).float())
+        self.register_buffer("sin", torch.sin(angle).float())
+        window = torch.hann_window(patch_px, periodic=False, dtype=torch.float64)
+        self.register_buffer("window", torch.outer(window, window).float())
+        frequency = torch.fft.fftfreq(patch_px, dtype=torch.float64)
+        radius = torch.sqrt(frequency[:, None] ** 2 + frequency[None, :] ** 2) / 0.5
+        index = torch.clamp((radius * bins).long(), max=bins)            # bin `bins`: beyond Nyquist
+        weights = torch.nn.functional.one_hot(index.flatten(), bins + 1)[:, :bins].double()
+        self.register_buffer("binning", (weights / weights.sum(0).clamp_min(1)).float())
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = (patches - patches.mean(dim=(2, 3), keepdim=True)) * self.window
+        real = self.cos @ x @ self.cos - self.sin @ x @ self.sin
+        imaginary = self.sin @ x @ self.cos + self.cos @ x @ self.sin
+        power = (real * real + imaginary * imaginary).flatten(2)
+        return torch.log(power @ self.binning + 1e-6)
+
+
 class FocusRegressor(nn.Module):
     """ResNet backbone + head predicting (defocus_um, log_variance) per patch.
 
-    Input: float tensor (N, 3, H, W), RGB in [0, 1]. Each patch is divided by its own mean inside the
+    Input: float tensor (N, 3, P, P), RGB in [0, 1], P = patch_px. Each patch is divided by its own mean inside the
     network, so exposure does not shift the answer while contrast (a defocus cue) is kept, and the
     exported ONNX/TorchScript models take raw [0, 1] pixels.
     """
 
-    def __init__(self, arch: Architecture, defocus_scale_um: float = 10.0):
+    def __init__(self, arch: Architecture, patch_px: int, defocus_scale_um: float = 10.0, spectrum_bins: int = 32):
         super().__init__()
         self.arch = arch
+        self.patch_px = patch_px
         self.defocus_scale_um = defocus_scale_um
+        self.spectrum = RadialLogSpectrum(patch_px, spectrum_bins)
+        self.spectral_features = nn.Sequential(nn.Linear(3 * spectrum_bins, 96), nn.ReLU(inplace=True),
+                                               nn.Linear(96, 64), nn.ReLU(inplace=True))
         # The first layer keeps full resolution: defocus lives in the finest spatial frequencies.
         self.stem = nn.Sequential(
             nn.Conv2d(3, arch.stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem_width),
@@ -84,19 +120,20 @@ class FocusRegressor(nn.Module):
                 in_channels = width
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(in_channels, 2)
+        self.head = nn.Linear(in_channels + 64, 2)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        mean = patches.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
-        features = self.pool(self.stages(self.stem(patches / mean - 1.0))).flatten(1)
-        raw = self.head(features)
+        normalised = patches / patches.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3) - 1.0
+        spatial = self.pool(self.stages(self.stem(normalised))).flatten(1)
+        spectral = self.spectral_features(self.spectrum(normalised).flatten(1))
+        raw = self.head(torch.cat([spatial, spectral], dim=1))
         defocus = raw[:, 0] * self.defocus_scale_um
         log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * torch.log(torch.tensor(self.defocus_scale_um))
         return torch.stack([defocus, log_variance], dim=1)
 
 
-def build_model(name: str) -> FocusRegressor:
-    return FocusRegressor(architecture(name))
+def build_model(name: str, patch_px: int) -> FocusRegressor:
+    return FocusRegressor(architecture(name), patch_px)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -95,7 +95,8 @@ def evaluate_loss(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
 
 def save_checkpoint(model: FocusRegressor, path: Path, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"architecture": model.arch.to_dict(), "defocus_scale_um": model.defocus_scale_um,
+    torch.save({"architecture": model.arch.to_dict(), "patch_px": model.patch_px,
+                "defocus_scale_um": model.defocus_scale_um,
                 "state_dict": model.state_dict(), "metadata": metadata}, path)
 
 
@@ -103,7 +104,7 @@ def load_checkpoint(path: Path) -> FocusRegressor:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     arch = checkpoint["architecture"]
     model = FocusRegressor(Architecture(arch["name"], tuple(arch["blocks_per_stage"]), tuple(arch["widths"]),
-                                        arch["stem_width"]), checkpoint["defocus_scale_um"])
+                                        arch["stem_width"]), checkpoint["patch_px"], checkpoint["defocus_scale_um"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
@@ -112,7 +113,7 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
     """Train, keep the best checkpoint by validation loss, export it; return the training history."""
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
-    model = build_model(config.architecture)
+    model = build_model(config.architecture, config.patch_px)
     train_set = InlineFocusDataset(train_data["patches"], train_data["defocus_um"], augment=True, seed=config.seed)
     val_set = InlineFocusDataset(val_data["patches"], val_data["defocus_um"], augment=False)
     generator = torch.Generator().manual_seed(config.seed)
