@@ -27,6 +27,8 @@ from wsi_stitching.stitcher import StitchParameters
 PARAMETERS = {
     "output_root": ("out", "mosaics are written into the scan's directory, which must lie under this root"),
     "mosaic_name": ("mosaic.zarr", "name of the mosaic inside the scan directory"),
+    "mosaic_dir": ("", "write mosaics to <mosaic_dir>/<scan_id>/ instead of the scan's own directory "
+                       "(re-stitching a replayed bag beside the original); must lie under output_root"),
     "blending": ("feather", "overlap blending: feather, none or sharpness"),
     "flat_field": ("estimate", "vignetting correction: 'estimate' from the tiles, or 'none'"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
@@ -82,9 +84,12 @@ class StitchingNode(Node):
             return
         try:
             scan_dir = resolve_under(self.params["output_root"], plan.output_dir)
+            if self.params["mosaic_dir"]:
+                scan_dir = resolve_under(self.params["output_root"], self.params["mosaic_dir"]) / plan.scan_id
+                scan_dir.mkdir(parents=True, exist_ok=True)
             self._session = InlineStitch(planned_scan(plan), scan_dir / self.params["mosaic_name"],
                                          self.stitch_parameters)
-        except (OutsideRootError, StitchingError) as error:
+        except (OutsideRootError, StitchingError, OSError) as error:
             self._session = None
             self._publish(plan.scan_id, finished=True, error=f"cannot stitch scan {plan.scan_id}: {error}")
             return
