@@ -14,6 +14,12 @@ import tifffile
 REPORT_DIR = "qc"
 
 
+def _save(figure, path: Path, plt) -> Path:
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
 def _final_captures(tiles: list[dict]) -> dict[tuple[int, int], dict]:
     """The last capture of every grid cell (a re-capture supersedes the first)."""
     final = {}
@@ -54,10 +60,7 @@ def _plot_overview(manifest: dict, scan_dir: Path, output: Path, plt) -> Path | 
     axis.set_ylim(max(ys) + fov_h / 2 + margin, min(ys) - fov_h / 2 - margin)
     axis.set(xlabel="stage x (µm)", ylabel="stage y (µm)",
              title=f"Overview: {len(plan['tiles'])} tiles (blue), {len(plan['skipped_empty'])} empty positions skipped (grey)")
-    path = output / "overview_grid.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(figure, output / "overview_grid.png", plt)
 
 
 def _plot_focus(manifest: dict, output: Path, plt) -> tuple[Path | None, dict]:
@@ -86,10 +89,7 @@ def _plot_focus(manifest: dict, output: Path, plt) -> tuple[Path | None, dict]:
         shown = axis.imshow(_grid(plan, values), cmap="coolwarm", vmin=-limit, vmax=limit)
         axis.set(title=title, xlabel="column", ylabel="row")
         figure.colorbar(shown, ax=axis, shrink=0.8)
-    path = output / "focus_heatmap.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path, stats
+    return _save(figure, output / "focus_heatmap.png", plt), stats
 
 
 def _first_captures(tiles: list[dict]) -> dict[tuple[int, int], dict]:
@@ -109,10 +109,7 @@ def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
     dropped = sum(1 for e in edges if e.get("status") == "dropped")
     axis.set(xlabel="residual after global alignment (px)", ylabel="tile pairs",
              title=f"Registration: {len(kept)} pairs kept, {dropped} dropped")
-    path = output / "registration_residuals.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(figure, output / "registration_residuals.png", plt)
 
 
 def _plot_timing(manifest: dict, output: Path, plt) -> Path | None:
@@ -123,10 +120,7 @@ def _plot_timing(manifest: dict, output: Path, plt) -> Path | None:
     axis.plot(times, np.arange(1, len(times) + 1), color="tab:purple")
     axis.set(xlabel="seconds since the scan started", ylabel="images captured",
              title=f"Timing: {len(times)} images in {manifest['duration_s']:.0f} s")
-    path = output / "timing.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(figure, output / "timing.png", plt)
 
 
 def write_qc_report(manifest_path: Path, registration_report: Path | None = None,
