@@ -80,3 +80,15 @@ def test_a_bad_tile_is_reported_and_skipped(scan, tmp_path):
     result = session.finish(outcome.manifest_path)
     assert len(session.rejected) == 1 and session.rejected[0].startswith(f"tile #900 ({second.row}, {second.col})")
     assert result.tiles_composed == len(planned.cells)
+
+
+def test_a_finished_scan_is_stitched_from_its_manifest_like_inline(scan, tmp_path, capsys):
+    from wsi_stitching.cli import main
+
+    outcome, planned, published = scan
+    assert main([str(outcome.manifest_path), "--output", str(tmp_path / "offline.zarr")]) == 0
+    assert "mosaic" in capsys.readouterr().out
+    offline = zarr.open_group(str(tmp_path / "offline.zarr"), mode="r")
+    assert offline.attrs["wsi_mosaic"]["complete"] is True
+    assert offline["image"].shape[2] == 3 and offline["image"].shape[0] >= planned.tile_height_px
+    assert main([str(tmp_path / "missing.json")]) == 1
