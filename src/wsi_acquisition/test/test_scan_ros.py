@@ -11,7 +11,7 @@ from sensor_msgs.msg import Image
 
 from wsi.actions import ActionCallError, ActionCaller
 from wsi_common.image import image_to_array
-from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.qos import EVENT_QOS, LATCHED_QOS, LIVE_IMAGE_QOS, TILE_QOS
 from wsi_common.supervisor import NodeSpec
 from wsi_interfaces.action import ScanSlide
 from wsi_interfaces.msg import ScanPlan, Tile
@@ -100,3 +100,15 @@ def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):
     while not images and time.monotonic() < deadline:
         rclpy.spin_once(ros_node, timeout_sec=0.1)
     assert images and images[0].width == 1024
+
+
+def test_live_stream_publishes_frames_with_camera_info(run_nodes, ros_node, tmp_path):
+    run_nodes([microscope_spec(tmp_path, live_rate_hz=5.0, camera_width_px=256, camera_height_px=256)])
+    frames = []
+    ros_node.create_subscription(Image, "camera/live", frames.append, LIVE_IMAGE_QOS)
+    deadline = time.monotonic() + 30
+    while len(frames) < 3 and time.monotonic() < deadline:
+        rclpy.spin_once(ros_node, timeout_sec=0.1)
+    assert len(frames) >= 3
+    assert (frames[-1].width, frames[-1].height, frames[-1].encoding) == (256, 256, "rgb8")
+    assert image_to_array(frames[-1]).std() > 5          # an image of the slide, not a blank buffer
