@@ -136,3 +136,24 @@ def test_bad_goals_fail_before_anything_moves(tmp_path, changes, code, message):
         ScanRunner(backend, request(tmp_path, **changes)).run()
     assert raised.value.code == code
     assert backend.stage.position_um() == start
+
+
+def test_focus_points_without_a_clear_peak_are_replaced(tmp_path):
+    backend = small_microscope()
+    runner = ScanRunner(backend, request(tmp_path, region_um=(43_000.0, 12_000.0, 400.0, 300.0), focus_points=4))
+    backend.set_objective(20.0)
+    plan = runner.plan()
+    assert runner.find_focus(8_000.0, 5_000.0, 0.0) is None                     # bare glass: no peak
+    asked, measure = [], runner.find_focus
+
+    def first_two_on_glass(x_um, y_um, z_guess_um):
+        asked.append((x_um, y_um))
+        return None if len(asked) <= 2 else measure(x_um, y_um, z_guess_um)
+
+    runner.find_focus = first_two_on_glass
+    focus_map = runner.focus_map(plan)
+    assert len(asked) == 6 and len(focus_map.inliers) == 4
+    xs = np.array([t.x_um for t in plan.tiles])
+    ys = np.array([t.y_um for t in plan.tiles])
+    error = focus_map.z_um(xs, ys) - backend.microscope.focal_z_um(xs, ys)
+    assert np.ptp(error) < backend.depth_of_field_um()

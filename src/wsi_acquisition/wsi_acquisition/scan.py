@@ -150,7 +150,8 @@ class ScanRunner:
                  on_progress: Callable[[ScanProgress], None] = lambda progress: None,
                  should_cancel: Callable[[], bool] = lambda: False,
                  on_plan: Callable[[TilePlan], None] = lambda plan: None,
-                 retries: int = 2, z_approach_um: float = 5.0, clock: Callable[[], float] = time.monotonic):
+                 retries: int = 2, z_approach_um: float = 5.0, min_focus_contrast: float = 1.3,
+                 clock: Callable[[], float] = time.monotonic):
         self.backend = backend
         self.request = request
         self.publish_tile = publish_tile
@@ -160,6 +161,7 @@ class ScanRunner:
         self.on_plan = on_plan
         self.retries = retries
         self.z_approach_um = z_approach_um
+        self.min_focus_contrast = min_focus_contrast     # coarse-sweep peak over its median
         self.clock = clock
         self.scan_dir = Path(request.output_dir) / request.scan_id
         self.outcome = ScanOutcome(self.scan_dir, self.scan_dir / MANIFEST_NAME, None)
@@ -274,32 +276,50 @@ class ScanRunner:
         size = min(size_px, width, height)
         return ((height - size) // 2, (width - size) // 2, size, size)
 
-    def find_focus(self, x_um: float, y_um: float, z_guess_um: float) -> float:
-        """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness."""
+    def find_focus(self, x_um: float, y_um: float, z_guess_um: float) -> float | None:
+        """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness.
+
+        None when the coarse sweep shows no clear peak (glass, a hole, a fold): such a point would
+        tilt the whole focus map, so the caller measures another one instead.
+        """
         roi = self._centre_roi()
         dof = self.backend.depth_of_field_um()
         z_min, z_max = self.backend.stage.limits.bounds("z")
+        coarse_step = max(2.0, 2 * dof)
         best = z_guess_um
-        for half_range, step in ((30.0, max(2.0, 2 * dof)), (3.0 * max(2.0, 2 * dof) / 2, max(0.25, dof / 3))):
+        for half_range, step in ((30.0, coarse_step), (1.5 * coarse_step, max(0.25, dof / 3))):
             offsets = np.arange(-half_range, half_range + 1e-9, step)
             zs = np.clip(best + offsets, z_min, z_max)
             scores = sweep_sharpness(zs, lambda z: (self._move(x_um, y_um, float(z)), self._snap(roi))[1].image_rgb8)
+            peak = int(np.argmax(scores))
+            if step == coarse_step and (scores[peak] < self.min_focus_contrast * np.median(scores)
+                                        or peak in (0, len(scores) - 1)):
+                return None
             best = refine_peak(zs, scores)
         return float(best)
 
     def focus_map(self, plan: TilePlan) -> FocusMap | None:
+        """Focus measured at `count` points spread over the tiles; points without a clear focus
+        peak are replaced by the next candidates (up to three times as many)."""
         if self.request.focus_strategy == FocusStrategy.NONE:
             return None
         self._report(State.FOCUS_MAP)
-        count = self.request.focus_points or int(np.clip(len(plan.tiles) // 25, 5, 25))
-        points = choose_focus_points(plan, count)
+        count = self.request.focus_points or int(np.clip(len(plan.tiles) // 9, 5, 25))
+        candidates = choose_focus_points(plan, 3 * count)
         z_guess = float(np.mean(self.backend.stage.limits.bounds("z")))
-        measured = []
-        for point in points:
+        points, measured = [], []
+        for point in candidates:
+            if len(points) == count:
+                break
             if self.should_cancel():
                 raise ScanError(ScanErrorCode.CANCELED, "canceled while measuring the focus map")
             z = self.find_focus(point.x_um, point.y_um, measured[-1] if measured else z_guess)
-            measured.append(z)
+            if z is not None:
+                points.append(point)
+                measured.append(z)
+        if not points:
+            raise ScanError(ScanErrorCode.NO_TISSUE, f"no focus found at any of {len(candidates)} points: "
+                                                     "no tissue with enough contrast in the region")
         return FocusMap([p.x_um for p in points], [p.y_um for p in points], measured)
 
     # -- acquisition ---------------------------------------------------------------------------
@@ -376,8 +396,9 @@ class ScanRunner:
                     record.predicted_defocus_um, record.predicted_uncertainty_um = reply.defocus_um, reply.uncertainty_um
                     confident = reply.uncertainty_um < max(half_dof, 1.0)
                     if confident:
-                        # Follow the specimen: half of each confident residual feeds the next tiles.
-                        offset -= 0.5 * reply.defocus_um
+                        # Follow the specimen: half of each confident residual feeds the next tiles,
+                        # but never more than one depth of field away from the measured focus map.
+                        offset = float(np.clip(offset - 0.5 * reply.defocus_um, -2 * half_dof, 2 * half_dof))
                     if confident and abs(reply.defocus_um) > half_dof:
                         self.outcome.refocus_count += 1
                         record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um,
