@@ -50,18 +50,22 @@ def variance_of_laplacian(image: np.ndarray) -> float:
 SHARPNESS_METRICS = {"brenner": brenner, "tenengrad": tenengrad, "variance_of_laplacian": variance_of_laplacian}
 
 
-def tissue_mask(image: np.ndarray, chroma_threshold: float = 0.1) -> np.ndarray:
-    """Pixels showing stain. Stains are coloured and bright-field glass is neutral grey, so the
-    chroma (max - min channel, relative to the mean) separates them whatever the exposure."""
-    rgb = np.asarray(image, dtype=np.float32)
+def tissue_mask(image: np.ndarray, chroma_threshold: float = 0.1, step: int = 1) -> np.ndarray:
+    """Pixels showing stain, on every `step`-th row and column. Stains are coloured and
+    bright-field glass is neutral grey, so the chroma (max - min channel, relative to the mean)
+    separates them whatever the exposure."""
+    rgb = np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"image of shape {rgb.shape}; expected (H, W, 3) RGB")
-    chroma = (rgb.max(axis=2) - rgb.min(axis=2)) / np.maximum(rgb.mean(axis=2), 1e-6)
-    return chroma > chroma_threshold
+    rgb = rgb[::step, ::step]
+    spread = rgb.max(axis=2).astype(np.float32) - rgb.min(axis=2)
+    total = rgb.sum(axis=2, dtype=np.float32)
+    return spread * 3 > chroma_threshold * np.maximum(total, 1e-6)
 
 
 def tissue_fraction(image: np.ndarray) -> float:
-    return float(tissue_mask(image).mean())
+    """Fraction of the image showing stain (estimated on every 4th row and column)."""
+    return float(tissue_mask(image, step=4).mean())
 
 
 def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:
