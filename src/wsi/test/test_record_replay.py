@@ -333,7 +333,7 @@ def recorded(tmp_path_factory):
 @pytest.mark.ros
 @pytest.mark.slow
 def test_recorder_node_writes_every_tile_with_type_and_qos(recorded):
-    assert "closed (/tiles: 8)" in recorded["log"]
+    assert "closed (/tiles: 8)" in recorded["log"], recorded["log"]
     with Reader(recorded["bag"]) as reader:
         [connection] = reader.connections          # only /tiles had a publisher
         assert (connection.topic, connection.msgtype, connection.msgcount) == ("/tiles", TILE_TYPE, TILES_SENT)

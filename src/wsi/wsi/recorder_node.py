@@ -9,6 +9,7 @@ shutdown the bag is closed (index and metadata.yaml written); if the process is 
 message up to the last flush (`flush_period_s`) stays readable with `wsi play`.
 """
 import importlib
+import sys
 
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -208,8 +209,10 @@ class RecorderNode(Node):
             self.get_logger().error(str(error))
         counts = ", ".join(f"{topic}: {count}" for topic, count in self._bag.counts.items()) or "no topics"
         lost = {**self._lost, **{t: self._lost.get(t, 0) + n for t, n in self._bag.dropped.items()}}
-        self.get_logger().info(f"bag {self._bag.bag.path} closed ({counts}); lost or dropped: {lost or 'none'}; "
-                               f"peak write queue {self._bag.peak_queued_bytes / 1e6:.0f} MB")
+        # Printed, not logged: at shutdown the ROS context is already gone, and this line is the
+        # record of what the bag holds.
+        print(f"[recorder] bag {self._bag.bag.path} closed ({counts}); lost or dropped: {lost or 'none'}; "
+              f"peak write queue {self._bag.peak_queued_bytes / 1e6:.0f} MB", file=sys.stderr, flush=True)
         super().destroy_node()
 
 

@@ -30,6 +30,10 @@ def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExe
     except NodeConfigurationError as error:
         print(f"{name}: cannot start: {error}", file=sys.stderr)
         exit_code = 2
+    except Exception:
+        if rclpy.ok():
+            raise
+        # Ctrl-C/SIGTERM arrived while the nodes were being created: a clean stop, not a crash.
     finally:
         for node in reversed(nodes):
             node.destroy_node()
