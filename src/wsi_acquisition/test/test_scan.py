@@ -157,3 +157,18 @@ def test_focus_points_without_a_clear_peak_are_replaced(tmp_path):
     ys = np.array([t.y_um for t in plan.tiles])
     error = focus_map.z_um(xs, ys) - backend.microscope.focal_z_um(xs, ys)
     assert np.ptp(error) < backend.depth_of_field_um()
+
+
+class NoMacroCamera(FlakyCamera):
+    def has_overview(self):
+        return False
+
+    def overview(self):
+        raise AssertionError("goal validation must not take an overview image")
+
+
+def test_automatic_tissue_detection_needs_a_macro_camera(tmp_path):
+    backend = NoMacroCamera(small_microscope(), failing=lambda n: False)
+    with pytest.raises(ScanError, match="needs an overview camera") as raised:
+        ScanRunner(backend, request(tmp_path, region_um=None)).validate()
+    assert raised.value.code == ScanErrorCode.INVALID_GOAL

@@ -60,6 +60,9 @@ class MicroscopeBackend(Protocol):
         """Expose one image at the stage's current position, optionally only the sensor region
         roi=(row, col, height, width); raise CameraError on failure."""
 
+    def has_overview(self) -> bool:
+        """Whether the scanner has a macro camera (answered without taking an image)."""
+
     def overview(self) -> Overview | None:
         """A whole-slide low-magnification image, or None where the scanner has no macro camera."""
 
@@ -116,6 +119,9 @@ class SimulatedMicroscope:
                      capture.objective_magnification, capture.numerical_aperture,
                      ground_truth_defocus_um=capture.defocus_um, true_x_um=true_x, true_y_um=true_y,
                      true_z_um=true_z, focal_z_um=capture.focal_z_um)
+
+    def has_overview(self) -> bool:
+        return True
 
     def overview(self) -> Overview:
         return self.microscope.capture_overview()

@@ -271,5 +271,8 @@ class MicroManagerMicroscope:
         return Frame(image_rgb8, self._pixel_size_um, float(exposure_ms), float(gain), *measured,
                      self.objective_magnification, self.numerical_aperture(), **truth)
 
+    def has_overview(self) -> bool:
+        return self._overview is not None
+
     def overview(self) -> Overview | None:
         return self._overview() if self._overview is not None else None

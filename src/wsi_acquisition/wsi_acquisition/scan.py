@@ -192,7 +192,7 @@ class ScanRunner:
                 raise ScanError(ScanErrorCode.INVALID_GOAL,
                                 f"region x={x}, y={y}, {width} x {height} µm is outside the stage limits "
                                 f"x {limits.x_min_um}..{limits.x_max_um}, y {limits.y_min_um}..{limits.y_max_um} µm")
-        if request.region_um is None and self.backend.overview() is None:
+        if request.region_um is None and not self.backend.has_overview():
             raise ScanError(ScanErrorCode.INVALID_GOAL, "automatic tissue detection needs an overview camera; "
                                                         "give a region instead")
 
