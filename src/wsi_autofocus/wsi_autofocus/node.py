@@ -4,7 +4,6 @@ Tiles queue up while the model runs; the worker takes everything queued in one b
 keeps pace with a fast scan instead of falling further behind. A tile or request whose image cannot
 be evaluated gets an invalid estimate / failed response with the reason, never a crash.
 """
-import queue
 import threading
 import time
 
@@ -18,6 +17,7 @@ from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, TILE_QOS
+from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import FocusEstimate, Tile
 from wsi_interfaces.srv import EstimateFocus
 
@@ -46,29 +46,16 @@ class AutofocusNode(Node):
             raise NodeConfigurationError(str(error)) from error
         for reason in skipped:
             self.get_logger().info(f"backend skipped: {reason}")
-        self._queue: queue.Queue[Tile] = queue.Queue()
+        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"])
         self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
-        self.create_subscription(Tile, "tiles", self._queue.put, TILE_QOS)
+        self.create_subscription(Tile, "tiles", self._worker.put, TILE_QOS)
         self.create_service(EstimateFocus, "estimate_focus", self._serve,
                             callback_group=MutuallyExclusiveCallbackGroup())
         DiagnosticsPublisher(self, "autofocus", self.params["diagnostics_period_s"], self._diagnostics)
         self._stats_lock = threading.Lock()
         self._evaluated = self._rejected = 0
         self._last_latency_ms = 0.0
-        self._running = True
-        self._worker = threading.Thread(target=self._work, daemon=True)
-        self._worker.start()
         self.get_logger().info(f"autofocus ready: {self.estimator.model_id} on {backend.name}")
-
-    def _work(self) -> None:
-        while self._running:
-            try:
-                batch = [self._queue.get(timeout=0.2)]
-            except queue.Empty:
-                continue
-            while len(batch) < self.params["max_batch_tiles"] and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self._evaluate(batch)
 
     def _evaluate(self, tiles: list[Tile]) -> None:
         started = time.perf_counter()
@@ -117,13 +104,12 @@ class AutofocusNode(Node):
     def _diagnostics(self):
         with self._stats_lock:
             return OK, "running", {"backend": self.estimator.backend.name, "model": self.estimator.model_id,
-                                   "queue_depth": self._queue.qsize(), "tiles_evaluated": self._evaluated,
+                                   "queue_depth": self._worker.qsize(), "tiles_evaluated": self._evaluated,
                                    "tiles_rejected": self._rejected,
                                    "inference_latency_ms": f"{self._last_latency_ms:.1f}"}
 
     def destroy_node(self):
-        self._running = False
-        self._worker.join(timeout=2.0)
+        self._worker.stop(timeout_s=2.0)
         return super().destroy_node()
 
 

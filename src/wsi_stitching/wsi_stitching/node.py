@@ -5,8 +5,6 @@ finalises its mosaic from what was captured). Output: `mosaic/status` (latched) 
 report paths. Registration runs in a worker thread so callbacks never block on it; bad tiles are
 reported and skipped.
 """
-import queue
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
 from wsi_stitching.errors import StitchingError
 from wsi_stitching.inline import InlineStitch, PlannedScan
@@ -53,7 +52,7 @@ class StitchingNode(Node):
                                                       flat_field=self.params["flat_field"])
         except StitchingError as error:
             raise NodeConfigurationError(str(error)) from error
-        self._work: queue.Queue = queue.Queue()
+        self._work = QueueWorker(self._handle)
         self._status_pub = self.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
         self.create_subscription(ScanPlan, "scan/plan", lambda m: self._work.put(("plan", m)), LATCHED_QOS)
         self.create_subscription(Tile, "tiles", lambda m: self._work.put(("tile", m)), TILE_QOS)
@@ -62,21 +61,14 @@ class StitchingNode(Node):
         self._session: InlineStitch | None = None
         self._plan: ScanPlan | None = None
         self._received = 0
-        self._running = True
-        self._worker = threading.Thread(target=self._run, daemon=True)
-        self._worker.start()
 
     def _on_status(self, msg: ScanStatus) -> None:
         if msg.state in TERMINAL_STATES:
             self._work.put(("end", msg))
 
-    def _run(self) -> None:
+    def _handle(self, batch) -> None:
         handlers = {"plan": self._start, "tile": self._tile, "end": self._end}
-        while self._running:
-            try:
-                kind, msg = self._work.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        for kind, msg in batch:
             handlers[kind](msg)
 
     def _start(self, plan: ScanPlan) -> None:
@@ -151,8 +143,7 @@ class StitchingNode(Node):
             "tiles_received": self._received, "tiles_rejected": len(session.rejected) if session else 0}
 
     def destroy_node(self):
-        self._running = False
-        self._worker.join(timeout=5.0)
+        self._work.stop(timeout_s=5.0)
         return super().destroy_node()
 
 

@@ -1,0 +1,40 @@
+"""One background thread per node for slow work, so subscription callbacks only enqueue."""
+import queue
+import threading
+
+
+class QueueWorker:
+    """Hands the items `put` from callbacks to `handle(batch)` on one thread, in arrival order.
+
+    A batch is every item waiting, up to `max_batch`: a node that falls behind catches up in
+    larger batches instead of falling further behind.
+    """
+
+    def __init__(self, handle, max_batch: int = 1, poll_s: float = 0.2):
+        self._handle = handle
+        self._max_batch = max_batch
+        self._poll_s = poll_s
+        self._items: queue.Queue = queue.Queue()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def put(self, item) -> None:
+        self._items.put(item)
+
+    def qsize(self) -> int:
+        return self._items.qsize()
+
+    def _run(self) -> None:
+        while self._running:
+            try:
+                batch = [self._items.get(timeout=self._poll_s)]
+            except queue.Empty:
+                continue
+            while len(batch) < self._max_batch and not self._items.empty():
+                batch.append(self._items.get_nowait())
+            self._handle(batch)
+
+    def stop(self, timeout_s: float) -> None:
+        self._running = False
+        self._thread.join(timeout=timeout_s)
