@@ -57,7 +57,8 @@ class GraphConfig:
 def scan_graph(config: GraphConfig) -> list[NodeSpec]:
     """Every node of one scanner, with its parameters and remappings."""
     if not config.sim:
-        raise ValueError("sim=false needs a hardware backend; the Micro-Manager backend is not available yet")
+        raise ValueError("sim=false: the graph has no launch arguments for a Micro-Manager configuration yet; "
+                         "run the microscope node with backend:=micromanager mm_config:=<file.cfg> (see README)")
     namespace, output = config.namespace, config.output_dir
     specs = [
         NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
