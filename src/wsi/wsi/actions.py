@@ -29,12 +29,18 @@ class ActionCaller:
             raise ActionCallError(f"{self.name}: no answer to {what} within {timeout_s:.0f} s")
         return future.result()
 
-    def wait_for_server(self, timeout_s: float) -> None:
+    def wait_for_server(self, timeout_s: float, settle_s: float = 0.5) -> None:
+        """Wait until the server is discovered, then `settle_s` more: discovery is not symmetric,
+        and a goal sent before the server has matched this client's reply readers gets no answer
+        (Fast DDS: "failed to send response (timeout)"; seen in CI)."""
         deadline = time.monotonic() + timeout_s
         while not self.client.server_is_ready():
             if time.monotonic() > deadline:
                 raise ActionCallError(f"action server {self.name!r} not available after {timeout_s:.0f} s")
             rclpy.spin_once(self.node, timeout_sec=0.1)
+        settled = time.monotonic() + settle_s
+        while time.monotonic() < settled:
+            rclpy.spin_once(self.node, timeout_sec=0.05)
 
     def send_goal(self, goal, timeout_s: float, on_feedback=None):
         """Send a goal and return its handle once accepted; raise ActionCallError if rejected."""
