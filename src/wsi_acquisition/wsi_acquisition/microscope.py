@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft, ndimage
 
-from .optics import (CHANNEL_WAVELENGTHS_UM, STANDARD_OBJECTIVES, Camera, FocalSurface, Objective,
-                     OtfGrid, depth_of_field_um, expose, relative_illumination, to_rgb8)
+from .optics import (CHANNEL_WAVELENGTHS_UM, DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, Camera,
+                     FocalSurface, Objective, OtfGrid, check_condenser_fill, depth_of_field_um,
+                     expose, relative_illumination, to_rgb8)
 from .specimen import Specimen, SyntheticSlide
 
 _LN10 = math.log(10.0)
@@ -57,13 +58,18 @@ class Overview:
 
 
 class VirtualMicroscope:
-    """Specimen + focal surface + objectives + camera. Deterministic for a seed; the camera noise of
-    capture number k is drawn from (seed, k) unless `noise_seed` is given."""
+    """Specimen + focal surface + objectives + Köhler illumination + camera. Deterministic for a seed;
+    the camera noise of capture number k is drawn from (seed, k) unless `noise_seed` is given.
+
+    condenser_fill: condenser NA / objective NA (the aperture diaphragm), 0 < fill <= 1; below 1 the
+    specimen's phase shows as contrast when defocused, at 1 (incoherent) it never does."""
 
     def __init__(self, specimen: Specimen | None = None, seed: int = 0, camera: Camera | None = None,
                  objectives: dict[float, Objective] | None = None,
                  focal_surface: FocalSurface | None = None, max_blur_levels: int = 3,
-                 lamp_gradient: tuple[float, float] = (0.02, -0.015)):
+                 lamp_gradient: tuple[float, float] = (0.02, -0.015),
+                 condenser_fill: float = DEFAULT_CONDENSER_FILL):
+        self.condenser_fill = check_condenser_fill(condenser_fill)
         self.seed = int(seed)
         self.specimen = SyntheticSlide(seed=seed) if specimen is None else specimen
         self.camera = Camera() if camera is None else camera
@@ -217,22 +223,33 @@ class VirtualMicroscope:
         margin = min(math.ceil(margin_um / p) + 2, _MAX_MARGIN_PX)
         padded_h = fft.next_fast_len(height + 2 * margin, real=True)
         padded_w = fft.next_fast_len(width + 2 * margin, real=True)
-        od = self.specimen.optical_density(left_um - margin * p, top_um - margin * p, padded_w, padded_h, p)
+        od, path_um = self.specimen.optical_density_and_path(left_um - margin * p, top_um - margin * p,
+                                                              padded_w, padded_h, p)
         transmission = np.exp(od * np.float32(-_LN10))
         del od
+        # Phase is invisible in incoherent light and for a specimen without optical path variation.
+        with_phase = self.condenser_fill < 1.0 and bool(np.ptp(path_um) > 0)
 
         grid = self._otf_grid((padded_h, padded_w), p)
         result = np.empty((height, width, 3), dtype=np.float32)
         for channel, wavelength in enumerate(CHANNEL_WAVELENGTHS_UM):
             spectrum = fft.rfft2(transmission[..., channel], workers=1)
+            if with_phase:
+                phase_rad = path_um * np.float32(2 * math.pi / wavelength)
+                phase_spectrum = fft.rfft2(transmission[..., channel] * phase_rad, workers=1)
             accumulated = None
             for level, weight in zip(levels, weights):
-                otf = grid.evaluate(objective, wavelength, level + chromatic[channel])
-                blurred = fft.irfft2(spectrum * otf, s=(padded_h, padded_w), workers=1)[
+                absorption_tf, phase_tf = grid.evaluate(objective, wavelength, level + chromatic[channel],
+                                                        self.condenser_fill)
+                image_spectrum = spectrum * absorption_tf
+                if with_phase:
+                    image_spectrum += phase_spectrum * phase_tf
+                blurred = fft.irfft2(image_spectrum, s=(padded_h, padded_w), workers=1)[
                     margin:margin + height, margin:margin + width]
                 contribution = blurred if weight is None else blurred * weight
                 accumulated = contribution if accumulated is None else accumulated + contribution
-            result[..., channel] = accumulated
+            # The weak-phase term is first order; it must not make light negative where phase is strong.
+            result[..., channel] = np.maximum(accumulated, 0.0)
         return result
 
     def _otf_grid(self, shape, p) -> OtfGrid:

@@ -1,10 +1,17 @@
 """Bright-field image formation: objective point spread function, focal surface, illumination, camera.
 
-Per colour channel (one centre wavelength each) the specimen transmission is blurred by the incoherent
-optical transfer function (OTF) of a circular pupil carrying defocus and primary spherical aberration.
-Spherical aberration makes the blur differ above and below focus, as with real dry objectives.
-The OTF is computed as a radial (Hankel) transform, which is exact for a rotationally symmetric pupil
-and costs a matrix-vector product instead of 2-D FFTs; see the package README for the assumptions.
+Per colour channel (one centre wavelength each) the specimen is imaged in partially coherent Köhler
+illumination: a condenser filling a fraction `condenser_fill` of the objective pupil, and a circular
+objective pupil carrying defocus and primary spherical aberration. The image is the specimen's
+intensity transmission filtered by the absorption transfer function plus its phase filtered by the
+phase transfer function, both from the weak-object transfer function (WOTF) of the two pupils.
+In focus a phase object is nearly invisible; defocus turns phase into contrast of opposite sign above
+and below focus (the transport-of-intensity effect), and spherical aberration makes the blur differ
+above and below focus, as with real dry objectives. With `condenser_fill` = 1 the WOTF is the
+incoherent optical transfer function (OTF) and phase is invisible at any defocus.
+
+The transfer functions are computed as radial (Hankel) transforms, exact for rotationally symmetric
+pupils, costing matrix-vector products instead of 2-D FFTs; see the package README for the assumptions.
 """
 from __future__ import annotations
 
@@ -25,7 +32,11 @@ REFERENCE_WAVELENGTH_UM = 0.550
 _PSF_STEP = 0.1
 # Beyond this geometric blur radius (in lambda / NA) the wave-optical OTF needs very large matrices; the
 # geometric (uniform disc) blur is accurate there, and aberration asymmetry is negligible next to it.
-_WAVE_OPTICS_MAX_BLUR = 120.0
+# 200 lambda / NA keeps every objective wave-optical over the autofocus range (40x/0.95: 32 um).
+_WAVE_OPTICS_MAX_BLUR = 200.0
+# Köhler rule: the aperture diaphragm at about 70 % of the objective NA, the usual compromise between
+# resolution (fill 1) and contrast / depth of field (small fill).
+DEFAULT_CONDENSER_FILL = 0.7
 
 
 class OpticsError(ValueError):
@@ -161,13 +172,35 @@ def _next_power_of_two(value: float) -> int:
 
 
 def radial_otf_table(objective: Objective, wavelength_um: float, defocus_um: float) -> np.ndarray:
-    """Incoherent OTF at OTF_TABLE_FREQUENCIES (units of NA / lambda). Real, because the PSF of a
-    rotationally symmetric pupil is real and even.
+    """Incoherent OTF (condenser filling the pupil) at OTF_TABLE_FREQUENCIES (units of NA / lambda).
+    Real, because the PSF of a rotationally symmetric pupil is real and even.
 
     defocus_um > 0: the stage is above focus. Defocus 0 is the plane of best mid-frequency contrast
     (`best_focus_shift_um`), where a sharpness autofocus settles.
     """
-    return _pupil_otf_table(objective, wavelength_um, defocus_um + best_focus_shift_um(objective, wavelength_um))
+    return transfer_tables(objective, wavelength_um, defocus_um, 1.0)[0]
+
+
+def transfer_tables(objective: Objective, wavelength_um: float, defocus_um: float,
+                    condenser_fill: float = DEFAULT_CONDENSER_FILL) -> tuple[np.ndarray, np.ndarray]:
+    """(absorption, phase) transfer functions at OTF_TABLE_FREQUENCIES (units of NA / lambda).
+
+    For a specimen of intensity transmission T and phase phi (radians), the image intensity relative
+    to clear glass is  F^-1[absorption * F(T)] + F^-1[phase * F(T phi)]  (weak-object approximation
+    for the phase; exact for absorption when condenser_fill = 1). absorption = Re WOTF, 1 at zero
+    frequency; phase = -2 Im WOTF, 0 at zero frequency and odd in defocus. Defocus as in
+    `radial_otf_table`: the best-focus plane of this illumination is defocus 0.
+    """
+    fill = check_condenser_fill(condenser_fill)
+    shift = best_focus_shift_um(objective, wavelength_um, fill)
+    wotf = _weak_object_transfer(objective, wavelength_um, defocus_um + shift, fill)
+    return wotf.real.copy(), -2.0 * wotf.imag
+
+
+def check_condenser_fill(condenser_fill: float) -> float:
+    if not 0.0 < condenser_fill <= 1.0:
+        raise OpticsError(f"condenser_fill={condenser_fill}; expected 0 < fill <= 1 (condenser NA / objective NA)")
+    return float(condenser_fill)
 
 
 # Spatial-frequency band (units of NA / lambda) whose contrast defines best focus: the band image
@@ -176,14 +209,15 @@ _BEST_FOCUS_BAND = (0.2, 1.0)
 
 
 @functools.lru_cache(maxsize=64)
-def best_focus_shift_um(objective: Objective, wavelength_um: float) -> float:
-    """Paraxial-focus offset of the plane of maximum mean OTF over _BEST_FOCUS_BAND, µm. Spherical
-    aberration moves this plane away from the paraxial focus, differently for each frequency."""
+def best_focus_shift_um(objective: Objective, wavelength_um: float, condenser_fill: float = 1.0) -> float:
+    """Paraxial-focus offset of the plane of maximum mean absorption contrast over _BEST_FOCUS_BAND,
+    µm. Spherical aberration moves this plane away from the paraxial focus, differently for each
+    frequency."""
     band = (OTF_TABLE_FREQUENCIES >= _BEST_FOCUS_BAND[0]) & (OTF_TABLE_FREQUENCIES <= _BEST_FOCUS_BAND[1])
     axial_unit = wavelength_um * objective.immersion_index / objective.numerical_aperture ** 2
 
     def contrast(shift):
-        return float(_pupil_otf_table(objective, wavelength_um, shift)[band].mean())
+        return float(_weak_object_transfer(objective, wavelength_um, shift, condenser_fill).real[band].mean())
 
     shifts = np.linspace(-2 * axial_unit, 2 * axial_unit, 81)
     values = [contrast(s) for s in shifts]
@@ -195,19 +229,28 @@ def best_focus_shift_um(objective: Objective, wavelength_um: float) -> float:
     return float(shifts[best] + offset * (shifts[1] - shifts[0]))
 
 
-def _pupil_otf_table(objective: Objective, wavelength_um: float, defocus_um: float) -> np.ndarray:
-    """OTF at OTF_TABLE_FREQUENCIES for a defocus from the paraxial focus."""
+def _weak_object_transfer(objective: Objective, wavelength_um: float, defocus_um: float,
+                          condenser_fill: float) -> np.ndarray:
+    """Complex WOTF(f) = integral S(u) P(u + f) P*(u) du / integral S |P|^2 at OTF_TABLE_FREQUENCIES,
+    for a defocus from the paraxial focus; S: uniform condenser disc of radius condenser_fill * NA.
+
+    WOTF is the Fourier transform of p(r) q(r), with p the objective's amplitude PSF and q the
+    amplitude PSF of the pupil's complex conjugate seen through the condenser aperture: two radial
+    Hankel transforms for the PSFs and one for their product. With fill 1, q = p* and this is the
+    incoherent OTF."""
     na = objective.numerical_aperture
     n = objective.immersion_index
     blur = objective.geometric_blur_radius_um(defocus_um) * na / wavelength_um
     if blur > _WAVE_OPTICS_MAX_BLUR:
-        x = 2.0 * math.pi * OTF_TABLE_FREQUENCIES * blur
+        # Geometric optics: an absorber's shadow in the condenser's cone, a disc of radius fill * blur.
+        # Phase contrast (and the coherent Fresnel chirp) is left out this far from focus.
+        x = 2.0 * math.pi * OTF_TABLE_FREQUENCIES * blur * condenser_fill
         disc = 2.0 * special.j1(x) / np.maximum(x, 1e-9)
         disc[0] = 1.0
-        return diffraction_limited_mtf(OTF_TABLE_FREQUENCIES) * disc
+        return (_weak_object_transfer(objective, wavelength_um, 0.0, condenser_fill).real * disc).astype(complex)
     # Sampling: the PSF must fit (geometric blur plus diffraction rings) and the pupil phase must be
     # resolved (about 8 samples per wave of phase slope and per PSF oscillation).
-    radius_count = _next_power_of_two((1.4 * blur + 20.0) / _PSF_STEP)
+    radius_count = _next_power_of_two((1.4 * blur + 20.0 / condenser_fill) / _PSF_STEP)
     sine_edge = na / n
     phase_slope_waves = abs(defocus_um) / wavelength_um * sine_edge ** 2 / math.sqrt(1 - sine_edge ** 2)
     pupil_count = _next_power_of_two(8.0 * max(phase_slope_waves, radius_count * _PSF_STEP) + 64)
@@ -215,19 +258,28 @@ def _pupil_otf_table(objective: Objective, wavelength_um: float, defocus_um: flo
     spherical_waves = objective.spherical_aberration_waves * REFERENCE_WAVELENGTH_UM / wavelength_um
     phase_waves = (-defocus_um / wavelength_um * (np.sqrt(n * n - (na * rho) ** 2) - n)
                    + spherical_waves * math.sqrt(5.0) * (6 * rho ** 4 - 6 * rho ** 2 + 1))
-    pupil = np.exp(2j * math.pi * phase_waves) * rho
+    pupil = (np.exp(2j * math.pi * phase_waves) * rho).astype(np.complex64)
     bessel = _pupil_bessel_matrix(radius_count, pupil_count)
-    amplitude = bessel @ pupil.real.astype(np.float32) + 1j * (bessel @ pupil.imag.astype(np.float32))
-    intensity = (np.abs(amplitude) ** 2).astype(np.float32)
-    otf = _otf_bessel_matrix(radius_count) @ intensity
-    otf /= otf[0]
-    otf[-1] = 0.0
-    return otf.astype(np.float64)
+    amplitude = _real_matrix_times(bessel, pupil)
+    if condenser_fill >= 1.0:
+        product = (np.abs(amplitude) ** 2).astype(np.complex64)
+    else:
+        through_condenser = np.where(rho <= condenser_fill, np.conj(pupil), 0).astype(np.complex64)
+        product = amplitude * _real_matrix_times(bessel, through_condenser)
+    wotf = _real_matrix_times(_otf_bessel_matrix(radius_count), product).astype(np.complex128)
+    wotf /= wotf[0].real
+    wotf[-1] = 0.0
+    return wotf
+
+
+def _real_matrix_times(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """float32 matrix times complex vector, as two real products (BLAS sgemv, half the work of cgemv)."""
+    return matrix @ vector.real + 1j * (matrix @ vector.imag)
 
 
 class OtfGrid:
-    """OTF values on the rfft2 frequency grid of one image shape, linearly interpolated from the
-    radial table (the table positions are cached per NA / lambda)."""
+    """Transfer functions on the rfft2 frequency grid of one image shape, linearly interpolated from
+    the radial tables (the table positions are cached per NA / lambda)."""
 
     def __init__(self, shape: tuple[int, int], pixel_size_um: float):
         fy = np.fft.fftfreq(shape[0], d=pixel_size_um)
@@ -236,10 +288,15 @@ class OtfGrid:
         self._radius_per_um = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2).astype(np.float32)
         self._positions: dict[float, tuple[np.ndarray, np.ndarray]] = {}
 
-    def evaluate(self, objective: Objective, wavelength_um: float, defocus_um: float) -> np.ndarray:
-        table = np.append(radial_otf_table(objective, wavelength_um, defocus_um), 0.0).astype(np.float32)
+    def evaluate(self, objective: Objective, wavelength_um: float, defocus_um: float,
+                 condenser_fill: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(absorption, phase) transfer functions of `transfer_tables` on this grid."""
         index, fraction = self._table_position(objective.numerical_aperture / wavelength_um)
-        return table[index] * (1.0 - fraction) + table[index + 1] * fraction
+        grids = []
+        for table in transfer_tables(objective, wavelength_um, defocus_um, condenser_fill):
+            table = np.append(table, 0.0).astype(np.float32)
+            grids.append(table[index] * (1.0 - fraction) + table[index + 1] * fraction)
+        return grids[0], grids[1]
 
     def _table_position(self, na_over_wavelength: float):
         if na_over_wavelength not in self._positions:

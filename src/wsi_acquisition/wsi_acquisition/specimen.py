@@ -1,7 +1,10 @@
-"""Virtual specimens described as absorbance (optical density per R, G, B channel).
+"""Virtual specimens described as absorbance (optical density per R, G, B channel) and optical path.
 
-A specimen answers one question: what is the optical density of the region whose top-left corner is
-(x0_um, y0_um), sampled on a grid of `width_px` x `height_px` pixels of `pixel_size_um`? Pixel (row, col)
+A specimen answers one question: what are the optical density and the optical path difference of the
+region whose top-left corner is (x0_um, y0_um), sampled on a grid of `width_px` x `height_px` pixels
+of `pixel_size_um`? The optical path difference (µm) is (n_tissue - n_mountant) x thickness, the
+phase the section adds to the light (2 pi OPD / lambda radians), which defocus turns into contrast.
+Pixel (row, col)
 covers the slide point (x0_um + (col + 0.5) * pixel_size_um, y0_um + (row + 0.5) * pixel_size_um).
 Slide coordinates: x to the right along the 75 mm edge, y down along the 25 mm edge, origin at the
 top-left corner of the glass.
@@ -31,6 +34,16 @@ GLASS_OD = np.array([0.012, 0.010, 0.016], dtype=np.float32)
 
 STAINS = ("he", "ihc")
 
+# Optical path difference (µm) of a ~4 µm section against its mounting medium (n about 1.52). Dehydrated,
+# mounted tissue nearly matches the medium: the refractive index excess of cytoplasm and stroma is about
+# 0.005-0.01, of collagen fibres and chromatin up to 0.01 more (refractive index follows dry mass,
+# whatever the stain). Phases of 0.2-0.5 rad: weak, nearly invisible in focus, visible through defocus.
+CYTOPLASM_OPD_UM = 0.030
+CELLULAR_OPD_UM = 0.018         # extra in cellular (epithelial / tumour) areas
+FIBRE_OPD_UM = 0.030
+NUCLEUS_OPD_UM = 0.036          # per unit of nuclear (hematoxylin) stain amount
+UNSTAINED_TEXTURE_OPD_UM = 0.012  # structure no stain shows: membranes, vacuoles, lipid
+
 # Below this pixel size individual nuclei and fibres are drawn; above it they are replaced by their
 # area average, which is what a coarse pixel integrates anyway (and avoids aliasing).
 _DETAIL_MAX_PIXEL_UM = 2.0
@@ -47,6 +60,11 @@ class Specimen(Protocol):
     def optical_density(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
                         pixel_size_um: float) -> np.ndarray:
         """(height_px, width_px, 3) float32 optical density of the region."""
+
+    def optical_density_and_path(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
+                                 pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+        """The optical density and the (height_px, width_px) float32 optical path difference (µm)
+        relative to the mounting medium, of the region."""
 
     def tissue_bounds_um(self) -> list[tuple[float, float, float, float]]:
         """(left, top, right, bottom) of each piece of specimen, µm: where scans should look."""
@@ -260,19 +278,24 @@ class SyntheticSlide:
 
     def optical_density(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
                         pixel_size_um: float) -> np.ndarray:
+        return self.optical_density_and_path(x0_um, y0_um, width_px, height_px, pixel_size_um)[0]
+
+    def optical_density_and_path(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
+                                 pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
         _check_region(width_px, height_px, pixel_size_um)
         xs = pixel_centres_um(x0_um, width_px, pixel_size_um)
         ys = pixel_centres_um(y0_um, height_px, pixel_size_um)
         od = np.empty((height_px, width_px, 3), dtype=np.float32)
         od[:] = GLASS_OD
+        path_um = np.zeros((height_px, width_px), dtype=np.float32)
         for index, section in enumerate(self.sections):
             left, top, right, bottom = _section_bounds(section)
             if xs[-1] < left or xs[0] > right or ys[-1] < top or ys[0] > bottom:
                 continue
-            self._add_section(od, xs, ys, pixel_size_um, index, section)
-        return od
+            self._add_section(od, path_um, xs, ys, pixel_size_um, index, section)
+        return od, path_um
 
-    def _add_section(self, od, xs, ys, pixel_size_um, index, section):
+    def _add_section(self, od, path_um, xs, ys, pixel_size_um, index, section):
         key = noise_key(self.seed, index)
         p = pixel_size_um
         detailed = p <= _DETAIL_MAX_PIXEL_UM
@@ -300,6 +323,9 @@ class SyntheticSlide:
         nuclei = [self._nuclei(xs, ys, p, key, layer, cellularity, texture, detailed)
                   for layer in _NUCLEUS_LAYERS]
         nuclear_stain = nuclei[0] + nuclei[1]
+        unstained = noise(1.6, 2, 10)
+        path_um += presence * (CYTOPLASM_OPD_UM + CELLULAR_OPD_UM * cellularity + FIBRE_OPD_UM * fibres
+                               + NUCLEUS_OPD_UM * nuclear_stain + UNSTAINED_TEXTURE_OPD_UM * unstained)
 
         if section.stain == "he":
             eosin = ((1.0 - cellularity) * (0.12 + 0.55 * fibres)
@@ -423,12 +449,15 @@ class ImageSpecimen:
     """Any RGB image (H, W, 3; uint8, uint16 or float in 0..1) placed on the glass with its pixel size.
 
     Intensities are read as transmission relative to `white_level` (the dtype maximum by default) and
-    converted to optical density; outside the image is bare glass. The image is kept once in its own
+    converted to optical density; outside the image is bare glass. An RGB image carries no phase: the
+    optical path is taken proportional to the stain's mean optical density (`path_um_per_od`, since
+    both follow the tissue's dry mass); 0 makes a pure absorber. The image is kept once in its own
     dtype plus a 2x mean pyramid, so coarse renders are area-averaged instead of aliased."""
 
     def __init__(self, image: np.ndarray, pixel_size_um: float, origin_x_um: float | None = None,
                  origin_y_um: float | None = None, white_level: float | None = None,
-                 width_um: float = SLIDE_WIDTH_UM, height_um: float = SLIDE_HEIGHT_UM):
+                 width_um: float = SLIDE_WIDTH_UM, height_um: float = SLIDE_HEIGHT_UM,
+                 path_um_per_od: float = 0.03):
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
             raise SpecimenError(f"image shape {image.shape}; expected (height, width, 3)")
@@ -446,6 +475,9 @@ class ImageSpecimen:
         white = float(levels if white_level is None else white_level)
         if not white > 0:
             raise SpecimenError(f"white_level={white_level}; expected > 0")
+        if not path_um_per_od >= 0:
+            raise SpecimenError(f"path_um_per_od={path_um_per_od}; expected >= 0")
+        self.path_um_per_od = float(path_um_per_od)
         self.width_um = float(width_um)
         self.height_um = float(height_um)
         self.pixel_size_um = float(pixel_size_um)
@@ -472,6 +504,12 @@ class ImageSpecimen:
         image = self._pyramid[0]
         return [(self.origin_x_um, self.origin_y_um, self.origin_x_um + image.shape[1] * self.pixel_size_um,
                  self.origin_y_um + image.shape[0] * self.pixel_size_um)]
+
+    def optical_density_and_path(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
+                                 pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+        od = self.optical_density(x0_um, y0_um, width_px, height_px, pixel_size_um)
+        stain_od = np.clip((od - GLASS_OD).mean(axis=2), 0.0, None)
+        return od, stain_od * np.float32(self.path_um_per_od)
 
     def optical_density(self, x0_um: float, y0_um: float, width_px: int, height_px: int,
                         pixel_size_um: float) -> np.ndarray:
