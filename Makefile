@@ -13,6 +13,9 @@ SOURCES := $(shell find src -type f -not -path '*/__pycache__/*' -not -name '*.p
 .PHONY: test scan build bench train-autofocus lock clean
 MODEL_DIR := src/wsi_autofocus/wsi_autofocus/models/focus_resnet_small
 AUTOFOCUS_DATA := build/autofocus-data
+# glibc hands every large tensor back to the kernel and faults it in again at the next step; keeping
+# freed memory in the heap makes a training step ~1.5x faster on this 2-core machine (measured).
+TRAIN_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
 test: $(VENV)/.built
 	$(PY) -m pytest
@@ -26,11 +29,11 @@ bench: $(VENV)/.built
 	$(PY) bench/transport.py
 	$(PY) bench/autofocus.py
 
-# Reproduces the shipped focus model: render the data, train (30 min on 2 cores), export,
+# Reproduces the shipped focus model: render the data, train (35 min on 2 cores), export,
 # evaluate on held-out specimens, write the model card. Run `make build` after it to install it.
 train-autofocus: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
-	$(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --time-budget 1800
+	$(TRAIN_MALLOC) $(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --time-budget 2100
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)

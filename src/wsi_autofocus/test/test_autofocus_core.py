@@ -1,6 +1,10 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import VirtualMicroscope
@@ -8,7 +12,7 @@ from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, Fo
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.patches import select_patches
-from wsi_autofocus.training import InlineFocusDataset
+from wsi_autofocus.training import InlineFocusDataset, uncertainty_scale
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -101,3 +105,31 @@ def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
         estimator.estimate(np.zeros((32, 200, 3), np.uint8))
     results = estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3)
     assert len(results) == 3 and all(r.patches_used == 4 for r in results)
+
+
+class _ConstantPrediction(torch.nn.Module):
+    """Predicts defocus 0 with sigma 1 µm whatever the patch."""
+    def forward(self, patches):
+        return torch.zeros(len(patches), 2)
+
+
+def test_uncertainty_scale_is_the_ratio_of_held_out_errors_to_predicted_sigma():
+    targets = torch.tensor([2.0, -2.0, 2.0, -2.0])            # every error is 2 sigma
+    loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), targets), batch_size=3)
+    assert uncertainty_scale(_ConstantPrediction(), loader) == pytest.approx(2.0)
+
+
+def test_estimator_applies_the_calibrated_uncertainty_scale(tiny_model, tmp_path):
+    metadata = json.loads((tiny_model / "metadata.json").read_text())
+    assert np.isfinite(metadata["uncertainty_scale"]) and metadata["uncertainty_scale"] > 0
+    rescaled = tmp_path / "rescaled"
+    shutil.copytree(tiny_model, rescaled)
+    (rescaled / "metadata.json").write_text(json.dumps(metadata | {"uncertainty_scale": 3 * metadata["uncertainty_scale"]}))
+    microscope = VirtualMicroscope(seed=200)
+    image = microscope.capture(43_000.0, 12_500.0, microscope.focal_z_um(43_000.0, 12_500.0) + 2.0, 20,
+                               roi=(384, 384, 128, 128)).image_rgb8
+    backend, _ = load_backend("onnxruntime", tiny_model)
+    base = FocusEstimator(backend, tiny_model).estimate(image)
+    wider = FocusEstimator(backend, rescaled).estimate(image)
+    assert wider.defocus_um == pytest.approx(base.defocus_um)
+    assert wider.uncertainty_um > 1.5 * base.uncertainty_um

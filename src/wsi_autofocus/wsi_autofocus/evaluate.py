@@ -32,7 +32,8 @@ class EvaluationSpec:
     seed: int = 5
 
 
-def _tile(microscope: VirtualMicroscope, x, y, defocus_um, magnification, spec: EvaluationSpec):
+def render_tile(microscope: VirtualMicroscope, x, y, defocus_um, magnification, spec: EvaluationSpec):
+    """A centred `spec.tile_px` square of the sensor at a known defocus from the true focal surface."""
     camera = microscope.camera
     roi = ((camera.height_px - spec.tile_px) // 2, (camera.width_px - spec.tile_px) // 2, spec.tile_px, spec.tile_px)
     focal = float(microscope.focal_z_um(x, y))
@@ -55,7 +56,7 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
         for magnification in OBJECTIVES:
             points = tissue_points(microscope, rng, count)
             for (x, y), defocus in zip(points, rng.uniform(-20, 20, count)):
-                capture = _tile(microscope, x, y, defocus, magnification, spec)
+                capture = render_tile(microscope, x, y, defocus, magnification, spec)
                 result = estimator.estimate(capture.image_rgb8)
                 records.append({"specimen": specimen_seed, "objective": magnification, "sparse": False,
                                 "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
@@ -64,7 +65,7 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
         # Near-empty fields: positions off the tissue section, on bare glass or its ragged edge.
         for _ in range(spec.sparse_tiles_per_specimen):
             x, y = rng.uniform(0.03, 0.2) * microscope.specimen.width_um, rng.uniform(0.1, 0.9) * microscope.specimen.height_um
-            capture = _tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
+            capture = render_tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
             result = estimator.estimate(capture.image_rgb8)
             records.append({"specimen": specimen_seed, "objective": 20.0, "sparse": True,
                             "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
@@ -81,7 +82,7 @@ def _sweep(microscope, x, y, start_defocus_um: float, spec: EvaluationSpec) -> d
     offsets = np.arange(-spec.sweep_range_um, spec.sweep_range_um + 1e-9, spec.sweep_step_um)
     images, truth = [], None
     for offset in offsets:
-        capture = _tile(microscope, x, y, start_defocus_um + offset, 20.0, spec)
+        capture = render_tile(microscope, x, y, start_defocus_um + offset, 20.0, spec)
         images.append(capture.image_rgb8)
         truth = capture.focal_z_um
     start_z = truth + start_defocus_um
@@ -105,12 +106,16 @@ def summarize(evaluation: dict, estimator_backend: str) -> dict:
         error = np.array([r["predicted_um"] for r in rows]) - true
         signed = np.abs(true) > 1.0
         predicted = np.array([r["predicted_um"] for r in rows])
+        sigma = np.array([r["uncertainty_um"] for r in rows])
         return {"n": len(rows), "mae_um": float(np.mean(np.abs(error))),
                 "rmse_um": float(np.sqrt(np.mean(error ** 2))),
                 "p95_abs_error_um": float(np.percentile(np.abs(error), 95)),
                 "sign_accuracy_beyond_1um": float(np.mean(np.sign(predicted[signed]) == np.sign(true[signed])))
                 if signed.any() else None,
-                "median_uncertainty_um": float(np.median([r["uncertainty_um"] for r in rows]))}
+                "median_uncertainty_um": float(np.median([r["uncertainty_um"] for r in rows])),
+                # Calibration: a one-sigma uncertainty should cover ~68 % of errors, two sigma ~95 %.
+                "within_1_sigma": float(np.mean(np.abs(error) <= sigma)),
+                "within_2_sigma": float(np.mean(np.abs(error) <= 2 * sigma))}
 
     def within(rows, limit):
         return [r for r in rows if abs(r["true_um"]) <= limit]
@@ -192,12 +197,13 @@ def write_report(evaluation: dict, summary: dict, output_dir: Path) -> Path:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["objective  range    n    MAE µm  RMSE µm  p95 µm  sign>1µm"]
+    lines = ["objective  range    n    MAE µm  RMSE µm  p95 µm  sign>1µm  in 1σ   in 2σ"]
     for objective, ranges in summary["by_objective"].items():
         for name, s in ranges.items():
             if s["n"]:
                 lines.append(f"{objective:<10} {name[7:]:<7} {s['n']:4d}  {s['mae_um']:7.3f}  {s['rmse_um']:7.3f} "
-                             f"{s['p95_abs_error_um']:7.3f}  {s['sign_accuracy_beyond_1um'] or 0:7.3f}")
+                             f"{s['p95_abs_error_um']:7.3f}  {s['sign_accuracy_beyond_1um'] or 0:7.3f}"
+                             f"  {s['within_1_sigma']:6.2f}  {s['within_2_sigma']:6.2f}")
     lines.append("")
     lines.append("method                 images/tile  acq s/tile  compute ms  MAE µm   p95 µm")
     single = summary["single_shot"]

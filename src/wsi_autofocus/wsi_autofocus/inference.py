@@ -4,6 +4,7 @@ Backends: PyTorch (CPU, or CUDA when available), ONNX Runtime (CPU), and TensorR
 when it is importable (NVIDIA Jetson). `load_backend("auto", ...)` takes the fastest one present.
 """
 import json
+import math
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -145,6 +146,8 @@ class FocusEstimator:
         self.patch_px = int(self.metadata["patch_px"])
         self.patches_per_tile = patches_per_tile or int(self.metadata.get("patches_per_tile", 8))
         self.model_id = f"{self.metadata['name']}@{self.metadata['version']}"
+        # Calibrated on the validation specimens at training time (`training.uncertainty_scale`).
+        self.log_variance_offset = 2.0 * math.log(float(self.metadata["uncertainty_scale"]))
 
     def check_image(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
@@ -170,7 +173,7 @@ class FocusEstimator:
         for image, (patches, _) in zip(images, selections):
             part = outputs[start:start + len(patches)]
             start += len(patches)
-            defocus, uncertainty = aggregate(part[:, 0], part[:, 1])
+            defocus, uncertainty = aggregate(part[:, 0], part[:, 1] + self.log_variance_offset)
             results.append(FocusResult(defocus, uncertainty, brenner(image), tissue_fraction(image),
                                        len(patches), latency_ms))
         return results

