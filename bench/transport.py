@@ -47,7 +47,7 @@ def run_case(use_profile: bool, rate_hz: float, duration_s: float, size_px: int,
     return {
         "profile": "wsi_large_images" if use_profile else "default",
         "mode": f"{rate_hz:g} Hz" if rate_hz else "max rate",
-        "sent": sent["sent"], "received": received["count"],
+        "sent": sent["sent"], "refused_by_middleware": sent["refused"], "received": received["count"],
         "images_per_s": received.get("images_per_s", 0.0), "mb_per_s": received.get("mb_per_s", 0.0),
         "latency_ms_median": received.get("latency_ms_median"),
         "latency_ms_p95": received.get("latency_ms_p95"),

@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 import rclpy
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 
 from wsi_common.image import array_to_image, image_to_array
@@ -56,12 +57,17 @@ def send(args) -> dict:
     # A few distinct patterns, reused, so that generating pixels does not limit the send rate.
     patterns = [synthetic_tile(args.size, i) for i in range(args.patterns)]
     msg = Tile()
-    sent, crcs = 0, []
+    sent, refused, crcs = 0, 0, []
     period = 1.0 / args.rate if args.rate > 0 else 0.0
     started = time.monotonic()
     while time.monotonic() - started < args.duration and (args.count == 0 or sent < args.count):
         pixels = patterns[sent % len(patterns)]
-        publisher.publish(fill_tile(msg, pixels, sent, node))
+        try:
+            publisher.publish(fill_tile(msg, pixels, sent, node))
+        except RCLError:
+            # The middleware refused the sample (its shared-memory pool momentarily full under load):
+            # for a transport measurement that is a lost tile, which the receiver counts as a gap.
+            refused += 1
         crcs.append(tile_crc(pixels))
         sent += 1
         if period:
@@ -69,7 +75,7 @@ def send(args) -> dict:
     publisher.wait_for_all_acked(rclpy.duration.Duration(seconds=args.ack_timeout))
     elapsed = time.monotonic() - started
     node.destroy_node()
-    return {"sent": sent, "seconds": elapsed, "crc32": crcs}
+    return {"sent": sent, "refused": refused, "seconds": elapsed, "crc32": crcs}
 
 
 def receive(args) -> dict:
