@@ -15,11 +15,14 @@ from wsi_autofocus.patches import select_patches
 from wsi_autofocus.training import InlineFocusDataset, uncertainty_scale
 
 
+TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm
+
+
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_architecture_maps_patches_to_defocus_and_log_variance(name):
     model = build_model(name, 64).eval()
     with torch.inference_mode():
-        output = model(torch.rand(3, 3, 64, 64))
+        output = model(torch.rand(3, 3, 64, 64), TWENTY_X.repeat(3, 1))
     assert output.shape == (3, 2) and torch.isfinite(output).all()
 
 
@@ -32,7 +35,8 @@ def test_exposure_does_not_change_the_prediction():
     model = build_model("resnet_small", 64).eval()
     patch = torch.rand(1, 3, 64, 64) * 0.5 + 0.2
     with torch.inference_mode():
-        np.testing.assert_allclose(model(patch).numpy(), model(patch * 1.4).numpy(), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(model(patch, TWENTY_X).numpy(), model(patch * 1.4, TWENTY_X).numpy(),
+                                   rtol=1e-3, atol=1e-4)
 
 
 def test_aggregate_is_a_robust_weighted_median_with_honest_uncertainty():
@@ -60,26 +64,32 @@ def test_augmentation_keeps_labels_and_focus_ordering():
     roi = (448, 448, 96, 96)
     sharp = microscope.capture(x, y, focal, 20, roi=roi, noise_seed=1).image_rgb8
     blurred = microscope.capture(x, y, focal + 3, 20, roi=roi, noise_seed=1).image_rgb8
-    dataset = InlineFocusDataset(np.stack([sharp, blurred]), np.array([0.0, 3.0]), augment=True, seed=4)
-    for _ in range(10):
-        (sharp_t, sharp_label), (blurred_t, blurred_label) = dataset[0], dataset[1]
+    optics = np.array([[0.75, 0.325]] * 2)
+    dataset = InlineFocusDataset(np.stack([sharp, blurred]), optics, np.array([0.0, 3.0]), augment=True, seed=4)
+    seen_optics = set()
+    for _ in range(40):
+        (sharp_t, sharp_optics, sharp_label), (blurred_t, _, blurred_label) = dataset[0], dataset[1]
         assert (sharp_label.item(), blurred_label.item()) == (0.0, 3.0)
+        seen_optics.add(tuple(np.round(sharp_optics.numpy().astype(float), 3)))
         to_image = lambda t: (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)  # noqa: E731
         assert brenner(to_image(sharp_t)) > brenner(to_image(blurred_t))
+    assert seen_optics == {(0.75, 0.325), (0.0, 0.0)}   # optics mostly given, sometimes "unknown"
 
 
 def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
     for name in ("model.pt", "model.onnx", "model.torchscript.pt", "metadata.json"):
         assert (tiny_model / name).stat().st_size > 0
     scripted = torch.jit.load(str(tiny_model / "model.torchscript.pt"))
-    assert scripted(torch.rand(2, 3, 64, 64)).shape == (2, 2)
+    assert scripted(torch.rand(2, 3, 64, 64), TWENTY_X.repeat(2, 1)).shape == (2, 2)
 
 
 def test_available_backends_agree(tiny_model):
     patches = np.random.default_rng(0).random((5, 3, 64, 64), dtype=np.float32)
+    optics = np.array([[0.75, 0.325], [0.3, 0.65], [0.95, 0.1625], [0.0, 0.0], [0.75, 0.325]], np.float32)
     torch_backend, _ = load_backend("torch-cpu", tiny_model)
     onnx_backend, _ = load_backend("onnxruntime", tiny_model)
-    np.testing.assert_allclose(onnx_backend.predict(patches), torch_backend.predict(patches), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(onnx_backend.predict(patches, optics), torch_backend.predict(patches, optics),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_auto_falls_back_and_says_why(tiny_model):
@@ -103,19 +113,21 @@ def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
         estimator.estimate(np.zeros((64, 64), np.uint8))
     with pytest.raises(FocusInputError, match="smaller than one 64 px model patch"):
         estimator.estimate(np.zeros((32, 200, 3), np.uint8))
-    results = estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3)
+    results = estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3, [(0.75, 0.325)] * 3)
     assert len(results) == 3 and all(r.patches_used == 4 for r in results)
+    with pytest.raises(FocusInputError, match="3 images but 1"):
+        estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3, [(0.75, 0.325)])
 
 
 class _ConstantPrediction(torch.nn.Module):
     """Predicts defocus 0 with sigma 1 µm whatever the patch."""
-    def forward(self, patches):
+    def forward(self, patches, optics):
         return torch.zeros(len(patches), 2)
 
 
 def test_uncertainty_scale_is_the_ratio_of_held_out_errors_to_predicted_sigma():
     targets = torch.tensor([2.0, -2.0, 2.0, -2.0])            # every error is 2 sigma
-    loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), targets), batch_size=3)
+    loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, 2), targets), batch_size=3)
     assert uncertainty_scale(_ConstantPrediction(), loader) == pytest.approx(2.0)
 
 
@@ -129,7 +141,7 @@ def test_estimator_applies_the_calibrated_uncertainty_scale(tiny_model, tmp_path
     image = microscope.capture(43_000.0, 12_500.0, microscope.focal_z_um(43_000.0, 12_500.0) + 2.0, 20,
                                roi=(384, 384, 128, 128)).image_rgb8
     backend, _ = load_backend("onnxruntime", tiny_model)
-    base = FocusEstimator(backend, tiny_model).estimate(image)
-    wider = FocusEstimator(backend, rescaled).estimate(image)
+    base = FocusEstimator(backend, tiny_model).estimate(image, 0.75, 0.325)
+    wider = FocusEstimator(backend, rescaled).estimate(image, 0.75, 0.325)
     assert wider.defocus_um == pytest.approx(base.defocus_um)
     assert wider.uncertainty_um > 1.5 * base.uncertainty_um

@@ -78,13 +78,17 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     roi = ((camera.height_px - p) // 2, (camera.width_px - p) // 2, p, p)
     patches = np.empty((n, p, p, 3), np.uint8)
     labels = np.empty(n, np.float32)
+    numerical_aperture = np.empty(n, np.float32)
+    pixel_size_um = np.empty(n, np.float32)
     for i in range(n):
         x, y = points[i]
         focal = float(microscope.focal_z_um(x, y))
         capture = microscope.capture(x, y, focal + defocus[i], objectives[i], exposure_ms=exposures[i], roi=roi)
         patches[i] = capture.image_rgb8
         labels[i] = capture.defocus_um
-    return {"patches": patches, "defocus_um": labels, "objective": objectives.astype(np.float32),
+        numerical_aperture[i], pixel_size_um[i] = capture.numerical_aperture, capture.pixel_size_um
+    return {"patches": patches, "defocus_um": labels, "numerical_aperture": numerical_aperture,
+            "pixel_size_um": pixel_size_um, "objective": objectives.astype(np.float32),
             "specimen": np.full(n, specimen_seed, np.int32), "sparse": sparse,
             "exposure_ms": exposures.astype(np.float32)}
 

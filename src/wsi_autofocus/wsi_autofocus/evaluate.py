@@ -46,6 +46,17 @@ def sweep_time_s(images: int, step_um: float, exposure_ms: float, dynamics: Stag
     return images * (step_s + exposure_ms / 1e3)
 
 
+def _estimate(estimator: FocusEstimator, capture):
+    return estimator.estimate(capture.image_rgb8, capture.numerical_aperture, capture.pixel_size_um)
+
+
+def _record(specimen_seed: int, capture, result, sparse: bool) -> dict:
+    return {"specimen": specimen_seed, "objective": capture.objective_magnification, "sparse": sparse,
+            "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
+            "uncertainty_um": result.uncertainty_um, "tissue_fraction": result.tissue_fraction,
+            "latency_ms": result.latency_ms}
+
+
 def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationSpec(), log=print) -> dict:
     records, sweeps = [], []
     test = SPLITS["test"]
@@ -57,20 +68,15 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
             points = tissue_points(microscope, rng, count)
             for (x, y), defocus in zip(points, rng.uniform(-20, 20, count)):
                 capture = render_tile(microscope, x, y, defocus, magnification, spec)
-                result = estimator.estimate(capture.image_rgb8)
-                records.append({"specimen": specimen_seed, "objective": magnification, "sparse": False,
-                                "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
-                                "uncertainty_um": result.uncertainty_um, "tissue_fraction": result.tissue_fraction,
-                                "latency_ms": result.latency_ms})
+                # Also as a caller that does not send the optics (EstimateFocus with NA and pixel size 0).
+                blind = estimator.estimate(capture.image_rgb8)
+                records.append(_record(specimen_seed, capture, _estimate(estimator, capture), sparse=False)
+                               | {"predicted_optics_unknown_um": blind.defocus_um})
         # Near-empty fields: positions off the tissue section, on bare glass or its ragged edge.
         for _ in range(spec.sparse_tiles_per_specimen):
             x, y = rng.uniform(0.03, 0.2) * microscope.specimen.width_um, rng.uniform(0.1, 0.9) * microscope.specimen.height_um
             capture = render_tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
-            result = estimator.estimate(capture.image_rgb8)
-            records.append({"specimen": specimen_seed, "objective": 20.0, "sparse": True,
-                            "true_um": capture.defocus_um, "predicted_um": result.defocus_um,
-                            "uncertainty_um": result.uncertainty_um, "tissue_fraction": result.tissue_fraction,
-                            "latency_ms": result.latency_ms})
+            records.append(_record(specimen_seed, capture, _estimate(estimator, capture), sparse=True))
         for x, y in tissue_points(microscope, rng, spec.sweep_tiles_per_specimen):
             sweeps.append(_sweep(microscope, x, y, float(rng.uniform(-10, 10)), spec))
         log(f"specimen {specimen_seed}: {len(records)} tiles, {len(sweeps)} sweeps")
@@ -150,6 +156,8 @@ def summarize(evaluation: dict, estimator_backend: str) -> dict:
     return {
         "held_out_specimens": list(SPLITS["test"].specimen_seeds),
         "20x_within_10um": stats(within(twenty, 10)), "20x_within_20um": stats(within(twenty, 20)),
+        "20x_within_10um_optics_unknown": stats([t | {"predicted_um": t["predicted_optics_unknown_um"]}
+                                                 for t in within(twenty, 10)]),
         "by_objective": by_objective, "20x_by_defocus_bin": bins,
         "sparse_fields": {"n": len(sparse), "n_below_5pct_tissue": len(sparse_low),
                           "median_uncertainty_um": float(np.median([t["uncertainty_um"] for t in sparse_low]))
@@ -213,6 +221,9 @@ def format_table(summary: dict) -> str:
     for name, b in summary["z_sweep_baselines"].items():
         lines.append(f"z-sweep {name:<22} {b['images_per_tile']:4d}  {b['acquisition_s_per_tile']:10.3f}  "
                      f"{b['compute_ms_per_tile']:10.1f}  {b['mae_um']:6.3f}  {b['p95_abs_error_um']:7.3f}")
+    blind = summary["20x_within_10um_optics_unknown"]
+    lines.append(f"single shot, NA and pixel size not given: 20x within 10 µm MAE {blind['mae_um']:.3f} µm, "
+                 f"sign>1µm {blind['sign_accuracy_beyond_1um']:.3f}")
     sparse = summary["sparse_fields"]
     lines.append("")
     lines.append(f"near-empty fields (<5% tissue): n={sparse['n_below_5pct_tissue']}, median uncertainty "

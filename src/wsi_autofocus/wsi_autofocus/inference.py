@@ -53,10 +53,11 @@ class TorchBackend:
         self.device = device
         self.model = load_checkpoint(Path(model_dir) / "model.pt").to(device).eval()
 
-    def predict(self, patches: np.ndarray) -> np.ndarray:
+    def predict(self, patches: np.ndarray, optics: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            tensor = self._torch.from_numpy(patches).to(self.device)
-            return self.model(tensor).float().cpu().numpy()
+            torch = self._torch
+            return self.model(torch.from_numpy(patches).to(self.device),
+                              torch.from_numpy(optics).to(self.device)).float().cpu().numpy()
 
 
 class OnnxRuntimeBackend:
@@ -74,10 +75,9 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self._input = self.session.get_inputs()[0].name
 
-    def predict(self, patches: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: patches})[0]
+    def predict(self, patches: np.ndarray, optics: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"patches": patches, "optics": optics})[0]
 
 
 class TensorRTBackend:
@@ -96,12 +96,13 @@ class TensorRTBackend:
 
         self._torch = torch
         model = load_checkpoint(Path(model_dir) / "model.pt").cuda().eval()
-        example = torch.rand(1, 3, patch_px, patch_px, device="cuda")
-        self.model = torch2trt(model, [example], fp16_mode=True, max_batch_size=max_batch)
+        example = [torch.rand(1, 3, patch_px, patch_px, device="cuda"), torch.tensor([[0.75, 0.325]], device="cuda")]
+        self.model = torch2trt(model, example, fp16_mode=True, max_batch_size=max_batch)
 
-    def predict(self, patches: np.ndarray) -> np.ndarray:
+    def predict(self, patches: np.ndarray, optics: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self.model(self._torch.from_numpy(patches).cuda()).float().cpu().numpy()
+            torch = self._torch
+            return self.model(torch.from_numpy(patches).cuda(), torch.from_numpy(optics).cuda()).float().cpu().numpy()
 
 
 def load_backend(name: str, model_dir: Path | None = None, threads: int = 2):
@@ -159,15 +160,23 @@ class FocusEstimator:
                                   f"{self.patch_px} px model patch")
         return image
 
-    def estimate(self, image: np.ndarray) -> FocusResult:
-        return self.estimate_many([image])[0]
+    def estimate(self, image: np.ndarray, numerical_aperture: float = 0.0, pixel_size_um: float = 0.0) -> FocusResult:
+        """Defocus of one tile. numerical_aperture, pixel_size_um: the objective's NA and the image's
+        pixel size in the specimen plane; 0 = unknown (less accurate: the model then has to tell the
+        objective from the image)."""
+        return self.estimate_many([image], [(numerical_aperture, pixel_size_um)])[0]
 
-    def estimate_many(self, images: list[np.ndarray]) -> list[FocusResult]:
-        """Estimates for several tiles with one backend call (batching when the node falls behind)."""
+    def estimate_many(self, images: list[np.ndarray], optics: list[tuple[float, float]]) -> list[FocusResult]:
+        """Estimates for several tiles with one backend call (batching when the node falls behind).
+        optics: (numerical_aperture, pixel_size_um) per image, 0 = unknown."""
+        if len(optics) != len(images):
+            raise FocusInputError(f"{len(images)} images but {len(optics)} (NA, pixel size) pairs")
         started = time.perf_counter()
         images = [self.check_image(image) for image in images]
         selections = [select_patches(image, self.patch_px, self.patches_per_tile) for image in images]
-        outputs = self.backend.predict(np.concatenate([patches for patches, _ in selections]))
+        optics_rows = np.concatenate([np.tile(np.array(pair, np.float32), (len(patches), 1))
+                                      for pair, (patches, _) in zip(optics, selections)])
+        outputs = self.backend.predict(np.concatenate([patches for patches, _ in selections]), optics_rows)
         latency_ms = (time.perf_counter() - started) * 1e3
         results, start = [], 0
         for image, (patches, _) in zip(images, selections):

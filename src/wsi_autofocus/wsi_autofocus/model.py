@@ -91,12 +91,20 @@ class RadialLogSpectrum(nn.Module):
         return torch.log(power @ self.binning + 1e-6)
 
 
+# Columns of the optics input: what every Tile and EstimateFocus request carries.
+OPTICS_FEATURES = ("numerical_aperture", "pixel_size_um")
+
+
 class FocusRegressor(nn.Module):
     """ResNet backbone + head predicting (defocus_um, log_variance) per patch.
 
-    Input: float tensor (N, 3, P, P), RGB in [0, 1], P = patch_px. Each patch is divided by its own mean inside the
-    network, so exposure does not shift the answer while contrast (a defocus cue) is kept, and the
-    exported ONNX/TorchScript models take raw [0, 1] pixels.
+    Inputs: `patches`, float (N, 3, P, P), RGB in [0, 1], P = patch_px; `optics`, float (N, 2): the
+    objective's numerical aperture and the image pixel size in µm (OPTICS_FEATURES), 0 where unknown.
+    The same blur means 2.7x less defocus at 40x/0.95 than at 20x/0.75 and the same pixels cover a
+    different field, so the head is conditioned on the optics instead of guessing the objective from
+    the image; training drops them now and then so that "unknown" (0) still gets an answer.
+    Each patch is divided by its own mean inside the network, so exposure does not shift the answer
+    while contrast (a defocus cue) is kept, and the exported ONNX/TorchScript models take raw [0, 1] pixels.
     """
 
     def __init__(self, arch: Architecture, patch_px: int, defocus_scale_um: float = 10.0, spectrum_bins: int = 32):
@@ -120,15 +128,16 @@ class FocusRegressor(nn.Module):
                 in_channels = width
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(in_channels + 64, 2)
+        self.optics_features = nn.Sequential(nn.Linear(len(OPTICS_FEATURES), 16), nn.ReLU(inplace=True))
+        self.head = nn.Sequential(nn.Linear(in_channels + 64 + 16, 96), nn.ReLU(inplace=True), nn.Linear(96, 2))
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
         normalised = patches / patches.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3) - 1.0
         spatial = self.pool(self.stages(self.stem(normalised))).flatten(1)
         spectral = self.spectral_features(self.spectrum(normalised).flatten(1))
-        raw = self.head(torch.cat([spatial, spectral], dim=1))
+        raw = self.head(torch.cat([spatial, spectral, self.optics_features(optics)], dim=1))
         defocus = raw[:, 0] * self.defocus_scale_um
-        log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * torch.log(torch.tensor(self.defocus_scale_um))
+        log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * math.log(self.defocus_scale_um)
         return torch.stack([defocus, log_variance], dim=1)
 
 

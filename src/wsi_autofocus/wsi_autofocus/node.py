@@ -67,7 +67,8 @@ class AutofocusNode(Node):
             except (ImageConversionError, FocusInputError) as error:
                 self._publish(tile, error=str(error))
         if images:
-            for tile, result in zip(good, self.estimator.estimate_many(images)):
+            optics = [(tile.numerical_aperture, tile.pixel_size_um) for tile in good]
+            for tile, result in zip(good, self.estimator.estimate_many(images, optics)):
                 self._publish(tile, result=result, latency_ms=(time.perf_counter() - started) * 1e3)
 
     def _publish(self, tile: Tile, result=None, error: str = "", latency_ms: float = 0.0) -> None:
@@ -91,7 +92,8 @@ class AutofocusNode(Node):
     def _serve(self, request, response):
         response.model_id, response.backend = self.estimator.model_id, self.estimator.backend.name
         try:
-            result = self.estimator.estimate(decode_rgb(request.image))
+            result = self.estimator.estimate(decode_rgb(request.image), request.numerical_aperture,
+                                             request.pixel_size_um)
         except (ImageConversionError, FocusInputError) as error:
             response.success, response.error = False, str(error)
             return response

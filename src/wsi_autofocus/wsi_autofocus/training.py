@@ -10,23 +10,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_autofocus.model import Architecture, FocusRegressor, build_model
+from wsi_autofocus.model import OPTICS_FEATURES, Architecture, FocusRegressor, build_model
 
 MODEL_NAME = "focus_resnet_small"
-MODEL_VERSION = "1"
+MODEL_VERSION = "2"
 
 
 class InlineFocusDataset(Dataset):
-    """Patches and signed defocus labels (µm), with augmentations that keep the focus ordering.
+    """Patches, their optics (NA, pixel size µm) and signed defocus labels (µm), with augmentations
+    that keep the focus ordering.
 
     Flips and 90° rotations, intensity (exposure), per-channel gain (stain colour) and a mild
     contrast jitter around the patch mean: none of them blur or sharpen, so the label stays true.
+    A fraction `unknown_optics_fraction` of augmented samples has its optics set to 0 (unknown), as
+    a caller that does not know its objective sends them.
     """
 
-    def __init__(self, patches: np.ndarray, defocus_um: np.ndarray, augment: bool, seed: int = 0):
-        if len(patches) != len(defocus_um):
-            raise ValueError(f"{len(patches)} patches but {len(defocus_um)} labels")
+    def __init__(self, patches: np.ndarray, optics: np.ndarray, defocus_um: np.ndarray, augment: bool,
+                 seed: int = 0, unknown_optics_fraction: float = 0.15):
+        if not len(patches) == len(optics) == len(defocus_um):
+            raise ValueError(f"{len(patches)} patches, {len(optics)} optics rows and {len(defocus_um)} labels; "
+                             "expected one of each per sample")
         self.patches = patches
+        self.optics = optics.astype(np.float32)
+        self.unknown_optics_fraction = unknown_optics_fraction
         self.defocus_um = defocus_um.astype(np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
@@ -36,6 +43,7 @@ class InlineFocusDataset(Dataset):
 
     def __getitem__(self, index: int):
         patch = self.patches[index].astype(np.float32) / 255.0
+        optics = self.optics[index]
         if self.augment:
             rng = self.rng
             patch = np.rot90(patch, k=int(rng.integers(4)))
@@ -45,8 +53,15 @@ class InlineFocusDataset(Dataset):
             patch = mean + (patch - mean) * rng.uniform(0.9, 1.1)
             patch = patch * rng.uniform(0.8, 1.2) * rng.uniform(0.93, 1.07, size=3)
             patch = np.clip(patch, 0.0, 1.0, dtype=np.float32)
+            if rng.random() < self.unknown_optics_fraction:
+                optics = np.zeros_like(optics)
         pixels = np.ascontiguousarray(patch.transpose(2, 0, 1), dtype=np.float32)
-        return torch.from_numpy(pixels), torch.tensor(self.defocus_um[index])
+        return torch.from_numpy(pixels), torch.from_numpy(optics), torch.tensor(self.defocus_um[index])
+
+
+def optics_columns(data: dict) -> np.ndarray:
+    """(N, 2) model optics input of a rendered data set (`wsi_autofocus.model.OPTICS_FEATURES`)."""
+    return np.column_stack([data[name] for name in OPTICS_FEATURES]).astype(np.float32)
 
 
 def gaussian_nll(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -85,8 +100,8 @@ def evaluate_loss(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
     model.eval()
     losses, errors = [], []
     with torch.inference_mode():
-        for patches, target in loader:
-            output = model(patches)
+        for patches, optics, target in loader:
+            output = model(patches, optics)
             losses.append(gaussian_nll(output, target).item() * len(target))
             errors.append((output[:, 0] - target).abs())
     count = sum(len(e) for e in errors)
@@ -100,8 +115,8 @@ def uncertainty_scale(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     squared = []
     with torch.inference_mode():
-        for patches, target in loader:
-            output = model(patches)
+        for patches, optics, target in loader:
+            output = model(patches, optics)
             squared.append((output[:, 0] - target) ** 2 / output[:, 1].exp())
     return float(torch.cat(squared).mean().sqrt())
 
@@ -128,8 +143,9 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
     torch.set_num_threads(config.threads)
     # NHWC convolutions are ~1.6x faster than NCHW in oneDNN on a CPU (measured, forward + backward).
     model = build_model(config.architecture, config.patch_px).to(memory_format=torch.channels_last)
-    train_set = InlineFocusDataset(train_data["patches"], train_data["defocus_um"], augment=True, seed=config.seed)
-    val_set = InlineFocusDataset(val_data["patches"], val_data["defocus_um"], augment=False)
+    train_set = InlineFocusDataset(train_data["patches"], optics_columns(train_data), train_data["defocus_um"],
+                                   augment=True, seed=config.seed)
+    val_set = InlineFocusDataset(val_data["patches"], optics_columns(val_data), val_data["defocus_um"], augment=False)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator)
     val_loader = DataLoader(val_set, batch_size=256)
@@ -143,9 +159,9 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
                 "training": asdict(config)}
     for epoch in range(config.epochs):
         model.train()
-        for patches, target in train_loader:
+        for patches, optics, target in train_loader:
             optimizer.zero_grad()
-            loss = gaussian_nll(model(patches.contiguous(memory_format=torch.channels_last)), target)
+            loss = gaussian_nll(model(patches.contiguous(memory_format=torch.channels_last), optics), target)
             loss.backward()
             optimizer.step()
         val_loss, val_mae = evaluate_loss(model, val_loader)
@@ -178,9 +194,9 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
 def export(model: FocusRegressor, output_dir: Path, patch_px: int) -> None:
     """ONNX (dynamic batch, opset 17) and TorchScript next to the checkpoint."""
     model = model.eval()
-    example = torch.rand(1, 3, patch_px, patch_px)
-    torch.onnx.export(model, example, output_dir / "model.onnx", input_names=["patches"],
-                      output_names=["defocus_logvar"], dynamic_axes={"patches": {0: "batch"},
-                                                                     "defocus_logvar": {0: "batch"}},
+    example = (torch.rand(1, 3, patch_px, patch_px), torch.tensor([[0.75, 0.325]]))
+    torch.onnx.export(model, example, output_dir / "model.onnx", input_names=["patches", "optics"],
+                      output_names=["defocus_logvar"],
+                      dynamic_axes={"patches": {0: "batch"}, "optics": {0: "batch"}, "defocus_logvar": {0: "batch"}},
                       opset_version=17, dynamo=False)
     torch.jit.trace(model, example).save(str(output_dir / "model.torchscript.pt"))
