@@ -227,6 +227,6 @@ def format_table(summary: dict) -> str:
     sparse = summary["sparse_fields"]
     lines.append("")
     lines.append(f"near-empty fields (<5% tissue): n={sparse['n_below_5pct_tissue']}, median uncertainty "
-                 f"{sparse['median_uncertainty_um']} µm vs {sparse['tissue_median_uncertainty_um']} µm on tissue; "
+                 f"{sparse['median_uncertainty_um']:.2f} µm vs {sparse['tissue_median_uncertainty_um']:.2f} µm on tissue; "
                  f"confidently wrong: {sparse['confident_wrong']}")
     return "\n".join(lines)
