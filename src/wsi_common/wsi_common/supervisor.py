@@ -77,7 +77,8 @@ class Supervisor:
     def start(self) -> "Supervisor":
         for spec in self.specs:
             params_file = write_params_file(spec, Path(self._params_dir.name))
-            command = [sys.executable, "-m", spec.module, *spec.ros_arguments(params_file)]
+            command = [sys.executable, "-m", "wsi_common.run_node", spec.module,
+                       *spec.ros_arguments(params_file)]
             process = subprocess.Popen(command, env=self._env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True, text=True, errors="replace")
