@@ -8,7 +8,7 @@ import pytest
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, specimen_for_seed, tissue_points
-from wsi_autofocus.evaluate import EvaluationSpec, render_tile
+from wsi_autofocus.evaluate import EvaluationSpec, estimate_capture, render_tile
 from wsi_autofocus.inference import FocusEstimator, load_backend
 
 pytestmark = pytest.mark.slow
@@ -35,17 +35,13 @@ def held_out():
             for seed in SPLITS["test"].specimen_seeds[:3]]
 
 
-def estimate(estimator, capture):
-    return estimator.estimate(capture.image_rgb8, capture.numerical_aperture, capture.pixel_size_um)
-
-
 def test_single_shot_defocus_on_held_out_specimens(estimator, held_out):
     true, predicted, sigma = [], [], []
     for seed, microscope in held_out:
         rng = np.random.default_rng([17, seed])
         for (x, y), defocus in zip(tissue_points(microscope, rng, 12), rng.uniform(-8.0, 8.0, 12)):
             capture = render_tile(microscope, x, y, defocus, 20.0, SPEC)
-            result = estimate(estimator, capture)
+            result = estimate_capture(estimator, capture)
             true.append(capture.defocus_um)
             predicted.append(result.defocus_um)
             sigma.append(result.uncertainty_um)
@@ -62,10 +58,10 @@ def test_near_empty_fields_are_reported_as_uncertain(estimator, held_out):
     for seed, microscope in held_out:
         rng = np.random.default_rng([18, seed])
         for x, y in tissue_points(microscope, rng, 4):
-            tissue_sigma.append(estimate(estimator, render_tile(microscope, x, y, 2.0, 20.0, SPEC)).uncertainty_um)
+            tissue_sigma.append(estimate_capture(estimator, render_tile(microscope, x, y, 2.0, 20.0, SPEC)).uncertainty_um)
         for _ in range(4):     # bare glass beside the section
             x, y = 0.05 * microscope.specimen.width_um, rng.uniform(0.2, 0.8) * microscope.specimen.height_um
-            result = estimate(estimator, render_tile(microscope, x, y, 2.0, 20.0, SPEC))
+            result = estimate_capture(estimator, render_tile(microscope, x, y, 2.0, 20.0, SPEC))
             assert result.tissue_fraction < 0.05
             empty_sigma.append(result.uncertainty_um)
     assert np.median(empty_sigma) > EMPTY_TO_TISSUE_SIGMA * np.median(tissue_sigma)

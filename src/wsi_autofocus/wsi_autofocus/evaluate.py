@@ -46,7 +46,8 @@ def sweep_time_s(images: int, step_um: float, exposure_ms: float, dynamics: Stag
     return images * (step_s + exposure_ms / 1e3)
 
 
-def _estimate(estimator: FocusEstimator, capture):
+def estimate_capture(estimator: FocusEstimator, capture):
+    """The estimate for a simulated capture, with the optics the capture was taken with."""
     return estimator.estimate(capture.image_rgb8, capture.numerical_aperture, capture.pixel_size_um)
 
 
@@ -70,13 +71,13 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
                 capture = render_tile(microscope, x, y, defocus, magnification, spec)
                 # Also as a caller that does not send the optics (EstimateFocus with NA and pixel size 0).
                 blind = estimator.estimate(capture.image_rgb8)
-                records.append(_record(specimen_seed, capture, _estimate(estimator, capture), sparse=False)
+                records.append(_record(specimen_seed, capture, estimate_capture(estimator, capture), sparse=False)
                                | {"predicted_optics_unknown_um": blind.defocus_um})
         # Near-empty fields: positions off the tissue section, on bare glass or its ragged edge.
         for _ in range(spec.sparse_tiles_per_specimen):
             x, y = rng.uniform(0.03, 0.2) * microscope.specimen.width_um, rng.uniform(0.1, 0.9) * microscope.specimen.height_um
             capture = render_tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
-            records.append(_record(specimen_seed, capture, _estimate(estimator, capture), sparse=True))
+            records.append(_record(specimen_seed, capture, estimate_capture(estimator, capture), sparse=True))
         for x, y in tissue_points(microscope, rng, spec.sweep_tiles_per_specimen):
             sweeps.append(_sweep(microscope, x, y, float(rng.uniform(-10, 10)), spec))
         log(f"specimen {specimen_seed}: {len(records)} tiles, {len(sweeps)} sweeps")
