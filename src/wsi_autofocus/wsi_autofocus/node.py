@@ -12,7 +12,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
 from wsi_autofocus.inference import BackendUnavailableError, FocusEstimator, FocusInputError, load_backend
-from wsi_common.diagnostics import OK, DiagnosticsPublisher
+from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
@@ -46,7 +46,8 @@ class AutofocusNode(Node):
             raise NodeConfigurationError(str(error)) from error
         for reason in skipped:
             self.get_logger().info(f"backend skipped: {reason}")
-        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"])
+        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
+                                   on_error=self._batch_failed)
         self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
         self.create_subscription(Tile, "tiles", self._worker.put, TILE_QOS)
         self.create_service(EstimateFocus, "estimate_focus", self._serve,
@@ -70,6 +71,12 @@ class AutofocusNode(Node):
             optics = [(tile.numerical_aperture, tile.pixel_size_um) for tile in good]
             for tile, result in zip(good, self.estimator.estimate_many(images, optics)):
                 self._publish(tile, result=result, latency_ms=(time.perf_counter() - started) * 1e3)
+
+    def _batch_failed(self, tiles: list[Tile], error: Exception) -> None:
+        """An unexpected failure still answers every tile of the batch, with the reason."""
+        self.get_logger().error(f"autofocus failed on {len(tiles)} tile(s): {error!r}")
+        for tile in tiles:
+            self._publish(tile, error=f"autofocus failed: {error!r}")
 
     def _publish(self, tile: Tile, result=None, error: str = "", latency_ms: float = 0.0) -> None:
         msg = FocusEstimate(scan_id=tile.scan_id, sequence=tile.sequence, index=tile.index,
@@ -105,7 +112,8 @@ class AutofocusNode(Node):
 
     def _diagnostics(self):
         with self._stats_lock:
-            return OK, "running", {"backend": self.estimator.backend.name, "model": self.estimator.model_id,
+            level, message = worker_level(self._worker, "running")
+            return level, message, {"backend": self.estimator.backend.name, "model": self.estimator.model_id,
                                    "queue_depth": self._worker.qsize(), "tiles_evaluated": self._evaluated,
                                    "tiles_rejected": self._rejected,
                                    "inference_latency_ms": f"{self._last_latency_ms:.1f}"}

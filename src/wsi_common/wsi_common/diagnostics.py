@@ -25,3 +25,11 @@ class DiagnosticsPublisher:
 
 
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+
+
+def worker_level(worker, message: str) -> tuple[int, str]:
+    """(level, message) of a node whose slow work runs on `worker` (a wsi_common.worker.QueueWorker):
+    ERROR once any batch failed, naming the last failure; else OK with `message`."""
+    if worker.failures:
+        return ERROR, f"{worker.failures} batch(es) failed in the worker; last: {worker.last_error}"
+    return OK, message

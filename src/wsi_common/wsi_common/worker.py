@@ -1,6 +1,7 @@
 """One background thread per node for slow work, so subscription callbacks only enqueue."""
 import queue
 import threading
+import traceback
 
 
 class QueueWorker:
@@ -8,12 +9,19 @@ class QueueWorker:
 
     A batch is every item waiting, up to `max_batch`: a node that falls behind catches up in
     larger batches instead of falling further behind.
+
+    A batch whose `handle` raises is counted in `failures`, reported to `on_error(batch, error)`
+    and kept in `last_error`, and the worker goes on with the next one: an unexpected exception
+    must show on the node's diagnostics instead of silently stopping the thread.
     """
 
-    def __init__(self, handle, max_batch: int = 1, poll_s: float = 0.2):
+    def __init__(self, handle, max_batch: int = 1, poll_s: float = 0.2, on_error=None):
         self._handle = handle
         self._max_batch = max_batch
         self._poll_s = poll_s
+        self._on_error = on_error
+        self.failures = 0
+        self.last_error = ""
         self._items: queue.Queue = queue.Queue()
         self._running = True
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -33,7 +41,13 @@ class QueueWorker:
                 continue
             while len(batch) < self._max_batch and not self._items.empty():
                 batch.append(self._items.get_nowait())
-            self._handle(batch)
+            try:
+                self._handle(batch)
+            except Exception as error:      # noqa: BLE001 - any handler bug must be reported, not kill the thread
+                self.failures += 1
+                self.last_error = "".join(traceback.format_exception_only(error)).strip()
+                if self._on_error is not None:
+                    self._on_error(batch, error)
 
     def stop(self, timeout_s: float) -> None:
         self._running = False

@@ -11,7 +11,7 @@ from pathlib import Path
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
-from wsi_common.diagnostics import OK, DiagnosticsPublisher
+from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
@@ -52,7 +52,7 @@ class StitchingNode(Node):
                                                       flat_field=self.params["flat_field"])
         except StitchingError as error:
             raise NodeConfigurationError(str(error)) from error
-        self._work = QueueWorker(self._handle)
+        self._work = QueueWorker(self._handle, on_error=self._item_failed)
         self._status_pub = self.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
         self.create_subscription(ScanPlan, "scan/plan", lambda m: self._work.put(("plan", m)), LATCHED_QOS)
         self.create_subscription(Tile, "tiles", lambda m: self._work.put(("tile", m)), TILE_QOS)
@@ -70,6 +70,13 @@ class StitchingNode(Node):
         handlers = {"plan": self._start, "tile": self._tile, "end": self._end}
         for kind, msg in batch:
             handlers[kind](msg)
+
+    def _item_failed(self, batch, error: Exception) -> None:
+        """An unexpected failure on a tile counts it as rejected, so the mosaic status says so."""
+        for kind, msg in batch:
+            if kind == "tile" and self._session is not None:
+                self._session.rejected.append(f"tile #{msg.sequence}: {error!r}")
+            self.get_logger().error(f"stitching failed on a {kind!r} message: {error!r}")
 
     def _start(self, plan: ScanPlan) -> None:
         if self._plan is not None and self._plan.scan_id == plan.scan_id:
@@ -138,7 +145,8 @@ class StitchingNode(Node):
 
     def _diagnostics(self):
         session = self._session
-        return OK, "stitching" if session else "idle", {
+        level, message = worker_level(self._work, "stitching" if session else "idle")
+        return level, message, {
             "queue_depth": self._work.qsize(), "scan": self._plan.scan_id if self._plan else "",
             "tiles_received": self._received, "tiles_rejected": len(session.rejected) if session else 0}
 
