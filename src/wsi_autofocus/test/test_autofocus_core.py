@@ -8,11 +8,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
+from wsi_autofocus.evaluate import EvaluationSpec, run_evaluation, summarize
 from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
+from wsi_autofocus.model_card import target_statement
 from wsi_autofocus.patches import select_patches
-from wsi_autofocus.training import InlineFocusDataset, uncertainty_scale
+from wsi_autofocus.training import InlineFocusDataset, TrainingConfig, anneal_factor, train, uncertainty_scale
 
 
 TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm
@@ -145,3 +148,54 @@ def test_estimator_applies_the_calibrated_uncertainty_scale(tiny_model, tmp_path
     wider = FocusEstimator(backend, rescaled).estimate(image, 0.75, 0.325)
     assert wider.defocus_um == pytest.approx(base.defocus_um)
     assert wider.uncertainty_um > 1.5 * base.uncertainty_um
+
+
+def test_learning_rate_anneals_linearly_over_the_last_part_of_the_run():
+    assert anneal_factor(0.0, 0.35) == anneal_factor(0.65, 0.35) == 1.0
+    assert anneal_factor(0.825, 0.35) == pytest.approx(0.5)
+    assert anneal_factor(1.0, 0.35) == anneal_factor(1.5, 0.35) == 0.02      # floor, never 0
+    assert anneal_factor(0.99, 0.0) == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_sets():
+    return (render_specimen((DatasetSpec((1,), 32, patch_px=64, seed=1), 1)),
+            render_specimen((DatasetSpec((101,), 16, patch_px=64, seed=2), 101)))
+
+
+def test_training_ends_on_a_low_learning_rate(tiny_sets, tmp_path):
+    config = TrainingConfig(epochs=4, batch_size=16, patch_px=64, anneal_fraction=0.5, early_stopping_patience=10)
+    history = train(*tiny_sets, config, tmp_path, log=lambda line: None)["history"]
+    rates = [epoch["lr"] for epoch in history]
+    assert len(rates) == 4 and rates[0] == config.learning_rate
+    assert all(later <= earlier for earlier, later in zip(rates, rates[1:]))
+    assert rates[-1] < 0.3 * config.learning_rate
+
+
+def test_training_starts_no_epoch_that_would_overrun_the_time_budget(tiny_sets, tmp_path):
+    config = TrainingConfig(epochs=50, batch_size=16, patch_px=64, time_budget_s=1e-3)
+    result = train(*tiny_sets, config, tmp_path, log=lambda line: None)
+    assert len(result["history"]) == 1                # one epoch always runs: there is a model to export
+    assert (tmp_path / "model.onnx").stat().st_size > 0
+
+
+def test_model_card_says_whether_the_20x_target_is_met():
+    def summary(mae_10, mae_20, sign):
+        return {"20x_within_10um": {"mae_um": mae_10, "sign_accuracy_beyond_1um": sign},
+                "20x_within_20um": {"mae_um": mae_20}}
+
+    assert target_statement(summary(0.21, 0.55, 0.99)).startswith("- The project's 20× target is met")
+    missed = target_statement(summary(0.31, 0.55, 0.97))
+    assert "not met" in missed and "MAE 0.31 µm within ±10 µm" in missed and "sign 97.0%" in missed
+    assert "±20 µm" not in missed
+
+
+def test_evaluation_of_the_validation_split_never_touches_the_test_specimens(tiny_model):
+    estimator = FocusEstimator(load_backend("onnxruntime", tiny_model)[0], tiny_model, patches_per_tile=2)
+    spec = EvaluationSpec(tiles_per_specimen_and_objective=1, sparse_tiles_per_specimen=1,
+                          sweep_tiles_per_specimen=1, sweep_range_um=1.0, tile_px=128)
+    evaluation = run_evaluation(estimator, spec, split="val", log=lambda line: None)
+    assert {tile["specimen"] for tile in evaluation["tiles"]} == set(SPLITS["val"].specimen_seeds)
+    summary = summarize(evaluation, "onnxruntime")
+    assert summary["split"] == "val" and summary["specimens"] == list(SPLITS["val"].specimen_seeds)
+    assert summary["20x_within_20um"]["n"] == len(SPLITS["val"].specimen_seeds)

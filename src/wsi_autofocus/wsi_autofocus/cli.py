@@ -43,9 +43,9 @@ def command_eval(args) -> int:
     backend, skipped = load_backend(args.backend, args.model, threads=args.threads)
     for reason in skipped:
         print(f"skipped backend: {reason}")
-    estimator = FocusEstimator(backend, args.model)
+    estimator = FocusEstimator(backend, args.model, patches_per_tile=args.patches_per_tile)
     spec = EvaluationSpec(tiles_per_specimen_and_objective=args.tiles)
-    evaluation = run_evaluation(estimator, spec)
+    evaluation = run_evaluation(estimator, spec, split=args.split)
     summary = summarize(evaluation, backend.name)
     report = write_report(evaluation, summary, args.output)
     plots = plot(evaluation, summary, args.output)
@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     evaluate.add_argument("--backend", default="onnxruntime")
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--tiles", type=int, default=40, help="tiles per specimen and objective")
+    evaluate.add_argument("--split", default="test", choices=("test", "val"),
+                          help="held-out test specimens (reported numbers) or validation specimens (tuning)")
+    evaluate.add_argument("--patches-per-tile", type=int, help="override the model's patches per tile")
     evaluate.add_argument("--output", type=Path, default=Path("build/autofocus-eval"))
     evaluate.add_argument("--summary-json", type=Path)
     evaluate.set_defaults(run=command_eval)

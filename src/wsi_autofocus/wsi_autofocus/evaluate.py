@@ -58,10 +58,12 @@ def _record(specimen_seed: int, capture, result, sparse: bool) -> dict:
             "latency_ms": result.latency_ms}
 
 
-def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationSpec(), log=print) -> dict:
+def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationSpec(), split: str = "test",
+                   log=print) -> dict:
+    """Tiles of the specimens of `split`: "test" (held out, for the reported numbers) or "val" (for
+    choosing settings such as the patches per tile without looking at the test specimens)."""
     records, sweeps = [], []
-    test = SPLITS["test"]
-    for specimen_seed in test.specimen_seeds:
+    for specimen_seed in SPLITS[split].specimen_seeds:
         rng = np.random.default_rng([spec.seed, specimen_seed])
         microscope = VirtualMicroscope(specimen=specimen_for_seed(specimen_seed), seed=specimen_seed)
         count = spec.tiles_per_specimen_and_objective
@@ -81,7 +83,7 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
         for x, y in tissue_points(microscope, rng, spec.sweep_tiles_per_specimen):
             sweeps.append(_sweep(microscope, x, y, float(rng.uniform(-10, 10)), spec))
         log(f"specimen {specimen_seed}: {len(records)} tiles, {len(sweeps)} sweeps")
-    return {"spec": spec.__dict__, "tiles": records, "sweeps": sweeps}
+    return {"spec": spec.__dict__, "split": split, "tiles": records, "sweeps": sweeps}
 
 
 def _sweep(microscope, x, y, start_defocus_um: float, spec: EvaluationSpec) -> dict:
@@ -155,7 +157,7 @@ def summarize(evaluation: dict, estimator_backend: str) -> dict:
                    "compute_ms_per_tile": float(np.median([t["latency_ms"] for t in tiles])),
                    "backend": estimator_backend}
     return {
-        "held_out_specimens": list(SPLITS["test"].specimen_seeds),
+        "split": evaluation["split"], "specimens": list(SPLITS[evaluation["split"]].specimen_seeds),
         "20x_within_10um": stats(within(twenty, 10)), "20x_within_20um": stats(within(twenty, 20)),
         "20x_within_10um_optics_unknown": stats([t | {"predicted_um": t["predicted_optics_unknown_um"]}
                                                  for t in within(twenty, 10)]),
