@@ -14,10 +14,11 @@ from wsi_autofocus.inference import FocusEstimator, load_backend
 pytestmark = pytest.mark.slow
 
 SPEC = EvaluationSpec()
-# Bounds with headroom over what `make train-autofocus` measured for the shipped model on all six
-# held-out specimens (MODEL_CARD.md: 20x within ±10 µm MAE 0.65 µm, sign 98 %; empty fields' sigma
-# 3.6x that of tissue): a model that regresses past them must not ship.
-MAX_MAE_UM = 1.0
+# Bounds with headroom over what the shipped model measured: on all six held-out specimens
+# (MODEL_CARD.md, `make train-autofocus`) 20x within ±10 µm MAE 0.33 µm, sign 100 %, empty fields'
+# sigma 4.3x that of tissue; on this test's own 36 tiles MAE 0.27 µm. A model that regresses past
+# them must not ship.
+MAX_MAE_UM = 0.5
 MIN_SIGN_ACCURACY = 0.95
 EMPTY_TO_TISSUE_SIGMA = 2.0
 

@@ -24,7 +24,8 @@ class DatasetSpec:
     samples_per_specimen: int
     patch_px: int = 96
     max_defocus_um: float = 20.0
-    objective_weights: tuple[float, ...] = (0.25, 0.5, 0.25)     # 10x, 20x, 40x
+    # 10x, 20x, 40x: 20x (the scanning objective the accuracy target is set for) gets most of the samples.
+    objective_weights: tuple[float, ...] = (0.2, 0.6, 0.2)
     sparse_fraction: float = 0.1          # samples taken anywhere, including near-empty glass
     seed: int = 0
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsi_autofocus.model import OPTICS_FEATURES, Architecture, FocusRegressor, build_model
 
 MODEL_NAME = "focus_resnet_small"
-MODEL_VERSION = "2"
+MODEL_VERSION = "3"
 
 
 class InlineFocusDataset(Dataset):
