@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from wsi.scan_client import format_duration, progress_line
-from wsi_common.ros_env import node_environment
+from wsi_common.ros_env import interruptible, node_environment
 
 
 def test_progress_line_shows_state_bar_tiles_and_eta():
@@ -28,7 +28,7 @@ def test_ctrl_c_cancels_the_scan_and_keeps_the_tiles(tmp_path):
         [sys.executable, "-m", "wsi.cli", "scan", "--region", "41000", "11000", "2000", "2000", "--focus", "none",
          "--sim-speedup", "5", "--output-dir", str(tmp_path), "--scan-id", "interrupted",
          "--node-log", str(tmp_path / "nodes.log")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     for line in scan.stdout:
         if re.search(r"acquiring .* [1-9]\d*/\d+ tiles", line) or time.monotonic() > deadline:

@@ -11,7 +11,7 @@ from action_msgs.msg import GoalStatus
 
 from wsi.actions import ActionCallError, ActionCaller
 from wsi.graph import GraphConfig, scan_graph
-from wsi_common.ros_env import node_environment
+from wsi_common.ros_env import interruptible, node_environment
 from wsi_interfaces.action import MoveStage
 
 pytestmark = pytest.mark.ros
@@ -94,7 +94,8 @@ def test_wsi_smoke_runs_a_round_trip_through_a_fresh_graph():
 
 def test_wsi_launch_stops_cleanly_on_ctrl_c():
     launcher = subprocess.Popen([sys.executable, "-m", "wsi.cli", "launch"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=node_environment())
+                                stderr=subprocess.STDOUT, text=True, env=node_environment(),
+                                preexec_fn=interruptible)
     for line in launcher.stdout:
         if "microscope ready" in line:
             break

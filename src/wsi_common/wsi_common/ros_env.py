@@ -1,5 +1,6 @@
 """Environment for WSI node processes: middleware and the large-image Fast DDS profile."""
 import os
+import signal
 from importlib import resources
 from pathlib import Path
 
@@ -22,3 +23,10 @@ def node_environment(base: dict | None = None, large_images: bool = True) -> dic
         env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(fastdds_profile_path()))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a child that must see Ctrl-C as a terminal user's process does: a runner
+    started in the background (nohup, `make test &`) passes SIGINT on as ignored, and Python then
+    never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
