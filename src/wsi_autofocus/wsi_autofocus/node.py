@@ -46,8 +46,7 @@ class AutofocusNode(Node):
             raise NodeConfigurationError(str(error)) from error
         for reason in skipped:
             self.get_logger().info(f"backend skipped: {reason}")
-        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
-                                   on_error=self._batch_failed)
+        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"])
         self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
         self.create_subscription(Tile, "tiles", self._worker.put, TILE_QOS)
         self.create_service(EstimateFocus, "estimate_focus", self._serve,
@@ -69,14 +68,17 @@ class AutofocusNode(Node):
                 self._publish(tile, error=str(error))
         if images:
             optics = [(tile.numerical_aperture, tile.pixel_size_um) for tile in good]
-            for tile, result in zip(good, self.estimator.estimate_many(images, optics)):
+            try:
+                results = self.estimator.estimate_many(images, optics)
+            except Exception as error:
+                # Each tile not yet answered gets its reason once; re-raised, the worker counts the
+                # failure and /diagnostics turns to ERROR.
+                self.get_logger().error(f"autofocus failed on {len(good)} tile(s): {error!r}")
+                for tile in good:
+                    self._publish(tile, error=f"autofocus failed: {error!r}")
+                raise
+            for tile, result in zip(good, results):
                 self._publish(tile, result=result, latency_ms=(time.perf_counter() - started) * 1e3)
-
-    def _batch_failed(self, tiles: list[Tile], error: Exception) -> None:
-        """An unexpected failure still answers every tile of the batch, with the reason."""
-        self.get_logger().error(f"autofocus failed on {len(tiles)} tile(s): {error!r}")
-        for tile in tiles:
-            self._publish(tile, error=f"autofocus failed: {error!r}")
 
     def _publish(self, tile: Tile, result=None, error: str = "", latency_ms: float = 0.0) -> None:
         msg = FocusEstimate(scan_id=tile.scan_id, sequence=tile.sequence, index=tile.index,
