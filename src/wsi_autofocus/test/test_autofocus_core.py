@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
-from wsi_autofocus.evaluate import EvaluationSpec, run_evaluation, summarize
+from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, run_evaluation, summarize
 from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
@@ -188,6 +188,18 @@ def test_model_card_says_whether_the_20x_target_is_met():
     missed = target_statement(summary(0.31, 0.55, 0.97))
     assert "not met" in missed and "MAE 0.31 µm within ±10 µm" in missed and "sign 97.0%" in missed
     assert "±20 µm" not in missed
+
+
+def test_error_statistics_report_the_median_beside_an_outlier_driven_mae():
+    rows = [{"true_um": true, "predicted_um": predicted, "uncertainty_um": sigma}
+            for true, predicted, sigma in [(2.0, 2.1, 0.2), (-3.0, -3.1, 0.2), (0.5, 0.3, 0.1), (6.0, 1.0, 2.0)]]
+    statistics = error_statistics(rows)
+    assert statistics["mae_um"] == pytest.approx((0.1 + 0.1 + 0.2 + 5.0) / 4)
+    assert statistics["median_abs_error_um"] == pytest.approx(0.15)
+    assert statistics["rmse_um"] == pytest.approx(np.sqrt((0.01 + 0.01 + 0.04 + 25.0) / 4))
+    assert statistics["sign_accuracy_beyond_1um"] == 1.0          # the 0.5 µm tile is not signed
+    assert statistics["within_1_sigma"] == 0.5 and statistics["within_2_sigma"] == 0.75
+    assert error_statistics([]) == {"n": 0}
 
 
 def test_evaluation_of_the_validation_split_never_touches_the_test_specimens(tiny_model):
