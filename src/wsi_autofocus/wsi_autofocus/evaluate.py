@@ -113,18 +113,18 @@ def error_statistics(rows: list[dict]) -> dict:
     true = np.array([r["true_um"] for r in rows])
     predicted = np.array([r["predicted_um"] for r in rows])
     sigma = np.array([r["uncertainty_um"] for r in rows])
-    error = predicted - true
+    abs_error = np.abs(predicted - true)
     signed = np.abs(true) > 1.0
-    return {"n": len(rows), "mae_um": float(np.mean(np.abs(error))),
-            "median_abs_error_um": float(np.median(np.abs(error))),
-            "rmse_um": float(np.sqrt(np.mean(error ** 2))),
-            "p95_abs_error_um": float(np.percentile(np.abs(error), 95)),
+    return {"n": len(rows), "mae_um": float(np.mean(abs_error)),
+            "median_abs_error_um": float(np.median(abs_error)),
+            "rmse_um": float(np.sqrt(np.mean(abs_error ** 2))),
+            "p95_abs_error_um": float(np.percentile(abs_error, 95)),
             "sign_accuracy_beyond_1um": float(np.mean(np.sign(predicted[signed]) == np.sign(true[signed])))
             if signed.any() else None,
             "median_uncertainty_um": float(np.median(sigma)),
             # Calibration: a one-sigma uncertainty should cover ~68 % of errors, two sigma ~95 %.
-            "within_1_sigma": float(np.mean(np.abs(error) <= sigma)),
-            "within_2_sigma": float(np.mean(np.abs(error) <= 2 * sigma))}
+            "within_1_sigma": float(np.mean(abs_error <= sigma)),
+            "within_2_sigma": float(np.mean(abs_error <= 2 * sigma))}
 
 
 def summarize(evaluation: dict, estimator_backend: str) -> dict:
@@ -142,6 +142,7 @@ def summarize(evaluation: dict, estimator_backend: str) -> dict:
     bins = []
     edges = DEFOCUS_BIN_EDGES_UM
     twenty = [t for t in dense if t["objective"] == 20.0]
+    twenty_within_20um = error_statistics(within(twenty, 20))
     for low, high in zip(edges[:-1], edges[1:]):
         bins.append({"bin_um": [low, high], **error_statistics([t for t in twenty if low <= t["true_um"] < high])})
     sparse = [t for t in tiles if t["sparse"]]
@@ -166,15 +167,14 @@ def summarize(evaluation: dict, estimator_backend: str) -> dict:
     return {
         "split": evaluation["split"], "specimens": list(SPLITS[evaluation["split"]].specimen_seeds),
         "20x_within_10um": error_statistics(within(twenty, 10)),
-        "20x_within_20um": error_statistics(within(twenty, 20)),
+        "20x_within_20um": twenty_within_20um,
         "20x_within_10um_optics_unknown": error_statistics(
             [t | {"predicted_um": t["predicted_optics_unknown_um"]} for t in within(twenty, 10)]),
         "by_objective": by_objective, "20x_by_defocus_bin": bins,
         "sparse_fields": {"n": len(sparse), "n_below_5pct_tissue": len(sparse_low),
                           "median_uncertainty_um": float(np.median([t["uncertainty_um"] for t in sparse_low]))
                           if sparse_low else None,
-                          "tissue_median_uncertainty_um":
-                              error_statistics(within(twenty, 20)).get("median_uncertainty_um"),
+                          "tissue_median_uncertainty_um": twenty_within_20um.get("median_uncertainty_um"),
                           "confident_wrong": len(confident_wrong)},
         "single_shot": single_shot, "z_sweep_baselines": baselines,
     }

@@ -75,7 +75,8 @@ def render(model_dir: Path) -> str:
         f"(validation MAE {best['val_mae_um']:.3f} µm on patches).",
         "",
         "## Held-out evaluation (`wsi-autofocus eval`)",
-        f"20×/0.75, |defocus| ≤ 10 µm: MAE {twenty['mae_um']:.3f} µm (median {twenty['median_abs_error_um']:.3f} µm), RMSE {twenty['rmse_um']:.3f} µm, "
+        f"20×/0.75, |defocus| ≤ 10 µm: MAE {twenty['mae_um']:.3f} µm "
+        f"(median {twenty['median_abs_error_um']:.3f} µm), RMSE {twenty['rmse_um']:.3f} µm, "
         f"p95 {twenty['p95_abs_error_um']:.3f} µm, sign correct {twenty['sign_accuracy_beyond_1um']:.1%} for |defocus| > 1 µm.",
         "",
         "```",
