@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import SHARPNESS_METRICS, brenner, refine_peak, tissue_fraction
+from wsi_acquisition.focus import SHARPNESS_METRICS, brenner, refine_peak, tissue_fraction, trusts_estimate
 from wsi_acquisition.microscope import VirtualMicroscope
 
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
@@ -32,3 +32,10 @@ def test_tissue_fraction_separates_tissue_from_glass():
     glass = microscope.capture(8_000.0, 5_000.0, 0.0, 20, roi=(0, 0, 256, 256)).image_rgb8
     assert tissue_fraction(tissue) > 0.5 and tissue_fraction(glass) < 0.05
     assert brenner(glass) < brenner(tissue)
+
+
+def test_a_scan_trusts_an_estimate_only_when_its_sigma_is_below_half_the_depth_of_field():
+    assert trusts_estimate(0.9, depth_of_field_um=3.0) and trusts_estimate(1.4, depth_of_field_um=3.0)
+    assert not trusts_estimate(1.6, depth_of_field_um=3.0)
+    # A depth of field thinner than 2 µm (high NA) still lets estimates with sigma under 1 µm through.
+    assert trusts_estimate(0.8, depth_of_field_um=0.6) and not trusts_estimate(1.2, depth_of_field_um=0.6)

@@ -84,3 +84,10 @@ def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:
 def sweep_sharpness(z_um, image_at, metric=brenner) -> np.ndarray:
     """Sharpness of the image taken at each z of a sweep; `image_at(z)` moves and captures."""
     return np.array([metric(image_at(z)) for z in z_um])
+
+
+def trusts_estimate(uncertainty_um: float, depth_of_field_um: float) -> bool:
+    """Whether a scan acts on a single-shot defocus estimate: when its one-sigma uncertainty is below
+    half the depth of field, moving by the estimate lands within focus. The 1 µm floor keeps a high-NA
+    objective, whose depth of field is thinner than the model's precision, from ignoring every estimate."""
+    return uncertainty_um < max(depth_of_field_um / 2, 1.0)

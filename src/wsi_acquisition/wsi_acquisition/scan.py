@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import refine_peak, sweep_sharpness
+from wsi_acquisition.focus import refine_peak, sweep_sharpness, trusts_estimate
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       detect_tissue, plan_tiles)
@@ -378,7 +378,8 @@ class ScanRunner:
     def acquire(self, plan: TilePlan, focus_map: FocusMap | None) -> None:
         request = self.request
         inline = request.focus_strategy == FocusStrategy.MAP_INLINE and self.estimate_focus is not None
-        half_dof = self.backend.depth_of_field_um() / 2
+        depth_of_field_um = self.backend.depth_of_field_um()
+        half_dof = depth_of_field_um / 2
         offset = 0.0                           # running correction of the focus map from inline estimates
         z_default = float(self.backend.stage.position_um()[2])
         acquisition_started = self.clock()
@@ -394,7 +395,7 @@ class ScanRunner:
                 reply = self.estimate_focus(record, frame)
                 if reply is not None:
                     record.predicted_defocus_um, record.predicted_uncertainty_um = reply.defocus_um, reply.uncertainty_um
-                    confident = reply.uncertainty_um < max(half_dof, 1.0)
+                    confident = trusts_estimate(reply.uncertainty_um, depth_of_field_um)
                     if confident:
                         # Follow the specimen: half of each confident residual feeds the next tiles,
                         # but never more than one depth of field away from the measured focus map.

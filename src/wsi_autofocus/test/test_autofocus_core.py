@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from wsi_acquisition.focus import brenner
+from wsi_acquisition.focus import SHARPNESS_METRICS, brenner
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
-from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, run_evaluation, summarize
+from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
 from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
@@ -199,7 +199,27 @@ def test_error_statistics_report_the_median_beside_an_outlier_driven_mae():
     assert statistics["rmse_um"] == pytest.approx(np.sqrt((0.01 + 0.01 + 0.04 + 25.0) / 4))
     assert statistics["sign_accuracy_beyond_1um"] == 1.0          # the 0.5 µm tile is not signed
     assert statistics["within_1_sigma"] == 0.5 and statistics["within_2_sigma"] == 0.75
+    low, high = statistics["mae_ci95_um"]
+    assert 0.1 <= low < statistics["mae_um"] < high <= 5.0      # one 5 µm error in four tiles: a wide interval
     assert error_statistics([]) == {"n": 0}
+
+
+def test_summary_reports_the_estimates_a_scan_would_act_on():
+    def tile(true, predicted, sigma, sparse=False, tissue=0.5):
+        return {"specimen": 200, "objective": 20.0, "sparse": sparse, "depth_of_field_um": 2.0, "true_um": true,
+                "predicted_um": predicted, "predicted_optics_unknown_um": predicted, "uncertainty_um": sigma,
+                "tissue_fraction": tissue, "latency_ms": 1.0}
+    tiles = [tile(2.0, 2.1, 0.3), tile(-3.0, -3.2, 0.5), tile(6.0, 1.0, 4.0), tile(15.0, 12.0, 0.8),
+             tile(4.0, 0.0, 9.0, sparse=True, tissue=0.01)]
+    sweep = {"start_defocus_um": 1.0, "images": 41} | {name: {"error_um": 0.1, "compute_ms": 1.0}
+                                                         for name in SHARPNESS_METRICS}
+    summary = summarize({"spec": EvaluationSpec().__dict__, "split": "test", "tiles": tiles, "sweeps": [sweep]},
+                        "onnxruntime")
+    near, far = summary["20x_within_10um_trusted_by_scan"], summary["20x_within_20um_trusted_by_scan"]
+    assert near["fraction_of_tiles"] == pytest.approx(2 / 3) and near["mae_um"] == pytest.approx(0.15)
+    assert far["fraction_of_tiles"] == pytest.approx(3 / 4) and far["mae_um"] == pytest.approx((0.1 + 0.2 + 3.0) / 3)
+    assert summary["sparse_fields"]["trusted_by_scan"] == 0
+    assert "20x within 10 µm: 67% of tiles, MAE 0.150 µm" in format_table(summary)
 
 
 def test_evaluation_of_the_validation_split_never_touches_the_test_specimens(tiny_model):

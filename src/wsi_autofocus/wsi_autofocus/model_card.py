@@ -36,6 +36,7 @@ def render(model_dir: Path) -> str:
     best = min(history, key=lambda h: h["val_loss"])
     train, val, test = SPLITS["train"], SPLITS["val"], SPLITS["test"]
     twenty = summary["20x_within_10um"]
+    trusted = summary["20x_within_10um_trusted_by_scan"]
     lines = [
         f"# Model card: {metadata['name']} v{metadata['version']}",
         "",
@@ -75,9 +76,14 @@ def render(model_dir: Path) -> str:
         f"(validation MAE {best['val_mae_um']:.3f} µm on patches).",
         "",
         "## Held-out evaluation (`wsi-autofocus eval`)",
-        f"20×/0.75, |defocus| ≤ 10 µm: MAE {twenty['mae_um']:.3f} µm "
-        f"(median {twenty['median_abs_error_um']:.3f} µm), RMSE {twenty['rmse_um']:.3f} µm, "
+        f"20×/0.75, |defocus| ≤ 10 µm: MAE {twenty['mae_um']:.3f} µm (95 % bootstrap interval over the tiles "
+        f"{twenty['mae_ci95_um'][0]:.2f}–{twenty['mae_ci95_um'][1]:.2f} µm; "
+        f"median {twenty['median_abs_error_um']:.3f} µm), RMSE {twenty['rmse_um']:.3f} µm, "
         f"p95 {twenty['p95_abs_error_um']:.3f} µm, sign correct {twenty['sign_accuracy_beyond_1um']:.1%} for |defocus| > 1 µm.",
+        "",
+        f"A scan moves the stage only on estimates it trusts (`wsi_acquisition.focus.trusts_estimate`): within "
+        f"±10 µm that is {trusted['fraction_of_tiles']:.0%} of the 20× tiles, with MAE {trusted['mae_um']:.3f} µm; "
+        "the others are left at the focus map's z.",
         "",
         "```",
         format_table(summary),
