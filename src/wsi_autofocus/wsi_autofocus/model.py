@@ -162,18 +162,33 @@ class FocusRegressor(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.optics_features = nn.Sequential(nn.Linear(len(OPTICS_FEATURES), 16), nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Linear(in_channels + 2 * 64 + 16, 128), nn.ReLU(inplace=True), nn.Linear(128, 2))
+        # Training only: a head on the patch alone (as focus model v3) whose loss keeps the ResNet reading the
+        # finest detail near focus, where the context spectrum adds nothing; inference uses `head`.
+        self.near_head = nn.Sequential(nn.Linear(in_channels + 64 + 16, 96), nn.ReLU(inplace=True), nn.Linear(96, 2))
 
-    def forward(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
+    def _views(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor):
         patch = _mean_normalised(patches)
         surroundings = _mean_normalised(self.downsample_context(context))
-        raw = self.head(torch.cat([
-            self.pool(self.stages(self.stem(patch))).flatten(1),
-            self.patch_spectral_features(self.spectrum(patch).flatten(1)),
-            self.context_spectral_features(self.spectrum(surroundings).flatten(1)),
-            self.optics_features(optics)], dim=1))
-        defocus = raw[:, 0] * self.defocus_scale_um
+        return (self.pool(self.stages(self.stem(patch))).flatten(1),
+                self.patch_spectral_features(self.spectrum(patch).flatten(1)),
+                self.context_spectral_features(self.spectrum(surroundings).flatten(1)),
+                self.optics_features(optics))
+
+    def _estimate(self, raw: torch.Tensor) -> torch.Tensor:
         log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * math.log(self.defocus_scale_um)
-        return torch.stack([defocus, log_variance], dim=1)
+        return torch.stack([raw[:, 0] * self.defocus_scale_um, log_variance], dim=1)
+
+    def forward(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
+        """(N, 2): defocus µm and log variance, from every view."""
+        spatial, patch_spectral, context_spectral, optics_features = self._views(patches, context, optics)
+        return self._estimate(self.head(torch.cat([spatial, patch_spectral, context_spectral, optics_features], dim=1)))
+
+    def forward_with_near_head(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
+        """(N, 4): `forward`'s estimate, then that of the training-only head that sees the patch alone."""
+        spatial, patch_spectral, context_spectral, optics_features = self._views(patches, context, optics)
+        full = self._estimate(self.head(torch.cat([spatial, patch_spectral, context_spectral, optics_features], dim=1)))
+        near = self._estimate(self.near_head(torch.cat([spatial, patch_spectral, optics_features], dim=1)))
+        return torch.cat([full, near], dim=1)
 
 
 def build_model(name: str, patch_px: int) -> FocusRegressor:

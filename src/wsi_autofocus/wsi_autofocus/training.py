@@ -108,6 +108,14 @@ def focus_loss(output: torch.Tensor, target: torch.Tensor, beta: float) -> torch
     return (weight * nll).mean() + 0.2 * (target - mean).abs().mean()
 
 
+def training_loss(outputs: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """`focus_loss` of the model's estimate (`FocusRegressor.forward_with_near_head` columns 0-1) plus a
+    plain NLL (β = 0) of the patch-only near-focus head (columns 2-3). With the near head, held-out 20x
+    tiles read 0.22 / 0.57 µm MAE within ±10 / ±20 µm; without it 0.36 / 0.65 µm (measured after 11 epochs
+    against 20, on a busier machine: not an equal-budget comparison)."""
+    return focus_loss(outputs[:, :2], target, beta) + focus_loss(outputs[:, 2:], target, 0.0)
+
+
 @dataclass
 class TrainingConfig:
     architecture: str = "resnet_small"
@@ -144,8 +152,8 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, loss_beta: float) -> tup
     losses, errors = [], []
     with torch.inference_mode():
         for patches, context, optics, target in loader:
-            output = model(patches, context, optics)
-            losses.append(focus_loss(output, target, loss_beta).item() * len(target))
+            output = model.forward_with_near_head(patches, context, optics)
+            losses.append(training_loss(output, target, loss_beta).item() * len(target))
             errors.append((output[:, 0] - target).abs())
     count = sum(len(e) for e in errors)
     return sum(losses) / count, torch.cat(errors).mean().item()
@@ -226,8 +234,8 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
                 group["lr"] = plateau_lr * factor
             optimizer.zero_grad()
             # The context stays NCHW: its first layer, an average pool, is several times slower on NHWC.
-            output = model(patches.contiguous(memory_format=torch.channels_last), context, optics)
-            loss = focus_loss(output, target, config.loss_beta)
+            output = model.forward_with_near_head(patches.contiguous(memory_format=torch.channels_last), context, optics)
+            loss = training_loss(output, target, config.loss_beta)
             loss.backward()
             optimizer.step()
         epoch_s = time.monotonic() - epoch_started
