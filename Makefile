@@ -29,11 +29,11 @@ bench: $(VENV)/.built
 	$(PY) bench/transport.py
 	$(PY) bench/autofocus.py
 
-# Reproduces the shipped focus model: render the data, train (37 min on 2 cores), export,
+# Reproduces the shipped focus model: render the data, train (35 min on 2 cores), export,
 # evaluate on held-out specimens, write the model card. Run `make build` after it to install it.
 train-autofocus: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
-	$(TRAIN_MALLOC) $(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --time-budget 2250
+	$(TRAIN_MALLOC) $(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --time-budget 2100
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)

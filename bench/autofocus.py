@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/autofocus.py [--model DIR] [--threads 2] [--repeats 50]
 
-Per backend: latency of one model patch at batch 1, the latency of estimating a 256x256 image
-(the published mobile-net anchor is ~9 ms per 256x256 patch; our model reads it as its model-size
-patches, so this is the comparable number), throughput at batch 8 and 32, and the latency of a whole
-tile estimate (1024x1024 tile: patch selection + inference + aggregation). Prints a table and
-writes bench/results/autofocus.json.
+Per backend: latency of one model input (a patch and its context field) at batch 1, the latency of
+estimating a 256x256 image (the published mobile-net anchor is ~9 ms per 256x256 patch; our model
+reads it as its model-size patches and their context fields, so this is the comparable number),
+throughput at batch 8 and 32, and the latency of a whole tile estimate (1024x1024 tile: patch
+selection + inference + aggregation). Prints a table and writes bench/results/autofocus.json.
 """
 import argparse
 import json
@@ -19,6 +19,7 @@ import numpy as np
 
 from wsi_autofocus.inference import (BACKENDS, BackendUnavailableError, FocusEstimator, default_model_dir,
                                      load_backend, read_model_metadata)
+from wsi_autofocus.model_io import context_px
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,8 +38,14 @@ def bench_backend(backend, estimator: FocusEstimator, patch_px: int, repeats: in
     rng = np.random.default_rng(0)
     row = {"backend": backend.name}
     optics = np.array([[0.75, 0.325]], np.float32)               # 20x/0.75, 6.5 µm camera pixels
-    patch = rng.random((1, 3, patch_px, patch_px), dtype=np.float32)
-    times = timed_ms(lambda: backend.predict(patch, optics), repeats)
+    field_px = context_px(patch_px)
+
+    def model_inputs(batch: int):
+        return (rng.random((batch, 3, patch_px, patch_px), dtype=np.float32),
+                rng.random((batch, 3, field_px, field_px), dtype=np.float32), np.repeat(optics, batch, axis=0))
+
+    single = model_inputs(1)
+    times = timed_ms(lambda: backend.predict(*single), repeats)
     row["patch_b1_ms_median"] = statistics.median(times)
     row["patch_b1_ms_p95"] = float(np.percentile(times, 95))
     image256 = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
@@ -46,9 +53,8 @@ def bench_backend(backend, estimator: FocusEstimator, patch_px: int, repeats: in
     row["image256_ms_median"] = statistics.median(times)
     row["image256_ms_p95"] = float(np.percentile(times, 95))
     for batch in (8, 32):
-        patches = rng.random((batch, 3, patch_px, patch_px), dtype=np.float32)
-        batch_optics = np.repeat(optics, batch, axis=0)
-        times = timed_ms(lambda: backend.predict(patches, batch_optics), max(3, repeats // batch * 4))
+        inputs = model_inputs(batch)
+        times = timed_ms(lambda: backend.predict(*inputs), max(3, repeats // batch * 4))
         row[f"b{batch}_patches_per_s"] = batch / (statistics.median(times) / 1e3)
     tile = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     times = timed_ms(lambda: estimator.estimate(tile, *optics[0]), max(5, repeats // 5))
@@ -75,7 +81,7 @@ def main() -> int:
             continue
         rows.append(bench_backend(backend, FocusEstimator(backend, args.model), patch_px, args.repeats))
     print(f"Focus model {metadata['name']}@{metadata['version']} ({metadata['architecture']}), "
-          f"{args.threads} threads, model patch {patch_px} px")
+          f"{args.threads} threads, model patch {patch_px} px in a {context_px(patch_px)} px context field")
     print(f"{'backend':<13}{'256x256 ms':>11}{'p95':>7}{f'{patch_px}px b1 ms':>12}{'b8 patch/s':>12}"
           f"{'b32 patch/s':>12}{'tile ms':>9}")
     for r in rows:

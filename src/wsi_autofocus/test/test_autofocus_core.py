@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import numpy as np
@@ -12,21 +13,48 @@ from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
 from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
                                      load_backend)
-from wsi_autofocus.model import ARCHITECTURES, UnknownArchitectureError, architecture, build_model
+from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import target_statement
-from wsi_autofocus.patches import select_patches
-from wsi_autofocus.training import InlineFocusDataset, TrainingConfig, anneal_factor, train, uncertainty_scale
+from wsi_autofocus.patches import context_corner, select_patches
+from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, focus_loss, train,
+                                   training_loss, uncertainty_scale)
 
 
 TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_architecture_maps_patches_to_defocus_and_log_variance(name):
+def test_every_architecture_maps_patch_and_context_to_defocus_and_log_variance(name):
     model = build_model(name, 64).eval()
+    patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 128, 128)
     with torch.inference_mode():
-        output = model(torch.rand(3, 3, 64, 64), TWENTY_X.repeat(3, 1))
+        output = model(patches, context, TWENTY_X.repeat(3, 1))
+        other_context = model(patches, torch.rand(3, 3, 128, 128), TWENTY_X.repeat(3, 1))
     assert output.shape == (3, 2) and torch.isfinite(output).all()
+    assert not torch.allclose(output, other_context)          # the context view reaches the head
+
+
+def test_near_focus_head_trains_on_the_patch_alone_and_stays_out_of_inference():
+    model = build_model("resnet_small", 64).eval()
+    patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 128, 128)
+    both = model.forward_with_near_head(patches, context, TWENTY_X.repeat(3, 1))
+    other_context = model.forward_with_near_head(patches, torch.rand(3, 3, 128, 128), TWENTY_X.repeat(3, 1))
+    assert both.shape == (3, 4)
+    torch.testing.assert_close(both[:, :2], model(patches, context, TWENTY_X.repeat(3, 1)))
+    torch.testing.assert_close(both[:, 2:], other_context[:, 2:])       # the near head never sees the context
+    training_loss(both, torch.tensor([0.5, -2.0, 4.0]), beta=0.5).backward()
+    assert model.near_head[0].weight.grad.abs().sum() > 0 and model.head[0].weight.grad.abs().sum() > 0
+
+
+def test_radial_spectrum_is_the_binned_power_of_the_windowed_patch():
+    spectrum = RadialLogSpectrum(48, bins=16)
+    patches = torch.rand(2, 3, 48, 48, dtype=torch.float64)
+    centred = (patches - patches.mean(dim=(2, 3), keepdim=True)) * spectrum.window.double()
+    power = (torch.fft.fft2(centred).abs() ** 2).flatten(2)
+    frequency = torch.fft.fftfreq(48, dtype=torch.float64)
+    bin_index = ((frequency[:, None] ** 2 + frequency[None, :] ** 2).sqrt() / 0.5 * 16).long().flatten()
+    expected = torch.stack([power[..., bin_index == b].mean(-1) for b in range(16)], dim=-1).log()
+    torch.testing.assert_close(spectrum(patches.float()).double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_architecture_names_the_choices():
@@ -36,10 +64,10 @@ def test_unknown_architecture_names_the_choices():
 
 def test_exposure_does_not_change_the_prediction():
     model = build_model("resnet_small", 64).eval()
-    patch = torch.rand(1, 3, 64, 64) * 0.5 + 0.2
+    patch, context = torch.rand(1, 3, 64, 64) * 0.5 + 0.2, torch.rand(1, 3, 128, 128) * 0.5 + 0.2
     with torch.inference_mode():
-        np.testing.assert_allclose(model(patch, TWENTY_X).numpy(), model(patch * 1.4, TWENTY_X).numpy(),
-                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(model(patch, context, TWENTY_X).numpy(),
+                                   model(patch * 1.4, context * 1.4, TWENTY_X).numpy(), rtol=1e-3, atol=1e-4)
 
 
 def test_aggregate_is_a_robust_weighted_median_with_honest_uncertainty():
@@ -54,45 +82,84 @@ def test_aggregate_is_a_robust_weighted_median_with_honest_uncertainty():
 def test_patches_are_taken_where_the_tissue_is():
     image = np.full((256, 512, 3), 200, np.uint8)
     image[:, 256:] = [180, 90, 170]                         # stained right half
-    patches, fractions = select_patches(image, 64, 4)
-    assert patches.shape == (4, 3, 64, 64) and patches.dtype == np.float32
-    assert np.all(fractions == 1.0)
-    assert np.allclose(patches[:, 1].mean(axis=(1, 2)), 90 / 255)
+    selection = select_patches(image, 64, 4)
+    assert selection.patches.shape == (4, 3, 64, 64) and selection.patches.dtype == np.float32
+    assert selection.context.shape == (4, 3, 128, 128) and selection.context.dtype == np.float32
+    assert np.all(selection.tissue_fractions == 1.0)
+    assert np.allclose(selection.patches[:, 1].mean(axis=(1, 2)), 90 / 255)
+
+
+def test_every_patch_lies_in_its_context_field():
+    image = np.random.default_rng(0).integers(0, 256, (320, 448, 3), dtype=np.uint8)
+    selection = select_patches(image, 64, 35)               # every patch of the 5 x 7 grid
+    for patch, context in zip(selection.patches, selection.context):
+        windows = np.lib.stride_tricks.sliding_window_view(context, (3, 64, 64))[0]
+        assert np.any(np.all(windows == patch, axis=(-3, -2, -1)))
+
+
+def test_context_field_is_centred_on_the_patch_and_moved_inside_the_image():
+    assert context_corner(160, 200, 64, 128, 400, 600) == (128, 168)      # centred
+    assert context_corner(0, 0, 64, 128, 400, 600) == (0, 0)              # corner: moved in
+    assert context_corner(336, 536, 64, 128, 400, 600) == (272, 472)      # far corner: moved in
+    with pytest.raises(ValueError, match="expected at least 128 px on each side"):
+        select_patches(np.zeros((100, 400, 3), np.uint8), 64, 4)
 
 
 def test_augmentation_keeps_labels_and_focus_ordering():
     microscope = VirtualMicroscope(seed=3)
     x, y = 43_200.0, 12_300.0
     focal = microscope.focal_z_um(x, y)
-    roi = (448, 448, 96, 96)
+    roi = (416, 416, 192, 192)
     sharp = microscope.capture(x, y, focal, 20, roi=roi, noise_seed=1).image_rgb8
     blurred = microscope.capture(x, y, focal + 3, 20, roi=roi, noise_seed=1).image_rgb8
     optics = np.array([[0.75, 0.325]] * 2)
-    dataset = InlineFocusDataset(np.stack([sharp, blurred]), optics, np.array([0.0, 3.0]), augment=True, seed=4)
+    dataset = InlineFocusDataset(np.stack([sharp, blurred]), optics, np.array([0.0, 3.0]), 96, augment=True, seed=4)
     seen_optics = set()
+    to_image = lambda t: (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)  # noqa: E731
     for _ in range(40):
-        (sharp_t, sharp_optics, sharp_label), (blurred_t, _, blurred_label) = dataset[0], dataset[1]
+        (sharp_patch, sharp_context, sharp_optics, sharp_label) = dataset[0]
+        (blurred_patch, blurred_context, _, blurred_label) = dataset[1]
         assert (sharp_label.item(), blurred_label.item()) == (0.0, 3.0)
         seen_optics.add(tuple(np.round(sharp_optics.numpy().astype(float), 3)))
-        to_image = lambda t: (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)  # noqa: E731
-        assert brenner(to_image(sharp_t)) > brenner(to_image(blurred_t))
+        assert brenner(to_image(sharp_patch)) > brenner(to_image(blurred_patch))
+        assert brenner(to_image(sharp_context)) > brenner(to_image(blurred_context))
     assert seen_optics == {(0.75, 0.325), (0.0, 0.0)}   # optics mostly given, sometimes "unknown"
+
+
+def test_dataset_crops_the_patch_from_its_context_anywhere_in_training_and_centred_otherwise():
+    fields = np.random.default_rng(1).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    args = (fields, np.array([[0.75, 0.325]]), np.array([1.0]), 64)
+    patch, context, _, _ = InlineFocusDataset(*args, augment=False)[0]
+    assert torch.equal(context, torch.from_numpy(fields[0].transpose(2, 0, 1) / np.float32(255)))
+    assert torch.equal(patch, context[:, 32:96, 32:96])
+    training = InlineFocusDataset(*args, augment=True, seed=0)
+    offsets = set()
+    for _ in range(30):
+        patch, context, _, _ = training[0]
+        windows = np.lib.stride_tricks.sliding_window_view(context.numpy(), (3, 64, 64))[0]
+        found = np.argwhere(np.all(windows == patch.numpy(), axis=(-3, -2, -1)))
+        assert len(found) >= 1
+        offsets.add(tuple(found[0]))
+    assert len(offsets) > 10
+    with pytest.raises(ValueError, match="a 96 px model expects 192 px fields"):
+        InlineFocusDataset(fields, np.array([[0.75, 0.325]]), np.array([1.0]), 96, augment=False)
 
 
 def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
     for name in ("model.pt", "model.onnx", "model.torchscript.pt", "metadata.json"):
         assert (tiny_model / name).stat().st_size > 0
     scripted = torch.jit.load(str(tiny_model / "model.torchscript.pt"))
-    assert scripted(torch.rand(2, 3, 64, 64), TWENTY_X.repeat(2, 1)).shape == (2, 2)
+    assert scripted(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 128, 128), TWENTY_X.repeat(2, 1)).shape == (2, 2)
 
 
 def test_available_backends_agree(tiny_model):
-    patches = np.random.default_rng(0).random((5, 3, 64, 64), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    patches, context = rng.random((5, 3, 64, 64), dtype=np.float32), rng.random((5, 3, 128, 128), dtype=np.float32)
     optics = np.array([[0.75, 0.325], [0.3, 0.65], [0.95, 0.1625], [0.0, 0.0], [0.75, 0.325]], np.float32)
     torch_backend, _ = load_backend("torch-cpu", tiny_model)
     onnx_backend, _ = load_backend("onnxruntime", tiny_model)
-    np.testing.assert_allclose(onnx_backend.predict(patches, optics), torch_backend.predict(patches, optics),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(onnx_backend.predict(patches, context, optics),
+                               torch_backend.predict(patches, context, optics), rtol=1e-3, atol=1e-3)
 
 
 def test_auto_falls_back_and_says_why(tiny_model):
@@ -114,8 +181,8 @@ def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
     estimator = FocusEstimator(backend, tiny_model)
     with pytest.raises(FocusInputError, match=r"shape \(64, 64\).*expected an \(H, W, 3\) uint8"):
         estimator.estimate(np.zeros((64, 64), np.uint8))
-    with pytest.raises(FocusInputError, match="smaller than one 64 px model patch"):
-        estimator.estimate(np.zeros((32, 200, 3), np.uint8))
+    with pytest.raises(FocusInputError, match=r"200x100 px is smaller than the model's 128 px field \(a 64 px patch"):
+        estimator.estimate(np.zeros((100, 200, 3), np.uint8))
     results = estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3, [(0.75, 0.325)] * 3)
     assert len(results) == 3 and all(r.patches_used == 4 for r in results)
     with pytest.raises(FocusInputError, match="3 images but 1"):
@@ -124,13 +191,14 @@ def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
 
 class _ConstantPrediction(torch.nn.Module):
     """Predicts defocus 0 with sigma 1 µm whatever the patch."""
-    def forward(self, patches, optics):
+    def forward(self, patches, context, optics):
         return torch.zeros(len(patches), 2)
 
 
 def test_uncertainty_scale_is_the_ratio_of_held_out_errors_to_predicted_sigma():
     targets = torch.tensor([2.0, -2.0, 2.0, -2.0])            # every error is 2 sigma
-    loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, 2), targets), batch_size=3)
+    loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 16, 16), torch.zeros(4, 2), targets),
+                        batch_size=3)
     assert uncertainty_scale(_ConstantPrediction(), loader) == pytest.approx(2.0)
 
 
@@ -148,6 +216,19 @@ def test_estimator_applies_the_calibrated_uncertainty_scale(tiny_model, tmp_path
     wider = FocusEstimator(backend, rescaled).estimate(image, 0.75, 0.325)
     assert wider.defocus_um == pytest.approx(base.defocus_um)
     assert wider.uncertainty_um > 1.5 * base.uncertainty_um
+
+
+def test_loss_keeps_uncertain_samples_in_the_fit():
+    def mean_gradients(beta):
+        # Two samples, each one predicted sigma off: an easy one (sigma 0.5 µm), a hard one (sigma 5 µm).
+        output = torch.tensor([[0.0, math.log(0.25)], [0.0, math.log(25.0)]], requires_grad=True)
+        focus_loss(output, torch.tensor([0.5, 5.0]), beta).backward()
+        return output.grad[:, 0].abs()
+
+    easy, hard = mean_gradients(0.0)
+    assert hard < 0.5 * easy                     # plain NLL: the hard sample barely moves the mean
+    easy, hard = mean_gradients(0.5)
+    assert hard == pytest.approx(easy)           # β-NLL: both pull as hard
 
 
 def test_learning_rate_anneals_linearly_over_the_last_part_of_the_run():

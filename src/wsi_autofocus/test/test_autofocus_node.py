@@ -54,9 +54,9 @@ def test_bad_images_get_a_reason_not_a_crash(autofocus, ros_node):
     response = call(ros_node, autofocus, request)
     assert not response.success and "unsupported image encoding 'yuv422'" in response.error
     request = EstimateFocus.Request()
-    array_to_image(np.zeros((16, 16, 3), np.uint8), "rgb8", request.image)
+    array_to_image(np.zeros((96, 96, 3), np.uint8), "rgb8", request.image)
     response = call(ros_node, autofocus, request)
-    assert not response.success and "smaller than one 64 px model patch" in response.error
+    assert not response.success and "smaller than the model's 128 px field" in response.error
     # Still alive and answering:
     array_to_image(np.full((128, 128, 3), 120, np.uint8), "rgb8", request.image)
     assert call(ros_node, autofocus, request).success

@@ -1,8 +1,9 @@
 """Autofocus data sets rendered by the virtual microscope, split by specimen.
 
-Every sample is one patch imaged at the centre of the field of view with the stage at a known
-defocus from the true focal surface: the label is physical, not painted. Specimens (slide seeds)
-of the test split are never used for training or validation.
+Every sample is one field imaged at the centre of the field of view with the stage at a known
+defocus from the true focal surface: the label is physical, not painted. A field is as wide as the
+model's context view (`wsi_autofocus.model_io.context_px`); training crops the patch view from it.
+Specimens (slide seeds) of the test split are never used for training or validation.
 """
 import json
 import multiprocessing
@@ -14,6 +15,7 @@ import numpy as np
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.specimen import SyntheticSlide, TissueSection
 from wsi_acquisition.planning import detect_tissue
+from wsi_autofocus.model_io import context_px
 
 OBJECTIVES = (10.0, 20.0, 40.0)
 
@@ -75,9 +77,9 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     defocus = np.where(near, rng.uniform(-10, 10, n), rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, n))
     exposures = rng.uniform(3.0, 10.0, n)     # glass from ~60 to ~210 of 255: no clipping
     camera = microscope.camera
-    p = spec.patch_px
+    p = context_px(spec.patch_px)
     roi = ((camera.height_px - p) // 2, (camera.width_px - p) // 2, p, p)
-    patches = np.empty((n, p, p, 3), np.uint8)
+    fields = np.empty((n, p, p, 3), np.uint8)
     labels = np.empty(n, np.float32)
     numerical_aperture = np.empty(n, np.float32)
     pixel_size_um = np.empty(n, np.float32)
@@ -85,17 +87,17 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
         x, y = points[i]
         focal = float(microscope.focal_z_um(x, y))
         capture = microscope.capture(x, y, focal + defocus[i], objectives[i], exposure_ms=exposures[i], roi=roi)
-        patches[i] = capture.image_rgb8
+        fields[i] = capture.image_rgb8
         labels[i] = capture.defocus_um
         numerical_aperture[i], pixel_size_um[i] = capture.numerical_aperture, capture.pixel_size_um
-    return {"patches": patches, "defocus_um": labels, "numerical_aperture": numerical_aperture,
+    return {"fields": fields, "defocus_um": labels, "numerical_aperture": numerical_aperture,
             "pixel_size_um": pixel_size_um, "objective": objectives.astype(np.float32),
             "specimen": np.full(n, specimen_seed, np.int32), "sparse": sparse,
             "exposure_ms": exposures.astype(np.float32)}
 
 
 def generate(spec: DatasetSpec, output: Path, workers: int = 2) -> Path:
-    """Render a split into one .npz (uint8 patches + labels + metadata) and return its path."""
+    """Render a split into one .npz (uint8 fields + labels + metadata) and return its path."""
     jobs = [(spec, seed) for seed in spec.specimen_seeds]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:

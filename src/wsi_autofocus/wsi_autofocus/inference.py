@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_acquisition.focus import brenner, tissue_fraction
+from wsi_autofocus.model_io import MODEL_INPUTS, context_px
 from wsi_autofocus.patches import select_patches
 
 BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
@@ -53,11 +54,10 @@ class TorchBackend:
         self.device = device
         self.model = load_checkpoint(Path(model_dir) / "model.pt").to(device).eval()
 
-    def predict(self, patches: np.ndarray, optics: np.ndarray) -> np.ndarray:
+    def predict(self, patches: np.ndarray, context: np.ndarray, optics: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            torch = self._torch
-            return self.model(torch.from_numpy(patches).to(self.device),
-                              torch.from_numpy(optics).to(self.device)).float().cpu().numpy()
+            inputs = [self._torch.from_numpy(array).to(self.device) for array in (patches, context, optics)]
+            return self.model(*inputs).float().cpu().numpy()
 
 
 class OnnxRuntimeBackend:
@@ -76,8 +76,8 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def predict(self, patches: np.ndarray, optics: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"patches": patches, "optics": optics})[0]
+    def predict(self, patches: np.ndarray, context: np.ndarray, optics: np.ndarray) -> np.ndarray:
+        return self.session.run(None, dict(zip(MODEL_INPUTS, (patches, context, optics))))[0]
 
 
 class TensorRTBackend:
@@ -92,17 +92,17 @@ class TensorRTBackend:
             raise BackendUnavailableError(f"tensorrt: torch2trt not importable ({error})") from error
         if not torch.cuda.is_available():
             raise BackendUnavailableError("tensorrt: no CUDA device")
-        from wsi_autofocus.training import load_checkpoint
+        from wsi_autofocus.training import load_checkpoint, model_example_inputs
 
         self._torch = torch
         model = load_checkpoint(Path(model_dir) / "model.pt").cuda().eval()
-        example = [torch.rand(1, 3, patch_px, patch_px, device="cuda"), torch.tensor([[0.75, 0.325]], device="cuda")]
-        self.model = torch2trt(model, example, fp16_mode=True, max_batch_size=max_batch)
+        self.model = torch2trt(model, list(model_example_inputs(patch_px, "cuda")), fp16_mode=True,
+                               max_batch_size=max_batch)
 
-    def predict(self, patches: np.ndarray, optics: np.ndarray) -> np.ndarray:
+    def predict(self, patches: np.ndarray, context: np.ndarray, optics: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            torch = self._torch
-            return self.model(torch.from_numpy(patches).cuda(), torch.from_numpy(optics).cuda()).float().cpu().numpy()
+            inputs = [self._torch.from_numpy(array).cuda() for array in (patches, context, optics)]
+            return self.model(*inputs).float().cpu().numpy()
 
 
 def load_backend(name: str, model_dir: Path | None = None, threads: int = 2):
@@ -145,6 +145,7 @@ class FocusEstimator:
         self.backend = backend
         self.metadata = read_model_metadata(Path(model_dir) if model_dir else default_model_dir())
         self.patch_px = int(self.metadata["patch_px"])
+        self.field_px = context_px(self.patch_px)
         self.patches_per_tile = patches_per_tile or int(self.metadata.get("patches_per_tile", 8))
         self.model_id = f"{self.metadata['name']}@{self.metadata['version']}"
         # Calibrated on the validation specimens at training time (`training.uncertainty_scale`).
@@ -155,9 +156,9 @@ class FocusEstimator:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise FocusInputError(f"image of shape {image.shape} and dtype {image.dtype}; "
                                   "expected an (H, W, 3) uint8 RGB image")
-        if min(image.shape[:2]) < self.patch_px:
-            raise FocusInputError(f"image of {image.shape[1]}x{image.shape[0]} px is smaller than one "
-                                  f"{self.patch_px} px model patch")
+        if min(image.shape[:2]) < self.field_px:
+            raise FocusInputError(f"image of {image.shape[1]}x{image.shape[0]} px is smaller than the model's "
+                                  f"{self.field_px} px field (a {self.patch_px} px patch and its surroundings)")
         return image
 
     def estimate(self, image: np.ndarray, numerical_aperture: float = 0.0, pixel_size_um: float = 0.0) -> FocusResult:
@@ -174,17 +175,19 @@ class FocusEstimator:
         started = time.perf_counter()
         images = [self.check_image(image) for image in images]
         selections = [select_patches(image, self.patch_px, self.patches_per_tile) for image in images]
-        optics_rows = np.concatenate([np.tile(np.array(pair, np.float32), (len(patches), 1))
-                                      for pair, (patches, _) in zip(optics, selections)])
-        outputs = self.backend.predict(np.concatenate([patches for patches, _ in selections]), optics_rows)
+        optics_rows = np.concatenate([np.tile(np.array(pair, np.float32), (len(selection.patches), 1))
+                                      for pair, selection in zip(optics, selections)])
+        outputs = self.backend.predict(np.concatenate([selection.patches for selection in selections]),
+                                       np.concatenate([selection.context for selection in selections]), optics_rows)
         latency_ms = (time.perf_counter() - started) * 1e3
         results, start = [], 0
-        for image, (patches, _) in zip(images, selections):
-            part = outputs[start:start + len(patches)]
-            start += len(patches)
+        for image, selection in zip(images, selections):
+            count = len(selection.patches)
+            part = outputs[start:start + count]
+            start += count
             defocus, uncertainty = aggregate(part[:, 0], part[:, 1] + self.log_variance_offset)
             results.append(FocusResult(defocus, uncertainty, brenner(image), tissue_fraction(image),
-                                       len(patches), latency_ms))
+                                       count, latency_ms))
         return results
 
 

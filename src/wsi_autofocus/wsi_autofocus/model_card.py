@@ -2,8 +2,10 @@
 import json
 from pathlib import Path
 
+from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera
 from wsi_autofocus.data import OBJECTIVES, SPLITS
 from wsi_autofocus.evaluate import format_table
+from wsi_autofocus.model_io import CONTEXT_FACTOR, context_px
 
 
 # The project's accuracy target at 20x/0.75 on held-out specimens (MAE µm within ±10 and ±20 µm, sign).
@@ -31,6 +33,9 @@ def render(model_dir: Path) -> str:
     if summary.get("split", "test") != "test":
         raise ValueError(f"{model_dir / 'evaluation.json'} evaluates the {summary['split']!r} specimens; "
                          "the model card reports the held-out 'test' specimens (wsi-autofocus eval --split test)")
+    patch_px = metadata["patch_px"]
+    field_px = context_px(patch_px)
+    forty_x_pixel_um = Camera().specimen_pixel_size_um(STANDARD_OBJECTIVES[40.0])
     history = metadata["history"]
     training = metadata["training"]
     best = min(history, key=lambda h: h["val_loss"])
@@ -44,9 +49,11 @@ def render(model_dir: Path) -> str:
         "the focal plane (µm, positive = stage above focus) and a one-sigma uncertainty from one RGB tile.",
         "",
         "## Model",
-        f"- Architecture: `{metadata['architecture']}` (plain torch.nn ResNet, `wsi_autofocus.model`), "
-        f"input {metadata['patch_px']}×{metadata['patch_px']} px RGB patches in [0, 1] and the optics (objective NA, "
-        "pixel size µm; 0 = unknown), output (defocus µm, log variance).",
+        f"- Architecture: `{metadata['architecture']}` (plain torch.nn ResNet, `wsi_autofocus.model`). Inputs: "
+        f"a {patch_px}×{patch_px} px RGB patch in [0, 1], the {field_px}×{field_px} px field around it and the "
+        "optics (objective NA, pixel size µm; 0 = unknown). The ResNet reads the patch; radially averaged log power "
+        f"spectra of the patch and of the field (averaged down {CONTEXT_FACTOR}×) join it in the head. "
+        "Output: defocus µm and log variance.",
         f"- Per tile: the {metadata['patches_per_tile']} most tissue-rich patches, inverse-variance weighted median, "
         "uncertainty from the model's variance and the patches' spread. The model's sigma is scaled by "
         f"{metadata['uncertainty_scale']:.2f}, fitted on the validation specimens (temperature scaling).",
@@ -57,7 +64,7 @@ def render(model_dir: Path) -> str:
         "specimens that absorb (stains) and delay the light (weak phase, 0.2–0.5 rad), so defocus shows as "
         "blur and as phase contrast whose sign flips through focus (see `src/wsi_acquisition/README.md`).",
         f"- Train: specimens (slide seeds) {train.specimen_seeds[0]}–{train.specimen_seeds[-1]}, "
-        f"{train.samples_per_specimen} patches each; validation: seeds {val.specimen_seeds[0]}–{val.specimen_seeds[-1]}, "
+        f"{train.samples_per_specimen} {field_px} px fields each; validation: seeds {val.specimen_seeds[0]}–{val.specimen_seeds[-1]}, "
         f"{val.samples_per_specimen} each. Held-out test specimens: seeds {test.specimen_seeds[0]}–{test.specimen_seeds[-1]}, "
         "never seen in training or validation (split by specimen).",
         f"- Objectives {', '.join(f'{m:g}× ({w / sum(train.objective_weights):.0%})' for m, w in zip(OBJECTIVES, train.objective_weights))}; defocus uniform over ±{train.max_defocus_um:g} µm "
@@ -68,6 +75,10 @@ def render(model_dir: Path) -> str:
         "",
         "## Training",
         "- Reproduce: `make train-autofocus` (renders the data, trains, exports, evaluates, writes this card).",
+        f"- Loss: Gaussian negative log-likelihood, each sample weighted by its predicted variance to the power "
+        f"{training.get('loss_beta', 0)} (β-NLL: hard fields stay in the fit), plus 0.2 × L1; beside it a "
+        "training-only head on the patch alone with a plain NLL keeps the ResNet precise near focus "
+        "(`training.training_loss`).",
         f"- AdamW (lr {training['learning_rate']}, weight decay {training['weight_decay']}), ReduceLROnPlateau "
         f"with a linear decay to 2 % over the last {training.get('anneal_fraction', 0):.0%} of the run, "
         f"early stopping (patience {training['early_stopping_patience']}), batch {training['batch_size']}, "
@@ -93,8 +104,9 @@ def render(model_dir: Path) -> str:
         "- Trained and evaluated only on the virtual microscope. Real slides, cameras and objectives differ; "
         "fine-tune on z-stacks from the target scanner before relying on it.",
         "- Bright-field, RGB, H&E/IHC-like stains; not fluorescence.",
-        "- 40×/0.95 beyond a few µm: a 96 px patch is 16 µm wide at 40× and the blur disc grows by 3 µm per µm of "
-        "defocus, so the patch holds no structure to read; the 40× estimates are reliable only near focus.",
+        f"- 40×/0.95 beyond a few µm: the {field_px} px context field is {field_px * forty_x_pixel_um:.0f} µm wide at 40× "
+        "and the blur disc grows by 3 µm per µm of defocus, so far from focus the field holds little structure "
+        "to read; check the 40× rows above before relying on 40× estimates away from focus.",
         target_statement(summary),
     ]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,17 @@
-"""Choosing the patches of a tile that the focus model looks at."""
+"""Choosing the patches of a tile that the focus model looks at, and the field around each."""
+from dataclasses import dataclass
+
 import numpy as np
 
 from wsi_acquisition.focus import tissue_mask
+from wsi_autofocus.model_io import context_px
+
+
+@dataclass(frozen=True)
+class PatchSelection:
+    patches: np.ndarray             # (N, 3, P, P) float32 RGB in [0, 1]
+    context: np.ndarray             # (N, 3, C, C) float32: the field around each patch, C = context_px(P)
+    tissue_fractions: np.ndarray    # (N,) stained fraction of each patch
 
 
 def patch_grid(height_px: int, width_px: int, patch_px: int) -> list[tuple[int, int]]:
@@ -12,6 +22,12 @@ def patch_grid(height_px: int, width_px: int, patch_px: int) -> list[tuple[int, 
     return [(top0 + r * patch_px, left0 + c * patch_px) for r in range(rows) for c in range(cols)]
 
 
+def context_corner(top: int, left: int, patch_px: int, field_px: int, height_px: int, width_px: int) -> tuple[int, int]:
+    """Top-left corner of the `field_px` square around a patch: centred on it, moved inside the image."""
+    offset = (field_px - patch_px) // 2
+    return (min(max(top - offset, 0), height_px - field_px), min(max(left - offset, 0), width_px - field_px))
+
+
 def patch_tissue_fractions(image: np.ndarray, corners, patch_px: int, step: int = 4) -> np.ndarray:
     """Stained fraction of every patch, from a mask sampled on every `step`-th pixel."""
     stained = tissue_mask(image, step=step)
@@ -19,13 +35,26 @@ def patch_tissue_fractions(image: np.ndarray, corners, patch_px: int, step: int 
     return np.array([stained[t // step:t // step + size, l // step:l // step + size].mean() for t, l in corners])
 
 
-def select_patches(image: np.ndarray, patch_px: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `count` patches with the most tissue, as float32 (N, 3, P, P) in [0, 1], and their fractions.
+def _as_model_input(pixels: np.ndarray) -> np.ndarray:
+    return pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+def select_patches(image: np.ndarray, patch_px: int, count: int) -> PatchSelection:
+    """The `count` patches with the most tissue and their surroundings; the image must be at least
+    context_px(patch_px) on each side.
 
     With little tissue the emptiest patches are still used: the model's uncertainty then says so.
     """
-    corners = patch_grid(image.shape[0], image.shape[1], patch_px)
+    height, width = image.shape[:2]
+    field_px = context_px(patch_px)
+    if min(height, width) < field_px:
+        raise ValueError(f"image of {width}x{height} px; expected at least {field_px} px on each side")
+    corners = patch_grid(height, width, patch_px)
     fractions = patch_tissue_fractions(image, corners, patch_px)
-    chosen = np.argsort(-fractions, kind="stable")[:count]
-    patches = np.stack([image[t:t + patch_px, l:l + patch_px] for t, l in (corners[i] for i in chosen)])
-    return (patches.transpose(0, 3, 1, 2).astype(np.float32) / 255.0), fractions[chosen]
+    most_tissue = np.argsort(-fractions, kind="stable")[:count]
+    chosen = [corners[i] for i in most_tissue]
+    fields = [context_corner(t, l, patch_px, field_px, height, width) for t, l in chosen]
+    return PatchSelection(
+        patches=_as_model_input(np.stack([image[t:t + patch_px, l:l + patch_px] for t, l in chosen])),
+        context=_as_model_input(np.stack([image[t:t + field_px, l:l + field_px] for t, l in fields])),
+        tissue_fractions=fractions[most_tissue])
