@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from wsi_acquisition.focus import SHARPNESS_METRICS, brenner
+from wsi_acquisition.focus import SHARPNESS_METRICS, brenner, tissue_fraction
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
@@ -87,6 +87,7 @@ def test_patches_are_taken_where_the_tissue_is():
     assert selection.context.shape == (4, 3, 128, 128) and selection.context.dtype == np.float32
     assert np.all(selection.tissue_fractions == 1.0)
     assert np.allclose(selection.patches[:, 1].mean(axis=(1, 2)), 90 / 255)
+    assert selection.image_tissue_fraction == pytest.approx(0.5) == tissue_fraction(image)
 
 
 def test_every_patch_lies_in_its_context_field():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import brenner, tissue_fraction
+from wsi_acquisition.focus import brenner
 from wsi_autofocus.model_io import MODEL_INPUTS, context_px
 from wsi_autofocus.patches import select_patches
 
@@ -186,7 +186,7 @@ class FocusEstimator:
             part = outputs[start:start + count]
             start += count
             defocus, uncertainty = aggregate(part[:, 0], part[:, 1] + self.log_variance_offset)
-            results.append(FocusResult(defocus, uncertainty, brenner(image), tissue_fraction(image),
+            results.append(FocusResult(defocus, uncertainty, brenner(image), selection.image_tissue_fraction,
                                        count, latency_ms))
         return results
 

@@ -178,17 +178,19 @@ class FocusRegressor(nn.Module):
         log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * math.log(self.defocus_scale_um)
         return torch.stack([raw[:, 0] * self.defocus_scale_um, log_variance], dim=1)
 
+    def _full_estimate(self, views: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self._estimate(self.head(torch.cat(views, dim=1)))
+
     def forward(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
         """(N, 2): defocus µm and log variance, from every view."""
-        spatial, patch_spectral, context_spectral, optics_features = self._views(patches, context, optics)
-        return self._estimate(self.head(torch.cat([spatial, patch_spectral, context_spectral, optics_features], dim=1)))
+        return self._full_estimate(self._views(patches, context, optics))
 
     def forward_with_near_head(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
         """(N, 4): `forward`'s estimate, then that of the training-only head that sees the patch alone."""
-        spatial, patch_spectral, context_spectral, optics_features = self._views(patches, context, optics)
-        full = self._estimate(self.head(torch.cat([spatial, patch_spectral, context_spectral, optics_features], dim=1)))
+        views = self._views(patches, context, optics)
+        spatial, patch_spectral, _, optics_features = views
         near = self._estimate(self.near_head(torch.cat([spatial, patch_spectral, optics_features], dim=1)))
-        return torch.cat([full, near], dim=1)
+        return torch.cat([self._full_estimate(views), near], dim=1)
 
 
 def build_model(name: str, patch_px: int) -> FocusRegressor:

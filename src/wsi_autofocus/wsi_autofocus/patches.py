@@ -12,6 +12,7 @@ class PatchSelection:
     patches: np.ndarray             # (N, 3, P, P) float32 RGB in [0, 1]
     context: np.ndarray             # (N, 3, C, C) float32: the field around each patch, C = context_px(P)
     tissue_fractions: np.ndarray    # (N,) stained fraction of each patch
+    image_tissue_fraction: float    # stained fraction of the whole image (`wsi_acquisition.focus.tissue_fraction`)
 
 
 def patch_grid(height_px: int, width_px: int, patch_px: int) -> list[tuple[int, int]]:
@@ -28,9 +29,11 @@ def context_corner(top: int, left: int, patch_px: int, field_px: int, height_px:
     return (min(max(top - offset, 0), height_px - field_px), min(max(left - offset, 0), width_px - field_px))
 
 
-def patch_tissue_fractions(image: np.ndarray, corners, patch_px: int, step: int = 4) -> np.ndarray:
-    """Stained fraction of every patch, from a mask sampled on every `step`-th pixel."""
-    stained = tissue_mask(image, step=step)
+TISSUE_MASK_STEP = 4     # the mask is sampled on every 4th pixel, as `wsi_acquisition.focus.tissue_fraction` does
+
+
+def patch_tissue_fractions(stained: np.ndarray, corners, patch_px: int, step: int = TISSUE_MASK_STEP) -> np.ndarray:
+    """Stained fraction of every patch, from a tissue mask sampled on every `step`-th pixel."""
     size = max(patch_px // step, 1)
     return np.array([stained[t // step:t // step + size, l // step:l // step + size].mean() for t, l in corners])
 
@@ -50,11 +53,12 @@ def select_patches(image: np.ndarray, patch_px: int, count: int) -> PatchSelecti
     if min(height, width) < field_px:
         raise ValueError(f"image of {width}x{height} px; expected at least {field_px} px on each side")
     corners = patch_grid(height, width, patch_px)
-    fractions = patch_tissue_fractions(image, corners, patch_px)
+    stained = tissue_mask(image, step=TISSUE_MASK_STEP)
+    fractions = patch_tissue_fractions(stained, corners, patch_px)
     most_tissue = np.argsort(-fractions, kind="stable")[:count]
     chosen = [corners[i] for i in most_tissue]
     fields = [context_corner(t, l, patch_px, field_px, height, width) for t, l in chosen]
     return PatchSelection(
         patches=_as_model_input(np.stack([image[t:t + patch_px, l:l + patch_px] for t, l in chosen])),
         context=_as_model_input(np.stack([image[t:t + field_px, l:l + field_px] for t, l in fields])),
-        tissue_fractions=fractions[most_tissue])
+        tissue_fractions=fractions[most_tissue], image_tissue_fraction=float(stained.mean()))
