@@ -15,7 +15,7 @@ from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, Fo
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import target_statement
-from wsi_autofocus.patches import context_corner, select_patches
+from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, focus_loss, train,
                                    training_loss, uncertainty_scale)
 
@@ -26,19 +26,19 @@ TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_architecture_maps_patch_and_context_to_defocus_and_log_variance(name):
     model = build_model(name, 64).eval()
-    patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 128, 128)
+    patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
     with torch.inference_mode():
         output = model(patches, context, TWENTY_X.repeat(3, 1))
-        other_context = model(patches, torch.rand(3, 3, 128, 128), TWENTY_X.repeat(3, 1))
+        other_context = model(patches, torch.rand(3, 3, 64, 64), TWENTY_X.repeat(3, 1))
     assert output.shape == (3, 2) and torch.isfinite(output).all()
     assert not torch.allclose(output, other_context)          # the context view reaches the head
 
 
 def test_near_focus_head_trains_on_the_patch_alone_and_stays_out_of_inference():
     model = build_model("resnet_small", 64).eval()
-    patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 128, 128)
+    patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
     both = model.forward_with_near_head(patches, context, TWENTY_X.repeat(3, 1))
-    other_context = model.forward_with_near_head(patches, torch.rand(3, 3, 128, 128), TWENTY_X.repeat(3, 1))
+    other_context = model.forward_with_near_head(patches, torch.rand(3, 3, 64, 64), TWENTY_X.repeat(3, 1))
     assert both.shape == (3, 4)
     torch.testing.assert_close(both[:, :2], model(patches, context, TWENTY_X.repeat(3, 1)))
     torch.testing.assert_close(both[:, 2:], other_context[:, 2:])       # the near head never sees the context
@@ -64,7 +64,7 @@ def test_unknown_architecture_names_the_choices():
 
 def test_exposure_does_not_change_the_prediction():
     model = build_model("resnet_small", 64).eval()
-    patch, context = torch.rand(1, 3, 64, 64) * 0.5 + 0.2, torch.rand(1, 3, 128, 128) * 0.5 + 0.2
+    patch, context = torch.rand(1, 3, 64, 64) * 0.5 + 0.2, torch.rand(1, 3, 64, 64) * 0.5 + 0.2
     with torch.inference_mode():
         np.testing.assert_allclose(model(patch, context, TWENTY_X).numpy(),
                                    model(patch * 1.4, context * 1.4, TWENTY_X).numpy(), rtol=1e-3, atol=1e-4)
@@ -84,18 +84,22 @@ def test_patches_are_taken_where_the_tissue_is():
     image[:, 256:] = [180, 90, 170]                         # stained right half
     selection = select_patches(image, 64, 4)
     assert selection.patches.shape == (4, 3, 64, 64) and selection.patches.dtype == np.float32
-    assert selection.context.shape == (4, 3, 128, 128) and selection.context.dtype == np.float32
+    assert selection.context.shape == (4, 3, 64, 64) and selection.context.dtype == np.float32
     assert np.all(selection.tissue_fractions == 1.0)
     assert np.allclose(selection.patches[:, 1].mean(axis=(1, 2)), 90 / 255)
     assert selection.image_tissue_fraction == pytest.approx(0.5) == tissue_fraction(image)
 
 
-def test_every_patch_lies_in_its_context_field():
+def test_context_is_the_field_around_each_patch_averaged_down():
     image = np.random.default_rng(0).integers(0, 256, (320, 448, 3), dtype=np.uint8)
     selection = select_patches(image, 64, 35)               # every patch of the 5 x 7 grid
+    assert len(selection.patches) == 35
     for patch, context in zip(selection.patches, selection.context):
-        windows = np.lib.stride_tricks.sliding_window_view(context, (3, 64, 64))[0]
-        assert np.any(np.all(windows == patch, axis=(-3, -2, -1)))
+        pixels = np.rint(patch * 255).astype(np.uint8).transpose(1, 2, 0)
+        (top, left), = [(t, l) for t, l in patch_grid(320, 448, 64) if np.array_equal(image[t:t + 64, l:l + 64], pixels)]
+        field_top, field_left = context_corner(top, left, 64, 128, 320, 448)
+        field = torch.from_numpy(image[field_top:field_top + 128, field_left:field_left + 128].transpose(2, 0, 1) / 255.0)
+        np.testing.assert_allclose(context, torch.nn.functional.avg_pool2d(field, 2).numpy(), atol=1e-6)
 
 
 def test_context_field_is_centred_on_the_patch_and_moved_inside_the_image():
@@ -131,16 +135,19 @@ def test_dataset_crops_the_patch_from_its_context_anywhere_in_training_and_centr
     fields = np.random.default_rng(1).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
     args = (fields, np.array([[0.75, 0.325]]), np.array([1.0]), 64)
     patch, context, _, _ = InlineFocusDataset(*args, augment=False)[0]
-    assert torch.equal(context, torch.from_numpy(fields[0].transpose(2, 0, 1) / np.float32(255)))
-    assert torch.equal(patch, context[:, 32:96, 32:96])
+    field = torch.from_numpy(fields[0].transpose(2, 0, 1) / np.float32(255))
+    assert torch.equal(patch, field[:, 32:96, 32:96])
+    assert torch.equal(context, torch.nn.functional.avg_pool2d(field, 2))       # as `select_patches` gives it
     training = InlineFocusDataset(*args, augment=True, seed=0)
     offsets = set()
-    for _ in range(30):
+    for _ in range(120):
         patch, context, _, _ = training[0]
-        windows = np.lib.stride_tricks.sliding_window_view(context.numpy(), (3, 64, 64))[0]
-        found = np.argwhere(np.all(windows == patch.numpy(), axis=(-3, -2, -1)))
-        assert len(found) >= 1
-        offsets.add(tuple(found[0]))
+        assert context.shape == patch.shape == (3, 64, 64)
+        # A patch at an even offset in the field is, averaged down, a window of the context.
+        pooled_patch = torch.nn.functional.avg_pool2d(patch, 2).numpy()
+        windows = np.lib.stride_tricks.sliding_window_view(context.numpy(), (3, 32, 32))[0]
+        found = np.argwhere(np.all(np.isclose(windows, pooled_patch, atol=1e-6), axis=(-3, -2, -1)))
+        offsets.update(tuple(offset) for offset in found)
     assert len(offsets) > 10
     with pytest.raises(ValueError, match="a 96 px model expects 192 px fields"):
         InlineFocusDataset(fields, np.array([[0.75, 0.325]]), np.array([1.0]), 96, augment=False)
@@ -150,12 +157,12 @@ def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
     for name in ("model.pt", "model.onnx", "model.torchscript.pt", "metadata.json"):
         assert (tiny_model / name).stat().st_size > 0
     scripted = torch.jit.load(str(tiny_model / "model.torchscript.pt"))
-    assert scripted(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 128, 128), TWENTY_X.repeat(2, 1)).shape == (2, 2)
+    assert scripted(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64), TWENTY_X.repeat(2, 1)).shape == (2, 2)
 
 
 def test_available_backends_agree(tiny_model):
     rng = np.random.default_rng(0)
-    patches, context = rng.random((5, 3, 64, 64), dtype=np.float32), rng.random((5, 3, 128, 128), dtype=np.float32)
+    patches, context = rng.random((5, 3, 64, 64), dtype=np.float32), rng.random((5, 3, 64, 64), dtype=np.float32)
     optics = np.array([[0.75, 0.325], [0.3, 0.65], [0.95, 0.1625], [0.0, 0.0], [0.75, 0.325]], np.float32)
     torch_backend, _ = load_backend("torch-cpu", tiny_model)
     onnx_backend, _ = load_backend("onnxruntime", tiny_model)

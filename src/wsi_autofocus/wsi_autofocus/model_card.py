@@ -50,9 +50,10 @@ def render(model_dir: Path) -> str:
         "",
         "## Model",
         f"- Architecture: `{metadata['architecture']}` (plain torch.nn ResNet, `wsi_autofocus.model`). Inputs: "
-        f"a {patch_px}×{patch_px} px RGB patch in [0, 1], the {field_px}×{field_px} px field around it and the "
+        f"a {patch_px}×{patch_px} px RGB patch in [0, 1], the {field_px}×{field_px} px field around it averaged "
+        f"down {CONTEXT_FACTOR}× to {field_px // CONTEXT_FACTOR}×{field_px // CONTEXT_FACTOR} px, and the "
         "optics (objective NA, pixel size µm; 0 = unknown). The ResNet reads the patch; radially averaged log power "
-        f"spectra of the patch and of the field (averaged down {CONTEXT_FACTOR}×) join it in the head. "
+        "spectra of the patch and of the field join it in the head. "
         "Output: defocus µm and log variance.",
         f"- Per tile: the {metadata['patches_per_tile']} most tissue-rich patches, inverse-variance weighted median, "
         "uncertainty from the model's variance and the patches' spread. The model's sigma is scaled by "

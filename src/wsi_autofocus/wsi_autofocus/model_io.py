@@ -1,7 +1,8 @@
 """The focus model's interface, importable without torch (ONNX Runtime deployments need no torch):
 its inputs, in order, the optics columns and the size of the context view."""
 
-# Names of the model's inputs, in order, in every exported form (ONNX, TorchScript, TensorRT).
+# Names of the model's inputs, in order, in every exported form (ONNX, TorchScript, TensorRT). `context` is
+# the field of context_px(P) px around a P px patch averaged down CONTEXT_FACTOR times: the same size as the patch.
 MODEL_INPUTS = ("patches", "context", "optics")
 # Columns of the optics input: what every Tile and EstimateFocus request carries.
 OPTICS_FEATURES = ("numerical_aperture", "pixel_size_um")

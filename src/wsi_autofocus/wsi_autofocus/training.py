@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from wsi_autofocus.model import Architecture, FocusRegressor, build_model
-from wsi_autofocus.model_io import MODEL_INPUTS, OPTICS_FEATURES, context_px
+from wsi_autofocus.model_io import CONTEXT_FACTOR, MODEL_INPUTS, OPTICS_FEATURES, context_px
 
 MODEL_NAME = "focus_resnet_small"
 MODEL_VERSION = "4"
@@ -21,10 +21,11 @@ class InlineFocusDataset(Dataset):
     """Rendered fields, their optics (NA, pixel size µm) and signed defocus labels (µm), served as
     (patch, context, optics, label) with augmentations that keep the focus ordering.
 
-    The context view is the whole field; the patch view is a `patch_px` crop of it, centred for
-    evaluation and anywhere in the field for training, as a tile's patches lie anywhere in their
-    context window (`wsi_autofocus.patches.context_corner`). Flips and 90° rotations, intensity
-    (exposure), per-channel gain (stain colour) and a mild contrast jitter around the field mean:
+    The patch view is a `patch_px` crop of the field, centred for evaluation and anywhere in the
+    field for training, as a tile's patches lie anywhere in their context window
+    (`wsi_autofocus.patches.context_corner`); the context view is the whole field averaged down
+    CONTEXT_FACTOR times, as `wsi_autofocus.patches.downsampled_fields` makes it at inference. Flips and
+    90° rotations, intensity (exposure), per-channel gain (stain colour) and a mild contrast jitter around the field mean:
     none of them blur or sharpen, so the label stays true. A fraction `unknown_optics_fraction` of
     augmented samples has its optics set to 0 (unknown), as a caller that does not know its objective sends them.
 
@@ -64,7 +65,7 @@ class InlineFocusDataset(Dataset):
             context, optics, corners = self._augment(context, optics, margin)
         patches = torch.stack([field[:, top:top + self.patch_px, left:left + self.patch_px]
                                for field, (top, left) in zip(context, corners)])
-        return patches, context.contiguous(), optics, torch.from_numpy(self.defocus_um[index])
+        return patches, nn.functional.avg_pool2d(context, CONTEXT_FACTOR), optics, torch.from_numpy(self.defocus_um[index])
 
     def _augment(self, context: torch.Tensor, optics: torch.Tensor, margin: int):
         rng, count = self.rng, len(context)
@@ -233,7 +234,7 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
             for group, plateau_lr in zip(optimizer.param_groups, plateau_lrs):
                 group["lr"] = plateau_lr * factor
             optimizer.zero_grad()
-            # The context stays NCHW: its first layer, an average pool, is several times slower on NHWC.
+            # The context stays NCHW: it only feeds the spectrum's matrix products over rows and columns.
             output = model.forward_with_near_head(patches.contiguous(memory_format=torch.channels_last), context, optics)
             loss = training_loss(output, target, config.loss_beta)
             loss.backward()
@@ -269,8 +270,7 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
 
 def model_example_inputs(patch_px: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     """One sample of each model input (MODEL_INPUTS), for tracing and TensorRT conversion."""
-    field = context_px(patch_px)
-    return (torch.rand(1, 3, patch_px, patch_px, device=device), torch.rand(1, 3, field, field, device=device),
+    return (torch.rand(1, 3, patch_px, patch_px, device=device), torch.rand(1, 3, patch_px, patch_px, device=device),
             torch.tensor([[0.75, 0.325]], device=device))
 
 
