@@ -96,9 +96,11 @@ def test_context_is_the_field_around_each_patch_averaged_down():
     assert len(selection.patches) == 35
     for patch, context in zip(selection.patches, selection.context):
         pixels = np.rint(patch * 255).astype(np.uint8).transpose(1, 2, 0)
-        (top, left), = [(t, l) for t, l in patch_grid(320, 448, 64) if np.array_equal(image[t:t + 64, l:l + 64], pixels)]
+        (top, left), = [(t, l) for t, l in patch_grid(320, 448, 64)
+                        if np.array_equal(image[t:t + 64, l:l + 64], pixels)]
         field_top, field_left = context_corner(top, left, 64, 128, 320, 448)
-        field = torch.from_numpy(image[field_top:field_top + 128, field_left:field_left + 128].transpose(2, 0, 1) / 255.0)
+        field = image[field_top:field_top + 128, field_left:field_left + 128]
+        field = torch.from_numpy(field.transpose(2, 0, 1) / 255.0)
         np.testing.assert_allclose(context, torch.nn.functional.avg_pool2d(field, 2).numpy(), atol=1e-6)
 
 

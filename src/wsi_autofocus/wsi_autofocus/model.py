@@ -117,20 +117,21 @@ class FocusRegressor(nn.Module):
 
     Inputs: `patches`, float (N, 3, P, P), RGB in [0, 1], P = patch_px; `context`, float (N, 3, P, P):
     the field of context_px(P) px around each patch (the patch lies anywhere inside it), averaged
-    down CONTEXT_FACTOR times (`wsi_autofocus.patches.downsampled_fields`); `optics`, float (N, 2): the objective's numerical aperture and the image pixel size in µm
-    (OPTICS_FEATURES), 0 where unknown.
+    down CONTEXT_FACTOR times (`wsi_autofocus.patches.downsampled_fields`); `optics`, float (N, 2):
+    the objective's numerical aperture and the image pixel size in µm (OPTICS_FEATURES), 0 where unknown.
 
     Near focus the defocus lives in the finest detail of the patch, which the ResNet and the patch's
-    spectrum read. Far from focus the blur disc is as wide as the patch (at 20x/0.75 a 96 px patch is
-    31 µm; the blur at 10 µm defocus is ~22 µm across) and the transfer function's first zeros fall
-    into the lowest frequency bins of a patch spectrum, so the context field, averaged down to P px
-    before it reaches the network, adds a spectrum over a field twice as wide: twice the frequency resolution where far defocus
-    shows. A ResNet on the context as well made a training step 1.45x slower and, in equal training
-    time, read 20x validation tiles less well (MAE within ±20 µm 0.68 against 0.57 µm, measured).
-    The same blur means 2.7x less defocus at 40x/0.95 than at 20x/0.75 and the same pixels cover a
-    different field, so the head is conditioned on the optics; training drops them now and then so
-    that "unknown" (0) still gets an answer. Every view is divided by its own mean inside the network,
-    so exposure does not shift the answer and the exported ONNX/TorchScript models take raw [0, 1] pixels.
+    spectrum read. Far from focus the blur disc is as wide as the patch (at 20x/0.75 a 96 px patch
+    is 31 µm; the blur at 10 µm defocus is ~22 µm across) and the transfer function's first zeros
+    fall into the lowest frequency bins of a patch spectrum, so the context field, averaged down to
+    P px before it reaches the network, adds a spectrum over a field twice as wide: twice the
+    frequency resolution where far defocus shows. A ResNet on the context as well made a training
+    step 1.45x slower and, in equal training time, read 20x validation tiles less well (MAE within
+    ±20 µm 0.68 against 0.57 µm, measured). The same blur means 2.7x less defocus at 40x/0.95 than
+    at 20x/0.75 and the same pixels cover a different field, so the head is conditioned on the
+    optics; training drops them now and then so that "unknown" (0) still gets an answer. Every view
+    is divided by its own mean inside the network, so exposure does not shift the answer and the
+    exported ONNX/TorchScript models take raw [0, 1] pixels.
     """
 
     def __init__(self, arch: Architecture, patch_px: int, defocus_scale_um: float = 10.0, spectrum_bins: int = 32):

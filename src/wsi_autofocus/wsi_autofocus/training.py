@@ -24,10 +24,11 @@ class InlineFocusDataset(Dataset):
     The patch view is a `patch_px` crop of the field, centred for evaluation and anywhere in the
     field for training, as a tile's patches lie anywhere in their context window
     (`wsi_autofocus.patches.context_corner`); the context view is the whole field averaged down
-    CONTEXT_FACTOR times, as `wsi_autofocus.patches.downsampled_fields` makes it at inference. Flips and
-    90° rotations, intensity (exposure), per-channel gain (stain colour) and a mild contrast jitter around the field mean:
-    none of them blur or sharpen, so the label stays true. A fraction `unknown_optics_fraction` of
-    augmented samples has its optics set to 0 (unknown), as a caller that does not know its objective sends them.
+    CONTEXT_FACTOR times, as `wsi_autofocus.patches.downsampled_fields` makes it at inference. Flips
+    and 90° rotations, intensity (exposure), per-channel gain (stain colour) and a mild contrast
+    jitter around the field mean: none of them blur or sharpen, so the label stays true. A fraction
+    `unknown_optics_fraction` of augmented samples has its optics set to 0 (unknown), as a caller
+    that does not know its objective sends them.
 
     Indexed by an int it gives one sample; by a sequence of ints (a `BatchSampler` with
     `DataLoader(batch_size=None)`) a whole batch, augmented with tensor operations: per sample in
@@ -65,7 +66,8 @@ class InlineFocusDataset(Dataset):
             context, optics, corners = self._augment(context, optics, margin)
         patches = torch.stack([field[:, top:top + self.patch_px, left:left + self.patch_px]
                                for field, (top, left) in zip(context, corners)])
-        return patches, nn.functional.avg_pool2d(context, CONTEXT_FACTOR), optics, torch.from_numpy(self.defocus_um[index])
+        context = nn.functional.avg_pool2d(context, CONTEXT_FACTOR)
+        return patches, context, optics, torch.from_numpy(self.defocus_um[index])
 
     def _augment(self, context: torch.Tensor, optics: torch.Tensor, margin: int):
         rng, count = self.rng, len(context)
