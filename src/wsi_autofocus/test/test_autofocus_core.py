@@ -15,6 +15,7 @@ from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, Fo
                                      load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import target_statement
+from wsi_autofocus.model_io import MODEL_INPUTS
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, focus_loss, train,
                                    training_loss, uncertainty_scale)
@@ -184,6 +185,23 @@ def test_missing_model_and_unknown_backend_are_clear_errors(tmp_path, tiny_model
         load_backend("onnxruntime", tmp_path)
     with pytest.raises(ValueError, match="unknown autofocus backend 'cuda'"):
         load_backend("cuda", tiny_model)
+
+
+def test_an_onnx_export_with_other_inputs_is_refused_and_auto_falls_back(tiny_model, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    class MeanOfEveryInput(torch.nn.Module):
+        def forward(self, patches, context, optics):
+            return torch.stack([patches.mean(dim=(1, 2, 3)), context.mean(dim=(1, 2, 3)) + optics.sum(dim=1)], dim=1)
+
+    full_field = (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 128, 128), TWENTY_X)    # the context before averaging
+    torch.onnx.export(MeanOfEveryInput(), full_field, model_dir / "model.onnx", input_names=list(MODEL_INPUTS),
+                      dynamic_axes={name: {0: "batch"} for name in MODEL_INPUTS},
+                      opset_version=17, dynamo=False)
+    with pytest.raises(BackendUnavailableError, match=r"'context': \[3, 128, 128\].*re-export it from its model.pt"):
+        load_backend("onnxruntime", model_dir)
+    backend, skipped = load_backend("auto", model_dir)
+    assert backend.name == "torch-cpu" and any("re-export" in reason for reason in skipped)
 
 
 def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_acquisition.focus import brenner
-from wsi_autofocus.model_io import MODEL_INPUTS, context_px
+from wsi_autofocus.model_io import MODEL_INPUTS, OPTICS_FEATURES, context_px
 from wsi_autofocus.patches import select_patches
 
 BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
@@ -63,7 +63,7 @@ class TorchBackend:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_dir: Path, threads: int = 2):
+    def __init__(self, model_dir: Path, patch_px: int, threads: int = 2):
         try:
             import onnxruntime
         except ImportError as error:
@@ -75,6 +75,13 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        found = {model_input.name: model_input.shape[1:] for model_input in self.session.get_inputs()}
+        expected = dict(zip(MODEL_INPUTS, ([3, patch_px, patch_px], [3, patch_px, patch_px], [len(OPTICS_FEATURES)])))
+        if found != expected:
+            # Exports made before the context input was averaged down take the full field (2 * patch_px).
+            raise BackendUnavailableError(
+                f"onnxruntime: {path} takes inputs {found}, expected {expected}; re-export it from its "
+                "model.pt with this version (wsi_autofocus.training.export)")
 
     def predict(self, patches: np.ndarray, context: np.ndarray, optics: np.ndarray) -> np.ndarray:
         return self.session.run(None, dict(zip(MODEL_INPUTS, (patches, context, optics))))[0]
@@ -121,7 +128,7 @@ def load_backend(name: str, model_dir: Path | None = None, threads: int = 2):
             if candidate == "tensorrt":
                 return TensorRTBackend(model_dir, metadata["patch_px"]), reasons
             if candidate == "onnxruntime":
-                return OnnxRuntimeBackend(model_dir, threads), reasons
+                return OnnxRuntimeBackend(model_dir, metadata["patch_px"], threads), reasons
             return TorchBackend(model_dir, candidate.removeprefix("torch-"), threads), reasons
         except BackendUnavailableError as error:
             reasons.append(str(error))
