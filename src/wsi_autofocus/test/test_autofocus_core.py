@@ -190,6 +190,7 @@ def test_missing_model_and_unknown_backend_are_clear_errors(tmp_path, tiny_model
 def test_an_onnx_export_with_other_inputs_is_refused_and_auto_falls_back(tiny_model, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
+
     class MeanOfEveryInput(torch.nn.Module):
         def forward(self, patches, context, optics):
             return torch.stack([patches.mean(dim=(1, 2, 3)), context.mean(dim=(1, 2, 3)) + optics.sum(dim=1)], dim=1)
