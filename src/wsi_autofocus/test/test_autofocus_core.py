@@ -12,9 +12,9 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
 from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
-                                     load_backend)
+                                     default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
-from wsi_autofocus.model_card import target_statement
+from wsi_autofocus.model_card import record_reproduction, render, target_statement
 from wsi_autofocus.model_io import MODEL_INPUTS
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, focus_loss, train,
@@ -296,8 +296,36 @@ def test_model_card_says_whether_the_20x_target_is_met():
 
     assert target_statement(summary(0.21, 0.55, 0.99)).startswith("- The project's 20× target is met")
     missed = target_statement(summary(0.31, 0.55, 0.97))
-    assert "not met" in missed and "MAE 0.31 µm within ±10 µm" in missed and "sign 97.0%" in missed
+    assert "not met" in missed and "MAE 0.310 µm within ±10 µm" in missed and "sign 97.0%" in missed
     assert "±20 µm" not in missed
+
+
+def test_model_card_reports_another_run_of_the_recipe(tmp_path):
+    shipped = default_model_dir()
+    model_dir, other_run = tmp_path / "model", tmp_path / "other_run"
+    model_dir.mkdir()
+    for name in ("metadata.json", "evaluation.json"):
+        shutil.copy(shipped / name, model_dir / name)
+    other_run.mkdir()
+    (other_run / "metadata.json").write_text(json.dumps(
+        {"history": [{"epoch": 0, "elapsed_s": 600.0}, {"epoch": 1, "elapsed_s": 1200.0}], "best_val_loss": 9.1}))
+    held_out = {"split": "test",
+                "20x_within_10um": {"mae_um": 0.26, "mae_ci95_um": [0.18, 0.35], "sign_accuracy_beyond_1um": 0.99},
+                "20x_within_20um": {"mae_um": 0.58}}
+    (other_run / "evaluation.json").write_text(json.dumps(held_out))
+    assert "Run to run" not in render(model_dir)
+    record_reproduction(model_dir, other_run)
+    card = render(model_dir)
+    assert "Another run of `make train-autofocus` (2 epochs in 20 min, best validation loss 9.100" in card
+    assert "20× MAE 0.260 µm within ±10 µm (95 % interval 0.18–0.35), 0.580 µm within ±20 µm" in card
+    assert "it misses the 20× target: MAE 0.260 µm within ±10 µm (target ≤ 0.25)" in card
+    held_out["20x_within_10um"]["mae_um"] = 0.24
+    (other_run / "evaluation.json").write_text(json.dumps(held_out))
+    record_reproduction(model_dir, other_run)
+    assert "it meets the 20× target too" in render(model_dir)
+    (other_run / "evaluation.json").write_text(json.dumps(held_out | {"split": "val"}))
+    with pytest.raises(ValueError, match="evaluates the 'val' specimens"):
+        record_reproduction(model_dir, other_run)
 
 
 def test_error_statistics_report_the_median_beside_an_outlier_driven_mae():

@@ -3,7 +3,8 @@
     wsi-autofocus generate [--data-dir D]          render train/val/test splits with the virtual microscope
     wsi-autofocus train [--data-dir D] [--output M]  train and export (model.pt, model.onnx, TorchScript)
     wsi-autofocus eval [--model M] [--backend B]   held-out specimens: metrics, baselines, plots
-    wsi-autofocus card [--model M]                 write MODEL_CARD.md from the model's metadata and evaluation
+    wsi-autofocus card [--model M] [--reproduction R]  write MODEL_CARD.md from the model's metadata and
+                                                   evaluation (R: another run of the recipe, recorded beside it)
 """
 import argparse
 import json
@@ -57,8 +58,10 @@ def command_eval(args) -> int:
 
 
 def command_card(args) -> int:
-    from wsi_autofocus.model_card import render
+    from wsi_autofocus.model_card import record_reproduction, render
 
+    if args.reproduction:
+        print(f"wrote {record_reproduction(args.model, args.reproduction)}")
     path = args.model / "MODEL_CARD.md"
     path.write_text(render(args.model))
     print(f"wrote {path}")
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     evaluate.set_defaults(run=command_eval)
     card = commands.add_parser("card", help="write the model card")
     card.add_argument("--model", type=Path, default=default_model_dir())
+    card.add_argument("--reproduction", type=Path, metavar="MODEL_DIR",
+                      help="another trained and evaluated run of the recipe, recorded beside the model for the card")
     card.set_defaults(run=command_card)
     args = parser.parse_args(argv)
     return args.run(args)

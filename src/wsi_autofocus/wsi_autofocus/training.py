@@ -144,7 +144,8 @@ class TrainingConfig:
 
 def seed_everything(seed: int) -> None:
     """Seeds every generator the training draws from. Bitwise-deterministic kernels are not forced:
-    on the CPU they triple the cost of a training step (measured), and runs agree closely anyway."""
+    on the CPU they triple the cost of a training step (measured). Two runs therefore differ; the
+    model card reports another run of the recipe beside the shipped one (`model_card.record_reproduction`)."""
     np.random.seed(seed)
     torch.manual_seed(seed)
 
