@@ -29,8 +29,10 @@ bench: $(VENV)/.built
 	$(PY) bench/transport.py
 	$(PY) bench/autofocus.py
 
-# Reproduces the shipped focus model: render the data, train (35 min on 2 cores), export,
-# evaluate on held-out specimens, write the model card. Run `make build` after it to install it.
+# Reproduces the shipped focus model's recipe: render the data, train (35 min on 2 cores), export,
+# evaluate on held-out specimens, write the model card (48 min in all, measured). Training is seeded
+# but not bitwise deterministic: the card's "Run to run" line shows how far two runs differ.
+# Run `make build` after it to install the new model.
 train-autofocus: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
 	$(TRAIN_MALLOC) $(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --time-budget 2100
