@@ -64,9 +64,13 @@ def tissue_mask(image: np.ndarray, chroma_threshold: float = 0.1, step: int = 1)
     return spread * 3 > chroma_threshold * np.maximum(total, 1e-6)
 
 
+# Tissue content is estimated on every 4th row and column: a fraction needs no full-resolution mask.
+TISSUE_SAMPLE_STEP = 4
+
+
 def tissue_fraction(image: np.ndarray) -> float:
-    """Fraction of the image showing stain (estimated on every 4th row and column)."""
-    return float(tissue_mask(image, step=4).mean())
+    """Fraction of the image showing stain (estimated on every TISSUE_SAMPLE_STEP-th row and column)."""
+    return float(tissue_mask(image, step=TISSUE_SAMPLE_STEP).mean())
 
 
 def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:

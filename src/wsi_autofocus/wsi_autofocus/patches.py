@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsi_acquisition.focus import tissue_mask
+from wsi_acquisition.focus import TISSUE_SAMPLE_STEP, tissue_mask
 from wsi_autofocus.model_io import CONTEXT_FACTOR, context_px
 
 
@@ -29,10 +29,7 @@ def context_corner(top: int, left: int, patch_px: int, field_px: int, height_px:
     return (min(max(top - offset, 0), height_px - field_px), min(max(left - offset, 0), width_px - field_px))
 
 
-TISSUE_MASK_STEP = 4     # the mask is sampled on every 4th pixel, as `wsi_acquisition.focus.tissue_fraction` does
-
-
-def patch_tissue_fractions(stained: np.ndarray, corners, patch_px: int, step: int = TISSUE_MASK_STEP) -> np.ndarray:
+def patch_tissue_fractions(stained: np.ndarray, corners, patch_px: int, step: int = TISSUE_SAMPLE_STEP) -> np.ndarray:
     """Stained fraction of every patch, from a tissue mask sampled on every `step`-th pixel."""
     size = max(patch_px // step, 1)
     return np.array([stained[t // step:t // step + size, l // step:l // step + size].mean() for t, l in corners])
@@ -72,7 +69,7 @@ def select_patches(image: np.ndarray, patch_px: int, count: int) -> PatchSelecti
     if min(height, width) < field_px:
         raise ValueError(f"image of {width}x{height} px; expected at least {field_px} px on each side")
     corners = patch_grid(height, width, patch_px)
-    stained = tissue_mask(image, step=TISSUE_MASK_STEP)
+    stained = tissue_mask(image, step=TISSUE_SAMPLE_STEP)
     fractions = patch_tissue_fractions(stained, corners, patch_px)
     most_tissue = np.argsort(-fractions, kind="stable")[:count]
     chosen = [corners[i] for i in most_tissue]
