@@ -35,15 +35,22 @@ def target_statement(summary: dict) -> str:
             "more accurate but need 41 images per tile.")
 
 
+def _held_out_evaluation(model_dir: Path) -> dict:
+    """A model's evaluation summary, which must be of the held-out test specimens: the card reports
+    and compares nothing else."""
+    summary = json.loads((model_dir / "evaluation.json").read_text())
+    if summary.get("split", "test") != "test":
+        raise ValueError(f"{model_dir / 'evaluation.json'} evaluates the {summary['split']!r} specimens; "
+                         "the model card reports the held-out 'test' specimens (wsi-autofocus eval --split test)")
+    return summary
+
+
 def record_reproduction(model_dir: Path, other_run_dir: Path) -> Path:
     """Keep, beside the model, the held-out 20x results of another run of the same recipe (a model
     directory written by `make train-autofocus MODEL_DIR=...`): training is seeded but not bitwise
     deterministic, so a user who retrains gets a model from that spread, not this one."""
     metadata = json.loads((other_run_dir / "metadata.json").read_text())
-    summary = json.loads((other_run_dir / "evaluation.json").read_text())
-    if summary.get("split", "test") != "test":
-        raise ValueError(f"{other_run_dir / 'evaluation.json'} evaluates the {summary['split']!r} specimens; "
-                         "a reproduction is compared on the held-out 'test' specimens")
+    summary = _held_out_evaluation(other_run_dir)
     record = {"epochs": len(metadata["history"]), "training_s": metadata["history"][-1]["elapsed_s"],
               "best_val_loss": metadata["best_val_loss"],
               **{key: summary[key] for key in ("20x_within_10um", "20x_within_20um")}}
@@ -69,10 +76,7 @@ def reproduction_statement(record: dict, shipped_best_val_loss: float) -> str:
 
 def render(model_dir: Path) -> str:
     metadata = json.loads((model_dir / "metadata.json").read_text())
-    summary = json.loads((model_dir / "evaluation.json").read_text())
-    if summary.get("split", "test") != "test":
-        raise ValueError(f"{model_dir / 'evaluation.json'} evaluates the {summary['split']!r} specimens; "
-                         "the model card reports the held-out 'test' specimens (wsi-autofocus eval --split test)")
+    summary = _held_out_evaluation(model_dir)
     patch_px = metadata["patch_px"]
     field_px = context_px(patch_px)
     forty_x_pixel_um = Camera().specimen_pixel_size_um(STANDARD_OBJECTIVES[40.0])
