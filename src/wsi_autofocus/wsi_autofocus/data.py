@@ -1,9 +1,15 @@
-"""Autofocus data sets rendered by the virtual microscope, split by specimen.
+"""Autofocus data sets, split by specimen, imaged through the virtual microscope and through
+randomised optics.
 
-Every sample is one field imaged at the centre of the field of view with the stage at a known
-defocus from the true focal surface: the label is physical, not painted. A field is as wide as the
-model's context view (`wsi_autofocus.model_io.context_px`); training crops the patch view from it.
-Specimens (slide seeds) of the test split are never used for training or validation.
+Every sample is one field at a known defocus from focus: the label is physical, not painted. A field
+is as wide as the model's context view (`wsi_autofocus.model_io.context_px`); training crops the
+patch view from it. A share `randomised_fraction` of the samples is imaged through a microscope drawn
+at random (`training_optics`: aberrations, condenser, spectra, camera), with the specimen's phase
+rescaled (including none) and its density scaled (thickness); of those, `texture_fraction` show
+textures (`content.TRAINING_IMAGES`) re-stained with random stain vectors instead of procedural
+tissue. Specimens (slide seeds) of the test split are never used for training or validation; the
+held-out microscopes and images of the evaluation (`heldout_imaging`, `content.EVALUATION_IMAGES`)
+never appear here.
 """
 import json
 import multiprocessing
@@ -11,10 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import fft
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.specimen import SyntheticSlide, TissueSection
 from wsi_acquisition.planning import detect_tissue
+from wsi_autofocus import training_optics
+from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
 from wsi_autofocus.model_io import context_px
 
 OBJECTIVES = (10.0, 20.0, 40.0)
@@ -30,12 +39,24 @@ class DatasetSpec:
     objective_weights: tuple[float, ...] = (0.2, 0.6, 0.2)
     sparse_fraction: float = 0.1          # samples taken anywhere, including near-empty glass
     seed: int = 0
+    randomised_fraction: float = 0.0      # imaged through randomised optics instead of the virtual microscope
+    texture_fraction: float = 0.0         # of the randomised samples: textures instead of procedural tissue
+    texture_images: tuple[str, ...] = ()  # content.TRAINING_IMAGES names
+    # Randomised samples share one sampled microscope per group (its best-focus search is the costly part).
+    samples_per_microscope: int = 8
 
+
+# Textures kept for the validation split (the temperature of the uncertainty is fitted on data the
+# training never saw); the others train.
+_VALIDATION_TEXTURES = ("photo-retina", "photo-hubble_deep_field", "photo-motorcycle_right")
+_TRAINING_TEXTURES = tuple(name for name in TRAINING_IMAGES if name not in _VALIDATION_TEXTURES)
 
 SPLITS = {
     # Seeds are disjoint between splits: the held-out specimens are never seen in training.
-    "train": DatasetSpec(tuple(range(0, 24)), 900, seed=1),
-    "val": DatasetSpec(tuple(range(100, 104)), 500, seed=2),
+    "train": DatasetSpec(tuple(range(0, 24)), 900, seed=1, randomised_fraction=0.65, texture_fraction=0.35,
+                         texture_images=_TRAINING_TEXTURES),
+    "val": DatasetSpec(tuple(range(100, 104)), 500, seed=2, randomised_fraction=0.65, texture_fraction=0.35,
+                       texture_images=_VALIDATION_TEXTURES),
     "test": DatasetSpec(tuple(range(200, 206)), 800, seed=3),
 }
 
@@ -76,6 +97,8 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     near = rng.random(n) < 0.5
     defocus = np.where(near, rng.uniform(-10, 10, n), rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, n))
     exposures = rng.uniform(3.0, 10.0, n)     # glass from ~60 to ~210 of 255: no clipping
+    randomised = rng.random(n) < spec.randomised_fraction
+    texture = randomised & (rng.random(n) < spec.texture_fraction) & bool(spec.texture_images)
     camera = microscope.camera
     p = context_px(spec.patch_px)
     roi = ((camera.height_px - p) // 2, (camera.width_px - p) // 2, p, p)
@@ -83,17 +106,60 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     labels = np.empty(n, np.float32)
     numerical_aperture = np.empty(n, np.float32)
     pixel_size_um = np.empty(n, np.float32)
-    for i in range(n):
+    for i in np.flatnonzero(~randomised):
         x, y = points[i]
         focal = float(microscope.focal_z_um(x, y))
         capture = microscope.capture(x, y, focal + defocus[i], objectives[i], exposure_ms=exposures[i], roi=roi)
         fields[i] = capture.image_rgb8
         labels[i] = capture.defocus_um
         numerical_aperture[i], pixel_size_um[i] = capture.numerical_aperture, capture.pixel_size_um
+    textures = {}
+    chosen = np.flatnonzero(randomised)
+    for group_start in range(0, len(chosen), spec.samples_per_microscope):
+        group = chosen[group_start:group_start + spec.samples_per_microscope]
+        # One microscope per group, for the group's objective class (that of its first sample).
+        optics = training_optics.sample_optics(objectives[group[0]], rng)
+        focus_shift = training_optics.best_focus_shift_um(optics)
+        for i in group:
+            objectives[i] = optics.magnification
+            if texture[i]:
+                name = spec.texture_images[int(rng.integers(len(spec.texture_images)))]
+                if name not in textures:
+                    textures[name] = RestainedTexture(TRAINING_IMAGES[name])
+                specimen, x, y = textures[name].draw(rng)
+            else:
+                specimen = microscope.specimen
+                x, y = points[i]
+            fields[i] = randomised_field(specimen, x, y, optics, focus_shift, defocus[i], p, rng)
+            labels[i] = defocus[i]
+            numerical_aperture[i], pixel_size_um[i] = optics.numerical_aperture, optics.pixel_size_um
     return {"fields": fields, "defocus_um": labels, "numerical_aperture": numerical_aperture,
             "pixel_size_um": pixel_size_um, "objective": objectives.astype(np.float32),
             "specimen": np.full(n, specimen_seed, np.int32), "sparse": sparse,
-            "exposure_ms": exposures.astype(np.float32)}
+            "exposure_ms": exposures.astype(np.float32),
+            "source": np.where(texture, 2, np.where(randomised, 1, 0)).astype(np.int8)}
+
+
+# Specimen phase in randomised samples: none at all for this share, else the specimen's own optical
+# path scaled by a factor in this range (refractive index follows dry mass; its excess over the
+# mountant varies with the mountant and the fixation).
+NO_PHASE_FRACTION = 0.1
+PHASE_SCALE_RANGE = (0.3, 2.5)
+DENSITY_SCALE_RANGE = (0.6, 1.6)        # section thickness and stain intensity
+
+
+def randomised_field(specimen, x_um: float, y_um: float, optics, focus_shift_um: float, defocus_um: float,
+                     field_px: int, rng: np.random.Generator) -> np.ndarray:
+    """A field_px square centred on (x, y) of `specimen`, imaged through `optics` and a random camera."""
+    p = optics.pixel_size_um
+    side = fft.next_fast_len(field_px + 2 * training_optics.margin_px(optics, defocus_um + focus_shift_um))
+    margin = (side - field_px) // 2
+    od, opd = specimen.optical_density_and_path(x_um - side / 2 * p, y_um - side / 2 * p, side, side, p)
+    od = od * np.float32(rng.uniform(*DENSITY_SCALE_RANGE))
+    phase_scale = 0.0 if rng.random() < NO_PHASE_FRACTION else rng.uniform(*PHASE_SCALE_RANGE)
+    irradiance = training_optics.image_irradiance(optics, od, opd * np.float32(phase_scale), defocus_um, focus_shift_um)
+    camera = training_optics.sample_camera(rng)
+    return training_optics.camera_image(irradiance[margin:margin + field_px, margin:margin + field_px], camera, rng)
 
 
 def generate(spec: DatasetSpec, output: Path, workers: int = 2) -> Path:
