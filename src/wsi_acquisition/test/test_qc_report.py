@@ -25,3 +25,9 @@ def test_qc_report_shows_grid_focus_registration_and_timing(tmp_path):
     assert float(summary["autofocus mae um"]) == 0.2        # the oracle's bias, measured back
     assert summary["registration pairs dropped"] == 1
     assert "manifest.json" in summary["output manifest"]
+    # Which focus every tile ended with, and what its correction gained.
+    assert "Focus source of every tile" in page
+    sources = {k: v for k, v in summary.items() if k.startswith("tiles focused by")}
+    assert sum(sources.values()) == len(outcome.plan.tiles)
+    assert summary["tiles focused by autofocus"] == outcome.refocus_count
+    assert summary["corrections refused (not sharper)"] == len(outcome.focus_checks)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from wsi_acquisition.focus import MIN_SHARPNESS_GAIN, tissue_fraction
 from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
@@ -74,7 +75,40 @@ def test_inline_estimates_recapture_tiles_beyond_half_the_depth_of_field(tmp_pat
     final = {}
     for record in outcome.records:
         final[(record.row, record.col)] = record
-    assert all(abs(r.ground_truth["defocus_um"]) <= half_dof + 0.3 for r in final.values())
+    # A correction is kept only where it is measurably sharper: on bare glass it is not, and the focus
+    # map's capture stays (kept beside it as a focus check).
+    rejected = {(c["row"], c["col"]) for c in outcome.focus_checks if c["kind"] == "correction"}
+    for cell, record in final.items():
+        if cell in rejected:
+            assert tissue_fraction(tifffile.imread(outcome.scan_dir / record.image)) < 0.05, cell
+        else:
+            assert abs(record.ground_truth["defocus_um"]) <= half_dof + 0.3, cell
+    assert len(rejected) < len(final) / 2
+
+
+def test_a_correction_that_is_not_sharper_is_not_kept(tmp_path):
+    """An autofocus that is confidently wrong (it reports the defocus with the wrong sign) must not make
+    any tile worse than the focus map: every correction is checked against the capture it would replace."""
+    backend = small_microscope()
+
+    def wrong_way(record, frame):        # the side wrong and 2 µm too far: any correction ends farther off
+        defocus = frame.ground_truth_defocus_um
+        return FocusReply(-np.copysign(abs(defocus) + 2.0, defocus), 0.1)
+
+    outcome = ScanRunner(backend, request(tmp_path, focus_strategy=FocusStrategy.MAP_INLINE),
+                         estimate_focus=wrong_way).run()
+    first = {}
+    for record in outcome.records:
+        first.setdefault((record.row, record.col), record)
+    assert outcome.refocus_count == 0 and not any(r.is_recapture for r in outcome.records)
+    assert all(r.focus_source == "focus-map" for r in outcome.records)
+    checks = [c for c in outcome.focus_checks if c["kind"] == "correction"]
+    assert len(checks) == len(first)                     # every tile tried, every try refused ...
+    assert all(c["sharpness_gain"] < MIN_SHARPNESS_GAIN for c in checks)  # ... because it was not sharper
+    assert np.median([c["sharpness_gain"] for c in checks]) < -0.2
+    manifest = json.loads(outcome.manifest_path.read_text())
+    assert len(manifest["focus_checks"]) == len(checks)
+    assert all((outcome.scan_dir / c["image"]).exists() for c in manifest["focus_checks"])
 
 
 def test_cancel_keeps_what_was_captured(tmp_path):

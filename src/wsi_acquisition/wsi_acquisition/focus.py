@@ -96,3 +96,48 @@ def trusts_estimate(uncertainty_um: float, depth_of_field_um: float) -> bool:
     half the depth of field, moving by the estimate lands within focus. The 1 µm floor keeps a high-NA
     objective, whose depth of field is thinner than the model's precision, from ignoring every estimate."""
     return uncertainty_um < max(depth_of_field_um / 2, 1.0)
+
+
+# -- acting on a single-shot estimate ---------------------------------------------------------------
+# A corrected capture replaces the focus map's only when its sharpness beats it by this fraction:
+# Brenner sharpness of one field repeats to well under 1 % between exposures, while a correction that
+# lands half a depth of field nearer focus gains several per cent.
+MIN_SHARPNESS_GAIN = 0.02
+# Posterior probability beyond which the side of focus counts as known.
+SIDE_CERTAINTY = 0.95
+
+
+def focus_action(defocus_um: float, uncertainty_um: float, distance_um: float, distance_uncertainty_um: float,
+                 depth_of_field_um: float) -> str:
+    """What a scan does with a single-shot estimate of a tile taken at the focus map's z:
+    "correct" (re-capture at z - defocus) when the signed estimate is trusted and out of focus;
+    "probe" when the distance is trusted and out of focus but the side is not (a second exposure at a
+    known z step tells the side, `side_after_probe`); "keep" otherwise."""
+    half = depth_of_field_um / 2
+    if trusts_estimate(uncertainty_um, depth_of_field_um):
+        return "correct" if abs(defocus_um) > half else "keep"
+    if trusts_estimate(distance_uncertainty_um, depth_of_field_um) and distance_um > half:
+        return "probe"
+    return "keep"
+
+
+def probe_step_um(depth_of_field_um: float) -> float:
+    """z step of the side probe (upwards): two depths of field, at least 2 µm, so that the distances
+    measured above focus (d + step) and below it (|step - d|) differ by at least 2 min(d, step)."""
+    return max(2.0 * depth_of_field_um, 2.0)
+
+
+def side_after_probe(distance_um: float, distance_uncertainty_um: float, above_focus_probability: float,
+                     step_um: float, probe_distance_um: float, probe_uncertainty_um: float) -> float:
+    """Probability that the first image was above focus, given a second image `step_um` higher whose
+    estimated distance from focus is `probe_distance_um`.
+
+    Above focus (defocus +d) the probe sees d + step; below (-d) it sees |step - d|. Each hypothesis is
+    weighed by how well it predicts the probe's distance (Gaussian, both images' uncertainties) and by
+    the first image's own belief. Images share the specimen, so this needs no side cue: blur alone."""
+    sigma = np.hypot(distance_uncertainty_um, probe_uncertainty_um)
+    above = (probe_distance_um - (distance_um + step_um)) / sigma
+    below = (probe_distance_um - abs(step_um - distance_um)) / sigma
+    prior = np.clip(above_focus_probability, 1e-6, 1 - 1e-6)
+    log_odds = np.log(prior / (1 - prior)) - 0.5 * (above * above - below * below)
+    return float(1.0 / (1.0 + np.exp(-np.clip(log_odds, -50, 50))))

@@ -112,6 +112,39 @@ def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
     return _save(figure, output / "registration_residuals.png", plt)
 
 
+def _focus_sources(manifest: dict) -> tuple[dict, str]:
+    """Per tile: where its z came from and the sharpness its correction gained (a kept one) or would have
+    lost (one refused because it was not sharper); summary counts and an HTML table."""
+    final = _final_captures(manifest["tiles"])
+    refused = {}
+    probes = 0
+    for check in manifest.get("focus_checks") or []:
+        if check["kind"] == "correction":
+            refused[(check["row"], check["col"])] = check
+        probes += check["kind"] == "side-probe"
+    counts = {}
+    rows = []
+    for cell in sorted(final):
+        tile = final[cell]
+        source = tile.get("focus_source", "focus-map")
+        counts[source] = counts.get(source, 0) + 1
+        gain = tile.get("sharpness_gain")
+        note = ""
+        if cell in refused:
+            gain, note = refused[cell]["sharpness_gain"], f"correction by {refused[cell]['offset_um']:+.2f} µm refused: not sharper"
+        truth = (tile.get("ground_truth") or {}).get("defocus_um")
+        cells = [f"{cell[0]}", f"{cell[1]}", source, f"{tile['commanded_z_um']:.2f}",
+                 "" if tile.get("predicted_defocus_um") is None else f"{tile['predicted_defocus_um']:+.2f} ± {tile['predicted_uncertainty_um']:.2f}",
+                 "" if gain is None else f"{gain:+.1%}", "" if truth is None else f"{truth:+.2f}", note]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    summary = {f"tiles focused by {source}": count for source, count in sorted(counts.items())}
+    summary["corrections refused (not sharper)"] = len(refused)
+    summary["side probes"] = probes
+    header = "".join(f"<th>{h}</th>" for h in ("row", "col", "focus source", "z (µm)", "autofocus estimate (µm)",
+                                               "sharpness gained", "true defocus (µm)", ""))
+    return summary, f"<table class='tiles'><tr>{header}</tr>{''.join(rows)}</table>"
+
+
 def _plot_timing(manifest: dict, output: Path, plt) -> Path | None:
     times = [t.get("captured_s", 0.0) for t in manifest["tiles"]]
     if len(times) < 2:
@@ -146,6 +179,8 @@ def write_qc_report(manifest_path: Path, registration_report: Path | None = None
                "objective": f"{manifest['objective_magnification']:g}x / NA {manifest['numerical_aperture']:.2f}",
                "pixel size (µm)": f"{manifest['pixel_size_um']:.4f}", "duration (s)": f"{manifest['duration_s']:.1f}"}
     summary |= {key.replace("_", " "): f"{value:.3f}" for key, value in focus_stats.items()}
+    source_summary, source_table = _focus_sources(manifest)
+    summary |= source_summary
     if report:
         summary |= {f"registration {k.replace('_', ' ')}": v for k, v in report.get("summary", {}).items()}
     for name, path in (outputs or {}).items():
@@ -156,8 +191,9 @@ def write_qc_report(manifest_path: Path, registration_report: Path | None = None
                          for title, png in figures if png is not None)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>QC {html.escape(manifest['scan_id'])}</title>"
             "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}img{max-width:100%}"
+            "table.tiles td{padding:0 .6em}"
             f"</style></head><body><h1>Scan QC: {html.escape(manifest['scan_id'])}</h1><table>{rows}</table>"
-            f"{sections}</body></html>")
+            f"{sections}<h2>Focus source of every tile</h2>{source_table}</body></html>")
     index = output / "index.html"
     index.write_text(page)
     (output / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import refine_peak, sweep_sharpness, trusts_estimate
+from wsi_acquisition.focus import (MIN_SHARPNESS_GAIN, SIDE_CERTAINTY, brenner, focus_action, probe_step_um,
+                                   refine_peak, side_after_probe)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       detect_tissue, plan_tiles)
@@ -79,13 +80,27 @@ class ScanRequest:
     exposure_ms: float = 8.0
     gain: float = 1.0
     save_tiles: bool = True
+    calibrate_autofocus: bool = False      # fine-tune the autofocus on this scan's focus map before the tiles
 
 
 @dataclass(frozen=True)
 class FocusReply:
-    """What the autofocus said about one image."""
+    """What the autofocus said about one image: the signed defocus and, separately, how far from focus
+    and on which side (the side can be in doubt while the distance is not). Replies that give only
+    the signed estimate have distance |defocus| with the same uncertainty and a side taken as known."""
     defocus_um: float
     uncertainty_um: float
+    distance_um: float | None = None
+    distance_uncertainty_um: float | None = None
+    above_focus_probability: float | None = None
+
+    def __post_init__(self):
+        if self.distance_um is None:
+            object.__setattr__(self, "distance_um", abs(self.defocus_um))
+        if self.distance_uncertainty_um is None:
+            object.__setattr__(self, "distance_uncertainty_um", self.uncertainty_um)
+        if self.above_focus_probability is None:
+            object.__setattr__(self, "above_focus_probability", 1.0 if self.defocus_um > 0 else 0.0)
 
 
 @dataclass
@@ -110,6 +125,11 @@ class TileRecord:
     predicted_defocus_um: float | None = None
     predicted_uncertainty_um: float | None = None
     ground_truth: dict | None = None       # simulation: true pose, focal z, defocus
+    # Where this image's z came from: "focus-map", or "autofocus" (a correction kept because it is sharper
+    # than the focus map's capture; "autofocus+probe" when a second exposure told the side of focus).
+    focus_source: str = "focus-map"
+    sharpness: float | None = None         # normalised Brenner gradient (`wsi_acquisition.focus.brenner`)
+    sharpness_gain: float | None = None    # a correction: its sharpness over the focus map capture's, - 1
 
 
 @dataclass
@@ -129,6 +149,10 @@ class ScanOutcome:
     manifest_path: Path
     plan: TilePlan | None
     records: list[TileRecord] = field(default_factory=list)
+    # Images that are not tiles: corrections not kept (not sharper) and side probes; none is lost.
+    focus_checks: list[dict] = field(default_factory=list)
+    focus_sweeps: list[dict] = field(default_factory=list)    # the focus map's z-sweeps, kept on disk
+    autofocus_calibration: dict | None = None
     refocus_count: int = 0
     tiles_failed: int = 0
     duration_s: float = 0.0
@@ -143,6 +167,14 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+def _ground_truth(frame: Frame) -> dict | None:
+    """Simulation only: the true pose, focal z and defocus of a frame."""
+    if math.isnan(frame.ground_truth_defocus_um):
+        return None
+    return {"x_um": frame.true_x_um, "y_um": frame.true_y_um, "z_um": frame.true_z_um,
+            "focal_z_um": frame.focal_z_um, "defocus_um": frame.ground_truth_defocus_um}
+
+
 class ScanRunner:
     def __init__(self, backend: MicroscopeBackend, request: ScanRequest,
                  publish_tile: Callable[[TileRecord, Frame], None] = lambda record, frame: None,
@@ -150,6 +182,8 @@ class ScanRunner:
                  on_progress: Callable[[ScanProgress], None] = lambda progress: None,
                  should_cancel: Callable[[], bool] = lambda: False,
                  on_plan: Callable[[TilePlan], None] = lambda plan: None,
+                 estimate_image: Callable[[Frame], FocusReply | None] | None = None,
+                 calibrate_focus: Callable[[Path], dict] | None = None,
                  retries: int = 2, z_approach_um: float = 5.0, min_focus_contrast: float = 1.3,
                  clock: Callable[[], float] = time.monotonic):
         self.backend = backend
@@ -159,6 +193,8 @@ class ScanRunner:
         self.on_progress = on_progress
         self.should_cancel = should_cancel
         self.on_plan = on_plan
+        self.estimate_image = estimate_image        # an image that is not a tile (a side probe)
+        self.calibrate_focus = calibrate_focus      # scan directory -> what the calibration reported
         self.retries = retries
         self.z_approach_um = z_approach_um
         self.min_focus_contrast = min_focus_contrast     # coarse-sweep peak over its median
@@ -280,23 +316,42 @@ class ScanRunner:
         """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness.
 
         None when the coarse sweep shows no clear peak (glass, a hole, a fold): such a point would
-        tilt the whole focus map, so the caller measures another one instead.
+        tilt the whole focus map, so the caller measures another one instead. A sweep that found focus
+        is kept (`outcome.focus_sweeps`, images on disk): it is labelled data for calibrating the autofocus.
         """
         roi = self._centre_roi()
         dof = self.backend.depth_of_field_um()
         z_min, z_max = self.backend.stage.limits.bounds("z")
         coarse_step = max(2.0, 2 * dof)
         best = z_guess_um
+        images, z_values = [], []
         for half_range, step in ((30.0, coarse_step), (1.5 * coarse_step, max(0.25, dof / 3))):
             offsets = np.arange(-half_range, half_range + 1e-9, step)
             zs = np.clip(best + offsets, z_min, z_max)
-            scores = sweep_sharpness(zs, lambda z: (self._move(x_um, y_um, float(z)), self._snap(roi))[1].image_rgb8)
+            sweep = []
+            for z in zs:
+                self._move(x_um, y_um, float(z))
+                sweep.append(self._snap(roi).image_rgb8)
+            scores = np.array([brenner(image) for image in sweep])
+            images += sweep
+            z_values += [float(z) for z in zs]
             peak = int(np.argmax(scores))
             if step == coarse_step and (scores[peak] < self.min_focus_contrast * np.median(scores)
                                         or peak in (0, len(scores) - 1)):
                 return None
             best = refine_peak(zs, scores)
+        self._save_sweep(x_um, y_um, float(best), images, z_values)
         return float(best)
+
+    def _save_sweep(self, x_um: float, y_um: float, best_z_um: float, images: list, z_values: list) -> None:
+        relative = f"focus_map/sweep_{len(self.outcome.focus_sweeps):03d}.tif"
+        try:
+            (self.scan_dir / "focus_map").mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(self.scan_dir / relative, np.stack(images), photometric="rgb")
+        except OSError as error:
+            raise ScanError(ScanErrorCode.STORAGE, f"cannot save the focus sweep {relative}: {error}") from error
+        self.outcome.focus_sweeps.append({"x_um": x_um, "y_um": y_um, "best_z_um": best_z_um, "images": relative,
+                                          "z_um": z_values})
 
     def focus_map(self, plan: TilePlan) -> FocusMap | None:
         """Focus measured at `count` points spread over the tiles; points without a clear focus
@@ -344,6 +399,9 @@ class ScanRunner:
             "started_unix_s": time.time() - (self.clock() - self._started),
             "duration_s": self.clock() - self._started, "refocus_count": self.outcome.refocus_count,
             "overview": self._overview,
+            "focus_map": {"sweeps": self.outcome.focus_sweeps, "roi_px": list(self._centre_roi())},
+            "focus_checks": self.outcome.focus_checks,
+            "autofocus_calibration": self.outcome.autofocus_calibration,
             "plan": None if plan is None else {
                 "rows": plan.rows, "cols": plan.cols, "step_x_um": plan.step_x_um, "step_y_um": plan.step_y_um,
                 "origin_x_um": plan.origin_x_um, "origin_y_um": plan.origin_y_um,
@@ -363,56 +421,105 @@ class ScanRunner:
         record = TileRecord(sequence, row, col, is_recapture, x, y, z, frame.measured_x_um, frame.measured_y_um,
                             frame.measured_z_um, map_z, offset, frame.pixel_size_um, frame.exposure_ms, frame.gain,
                             captured_s=self.clock() - self._started)
-        if not math.isnan(frame.ground_truth_defocus_um):
-            record.ground_truth = {"x_um": frame.true_x_um, "y_um": frame.true_y_um, "z_um": frame.true_z_um,
-                                   "focal_z_um": frame.focal_z_um, "defocus_um": frame.ground_truth_defocus_um}
-        if self.request.save_tiles:
-            relative = f"tiles/r{row:04d}_c{col:04d}.tif"
-            try:
-                tifffile.imwrite(self.scan_dir / relative, frame.image_rgb8, photometric="rgb")
-            except OSError as error:
-                raise ScanError(ScanErrorCode.STORAGE, f"cannot save tile ({row}, {col}): {error}") from error
-            record.image = relative
+        record.sharpness = brenner(frame.image_rgb8)
+        record.ground_truth = _ground_truth(frame)
         return record, frame
+
+    def _save_image(self, relative: str, frame: Frame, what: str) -> None:
+        try:
+            (self.scan_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(self.scan_dir / relative, frame.image_rgb8, photometric="rgb")
+        except OSError as error:
+            raise ScanError(ScanErrorCode.STORAGE, f"cannot save {what}: {error}") from error
 
     def acquire(self, plan: TilePlan, focus_map: FocusMap | None) -> None:
         request = self.request
         inline = request.focus_strategy == FocusStrategy.MAP_INLINE and self.estimate_focus is not None
-        depth_of_field_um = self.backend.depth_of_field_um()
-        half_dof = depth_of_field_um / 2
-        offset = 0.0                           # running correction of the focus map from inline estimates
         z_default = float(self.backend.stage.position_um()[2])
         acquisition_started = self.clock()
         total = len(plan.tiles)
         for done, tile in enumerate(plan.tiles):
             if self.should_cancel():
                 raise ScanError(ScanErrorCode.CANCELED, f"canceled after {done} of {total} tiles")
-            map_z = focus_map.z_um(tile.x_um, tile.y_um) if focus_map is not None else z_default
+            map_z = float(focus_map.z_um(tile.x_um, tile.y_um) if focus_map is not None else z_default)
             record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um,
-                                          float(map_z), offset, False)
+                                          map_z, 0.0, False)
             self._emit(record, frame)
             if inline:
-                reply = self.estimate_focus(record, frame)
-                if reply is not None:
-                    record.predicted_defocus_um, record.predicted_uncertainty_um = reply.defocus_um, reply.uncertainty_um
-                    confident = trusts_estimate(reply.uncertainty_um, depth_of_field_um)
-                    if confident:
-                        # Follow the specimen: half of each confident residual feeds the next tiles,
-                        # but never more than one depth of field away from the measured focus map.
-                        offset = float(np.clip(offset - 0.5 * reply.defocus_um, -2 * half_dof, 2 * half_dof))
-                    if confident and abs(reply.defocus_um) > half_dof:
-                        self.outcome.refocus_count += 1
-                        record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um,
-                                                      tile.y_um, float(map_z), record.applied_focus_offset_um
-                                                      - reply.defocus_um, True)
-                        self._emit(record, frame)
+                self._refocus(tile, map_z, record, frame)
             self._write_manifest()
             elapsed = self.clock() - acquisition_started
             self._report(State.ACQUIRING, tiles_done=done + 1, tiles_total=total,
                          refocus_count=self.outcome.refocus_count, current=(tile.row, tile.col),
                          eta_s=elapsed / (done + 1) * (total - done - 1))
 
+    def _refocus(self, tile, map_z: float, record: TileRecord, frame: Frame) -> None:
+        """Act on the autofocus's estimate of a tile taken at the focus map's z. Every tile starts at
+        the focus map's z and a correction replaces that capture only when it is measurably sharper, so
+        the scan is never less in focus than the focus map alone; a side probe first settles which way
+        to move when the estimate knows the distance but not the side."""
+        reply = self.estimate_focus(record, frame)
+        if reply is None:
+            return
+        record.predicted_defocus_um, record.predicted_uncertainty_um = reply.defocus_um, reply.uncertainty_um
+        depth_of_field_um = self.backend.depth_of_field_um()
+        action = focus_action(reply.defocus_um, reply.uncertainty_um, reply.distance_um,
+                              reply.distance_uncertainty_um, depth_of_field_um)
+        if action == "correct":
+            self._try_correction(tile, map_z, -reply.defocus_um, record, "autofocus")
+        elif action == "probe" and self.estimate_image is not None:
+            above = self._probe_side(tile, map_z, reply, depth_of_field_um)
+            if above is not None:
+                self._try_correction(tile, map_z, -reply.distance_um if above else reply.distance_um, record,
+                                     "autofocus+probe")
+
+    def _probe_side(self, tile, map_z: float, reply: FocusReply, depth_of_field_um: float) -> bool | None:
+        """A second exposure one probe step higher: True/False when it settles the side of focus."""
+        step = probe_step_um(depth_of_field_um)
+        self._move(tile.x_um, tile.y_um, map_z + step)
+        frame = self._snap()
+        probe = self.estimate_image(frame)
+        check = {"kind": "side-probe", "row": tile.row, "col": tile.col, "z_um": map_z + step, "step_um": step,
+                 "captured_s": self.clock() - self._started, "sharpness": brenner(frame.image_rgb8),
+                 "ground_truth": _ground_truth(frame)}
+        above = None
+        if probe is not None:
+            posterior = side_after_probe(reply.distance_um, reply.distance_uncertainty_um,
+                                         reply.above_focus_probability, step, probe.distance_um,
+                                         probe.distance_uncertainty_um)
+            check |= {"probe_distance_um": probe.distance_um, "above_focus_probability": posterior}
+            if posterior >= SIDE_CERTAINTY or posterior <= 1 - SIDE_CERTAINTY:
+                above = posterior >= SIDE_CERTAINTY
+        self._keep_focus_check(check, frame)
+        return above
+
+    def _try_correction(self, tile, map_z: float, offset_um: float, original: TileRecord, source: str) -> None:
+        """Capture at the corrected z; publish it as the tile's re-capture only if it is sharper."""
+        record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
+                                      offset_um, True)
+        record.focus_source = source
+        record.sharpness_gain = record.sharpness / max(original.sharpness, 1e-12) - 1.0
+        if record.sharpness_gain >= MIN_SHARPNESS_GAIN:
+            self.outcome.refocus_count += 1
+            self._emit(record, frame)
+            return
+        check = {"kind": "correction", "row": tile.row, "col": tile.col, "z_um": record.commanded_z_um,
+                 "offset_um": offset_um, "source": source, "captured_s": record.captured_s,
+                 "sharpness": record.sharpness, "sharpness_gain": record.sharpness_gain,
+                 "ground_truth": record.ground_truth}
+        self._keep_focus_check(check, frame)
+
+    def _keep_focus_check(self, check: dict, frame: Frame) -> None:
+        relative = f"focus_checks/{len(self.outcome.focus_checks):05d}_r{check['row']:04d}_c{check['col']:04d}_{check['kind']}.tif"
+        self._save_image(relative, frame, f"focus check {relative}")
+        self.outcome.focus_checks.append(check | {"image": relative})
+
     def _emit(self, record: TileRecord, frame: Frame) -> None:
+        """A capture becomes (the latest image of) its tile: saved, recorded, published."""
+        if self.request.save_tiles:
+            relative = f"tiles/r{record.row:04d}_c{record.col:04d}.tif"
+            self._save_image(relative, frame, f"tile ({record.row}, {record.col})")
+            record.image = relative
         self.outcome.records.append(record)
         self.publish_tile(record, frame)
 
@@ -433,6 +540,11 @@ class ScanRunner:
             except NoTissueError as error:
                 raise ScanError(ScanErrorCode.NO_TISSUE, str(error)) from error
             self._write_manifest()
+            if self.request.calibrate_autofocus and self.calibrate_focus is not None and self.outcome.focus_sweeps:
+                # The autofocus reads the sweeps from the manifest just written; a failed calibration leaves
+                # the autofocus as it was, and says why in the manifest.
+                self.outcome.autofocus_calibration = self.calibrate_focus(self.scan_dir)
+                self._write_manifest()
             self.acquire(self.outcome.plan, focus)
         except ScanError as error:
             self._status = "canceled" if error.code == ScanErrorCode.CANCELED else "failed"
