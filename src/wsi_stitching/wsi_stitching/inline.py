@@ -2,7 +2,9 @@
 
 A re-captured tile (refocused) follows its first capture immediately, so each tile is held back
 until a tile of another grid cell arrives: the re-capture then replaces it before it is used.
-At the end of the scan the manifest says which capture of each cell was kept; any of those that
+Published captures are numbered without gaps, so a gap after the held tile means a capture was lost,
+perhaps the held cell's re-capture: that cell is then left to the end, where the scan's own record
+decides. At the end of the scan the manifest says which capture of each cell was kept; any of those that
 did not arrive over the network (a dropped message, a late subscriber) is read from the tile file
 the scan saved, so the mosaic is complete whenever the scan's own record is.
 """
@@ -72,7 +74,8 @@ class InlineStitch:
     def offer(self, sequence: int, row: int, col: int, image: np.ndarray, x_um: float, y_um: float) -> None:
         """Take a tile from the stream. A bad tile is recorded in `rejected` and skipped."""
         if self._held is not None and (self._held.row, self._held.col) != (row, col):
-            self._use(self._held)
+            if sequence <= self._held.sequence + 1:
+                self._use(self._held)
         self._held = _Held(sequence, row, col, np.array(image, copy=True), x_um, y_um)
 
     def _use(self, tile: _Held) -> None:
