@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 VENV_ABS := $(CURDIR)/$(VENV)
 # Keep DDS discovery on this machine unless the caller says otherwise.
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
-SOURCES := $(shell find src -type f -not -path '*/__pycache__/*' -not -name '*.pyc') colcon.meta
+# launch/ is installed by package wsi (src/wsi/launch links to it).
+SOURCES := $(shell find src launch -type f -not -path '*/__pycache__/*' -not -name '*.pyc') colcon.meta
 
 .PHONY: test scan build bench train-autofocus lock clean
 MODEL_DIR := src/wsi_autofocus/wsi_autofocus/models/focus_resnet_small

@@ -9,7 +9,9 @@ import pytest
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
 from wsi_common.supervisor import NodeSpec, write_params_file
 
-LAUNCH_FILE = Path(__file__).resolve().parents[1] / "launch" / "scan.launch.py"
+# The launch file lives at the repository's top level; package wsi installs it from a symlink.
+LAUNCH_FILE = Path(__file__).resolve().parents[3] / "launch" / "scan.launch.py"
+PACKAGE_LAUNCH_FILE = Path(__file__).resolve().parents[1] / "launch" / "scan.launch.py"
 
 
 def test_config_from_launch_argument_strings():
@@ -87,6 +89,10 @@ def test_launch_file_builds_its_nodes_from_the_graph(monkeypatch):
              n.kwargs["parameters"]) for n in nodes] == [
         (s.package, s.executable, s.name if s.single_node else None, s.namespace, [s.parameters])
         for s in expected]
+
+
+def test_the_package_installs_the_top_level_launch_file_not_a_copy():
+    assert PACKAGE_LAUNCH_FILE.is_symlink() and PACKAGE_LAUNCH_FILE.resolve() == LAUNCH_FILE
 
 
 def test_colcon_installed_the_launch_file_and_the_node_executables(monkeypatch):
