@@ -10,9 +10,9 @@ Finished scan: ``stitch_manifest("manifest.json", "scan.zarr")``.
 """
 from .errors import (BadTileError, DuplicateTileError, LayoutError, ManifestError, ResumeError,
                      StitchingError)
-from .layout import TileGridLayout, read_manifest
+from .layout import SlideImageEntry, TileGridLayout, read_manifest, read_slide_images
 from .stitcher import MosaicStitcher, StitchParameters, StitchResult, remove_mosaic, stitch_manifest
 
 __all__ = ["BadTileError", "DuplicateTileError", "LayoutError", "ManifestError", "ResumeError",
-           "StitchingError", "TileGridLayout", "read_manifest", "MosaicStitcher", "StitchParameters",
-           "StitchResult", "remove_mosaic", "stitch_manifest"]
+           "StitchingError", "SlideImageEntry", "TileGridLayout", "read_manifest", "read_slide_images",
+           "MosaicStitcher", "StitchParameters", "StitchResult", "remove_mosaic", "stitch_manifest"]

@@ -1,4 +1,4 @@
-"""Tile-grid layout of a scan and the scan-manifest reader.
+"""Tile-grid layout of a scan and the scan-manifest reader (tiles, and the whole-slide images).
 
 Stage positions are in µm and refer to the centre of a tile's field of view, like the stage poses in
 Tile messages and scan manifests; only differences between positions matter to the mosaic. Stage x
@@ -91,6 +91,50 @@ class ScanManifest:
     tiles: list[ManifestTile] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SlideImageEntry:
+    """A whole-slide image a scan took beside its tiles: the macro camera's overview, or a label photo."""
+    image_path: Path
+    pixel_size_um: float  # on the slide
+
+
+# Manifest keys of the whole-slide images. wsi_acquisition writes "overview" when the scanner has a
+# macro camera; "label" is for scanners with a label camera (none of ours has one yet).
+SLIDE_IMAGE_KEYS = ("overview", "label")
+
+
+def _read_manifest_document(manifest_path: Path) -> dict:
+    try:
+        return json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read manifest {manifest_path}: {exc}") from exc
+
+
+def read_slide_images(manifest_path: str | Path) -> dict[str, SlideImageEntry]:
+    """The whole-slide images a scan manifest lists, by key ("overview", "label"; absent or null: not
+    taken). Each is {"image": path relative to the manifest, "pixel_size_um", ...}; the tiles need not
+    be on disk."""
+    manifest_path = Path(manifest_path)
+    doc = _read_manifest_document(manifest_path)
+    images = {}
+    for key in SLIDE_IMAGE_KEYS:
+        entry = doc.get(key)
+        if entry is None:
+            continue
+        try:
+            image = SlideImageEntry(manifest_path.parent / entry["image"], float(entry["pixel_size_um"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest {manifest_path} {key!r} entry {entry!r} is malformed ({exc}); "
+                                f"expected keys image and pixel_size_um") from exc
+        if not (math.isfinite(image.pixel_size_um) and image.pixel_size_um > 0):
+            raise ManifestError(f"manifest {manifest_path} {key!r} pixel_size_um={image.pixel_size_um}; "
+                                f"expected a positive number")
+        if not image.image_path.is_file():
+            raise ManifestError(f"manifest {manifest_path} {key!r} image {image.image_path} does not exist")
+        images[key] = image
+    return images
+
+
 def read_manifest(manifest_path: str | Path) -> ScanManifest:
     """Read a scan manifest as wsi_acquisition writes it: {"scan_id", "pixel_size_um", "tile_width_px",
     "tile_height_px", "tiles": [{"row", "col", "measured_x_um", "measured_y_um", "image": path relative
@@ -98,10 +142,7 @@ def read_manifest(manifest_path: str | Path) -> ScanManifest:
     "acquisition_datetime". A cell listed again (a re-capture) replaces the earlier entry. The measured
     tile poses double as the nominal layout positions (a finished scan has no other)."""
     manifest_path = Path(manifest_path)
-    try:
-        doc = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest {manifest_path}: {exc}") from exc
+    doc = _read_manifest_document(manifest_path)
     required = ("scan_id", "pixel_size_um", "tile_width_px", "tile_height_px", "tiles")
     missing = [key for key in required if key not in doc]
     if missing:
