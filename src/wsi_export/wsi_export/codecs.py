@@ -10,7 +10,11 @@ import numpy as np
 from .errors import ExportOptionsError
 
 COMPRESSIONS = ("jpeg", "deflate", "zstd", "jpeg2000", "lzw", "none")
-JPEG_SUBSAMPLINGS = {(1, 1): "444", (2, 1): "422", (2, 2): "420"}
+# JPEG chroma subsampling (horizontal, vertical) -> how the tiles are stored. (1, 1), full colour
+# resolution, is stored as RGB components (TIFF Photometric RGB, what libvips writes at Q >= 90), never as
+# YCbCr 4:4:4: Bio-Formats 7 (QuPath, OMERO) converts YCbCr 4:4:4 JPEG tiles to RGB twice and shows false
+# colours. Subsampled chroma needs YCbCr (Photometric YCbCr), which Bio-Formats, libvips and tifffile read right.
+JPEG_SUBSAMPLINGS = {(1, 1): ("RGB", "444"), (2, 1): ("YCBCR", "422"), (2, 2): ("YCBCR", "420")}
 DEFLATE_LEVEL = 6
 ZSTD_LEVEL = 3
 
@@ -28,6 +32,11 @@ class TileCodec:
     jpeg_subsampling: tuple[int, int] = (1, 1)
 
     @property
+    def jpeg_colorspace(self) -> str:
+        """Colour space of the JPEG components and TIFF Photometric: "RGB" or "YCBCR"."""
+        return JPEG_SUBSAMPLINGS[self.jpeg_subsampling][0]
+
+    @property
     def is_lossless(self) -> bool:
         return self.compression in ("deflate", "zstd", "lzw", "none", "jpeg2000-lossless")
 
@@ -40,9 +49,9 @@ class TileCodec:
         if self.uses_predictor:
             tile = imagecodecs.delta_encode(tile, axis=1)  # TIFF horizontal predictor, per sample
         if self.compression == "jpeg":
-            return imagecodecs.jpeg8_encode(
-                tile, level=self.quality, colorspace="RGB", outcolorspace="YCBCR",
-                subsampling=JPEG_SUBSAMPLINGS[self.jpeg_subsampling])
+            outcolorspace, subsampling = JPEG_SUBSAMPLINGS[self.jpeg_subsampling]
+            return imagecodecs.jpeg8_encode(tile, level=self.quality, colorspace="RGB",
+                                            outcolorspace=outcolorspace, subsampling=subsampling)
         if self.compression == "deflate":
             return imagecodecs.deflate_encode(tile, level=DEFLATE_LEVEL)  # libdeflate, zlib stream
         if self.compression == "zstd":
@@ -60,8 +69,9 @@ class TileCodec:
         """Arguments for tifffile.TiffWriter.write that declare (or, for arrays, apply) this codec."""
         arguments: dict[str, Any] = {"photometric": "rgb", "planarconfig": "contig"}
         if self.compression == "jpeg":
-            arguments.update(compression="jpeg", compressionargs={"level": self.quality},
-                             subsampling=self.jpeg_subsampling)
+            # tifffile sets Photometric from outcolorspace (and encodes arrays, such as the thumbnail, with it)
+            arguments.update(compression="jpeg", subsampling=self.jpeg_subsampling,
+                             compressionargs={"level": self.quality, "outcolorspace": self.jpeg_colorspace})
         elif self.compression == "deflate":
             arguments.update(compression="adobe_deflate", compressionargs={"level": DEFLATE_LEVEL})
         elif self.compression == "zstd":

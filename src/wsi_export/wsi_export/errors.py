@@ -19,3 +19,7 @@ class ExportStorageError(ExportError, OSError):
 
 class ExportCancelled(ExportError):
     """The caller's should_cancel() returned True; no output is left under the final name."""
+
+
+class SlideImageError(ExportError, ValueError):
+    """A whole-slide photo (macro, label), or the scan manifest that lists it, cannot be read or is not RGB."""

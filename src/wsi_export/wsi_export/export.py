@@ -33,6 +33,7 @@ from .ome_zarr_output import create_ome_zarr
 from .pyramid import LOWEST_LEVEL_MAX_EDGE_PX, pyramid_level_shapes, shrink_to_fit
 from .region_reader import region_reader
 from .scratch import ScratchLevel
+from .slide_images import SlideImage
 
 FORMATS = ("ome-tiff", "ome-zarr")
 OUTPUT_SUFFIXES = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
@@ -45,11 +46,16 @@ class ExportOptions:
     compression: str = "jpeg"  # one of codecs.COMPRESSIONS
     quality: int = 90  # 1..100, jpeg and lossy jpeg2000
     lossless: bool = False  # jpeg -> deflate, jpeg2000 -> reversible
-    jpeg_subsampling: tuple[int, int] = (1, 1)  # YCbCr chroma subsampling; (1, 1) = 4:4:4 keeps stain hues
+    # JPEG chroma subsampling. The default (1, 1) keeps colour at full resolution, stored as RGB JPEG
+    # (codecs.JPEG_SUBSAMPLINGS): a pathologist reads stain colour at the scale of a nucleus' edge, where
+    # YCbCr 4:2:0 shifts it visibly. On a real H&E region at Q90 (bench/export.py, colour table) 4:2:0 is
+    # off by CIEDE2000 2.3 on average and 13 at the 99th percentile, RGB JPEG by 0.13 and 1.5 (about one
+    # just-noticeable difference). (2, 1) = 4:2:2 and (2, 2) = 4:2:0, stored as YCbCr, make the tiles
+    # 1.9-2.4x smaller at that cost.
+    jpeg_subsampling: tuple[int, int] = (1, 1)
     tile_size_px: int = 512  # TIFF tile and OME-Zarr chunk edge, multiple of 16
-    write_thumbnail: bool = True  # thumbnail and overview ("macro") series in the OME-TIFF
+    write_thumbnail: bool = True  # a "thumbnail" series (of the pyramid) in the OME-TIFF
     thumbnail_max_edge_px: int = 256
-    overview_max_edge_px: int = 1024
     lowest_level_max_edge_px: int = LOWEST_LEVEL_MAX_EDGE_PX
     scheduler_address: str | None = None  # dask.distributed scheduler; None = local threads
     scheduler_timeout_s: float = 10.0
@@ -190,7 +196,7 @@ def _validate(name: str, formats: tuple[str, ...], options: ExportOptions) -> Ti
         raise ExportOptionsError(f"tile_size_px={tile!r} must be a positive multiple of 16")
     if options.block_width_tiles < 2 or options.block_width_tiles % 2:
         raise ExportOptionsError(f"block_width_tiles={options.block_width_tiles} must be even and >= 2")
-    for key in ("thumbnail_max_edge_px", "overview_max_edge_px", "lowest_level_max_edge_px"):
+    for key in ("thumbnail_max_edge_px", "lowest_level_max_edge_px"):
         if getattr(options, key) < 16:
             raise ExportOptionsError(f"{key}={getattr(options, key)} must be >= 16")
     if options.local_workers is not None and options.local_workers < 1:
@@ -223,10 +229,11 @@ def _open_binary_output(path: Path) -> io.BufferedWriter:
 
 class _Export:
     def __init__(self, mosaic: Mosaic, output_dir: Path, name: str, formats: tuple[str, ...],
-                 options: ExportOptions, codec: TileCodec,
+                 options: ExportOptions, codec: TileCodec, slide_images: dict[str, SlideImage],
                  progress: Callable[[ExportProgress], None] | None,
                  should_cancel: Callable[[], bool] | None):
         self.mosaic = mosaic
+        self.slide_images = slide_images
         self.output_dir = output_dir
         self.name = name
         self.formats = formats
@@ -314,21 +321,23 @@ class _Export:
         if 0 < level < len(level_sources) - 1:
             level_sources[level].remove()
 
-    def _associated_images(self, level_sources: list[PixelSource]) -> tuple[np.ndarray, np.ndarray]:
-        lowest = np.asarray(level_sources[-1][:, :])
-        overview = shrink_to_fit(lowest, self.options.overview_max_edge_px)
-        return shrink_to_fit(overview, self.options.thumbnail_max_edge_px), overview
+    def _associated_images(self, level_sources: list[PixelSource]) -> list[np.ndarray]:
+        """Pixels of the series after the pyramid, in _ome_series order."""
+        images = [image.pixels for image in self.slide_images.values()]
+        if self.options.write_thumbnail:
+            lowest = np.asarray(level_sources[-1][:, :])
+            images.insert(0, shrink_to_fit(lowest, self.options.thumbnail_max_edge_px))
+        return images
 
     def _ome_series(self) -> list[OmeSeries]:
-        """The pyramid, then (optionally) thumbnail and overview, each with its effective pixel size."""
+        """The pyramid, then the thumbnail (optional) and the slide photos, each with its pixel size."""
         series = [OmeSeries(self.name, *self.level_shapes[0], self.pixel_size_um(0), ifd=0)]
         if self.options.write_thumbnail:
-            overview_shape = _shape_after_shrink(self.level_shapes[-1], self.options.overview_max_edge_px)
-            thumbnail_shape = _shape_after_shrink(overview_shape, self.options.thumbnail_max_edge_px)
-            for ifd, (label, (h, w)) in enumerate(
-                    (("thumbnail", thumbnail_shape), ("macro", overview_shape)), start=1):
-                pixel_size_um = self.pixel_size_um(0) * self.level_shapes[0][1] / w
-                series.append(OmeSeries(label, h, w, pixel_size_um, ifd=ifd))
+            h, w = _shape_after_shrink(self.level_shapes[-1], self.options.thumbnail_max_edge_px)
+            series.append(OmeSeries("thumbnail", h, w, self.pixel_size_um(0) * self.level_shapes[0][1] / w,
+                                    ifd=len(series)))
+        for name, image in self.slide_images.items():
+            series.append(OmeSeries(name, *image.pixels.shape[:2], image.pixel_size_um, ifd=len(series)))
         return series
 
     def _resolution_tags(self, pixel_size_um: float) -> dict[str, Any]:
@@ -355,19 +364,21 @@ class _Export:
                            **self._resolution_tags(self.pixel_size_um(level)), **common)
                 tiles.close()
                 self._drop_scratch_level(level, level_sources)
-            if self.options.write_thumbnail:
-                for series, image in zip(self._ome_series()[1:], self._associated_images(level_sources)):
-                    tiff.write(image, **self._resolution_tags(series.pixel_size_um), **common)
+            for series, image in zip(self._ome_series()[1:], self._associated_images(level_sources)):
+                tiff.write(image, **self._resolution_tags(series.pixel_size_um), **common)
 
 
 def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str | None = None,
                  formats: tuple[str, ...] | list[str] = ("ome-tiff",),
                  options: ExportOptions = ExportOptions(),
                  progress: Callable[[ExportProgress], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> ExportResult:
+                 should_cancel: Callable[[], bool] | None = None,
+                 macro: SlideImage | None = None, label: SlideImage | None = None) -> ExportResult:
     """Export a mosaic (path of the shared Zarr contract, or a Mosaic from mosaic_from_array).
 
-    Outputs are `<output_dir>/<name>.ome.tif` and/or `<name>.ome.zarr`, created atomically.
+    Outputs are `<output_dir>/<name>.ome.tif` and/or `<name>.ome.zarr`, created atomically. `macro` (the
+    photo of the whole slide, e.g. slide_images_from_manifest) and `label` become the OME-TIFF series of
+    those names after the thumbnail; OME-Zarr has no place for them (its "labels" are segmentations).
     `progress` is called after every block with an ExportProgress; `should_cancel` is polled between
     blocks and makes the export raise ExportCancelled. Raises ExportOptionsError, MosaicInputError,
     ExportStorageError or ExportCancelled; on any error no output exists under a final name."""
@@ -383,7 +394,8 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise ExportStorageError(f"output directory {str(output_dir)!r} does not exist or is not a directory")
-    export = _Export(mosaic, output_dir, name, formats, options, codec, progress, should_cancel)
+    slide_images = {series: image for series, image in (("macro", macro), ("label", label)) if image is not None}
+    export = _Export(mosaic, output_dir, name, formats, options, codec, slide_images, progress, should_cancel)
     for path in export.final_paths.values():
         if path.exists() and not options.overwrite:
             raise ExportStorageError(f"output {str(path)!r} already exists; pass overwrite=True to replace it")
