@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mcap.reader import make_reader
+from mcap_ros2._vendor.rosidl_adapter.parser import InvalidResourceName
+from mcap_ros2.decoder import DecoderFactory
+from rosbags.highlevel import AnyReader
 from rosbags.interfaces import QosDurability, QosReliability
 from rosbags.rosbag2 import Reader
 
@@ -95,7 +99,7 @@ def test_bag_is_rosbag2_mcap_that_rosbags_reads(bag, tiles):
             "/scan_slide/_action/feedback": "wsi_interfaces/action/ScanSlide_FeedbackMessage"}
         assert all(c.msgdef.format.name == "MSG" and c.ext.serialization_format == "cdr"
                    for c in connections.values())            # schema encoding ros2msg, messages cdr
-        assert "MSG: wsi_interfaces/ScanSlide_Feedback" in connections["/scan_slide/_action/feedback"].msgdef.data
+        assert "MSG: wsi_interfaces/action/ScanSlide_Feedback" in connections["/scan_slide/_action/feedback"].msgdef.data
         plan_qos = connections["/scan/plan"].ext.offered_qos_profiles
         assert plan_qos[0].durability == QosDurability.TRANSIENT_LOCAL
         assert plan_qos[0].reliability == QosReliability.RELIABLE
@@ -103,6 +107,131 @@ def test_bag_is_rosbag2_mcap_that_rosbags_reads(bag, tiles):
         read = [raw for _, _, raw in reader.messages()]
     assert read == tiles
     assert "offered_qos_profiles" in (bag / "metadata.yaml").read_text()
+
+
+# One message of every type the recorder records by default, with values to find again.
+ACTION_FEEDBACK = {"scan_slide": ("ScanSlide", {"tiles_done": 7}),
+                   "export_slide": ("ExportSlide", {"level": 2}),
+                   "stage/move": ("MoveStage", {"distance_remaining_um": 12.5})}
+
+
+def recorded_kinds_of_message() -> dict[str, tuple[str, bytes]]:
+    """{topic: (type, CDR bytes as rclpy serializes them)} for every kind of topic a graph recording holds."""
+    from action_msgs.msg import GoalStatus, GoalStatusArray
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.serialization import serialize_message
+    from wsi.recorder_node import message_class
+
+    messages = {}
+    for topic, type_name in (("/tiles", TILE_TYPE), ("/focus_estimates", "wsi_interfaces/msg/FocusEstimate"),
+                             ("/scan/plan", "wsi_interfaces/msg/ScanPlan"),
+                             ("/scan/status", "wsi_interfaces/msg/ScanStatus"),
+                             ("/mosaic/status", "wsi_interfaces/msg/MosaicStatus")):
+        message = message_class(type_name)(scan_id=f"scan of {topic}")
+        messages[topic] = (type_name, serialize_message(message))
+    messages["/stage/state"] = ("wsi_interfaces/msg/StageState", serialize_message(message_class(
+        "wsi_interfaces/msg/StageState")(x_um=1234.5)))
+    messages["/diagnostics"] = ("diagnostic_msgs/msg/DiagnosticArray", serialize_message(
+        DiagnosticArray(status=[DiagnosticStatus(name="autofocus", message="running")])))
+    for action, (name, values) in ACTION_FEEDBACK.items():
+        type_name = f"wsi_interfaces/action/{name}_FeedbackMessage"
+        message = message_class(type_name)()
+        for field, value in values.items():
+            setattr(message.feedback, field, value)
+        messages[f"/{action}/_action/feedback"] = (type_name, serialize_message(message))
+        messages[f"/{action}/_action/status"] = ("action_msgs/msg/GoalStatusArray", serialize_message(
+            GoalStatusArray(status_list=[GoalStatus(status=GoalStatus.STATUS_EXECUTING)])))
+    return messages
+
+
+@pytest.fixture
+def bag_of_every_kind(tmp_path):
+    path = tmp_path / "every-kind"
+    messages = recorded_kinds_of_message()
+    with BagWriter(path) as writer:
+        for i, (topic, (type_name, data)) in enumerate(messages.items()):
+            writer.add_topic(topic, type_name, [reliable_qos(10)])
+            writer.write(topic, 1_000_000_000 + i, data)
+    return path, messages
+
+
+def assert_same_fields(rclpy_message, decoded, path="") -> None:
+    """Every field of an rclpy message equals the field of the same name of another reader's message."""
+    for field in rclpy_message.get_fields_and_field_types():
+        ours, theirs = getattr(rclpy_message, field), getattr(decoded, field)
+        if hasattr(ours, "get_fields_and_field_types"):
+            assert_same_fields(ours, theirs, f"{path}{field}.")
+        elif isinstance(ours, (list, tuple)) and ours and hasattr(ours[0], "get_fields_and_field_types"):
+            assert len(ours) == len(theirs), f"{path}{field}"
+            for i, (a, b) in enumerate(zip(ours, theirs)):
+                assert_same_fields(a, b, f"{path}{field}[{i}].")
+        else:
+            if isinstance(ours, bytes):     # rclpy's `byte` fields; other readers give integers
+                ours = np.frombuffer(ours, np.uint8) if len(ours) != 1 else ours[0]
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs)), f"{path}{field}: {ours!r} != {theirs!r}"
+
+
+def read_with_any_reader(bag: Path) -> dict[str, list[tuple[object, bytes]]]:
+    """{topic: [(decoded message, raw bytes)]} of every message, decoded by rosbags' AnyReader, which
+    checks every topic's declared type hash against the schema text in the bag."""
+    from rclpy.serialization import deserialize_message
+    from wsi.recorder_node import message_class
+
+    read = {}
+    with AnyReader([bag]) as reader:
+        for connection, _, raw in reader.messages():
+            decoded = reader.deserialize(raw, connection.msgtype)
+            assert_same_fields(deserialize_message(raw, message_class(connection.msgtype)), decoded)
+            read.setdefault(connection.topic, []).append((decoded, raw))
+    return read
+
+
+def test_every_kind_of_recorded_message_decodes_with_rosbags_any_reader(bag_of_every_kind):
+    bag, written = bag_of_every_kind
+    read = read_with_any_reader(bag)
+    assert {topic: [raw for _, raw in messages] for topic, messages in read.items()} == {
+        topic: [data] for topic, (_, data) in written.items()}
+    for action, (_, values) in ACTION_FEEDBACK.items():
+        [(message, _)] = read[f"/{action}/_action/feedback"]
+        assert {field: getattr(message.feedback, field) for field in values} == values
+    assert read["/stage/state"][0][0].x_um == 1234.5
+
+
+def read_with_mcap(bag: Path) -> tuple[dict[str, list[tuple[str, bytes]]], dict[str, list[object]]]:
+    """({topic: [(schema name, raw bytes)]}, {topic: [decoded message]}) of every message, as Foxglove's
+    `mcap` reads them and its ROS 2 decoder (mcap-ros2-support) decodes them.
+
+    That decoder cannot decode the action topics' `<Action>_FeedbackMessage`: its .msg parser accepts
+    neither `_` in a type name nor an `action/` namespace in a field type, both of which an action's
+    feedback type has (a limitation of that reader; rosbags, which ROS 2 tools share, reads them).
+    Here it must fail on exactly those, and decode everything else."""
+    decoders = DecoderFactory()
+    records, decoded = {}, {}
+    with mcap_file(bag).open("rb") as stream:
+        reader = make_reader(stream)
+        assert reader.get_header().profile == "ros2"
+        for schema, channel, message in reader.iter_messages():
+            assert (schema.encoding, channel.message_encoding) == ("ros2msg", "cdr")
+            records.setdefault(channel.topic, []).append((schema.name, message.data))
+            if schema.name.endswith("_FeedbackMessage"):
+                with pytest.raises(InvalidResourceName, match=schema.name.removesuffix("Message")):
+                    decoders.decoder_for(channel.message_encoding, schema)
+            else:
+                decoder = decoders.decoder_for(channel.message_encoding, schema)
+                decoded.setdefault(channel.topic, []).append(decoder(message.data))
+    return records, decoded
+
+
+def test_recorded_messages_read_with_the_mcap_library(bag_of_every_kind):
+    bag, written = bag_of_every_kind
+    records, decoded = read_with_mcap(bag)
+    assert records == {topic: [message] for topic, message in written.items()}
+    assert len(decoded) == len(written) - len(ACTION_FEEDBACK)
+    for topic in ("/tiles", "/focus_estimates", "/scan/plan", "/scan/status", "/mosaic/status"):
+        assert decoded[topic][0].scan_id == f"scan of {topic}"
+    assert decoded["/stage/state"][0].x_um == 1234.5
+    assert decoded["/diagnostics"][0].status[0].message == "running"
+    assert decoded["/scan_slide/_action/status"][0].status_list[0].status == 2     # STATUS_EXECUTING
 
 
 def test_reader_returns_what_was_written_in_order(bag, tiles):
@@ -410,12 +539,16 @@ def test_graph_recorder_bags_status_and_action_topics(tmp_path, run_nodes, ros_n
     time.sleep(0.5)
     assert supervisor.stop()["recorder"] == 0
     [bag] = (tmp_path / "bags").iterdir()
-    typestore = wsi_typestore()
     with Reader(bag) as reader:
         counts = {c.topic: c.msgcount for c in reader.connections}
         types = {c.topic: c.msgtype for c in reader.connections}
-        feedback = [typestore.deserialize_cdr(raw, c.msgtype) for c, _, raw in reader.messages()
-                    if c.topic == "/stage/move/_action/feedback"]
+    # Readers this project did not write read every message of the bag.
+    read = read_with_any_reader(bag)
+    records, decoded = read_with_mcap(bag)
+    assert {topic: len(messages) for topic, messages in read.items()} == {
+        topic: len(messages) for topic, messages in records.items()} == {t: n for t, n in counts.items() if n}
+    assert len(decoded["/stage/state"]) == counts["/stage/state"]
+    feedback = [message for message, _ in read["/stage/move/_action/feedback"]]
     assert types["/stage/move/_action/feedback"] == "wsi_interfaces/action/MoveStage_FeedbackMessage"
     assert types["/stage/move/_action/status"] == "action_msgs/msg/GoalStatusArray"
     assert counts["/stage/state"] > 0 and counts["/stage/move/_action/status"] > 0

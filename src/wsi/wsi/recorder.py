@@ -3,8 +3,10 @@ installed: the recorder node's storage and the player's source.
 
 A bag written here is what `ros2 bag record -s mcap` writes: MCAP profile `ros2`, schemas encoded
 `ros2msg`, messages `cdr`, each topic's offered QoS profiles in its channel metadata and in
-metadata.yaml, and type hashes equal to the ones rosidl generates. In addition every chunk carries a
-CRC32, so a reader can tell a damaged chunk from a good one.
+metadata.yaml, and type hashes equal to the ones rosidl generates; the schema text of every topic
+(action feedback included) hashes to its declared type hash, so readers that check it (rosbags'
+AnyReader) read the bag. In addition every chunk carries a CRC32, so a reader can tell a damaged
+chunk from a good one.
 
 `BagReader` does not trust the bag's index: it walks the MCAP records in file order, so a bag whose
 recorder was killed (no index, no metadata.yaml) or whose bytes were damaged still gives back every
@@ -99,7 +101,7 @@ def interface_types(directory: Path, package: str = INTERFACE_PACKAGE, action_na
     (`<Action>_Goal`, `_Result`, `_Feedback`, and `_FeedbackMessage`, which the feedback topic carries).
 
     `action_namespace="msg"` files the action types under `<package>/msg/`: rosbags can write the
-    ros2msg schema text only for such names, and the text is the same (`<package>/<Type>`)."""
+    ros2msg schema text only for such names (`BagWriter.message_definition` names them right again)."""
     types = {}
     for path in sorted((directory / "msg").glob("*.msg")):
         types.update(get_types_from_msg(path.read_text(), f"{package}/msg/{path.stem}"))
@@ -172,6 +174,11 @@ class BagWriter:
         directory = interface_directory or find_interface_directory()
         self.typestore = wsi_typestore(directory)
         self._schema_typestore = wsi_typestore(directory, action_namespace="msg")
+        action_types = [name.split("/") for name in self.typestore.fielddefs if "/action/" in name]
+        # `<package>/<Type>` of an action type as a whole name, not the start of a longer one
+        # (`ScanSlide_Feedback` in `ScanSlide_FeedbackMessage`)
+        self._action_type_name = re.compile(r"(?<![\w/])({})(?![\w/])".format(
+            "|".join(re.escape(f"{package}/{name}") for package, _, name in action_types)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _Rosbag2Writer(self.path, version=ROSBAG2_VERSION, storage_plugin=StoragePlugin.MCAP)
         self._writer.open()
@@ -188,12 +195,22 @@ class BagWriter:
 
     def add_topic(self, topic: str, msgtype: str, offered_qos: list[Qos]) -> None:
         self.check_topic(topic, msgtype)
-        schema_name = msgtype.replace("/action/", "/msg/", 1)
-        definition, _ = self._schema_typestore.generate_msgdef(schema_name, ros_version=2)
         self._connections[topic] = self._writer.add_connection(
-            topic, msgtype, msgdef=definition, rihs01=self.typestore.hash_rihs01(msgtype),
+            topic, msgtype, msgdef=self.message_definition(msgtype), rihs01=self.typestore.hash_rihs01(msgtype),
             serialization_format="cdr", offered_qos_profiles=offered_qos)
         self.counts[topic] = 0
+
+    def message_definition(self, msgtype: str) -> str:
+        """The ros2msg text of `msgtype` and of every type it uses, as rosbag2 stores it in a schema.
+
+        rosbags writes this text only for `/msg/` names, so an action's types are written from the
+        typestore that files them under `/msg/`, and their names are then spelled with their real
+        namespace again (`wsi_interfaces/action/ScanSlide_Feedback`, in field types and `MSG:` lines):
+        the type hash covers the names of field types, and a reader that checks the schema against
+        the declared hash (rosbags' AnyReader) hashes the types under the names the text gives."""
+        definition, _ = self._schema_typestore.generate_msgdef(msgtype.replace("/action/", "/msg/", 1),
+                                                               ros_version=2)
+        return self._action_type_name.sub(lambda m: m.group(1).replace("/", "/action/", 1), definition)
 
     def write(self, topic: str, timestamp_ns: int, data: bytes | memoryview) -> None:
         try:

@@ -165,8 +165,9 @@ class ScanOrchestratorNode(Node):
         result.mosaic_uri = mosaic.mosaic_uri
         if not self._export.wait_for_server(timeout_sec=10.0):
             return ScanErrorCode.EXPORT, "output formats need an export node, and none answers", mosaic
-        goal = ExportSlide.Goal(mosaic_uri=mosaic.mosaic_uri, output_dir=str(runner.scan_dir),
-                                output_name=request.scan_id, formats=list(formats), write_thumbnail=True)
+        goal = ExportSlide.Goal(mosaic_uri=mosaic.mosaic_uri, manifest_uri=str(runner.outcome.manifest_path),
+                                output_dir=str(runner.scan_dir), output_name=request.scan_id, formats=list(formats),
+                                write_thumbnail=True)
         response = self._wait(self._export.send_goal_async(goal), 30.0)
         if response is None or not response.accepted:
             return ScanErrorCode.EXPORT, "the export node refused the export goal (its log says why)", mosaic
