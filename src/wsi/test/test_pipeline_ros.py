@@ -46,7 +46,12 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
         assert levels[0].shape[:2] == mosaic["image"].shape[:2] and len(levels) >= 2
         assert tiff.pages[0].tags["XResolution"].value[0] > 0
         full = levels[0].asarray()
+        names = [series.name for series in tiff.series]
+        macro = tiff.series[names.index("macro")].asarray()
     assert np.mean(np.abs(full.astype(float) - mosaic["image"][:].astype(float))) < 3.0   # JPEG q90
+    overview = tifffile.imread(scan_dir / "overview.tif")   # the slide photo the scan took
+    assert names == ["pipeline", "thumbnail", "macro"] and macro.shape == overview.shape
+    assert np.mean(np.abs(macro.astype(float) - overview.astype(float))) < 3.0
     qc = scan_dir / "qc" / "index.html"
     page = qc.read_text()
     assert "registration_residuals.png" in page and "focus_heatmap.png" in page and "pipeline.ome.tif" in page

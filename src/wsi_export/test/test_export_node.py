@@ -1,6 +1,8 @@
 """The ExportSlide action in a real export node process."""
+import json
 import time
 
+import numpy as np
 import pytest
 import rclpy
 import tifffile
@@ -14,9 +16,15 @@ from wsi_interfaces.action import ExportSlide
 pytestmark = pytest.mark.ros
 
 
+OVERVIEW = np.random.default_rng(2).integers(0, 256, (60, 180, 3), dtype=np.uint8)
+
+
 @pytest.fixture
 def exporter(run_nodes, ros_node, tmp_path):
     write_synthetic_mosaic(tmp_path / "scan" / "mosaic.zarr", 1500, 2200, pixel_size_um=0.5, seed=1)
+    tifffile.imwrite(tmp_path / "scan" / "overview.tif", OVERVIEW, photometric="rgb")
+    (tmp_path / "scan" / "manifest.json").write_text(json.dumps(
+        {"scan_id": "scan", "tiles": [], "overview": {"image": "overview.tif", "pixel_size_um": 20.0}}))
     run_nodes([NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
                         parameters={"output_root": str(tmp_path), "mosaic_root": str(tmp_path)})])
     caller = ActionCaller(ros_node, ExportSlide, "export_slide")
@@ -41,8 +49,28 @@ def test_export_writes_both_formats_with_feedback_per_level(exporter, tmp_path):
     assert levels_seen == set(range(result.levels)) and outcome.feedback[-1].fraction_done == pytest.approx(1.0)
 
 
+def test_the_scan_manifest_s_overview_becomes_the_macro_image(exporter, tmp_path):
+    goal = ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", manifest_uri="scan/manifest.json", output_dir="scan",
+                            output_name="with-macro", compression="deflate", write_thumbnail=True)
+    outcome = exporter.call(goal, timeout_s=120)
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, outcome.result.error_message
+    with tifffile.TiffFile(outcome.result.output_paths[0]) as tiff:
+        assert [s.name for s in tiff.series] == ["with-macro", "thumbnail", "macro"]
+        np.testing.assert_array_equal(tiff.series[2].asarray(), OVERVIEW)
+
+
+def test_an_unreadable_overview_fails_as_an_input_error(exporter, tmp_path):
+    (tmp_path / "scan" / "overview.tif").write_text("not a tiff")
+    outcome = exporter.call(ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", manifest_uri="scan/manifest.json",
+                                             output_dir="scan", output_name="broken"), timeout_s=60)
+    assert outcome.status == GoalStatus.STATUS_ABORTED
+    assert outcome.result.error_code == ExportSlide.Result.ERROR_INPUT
+    assert "overview.tif" in outcome.result.error_message and not (tmp_path / "scan" / "broken.ome.tif").exists()
+
+
 @pytest.mark.parametrize("changes", [dict(output_dir="../elsewhere"), dict(mosaic_uri="../../etc/passwd"),
-                                     dict(mosaic_uri="scan/missing.zarr"), dict(formats=["png"])])
+                                     dict(mosaic_uri="scan/missing.zarr"), dict(formats=["png"]),
+                                     dict(manifest_uri="scan/missing.json"), dict(manifest_uri="../manifest.json")])
 def test_bad_goals_are_rejected(exporter, changes):
     goal = ExportSlide.Goal(**({"mosaic_uri": "scan/mosaic.zarr", "output_dir": "scan"} | changes))
     with pytest.raises(ActionCallError, match="goal rejected"):

@@ -11,12 +11,13 @@ from wsi_common.node_main import spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_export import (ExportCancelled, ExportOptions, ExportOptionsError, ExportStorageError, MosaicInputError,
-                        export_slide)
+                        SlideImageError, export_slide)
+from wsi_export.scan_manifest import slide_images_from_manifest
 from wsi_interfaces.action import ExportSlide
 
 PARAMETERS = {
     "output_root": ("out", "exports are written under this directory; goals may name a sub-directory of it"),
-    "mosaic_root": ("out", "mosaics are read from under this directory"),
+    "mosaic_root": ("out", "mosaics and scan manifests are read from under this directory"),
     "workers": (0, "local encoding threads; 0 = automatic"),
     "default_scheduler_address": ("", "dask.distributed scheduler used when a goal names none; empty = local"),
 }
@@ -25,6 +26,7 @@ FORMATS = ("ome-tiff", "ome-zarr")
 ERROR_CODES = ((ExportCancelled, ExportSlide.Result.ERROR_CANCELED),
                (ExportOptionsError, ExportSlide.Result.ERROR_INVALID_GOAL),
                (MosaicInputError, ExportSlide.Result.ERROR_INPUT),
+               (SlideImageError, ExportSlide.Result.ERROR_INPUT),
                (ExportStorageError, ExportSlide.Result.ERROR_STORAGE))
 
 
@@ -50,20 +52,24 @@ class ExportNode(Node):
                                     callback_group=ReentrantCallbackGroup())
 
     def checked_goal(self, goal):
-        """(mosaic path, output dir, formats, options) of a goal, or GoalError naming what is wrong."""
+        """(mosaic path, output dir, formats, options, scan manifest path or None) of a goal, or GoalError
+        naming what is wrong."""
         try:
             mosaic = resolve_under(self.params["mosaic_root"], goal.mosaic_uri)
             output_dir = resolve_under(self.params["output_root"], goal.output_dir)
+            manifest = resolve_under(self.params["mosaic_root"], goal.manifest_uri) if goal.manifest_uri else None
         except OutsideRootError as error:
             raise GoalError(str(error)) from error
         if not goal.mosaic_uri or not mosaic.exists():
             raise GoalError(f"mosaic {goal.mosaic_uri!r} does not exist")
+        if manifest is not None and not manifest.is_file():
+            raise GoalError(f"scan manifest {goal.manifest_uri!r} does not exist")
         formats = tuple(goal.formats) or ("ome-tiff",)
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise GoalError(f"unknown formats {unknown}; expected any of {FORMATS}")
         options = options_from_goal(goal, self.params["workers"], self.params["default_scheduler_address"])
-        return mosaic, output_dir, formats, options
+        return mosaic, output_dir, formats, options, manifest
 
     def _on_goal(self, goal) -> GoalResponse:
         try:
@@ -78,11 +84,12 @@ class ExportNode(Node):
         result = ExportSlide.Result()
         with self._busy:   # one export at a time: each already uses every core
             try:
-                mosaic, output_dir, formats, options = self.checked_goal(goal_handle.request)
+                mosaic, output_dir, formats, options, manifest = self.checked_goal(goal_handle.request)
+                slide_images = slide_images_from_manifest(manifest) if manifest is not None else {}
                 output_dir.mkdir(parents=True, exist_ok=True)
                 exported = export_slide(mosaic, output_dir, goal_handle.request.output_name or None, formats,
                                         options, progress=lambda p: self._feedback(goal_handle, p),
-                                        should_cancel=lambda: goal_handle.is_cancel_requested)
+                                        should_cancel=lambda: goal_handle.is_cancel_requested, **slide_images)
             except Exception as error:  # mapped to a result code below; never lets the node die
                 return self._failed(goal_handle, result, error, started)
         result.output_paths = [str(p) for p in exported.output_paths]
