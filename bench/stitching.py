@@ -39,7 +39,11 @@ from wsi_stitching.simulation import SyntheticScan, border_steps  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 EMPTY_CELLS = ((2, 7), (6, 3), (8, 8))
-MAX_SHIFT_PX = 48.0
+
+
+def search_limit_px(args) -> float:
+    """Every method searches the same range: two tiles' stage errors, each up to the jitter."""
+    return 2 * args.jitter
 
 
 def peak_rss_mb() -> float:
@@ -85,13 +89,19 @@ def gray(image: np.ndarray) -> np.ndarray:
 
 
 # ----- methods (each runs in its own subprocess) ----------------------------------------------------
-def run_ours(directory: Path) -> dict:
-    from wsi_stitching.registration import RegistrationParameters
-    from wsi_stitching.stitcher import StitchParameters, remove_mosaic, stitch_manifest
+def stitch_parameters(args, pixel_size_um: float):
+    """Ours is told the simulated stage's specification: errors up to the jitter."""
+    from wsi_stitching.stitcher import StitchParameters
+    return StitchParameters(stage_repeatability_um=args.jitter * pixel_size_um)
+
+
+def run_ours(directory: Path, args) -> dict:
+    from wsi_stitching.stitcher import remove_mosaic, stitch_manifest
     output = directory / "ours.zarr"
     remove_mosaic(output)
+    manifest, _, _, _ = load_manifest(directory)
     started = time.perf_counter()
-    parameters = StitchParameters(registration=RegistrationParameters(max_shift_px=MAX_SHIFT_PX))
+    parameters = stitch_parameters(args, manifest["pixel_size_um"])
     result = stitch_manifest(directory / "manifest.json", output, parameters, resume=False)
     wall = time.perf_counter() - started
     _, cells, _, _ = load_manifest(directory)
@@ -101,7 +111,7 @@ def run_ours(directory: Path) -> dict:
             "residual_rms_px": result.residual_rms_px}
 
 
-def run_ashlar(directory: Path) -> dict:
+def run_ashlar(directory: Path, args) -> dict:
     import ashlar.reg as reg  # starts a JVM through pyjnius (Bio-Formats), even though we do not read files
 
     manifest, cells, stage_px, files = load_manifest(directory)
@@ -140,14 +150,14 @@ def run_ashlar(directory: Path) -> dict:
             return gray(np.load(files[series]))
 
     started = time.perf_counter()
-    aligner = reg.EdgeAligner(ArrayReader(), channel=0, max_shift=MAX_SHIFT_PX * manifest["pixel_size_um"],
+    aligner = reg.EdgeAligner(ArrayReader(), channel=0, max_shift=search_limit_px(args) * manifest["pixel_size_um"],
                               filter_sigma=0.0, verbose=False)
     aligner.run()
     wall = time.perf_counter() - started
     return {"wall_s": wall, "positions": aligner.positions.tolist()}
 
 
-def run_m2stitch(directory: Path) -> dict:
+def run_m2stitch(directory: Path, args) -> dict:
     import m2stitch
     manifest, cells, stage_px, files = load_manifest(directory)
     started = time.perf_counter()
@@ -156,7 +166,7 @@ def run_m2stitch(directory: Path) -> dict:
     # their mean removed keep its NCC meaningful.
     images = np.stack([gray(np.load(f)) for f in files]).astype(np.float32)
     images -= images.mean(axis=(1, 2), keepdims=True)
-    threshold_percent = 100.0 * MAX_SHIFT_PX / manifest["tile_width_px"]
+    threshold_percent = 100.0 * search_limit_px(args) / manifest["tile_width_px"]
     result, _ = m2stitch.stitch_images(images, rows=[r for r, _ in cells], cols=[c for _, c in cells],
                                        position_initial_guess=stage_px, overlap_diff_threshold=threshold_percent,
                                        row_col_transpose=False)
@@ -167,13 +177,12 @@ def run_m2stitch(directory: Path) -> dict:
 
 def run_streaming(args) -> dict:
     """Memory mode: generate each tile when it is needed and stitch inline (serpentine order)."""
-    from wsi_stitching.registration import RegistrationParameters
-    from wsi_stitching.stitcher import MosaicStitcher, StitchParameters, remove_mosaic
+    from wsi_stitching.stitcher import MosaicStitcher, remove_mosaic
     scan = make_scan(args, subpixel=False)
     simulator_rss_mb = peak_rss_mb()
     output = Path(args.workdir) / "streaming.zarr"
     remove_mosaic(output)
-    parameters = StitchParameters(registration=RegistrationParameters(max_shift_px=MAX_SHIFT_PX))
+    parameters = stitch_parameters(args, scan.pixel_size_um)
     started = time.perf_counter()
     stitcher = MosaicStitcher(scan.layout("bench-streaming"), output, parameters, resume=False)
     most_in_memory = 0
@@ -198,7 +207,7 @@ def child_main(args) -> None:
             outcome = run_streaming(args)
         else:
             runner = {"ours": run_ours, "ashlar": run_ashlar, "m2stitch": run_m2stitch}[args.child]
-            outcome = runner(Path(args.workdir))
+            outcome = runner(Path(args.workdir), args)
         outcome["peak_rss_mb"] = peak_rss_mb()
     except BaseException as exc:  # reported, not hidden: the table shows why a peer could not run
         outcome = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}

@@ -31,3 +31,29 @@ def test_qc_report_shows_grid_focus_registration_and_timing(tmp_path):
     assert sum(sources.values()) == len(outcome.plan.tiles)
     assert summary["tiles focused by autofocus"] == outcome.refocus_count
     assert summary["corrections refused (not sharper)"] == len(outcome.focus_checks)
+
+
+def test_qc_report_lists_every_tile_the_stitcher_flagged_or_left_on_its_stage_pose(tmp_path):
+    manifest = {"scan_id": "flags", "status": "complete", "tiles": [], "refocus_count": 0,
+                "objective_magnification": 20.0, "numerical_aperture": 0.75, "pixel_size_um": 0.325,
+                "duration_s": 1.0}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    tile = {"stage_px": [100.0, 100.0], "position_px": [100.0, 100.0], "placement": "registered", "flags": []}
+    registration = tmp_path / "mosaic.registration.json"
+    registration.write_text(json.dumps({
+        "summary": {"tiles_flagged": 2, "stage_error_limit": {"placement_limit_px": 40.0}},
+        "edges": [{"status": "kept", "residual_px": 0.1}, {"status": "dropped", "residual_px": 61.0}],
+        "tiles": [{**tile, "row": 0, "col": 0, "placement": "stage_position", "flags": ["beyond_stage_error"]},
+                  {**tile, "row": 0, "col": 1, "position_px": [90.0, 125.0], "flags": ["link_at_search_limit"]},
+                  {**tile, "row": 1, "col": 0, "placement": "stage_position"},
+                  {**tile, "row": 1, "col": 1}]}))
+    index = write_qc_report(tmp_path / "manifest.json", registration)
+    page = index.read_text()
+    assert "Tiles flagged or on their stage pose" in page
+    for cells in (("0", "0", "stage_position", "beyond_stage_error"), ("0", "1", "registered", "link_at_search_limit"),
+                  ("1", "0", "stage_position", "")):
+        assert "".join(f"<td>{c}</td>" for c in cells) in page
+    assert "<td>1</td><td>1</td>" not in page
+    assert "<td>-10.0, +25.0</td>" in page
+    assert json.loads((index.parent / "summary.json").read_text())["registration tiles flagged"] == 2
+    assert (index.parent / "registration_residuals.png").stat().st_size > 1000

@@ -1,8 +1,10 @@
 """Scan QC report: one HTML page with PNGs, written beside the scan's manifest.
 
 Sections: the overview with the tile grid, focus (true defocus per tile in simulation, and the
-autofocus error where it predicted), registration residuals from the stitching report, scan timing,
-and the outputs. Everything is read from files the pipeline wrote; nothing needs ROS.
+autofocus error where it predicted), registration from the stitching report (residuals at the final
+tile positions, each tile's offset from its stage pose, and every tile the stitcher flagged or left
+on its stage pose), scan timing, and the outputs. Everything is read from files the pipeline wrote;
+nothing needs ROS.
 """
 import html
 import json
@@ -104,12 +106,47 @@ def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
         return None
     edges = report["edges"]
     kept = [e["residual_px"] for e in edges if e.get("status") == "kept" and e.get("residual_px") is not None]
-    figure, axis = plt.subplots(figsize=(5, 3.2))
+    tiles = report.get("tiles", [])
+    figure, axes = plt.subplots(1, 2 if tiles else 1, figsize=(10 if tiles else 5, 3.6), squeeze=False)
+    axis = axes[0][0]
     axis.hist(kept, bins=30, color="tab:green")
     dropped = sum(1 for e in edges if e.get("status") == "dropped")
-    axis.set(xlabel="residual after global alignment (px)", ylabel="tile pairs",
+    axis.set(xlabel="residual at the final tile positions (px)", ylabel="tile pairs",
              title=f"Registration: {len(kept)} pairs kept, {dropped} dropped")
+    if tiles:
+        # How far each tile was placed from its stage pose, on the scale of the placement limit, so a
+        # stage that drifts toward its limit shows before tiles are rejected.
+        axis = axes[0][1]
+        offsets = {(t["row"], t["col"]): float(np.abs(np.subtract(t["position_px"], t["stage_px"])).max())
+                   for t in tiles}  # per axis, like the limit
+        grid = np.full((max(r for r, _ in offsets) + 1, max(c for _, c in offsets) + 1), np.nan)
+        for (row, col), offset in offsets.items():
+            grid[row, col] = offset
+        limit = (report.get("summary", {}).get("stage_error_limit") or {}).get("placement_limit_px")
+        shown = axis.imshow(grid, cmap="viridis", vmin=0, vmax=limit or np.nanmax(grid))
+        for tile in tiles:
+            if tile.get("flags") or tile.get("placement") == "stage_position":
+                axis.plot(tile["col"], tile["row"], "x", color="tab:red", ms=8)
+        axis.set(title="offset from stage pose (px, larger axis); x: flagged or on stage pose", xlabel="column", ylabel="row")
+        figure.colorbar(shown, ax=axis, shrink=0.8)
     return _save(figure, output / "registration_residuals.png", plt)
+
+
+def _registration_tiles(report: dict | None) -> str:
+    """HTML table of the tiles the stitcher did not place by registration alone: flagged (placement
+    rejected beyond the stage limit, a link at the search limit) or left on the stage pose."""
+    tiles = [t for t in (report or {}).get("tiles", []) if t.get("flags") or t.get("placement") == "stage_position"]
+    if not tiles:
+        return ""
+    rows = []
+    for tile in tiles:
+        offset = np.subtract(tile["position_px"], tile["stage_px"])
+        cells = [str(tile["row"]), str(tile["col"]), tile["placement"], ", ".join(tile.get("flags", [])),
+                 f"{offset[0]:+.1f}, {offset[1]:+.1f}"]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    header = "".join(f"<th>{h}</th>" for h in ("row", "col", "placement", "flags", "offset from stage (y, x px)"))
+    return (f"<h2>Tiles flagged or on their stage pose</h2><table class='tiles'><tr>{header}</tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _focus_sources(manifest: dict) -> tuple[dict, str]:
@@ -193,7 +230,8 @@ def write_qc_report(manifest_path: Path, registration_report: Path | None = None
             "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}img{max-width:100%}"
             "table.tiles td{padding:0 .6em}"
             f"</style></head><body><h1>Scan QC: {html.escape(manifest['scan_id'])}</h1><table>{rows}</table>"
-            f"{sections}<h2>Focus source of every tile</h2>{source_table}</body></html>")
+            f"{sections}{_registration_tiles(report)}<h2>Focus source of every tile</h2>{source_table}"
+            "</body></html>")
     index = output / "index.html"
     index.write_text(page)
     (output / "summary.json").write_text(json.dumps(summary, indent=1))

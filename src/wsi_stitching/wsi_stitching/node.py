@@ -30,6 +30,9 @@ PARAMETERS = {
                        "(re-stitching a replayed bag beside the original); must lie under output_root"),
     "blending": ("feather", "overlap blending: feather, none or sharpness"),
     "flat_field": ("estimate", "vignetting correction: 'estimate' from the tiles, or 'none'"),
+    "stage_repeatability_um": (StitchParameters.stage_repeatability_um,
+                               "largest error of a reported stage pose, µm (the stage's specified repeatability): "
+                               "bounds the registration search and the placement of every tile"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
 }
 TERMINAL_STATES = (ScanStatus.STATE_SUCCEEDED, ScanStatus.STATE_CANCELED, ScanStatus.STATE_FAILED)
@@ -49,7 +52,8 @@ class StitchingNode(Node):
         self.params = declare_parameters(self, PARAMETERS)
         try:
             self.stitch_parameters = StitchParameters(blending=self.params["blending"],
-                                                      flat_field=self.params["flat_field"])
+                                                      flat_field=self.params["flat_field"],
+                                                      stage_repeatability_um=self.params["stage_repeatability_um"])
         except StitchingError as error:
             raise NodeConfigurationError(str(error)) from error
         self._work = QueueWorker(self._handle, on_error=self._item_failed)

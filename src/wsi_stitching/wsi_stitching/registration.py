@@ -1,7 +1,7 @@
 """Pairwise registration of two neighbouring tiles on their overlap.
 
 Phase correlation on the nominal overlap (from the stage poses), restricted to the shifts the stage
-error allows. The whitened cross-power spectrum is multiplied by a Gaussian low-pass, which turns the
+error allows (the search limit, which the stitcher derives from the stage's specified error). The whitened cross-power spectrum is multiplied by a Gaussian low-pass, which turns the
 correlation peak into a sampled Gaussian whose sub-pixel centre a log-parabola through three samples
 per axis recovers (no upsampled DFT needed; that was the slowest step). Each pair gets a
 confidence (peak ratio, normalised cross-correlation at the found shift) and a texture measure, so
@@ -23,7 +23,6 @@ _PEAK_EXCLUSION_RADIUS_PX = 3
 
 @dataclass(frozen=True)
 class RegistrationParameters:
-    max_shift_px: float = 48.0       # largest believable disagreement between stage and image, px
     min_overlap_px: int = 16         # narrower overlaps are not registered
     min_texture: float = 1.5         # gray levels (0-255) of mid-frequency structure; below: empty glass
     min_ncc: float = 0.3             # normalised cross-correlation at the found shift
@@ -163,8 +162,10 @@ def normalized_cross_correlation(window_a: np.ndarray, window_b: np.ndarray, shi
 
 
 def register_pair(image_a: np.ndarray, image_b: np.ndarray, stage_offset_px: tuple[float, float],
-                  parameters: RegistrationParameters = RegistrationParameters()) -> PairRegistration:
-    """Offset of b relative to a (px, dy dx), starting from the offset the stage reports."""
+                  search_limit_px: float, parameters: RegistrationParameters = RegistrationParameters()
+                  ) -> PairRegistration:
+    """Offset of b relative to a (px, dy dx), starting from the offset the stage reports and searched
+    within ±search_limit_px of it per axis; a peak on that limit is not trusted (shift_at_search_limit)."""
     nominal = (int(round(stage_offset_px[0])), int(round(stage_offset_px[1])))
     windows = overlap_windows(image_a.shape[:2], image_b.shape[:2], nominal)
     stage_offset = (float(stage_offset_px[0]), float(stage_offset_px[1]))
@@ -181,7 +182,7 @@ def register_pair(image_a: np.ndarray, image_b: np.ndarray, stage_offset_px: tup
         return unreliable("overlap_too_small", overlap)
     detail_a, detail_b = high_pass(window_a), high_pass(window_b)
     texture = min(mid_frequency_texture(detail_a), mid_frequency_texture(detail_b))
-    shift, peak_ratio, at_limit = phase_correlate(window_a, window_b, parameters.max_shift_px)
+    shift, peak_ratio, at_limit = phase_correlate(window_a, window_b, search_limit_px)
     # Shading (vignetting) correlates between any two windows; judge the match on structure only.
     ncc = normalized_cross_correlation(detail_a, detail_b, shift)
     offset = (nominal[0] + shift[0], nominal[1] + shift[1])

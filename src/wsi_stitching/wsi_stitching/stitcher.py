@@ -5,8 +5,13 @@ Life of a tile: on arrival it is checked, registered against every already recei
 planned cell in a tile's 8-neighbourhood has arrived, all four square loops around it are closed,
 so the global solve over all received, not yet frozen tiles (frozen ones enter as constants) can
 reject a bad link around it; the tile's position is then frozen and never changes. A mosaic chunk is
-composed and written once every tile that could touch it (nominal footprint widened by the largest
-believable stage error) is frozen. A tile's pixels are dropped as soon as its chunks are written.
+composed and written once every tile that could touch it (nominal footprint widened by the farthest
+a tile may be placed from it, `StageErrorLimit.margin_px`) is frozen. A tile's pixels are dropped as
+soon as its chunks are written.
+
+Stage error: one parameter, the stage's specified repeatability (µm), bounds everything that depends
+on how wrong a reported stage pose can be (`StageErrorLimit`): the pairwise search, the placement
+limit, the check of reported against planned poses and the mosaic margins.
 
 Trade-off of freezing (documented for users): information that arrives later (loops closed two rows
 further down) can no longer move a frozen tile, so the solution is slightly less accurate than one
@@ -34,13 +39,18 @@ from .journal import Journal
 from .layout import Cell, TileGridLayout, load_tile_image, read_manifest
 from .registration import PairRegistration, RegistrationParameters, register_pair
 
-MOSAIC_FORMAT_VERSION = 1
+MOSAIC_FORMAT_VERSION = 1   # the mosaic contract (Zarr layout and attributes) that readers check
+JOURNAL_FORMAT_VERSION = 2  # 2: frozen tiles carry their stage pose and flags
 NEIGHBOURS_4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
 NEIGHBOURS_8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 
 
 @dataclass(frozen=True)
 class StitchParameters:
+    # Largest distance between where the stage reports a tile and where its image really is, µm: the
+    # stage's specified repeatability (bidirectional, with backlash) plus its calibration to the camera.
+    # 10 µm is a generous bound for a motorised slide stage (typically 1-2 µm repeatability).
+    stage_repeatability_um: float = 10.0
     blending: str = "feather"
     feather_px: float | None = None          # ramp length; None: the nominal overlap width
     flat_field: str = "estimate"             # "estimate" from the tiles, or "none"
@@ -52,11 +62,51 @@ class StitchParameters:
         check_blending(self.blending)
         if self.flat_field not in ("estimate", "none"):
             raise StitchingError(f"flat_field must be 'estimate' or 'none', got {self.flat_field!r}")
+        if not (math.isfinite(self.stage_repeatability_um) and self.stage_repeatability_um > 0):
+            raise StitchingError(f"stage_repeatability_um must be a positive number of µm, "
+                                 f"got {self.stage_repeatability_um}")
+
+
+@dataclass(frozen=True)
+class StageErrorLimit:
+    """Everything that depends on how wrong a stage pose can be, derived from one number.
+
+    stage_error_px (E) is the stage's repeatability in px, but at most the nominal overlap: beyond it
+    neighbours may not overlap at all, so no search could find them. Then:
+      - a tile's reported pose may differ from its planned one by up to E;
+      - two neighbours' poses disagree by up to 2E, so the pairwise search covers ±2E (search_px);
+      - a tile is placed at most 2E from its reported pose (placement_px): its own error plus the
+        common offset of the group of tiles linked to it, which no image can observe and the solve
+        takes as the group's mean stage error (at most E). A placement beyond it is rejected;
+      - so the mosaic keeps a margin of 3E around the planned footprints (margin_px).
+    """
+    stage_repeatability_um: float
+    stage_error_px: float
+    bound_by: str  # "stage_repeatability" or "overlap"
+
+    @classmethod
+    def derive(cls, stage_repeatability_um: float, pixel_size_um: float, overlap_px: float) -> "StageErrorLimit":
+        repeatability_px = stage_repeatability_um / pixel_size_um
+        if repeatability_px <= overlap_px:
+            return cls(stage_repeatability_um, repeatability_px, "stage_repeatability")
+        return cls(stage_repeatability_um, overlap_px, "overlap")
 
     @property
-    def max_position_error_px(self) -> float:
-        """How far a tile may end up from its nominal position: half the pairwise search range."""
-        return self.registration.max_shift_px / 2
+    def search_px(self) -> float:
+        return 2 * self.stage_error_px
+
+    @property
+    def placement_px(self) -> float:
+        return 2 * self.stage_error_px
+
+    @property
+    def margin_px(self) -> int:
+        return int(math.ceil(self.stage_error_px + self.placement_px)) + 1
+
+    def to_json(self) -> dict:
+        return {"stage_repeatability_um": self.stage_repeatability_um, "stage_error_px": self.stage_error_px,
+                "bound_by": self.bound_by, "search_limit_px": self.search_px,
+                "placement_limit_px": self.placement_px}
 
 
 @dataclass
@@ -72,7 +122,8 @@ class StitchResult:
     pairs_total: int
     pairs_dropped: int
     tiles_at_stage_position: int
-    residual_rms_px: float
+    tiles_flagged: int       # placed beyond the stage limit (rejected) or with a link at the search limit
+    residual_rms_px: float   # kept links, at the final positions
 
 
 def _edge_key(a: Cell, b: Cell) -> tuple[Cell, Cell]:
@@ -99,8 +150,10 @@ class MosaicStitcher:
         stem = self.mosaic_path.with_suffix("")
         self.report_path = stem.with_name(stem.name + ".registration.json")
         self.journal = Journal(stem.with_name(stem.name + ".journal.jsonl"))
-        self._feather_px = parameters.feather_px or self._nominal_overlap_px()
-        self._margin_px = int(math.ceil(parameters.max_position_error_px)) + 1
+        overlap_px = self._nominal_overlap_px()
+        self._feather_px = parameters.feather_px or overlap_px
+        self.limit = StageErrorLimit.derive(parameters.stage_repeatability_um, layout.pixel_size_um, overlap_px)
+        self._margin_px = self.limit.margin_px
         self._set_geometry()
 
         self._stage_px: dict[Cell, tuple[float, float]] = {}
@@ -111,12 +164,13 @@ class MosaicStitcher:
         self._edge_status: dict[tuple[Cell, Cell], dict] = {}
         self._frozen: dict[Cell, tuple[float, float]] = {}
         self._placement: dict[Cell, str] = {}
+        self._flags: dict[Cell, list[str]] = {}
         self._composed: set[tuple[int, int]] = set()
         self._ready: set[tuple[int, int]] = set()
         self._finished = False
         self._flat_field = flat_field
         self._gain = None
-        self._journaled_frozen: dict[Cell, tuple[tuple[float, float], str]] = {}
+        self._journaled_frozen: dict[Cell, dict] = {}
         self._pending = {chunk: len(cells) for chunk, cells in self._chunk_cells.items()}
         self._open_output(resume)
 
@@ -171,16 +225,16 @@ class MosaicStitcher:
 
     # ----- output and resume ----------------------------------------------------------------
     def _journal_header(self) -> dict:
-        return {"type": "header", "version": MOSAIC_FORMAT_VERSION, "layout": self.layout.fingerprint(),
+        return {"type": "header", "version": JOURNAL_FORMAT_VERSION, "layout": self.layout.fingerprint(),
                 "parameters": json.loads(json.dumps(asdict(self.parameters)))}
 
-    def _mosaic_attributes(self, complete: bool) -> dict:
+    def _new_mosaic_attributes(self) -> dict:
         layout = self.layout
         return {"version": MOSAIC_FORMAT_VERSION, "pixel_size_um": layout.pixel_size_um,
                 "objective_magnification": layout.objective_magnification,
                 "numerical_aperture": layout.numerical_aperture,
                 "acquisition_datetime": layout.acquisition_datetime, "scan_id": layout.scan_id,
-                "complete": complete}
+                "complete": False}
 
     def _open_output(self, resume: bool):
         header = self._journal_header()
@@ -202,7 +256,7 @@ class MosaicStitcher:
         self._array = group.create_array("image", shape=(self.height_px, self.width_px, 3),
                                          chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8",
                                          fill_value=FILL_VALUE)
-        group.attrs["wsi_mosaic"] = self._mosaic_attributes(complete=False)
+        group.attrs["wsi_mosaic"] = self._new_mosaic_attributes()
         self.journal.append(header)
         if self._flat_field is not None:
             self.journal.append({"type": "flat_field", **self._flat_field.to_json()})
@@ -218,11 +272,11 @@ class MosaicStitcher:
                     event["reason"])
             elif kind == "edge_status":
                 self._edge_status[(tuple(event["a"]), tuple(event["b"]))] = {
-                    k: event[k] for k in ("status", "reason", "residual_px")}
+                    **{k: event[k] for k in ("status", "reason", "residual_px")}, "final": True}
             elif kind == "flat_field":
                 self._flat_field = FlatField.from_json(event)
             elif kind == "frozen":
-                self._journaled_frozen[tuple(event["cell"])] = (tuple(event["position_px"]), event["placement"])
+                self._journaled_frozen[tuple(event["cell"])] = event
             elif kind == "chunks":
                 self._composed.update(tuple(c) for c in event["indices"])
 
@@ -249,10 +303,11 @@ class MosaicStitcher:
         measured = self._to_mosaic_px(stage_x_um, stage_y_um)
         nominal = self._nominal_px[cell]
         deviation = max(abs(measured[0] - nominal[0]), abs(measured[1] - nominal[1]))
-        if deviation > self.parameters.max_position_error_px:
+        if deviation > self.limit.stage_error_px:
             raise BadTileError(
                 f"tile ({row}, {col}) stage pose ({stage_x_um:.2f}, {stage_y_um:.2f}) µm is {deviation:.1f} px "
-                f"from its planned position; expected within {self.parameters.max_position_error_px:.1f} px")
+                f"from its planned position; expected within the stage error limit "
+                f"{self.limit.stage_error_px:.1f} px (stage_repeatability_um={self.limit.stage_repeatability_um})")
         return image
 
     def add_tile(self, row: int, col: int, image: np.ndarray, stage_x_um: float, stage_y_um: float) -> int:
@@ -271,8 +326,7 @@ class MosaicStitcher:
             if neighbour in self._stage_px and neighbour != cell:
                 self._register(cell, neighbour)
         if cell in self._journaled_frozen:
-            position, placement = self._journaled_frozen[cell]
-            self._freeze(cell, position, placement, journal=False)
+            self._resume_frozen(cell)
         self._freeze_complete_tiles()
         written = self._compose_ready_chunks()
         self._release_images()
@@ -285,7 +339,7 @@ class MosaicStitcher:
         stage_a, stage_b = self._stage_px[a], self._stage_px[b]
         result = register_pair(self._images[a], self._images[b],
                                (stage_b[0] - stage_a[0], stage_b[1] - stage_a[1]),
-                               self.parameters.registration)
+                               self.limit.search_px, self.parameters.registration)
         self._registrations[(a, b)] = result
         self.journal.append({"type": "edge", "a": a, "b": b, **asdict(result)})
 
@@ -302,34 +356,59 @@ class MosaicStitcher:
         complete = [cell for cell in unfrozen if self._is_complete(cell)]
         if not complete:
             return
-        links = [Link(a, b, r.offset_px, r.weight) for (a, b), r in self._registrations.items()
-                 if r.reliable and a in self._stage_px and b in self._stage_px
-                 and not (a in self._frozen and b in self._frozen)]
-        solution = solve_positions({cell: self._stage_px[cell] for cell in unfrozen}, links,
-                                   self._frozen, self.parameters.alignment)
-        for key, residual in solution.residuals_px.items():
+        # A tile frozen on its stage position because its links put it beyond the placement limit keeps
+        # them dropped: solved again against it, they would drag its neighbours along instead.
+        rejected = {cell for cell, flags in self._flags.items() if "beyond_stage_error" in flags}
+        links = []
+        for (a, b), r in self._registrations.items():
+            if not r.reliable or a not in self._stage_px or b not in self._stage_px \
+                    or (a in self._frozen and b in self._frozen):
+                continue
+            if a in rejected or b in rejected:
+                self._edge_status[(a, b)] = {"status": "dropped", "reason": "beyond_stage_error", "residual_px": None}
+            else:
+                links.append(Link(a, b, r.offset_px, r.weight))
+        solution = solve_positions({cell: self._stage_px[cell] for cell in unfrozen}, links, self._frozen,
+                                   self.parameters.alignment, stage_sigma_px=self.limit.stage_error_px,
+                                   placement_limit_px=self.limit.placement_px)
+        for key in solution.residuals_px:
             if key not in self._edge_status or self._edge_status[key].get("final") is not True:
-                dropped = key in solution.dropped
-                self._edge_status[key] = {"status": "dropped" if dropped else "kept",
-                                          "reason": "outlier_residual" if dropped else "",
-                                          "residual_px": residual}
+                reason = solution.dropped.get(key, "")
+                self._edge_status[key] = {"status": "dropped" if reason else "kept", "reason": reason,
+                                          "residual_px": None}
         kept_cells = {cell for key, status in self._edge_status.items()
                       if status["status"] == "kept" for cell in key}
         for cell in sorted(complete):
             placement = "registered" if cell in kept_cells else "stage_position"
-            self._freeze(cell, self._clamped(cell, solution.positions_px[cell]), placement, journal=True)
+            flags = ["beyond_stage_error"] if cell in solution.beyond_limit else []
+            flags += ["link_at_search_limit"] if self._has_link_at_search_limit(cell) else []
+            self._freeze(cell, solution.positions_px[cell], placement, flags, journal=True)
 
-    def _clamped(self, cell: Cell, position: tuple[float, float]) -> tuple[float, float]:
-        nominal = self._nominal_px[cell]
-        limit = self.parameters.max_position_error_px
-        return tuple(float(min(max(p, n - limit), n + limit)) for p, n in zip(position, nominal))
+    def _has_link_at_search_limit(self, cell: Cell) -> bool:
+        """A neighbour's image matched best at the edge of the search: the stage may be off by more
+        than its specified repeatability here."""
+        keys = (_edge_key(cell, (cell[0] + dr, cell[1] + dc)) for dr, dc in NEIGHBOURS_4)
+        return any(key in self._registrations and self._registrations[key].reason == "shift_at_search_limit"
+                   for key in keys)
 
-    def _freeze(self, cell: Cell, position, placement: str, journal: bool):
+    def _resume_frozen(self, cell: Cell):
+        """Re-freeze a tile where the journal froze it, after checking it is the same capture."""
+        event = self._journaled_frozen[cell]
+        journaled_stage = tuple(event["stage_px"])
+        if max(abs(a - b) for a, b in zip(journaled_stage, self._stage_px[cell])) > 1e-6:
+            raise ResumeError(
+                f"tile {cell} has stage pose {self._stage_px[cell]} mosaic px but the journal "
+                f"{self.journal.path} froze it with stage pose {journaled_stage}: the mosaic was made from "
+                f"another capture of this cell; remove the mosaic (remove_mosaic, or --redo) to stitch anew")
+        self._freeze(cell, tuple(event["position_px"]), event["placement"], event["flags"], journal=False)
+
+    def _freeze(self, cell: Cell, position, placement: str, flags: list[str], journal: bool):
         self._frozen[cell] = (float(position[0]), float(position[1]))
         self._placement[cell] = placement
+        self._flags[cell] = list(flags)
         if journal:
             self.journal.append({"type": "frozen", "cell": cell, "position_px": self._frozen[cell],
-                                 "placement": placement})
+                                 "stage_px": self._stage_px[cell], "placement": placement, "flags": flags})
         for dr, dc in NEIGHBOURS_4:
             key = _edge_key(cell, (cell[0] + dr, cell[1] + dc))
             if key[0] in self._frozen and key[1] in self._frozen and key in self._registrations:
@@ -338,12 +417,16 @@ class MosaicStitcher:
             self._settle_chunk(chunk)
 
     def _finalise_edge(self, key, journal: bool):
+        """Both tiles are placed for good: the link's residual is measured at those final positions."""
         status = self._edge_status.get(key)
         if status is None or status.get("final"):
             return
+        a, b = key
+        placed_offset = np.subtract(self._frozen[b], self._frozen[a])
+        status["residual_px"] = float(np.linalg.norm(placed_offset - np.asarray(self._registrations[key].offset_px)))
         status["final"] = True
         if journal:
-            self.journal.append({"type": "edge_status", "a": key[0], "b": key[1],
+            self.journal.append({"type": "edge_status", "a": a, "b": b,
                                  **{k: status[k] for k in ("status", "reason", "residual_px")}})
 
     def _settle_chunk(self, chunk):
@@ -420,7 +503,9 @@ class MosaicStitcher:
         self._release_images()
         result = self._write_report()
         group = zarr.open_group(str(self.mosaic_path), mode="r+")
-        group.attrs["wsi_mosaic"] = self._mosaic_attributes(complete=True)
+        # Only "complete" changes: a resumed mosaic keeps the attributes (optics, acquisition time)
+        # of the run that created it, which may have known more than a manifest does.
+        group.attrs["wsi_mosaic"] = {**group.attrs["wsi_mosaic"], "complete": True}
         self.journal.append({"type": "finished"})
         self.journal.close()
         return result
@@ -450,13 +535,18 @@ class MosaicStitcher:
         kept_residuals = [e["residual_px"] for e in edges if e["status"] == "kept"]
         residual_rms = float(np.sqrt(np.mean(np.square(kept_residuals)))) if kept_residuals else 0.0
         tiles = [{"row": cell[0], "col": cell[1], "stage_px": list(self._stage_px[cell]),
-                  "position_px": list(self._frozen[cell]), "placement": self._placement[cell]}
+                  "position_px": list(self._frozen[cell]),
+                  "offset_from_stage_px": list(np.subtract(self._frozen[cell], self._stage_px[cell])),
+                  "placement": self._placement[cell], "flags": self._flags[cell]}
                  for cell in sorted(self._frozen)]
         at_stage = sum(1 for t in tiles if t["placement"] == "stage_position")
+        flagged = sum(1 for t in tiles if t["flags"])
         summary = {"tiles_planned": len(self.layout.nominal_positions_um), "tiles_received": len(self._stage_px),
                    "tiles_composed": len(self._frozen), "tiles_at_stage_position": at_stage,
+                   "tiles_flagged": flagged,
+                   "tiles_beyond_stage_error": sum(1 for t in tiles if "beyond_stage_error" in t["flags"]),
                    "pairs_total": len(edges), "pairs_dropped": sum(e["status"] == "dropped" for e in edges),
-                   "residual_rms_px": residual_rms,
+                   "residual_rms_px": residual_rms, "stage_error_limit": self.limit.to_json(),
                    "flat_field": self._flat_field.to_json() if self._flat_field else None}
         report = {"scan_id": self.layout.scan_id, "mosaic": str(self.mosaic_path),
                   "pixel_size_um": self.layout.pixel_size_um, "height_px": self.height_px,
@@ -467,7 +557,8 @@ class MosaicStitcher:
         os.replace(temporary, self.report_path)
         return StitchResult(self.mosaic_path, self.report_path, self.height_px, self.width_px,
                             self.layout.pixel_size_um, dict(self._frozen), len(self._stage_px),
-                            len(self._frozen), len(edges), summary["pairs_dropped"], at_stage, residual_rms)
+                            len(self._frozen), len(edges), summary["pairs_dropped"], at_stage, flagged,
+                            residual_rms)
 
     @property
     def tiles_in_memory(self) -> int:
