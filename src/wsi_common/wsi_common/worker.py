@@ -15,10 +15,11 @@ class QueueWorker:
     must show on the node's diagnostics instead of silently stopping the thread.
     """
 
-    def __init__(self, handle, max_batch: int = 1, poll_s: float = 0.2, on_error=None):
+    _STOP = object()
+
+    def __init__(self, handle, max_batch: int = 1, on_error=None):
         self._handle = handle
         self._max_batch = max_batch
-        self._poll_s = poll_s
         self._on_error = on_error
         self.failures = 0
         self.last_error = ""
@@ -34,13 +35,12 @@ class QueueWorker:
         return self._items.qsize()
 
     def _run(self) -> None:
-        while self._running:
-            try:
-                batch = [self._items.get(timeout=self._poll_s)]
-            except queue.Empty:
-                continue
+        while True:
+            batch = [self._items.get()]
             while len(batch) < self._max_batch and not self._items.empty():
                 batch.append(self._items.get_nowait())
+            if not self._running:       # stop() was called (and put _STOP to wake this thread)
+                return
             try:
                 self._handle(batch)
             except Exception as error:      # noqa: BLE001 - any handler bug must be reported, not kill the thread
@@ -50,5 +50,7 @@ class QueueWorker:
                     self._on_error(batch, error)
 
     def stop(self, timeout_s: float) -> None:
+        """Finish the batch being handled and end the thread; items still queued are not handled."""
         self._running = False
+        self._items.put(self._STOP)     # wakes the thread if it is waiting for an item
         self._thread.join(timeout=timeout_s)
