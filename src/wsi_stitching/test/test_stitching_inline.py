@@ -8,7 +8,10 @@ import zarr
 from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanRequest, ScanRunner
-from wsi_stitching.inline import InlineStitch, PlannedScan
+from wsi_stitching.cli import main as stitch_cli
+from wsi_stitching.inline import InlineStitch
+from wsi_stitching.layout import PlannedScan
+from wsi_stitching.stitcher import StitchParameters
 
 
 class _MapOffByOnEveryThirdTile:
@@ -99,12 +102,71 @@ def test_a_bad_tile_is_reported_and_skipped(scan, tmp_path):
 
 
 def test_a_finished_scan_is_stitched_from_its_manifest_like_inline(scan, tmp_path, capsys):
-    from wsi_stitching.cli import main
-
     outcome, planned, published = scan
-    assert main([str(outcome.manifest_path), "--output", str(tmp_path / "offline.zarr")]) == 0
-    assert "mosaic" in capsys.readouterr().out
+    assert stitch_cli([str(outcome.manifest_path), "--output", str(tmp_path / "offline.zarr")]) == 0
+    assert "stitched" in capsys.readouterr().out
     offline = zarr.open_group(str(tmp_path / "offline.zarr"), mode="r")
     assert offline.attrs["wsi_mosaic"]["complete"] is True
     assert offline["image"].shape[2] == 3 and offline["image"].shape[0] >= planned.tile_height_px
-    assert main([str(tmp_path / "missing.json")]) == 1
+    assert stitch_cli([str(tmp_path / "missing.json")]) == 1
+
+
+def _journal(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_cli_confirms_a_mosaic_the_node_finished_and_redoes_it_on_request(scan, tmp_path, capsys):
+    """The node lays the mosaic out from the ScanPlan, the CLI from the plan in the manifest: the same
+    layout, so the CLI recognises the finished mosaic instead of refusing it."""
+    outcome, planned, published = scan
+    _, inline = stitch(scan, tmp_path)
+    mosaic, journal = tmp_path / "mosaic.zarr", tmp_path / "mosaic.journal.jsonl"
+    pixels, events = zarr.open_group(str(mosaic), mode="r")["image"][:], journal.read_text()
+    assert stitch_cli([str(outcome.manifest_path), "--output", str(mosaic)]) == 0
+    assert "confirmed complete" in capsys.readouterr().out
+    assert journal.read_text() == events  # nothing registered, solved or composed again
+    np.testing.assert_array_equal(zarr.open_group(str(mosaic), mode="r")["image"][:], pixels)
+    confirmed = json.loads(inline.report_path.read_text())
+    assert confirmed["summary"]["tiles_composed"] == len(planned.cells)
+    assert {(t["row"], t["col"]): t["position_px"] for t in confirmed["tiles"]} == \
+        {cell: list(position) for cell, position in inline.positions_px.items()}
+
+    other = json.loads(outcome.manifest_path.read_text())  # the same scan with one tile captured elsewhere
+    for entry in other["tiles"]:
+        entry["image"] = str(outcome.manifest_path.parent / entry["image"])
+    other["tiles"][-1]["measured_x_um"] += 1.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert stitch_cli([str(tmp_path / "other.json"), "--output", str(mosaic)]) == 1
+    assert "another capture" in capsys.readouterr().err
+
+    assert stitch_cli([str(outcome.manifest_path), "--output", str(mosaic), "--redo"]) == 0
+    assert "stitched" in capsys.readouterr().out
+    redone = _journal(journal)
+    assert sum(e["type"] == "edge" for e in redone) == confirmed["summary"]["pairs_total"]
+    assert zarr.open_group(str(mosaic), mode="r").attrs["wsi_mosaic"]["complete"] is True
+
+
+def test_the_cli_resumes_a_mosaic_the_node_left_unfinished_with_the_node_parameters(scan, tmp_path, capsys):
+    outcome, planned, published = scan
+    mosaic, journal = tmp_path / "mosaic.zarr", tmp_path / "mosaic.journal.jsonl"
+    session = InlineStitch(planned, mosaic, StitchParameters(blending="none", stage_repeatability_um=6.0,
+                                                             flat_field_min_tiles=6))
+    for record, image in published[:-1]:
+        session.offer(record.sequence, record.row, record.col, image, record.measured_x_um, record.measured_y_um)
+    session.stitcher.journal.close()  # the node is killed here
+    frozen = {tuple(e["cell"]): e["position_px"] for e in _journal(journal) if e["type"] == "frozen"}
+    composed = sum(len(e["indices"]) for e in _journal(journal) if e["type"] == "chunks")
+    assert frozen and composed
+
+    assert stitch_cli([str(outcome.manifest_path), "--output", str(mosaic), "--blending", "feather"]) == 1
+    assert "parameter blending 'none', now 'feather'" in capsys.readouterr().err
+    assert stitch_cli([str(outcome.manifest_path), "--output", str(mosaic)]) == 0
+    assert "resumed and finished" in capsys.readouterr().out
+    report = json.loads((tmp_path / "mosaic.registration.json").read_text())
+    assert report["summary"]["tiles_composed"] == len(planned.cells) and report["blending"] == "none"
+    positions = {(t["row"], t["col"]): t["position_px"] for t in report["tiles"]}
+    assert {cell: positions[cell] for cell in frozen} == frozen
+    events = _journal(journal)
+    assert sum(len(e["indices"]) for e in events if e["type"] == "chunks") == len(
+        {tuple(c) for e in events if e["type"] == "chunks" for c in e["indices"]})  # no chunk written twice
+    assert zarr.open_group(str(mosaic), mode="r").attrs["wsi_mosaic"]["complete"] is True

@@ -15,37 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from wsi_stitching.errors import BadTileError, ManifestError
-from wsi_stitching.layout import TileGridLayout, load_tile_image
+from wsi_stitching.layout import PlannedScan, load_tile_image
 from wsi_stitching.stitcher import MosaicStitcher, StitchParameters, StitchResult
-
-
-@dataclass(frozen=True)
-class PlannedScan:
-    """What a ScanPlan message says, in plain values."""
-    scan_id: str
-    rows: int
-    cols: int
-    cells: list[tuple[int, int]]
-    tile_width_px: int
-    tile_height_px: int
-    pixel_size_um: float
-    origin_x_um: float          # left edge of column 0
-    origin_y_um: float          # top edge of row 0
-    step_x_um: float
-    step_y_um: float
-    objective_magnification: float = 0.0
-    numerical_aperture: float = 0.0
-    acquisition_datetime: str = ""      # ISO 8601, when the scan started
-
-    def layout(self) -> TileGridLayout:
-        """Nominal positions are field-of-view centres, like the tiles' stage poses."""
-        half_w = self.tile_width_px * self.pixel_size_um / 2
-        half_h = self.tile_height_px * self.pixel_size_um / 2
-        positions = {(r, c): (self.origin_x_um + half_w + c * self.step_x_um,
-                              self.origin_y_um + half_h + r * self.step_y_um) for r, c in self.cells}
-        return TileGridLayout(self.scan_id, self.rows, self.cols, self.tile_height_px, self.tile_width_px,
-                              self.pixel_size_um, positions, self.objective_magnification, self.numerical_aperture,
-                              self.acquisition_datetime)
 
 
 @dataclass

@@ -2,13 +2,16 @@
 
 Stage positions are in µm and refer to the centre of a tile's field of view, like the stage poses in
 Tile messages and scan manifests; only differences between positions matter to the mosaic. Stage x
-runs with image columns, stage y with rows.
+runs with image columns, stage y with rows. A scan's nominal layout comes from its plan, through
+`PlannedScan` only: the stitching node reads the plan from the ScanPlan message, a re-stitch from the
+plan the manifest records, and both must make the same layout so that either can resume the other.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,89 @@ class TileGridLayout:
         positions = {(r, c): (origin_x_um + c * step_x_um, origin_y_um + r * step_y_um) for r, c in chosen}
         return cls(scan_id, rows, cols, tile_height_px, tile_width_px, pixel_size_um, positions, **optics)
 
+    def differences_from(self, fingerprint: dict) -> list[str]:
+        """How this layout differs from a fingerprint() (e.g. a journaled one), in words; empty when
+        they are the same. Positions agree within POSITION_TOLERANCE_UM: the node and a re-stitch derive
+        them from the same plan by different float operations."""
+        mine = self.fingerprint()
+        differences = [f"{key} {fingerprint.get(key)!r}, now {mine[key]!r}"
+                       for key in ("scan_id", "rows", "cols", "tile_height_px", "tile_width_px")
+                       if fingerprint.get(key) != mine[key]]
+        if not math.isclose(fingerprint.get("pixel_size_um", math.nan), self.pixel_size_um, rel_tol=1e-12):
+            differences.append(f"pixel_size_um {fingerprint.get('pixel_size_um')!r}, now {self.pixel_size_um!r}")
+        journaled = {(r, c): (x, y) for r, c, x, y in fingerprint.get("nominal_positions_um", [])}
+        if set(journaled) != set(self.nominal_positions_um):
+            differences.append(f"grid cells: {len(journaled)} journaled, {len(self.nominal_positions_um)} now, "
+                               f"{len(set(journaled) ^ set(self.nominal_positions_um))} not in both")
+        else:
+            moved = [cell for cell, position in sorted(self.nominal_positions_um.items())
+                     if max(abs(a - b) for a, b in zip(journaled[cell], position)) > POSITION_TOLERANCE_UM]
+            if moved:
+                cell = moved[0]
+                differences.append(f"nominal positions of {len(moved)} cells, e.g. {cell}: {journaled[cell]} µm, "
+                                   f"now {self.nominal_positions_um[cell]} µm")
+        return differences
+
+
+POSITION_TOLERANCE_UM = 1e-6  # far below a pixel, far above float rounding of stage coordinates
+
+
+def iso_utc(unix_s: float) -> str:
+    """The acquisition time as the mosaic contract writes it: ISO 8601, UTC, whole seconds."""
+    return datetime.fromtimestamp(unix_s, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class PlannedScan:
+    """What a ScanPlan message says, in plain values."""
+    scan_id: str
+    rows: int
+    cols: int
+    cells: list[tuple[int, int]]
+    tile_width_px: int
+    tile_height_px: int
+    pixel_size_um: float
+    origin_x_um: float          # left edge of column 0
+    origin_y_um: float          # top edge of row 0
+    step_x_um: float
+    step_y_um: float
+    objective_magnification: float = 0.0
+    numerical_aperture: float = 0.0
+    acquisition_datetime: str = ""      # ISO 8601, when the scan started
+
+    def _half_field_um(self) -> tuple[float, float]:
+        """From a field's top-left edge to its centre, (x, y) µm."""
+        return self.tile_width_px * self.pixel_size_um / 2, self.tile_height_px * self.pixel_size_um / 2
+
+    def layout(self) -> TileGridLayout:
+        """Nominal positions are field-of-view centres, like the tiles' stage poses."""
+        half_w, half_h = self._half_field_um()
+        positions = {(r, c): (self.origin_x_um + half_w + c * self.step_x_um,
+                              self.origin_y_um + half_h + r * self.step_y_um) for r, c in self.cells}
+        return TileGridLayout(self.scan_id, self.rows, self.cols, self.tile_height_px, self.tile_width_px,
+                              self.pixel_size_um, positions, self.objective_magnification, self.numerical_aperture,
+                              self.acquisition_datetime)
+
+    @classmethod
+    def from_manifest(cls, doc: dict) -> "PlannedScan":
+        """The plan a wsi_acquisition scan manifest records ("plan": rows, cols, tiles, step_x_um,
+        step_y_um and origin_x_um/origin_y_um, which there are the centre of cell (0, 0))."""
+        plan = doc["plan"]
+        centred = cls(str(doc["scan_id"]), int(plan["rows"]), int(plan["cols"]),
+                      [(int(r), int(c)) for r, c in plan["tiles"]], int(doc["tile_width_px"]),
+                      int(doc["tile_height_px"]), float(doc["pixel_size_um"]), float(plan["origin_x_um"]),
+                      float(plan["origin_y_um"]), float(plan["step_x_um"]), float(plan["step_y_um"]),
+                      float(doc.get("objective_magnification", 0.0)), float(doc.get("numerical_aperture", 0.0)),
+                      _manifest_datetime(doc))
+        half_w, half_h = centred._half_field_um()
+        return replace(centred, origin_x_um=centred.origin_x_um - half_w, origin_y_um=centred.origin_y_um - half_h)
+
+
+def _manifest_datetime(doc: dict) -> str:
+    if "acquisition_datetime" in doc:
+        return str(doc["acquisition_datetime"])
+    return iso_utc(float(doc["started_unix_s"])) if "started_unix_s" in doc else ""
+
 
 @dataclass(frozen=True)
 class ManifestTile:
@@ -139,8 +225,10 @@ def read_manifest(manifest_path: str | Path) -> ScanManifest:
     """Read a scan manifest as wsi_acquisition writes it: {"scan_id", "pixel_size_um", "tile_width_px",
     "tile_height_px", "tiles": [{"row", "col", "measured_x_um", "measured_y_um", "image": path relative
     to the manifest (.npy/.tif)}, ...]}. Optional: "objective_magnification", "numerical_aperture",
-    "acquisition_datetime". A cell listed again (a re-capture) replaces the earlier entry. The measured
-    tile poses double as the nominal layout positions (a finished scan has no other)."""
+    "acquisition_datetime" (else from "started_unix_s"), and "plan" (as `PlannedScan.from_manifest`
+    reads it), which gives the nominal layout exactly as the stitching node had it; without a plan the
+    measured tile poses double as the nominal positions. A cell listed again (a re-capture) replaces
+    the earlier entry."""
     manifest_path = Path(manifest_path)
     doc = _read_manifest_document(manifest_path)
     required = ("scan_id", "pixel_size_um", "tile_width_px", "tile_height_px", "tiles")
@@ -162,6 +250,17 @@ def read_manifest(manifest_path: str | Path) -> ScanManifest:
     cells = [(t.row, t.col) for t in tiles]
     if not tiles:
         raise ManifestError(f"manifest {manifest_path} lists no tiles")
+    if doc.get("plan"):
+        try:
+            layout = PlannedScan.from_manifest(doc).layout()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest {manifest_path} plan is malformed ({exc!r}); expected rows, cols, "
+                                f"tiles, step_x_um, step_y_um, origin_x_um, origin_y_um") from exc
+        unplanned = sorted(set(cells) - set(layout.nominal_positions_um))
+        if unplanned:
+            raise ManifestError(f"manifest {manifest_path} has tiles at cells {unplanned[:5]} that its plan "
+                                f"does not list; expected only planned cells")
+        return ScanManifest(layout, tiles)
     layout = TileGridLayout(
         scan_id=str(doc["scan_id"]), rows=max(r for r, _ in cells) + 1, cols=max(c for _, c in cells) + 1,
         tile_height_px=int(doc["tile_height_px"]), tile_width_px=int(doc["tile_width_px"]),
@@ -169,7 +268,7 @@ def read_manifest(manifest_path: str | Path) -> ScanManifest:
         nominal_positions_um={(t.row, t.col): (t.x_um, t.y_um) for t in tiles},
         objective_magnification=float(doc.get("objective_magnification", 0.0)),
         numerical_aperture=float(doc.get("numerical_aperture", 0.0)),
-        acquisition_datetime=str(doc.get("acquisition_datetime", "")))
+        acquisition_datetime=_manifest_datetime(doc))
     return ScanManifest(layout, tiles)
 
 

@@ -5,7 +5,6 @@ finalises its mosaic from what was captured). Output: `mosaic/status` (latched) 
 report paths. Registration runs in a worker thread so callbacks never block on it; bad tiles are
 reported and skipped.
 """
-from datetime import datetime, timezone
 from pathlib import Path
 
 from rclpy.executors import MultiThreadedExecutor
@@ -20,7 +19,8 @@ from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
 from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
 from wsi_stitching.errors import StitchingError
-from wsi_stitching.inline import InlineStitch, PlannedScan
+from wsi_stitching.inline import InlineStitch
+from wsi_stitching.layout import PlannedScan, iso_utc
 from wsi_stitching.stitcher import StitchParameters
 
 PARAMETERS = {
@@ -42,8 +42,7 @@ def planned_scan(msg: ScanPlan) -> PlannedScan:
     return PlannedScan(msg.scan_id, msg.rows, msg.cols, [(t.row, t.col) for t in msg.tiles], msg.tile_width_px,
                        msg.tile_height_px, msg.pixel_size_um, msg.origin_x_um, msg.origin_y_um, msg.step_x_um,
                        msg.step_y_um, msg.objective_magnification, msg.numerical_aperture,
-                       datetime.fromtimestamp(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9,
-                                              tz=timezone.utc).isoformat(timespec="seconds"))
+                       iso_utc(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9))
 
 
 class StitchingNode(Node):

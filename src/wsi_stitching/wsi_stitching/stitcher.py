@@ -66,6 +66,14 @@ class StitchParameters:
             raise StitchingError(f"stage_repeatability_um must be a positive number of µm, "
                                  f"got {self.stage_repeatability_um}")
 
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "StitchParameters":
+        return cls(**{**doc, "registration": RegistrationParameters(**doc["registration"]),
+                      "alignment": AlignmentParameters(**doc["alignment"])})
+
 
 @dataclass(frozen=True)
 class StageErrorLimit:
@@ -124,10 +132,17 @@ class StitchResult:
     tiles_at_stage_position: int
     tiles_flagged: int       # placed beyond the stage limit (rejected) or with a link at the search limit
     residual_rms_px: float   # kept links, at the final positions
+    run: str                 # "new", "resumed" (from a journal) or "confirmed" (a finished mosaic, checked)
 
 
 def _edge_key(a: Cell, b: Cell) -> tuple[Cell, Cell]:
     return (a, b) if a < b else (b, a)
+
+
+def _companion_paths(mosaic_path: Path) -> tuple[Path, Path]:
+    """(QC report, resume journal) beside a mosaic."""
+    stem = mosaic_path.with_suffix("")
+    return stem.with_name(stem.name + ".registration.json"), stem.with_name(stem.name + ".journal.jsonl")
 
 
 class MosaicStitcher:
@@ -147,9 +162,8 @@ class MosaicStitcher:
         self.mosaic_path = Path(output_path)
         if self.mosaic_path.suffix != ".zarr":
             raise StitchingError(f"mosaic path must end in .zarr, got {self.mosaic_path}")
-        stem = self.mosaic_path.with_suffix("")
-        self.report_path = stem.with_name(stem.name + ".registration.json")
-        self.journal = Journal(stem.with_name(stem.name + ".journal.jsonl"))
+        self.report_path, journal_path = _companion_paths(self.mosaic_path)
+        self.journal = Journal(journal_path)
         overlap_px = self._nominal_overlap_px()
         self._feather_px = parameters.feather_px or overlap_px
         self.limit = StageErrorLimit.derive(parameters.stage_repeatability_um, layout.pixel_size_um, overlap_px)
@@ -168,6 +182,8 @@ class MosaicStitcher:
         self._composed: set[tuple[int, int]] = set()
         self._ready: set[tuple[int, int]] = set()
         self._finished = False
+        self._run = "new"
+        self.journal_finished = False  # a finished run's journal: confirm() instead of feeding tiles
         self._flat_field = flat_field
         self._gain = None
         self._journaled_frozen: dict[Cell, dict] = {}
@@ -226,7 +242,17 @@ class MosaicStitcher:
     # ----- output and resume ----------------------------------------------------------------
     def _journal_header(self) -> dict:
         return {"type": "header", "version": JOURNAL_FORMAT_VERSION, "layout": self.layout.fingerprint(),
-                "parameters": json.loads(json.dumps(asdict(self.parameters)))}
+                "parameters": self.parameters.to_json()}
+
+    def _header_differences(self, journaled: dict) -> list[str]:
+        if journaled.get("version") != JOURNAL_FORMAT_VERSION:
+            return [f"journal format version {journaled.get('version')!r}, now {JOURNAL_FORMAT_VERSION}"]
+        differences = self.layout.differences_from(journaled["layout"])
+        mine = _flatten(self.parameters.to_json())
+        theirs = _flatten(journaled["parameters"])
+        differences += [f"parameter {key} {theirs.get(key)!r}, now {mine.get(key)!r}"
+                        for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+        return differences
 
     def _new_mosaic_attributes(self) -> dict:
         layout = self.layout
@@ -243,13 +269,18 @@ class MosaicStitcher:
                 raise ResumeError(f"{self.mosaic_path} or {self.journal.path} already exists and "
                                   f"resume=False; remove them or pass resume=True")
             events = self.journal.read_and_repair()
-            if not events or events[0] != header:
-                raise ResumeError(f"journal {self.journal.path} was made from a different layout or "
-                                  f"parameters (or is empty); expected header {header['layout']['scan_id']!r} "
-                                  f"with the same grid, poses and parameters")
+            if not events or events[0].get("type") != "header":
+                raise ResumeError(f"journal {self.journal.path} is empty or has no header; remove the mosaic "
+                                  f"(remove_mosaic) to stitch anew")
+            differences = self._header_differences(events[0])
+            if differences:
+                raise ResumeError(f"journal {self.journal.path} was made from a different layout or parameters: "
+                                  f"{'; '.join(differences)}; expected the same scan plan and parameters, or "
+                                  f"remove the mosaic (remove_mosaic, or the CLI's --redo) to stitch anew")
             if not self.mosaic_path.exists():
                 raise ResumeError(f"journal {self.journal.path} exists but mosaic {self.mosaic_path} is gone")
             self._replay(events[1:])
+            self._run = "resumed"
             self._array = zarr.open_group(str(self.mosaic_path), mode="r+")["image"]
             return
         group = zarr.open_group(str(self.mosaic_path), mode="w")
@@ -279,6 +310,8 @@ class MosaicStitcher:
                 self._journaled_frozen[tuple(event["cell"])] = event
             elif kind == "chunks":
                 self._composed.update(tuple(c) for c in event["indices"])
+            elif kind == "finished":
+                self.journal_finished = True
 
     # ----- tiles ----------------------------------------------------------------------------
     def _check_tile(self, row: int, col: int, image, stage_x_um: float, stage_y_um: float) -> np.ndarray:
@@ -510,6 +543,24 @@ class MosaicStitcher:
         self.journal.close()
         return result
 
+    def confirm(self, stage_poses_um: dict[Cell, tuple[float, float]]) -> StitchResult:
+        """For a mosaic whose journal says it was finished: check it was made from exactly these tiles
+        (cell -> reported stage pose, x_um, y_um) and rewrite its QC report from the journal, without
+        reading or composing anything. Raises ResumeError when the tiles differ."""
+        if not self.journal_finished:
+            raise StitchingError(f"journal {self.journal.path} is not finished; feed the tiles and finish() instead")
+        journaled, given = set(self._journaled_frozen), set(stage_poses_um)
+        if journaled != given:
+            raise ResumeError(f"mosaic {self.mosaic_path} was finished with tiles {sorted(journaled - given)[:5]} that "
+                              f"are not in the scan and without its tiles {sorted(given - journaled)[:5]}; "
+                              f"expected the same tiles, or remove the mosaic (remove_mosaic, or --redo)")
+        for cell, (x_um, y_um) in sorted(stage_poses_um.items()):
+            self._stage_px[cell] = self._to_mosaic_px(x_um, y_um)
+            self._resume_frozen(cell)
+        self._finished = True
+        self._run = "confirmed"
+        return self._write_report()
+
     def edge_reports(self) -> list[dict]:
         """Per-pair QC: measured shift against the stage, confidence, residual, kept/dropped and why."""
         reports = []
@@ -558,33 +609,59 @@ class MosaicStitcher:
         return StitchResult(self.mosaic_path, self.report_path, self.height_px, self.width_px,
                             self.layout.pixel_size_um, dict(self._frozen), len(self._stage_px),
                             len(self._frozen), len(edges), summary["pairs_dropped"], at_stage, flagged,
-                            residual_rms)
+                            residual_rms, self._run)
 
     @property
     def tiles_in_memory(self) -> int:
         return len(self._images)
 
 
+def _flatten(doc: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def remove_mosaic(mosaic_path: str | Path) -> None:
     """Delete a mosaic with its journal and report (to restart from scratch)."""
     mosaic_path = Path(mosaic_path)
-    stem = mosaic_path.with_suffix("")
     shutil.rmtree(mosaic_path, ignore_errors=True)
-    for suffix in (".journal.jsonl", ".registration.json"):
-        stem.with_name(stem.name + suffix).unlink(missing_ok=True)
+    for path in _companion_paths(mosaic_path):
+        path.unlink(missing_ok=True)
+
+
+def journaled_parameters(mosaic_path: str | Path) -> StitchParameters | None:
+    """The parameters an existing mosaic was made with (e.g. by the stitching node), or None when there
+    is no journal of this format to resume."""
+    events = Journal(_companion_paths(Path(mosaic_path))[1]).read_and_repair()
+    if not events or events[0].get("type") != "header" or events[0].get("version") != JOURNAL_FORMAT_VERSION:
+        return None
+    return StitchParameters.from_json(events[0]["parameters"])
 
 
 def stitch_manifest(manifest_path: str | Path, output_path: str | Path,
-                    parameters: StitchParameters = StitchParameters(), resume: bool = True) -> StitchResult:
-    """Stitch a finished scan. The flat-field is estimated from all tiles first (a cheap pre-pass on
-    thumbnails), then tiles are fed in row-major order through the same incremental path."""
+                    parameters: StitchParameters = StitchParameters(), resume: bool = True,
+                    redo: bool = False) -> StitchResult:
+    """Stitch a scan from its manifest into output_path, or carry on with the mosaic already there (made
+    here or by the stitching node: the manifest's plan gives the same layout): an interrupted one is
+    resumed, a finished one confirmed (`MosaicStitcher.confirm`). redo: remove it first and stitch anew.
+    A new mosaic's flat-field is estimated from all tiles first (a cheap pre-pass on thumbnails), then
+    tiles are fed in row-major order through the same incremental path."""
     manifest = read_manifest(manifest_path)
+    if redo:
+        remove_mosaic(output_path)
     flat_field = None
     if parameters.flat_field == "estimate" and not Path(output_path).exists():
         thumbnails = [tile_thumbnail(load_tile_image(t.image_path)) for t in manifest.tiles]
         if len(thumbnails) >= 3:
             flat_field = estimate_flat_field(thumbnails)
     stitcher = MosaicStitcher(manifest.layout, output_path, parameters, resume=resume, flat_field=flat_field)
+    if stitcher.journal_finished:
+        return stitcher.confirm({(t.row, t.col): (t.x_um, t.y_um) for t in manifest.tiles})
     for tile in sorted(manifest.tiles, key=lambda t: (t.row, t.col)):
         stitcher.add_tile(tile.row, tile.col, load_tile_image(tile.image_path), tile.x_um, tile.y_um)
     return stitcher.finish()
