@@ -109,27 +109,22 @@ def test_full_colour_jpeg_is_rgb_photometric_and_subsampled_jpeg_is_ycbcr(export
 @pytest.mark.slow
 def test_a_scan_exported_as_the_export_node_does_reads_right_in_bioformats(tmp_path, read_with_bioformats,
                                                                             psnr_db):
-    """A virtual-microscope scan with tissue detection (so it takes the overview photo), stitched as the
-    stitching node does and exported with the options and slide photos the export node derives from the
-    orchestrator's goal."""
+    """A virtual-microscope scan that skips empty tiles (so it takes the overview photo), stitched from its
+    manifest (the layout the stitching node makes) and exported with the options and slide photos the
+    export node derives from the orchestrator's goal."""
     from wsi_acquisition.hardware import SimulatedMicroscope
     from wsi_acquisition.optics import Camera
     from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
     from wsi_export.node import options_from_goal
     from wsi_export.scan_manifest import slide_images_from_manifest
     from wsi_interfaces.action import ExportSlide
-    from wsi_stitching.inline import InlineStitch, PlannedScan
+    from wsi_stitching import stitch_manifest
 
     backend = SimulatedMicroscope.create(slide_seed=0, speedup=1000.0, camera=Camera(width_px=256, height_px=256))
     scan = ScanRunner(backend, ScanRequest(  # focus does not matter to a reader: no focus map, a faster test
         scan_id="scan", output_dir=tmp_path, region_um=(43_000.0, 12_000.0, 250.0, 250.0),
         objective_magnification=20.0, focus_strategy=FocusStrategy.NONE, skip_empty_tiles=True)).run()
-    plan, (width_px, height_px), pixel_um = scan.plan, backend.sensor_size_px(), backend.pixel_size_um()
-    planned = PlannedScan(  # what the stitching node reads from the orchestrator's ScanPlan message
-        "scan", plan.rows, plan.cols, [(t.row, t.col) for t in plan.tiles], width_px, height_px, pixel_um,
-        plan.origin_x_um - width_px * pixel_um / 2, plan.origin_y_um - height_px * pixel_um / 2, plan.step_x_um,
-        plan.step_y_um, backend.objective_magnification, backend.numerical_aperture(), "2026-02-01T09:00:00+00:00")
-    mosaic = InlineStitch(planned, scan.scan_dir / "mosaic.zarr").finish(scan.manifest_path).mosaic_path
+    mosaic = stitch_manifest(scan.manifest_path, scan.scan_dir / "mosaic.zarr").mosaic_path
     goal = ExportSlide.Goal(output_name="scan", formats=["ome-tiff"], write_thumbnail=True)  # as the orchestrator
     result = export_slide(mosaic, scan.scan_dir, goal.output_name, tuple(goal.formats),
                           options_from_goal(goal, workers=0, default_scheduler=""),
