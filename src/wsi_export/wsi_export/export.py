@@ -61,7 +61,9 @@ class ExportOptions:
     scheduler_timeout_s: float = 10.0
     local_workers: int | None = None  # local job threads; None = default_local_workers()
     block_width_tiles: int = 8  # job width in tiles (even); a job is 2 tile rows high
-    experimenter_name: str | None = None  # the only personal data ever written, and only if given
+    # The only personal data written as metadata, and only if given. A label photo (export_slide's label)
+    # shows whatever the slide's label shows: pass one only where the output may carry it.
+    experimenter_name: str | None = None
     file_uuid: str | None = None  # OME UUID of the TIFF; None = random
     overwrite: bool = False
     allow_incomplete_mosaic: bool = False
