@@ -40,7 +40,7 @@ from .layout import Cell, TileGridLayout, load_tile_image, read_manifest
 from .registration import PairRegistration, RegistrationParameters, register_pair
 
 MOSAIC_FORMAT_VERSION = 1   # the mosaic contract (Zarr layout and attributes) that readers check
-JOURNAL_FORMAT_VERSION = 2  # 2: frozen tiles carry their stage pose and flags
+JOURNAL_FORMAT_VERSION = 3  # 2: frozen tiles carry stage pose and flags; 3: flat-field method
 NEIGHBOURS_4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
 NEIGHBOURS_8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 
