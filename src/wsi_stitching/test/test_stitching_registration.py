@@ -15,12 +15,12 @@ def scan():
     return SyntheticScan(3, 3, tile_px=384, overlap_fraction=0.2, jitter_px=10, seed=11, empty_cells=((2, 2),))
 
 
-def _pair(scan, a, b):
+def _pair(scan, a, b, search_limit_px=SEARCH_LIMIT_PX):
     stage_a, stage_b = scan.nominal_positions_px[a], scan.nominal_positions_px[b]
     true_a, true_b = scan.true_positions_px[a], scan.true_positions_px[b]
     stage_offset = (stage_b[0] - stage_a[0], stage_b[1] - stage_a[1])
     true_offset = np.subtract(true_b, true_a)
-    return register_pair(scan.tile(a), scan.tile(b), stage_offset, SEARCH_LIMIT_PX), true_offset
+    return register_pair(scan.tile(a), scan.tile(b), stage_offset, search_limit_px), true_offset
 
 
 @pytest.mark.parametrize("a, b", [((0, 0), (0, 1)), ((0, 0), (1, 0)), ((1, 1), (1, 2)), ((0, 1), (1, 1))])
@@ -130,3 +130,16 @@ def test_placement_beyond_the_limit_is_rejected_not_clamped():
     assert {key: solution.dropped[key] for key in corner_links} == dict.fromkeys(corner_links, "beyond_stage_error")
     others = [c for c in truth if c != corner]
     assert _errors_after_translation(solution.positions_px, truth, others).max() < 0.2
+
+
+@pytest.mark.parametrize("error_px", [(30.0, -100.0), (-55.0, 60.0)])
+def test_pair_off_by_up_to_the_overlap_width_is_registered(error_px):
+    """Stage errors up to ±60 px per tile with a 102 px overlap: the pair's offset may differ from the
+    stage's by up to 120 px. 100 px closer than planned, the nominal window shares 2 px of specimen;
+    the widened window finds it. 60 px farther apart, 42 px are shared inside the nominal window."""
+    scan = SyntheticScan(1, 2, tile_px=512, overlap_fraction=0.2, jitter_px=0.0, seed=4)
+    y, x = scan.true_positions_px[(0, 1)]
+    scan.true_positions_px[(0, 1)] = (y + error_px[0], x + error_px[1])
+    result, true_offset = _pair(scan, (0, 0), (0, 1), search_limit_px=120.0)
+    assert result.reliable, result.reason
+    assert np.linalg.norm(np.subtract(result.offset_px, true_offset)) < 0.25

@@ -109,13 +109,16 @@ def _refine_peak(surface: np.ndarray, peak: tuple[int, int]) -> tuple[float, flo
     return refined[0], refined[1]
 
 
-def phase_correlate(window_a: np.ndarray, window_b: np.ndarray, max_shift_px: float):
-    """Shift s (dy, dx) such that window_a(p) ≈ window_b(p - s), searched within ±max_shift_px.
-    Returns (shift, peak_ratio, at_search_limit)."""
+def phase_correlate(window_a: np.ndarray, window_b: np.ndarray, max_shift_px: float,
+                    centre_px: tuple[int, int] = (0, 0)):
+    """Shift s (dy, dx) such that window_a(p) ≈ window_b(p - s), searched within ±max_shift_px of
+    centre_px (and within the windows). Returns (shift, peak_ratio, at_search_limit)."""
     shape = window_a.shape
     taper = np.outer(tukey(shape[0], 0.5), tukey(shape[1], 0.5)).astype(np.float32)
     search = int(np.ceil(max_shift_px))
-    padded = tuple(_fast_length(n + search + 1) for n in shape)
+    bounds = [(max(c - search, 1 - n), min(c + search, n - 1)) for c, n in zip(centre_px, shape)]
+    # Padded so that every searched shift has its own, unwrapped place in the correlation.
+    padded = tuple(_fast_length(n + max(-low, high) + 1) for n, (low, high) in zip(shape, bounds))
     a = (window_a - window_a.mean()) * taper
     b = (window_b - window_b.mean()) * taper
     spectrum_a = scipy.fft.fft2(a, s=padded, workers=FFT_WORKERS)
@@ -128,23 +131,40 @@ def phase_correlate(window_a: np.ndarray, window_b: np.ndarray, max_shift_px: fl
     cross *= np.exp(-(fy * fy + fx * fx) / (2 * _LOW_PASS_SIGMA_CYCLES ** 2))
     surface = scipy.fft.ifft2(cross, workers=FFT_WORKERS).real
     # Keep only the shifts the stage error allows (negative shifts wrap to the end of each axis).
-    limit_y = min(search, shape[0] - 1)
-    limit_x = min(search, shape[1] - 1)
-    idx_y = np.r_[0:limit_y + 1, padded[0] - limit_y:padded[0]]
-    idx_x = np.r_[0:limit_x + 1, padded[1] - limit_x:padded[1]]
-    region = surface[np.ix_(idx_y, idx_x)]
+    shifts_y = np.arange(bounds[0][0], bounds[0][1] + 1)
+    shifts_x = np.arange(bounds[1][0], bounds[1][1] + 1)
+    region = surface[np.ix_(shifts_y % padded[0], shifts_x % padded[1])]
     iy, ix = np.unravel_index(int(np.argmax(region)), region.shape)
-    peak = (int(idx_y[iy]), int(idx_x[ix]))
-    signed_peak = tuple(p if p <= n // 2 else p - n for p, n in zip(peak, padded))
-    at_limit = abs(signed_peak[0]) >= limit_y or abs(signed_peak[1]) >= limit_x
-    signed_y = np.where(idx_y <= padded[0] // 2, idx_y, idx_y - padded[0])
-    signed_x = np.where(idx_x <= padded[1] // 2, idx_x, idx_x - padded[1])
-    far = (np.abs(signed_y[:, None] - signed_peak[0]) > _PEAK_EXCLUSION_RADIUS_PX) | \
-          (np.abs(signed_x[None, :] - signed_peak[1]) > _PEAK_EXCLUSION_RADIUS_PX)
+    signed_peak = (int(shifts_y[iy]), int(shifts_x[ix]))
+    at_limit = iy in (0, len(shifts_y) - 1) or ix in (0, len(shifts_x) - 1)
+    far = (np.abs(shifts_y[:, None] - signed_peak[0]) > _PEAK_EXCLUSION_RADIUS_PX) | \
+          (np.abs(shifts_x[None, :] - signed_peak[1]) > _PEAK_EXCLUSION_RADIUS_PX)
     second = float(region[far].max()) if far.any() else 0.0
     peak_ratio = float(region[iy, ix] / second) if second > 0 else float("inf")
     refined = _refine_peak(surface, signed_peak)
     return refined, peak_ratio, at_limit
+
+
+def widened_windows(shape_a: tuple[int, int], shape_b: tuple[int, int], offset_px: tuple[int, int],
+                    margin_px: int):
+    """The overlap windows of overlap_windows, each extended by margin_px into its own tile along the
+    axis the tiles are offset on, where the stage error may hide more shared specimen than the nominal
+    overlap: a tile of the pair may sit up to margin_px closer to the other than the stage says.
+    None when there is nothing to extend."""
+    windows = overlap_windows(shape_a, shape_b, offset_px)
+    if windows is None:
+        return None
+    axis = 0 if abs(offset_px[0]) > abs(offset_px[1]) else 1
+    a, b = list(windows[0]), list(windows[1])
+    if offset_px[axis] >= 0:  # b lies after a: a's window grows backwards, b's forwards
+        grow = min(margin_px, a[axis].start, shape_b[axis] - b[axis].stop)
+        a[axis] = slice(a[axis].start - grow, a[axis].stop)
+        b[axis] = slice(b[axis].start, b[axis].stop + grow)
+    else:
+        grow = min(margin_px, shape_a[axis] - a[axis].stop, b[axis].start)
+        a[axis] = slice(a[axis].start, a[axis].stop + grow)
+        b[axis] = slice(b[axis].start - grow, b[axis].stop)
+    return (tuple(a), tuple(b)) if grow > 0 else None
 
 
 def normalized_cross_correlation(window_a: np.ndarray, window_b: np.ndarray, shift_px) -> float:
@@ -161,20 +181,43 @@ def normalized_cross_correlation(window_a: np.ndarray, window_b: np.ndarray, shi
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
+# A wider window cannot help a pair over glass or one without any overlap, but it finds a neighbour the
+# stage put much closer than planned, whose shared specimen the nominal window shows only in part.
+_WIDER_WINDOW_HELPS = ("low_confidence", "overlap_too_small", "shift_at_search_limit")
+
+
 def register_pair(image_a: np.ndarray, image_b: np.ndarray, stage_offset_px: tuple[float, float],
                   search_limit_px: float, parameters: RegistrationParameters = RegistrationParameters()
                   ) -> PairRegistration:
     """Offset of b relative to a (px, dy dx), starting from the offset the stage reports and searched
-    within ±search_limit_px of it per axis; a peak on that limit is not trusted (shift_at_search_limit)."""
+    within ±search_limit_px of it per axis; a peak on that limit is not trusted (shift_at_search_limit).
+    Registered on the nominal overlap first; a pair that fails there for a reason a wider window can fix
+    is registered again on widened_windows (as ASHLAR grows its window when the stage error is large
+    against the overlap)."""
     nominal = (int(round(stage_offset_px[0])), int(round(stage_offset_px[1])))
-    windows = overlap_windows(image_a.shape[:2], image_b.shape[:2], nominal)
     stage_offset = (float(stage_offset_px[0]), float(stage_offset_px[1]))
+    windows = overlap_windows(image_a.shape[:2], image_b.shape[:2], nominal)
+    if windows is None:
+        return PairRegistration(stage_offset, stage_offset, 0.0, 0.0, 0.0, (0, 0), False, "no_overlap")
+    result = _register_windows(image_a, image_b, windows, stage_offset, search_limit_px, parameters)
+    if result.reliable or result.reason not in _WIDER_WINDOW_HELPS:
+        return result
+    wider = widened_windows(image_a.shape[:2], image_b.shape[:2], nominal, int(np.ceil(search_limit_px)))
+    if wider is None:
+        return result
+    retried = _register_windows(image_a, image_b, wider, stage_offset, search_limit_px, parameters)
+    return retried if retried.reliable else result
 
-    def unreliable(reason, overlap=(0, 0), texture=0.0, ncc=0.0, peak_ratio=0.0, offset=stage_offset):
+
+def _register_windows(image_a: np.ndarray, image_b: np.ndarray, windows, stage_offset: tuple[float, float],
+                      search_limit_px: float, parameters: RegistrationParameters) -> PairRegistration:
+    """Register a's window on b's; offset = shift + (a's window origin - b's window origin)."""
+    origin_delta = (windows[0][0].start - windows[1][0].start, windows[0][1].start - windows[1][1].start)
+    centre = tuple(int(round(o - d)) for o, d in zip(stage_offset, origin_delta))
+
+    def unreliable(reason, overlap, texture=0.0, ncc=0.0, peak_ratio=0.0, offset=stage_offset):
         return PairRegistration(offset, stage_offset, peak_ratio, ncc, texture, overlap, False, reason)
 
-    if windows is None:
-        return unreliable("no_overlap")
     window_a = to_gray(image_a[windows[0]])
     window_b = to_gray(image_b[windows[1]])
     overlap = window_a.shape
@@ -182,10 +225,10 @@ def register_pair(image_a: np.ndarray, image_b: np.ndarray, stage_offset_px: tup
         return unreliable("overlap_too_small", overlap)
     detail_a, detail_b = high_pass(window_a), high_pass(window_b)
     texture = min(mid_frequency_texture(detail_a), mid_frequency_texture(detail_b))
-    shift, peak_ratio, at_limit = phase_correlate(window_a, window_b, search_limit_px)
+    shift, peak_ratio, at_limit = phase_correlate(window_a, window_b, search_limit_px, centre)
     # Shading (vignetting) correlates between any two windows; judge the match on structure only.
     ncc = normalized_cross_correlation(detail_a, detail_b, shift)
-    offset = (nominal[0] + shift[0], nominal[1] + shift[1])
+    offset = (origin_delta[0] + shift[0], origin_delta[1] + shift[1])
     if texture < parameters.min_texture:
         return unreliable("low_texture", overlap, texture, ncc, peak_ratio, offset)
     if at_limit:
