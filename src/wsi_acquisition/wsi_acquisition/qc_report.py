@@ -107,7 +107,7 @@ def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
     edges = report["edges"]
     kept = [e["residual_px"] for e in edges if e.get("status") == "kept" and e.get("residual_px") is not None]
     tiles = report.get("tiles", [])
-    figure, axes = plt.subplots(1, 2 if tiles else 1, figsize=(10 if tiles else 5, 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, 2 if tiles else 1, figsize=(11 if tiles else 5, 3.6), squeeze=False)
     axis = axes[0][0]
     axis.hist(kept, bins=30, color="tab:green")
     dropped = sum(1 for e in edges if e.get("status") == "dropped")
@@ -127,7 +127,8 @@ def _plot_registration(report: dict | None, output: Path, plt) -> Path | None:
         for tile in tiles:
             if tile.get("flags") or tile.get("placement") == "stage_position":
                 axis.plot(tile["col"], tile["row"], "x", color="tab:red", ms=8)
-        axis.set(title="offset from stage pose (px, larger axis); x: flagged or on stage pose", xlabel="column", ylabel="row")
+        axis.set(title="offset from stage pose (px, up to the limit)", ylabel="row",
+                 xlabel="column (x: flagged or on its stage pose)")
         figure.colorbar(shown, ax=axis, shrink=0.8)
     return _save(figure, output / "registration_residuals.png", plt)
 
