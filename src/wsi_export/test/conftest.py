@@ -1,8 +1,10 @@
 """Shared fixtures: one small textured mosaic (2000 x 3000 px) in the shared Zarr contract, and a
 Bio-Formats reader."""
 import json
+import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
+from wsi_export.export import _create_work_dir
 from wsi_export.synthetic import write_synthetic_mosaic
 
 MOSAIC_HEIGHT_PX = 2000
@@ -23,6 +26,54 @@ def mosaic_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mosaic") / "slide-0001.zarr"
     write_synthetic_mosaic(path, MOSAIC_HEIGHT_PX, MOSAIC_WIDTH_PX, pixel_size_um=MOSAIC_PIXEL_SIZE_UM, seed=3)
     return path
+
+
+@pytest.fixture
+def export_work_dir():
+    """export_work_dir(directory, name, running, age_s) -> a work directory of an export of `name` in
+    `directory`, made as export_slide makes it: held by a running export, or left unlocked as by an export
+    whose process was killed (the kernel drops its lock); last changed age_s ago."""
+    held = []
+
+    def make(directory: Path, name: str, running: bool, age_s: float) -> Path:
+        work_dir, lock = _create_work_dir(Path(directory), name)
+        if running:
+            held.append(lock)
+        else:
+            os.close(lock)
+        changed = time.time() - age_s
+        os.utime(work_dir, (changed, changed))
+        return work_dir
+
+    yield make
+    for lock in held:
+        os.close(lock)
+
+
+@pytest.fixture
+def partial_look_alikes():
+    return _partial_look_alikes
+
+
+def _partial_look_alikes(directory: Path, name: str) -> list[Path]:
+    """Entries named almost, or exactly, like an export's work directory that are not one, all old: what
+    a cleaner must never remove."""
+    target = directory / "not-an-export"
+    (target / "data").mkdir(parents=True)
+    hex32 = "0123456789abcdef" * 2
+    paths = [directory / f"{name}.{hex32}.export-partial", directory / f".{name}.export-partial",
+             directory / f".{name}.{hex32[:8]}.export-partial", directory / f".{name}.{hex32}.export-partial-old"]
+    for path in paths:
+        path.mkdir()
+    file_like = directory / f".{name}.{'f' * 32}.export-partial"
+    file_like.write_bytes(b"a file")
+    link = directory / f".{name}.{'e' * 32}.export-partial"
+    link.symlink_to(target, target_is_directory=True)
+    old = time.time() - 7200
+    for path in [*paths, file_like, target]:
+        os.utime(path, (old, old))
+    os.utime(link, (old, old), follow_symlinks=False)
+    return [*paths, file_like, link, target / "data"]
 
 
 @pytest.fixture(scope="session")

@@ -159,4 +159,17 @@ def test_bad_mosaics_raise_clear_input_errors(mosaic_path, tmp_path):
     with pytest.raises(MosaicInputError, match="complete=False"):
         export_slide(incomplete, tmp_path)
     assert export_slide(incomplete, tmp_path, formats=["ome-zarr"],
-                        options=ExportOptions(allow_incomplete_mosaic=True)).levels == 3
+                        options=ExportOptions(allow_partial_mosaic=True)).levels == 3
+
+
+def test_a_later_export_of_the_same_name_removes_what_a_killed_one_left(mosaic_path, tmp_path, export_work_dir,
+                                                                        partial_look_alikes):
+    killed = export_work_dir(tmp_path, "slide", running=False, age_s=3600)
+    kept = [export_work_dir(tmp_path, "slide", running=True, age_s=3600),   # a live export: locked
+            export_work_dir(tmp_path, "slide", running=False, age_s=0),     # an instant old: may not be locked yet
+            export_work_dir(tmp_path, "other", running=False, age_s=3600),  # another export's
+            *partial_look_alikes(tmp_path, "slide")]
+    export_slide(mosaic_path, tmp_path, "slide", ("ome-zarr",))
+    assert not killed.exists()
+    assert all(os.path.lexists(path) for path in kept)
+    assert (tmp_path / "slide.ome.zarr").is_dir()

@@ -1,5 +1,7 @@
 """The ExportSlide action in a real export node process."""
 import json
+import os
+import shutil
 import time
 
 import numpy as np
@@ -19,17 +21,21 @@ pytestmark = pytest.mark.ros
 OVERVIEW = np.random.default_rng(2).integers(0, 256, (60, 180, 3), dtype=np.uint8)
 
 
+def start_export_node(run_nodes, ros_node, root) -> ActionCaller:
+    run_nodes([NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
+                        parameters={"output_root": str(root), "mosaic_root": str(root)})])
+    caller = ActionCaller(ros_node, ExportSlide, "export_slide")
+    caller.wait_for_server(timeout_s=30)
+    return caller
+
+
 @pytest.fixture
 def exporter(run_nodes, ros_node, tmp_path):
     write_synthetic_mosaic(tmp_path / "scan" / "mosaic.zarr", 1500, 2200, pixel_size_um=0.5, seed=1)
     tifffile.imwrite(tmp_path / "scan" / "overview.tif", OVERVIEW, photometric="rgb")
     (tmp_path / "scan" / "manifest.json").write_text(json.dumps(
         {"scan_id": "scan", "tiles": [], "overview": {"image": "overview.tif", "pixel_size_um": 20.0}}))
-    run_nodes([NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
-                        parameters={"output_root": str(tmp_path), "mosaic_root": str(tmp_path)})])
-    caller = ActionCaller(ros_node, ExportSlide, "export_slide")
-    caller.wait_for_server(timeout_s=30)
-    return caller
+    return start_export_node(run_nodes, ros_node, tmp_path)
 
 
 def test_export_writes_both_formats_with_feedback_per_level(exporter, tmp_path):
@@ -97,3 +103,37 @@ def test_cancel_leaves_no_file_under_the_final_name(exporter, ros_node, tmp_path
     assert status == GoalStatus.STATUS_CANCELED and result.error_code == ExportSlide.Result.ERROR_CANCELED
     assert not (tmp_path / "scan" / "cancelled.ome.tif").exists()
     assert not list((tmp_path / "scan").glob(".cancelled*"))
+
+
+def test_a_mosaic_that_lost_data_fails_as_an_input_error_naming_the_region(exporter, tmp_path):
+    lost, damaged = tmp_path / "scan" / "lost.zarr", tmp_path / "scan" / "damaged.zarr"
+    for copy in (lost, damaged):
+        shutil.copytree(tmp_path / "scan" / "mosaic.zarr", copy)
+    (lost / "image" / "c" / "1" / "2" / "0").unlink()
+    damaged_chunk = damaged / "image" / "c" / "2" / "0" / "0"
+    damaged_chunk.write_bytes(damaged_chunk.read_bytes()[:1000])
+    for mosaic, reason in (("lost", "has no data in its store"), ("damaged", "cannot be read")):
+        outcome = exporter.call(ExportSlide.Goal(mosaic_uri=f"scan/{mosaic}.zarr", output_dir="scan",
+                                                 output_name=mosaic), timeout_s=120)
+        assert outcome.status == GoalStatus.STATUS_ABORTED
+        assert outcome.result.error_code == ExportSlide.Result.ERROR_INPUT, outcome.result.error_message
+        region = "rows 512-1024 x cols 1024-1536 px" if mosaic == "lost" else "rows 1024-1500 x cols 0-512 px"
+        assert reason in outcome.result.error_message and region in outcome.result.error_message
+        assert not (tmp_path / "scan" / f"{mosaic}.ome.tif").exists()
+    partial = exporter.call(ExportSlide.Goal(mosaic_uri="scan/lost.zarr", output_dir="scan", output_name="partial",
+                                             allow_partial_mosaic=True), timeout_s=120)
+    assert partial.status == GoalStatus.STATUS_SUCCEEDED, partial.result.error_message
+
+
+def test_work_directories_of_killed_exports_are_removed_when_the_node_starts(run_nodes, ros_node, tmp_path,
+                                                                            export_work_dir, partial_look_alikes):
+    nested = tmp_path / "scans" / "scan-1"
+    nested.mkdir(parents=True)
+    killed = [export_work_dir(tmp_path, "a", running=False, age_s=3600),
+              export_work_dir(nested, "b", running=False, age_s=3600)]
+    kept = [export_work_dir(nested, "c", running=True, age_s=3600),   # held by an export in this process
+            export_work_dir(nested, "d", running=False, age_s=0),     # may not be locked yet
+            *partial_look_alikes(nested, "e")]
+    start_export_node(run_nodes, ros_node, tmp_path)
+    assert [path for path in killed if path.exists()] == []
+    assert all(os.path.lexists(path) for path in kept)

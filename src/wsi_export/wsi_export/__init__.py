@@ -12,17 +12,22 @@ The photos a scan took of the whole slide (and of its label) go beside the pyram
     from wsi_export.scan_manifest import slide_images_from_manifest
     export_slide(..., **slide_images_from_manifest("/data/slide-0001/manifest.json"))  # macro=, label=
 
-Errors: ExportOptionsError (bad goal), MosaicInputError (unreadable mosaic), SlideImageError (unreadable
-slide photo or manifest), ExportStorageError (output could not be written), ExportCancelled; all derive
-from ExportError."""
+Errors: ExportOptionsError (bad goal), MosaicInputError (unreadable mosaic; its MosaicDataError: pixels
+missing or undecodable, naming the region and tiles), SlideImageError (unreadable slide photo or manifest),
+ExportStorageError (output could not be written), ExportCancelled; all derive from ExportError.
+
+A killed export leaves a hidden work directory beside its outputs; the next export of the same name
+removes it, remove_stale_partials_under(root) every one under a directory."""
 __version__ = "0.1.0"
 
 from .errors import (ExportCancelled, ExportError, ExportOptionsError, ExportStorageError,  # noqa: E402
-                     MosaicInputError, SlideImageError)
-from .export import ExportOptions, ExportProgress, ExportResult, export_slide  # noqa: E402
-from .mosaic import Mosaic, MosaicMetadata, mosaic_from_array, open_mosaic  # noqa: E402
+                     MosaicDataError, MosaicInputError, SlideImageError)
+from .export import (ExportOptions, ExportProgress, ExportResult, export_slide,  # noqa: E402
+                     remove_stale_partials_under)
+from .mosaic import Mosaic, MosaicMetadata, MosaicRegion, mosaic_from_array, open_mosaic  # noqa: E402
 from .slide_images import SlideImage  # noqa: E402
 
-__all__ = ["ExportCancelled", "ExportError", "ExportOptionsError", "ExportStorageError", "MosaicInputError",
-           "SlideImageError", "ExportOptions", "ExportProgress", "ExportResult", "export_slide", "Mosaic",
-           "MosaicMetadata", "mosaic_from_array", "open_mosaic", "SlideImage"]
+__all__ = ["ExportCancelled", "ExportError", "ExportOptionsError", "ExportStorageError", "MosaicDataError",
+           "MosaicInputError", "SlideImageError", "ExportOptions", "ExportProgress", "ExportResult", "export_slide",
+           "remove_stale_partials_under", "Mosaic", "MosaicMetadata", "MosaicRegion", "mosaic_from_array",
+           "open_mosaic", "SlideImage"]

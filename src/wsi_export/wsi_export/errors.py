@@ -13,6 +13,22 @@ class MosaicInputError(ExportError, ValueError):
     """The mosaic cannot be read: missing, wrong shape/dtype, or missing/invalid attributes."""
 
 
+class MosaicDataError(MosaicInputError):
+    """Pixels of the mosaic are missing from its store or cannot be decoded; the message names where."""
+
+
+class UnreadableChunkError(MosaicDataError):
+    """A chunk of the mosaic cannot be decoded. region_px = (row0, col0, height, width) of the pixels it
+    holds, for the caller to name the tiles there; file names the chunk's file where there is one."""
+
+    def __init__(self, region_px: tuple[int, int, int, int], file: str, detail: str):
+        super().__init__(region_px, file, detail)  # args as given: the error pickles (dask workers)
+        self.region_px, self.file, self.detail = region_px, file, detail
+
+    def __str__(self) -> str:
+        return f"mosaic chunk {self.file} cannot be decoded: {self.detail}"
+
+
 class ExportStorageError(ExportError, OSError):
     """The output could not be written (bad directory, permissions, disk full, existing output)."""
 

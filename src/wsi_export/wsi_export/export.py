@@ -5,15 +5,15 @@ local thread pool or on a dask.distributed cluster; the caller's thread consumes
 and hands the encoded tiles to tifffile. A job also writes its 2x reduction into an uncompressed
 scratch file of the next level, so every level is read exactly once and memory stays bounded by the
 number of blocks in flight, whatever the slide size. Everything is written inside a hidden work
-directory next to the outputs and renamed into place only when complete."""
+directory next to the outputs and renamed into place only when complete; the work directory a killed
+export leaves is removed later (remove_stale_partials)."""
 from __future__ import annotations
 
-import collections
+import fcntl
 import io
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,8 +26,9 @@ import tifffile
 from . import __version__
 from .blocks import BlockJob, BlockResult, PixelSource, plan_level_blocks, run_block_job
 from .codecs import TileCodec, resolve_codec
-from .errors import ExportCancelled, ExportError, ExportOptionsError, ExportStorageError, MosaicInputError
-from .mosaic import Mosaic, open_mosaic
+from .errors import (ExportCancelled, ExportError, ExportOptionsError, ExportStorageError, MosaicDataError,
+                     MosaicInputError, UnreadableChunkError)
+from .mosaic import Mosaic, MosaicRegion, describe_regions, missing_regions, open_mosaic
 from .ome_xml import OmeSeries, build_ome_xml
 from .ome_zarr_output import create_ome_zarr
 from .pyramid import LOWEST_LEVEL_MAX_EDGE_PX, pyramid_level_shapes, shrink_to_fit
@@ -39,6 +40,12 @@ FORMATS = ("ome-tiff", "ome-zarr")
 OUTPUT_SUFFIXES = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
 MICROMETRES_PER_CENTIMETRE = 1e4
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Work directory of an export: ".<name>.<32 hex digits>.export-partial" beside its outputs.
+PARTIAL_SUFFIX = ".export-partial"
+_PARTIAL_PATTERN = re.compile(rf"\.(?P<name>{_NAME_PATTERN.pattern})\.[0-9a-f]{{32}}{re.escape(PARTIAL_SUFFIX)}")
+# A work directory is locked an instant after it is created; one unchanged for this long and unlocked
+# belongs to no live export.
+STALE_PARTIAL_AGE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,10 @@ class ExportOptions:
     experimenter_name: str | None = None
     file_uuid: str | None = None  # OME UUID of the TIFF; None = random
     overwrite: bool = False
-    allow_incomplete_mosaic: bool = False
+    # Export a mosaic that lacks pixels: one still being stitched (complete=False), or one with chunks
+    # missing from its store (mosaic.missing_regions), which come out in the fill colour and are listed
+    # in ExportResult.missing_regions. A chunk that is there but does not decode fails the export anyway.
+    allow_partial_mosaic: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class ExportResult:
     level_shapes: list[tuple[int, int]]  # (height_px, width_px) per level, full resolution first
     pixel_size_um: float  # full-resolution pixel size; level k is 2**k times larger
     duration_s: float
+    missing_regions: list[MosaicRegion]  # exported in the fill colour (allow_partial_mosaic); else empty
 
     @property
     def levels(self) -> int:
@@ -390,9 +401,16 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
         mosaic = open_mosaic(mosaic)
     name = mosaic.source_name if name is None else name
     codec = _validate(name, formats, options)
-    if not mosaic.metadata.complete and not options.allow_incomplete_mosaic:
+    if not mosaic.metadata.complete and not options.allow_partial_mosaic:
         raise MosaicInputError(f"mosaic {mosaic.source_name!r} is marked complete=False (still being "
-                               f"stitched); pass allow_incomplete_mosaic=True to export it anyway")
+                               f"stitched); pass allow_partial_mosaic=True to export it anyway")
+    missing = missing_regions(mosaic)
+    if missing and not options.allow_partial_mosaic:
+        expected = ("a chunk under every tile it lists" if mosaic.metadata.composed_tiles
+                    else "every chunk, as it does not list the tiles it was composed of")
+        raise MosaicDataError(f"mosaic {mosaic.source_name!r} has no data in its store for {len(missing)} "
+                              f"region(s): {describe_regions(missing)}; expected {expected}; pass "
+                              f"allow_partial_mosaic=True to export it with those regions in the fill colour")
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise ExportStorageError(f"output directory {str(output_dir)!r} does not exist or is not a directory")
@@ -403,7 +421,8 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
             raise ExportStorageError(f"output {str(path)!r} already exists; pass overwrite=True to replace it")
 
     try:
-        work_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".export-partial", dir=output_dir))
+        remove_stale_partials(output_dir, name)
+        work_dir, work_dir_lock = _create_work_dir(output_dir, name)
     except OSError as error:
         raise ExportStorageError(error.errno, f"cannot create a work directory in {str(output_dir)!r}: "
                                               f"{error.strerror or error}") from error
@@ -415,6 +434,10 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
         written = export.run(work_dir, executor)
         _check_not_cancelled(should_cancel)
         _commit(written, export.final_paths, work_dir)
+    except UnreadableChunkError as error:
+        raise MosaicDataError(f"mosaic {mosaic.source_name!r}: the data of {mosaic.region(*error.region_px)} "
+                              f"cannot be read: {error}; expected a chunk that decodes to "
+                              f"{'x'.join(map(str, mosaic.image.chunks))} uint8 pixels") from error
     except ExportError:
         raise
     except OSError as error:
@@ -424,10 +447,69 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
         if executor is not None:
             executor.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+        os.close(work_dir_lock)
     paths = [export.final_paths[f] for f in formats]
     return ExportResult(output_paths=paths, output_sizes_bytes=[_path_size_bytes(p) for p in paths],
                         level_shapes=export.level_shapes, pixel_size_um=mosaic.metadata.pixel_size_um,
-                        duration_s=time.perf_counter() - started)
+                        duration_s=time.perf_counter() - started, missing_regions=missing)
+
+
+def _create_work_dir(output_dir: Path, name: str) -> tuple[Path, int]:
+    """A new work directory for export `name`, and the descriptor that holds its lock until the export
+    ends. The lock (flock on the directory) tells remove_stale_partials that a live export owns it; the
+    kernel drops it when the process ends, however it ends."""
+    work_dir = output_dir / f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+    work_dir.mkdir(mode=0o700)
+    lock = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return work_dir, lock
+
+
+def remove_stale_partials(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the work directories that exports killed before they ended left in `directory`: those of
+    export `name`, or of any export. Returns what was removed."""
+    return _remove_stale_entries(Path(directory), [entry.name for entry in os.scandir(directory)], name)
+
+
+def remove_stale_partials_under(root: str | Path) -> list[Path]:
+    """remove_stale_partials in `root` and every directory below it, except inside Zarr stores and work
+    directories: exports write no work directory there, and they hold most of the files. A directory
+    that cannot be listed is passed over."""
+    removed = []
+    for directory, subdirectories, _ in os.walk(root):
+        removed += _remove_stale_entries(Path(directory), subdirectories, None)
+        subdirectories[:] = [d for d in subdirectories if not d.endswith((".zarr", PARTIAL_SUFFIX))]
+    return removed
+
+
+def _remove_stale_entries(directory: Path, entry_names: list[str], name: str | None) -> list[Path]:
+    removed = []
+    for entry_name in entry_names:
+        match = _PARTIAL_PATTERN.fullmatch(entry_name)
+        if match and (name is None or match["name"] == name) and _remove_if_stale(directory / entry_name):
+            removed.append(directory / entry_name)
+    return removed
+
+
+def _remove_if_stale(path: Path) -> bool:
+    """Remove a work directory that no live export holds (see _create_work_dir): unlocked, and unchanged
+    for STALE_PARTIAL_AGE_S (it is locked an instant after its creation). Symbolic links are never
+    followed. True when it was removed."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:  # a symbolic link, or already gone
+        return False
+    try:
+        if time.time() - os.fstat(descriptor).st_mtime < STALE_PARTIAL_AGE_S:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live export; or locks do not work here, and then it may be live
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return not os.path.lexists(path)
+    finally:
+        os.close(descriptor)
 
 
 def _commit(written: dict[str, Path], final_paths: dict[str, Path], work_dir: Path) -> None:

@@ -2,18 +2,56 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import zarr
+from zarr.core.sync import collect_aiterator
+
+from wsi_stitching.stitcher import COMPOSED_TILES_KEY  # optional: older mosaics do not list their tiles
 
 from .errors import MosaicInputError
 
 MOSAIC_ATTRIBUTES_KEY = "wsi_mosaic"
 MOSAIC_ARRAY_NAME = "image"
 SUPPORTED_MOSAIC_VERSION = 1
+
+
+Cell = tuple[int, int]  # (row, col) of a scan tile
+
+
+@dataclass(frozen=True)
+class ComposedTiles:
+    """The scan tiles the stitcher composed into the mosaic, and where (wsi_stitching.stitcher's
+    COMPOSED_TILES_KEY). Every chunk a tile overlaps is stored, even one that came out all fill colour."""
+    height_px: int
+    width_px: int
+    top_left_px: dict[Cell, tuple[int, int]]  # (row, col) -> (y, x) in mosaic px; may lie partly outside
+
+    def overlapping(self, row0_px: int, col0_px: int, height_px: int, width_px: int) -> tuple[Cell, ...]:
+        return tuple(sorted(cell for cell, (y, x) in self.top_left_px.items()
+                            if y < row0_px + height_px and row0_px < y + self.height_px
+                            and x < col0_px + width_px and col0_px < x + self.width_px))
+
+
+@dataclass(frozen=True)
+class MosaicRegion:
+    """A rectangle of the mosaic in full-resolution px, with the scan tiles composed into it."""
+    row0_px: int
+    col0_px: int
+    height_px: int
+    width_px: int
+    tiles: tuple[Cell, ...]  # (row, col); empty when none, or when the mosaic does not list its tiles
+
+    def __str__(self) -> str:
+        text = (f"rows {self.row0_px}-{self.row0_px + self.height_px} x cols "
+                f"{self.col0_px}-{self.col0_px + self.width_px} px")
+        if self.tiles:
+            text += " (tiles (row, col) " + ", ".join(f"({r}, {c})" for r, c in self.tiles) + ")"
+        return text
 
 
 @dataclass(frozen=True)
@@ -24,6 +62,7 @@ class MosaicMetadata:
     acquisition_datetime: dt.datetime
     scan_id: str
     complete: bool
+    composed_tiles: ComposedTiles | None  # None: the mosaic does not say which tiles it holds
 
 
 @dataclass(frozen=True)
@@ -39,6 +78,12 @@ class Mosaic:
     @property
     def width_px(self) -> int:
         return int(self.image.shape[1])
+
+    def region(self, row0_px: int, col0_px: int, height_px: int, width_px: int) -> MosaicRegion:
+        """A rectangle of the mosaic, with the tiles composed into it where the mosaic lists them."""
+        tiles = self.metadata.composed_tiles
+        return MosaicRegion(row0_px, col0_px, height_px, width_px,
+                            tiles.overlapping(row0_px, col0_px, height_px, width_px) if tiles else ())
 
 
 def _required(attributes: Mapping[str, Any], key: str, expected: type | tuple[type, ...]) -> Any:
@@ -87,7 +132,30 @@ def parse_mosaic_metadata(attributes: Mapping[str, Any]) -> MosaicMetadata:
         acquisition_datetime=acquired,
         scan_id=_required(attributes, "scan_id", str),
         complete=_required(attributes, "complete", bool),
+        composed_tiles=(_parse_composed_tiles(attributes[COMPOSED_TILES_KEY])
+                        if COMPOSED_TILES_KEY in attributes else None),
     )
+
+
+def _parse_composed_tiles(value: Any) -> ComposedTiles:
+    expected = 'expected {"height_px": int > 0, "width_px": int > 0, "top_left_px": [[row, col, y_px, x_px], ...]}'
+    if not isinstance(value, Mapping):
+        raise MosaicInputError(f"mosaic attribute {COMPOSED_TILES_KEY}={value!r} is not a mapping; {expected}")
+    height, width, placed = (value.get(key) for key in ("height_px", "width_px", "top_left_px"))
+    if not (_is_int(height) and _is_int(width) and height > 0 and width > 0 and isinstance(placed, list)):
+        raise MosaicInputError(f"mosaic attribute {COMPOSED_TILES_KEY} has height_px={height!r}, "
+                               f"width_px={width!r}, top_left_px of type {type(placed).__name__}; {expected}")
+    top_left = {}
+    for entry in placed:
+        if not (isinstance(entry, list) and len(entry) == 4 and all(map(_is_int, entry))):
+            raise MosaicInputError(f"mosaic attribute {COMPOSED_TILES_KEY}.top_left_px has entry {entry!r}; "
+                                   f"{expected}")
+        top_left[(entry[0], entry[1])] = (entry[2], entry[3])
+    return ComposedTiles(height, width, top_left)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_mosaic_array(image: Any) -> zarr.Array:
@@ -126,3 +194,42 @@ def mosaic_from_array(image: zarr.Array, attributes: Mapping[str, Any], source_n
     """Wrap a caller-provided (H, W, 3) uint8 Zarr array and its "wsi_mosaic" attribute values."""
     return Mosaic(image=validate_mosaic_array(image), metadata=parse_mosaic_metadata(attributes),
                   source_name=source_name)
+
+
+def missing_regions(mosaic: Mosaic) -> list[MosaicRegion]:
+    """Regions whose chunk (shard, for a sharded array) should hold data but has no object in the
+    store. A mosaic that lists its composed tiles expects the chunks they overlap; one that does not
+    (made before the list existed, or by another writer) expects every chunk. One listing of the
+    store, no pixel read: data that is there but damaged shows when it is decoded (region_reader)."""
+    image = mosaic.image
+    unit = image.shards or image.chunks
+    grid = [-(-size // step) for size, step in zip(image.shape, unit)]
+    prefix = f"{image.path}/" if image.path else ""
+    stored = {key[len(prefix):] for key in collect_aiterator(image.store.list_prefix(prefix))}
+    missing = sorted(coords for coords in _expected_units(mosaic, unit, grid)
+                     if image.metadata.encode_chunk_key(coords) not in stored)
+    unit_y, unit_x = unit[0], unit[1]
+    return [mosaic.region(y * unit_y, x * unit_x, min(unit_y, mosaic.height_px - y * unit_y),
+                          min(unit_x, mosaic.width_px - x * unit_x))
+            for y, x in dict.fromkeys((y, x) for y, x, _ in missing)]
+
+
+def _expected_units(mosaic: Mosaic, unit: tuple[int, ...], grid: list[int]
+                    ) -> Iterable[tuple[int, int, int]]:
+    tiles = mosaic.metadata.composed_tiles
+    if tiles is None:
+        return itertools.product(*map(range, grid))
+    expected = set()
+    for y, x in tiles.top_left_px.values():
+        y0, y1 = max(0, y), min(mosaic.height_px, y + tiles.height_px)
+        x0, x1 = max(0, x), min(mosaic.width_px, x + tiles.width_px)
+        if y0 < y1 and x0 < x1:
+            expected.update(itertools.product(range(y0 // unit[0], (y1 - 1) // unit[0] + 1),
+                                              range(x0 // unit[1], (x1 - 1) // unit[1] + 1), range(grid[2])))
+    return expected
+
+
+def describe_regions(regions: list[MosaicRegion], shown: int = 5) -> str:
+    """The first `shown` regions, and how many more there are."""
+    text = "; ".join(map(str, regions[:shown]))
+    return text + (f"; and {len(regions) - shown} more" if len(regions) > shown else "")

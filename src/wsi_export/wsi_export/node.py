@@ -11,7 +11,8 @@ from wsi_common.node_main import spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_export import (ExportCancelled, ExportOptions, ExportOptionsError, ExportStorageError, MosaicInputError,
-                        SlideImageError, export_slide)
+                        SlideImageError, export_slide, remove_stale_partials_under)
+from wsi_export.mosaic import describe_regions
 from wsi_export.scan_manifest import slide_images_from_manifest
 from wsi_interfaces.action import ExportSlide
 
@@ -39,13 +40,17 @@ def options_from_goal(goal, workers: int, default_scheduler: str) -> ExportOptio
                          lossless=goal.lossless, tile_size_px=goal.tile_size_px or 512,
                          write_thumbnail=goal.write_thumbnail,
                          scheduler_address=goal.scheduler_address or default_scheduler or None,
-                         local_workers=workers or None)
+                         local_workers=workers or None, allow_partial_mosaic=goal.allow_partial_mosaic)
 
 
 class ExportNode(Node):
     def __init__(self):
         super().__init__("export")
         self.params = declare_parameters(self, PARAMETERS)
+        # Before serving goals: the work directories of exports killed with an earlier node (or any
+        # other exporter) that has ended; a live export's is locked and stays.
+        for removed in remove_stale_partials_under(resolve_under(self.params["output_root"], "")):
+            self.get_logger().info(f"removed {removed}, left by an export that did not end")
         self._busy = threading.Lock()
         self._server = ActionServer(self, ExportSlide, "export_slide", execute_callback=self._execute,
                                     goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
@@ -92,6 +97,11 @@ class ExportNode(Node):
                                         should_cancel=lambda: goal_handle.is_cancel_requested, **slide_images)
             except Exception as error:  # mapped to a result code below; never lets the node die
                 return self._failed(goal_handle, result, error, started)
+        if exported.missing_regions:
+            self.get_logger().warning(
+                f"exported {goal_handle.request.mosaic_uri!r} with {len(exported.missing_regions)} region(s) "
+                f"missing from the mosaic in its fill colour (allow_partial_mosaic): "
+                f"{describe_regions(exported.missing_regions)}")
         result.output_paths = [str(p) for p in exported.output_paths]
         result.output_sizes_bytes = list(exported.output_sizes_bytes)
         result.levels = exported.levels

@@ -6,6 +6,7 @@ costs much less than zarr's asynchronous pipeline and keeps the work on the expo
 other layout (sharding, other codecs, remote stores) is read through zarr itself."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import imagecodecs
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
+
+from .errors import UnreadableChunkError
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,30 @@ class ChunkFileReader:
                 try:
                     with open(chunk_path, "rb") as handle:
                         if self.zstd_compressed:
-                            imagecodecs.zstd_decode(handle.read(), out=chunk.reshape(-1))
-                        elif handle.readinto(chunk) != chunk.nbytes:
-                            raise OSError(f"chunk file {chunk_path} is truncated")
-                except FileNotFoundError:  # never-written chunk: Zarr semantics say fill value
+                            decoded = imagecodecs.zstd_decode(handle.read(), out=chunk.reshape(-1)).nbytes
+                        else:
+                            decoded = os.fstat(handle.fileno()).st_size
+                            if decoded == chunk.nbytes:
+                                handle.readinto(chunk)
+                except FileNotFoundError:
+                    # Zarr semantics: a never-written chunk is fill value. Whether it should have been
+                    # written is known before reading (mosaic.missing_regions).
                     target[...] = self.fill_value
                     continue
+                except imagecodecs.ZstdError as error:
+                    raise UnreadableChunkError(self._chunk_region(chunk_y, chunk_x), str(chunk_path),
+                                               str(error)) from error
+                if decoded != chunk.nbytes:  # a valid but short zstd frame, or a cut raw file
+                    raise UnreadableChunkError(self._chunk_region(chunk_y, chunk_x), str(chunk_path),
+                                               f"it holds {decoded} bytes of pixels, expected {chunk.nbytes}")
                 target[...] = chunk[y0 - chunk_y * ch:y1 - chunk_y * ch, x0 - chunk_x * cw:x1 - chunk_x * cw]
         return out
+
+    def _chunk_region(self, chunk_y: int, chunk_x: int) -> tuple[int, int, int, int]:
+        """(row0, col0, height, width) of the pixels a chunk holds."""
+        ch, cw, _ = self.chunk_shape
+        return (chunk_y * ch, chunk_x * cw, min(ch, self.shape[0] - chunk_y * ch),
+                min(cw, self.shape[1] - chunk_x * cw))
 
 
 def region_reader(image: zarr.Array) -> ChunkFileReader | zarr.Array:

@@ -40,6 +40,10 @@ from .layout import Cell, TileGridLayout, load_tile_image, read_manifest
 from .registration import PairRegistration, RegistrationParameters, register_pair
 
 MOSAIC_FORMAT_VERSION = 1   # the mosaic contract (Zarr layout and attributes) that readers check
+# Mosaic attribute (in "wsi_mosaic", from finish()): the tiles composed, {"height_px", "width_px",
+# "top_left_px": [[row, col, y_px, x_px], ...]}. Every chunk they overlap is stored, so a reader can tell
+# lost data from glass (wsi_export.mosaic.missing_regions).
+COMPOSED_TILES_KEY = "composed_tiles"
 JOURNAL_FORMAT_VERSION = 3  # 2: frozen tiles carry stage pose and flags; 3: flat-field method
 NEIGHBOURS_4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
 NEIGHBOURS_8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
@@ -281,12 +285,15 @@ class MosaicStitcher:
                 raise ResumeError(f"journal {self.journal.path} exists but mosaic {self.mosaic_path} is gone")
             self._replay(events[1:])
             self._run = "resumed"
-            self._array = zarr.open_group(str(self.mosaic_path), mode="r+")["image"]
+            self._array = zarr.open_group(str(self.mosaic_path), mode="r+")["image"].with_config(
+                {"write_empty_chunks": True})
             return
         group = zarr.open_group(str(self.mosaic_path), mode="w")
+        # Every composed chunk is stored, even one that came out all fill colour (saturated glass): see
+        # COMPOSED_TILES_KEY.
         self._array = group.create_array("image", shape=(self.height_px, self.width_px, 3),
                                          chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8",
-                                         fill_value=FILL_VALUE)
+                                         fill_value=FILL_VALUE, config={"write_empty_chunks": True})
         group.attrs["wsi_mosaic"] = self._new_mosaic_attributes()
         self.journal.append(header)
         if self._flat_field is not None:
@@ -500,12 +507,15 @@ class MosaicStitcher:
     def _write_chunk(self, chunk):
         y0, x0 = chunk[0] * CHUNK_PX, chunk[1] * CHUNK_PX
         height, width = min(CHUNK_PX, self.height_px - y0), min(CHUNK_PX, self.width_px - x0)
-        tiles = [PlacedTile(self._images[cell], int(round(self._frozen[cell][0])),
-                            int(round(self._frozen[cell][1])), self._sharpness.get(cell))
+        tiles = [PlacedTile(self._images[cell], *self._top_left_px(cell), self._sharpness.get(cell))
                  for cell in self._chunk_cells[chunk] if cell in self._images]
         block = compose_chunk(y0, x0, height, width, tiles, self._gain, self.parameters.blending,
                               self._feather_px)
         self._array[y0:y0 + height, x0:x0 + width, :] = block
+
+    def _top_left_px(self, cell) -> tuple[int, int]:
+        """Where a tile is composed: its frozen position rounded to whole mosaic px."""
+        return int(round(self._frozen[cell][0])), int(round(self._frozen[cell][1]))
 
     def _release_images(self):
         for cell in list(self._images):
@@ -536,9 +546,12 @@ class MosaicStitcher:
         self._release_images()
         result = self._write_report()
         group = zarr.open_group(str(self.mosaic_path), mode="r+")
-        # Only "complete" changes: a resumed mosaic keeps the attributes (optics, acquisition time)
-        # of the run that created it, which may have known more than a manifest does.
-        group.attrs["wsi_mosaic"] = {**group.attrs["wsi_mosaic"], "complete": True}
+        # Only "complete" and the tiles composed are set: a resumed mosaic keeps the attributes (optics,
+        # acquisition time) of the run that created it, which may have known more than a manifest does.
+        group.attrs["wsi_mosaic"] = {
+            **group.attrs["wsi_mosaic"], "complete": True,
+            COMPOSED_TILES_KEY: {"height_px": self.layout.tile_height_px, "width_px": self.layout.tile_width_px,
+                                 "top_left_px": [[*cell, *self._top_left_px(cell)] for cell in sorted(self._frozen)]}}
         self.journal.append({"type": "finished"})
         self.journal.close()
         return result
