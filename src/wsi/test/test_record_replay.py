@@ -515,6 +515,54 @@ def test_truncated_bag_replays_what_is_readable_and_fails_clearly(recorded, tmp_
     assert [t["crc32"] for t in received["tiles"]] == recorded["sent"]["crc32"][:expected]
 
 
+@pytest.mark.ros
+def test_replay_reaches_a_subscriber_that_was_running_before_the_player(bag, tiles):
+    """The player's participant joins the graph just before the replay; the subscriber already there is
+    found by discovery (0.3-3 s) and matched before the first tile, which would otherwise be lost."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from wsi.player import play
+
+    receiver = receive_tiles(len(tiles))
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)   # as `wsi play` does
+    try:
+        report = play(bag, rate=0, topics=["/tiles"])
+    finally:
+        rclpy.try_shutdown()
+    assert report.subscribers == {"/tiles": 1}
+    received = last_json(finish(receiver)[0])
+    assert [t["sequence"] for t in received["tiles"]] == list(range(len(tiles)))
+
+
+@pytest.mark.ros
+def test_wsi_play_waits_for_discovery_unless_told_not_to(bag, tiles):
+    receiver = receive_tiles(len(tiles))
+    played = run_play(bag, "--rate", "0", "--topics", "tiles")
+    assert played.returncode == 0, played.stderr
+    assert "waiting 4 s for the subscribers already running to be discovered" in played.stderr
+    assert len(last_json(finish(receiver)[0])["tiles"]) == len(tiles)
+    unwaited = run_play(bag, "--rate", "0", "--topics", "tiles", "--wait-for-subscribers", "0")
+    assert unwaited.returncode == 0 and "waiting" not in unwaited.stderr
+    assert "no subscriber of /tiles was matched when the replay began" in unwaited.stderr
+
+
+@pytest.mark.ros
+def test_a_subscriber_that_is_never_matched_ends_the_wait_with_the_reason(bag, ros_node):
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    from wsi.player import NoSubscriberError, play
+    from wsi_interfaces.msg import Tile
+
+    # The bag's tiles were published volatile: a subscriber asking for transient local never matches.
+    ros_node.create_subscription(Tile, "/tiles", lambda _: None, QoSProfile(
+        depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    started = time.monotonic()
+    with pytest.raises(NoSubscriberError, match=r"waited 2 s .* matched only \{'/tiles': '0 of 1'\} .*QoS"):
+        play(bag, rate=0, topics=["/tiles"], wait_timeout_s=2)
+    assert time.monotonic() - started < 10
+
+
 def test_play_refuses_unknown_topics(bag):
     done = run_play(bag, "--topics", "focus_estimates", timeout_s=60)
     assert done.returncode == 2
