@@ -180,7 +180,8 @@ def run_ashlar(directory: Path, args) -> dict:
             return gray(np.load(files[series]))
 
     started = time.perf_counter()
-    aligner = reg.EdgeAligner(ArrayReader(), channel=0, max_shift=search_limit_px(args.child_case) * manifest["pixel_size_um"],
+    aligner = reg.EdgeAligner(ArrayReader(), channel=0,
+                              max_shift=search_limit_px(args.child_case) * manifest["pixel_size_um"],
                               filter_sigma=0.0, verbose=False)
     aligner.run()
     wall = time.perf_counter() - started
@@ -325,7 +326,8 @@ def mosaic_report(scan: SyntheticScan, outcome: dict, cells, evaluated_cells, ca
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"stitching_seam_{case}.png"
     Image.fromarray(crop).save(png)
-    return {"glass_ripple": ripple["ripple"], "glass_blocks": ripple["blocks"], "seam_step_mean": float(steps["seam"].mean()), "seam_step_p95": float(np.percentile(steps["seam"], 95)),
+    return {"glass_ripple": ripple["ripple"], "glass_blocks": ripple["blocks"],
+            "seam_step_mean": float(steps["seam"].mean()), "seam_step_p95": float(np.percentile(steps["seam"], 95)),
             "noise_step_mean": float(steps["interior"].mean()),
             "noise_step_p95": float(np.percentile(steps["interior"], 95)),
             "segments": int(steps["seam"].size), "png": str(png.relative_to(ROOT))}
@@ -387,9 +389,9 @@ def accuracy_mode(args) -> None:
         if method == "ours":
             ours = {"flagged": outcome["tiles_flagged"], "at_limit": outcome["tiles_at_limit_unflagged"],
                     "ripple": f"{100 * outcome['mosaic_quality']['glass_ripple']:.2f} %"}
-        print(f"{case:<8} {method:<9} {outcome['tiles_evaluated']:>5} {outcome['rms_px']:7.3f} {outcome['max_px']:7.3f} "
-              f"{ours['flagged']:>7} {ours['at_limit']:>8} {ours['ripple']:>12} {outcome['wall_s']:7.1f} "
-              f"{outcome['peak_rss_mb']:11.0f}")
+        print(f"{case:<8} {method:<9} {outcome['tiles_evaluated']:>5} {outcome['rms_px']:7.3f} "
+              f"{outcome['max_px']:7.3f} {ours['flagged']:>7} {ours['at_limit']:>8} {ours['ripple']:>12} "
+              f"{outcome['wall_s']:7.1f} {outcome['peak_rss_mb']:11.0f}")
     for case, method, outcome in rows:
         if "mosaic_quality" in outcome:
             q = outcome["mosaic_quality"]

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import LayoutError, ManifestError
 
 Cell = tuple[int, int]
+POSITION_TOLERANCE_UM = 1e-6  # far below a pixel, far above float rounding of stage coordinates
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,6 @@ class TileGridLayout:
                 differences.append(f"nominal positions of {len(moved)} cells, e.g. {cell}: {journaled[cell]} µm, "
                                    f"now {self.nominal_positions_um[cell]} µm")
         return differences
-
-
-POSITION_TOLERANCE_UM = 1e-6  # far below a pixel, far above float rounding of stage coordinates
 
 
 def iso_utc(unix_s: float) -> str:

@@ -1,11 +1,13 @@
 """Pairwise registration of two neighbouring tiles on their overlap.
 
 Phase correlation on the nominal overlap (from the stage poses), restricted to the shifts the stage
-error allows (the search limit, which the stitcher derives from the stage's specified error). The whitened cross-power spectrum is multiplied by a Gaussian low-pass, which turns the
-correlation peak into a sampled Gaussian whose sub-pixel centre a log-parabola through three samples
-per axis recovers (no upsampled DFT needed; that was the slowest step). Each pair gets a
-confidence (peak ratio, normalised cross-correlation at the found shift) and a texture measure, so
-that pairs over empty glass are recognised instead of trusted.
+error allows (the search limit, which the stitcher derives from the stage's specified error), and
+again on a widened overlap when the stage error may have hidden most of the shared specimen. The
+whitened cross-power spectrum is multiplied by a Gaussian low-pass, which turns the correlation peak
+into a sampled Gaussian whose sub-pixel centre a log-parabola through three samples per axis recovers
+(no upsampled DFT needed; that was the slowest step). Each pair gets a confidence (peak ratio,
+normalised cross-correlation at the found shift) and a texture measure, so that pairs over empty
+glass are recognised instead of trusted.
 """
 from __future__ import annotations
 
