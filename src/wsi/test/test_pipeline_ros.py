@@ -14,11 +14,12 @@ from diagnostic_msgs.msg import DiagnosticArray
 from wsi_common.qos import EVENT_QOS
 from wsi_interfaces.action import ScanSlide
 from wsi_interfaces.msg import ScanStatus
+from wsi_stitching.cli import main as stitch_cli
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 
-def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ros_node, tmp_path):
+def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ros_node, tmp_path, capsys):
     graph = [spec for spec in scan_graph(GraphConfig(output_dir=str(tmp_path), sim_speedup=20.0))
              if spec.name != "autofocus"]   # focus from the focus map here; the model has its own tests
     for spec in graph:
@@ -59,3 +60,7 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
     reporting = {status.hardware_id: status for array in diagnostics for status in array.status}
     assert {"microscope", "stitching"} <= set(reporting)
     assert {kv.key for kv in reporting["microscope"].values} >= {"connected", "busy", "stage_position_um"}
+    # The documented re-stitch lays the scan out as the node did, so it confirms the node's mosaic.
+    capsys.readouterr()
+    assert stitch_cli([str(scan_dir / "manifest.json")]) == 0
+    assert "confirmed complete" in capsys.readouterr().out
