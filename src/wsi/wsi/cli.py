@@ -125,6 +125,9 @@ def run_scan(args: argparse.Namespace) -> int:
 
 
 def run_play(args: argparse.Namespace) -> int:
+    if args.wait_for_subscribers is None:
+        print(f"wsi play: waiting {min(player.DISCOVERY_S, args.wait_timeout):g} s for the subscribers already "
+              f"running to be discovered (--wait-for-subscribers 0: do not wait)", file=sys.stderr)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         report = player.play(args.bag, rate=args.rate, topics=args.topics, loop=args.loop,
@@ -139,6 +142,10 @@ def run_play(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{topic}: {count}" for topic, count in report.published.items())
     stopped = " (stopped by Ctrl-C)" if report.interrupted else ""
     print(f"wsi play: published {report.total} messages in {report.seconds:.2f} s{stopped} ({counts})")
+    unheard = [topic for topic, count in report.subscribers.items() if count == 0]
+    if unheard:
+        print(f"wsi play: no subscriber of {', '.join(unheard)} was matched when the replay began",
+              file=sys.stderr)
     for topic in report.unacknowledged:
         print(f"wsi play: not every subscriber of {topic} acknowledged the last messages", file=sys.stderr)
     if report.problems:
@@ -186,9 +193,11 @@ def main(argv=None) -> int:
                       help="speed factor of the recorded timing; 0 = as fast as possible, in order")
     play.add_argument("--topics", nargs="+", default=None, help="replay only these topics (default: all)")
     play.add_argument("--loop", action="store_true", help="replay again from the start until Ctrl-C")
-    play.add_argument("--wait-for-subscribers", type=int, default=0, metavar="N",
-                      help="before replaying, wait until every replayed topic has N subscribers")
-    play.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for them")
+    play.add_argument("--wait-for-subscribers", type=int, default=None, metavar="N",
+                      help="before replaying, wait until every replayed topic has N subscribers; 0: do not wait "
+                           f"(default: wait {player.DISCOVERY_S:g} s for the subscribers already running to be "
+                           "discovered, then until they are matched)")
+    play.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for them at most")
     play.set_defaults(run=run_play)
     args = parser.parse_args(argv)
     try:
