@@ -1,5 +1,5 @@
-"""Benchmark: our streaming pyramidal OME-TIFF writer vs libvips tiffsave on the same mosaic, and the
-colour each JPEG storage of ours keeps.
+"""Benchmark: our streaming pyramidal OME-TIFF and DICOM WSI writers vs libvips tiffsave on the same mosaic,
+and the colour each JPEG storage of ours keeps.
 
     nice -n 10 .venv/bin/python bench/export.py --size 20000           # speed comparison
     nice -n 10 .venv/bin/python bench/export.py --size 50000 --writers ours   # memory run
@@ -7,7 +7,8 @@ colour each JPEG storage of ours keeps.
 The mosaic (synthetic tissue, shared Zarr contract, zstd chunks of 512 px) is generated once per size
 and cached under --cache-dir; "ours" exports it as is with the default options, "ours-420" with YCbCr
 4:2:0 JPEG, "ours-raw" exports an uncompressed-chunk copy (same contract), i.e. with the same input cost
-as libvips. libvips reads the same pixels from an
+as libvips, and "ours-dicom" writes the DICOM WSI series instead of the OME-TIFF (one instance per level,
+the same JPEG tiles as "ours"; output size: the whole series directory). libvips reads the same pixels from an
 uncompressed, stripped TIFF written from the mosaic beforehand (not timed), opened with
 access="sequential", so it neither decodes Zarr nor memory-maps the input. Each writer runs in its
 own subprocess; wall and CPU time are measured around the write call only (imports excluded), peak
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +38,9 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src" / "wsi_export"))
 
-WRITERS = ("ours", "ours-420", "ours-raw", "libvips")
-JPEG_SUBSAMPLINGS_BY_WRITER = {"ours": (1, 1), "ours-420": (2, 2), "ours-raw": (1, 1)}
+WRITERS = ("ours", "ours-420", "ours-raw", "ours-dicom", "libvips")
+JPEG_SUBSAMPLINGS_BY_WRITER = {"ours": (1, 1), "ours-420": (2, 2), "ours-raw": (1, 1), "ours-dicom": (1, 1)}
+OUTPUT_SUFFIXES = {"ours-dicom": ".dicom"}  # a directory; every other writer writes one .ome.tif
 COLOUR_TILE_PX = 512
 
 
@@ -110,8 +113,10 @@ def load_writer(name: str) -> Callable[[Path, Path, int, int], None]:
     if name in JPEG_SUBSAMPLINGS_BY_WRITER:
         from wsi_export.export import ExportOptions, export_slide
 
+        export_format = "dicom" if name == "ours-dicom" else "ome-tiff"
+
         def write_ours(mosaic: Path, output: Path, tile_px: int, quality: int) -> None:
-            export_slide(mosaic, output.parent, output.name[:-len(".ome.tif")], ("ome-tiff",),
+            export_slide(mosaic, output.parent, output.name[:-len(_output_suffix(name))], (export_format,),
                          ExportOptions(compression="jpeg", quality=quality, tile_size_px=tile_px, overwrite=True,
                                        jpeg_subsampling=JPEG_SUBSAMPLINGS_BY_WRITER[name]))
         return write_ours
@@ -157,10 +162,21 @@ def jpeg_colour_fidelity(quality: int) -> list[dict]:
     return rows
 
 
+def _output_suffix(writer: str) -> str:
+    return OUTPUT_SUFFIXES.get(writer, ".ome.tif")
+
+
+def _remove_output(output: Path) -> None:
+    if output.is_dir():
+        shutil.rmtree(output)
+    else:
+        output.unlink(missing_ok=True)
+
+
 def child_main(args: argparse.Namespace) -> None:
     write = load_writer(args.child)
     output = Path(args.output)
-    output.unlink(missing_ok=True)
+    _remove_output(output)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     write(Path(args.input), output, args.tile, args.quality)
@@ -168,7 +184,8 @@ def child_main(args: argparse.Namespace) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     print(json.dumps({"wall_s": wall_s, "cpu_s": cpu_s, "peak_rss_mb": usage.ru_maxrss / 1024,
-                      "output_bytes": output.stat().st_size, "load_average_1min": os.getloadavg()[0]}))
+                      "output_bytes": sum(path.stat().st_size for path in output.rglob("*")) if output.is_dir()
+                      else output.stat().st_size, "load_average_1min": os.getloadavg()[0]}))
 
 
 def measure(writer: str, source: Path, output: Path, args: argparse.Namespace) -> dict:
@@ -187,7 +204,7 @@ def main() -> None:
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--writers", default=",".join(WRITERS),
                         help="comma-separated subset of ours (zstd mosaic), ours-420 (zstd mosaic, YCbCr 4:2:0 "
-                             "JPEG), ours-raw (uncompressed mosaic), libvips")
+                             "JPEG), ours-raw (uncompressed mosaic), ours-dicom (zstd mosaic, DICOM WSI), libvips")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs per writer (alternating); the table shows the fastest run")
     parser.add_argument("--cache-dir", default="/tmp/wsi_export_bench")
@@ -207,7 +224,7 @@ def main() -> None:
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     mosaic = ensure_mosaic(cache_dir, args.size)
-    sources = {"ours": mosaic, "ours-420": mosaic}
+    sources = {"ours": mosaic, "ours-420": mosaic, "ours-dicom": mosaic}
     if "ours-raw" in writers:
         sources["ours-raw"] = ensure_raw_mosaic(cache_dir, args.size, mosaic)
     if "libvips" in writers:
@@ -216,17 +233,17 @@ def main() -> None:
     runs: dict[str, list[dict]] = {writer: [] for writer in writers}
     for _ in range(args.repeats):  # alternate writers so drifting load from other jobs hits both alike
         for writer in writers:
-            output = cache_dir / f"out-{writer}-{args.size}.ome.tif"
+            output = cache_dir / f"out-{writer}-{args.size}{_output_suffix(writer)}"
             runs[writer].append(measure(writer, sources[writer], output, args))
-            output.unlink(missing_ok=True)
+            _remove_output(output)
     results = {writer: {**min(rows, key=lambda row: row["wall_s"]), "runs": rows}
                for writer, rows in runs.items()}
 
     print(f"\nexport {args.size} x {args.size} RGB, tile {args.tile}, JPEG Q{args.quality}, "
           f"{os.cpu_count()} cores, best of {args.repeats}")
-    print(f"{'writer':<10}{'wall s':>10}{'CPU s':>10}{'peak RSS MB':>14}{'output MB':>12}{'load 1m':>10}")
+    print(f"{'writer':<12}{'wall s':>10}{'CPU s':>10}{'peak RSS MB':>14}{'output MB':>12}{'load 1m':>10}")
     for writer, row in results.items():
-        print(f"{writer:<10}{row['wall_s']:>10.2f}{row['cpu_s']:>10.2f}{row['peak_rss_mb']:>14.0f}"
+        print(f"{writer:<12}{row['wall_s']:>10.2f}{row['cpu_s']:>10.2f}{row['peak_rss_mb']:>14.0f}"
               f"{row['output_bytes'] / 1e6:>12.1f}{row['load_average_1min']:>10.2f}")
 
     colour = jpeg_colour_fidelity(args.quality)

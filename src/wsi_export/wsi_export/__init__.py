@@ -1,11 +1,14 @@
-"""Pyramid building and OME-TIFF / OME-Zarr writers (ROS-free core), export node.
+"""Pyramid building and OME-TIFF / OME-Zarr / DICOM WSI writers (ROS-free core), export node.
 
 Core entry point for the export node::
 
     from wsi_export import ExportOptions, export_slide
-    result = export_slide("/data/slide-0001.zarr", "/exports", "slide-0001", ("ome-tiff", "ome-zarr"),
-                          ExportOptions(compression="jpeg", quality=90),
+    result = export_slide("/data/slide-0001.zarr", "/exports", "slide-0001",
+                          ("ome-tiff", "ome-zarr", "dicom"), ExportOptions(compression="jpeg", quality=90),
                           progress=on_progress, should_cancel=goal_is_cancelling)
+
+"dicom" writes the directory slide-0001.dicom, a DICOM WSI series (dicom_output.py); the scanner it names
+is ExportOptions(dicom_equipment=DicomEquipment(manufacturer, model_name, device_serial_number)).
 
 The photos a scan took of the whole slide (and of its label) go beside the pyramid::
 
@@ -20,6 +23,7 @@ A killed export leaves a hidden work directory beside its outputs; the next expo
 removes it, remove_stale_partials_under(root) every one under a directory."""
 __version__ = "0.1.0"
 
+from .dicom_output import DicomEquipment  # noqa: E402
 from .errors import (ExportCancelled, ExportError, ExportOptionsError, ExportStorageError,  # noqa: E402
                      MosaicDataError, MosaicInputError, SlideImageError)
 from .export import (ExportOptions, ExportProgress, ExportResult, export_slide,  # noqa: E402
@@ -27,7 +31,7 @@ from .export import (ExportOptions, ExportProgress, ExportResult, export_slide, 
 from .mosaic import Mosaic, MosaicMetadata, MosaicRegion, mosaic_from_array, open_mosaic  # noqa: E402
 from .slide_images import SlideImage  # noqa: E402
 
-__all__ = ["ExportCancelled", "ExportError", "ExportOptionsError", "ExportStorageError", "MosaicDataError",
-           "MosaicInputError", "SlideImageError", "ExportOptions", "ExportProgress", "ExportResult", "export_slide",
-           "remove_stale_partials_under", "Mosaic", "MosaicMetadata", "MosaicRegion", "mosaic_from_array",
-           "open_mosaic", "SlideImage"]
+__all__ = ["DicomEquipment", "ExportCancelled", "ExportError", "ExportOptionsError", "ExportStorageError",
+           "MosaicDataError", "MosaicInputError", "SlideImageError", "ExportOptions", "ExportProgress", "ExportResult",
+           "export_slide", "remove_stale_partials_under", "Mosaic", "MosaicMetadata", "MosaicRegion",
+           "mosaic_from_array", "open_mosaic", "SlideImage"]

@@ -1,9 +1,10 @@
 """Block jobs: the unit of work that runs on a local thread or a dask.distributed worker.
 
-A job takes a block of 2 tile rows x `block_width_tiles` tiles of one pyramid level, encodes its TIFF
-tiles, writes it to the OME-Zarr level, and writes its 2x reduction into the next level's scratch
-file. Block origins are multiples of (2 tiles, block width), so every write covers whole chunks of its
-target and no two jobs ever write the same chunk."""
+A job takes a block of 2 tile rows x `block_width_tiles` tiles of one pyramid level, encodes its tiles
+with each codec the outputs need (OME-TIFF tiles and DICOM frames share one when they can), writes it to
+the OME-Zarr level, and writes its 2x reduction into the next level's scratch file. Block origins are
+multiples of (2 tiles, block width), so every write covers whole chunks of its target and no two jobs
+ever write the same chunk."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ class BlockJob:
     height_px: int
     width_px: int
     tile_size_px: int
-    codec: TileCodec | None  # None: no OME-TIFF requested
+    codecs: tuple[TileCodec, ...]  # every tile is encoded with each; empty: no encoded output requested
     next_level: ScratchLevel | None  # receives the 2x reduction; None at the last level
     ome_zarr_level: zarr.Array | None  # (c, y, x) OME-Zarr array of this level
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    tile_rows: list[list[bytes]]  # encoded TIFF tiles of each tile row of the block, left to right
+    tile_rows: list[list[tuple[bytes, ...]]]  # per tile row, left to right: each tile's encoding by job.codecs
     pixel_count: int
 
 
@@ -66,10 +67,10 @@ def run_block_job(job: BlockJob) -> BlockResult:
         reduced = downsample_2x_area(block)
         job.next_level[job.row0_px // 2:job.row0_px // 2 + reduced.shape[0],
                        job.col0_px // 2:job.col0_px // 2 + reduced.shape[1]] = reduced
-    tile_rows: list[list[bytes]] = []
-    if job.codec is not None:
+    tile_rows: list[list[tuple[bytes, ...]]] = []
+    if job.codecs:
         size = job.tile_size_px
         for y in range(0, job.height_px, size):
-            tile_rows.append([job.codec.encode(_pad_to_tile(block[y:y + size, x:x + size], size))
-                              for x in range(0, job.width_px, size)])
+            tiles = (_pad_to_tile(block[y:y + size, x:x + size], size) for x in range(0, job.width_px, size))
+            tile_rows.append([tuple(codec.encode(tile) for codec in job.codecs) for tile in tiles])
     return BlockResult(tile_rows=tile_rows, pixel_count=job.height_px * job.width_px)

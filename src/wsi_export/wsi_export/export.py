@@ -1,14 +1,15 @@
-"""export_slide: mosaic -> pyramidal OME-TIFF and/or OME-Zarr, streamed block by block.
+"""export_slide: mosaic -> pyramidal OME-TIFF, OME-Zarr and/or DICOM WSI, streamed block by block.
 
 Levels are produced in file order. Each level is cut into block jobs (see blocks.py) that run on a
 local thread pool or on a dask.distributed cluster; the caller's thread consumes their results in order
-and hands the encoded tiles to tifffile. A job also writes its 2x reduction into an uncompressed
-scratch file of the next level, so every level is read exactly once and memory stays bounded by the
-number of blocks in flight, whatever the slide size. Everything is written inside a hidden work
-directory next to the outputs and renamed into place only when complete; the work directory a killed
-export leaves is removed later (remove_stale_partials)."""
+and hands the encoded tiles to tifffile and to the level's DICOM instance (dicom_output.py). A job also
+writes its 2x reduction into an uncompressed scratch file of the next level, so every level is read
+exactly once and memory stays bounded by the number of blocks in flight, whatever the slide size.
+Everything is written inside a hidden work directory next to the outputs and renamed into place only
+when complete; the work directory a killed export leaves is removed later (remove_stale_partials)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import os
@@ -26,6 +27,7 @@ import tifffile
 from . import __version__
 from .blocks import BlockJob, BlockResult, PixelSource, plan_level_blocks, run_block_job
 from .codecs import TileCodec, resolve_codec
+from .dicom_output import DicomEquipment, DicomSeriesWriter, resolve_dicom_codec
 from .errors import (ExportCancelled, ExportError, ExportOptionsError, ExportStorageError, MosaicDataError,
                      MosaicInputError, UnreadableChunkError)
 from .mosaic import Mosaic, MosaicRegion, describe_regions, missing_regions, open_mosaic
@@ -36,8 +38,8 @@ from .region_reader import region_reader
 from .scratch import ScratchLevel
 from .slide_images import SlideImage
 
-FORMATS = ("ome-tiff", "ome-zarr")
-OUTPUT_SUFFIXES = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
+FORMATS = ("ome-tiff", "ome-zarr", "dicom")
+OUTPUT_SUFFIXES = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "dicom": ".dicom"}  # dicom: a directory
 MICROMETRES_PER_CENTIMETRE = 1e4
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Work directory of an export: ".<name>.<32 hex digits>.export-partial" beside its outputs.
@@ -50,9 +52,9 @@ STALE_PARTIAL_AGE_S = 60.0
 
 @dataclass(frozen=True)
 class ExportOptions:
-    compression: str = "jpeg"  # one of codecs.COMPRESSIONS
+    compression: str = "jpeg"  # one of codecs.COMPRESSIONS; with format dicom, one of DICOM_COMPRESSIONS
     quality: int = 90  # 1..100, jpeg and lossy jpeg2000
-    lossless: bool = False  # jpeg -> deflate, jpeg2000 -> reversible
+    lossless: bool = False  # jpeg -> deflate (DICOM: JPEG 2000 reversible), jpeg2000 -> reversible
     # JPEG chroma subsampling. The default (1, 1) keeps colour at full resolution, stored as RGB JPEG
     # (codecs.JPEG_SUBSAMPLINGS): a pathologist reads stain colour at the scale of a nucleus' edge, where
     # YCbCr 4:2:0 shifts it visibly. On a real H&E region at Q90 (bench/export.py, colour table) 4:2:0 is
@@ -60,17 +62,19 @@ class ExportOptions:
     # just-noticeable difference). (2, 1) = 4:2:2 and (2, 2) = 4:2:0, stored as YCbCr, make the tiles
     # 1.9-2.4x smaller at that cost.
     jpeg_subsampling: tuple[int, int] = (1, 1)
-    tile_size_px: int = 512  # TIFF tile and OME-Zarr chunk edge, multiple of 16
-    write_thumbnail: bool = True  # a "thumbnail" series (of the pyramid) in the OME-TIFF
+    tile_size_px: int = 512  # TIFF tile, DICOM frame and OME-Zarr chunk edge, multiple of 16
+    write_thumbnail: bool = True  # a "thumbnail" series (of the pyramid) in the OME-TIFF, a THUMBNAIL in DICOM
     thumbnail_max_edge_px: int = 256
     lowest_level_max_edge_px: int = LOWEST_LEVEL_MAX_EDGE_PX
     scheduler_address: str | None = None  # dask.distributed scheduler; None = local threads
     scheduler_timeout_s: float = 10.0
     local_workers: int | None = None  # local job threads; None = default_local_workers()
     block_width_tiles: int = 8  # job width in tiles (even); a job is 2 tile rows high
-    # The only personal data written as metadata, and only if given. A label photo (export_slide's label)
-    # shows whatever the slide's label shows: pass one only where the output may carry it.
+    # The only personal data written as metadata (OME Experimenter, DICOM Operators' Name), and only if
+    # given. A label photo (export_slide's label) shows whatever the slide's label shows: pass one only
+    # where the output may carry it.
     experimenter_name: str | None = None
+    dicom_equipment: DicomEquipment = DicomEquipment()  # the scanner, as the DICOM output names it
     file_uuid: str | None = None  # OME UUID of the TIFF; None = random
     overwrite: bool = False
     # Export a mosaic that lacks pixels: one still being stitched (complete=False), or one with chunks
@@ -85,7 +89,7 @@ class ExportProgress:
     level: int  # 0 = full resolution
     levels_total: int
     fraction_done: float  # 0..1 over all levels, weighted by pixel count
-    bytes_written: int  # encoded OME-TIFF tile bytes so far (OME-Zarr only: pixel bytes stored)
+    bytes_written: int  # encoded OME-TIFF tile and DICOM frame bytes so far (OME-Zarr only: pixel bytes stored)
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,8 @@ def _ordered_results(executor: Any, plan: list[_PlannedJob], window: int,
             future.cancel()
 
 
-def _validate(name: str, formats: tuple[str, ...], options: ExportOptions) -> TileCodec:
+def _validate(name: str, formats: tuple[str, ...], options: ExportOptions) -> dict[str, TileCodec]:
+    """Check the options; return the tile codec of each requested format that stores encoded tiles."""
     if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
         raise ExportOptionsError(f"output name {name!r} must be a plain file stem: letters, digits, "
                                  f"'.', '_', '-', starting with a letter or digit")
@@ -219,7 +224,11 @@ def _validate(name: str, formats: tuple[str, ...], options: ExportOptions) -> Ti
             uuid.UUID(options.file_uuid)
         except ValueError as error:
             raise ExportOptionsError(f"file_uuid={options.file_uuid!r} is not a UUID") from error
-    return resolve_codec(options.compression, options.quality, options.lossless, options.jpeg_subsampling)
+    codec_options = (options.compression, options.quality, options.lossless, options.jpeg_subsampling)
+    codecs = {"ome-tiff": resolve_codec(*codec_options)}  # checked whatever the formats
+    if "dicom" in formats:
+        codecs["dicom"] = resolve_dicom_codec(*codec_options)
+    return {export_format: codec for export_format, codec in codecs.items() if export_format in formats}
 
 
 def _shape_after_shrink(shape: tuple[int, int], max_edge_px: int) -> tuple[int, int]:
@@ -242,7 +251,7 @@ def _open_binary_output(path: Path) -> io.BufferedWriter:
 
 class _Export:
     def __init__(self, mosaic: Mosaic, output_dir: Path, name: str, formats: tuple[str, ...],
-                 options: ExportOptions, codec: TileCodec, slide_images: dict[str, SlideImage],
+                 options: ExportOptions, codecs: dict[str, TileCodec], slide_images: dict[str, SlideImage],
                  progress: Callable[[ExportProgress], None] | None,
                  should_cancel: Callable[[], bool] | None):
         self.mosaic = mosaic
@@ -252,7 +261,9 @@ class _Export:
         self.formats = formats
         self.options = options
         self.tile_px = options.tile_size_px
-        self.codec = codec if "ome-tiff" in formats else None
+        self.codecs = codecs
+        # Every tile is encoded once per distinct codec; OME-TIFF and DICOM share the default JPEG tiles.
+        self.distinct_codecs = tuple(dict.fromkeys(codecs.values()))
         self.should_cancel = should_cancel
         self.level_shapes = pyramid_level_shapes(mosaic.height_px, mosaic.width_px,
                                                  options.lowest_level_max_edge_px)
@@ -262,6 +273,14 @@ class _Export:
 
     def pixel_size_um(self, level: int) -> float:
         return self.mosaic.metadata.pixel_size_um * 2 ** level
+
+    def codec_index(self, export_format: str) -> int:
+        """Where a format's encoding of a tile is in the tuples level_tiles yields."""
+        return self.distinct_codecs.index(self.codecs[export_format])
+
+    def thumbnail_pixel_size_um(self, width_px: int) -> float:
+        """The thumbnail spans the full-resolution width."""
+        return self.pixel_size_um(0) * self.level_shapes[0][1] / width_px
 
     def run(self, work_dir: Path, executor: Any) -> dict[str, Path]:
         """Write every requested output inside work_dir; return their temporary paths."""
@@ -273,25 +292,23 @@ class _Export:
         plan, level_rows = self._plan(level_sources, ome_zarr_levels)
         results = _ordered_results(executor, plan, 2 * executor.parallelism + 1, self.should_cancel)
 
-        def level_tiles(level: int) -> Iterator[bytes]:
+        written_codecs = [self.codec_index(f) for f in self.codecs]  # a codec two formats share, twice
+
+        def level_tiles(level: int) -> Iterator[tuple[bytes, ...]]:
+            """The level's tiles in file order (row by row), each as its encodings by distinct_codecs."""
             for row in level_rows[level]:
                 row_results = [next(results) for _ in row]
                 for result in row_results:
-                    encoded = sum(len(tile) for tile_row in result.tile_rows for tile in tile_row)
+                    encoded = sum(len(tile[index]) for tile_row in result.tile_rows for tile in tile_row
+                                  for index in written_codecs)
                     self.tracker.block_done(level, result.pixel_count,
-                                            encoded if self.codec else result.pixel_count * 3)
+                                            encoded if self.codecs else result.pixel_count * 3)
                 for tile_row_index in range(len(row_results[0].tile_rows)):
                     for result in row_results:
                         yield from result.tile_rows[tile_row_index]
 
         try:
-            if "ome-tiff" in written:
-                self._write_ome_tiff(written["ome-tiff"], level_tiles, level_sources)
-            else:
-                for level in range(len(self.level_shapes)):
-                    for _ in level_tiles(level):
-                        pass
-                    self._drop_scratch_level(level, level_sources)
+            self._write_tiles(written, level_tiles, level_sources)
         finally:
             results.close()  # cancels whatever is still queued
         return written
@@ -315,7 +332,7 @@ class _Export:
                     indices.append(len(plan))
                     plan.append(_PlannedJob(BlockJob(
                         source=level_sources[level], row0_px=r0, col0_px=c0, height_px=bh, width_px=bw,
-                        tile_size_px=self.tile_px, codec=self.codec,
+                        tile_size_px=self.tile_px, codecs=self.distinct_codecs,
                         next_level=level_sources[level + 1] if level + 1 < len(level_sources) else None,
                         ome_zarr_level=ome_zarr_levels[level] if ome_zarr_levels else None), depends_on))
                 rows.append(indices)
@@ -334,12 +351,13 @@ class _Export:
         if 0 < level < len(level_sources) - 1:
             level_sources[level].remove()
 
-    def _associated_images(self, level_sources: list[PixelSource]) -> list[np.ndarray]:
-        """Pixels of the series after the pyramid, in _ome_series order."""
-        images = [image.pixels for image in self.slide_images.values()]
+    def _associated_images(self, level_sources: list[PixelSource]) -> list[tuple[str, np.ndarray, float]]:
+        """(series name, pixels, pixel size µm) of the images after the pyramid, in _ome_series order."""
+        images = [(name, image.pixels, image.pixel_size_um) for name, image in self.slide_images.items()]
         if self.options.write_thumbnail:
             lowest = np.asarray(level_sources[-1][:, :])
-            images.insert(0, shrink_to_fit(lowest, self.options.thumbnail_max_edge_px))
+            thumbnail = shrink_to_fit(lowest, self.options.thumbnail_max_edge_px)
+            images.insert(0, ("thumbnail", thumbnail, self.thumbnail_pixel_size_um(thumbnail.shape[1])))
         return images
 
     def _ome_series(self) -> list[OmeSeries]:
@@ -347,8 +365,7 @@ class _Export:
         series = [OmeSeries(self.name, *self.level_shapes[0], self.pixel_size_um(0), ifd=0)]
         if self.options.write_thumbnail:
             h, w = _shape_after_shrink(self.level_shapes[-1], self.options.thumbnail_max_edge_px)
-            series.append(OmeSeries("thumbnail", h, w, self.pixel_size_um(0) * self.level_shapes[0][1] / w,
-                                    ifd=len(series)))
+            series.append(OmeSeries("thumbnail", h, w, self.thumbnail_pixel_size_um(w), ifd=len(series)))
         for name, image in self.slide_images.items():
             series.append(OmeSeries(name, *image.pixels.shape[:2], image.pixel_size_um, ifd=len(series)))
         return series
@@ -357,28 +374,59 @@ class _Export:
         pixels_per_cm = MICROMETRES_PER_CENTIMETRE / pixel_size_um
         return {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
 
-    def _write_ome_tiff(self, path: Path, level_tiles: Callable[[int], Iterator[bytes]],
-                        level_sources: list[PixelSource]) -> None:
-        description = build_ome_xml(
-            file_name=self.final_paths["ome-tiff"].name,
-            file_uuid=self.options.file_uuid or str(uuid.uuid4()),
-            metadata=self.mosaic.metadata, series=self._ome_series(),
-            experimenter_name=self.options.experimenter_name)
-        codec_arguments = self.codec.tifffile_arguments()
-        common = dict(dtype=np.uint8, tile=(self.tile_px, self.tile_px), metadata=None,
-                      software=f"wsi_export {__version__}", **codec_arguments)
-        with _open_binary_output(path) as handle, \
-                tifffile.TiffWriter(handle, bigtiff=True, byteorder="<", ome=False) as tiff:
+    def _write_tiles(self, written: dict[str, Path], level_tiles: Callable[[int], Iterator[tuple[bytes, ...]]],
+                     level_sources: list[PixelSource]) -> None:
+        """Consume every level's tiles in file order into the OME-TIFF and the DICOM levels (those requested),
+        then write the thumbnail and slide photos into both."""
+        with contextlib.ExitStack() as stack:
+            tiff = dicom = None
+            if "ome-tiff" in written:
+                handle = stack.enter_context(_open_binary_output(written["ome-tiff"]))
+                tiff = stack.enter_context(tifffile.TiffWriter(handle, bigtiff=True, byteorder="<", ome=False))
+                description = build_ome_xml(
+                    file_name=self.final_paths["ome-tiff"].name,
+                    file_uuid=self.options.file_uuid or str(uuid.uuid4()),
+                    metadata=self.mosaic.metadata, series=self._ome_series(),
+                    experimenter_name=self.options.experimenter_name)
+                tiff_arguments = dict(dtype=np.uint8, tile=(self.tile_px, self.tile_px), metadata=None,
+                                      software=f"wsi_export {__version__}",
+                                      **self.codecs["ome-tiff"].tifffile_arguments())
+            if "dicom" in written:
+                dicom = DicomSeriesWriter(written["dicom"], self.mosaic.metadata, self.level_shapes[0],
+                                          self.codecs["dicom"], self.tile_px, self.options.dicom_equipment,
+                                          self.options.experimenter_name)
             for level, (h, w) in enumerate(self.level_shapes):
-                placement = ({"subifds": len(self.level_shapes) - 1, "description": description.encode()}
-                             if level == 0 else {"subfiletype": 1})
                 tiles = level_tiles(level)
-                tiff.write(tiles, shape=(h, w, 3), **placement,
-                           **self._resolution_tags(self.pixel_size_um(level)), **common)
+                with (dicom.pyramid_level(level, h, w, self.pixel_size_um(level)) if dicom
+                      else contextlib.nullcontext()) as frames:
+                    if frames is not None:
+                        tiles = _passed_to(tiles, frames.write_frame, self.codec_index("dicom"))
+                    if tiff is not None:
+                        placement = ({"subifds": len(self.level_shapes) - 1, "description": description.encode()}
+                                     if level == 0 else {"subfiletype": 1})
+                        tiff_index = self.codec_index("ome-tiff")
+                        tiff.write((tile[tiff_index] for tile in tiles), shape=(h, w, 3), **placement,
+                                   **self._resolution_tags(self.pixel_size_um(level)), **tiff_arguments)
+                    else:
+                        for _ in tiles:
+                            pass
                 tiles.close()
                 self._drop_scratch_level(level, level_sources)
-            for series, image in zip(self._ome_series()[1:], self._associated_images(level_sources)):
-                tiff.write(image, **self._resolution_tags(series.pixel_size_um), **common)
+            for name, pixels, pixel_size_um in self._associated_images(level_sources):
+                if tiff is not None:
+                    tiff.write(pixels, **self._resolution_tags(pixel_size_um), **tiff_arguments)
+                if dicom is not None and name == "thumbnail":
+                    dicom.write_thumbnail(pixels)
+                elif dicom is not None:
+                    dicom.write_slide_photo(name, pixels, pixel_size_um)
+
+
+def _passed_to(tiles: Iterator[tuple[bytes, ...]], write: Callable[[bytes], None],
+               index: int) -> Iterator[tuple[bytes, ...]]:
+    """The tiles, each handed to `write` (its encoding at `index`) as it goes by."""
+    for tile in tiles:
+        write(tile[index])
+        yield tile
 
 
 def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str | None = None,
@@ -389,9 +437,10 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
                  macro: SlideImage | None = None, label: SlideImage | None = None) -> ExportResult:
     """Export a mosaic (path of the shared Zarr contract, or a Mosaic from mosaic_from_array).
 
-    Outputs are `<output_dir>/<name>.ome.tif` and/or `<name>.ome.zarr`, created atomically. `macro` (the
-    photo of the whole slide, e.g. slide_images_from_manifest) and `label` become the OME-TIFF series of
-    those names after the thumbnail; OME-Zarr has no place for them (its "labels" are segmentations).
+    Outputs are `<output_dir>/<name>.ome.tif`, `<name>.ome.zarr` and/or the directory `<name>.dicom` (a
+    DICOM WSI series, see dicom_output.py), created atomically. `macro` (the photo of the whole slide, e.g.
+    slide_images_from_manifest) and `label` become the OME-TIFF series of those names after the thumbnail,
+    and the DICOM OVERVIEW and LABEL images; OME-Zarr has no place for them (its "labels" are segmentations).
     `progress` is called after every block with an ExportProgress; `should_cancel` is polled between
     blocks and makes the export raise ExportCancelled. Raises ExportOptionsError, MosaicInputError,
     ExportStorageError or ExportCancelled; on any error no output exists under a final name."""
@@ -400,7 +449,7 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
     if not isinstance(mosaic, Mosaic):
         mosaic = open_mosaic(mosaic)
     name = mosaic.source_name if name is None else name
-    codec = _validate(name, formats, options)
+    codecs = _validate(name, formats, options)
     if not mosaic.metadata.complete and not options.allow_partial_mosaic:
         raise MosaicInputError(f"mosaic {mosaic.source_name!r} is marked complete=False (still being "
                                f"stitched); pass allow_partial_mosaic=True to export it anyway")
@@ -415,7 +464,7 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
     if not output_dir.is_dir():
         raise ExportStorageError(f"output directory {str(output_dir)!r} does not exist or is not a directory")
     slide_images = {series: image for series, image in (("macro", macro), ("label", label)) if image is not None}
-    export = _Export(mosaic, output_dir, name, formats, options, codec, slide_images, progress, should_cancel)
+    export = _Export(mosaic, output_dir, name, formats, options, codecs, slide_images, progress, should_cancel)
     for path in export.final_paths.values():
         if path.exists() and not options.overwrite:
             raise ExportStorageError(f"output {str(path)!r} already exists; pass overwrite=True to replace it")

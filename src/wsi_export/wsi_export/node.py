@@ -1,4 +1,4 @@
-"""Export node: the ExportSlide action (mosaic -> OME-TIFF / OME-Zarr), confined to an output root."""
+"""Export node: the ExportSlide action (mosaic -> OME-TIFF / OME-Zarr / DICOM WSI), confined to an output root."""
 import threading
 import time
 
@@ -12,6 +12,7 @@ from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_export import (ExportCancelled, ExportOptions, ExportOptionsError, ExportStorageError, MosaicInputError,
                         SlideImageError, export_slide, remove_stale_partials_under)
+from wsi_export.export import FORMATS
 from wsi_export.mosaic import describe_regions
 from wsi_export.scan_manifest import slide_images_from_manifest
 from wsi_interfaces.action import ExportSlide
@@ -23,7 +24,6 @@ PARAMETERS = {
     "default_scheduler_address": ("", "dask.distributed scheduler used when a goal names none; empty = local"),
 }
 
-FORMATS = ("ome-tiff", "ome-zarr")
 ERROR_CODES = ((ExportCancelled, ExportSlide.Result.ERROR_CANCELED),
                (ExportOptionsError, ExportSlide.Result.ERROR_INVALID_GOAL),
                (MosaicInputError, ExportSlide.Result.ERROR_INPUT),
