@@ -1,10 +1,12 @@
 """DICOM WSI export (format "dicom"): read back by wsidicom and by OpenSlide, checked by dciodvfy and dcentvfy
 (dicom3tools), de-identified, and written as a stream."""
 import errno
+import getpass
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +220,8 @@ def test_patient_and_study_are_empty_placeholders_and_uids_are_proper(exported):
             assert keyword in ds and ds[keyword].value in ("", None), keyword
         assert "OperatorsName" not in ds  # no experimenter was given
         assert [element.keyword for element in ds.iterall() if element.VR == "PN" and element.value] == []
+        texts = [str(element.value) for element in ds.iterall() if isinstance(element.value, str)]
+        assert not [text for text in texts if socket.gethostname() in text or getpass.getuser() in text]
         for element in ds.iterall():
             if element.VR == "UI" and element.keyword != "TransferSyntaxUID":
                 assert UID(element.value).is_valid, (element.keyword, element.value)
