@@ -37,7 +37,7 @@ PARAMETERS = {
 }
 
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-OUTPUT_FORMATS = ("ome-tiff", "ome-zarr")
+OUTPUT_FORMATS = ("ome-tiff", "ome-zarr", "dicom")  # the export node's (wsi_export.export.FORMATS)
 
 
 class GoalError(ValueError):
