@@ -11,6 +11,8 @@ def test_refine_peak_finds_the_vertex_between_samples():
     z = np.arange(-5.0, 5.1, 1.0)
     assert refine_peak(z, -(z - 0.3) ** 2) == pytest.approx(0.3)
     assert refine_peak(z, z) == 5.0          # monotonic: the end of the sweep
+    uneven = np.array([-4.0, -2.0, -0.5, 0.0, 0.5, 2.0, 4.0])       # a coarse and a fine sweep together
+    assert refine_peak(uneven, -(uneven - 0.3) ** 2) == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("name", sorted(SHARPNESS_METRICS))

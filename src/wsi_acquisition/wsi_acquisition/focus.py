@@ -74,15 +74,15 @@ def tissue_fraction(image: np.ndarray) -> float:
 
 
 def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:
-    """Peak of a sampled focus curve (evenly spaced z), refined by a parabola through the best
-    sample and its neighbours; the best sample itself when it lies at an end of the sweep."""
+    """Peak of a sampled focus curve (z ascending, evenly spaced or not: a coarse and a fine sweep
+    together), refined by a parabola through the best sample and its neighbours; the best sample
+    itself when it lies at an end of the sweep."""
     z_um, scores = np.asarray(z_um, dtype=float), np.asarray(scores, dtype=float)
     best = int(np.argmax(scores))
     if 0 < best < len(scores) - 1:
-        left, centre, right = scores[best - 1:best + 2]
-        curvature = left - 2 * centre + right
+        curvature, slope, _ = np.polyfit(z_um[best - 1:best + 2], scores[best - 1:best + 2], 2)
         if curvature < 0:
-            return float(z_um[best] + 0.5 * (left - right) / curvature * (z_um[best + 1] - z_um[best]))
+            return float(np.clip(-slope / (2 * curvature), z_um[best - 1], z_um[best + 1]))
     return float(z_um[best])
 
 
