@@ -15,23 +15,23 @@ from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, Fo
                                      default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import record_reproduction, render, target_statement
-from wsi_autofocus.model_io import MODEL_INPUTS
+from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
-from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, focus_loss, train,
-                                   training_loss, uncertainty_scale)
+from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, fit_uncertainty_calibration,
+                                   focus_loss, train, training_loss, uncertainty_calibration)
 
 
 TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_architecture_maps_patch_and_context_to_defocus_and_log_variance(name):
+def test_every_architecture_maps_patch_and_context_to_distance_variance_and_side(name):
     model = build_model(name, 64).eval()
     patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
     with torch.inference_mode():
         output = model(patches, context, TWENTY_X.repeat(3, 1))
         other_context = model(patches, torch.rand(3, 3, 64, 64), TWENTY_X.repeat(3, 1))
-    assert output.shape == (3, 2) and torch.isfinite(output).all()
+    assert output.shape == (3, len(MODEL_OUTPUTS)) and torch.isfinite(output).all()
     assert not torch.allclose(output, other_context)          # the context view reaches the head
 
 
@@ -40,9 +40,9 @@ def test_near_focus_head_trains_on_the_patch_alone_and_stays_out_of_inference():
     patches, context = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
     both = model.forward_with_near_head(patches, context, TWENTY_X.repeat(3, 1))
     other_context = model.forward_with_near_head(patches, torch.rand(3, 3, 64, 64), TWENTY_X.repeat(3, 1))
-    assert both.shape == (3, 4)
-    torch.testing.assert_close(both[:, :2], model(patches, context, TWENTY_X.repeat(3, 1)))
-    torch.testing.assert_close(both[:, 2:], other_context[:, 2:])       # the near head never sees the context
+    assert both.shape == (3, 5)
+    torch.testing.assert_close(both[:, :3], model(patches, context, TWENTY_X.repeat(3, 1)))
+    torch.testing.assert_close(both[:, 3:], other_context[:, 3:])       # the near head never sees the context
     training_loss(both, torch.tensor([0.5, -2.0, 4.0]), beta=0.5).backward()
     assert model.near_head[0].weight.grad.abs().sum() > 0 and model.head[0].weight.grad.abs().sum() > 0
 
@@ -72,12 +72,24 @@ def test_exposure_does_not_change_the_prediction():
 
 
 def test_aggregate_is_a_robust_weighted_median_with_honest_uncertainty():
-    agreeing, sigma_agree = aggregate(np.array([1.0, 1.1, 0.9, 1.0, 15.0]), np.log(np.full(5, 0.04)))
-    assert agreeing == pytest.approx(1.0, abs=0.11)         # the outlier patch does not drag it
-    _, sigma_disagree = aggregate(np.array([-4.0, 4.0, -3.0, 3.0, 0.0]), np.log(np.full(5, 0.04)))
-    assert sigma_disagree > 3 * sigma_agree
-    trusted, _ = aggregate(np.array([2.0, 8.0, 8.0]), np.log(np.array([0.01, 25.0, 25.0])))
-    assert trusted == 2.0                                    # the confident patch outweighs two unsure ones
+    sure_above = np.full(5, 8.0)
+    agreeing = aggregate(np.array([1.0, 1.1, 0.9, 1.0, 15.0]), np.log(np.full(5, 0.04)), sure_above)
+    assert agreeing.distance_um == pytest.approx(1.0, abs=0.11)       # the outlier patch does not drag it
+    disagreeing = aggregate(np.array([1.0, 7.0, 2.0, 6.0, 4.0]), np.log(np.full(5, 0.04)), sure_above)
+    assert disagreeing.distance_uncertainty_um > 3 * agreeing.distance_uncertainty_um
+    trusted = aggregate(np.array([2.0, 8.0, 8.0]), np.log(np.array([0.01, 25.0, 25.0])), np.full(3, 8.0))
+    assert trusted.distance_um == 2.0                        # the confident patch outweighs two unsure ones
+
+
+def test_a_tile_whose_side_is_in_doubt_is_never_certain():
+    """Distance known to 0.1 µm, side a coin toss: the signed estimate must say +-distance, not +-0.1 µm."""
+    sure = aggregate(np.full(4, 5.0), np.log(np.full(4, 0.01)), np.full(4, 9.0))
+    assert sure.defocus_um == 5.0 and sure.uncertainty_um < 0.2 and sure.above_focus_probability > 0.99
+    below = aggregate(np.full(4, 5.0), np.log(np.full(4, 0.01)), np.full(4, -9.0))
+    assert below.defocus_um == -5.0
+    doubtful = aggregate(np.full(4, 5.0), np.log(np.full(4, 0.01)), np.array([0.3, -0.2, 0.1, -0.1]))
+    assert doubtful.distance_uncertainty_um < 0.2
+    assert doubtful.uncertainty_um == pytest.approx(5.0, rel=0.02)    # sqrt(4 d^2 p (1 - p)), p ~ 0.5
 
 
 def test_patches_are_taken_where_the_tissue_is():
@@ -160,7 +172,7 @@ def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
     for name in ("model.pt", "model.onnx", "model.torchscript.pt", "metadata.json"):
         assert (tiny_model / name).stat().st_size > 0
     scripted = torch.jit.load(str(tiny_model / "model.torchscript.pt"))
-    assert scripted(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64), TWENTY_X.repeat(2, 1)).shape == (2, 2)
+    assert scripted(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64), TWENTY_X.repeat(2, 1)).shape == (2, len(MODEL_OUTPUTS))
 
 
 def test_available_backends_agree(tiny_model):
@@ -216,19 +228,33 @@ def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
     assert len(results) == 3 and all(r.patches_used == 4 for r in results)
     with pytest.raises(FocusInputError, match="3 images but 1"):
         estimator.estimate_many([np.full((128, 128, 3), 200, np.uint8)] * 3, [(0.75, 0.325)])
+    for numerical_aperture, pixel_size_um in ((float("nan"), 0.325), (-0.1, 0.325), (1e30, 0.325), (0.75, float("inf")),
+                                              (0.75, -1.0), (0.75, 1e3)):
+        with pytest.raises(FocusInputError, match="expected 0 \\(unknown\\) or up to"):
+            estimator.estimate(np.full((128, 128, 3), 200, np.uint8), numerical_aperture, pixel_size_um)
+    assert estimator.estimate(np.full((128, 128, 3), 200, np.uint8), 0.0, 0.0).patches_used == 4     # unknown optics
 
 
 class _ConstantPrediction(torch.nn.Module):
-    """Predicts defocus 0 with sigma 1 µm whatever the patch."""
+    """Predicts distance 0 with sigma 1 µm, and "above focus" with log-odds 4, whatever the patch."""
     def forward(self, patches, context, optics):
-        return torch.zeros(len(patches), 2)
+        return torch.tensor([[0.0, 0.0, 4.0]]).repeat(len(patches), 1)
 
 
 def test_uncertainty_scale_is_the_ratio_of_held_out_errors_to_predicted_sigma():
-    targets = torch.tensor([2.0, -2.0, 2.0, -2.0])            # every error is 2 sigma
+    targets = torch.tensor([2.0, -2.0, 2.0, -2.0])            # every distance error is 2 sigma
     loader = DataLoader(TensorDataset(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 16, 16), torch.zeros(4, 2), targets),
                         batch_size=3)
-    assert uncertainty_scale(_ConstantPrediction(), loader) == pytest.approx(2.0)
+    calibration = uncertainty_calibration(_ConstantPrediction(), loader)
+    assert calibration["uncertainty_scale"] == pytest.approx(2.0)
+    # Half the sides are wrong: the sure logit of 4 must be cooled until it says "no idea".
+    assert calibration["side_temperature"] > 10
+
+
+def test_side_temperature_sharpens_a_timid_logit_that_is_always_right():
+    target = torch.tensor([3.0, -3.0, 5.0, -5.0] * 8)
+    output = torch.stack([target.abs(), torch.zeros(32), 0.3 * torch.sign(target)], dim=1)
+    assert fit_uncertainty_calibration(output, target)["side_temperature"] < 0.5
 
 
 def test_estimator_applies_the_calibrated_uncertainty_scale(tiny_model, tmp_path):
@@ -244,13 +270,13 @@ def test_estimator_applies_the_calibrated_uncertainty_scale(tiny_model, tmp_path
     base = FocusEstimator(backend, tiny_model).estimate(image, 0.75, 0.325)
     wider = FocusEstimator(backend, rescaled).estimate(image, 0.75, 0.325)
     assert wider.defocus_um == pytest.approx(base.defocus_um)
-    assert wider.uncertainty_um > 1.5 * base.uncertainty_um
+    assert wider.distance_uncertainty_um > 1.5 * base.distance_uncertainty_um
 
 
 def test_loss_keeps_uncertain_samples_in_the_fit():
     def mean_gradients(beta):
         # Two samples, each one predicted sigma off: an easy one (sigma 0.5 µm), a hard one (sigma 5 µm).
-        output = torch.tensor([[0.0, math.log(0.25)], [0.0, math.log(25.0)]], requires_grad=True)
+        output = torch.tensor([[0.0, math.log(0.25), 0.0], [0.0, math.log(25.0), 0.0]], requires_grad=True)
         focus_loss(output, torch.tensor([0.5, 5.0]), beta).backward()
         return output.grad[:, 0].abs()
 
@@ -258,6 +284,13 @@ def test_loss_keeps_uncertain_samples_in_the_fit():
     assert hard < 0.5 * easy                     # plain NLL: the hard sample barely moves the mean
     easy, hard = mean_gradients(0.5)
     assert hard == pytest.approx(easy)           # β-NLL: both pull as hard
+
+
+def test_the_side_of_focus_weighs_with_the_distance_it_would_cost():
+    output = torch.zeros(3, 3, requires_grad=True)          # undecided about the side of every sample
+    focus_loss(output, torch.tensor([0.2, -3.0, 15.0]), 0.5).backward()
+    pull = output.grad[:, 2].abs()
+    assert pull[0] < pull[1] < pull[2] and pull[2] == pytest.approx(pull[1] * 10 / 3)    # capped at 10 µm
 
 
 def test_learning_rate_anneals_linearly_over_the_last_part_of_the_run():

@@ -6,7 +6,7 @@ specimens within ±8 µm, and near-empty fields, through the default ONNX Runtim
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import trusts_estimate
+from wsi_acquisition.focus import SIDE_CERTAINTY, trusts_estimate
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, specimen_for_seed, tissue_points
 from wsi_autofocus.evaluate import EvaluationSpec, estimate_capture, render_tile
@@ -15,15 +15,16 @@ from wsi_autofocus.inference import FocusEstimator, load_backend
 pytestmark = pytest.mark.slow
 
 SPEC = EvaluationSpec()
-# Bounds with headroom over what the shipped model (v4) measured on this test's 36 tiles: median
-# |error| 0.06 µm; the scan trusts 86 % of the estimates (`trusts_estimate`) and those have MAE 0.075 µm;
-# every error within 2 sigma. The MAE over all 36 tiles (0.54 µm) is not bounded: two tiles that the model
-# marks uncertain (sigma 8-9 µm, so a scan does not act on them) carry 80 % of it, which makes it a noisy
-# guard; the full held-out table with its MAE targets is `wsi-autofocus eval` (MODEL_CARD.md).
+# Bounds with headroom over what the shipped model (v5) measured on this test's 36 tiles: median |error|
+# 0.14 µm, distance MAE 0.19 µm, sign right for every tile beyond 1 µm, every error within 2 sigma; the
+# side is known (p >= SIDE_CERTAINTY either way) for 39 % of the tiles and right on all of them. The scan
+# acts on a single shot only where it trusts the signed estimate (19 % here, MAE 0.12 µm); elsewhere it
+# takes a side probe. The full held-out tables are `wsi-autofocus eval` (MODEL_CARD.md).
 MAX_MEDIAN_ERROR_UM = 0.25
-MIN_TRUSTED_FRACTION = 0.6
+MAX_DISTANCE_MAE_UM = 0.35
 MAX_TRUSTED_MAE_UM = 0.25
 MIN_SIGN_ACCURACY = 0.95
+MIN_SIDE_KNOWN_FRACTION = 0.25
 EMPTY_TO_TISSUE_SIGMA = 2.0
 
 
@@ -41,24 +42,27 @@ def held_out():
 
 
 def test_single_shot_defocus_on_held_out_specimens(estimator, held_out):
-    true, predicted, sigma = [], [], []
+    true, results = [], []
     depth_of_field_um = held_out[0][1].depth_of_field_um(20.0)
     for seed, microscope in held_out:
         rng = np.random.default_rng([17, seed])
         for (x, y), defocus in zip(tissue_points(microscope, rng, 12), rng.uniform(-8.0, 8.0, 12)):
             capture = render_tile(microscope, x, y, defocus, 20.0, SPEC)
-            result = estimate_capture(estimator, capture)
             true.append(capture.defocus_um)
-            predicted.append(result.defocus_um)
-            sigma.append(result.uncertainty_um)
-    true, predicted, sigma = map(np.array, (true, predicted, sigma))
+            results.append(estimate_capture(estimator, capture))
+    true = np.array(true)
+    predicted, sigma = np.array([r.defocus_um for r in results]), np.array([r.uncertainty_um for r in results])
+    distance, above = np.array([r.distance_um for r in results]), np.array([r.above_focus_probability for r in results])
     error = np.abs(predicted - true)
     signed = np.abs(true) > 1.0
     trusted = np.array([trusts_estimate(s, depth_of_field_um) for s in sigma])
+    side_known = (above >= SIDE_CERTAINTY) | (above <= 1 - SIDE_CERTAINTY)
     assert np.median(error) < MAX_MEDIAN_ERROR_UM, f"median |error| {np.median(error):.3f} µm"
-    assert trusted.mean() >= MIN_TRUSTED_FRACTION, f"a scan trusts {trusted.mean():.0%} of the estimates"
+    assert np.mean(np.abs(distance - np.abs(true))) < MAX_DISTANCE_MAE_UM
     assert error[trusted].mean() < MAX_TRUSTED_MAE_UM, f"MAE {error[trusted].mean():.3f} µm where a scan trusts"
     assert np.mean(np.sign(predicted[signed]) == np.sign(true[signed])) >= MIN_SIGN_ACCURACY
+    assert side_known.mean() >= MIN_SIDE_KNOWN_FRACTION, f"side known for {side_known.mean():.0%} of the tiles"
+    assert np.all(np.sign(predicted[side_known & signed]) == np.sign(true[side_known & signed]))
     assert np.mean(error <= 2 * sigma) >= 0.8        # the uncertainty covers the errors it should
 
 

@@ -2,7 +2,12 @@
 
     wsi-autofocus generate [--data-dir D]          render train/val/test splits with the virtual microscope
     wsi-autofocus train [--data-dir D] [--output M]  train and export (model.pt, model.onnx, TorchScript)
-    wsi-autofocus eval [--model M] [--backend B]   held-out specimens: metrics, baselines, plots
+    wsi-autofocus eval [--model M] [--backend B]   held-out specimens: metrics, baselines, plots; the table
+                                                   over content sources x held-out microscopes x objectives;
+                                                   self-calibration under each held-out microscope
+    wsi-autofocus calibrate --scan SCAN_DIR [--scanner NAME] [--store DIR]
+                                                   fine-tune the model on a scan's focus-map sweeps and
+                                                   store it for that scanner, objective and camera
     wsi-autofocus card [--model M] [--reproduction R]  write MODEL_CARD.md from the model's metadata and
                                                    evaluation (R: another run of the recipe, recorded beside it)
 """
@@ -11,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_autofocus import data
+from wsi_autofocus import data, shift_evaluation
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 
 DEFAULT_DATA_DIR = Path("build/autofocus-data")
@@ -48,12 +53,37 @@ def command_eval(args) -> int:
     spec = EvaluationSpec(tiles_per_specimen_and_objective=args.tiles)
     evaluation = run_evaluation(estimator, spec, split=args.split)
     summary = summarize(evaluation, backend.name)
+    if args.split == "test" and not args.skip_shift:
+        # Held-out microscopes and real content are test data too: never evaluated while tuning (--split val).
+        tiles = shift_evaluation.render_tiles(shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles),
+                                              args.cache_dir, workers=args.workers)
+        summary["shift"] = shift_evaluation.summarize(tiles, shift_evaluation.estimate_tiles(estimator, tiles))
+        summary["calibration_under_held_out_imaging"] = shift_evaluation.calibration_check(
+            args.model, shift_evaluation.CalibrationSpec(), tiles, args.cache_dir, args.backend)
     report = write_report(evaluation, summary, args.output)
     plots = plot(evaluation, summary, args.output)
     print(format_table(summary))
+    if "shift" in summary:
+        print()
+        print(shift_evaluation.format_table(summary["shift"]))
+        print(shift_evaluation.format_calibration(summary["calibration_under_held_out_imaging"]))
     print(f"report: {report}; plots: {', '.join(map(str, plots))}")
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def command_calibrate(args) -> int:
+    from wsi_autofocus.calibration import CalibrationStore, calibrate, stacks_from_scan
+
+    stacks, optics = stacks_from_scan(args.scan)
+    store = CalibrationStore(args.store, args.scanner)
+    output = args.output or store.model_dir(optics["objective_magnification"], optics["numerical_aperture"],
+                                            optics["pixel_size_um"])
+    result = calibrate(stacks, output, args.model, scanner={"name": args.scanner} | optics,
+                       log=lambda line: print(line, flush=True))
+    print(f"calibrated on {result.stacks} sweeps ({result.images} images) in {result.fit_s:.0f} s: held-back sweeps "
+          f"MAE {result.held_back_mae_before_um:.2f} -> {result.held_back_mae_after_um:.2f} µm; model: {result.model_dir}")
     return 0
 
 
@@ -95,7 +125,22 @@ def main(argv=None) -> int:
     evaluate.add_argument("--patches-per-tile", type=int, help="override the model's patches per tile")
     evaluate.add_argument("--output", type=Path, default=Path("build/autofocus-eval"))
     evaluate.add_argument("--summary-json", type=Path)
+    evaluate.add_argument("--shift-tiles", type=int, default=shift_evaluation.ShiftSpec.tiles_per_cell,
+                          help="tiles per (content, microscope, objective) cell of the held-out imaging table")
+    evaluate.add_argument("--skip-shift", action="store_true", help="only the own-simulator evaluation")
+    evaluate.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"),
+                          help="rendered held-out tiles and sweeps, reused by later evaluations")
+    evaluate.add_argument("--workers", type=int, default=2)
     evaluate.set_defaults(run=command_eval)
+    calibrate = commands.add_parser("calibrate", help="fine-tune on a scan's focus-map sweeps")
+    calibrate.add_argument("--scan", type=Path, required=True, help="scan directory (with manifest.json)")
+    calibrate.add_argument("--scanner", default="default", help="name of the scanner the sweeps come from")
+    calibrate.add_argument("--store", type=Path, default=Path("out/autofocus-calibration"),
+                           help="calibrated models, one per scanner, objective and camera (the autofocus node's "
+                                "calibration_root)")
+    calibrate.add_argument("--model", type=Path, default=None, help="model to start from (default: the shipped one)")
+    calibrate.add_argument("--output", type=Path, help="write the model here instead of into the store")
+    calibrate.set_defaults(run=command_calibrate)
     card = commands.add_parser("card", help="write the model card")
     card.add_argument("--model", type=Path, default=default_model_dir())
     card.add_argument("--reproduction", type=Path, metavar="MODEL_DIR",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_acquisition.focus import brenner
-from wsi_autofocus.model_io import MODEL_INPUTS, OPTICS_FEATURES, context_px
+from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES, context_px
 from wsi_autofocus.patches import select_patches
 
 BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
@@ -44,7 +44,7 @@ class TorchBackend:
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 2):
         import torch
 
-        from wsi_autofocus.training import load_checkpoint
+        from wsi_autofocus.training import IncompatibleModelError, load_checkpoint
 
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("torch-cuda: no CUDA device")
@@ -52,7 +52,10 @@ class TorchBackend:
         self.name = f"torch-{device}"
         self._torch = torch
         self.device = device
-        self.model = load_checkpoint(Path(model_dir) / "model.pt").to(device).eval()
+        try:
+            self.model = load_checkpoint(Path(model_dir) / "model.pt").to(device).eval()
+        except IncompatibleModelError as error:
+            raise BackendUnavailableError(f"{self.name}: {error}") from error
 
     def predict(self, patches: np.ndarray, context: np.ndarray, optics: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
@@ -82,6 +85,12 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError(
                 f"onnxruntime: {path} takes inputs {found}, expected {expected}; re-export it from its "
                 "model.pt with this version (wsi_autofocus.training.export)")
+        columns = self.session.get_outputs()[0].shape[1]
+        if columns != len(MODEL_OUTPUTS):
+            # Focus models before version 5 answered a signed defocus and its log variance only.
+            raise BackendUnavailableError(
+                f"onnxruntime: {path} answers {columns} columns, expected {len(MODEL_OUTPUTS)} {MODEL_OUTPUTS}; "
+                "it was trained by an older version: train a new one (make train-autofocus)")
 
     def predict(self, patches: np.ndarray, context: np.ndarray, optics: np.ndarray) -> np.ndarray:
         return self.session.run(None, dict(zip(MODEL_INPUTS, (patches, context, optics))))[0]
@@ -135,14 +144,23 @@ def load_backend(name: str, model_dir: Path | None = None, threads: int = 2):
     raise BackendUnavailableError("; ".join(reasons))
 
 
+# Physical bounds of the optics a request may give: oil immersion tops out near NA 1.5, and a specimen-plane
+# pixel beyond 10 µm is a macro camera, not a microscope.
+MAX_NUMERICAL_APERTURE = 1.6
+MAX_PIXEL_SIZE_UM = 10.0
+
+
 @dataclass(frozen=True)
 class FocusResult:
     defocus_um: float          # positive: stage above focus; move z by -defocus_um to focus
-    uncertainty_um: float      # one sigma
+    uncertainty_um: float      # one sigma of defocus_um, the side's doubt included
     sharpness: float           # normalised Brenner gradient of the whole image
     tissue_fraction: float
     patches_used: int
     latency_ms: float
+    distance_um: float = 0.0              # |defocus|, whichever side
+    distance_uncertainty_um: float = 0.0  # one sigma of distance_um
+    above_focus_probability: float = 0.5  # that the stage is above focus (defocus > 0)
 
 
 class FocusEstimator:
@@ -154,9 +172,12 @@ class FocusEstimator:
         self.patch_px = int(self.metadata["patch_px"])
         self.field_px = context_px(self.patch_px)
         self.patches_per_tile = patches_per_tile or int(self.metadata.get("patches_per_tile", 8))
-        self.model_id = f"{self.metadata['name']}@{self.metadata['version']}"
-        # Calibrated on the validation specimens at training time (`training.uncertainty_scale`).
+        self.model_dir = Path(model_dir) if model_dir else default_model_dir()
+        self.model_id = f"{self.metadata['name']}@{self.metadata['version']}" + (
+            "+calibrated" if "calibration" in self.metadata else "")
+        # Calibrated on the validation set at training time (`training.uncertainty_calibration`).
         self.log_variance_offset = 2.0 * math.log(float(self.metadata["uncertainty_scale"]))
+        self.side_temperature = float(self.metadata["side_temperature"])
 
     def check_image(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
@@ -167,6 +188,18 @@ class FocusEstimator:
             raise FocusInputError(f"image of {image.shape[1]}x{image.shape[0]} px is smaller than the model's "
                                   f"{self.field_px} px field (a {self.patch_px} px patch and its surroundings)")
         return image
+
+    @staticmethod
+    def check_optics(numerical_aperture: float, pixel_size_um: float) -> tuple[float, float]:
+        """(NA, pixel size µm) as the model takes them; 0 = unknown. Refuses what no bright-field
+        microscope has, instead of answering it with a number."""
+        if not (math.isfinite(numerical_aperture) and 0.0 <= numerical_aperture <= MAX_NUMERICAL_APERTURE):
+            raise FocusInputError(f"numerical aperture {numerical_aperture}; expected 0 (unknown) or up to "
+                                  f"{MAX_NUMERICAL_APERTURE}")
+        if not (math.isfinite(pixel_size_um) and 0.0 <= pixel_size_um <= MAX_PIXEL_SIZE_UM):
+            raise FocusInputError(f"pixel size {pixel_size_um} µm; expected 0 (unknown) or up to {MAX_PIXEL_SIZE_UM} µm "
+                                  "in the specimen plane")
+        return float(numerical_aperture), float(pixel_size_um)
 
     def estimate(self, image: np.ndarray, numerical_aperture: float = 0.0, pixel_size_um: float = 0.0) -> FocusResult:
         """Defocus of one tile. numerical_aperture, pixel_size_um: the objective's NA and the image's
@@ -180,6 +213,7 @@ class FocusEstimator:
         if len(optics) != len(images):
             raise FocusInputError(f"{len(images)} images but {len(optics)} (NA, pixel size) pairs")
         started = time.perf_counter()
+        optics = [self.check_optics(*pair) for pair in optics]
         images = [self.check_image(image) for image in images]
         selections = [select_patches(image, self.patch_px, self.patches_per_tile) for image in images]
         optics_rows = np.concatenate([np.tile(np.array(pair, np.float32), (len(selection.patches), 1))
@@ -192,9 +226,10 @@ class FocusEstimator:
             count = len(selection.patches)
             part = outputs[start:start + count]
             start += count
-            defocus, uncertainty = aggregate(part[:, 0], part[:, 1] + self.log_variance_offset)
-            results.append(FocusResult(defocus, uncertainty, brenner(image), selection.image_tissue_fraction,
-                                       count, latency_ms))
+            tile = aggregate(part[:, 0], part[:, 1] + self.log_variance_offset, part[:, 2] / self.side_temperature)
+            results.append(FocusResult(tile.defocus_um, tile.uncertainty_um, brenner(image),
+                                       selection.image_tissue_fraction, count, latency_ms, tile.distance_um,
+                                       tile.distance_uncertainty_um, tile.above_focus_probability))
         return results
 
 
@@ -204,18 +239,38 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
-def aggregate(defocus_um: np.ndarray, log_variance: np.ndarray) -> tuple[float, float]:
-    """Inverse-variance weighted median of patch predictions, and a one-sigma uncertainty.
+@dataclass(frozen=True)
+class TileEstimate:
+    defocus_um: float
+    uncertainty_um: float
+    distance_um: float
+    distance_uncertainty_um: float
+    above_focus_probability: float
 
-    The uncertainty combines what the model says about each patch with how much the patches
-    disagree (a robust spread: weighted median absolute deviation), so a tile whose patches
-    contradict each other is not reported as certain, while one stray patch changes little.
+
+def aggregate(distance_um: np.ndarray, log_variance: np.ndarray, side_logit: np.ndarray) -> TileEstimate:
+    """One tile's estimate from its patches' (distance, log variance, calibrated above-focus logit).
+
+    Distance: inverse-variance weighted median, with a one-sigma uncertainty that combines what the
+    model says about each patch with how much the patches disagree (a robust spread: weighted median
+    absolute deviation), so a tile whose patches contradict each other is not reported as certain,
+    while one stray patch changes little. Side: the weighted mean of the patches' logits; patches of
+    one tile share specimen and optics, so their evidence is not independent and is not summed.
+
+    The signed defocus is the distance on the likelier side; its uncertainty adds to the distance's
+    variance that of the side, 4 d^2 p (1 - p) (a defocus of +d or -d with probabilities p, 1 - p), so a
+    tile whose side is in doubt is never reported as certain, however sure its distance is.
     """
-    defocus_um = defocus_um.astype(np.float64)
+    distance_um = np.maximum(distance_um.astype(np.float64), 0.0)
     weights = np.exp(-log_variance.astype(np.float64))
-    median = _weighted_median(defocus_um, weights)
+    distance = _weighted_median(distance_um, weights)
     # Patches of one tile share the specimen and the optics, so their errors are correlated:
     # the typical patch variance, not the variance of an average of independent draws.
     model_variance = 1.0 / weights.mean()
-    spread = 1.4826 * _weighted_median(np.abs(defocus_um - median), weights)
-    return median, float(np.sqrt(model_variance + spread ** 2))
+    spread = 1.4826 * _weighted_median(np.abs(distance_um - distance), weights)
+    distance_variance = model_variance + spread ** 2
+    logit = float(np.sum(weights * side_logit) / weights.sum())
+    above = 1.0 / (1.0 + math.exp(-logit))
+    defocus = distance if logit >= 0 else -distance
+    uncertainty = math.sqrt(distance_variance + 4.0 * distance * distance * above * (1.0 - above))
+    return TileEstimate(defocus, uncertainty, distance, math.sqrt(distance_variance), above)

@@ -1,8 +1,12 @@
 """ResNet focus regressor in plain torch.nn (torchvision does not install beside the CPU torch here).
 
-The network maps one RGB patch, and the wider field around it, to a signed defocus (µm) and a
-log-variance, trained with a Gaussian negative log-likelihood so that it says how unsure it is
-(large on empty or sparse fields).
+The network maps one RGB patch, and the wider field around it, to the distance from focus (µm), the
+log-variance of that distance, and the log-odds that the stage is above focus. Distance and side are
+separate outputs because they are known separately: blur shows how far from focus an image is on any
+microscope, while which side it is on shows only through cues (phase contrast, aberrations) that
+differ between microscopes and specimens. A Gaussian negative log-likelihood on the distance makes the
+model say how unsure it is (large on empty or sparse fields); the side is a logistic output whose
+confidence falls where the cues are missing.
 
 Besides a ResNet on the patch's pixels, spectral branches see each channel's radially averaged log
 power spectrum, of the patch and of its surroundings: above and below focus the objective's
@@ -16,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from wsi_autofocus.model_io import OPTICS_FEATURES
+from wsi_autofocus.model_io import MODEL_OUTPUTS, OPTICS_FEATURES
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def _mean_normalised(images: torch.Tensor) -> torch.Tensor:
 
 
 class FocusRegressor(nn.Module):
-    """ResNet on the patch + spectra of the patch and of its surroundings -> (defocus_um, log_variance).
+    """ResNet on the patch + spectra of the patch and of its surroundings -> MODEL_OUTPUTS.
 
     Inputs: `patches`, float (N, 3, P, P), RGB in [0, 1], P = patch_px; `context`, float (N, 3, P, P):
     the field of context_px(P) px around each patch (the patch lies anywhere inside it), averaged
@@ -161,9 +165,12 @@ class FocusRegressor(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.optics_features = nn.Sequential(nn.Linear(len(OPTICS_FEATURES), 16), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.Linear(in_channels + 2 * 64 + 16, 128), nn.ReLU(inplace=True), nn.Linear(128, 2))
-        # Training only: a head on the patch alone (as focus model v3) whose loss keeps the ResNet reading the
-        # finest detail near focus, where the context spectrum adds nothing; inference uses `head`.
+        self.head = nn.Sequential(nn.Linear(in_channels + 2 * 64 + 16, 128), nn.ReLU(inplace=True),
+                                  nn.Linear(128, len(MODEL_OUTPUTS)))
+        # Training only: a head on the patch alone that regresses the signed defocus (mean, log variance), as
+        # focus model v4 did. Its loss keeps the ResNet reading the finest detail near focus, where the context
+        # spectrum adds nothing, and gives the features of the side of focus the strong gradient a wrong
+        # side costs in a regression (twice the distance); inference uses `head`.
         self.near_head = nn.Sequential(nn.Linear(in_channels + 64 + 16, 96), nn.ReLU(inplace=True), nn.Linear(96, 2))
 
     def _views(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor):
@@ -176,20 +183,23 @@ class FocusRegressor(nn.Module):
 
     def _estimate(self, raw: torch.Tensor) -> torch.Tensor:
         log_variance = raw[:, 1].clamp(-8.0, 10.0) + 2.0 * math.log(self.defocus_scale_um)
-        return torch.stack([raw[:, 0] * self.defocus_scale_um, log_variance], dim=1)
+        return torch.stack([raw[:, 0] * self.defocus_scale_um, log_variance, raw[:, 2]], dim=1)
 
     def _full_estimate(self, views: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self._estimate(self.head(torch.cat(views, dim=1)))
 
     def forward(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
-        """(N, 2): defocus µm and log variance, from every view."""
+        """(N, 3): MODEL_OUTPUTS, from every view."""
         return self._full_estimate(self._views(patches, context, optics))
 
     def forward_with_near_head(self, patches: torch.Tensor, context: torch.Tensor, optics: torch.Tensor) -> torch.Tensor:
-        """(N, 4): `forward`'s estimate, then that of the training-only head that sees the patch alone."""
+        """(N, 5): `forward`'s estimate, then the signed defocus and log variance of the training-only head
+        that sees the patch alone."""
         views = self._views(patches, context, optics)
         spatial, patch_spectral, _, optics_features = views
-        near = self._estimate(self.near_head(torch.cat([spatial, patch_spectral, optics_features], dim=1)))
+        raw = self.near_head(torch.cat([spatial, patch_spectral, optics_features], dim=1))
+        near = torch.stack([raw[:, 0] * self.defocus_scale_um,
+                            raw[:, 1].clamp(-8.0, 10.0) + 2.0 * math.log(self.defocus_scale_um)], dim=1)
         return torch.cat([self._full_estimate(views), near], dim=1)
 
 

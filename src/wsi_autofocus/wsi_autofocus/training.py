@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from wsi_autofocus.model import Architecture, FocusRegressor, build_model
-from wsi_autofocus.model_io import CONTEXT_FACTOR, MODEL_INPUTS, OPTICS_FEATURES, context_px
+from wsi_autofocus.model_io import CONTEXT_FACTOR, MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES, context_px
 
 MODEL_NAME = "focus_resnet_small"
-MODEL_VERSION = "4"
+MODEL_VERSION = "5"
 
 
 class InlineFocusDataset(Dataset):
@@ -94,29 +94,51 @@ def optics_columns(data: dict) -> np.ndarray:
     return np.column_stack([data[name] for name in OPTICS_FEATURES]).astype(np.float32)
 
 
-def focus_loss(output: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
-    """Heteroscedastic Gaussian negative log-likelihood, each sample's term weighted by its predicted
-    variance to the power `beta` (held constant: "β-NLL", Seitzer et al., ICLR 2022), plus an L1 term.
+# The side of focus weighs in the loss in proportion to the distance from focus (a move to the wrong
+# side costs twice the distance), from 0 at focus up to SIDE_WEIGHT_CAP_UM; the side counts as defined
+# beyond SIDE_WEIGHT_DISTANCE_UM (within a fraction of the depth of field it hardly shows).
+SIDE_WEIGHT_DISTANCE_UM = 1.0
+SIDE_WEIGHT_CAP_UM = 10.0
 
-    In a plain NLL the mean's gradient is error / variance, so the model learns to call hard fields
-    (sparse IHC staining, tissue edges, far defocus) uncertain and stops fitting them: the outliers
-    that dominate the per-tile MAE. β = 0.5 leaves the optimum of mean and variance where it was but
-    keeps those fields in the fit (20x validation tiles in a 15-minute pilot: MAE within ±10 µm 0.31
-    against 0.36 µm, largest error 5.0 against 7.8 µm; full `make train-autofocus` runs, held-out 20x:
-    0.36 / 0.65 µm within ±10 / ±20 µm against 0.39 / 0.78 µm with β = 0). The L1 term keeps the mean
-    sharp where the model would otherwise buy a low loss with a large variance."""
+
+def focus_loss(output: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Loss of one head's (distance, log variance, above-focus logit) against signed defocus labels.
+
+    Distance: heteroscedastic Gaussian negative log-likelihood, each sample's term weighted by its
+    predicted variance to the power `beta` (held constant: "β-NLL", Seitzer et al., ICLR 2022), plus
+    an L1 term. In a plain NLL the mean's gradient is error / variance, so the model learns to call
+    hard fields (sparse IHC staining, tissue edges, far defocus) uncertain and stops fitting them;
+    β = 0.5 keeps them in the fit. The L1 term keeps the distance sharp where the model would
+    otherwise buy a low loss with a large variance. Side: binary cross-entropy of the logit, weighted
+    by min(distance, SIDE_WEIGHT_CAP_UM) in µm."""
+    distance, log_variance, logit = output[:, 0], output[:, 1], output[:, 2]
+    true_distance = target.abs()
+    nll = 0.5 * (log_variance + (true_distance - distance) ** 2 / log_variance.exp())
+    weight = (beta * log_variance).exp().detach()
+    side = nn.functional.binary_cross_entropy_with_logits(logit, (target > 0).float(), reduction="none")
+    side_weight = true_distance.clamp(max=SIDE_WEIGHT_CAP_UM)
+    return (weight * nll).mean() + 0.2 * (true_distance - distance).abs().mean() + (side_weight * side).mean()
+
+
+def signed_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gaussian negative log-likelihood of a signed-defocus (mean, log variance) head, plus 0.2 x L1."""
     mean, log_variance = output[:, 0], output[:, 1]
     nll = 0.5 * (log_variance + (target - mean) ** 2 / log_variance.exp())
-    weight = (beta * log_variance).exp().detach()
-    return (weight * nll).mean() + 0.2 * (target - mean).abs().mean()
+    return nll.mean() + 0.2 * (target - mean).abs().mean()
 
 
 def training_loss(outputs: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
-    """`focus_loss` of the model's estimate (`FocusRegressor.forward_with_near_head` columns 0-1) plus a
-    plain NLL (β = 0) of the patch-only near-focus head (columns 2-3). With the near head, held-out 20x
-    tiles read 0.22 / 0.57 µm MAE within ±10 / ±20 µm; without it 0.36 / 0.65 µm (measured after 11 epochs
-    against 20, on a busier machine: not an equal-budget comparison)."""
-    return focus_loss(outputs[:, :2], target, beta) + focus_loss(outputs[:, 2:], target, 0.0)
+    """`focus_loss` of the model's estimate (`FocusRegressor.forward_with_near_head` columns 0-2) plus the
+    `signed_loss` of the patch-only near-focus head (columns 3-4). That head kept the ResNet reading the
+    finest detail (focus model v4: held-out 20x tiles 0.22 / 0.57 µm MAE within ±10 / ±20 µm with it,
+    0.36 / 0.65 µm without), and its signed regression teaches the side of focus faster than the
+    main head's cross-entropy alone."""
+    return focus_loss(outputs[:, :3], target, beta) + signed_loss(outputs[:, 3:], target)
+
+
+def signed_defocus(output: torch.Tensor) -> torch.Tensor:
+    """The most likely signed defocus of (distance, log variance, logit) rows: distance on the likelier side."""
+    return torch.where(output[:, 2] >= 0, output[:, 0], -output[:, 0])
 
 
 @dataclass
@@ -158,22 +180,35 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, loss_beta: float) -> tup
         for patches, context, optics, target in loader:
             output = model.forward_with_near_head(patches, context, optics)
             losses.append(training_loss(output, target, loss_beta).item() * len(target))
-            errors.append((output[:, 0] - target).abs())
+            errors.append((signed_defocus(output) - target).abs())
     count = sum(len(e) for e in errors)
     return sum(losses) / count, torch.cat(errors).mean().item()
 
 
-def uncertainty_scale(model: nn.Module, loader: DataLoader) -> float:
-    """Temperature scaling of the predicted sigma on held-out data: the factor s that makes
-    (error / (s * sigma)) unit-variance, the maximum-likelihood scale of a Gaussian. Training
-    specimens make the network over-confident; validation specimens were never seen."""
+def fit_uncertainty_calibration(output: torch.Tensor, target: torch.Tensor) -> dict:
+    """Temperature scaling of model outputs (distance, log variance, logit) against signed labels:
+    `uncertainty_scale`, the factor s that makes the distance error / (s * sigma) unit-variance (the
+    maximum-likelihood scale of a Gaussian), and `side_temperature`, the divisor of the above-focus
+    logit that minimises the cross-entropy beyond SIDE_WEIGHT_DISTANCE_UM."""
+    squared = (output[:, 0] - target.abs()) ** 2 / output[:, 1].exp()
+    sided = target.abs() > SIDE_WEIGHT_DISTANCE_UM
+    logits, above = output[sided, 2], (target[sided] > 0).float()
+    temperatures = np.exp(np.linspace(np.log(0.25), np.log(20.0), 121))
+    losses = [nn.functional.binary_cross_entropy_with_logits(logits / float(t), above).item() for t in temperatures]
+    return {"uncertainty_scale": float(squared.mean().sqrt()),
+            "side_temperature": float(temperatures[int(np.argmin(losses))])}
+
+
+def uncertainty_calibration(model: nn.Module, loader: DataLoader) -> dict:
+    """`fit_uncertainty_calibration` on data the training never saw (validation specimens, textures and
+    sampled microscopes): training data makes the network over-confident."""
     model.eval()
-    squared = []
+    outputs, targets = [], []
     with torch.inference_mode():
         for patches, context, optics, target in loader:
-            output = model(patches, context, optics)
-            squared.append((output[:, 0] - target) ** 2 / output[:, 1].exp())
-    return float(torch.cat(squared).mean().sqrt())
+            outputs.append(model(patches, context, optics))
+            targets.append(target)
+    return fit_uncertainty_calibration(torch.cat(outputs), torch.cat(targets))
 
 
 def anneal_factor(progress: float, anneal_fraction: float, floor: float = 0.02) -> float:
@@ -190,8 +225,17 @@ def save_checkpoint(model: FocusRegressor, path: Path, metadata: dict) -> None:
                 "state_dict": model.state_dict(), "metadata": metadata}, path)
 
 
+class IncompatibleModelError(ValueError):
+    """A checkpoint written by a version whose model answers other outputs."""
+
+
 def load_checkpoint(path: Path) -> FocusRegressor:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    version = str(checkpoint.get("metadata", {}).get("version", "0"))
+    if not version.isdigit() or int(version) < int(MODEL_VERSION):
+        raise IncompatibleModelError(f"{path} is focus model version {version}; this version reads version "
+                                     f"{MODEL_VERSION} models ({', '.join(MODEL_OUTPUTS)}): train a new one "
+                                     "(make train-autofocus)")
     arch = checkpoint["architecture"]
     model = FocusRegressor(Architecture(arch["name"], tuple(arch["blocks_per_stage"]), tuple(arch["widths"]),
                                         arch["stem_width"]), checkpoint["patch_px"], checkpoint["defocus_scale_um"])
@@ -264,11 +308,12 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
             break
     best = load_checkpoint(output_dir / "model.pt")
     export(best, output_dir, config.patch_px)
-    scale = uncertainty_scale(best, val_loader)
-    log(f"uncertainty scale on validation specimens: {scale:.3f}")
+    calibration = uncertainty_calibration(best, val_loader)
+    log(f"uncertainty scale {calibration['uncertainty_scale']:.3f}, side temperature "
+        f"{calibration['side_temperature']:.2f} on the validation set")
     (output_dir / "metadata.json").write_text(json.dumps(
-        metadata | {"history": history, "best_val_loss": best_loss, "uncertainty_scale": scale}, indent=1))
-    return {"history": history, "best_val_loss": best_loss, "uncertainty_scale": scale}
+        metadata | {"history": history, "best_val_loss": best_loss} | calibration, indent=1))
+    return {"history": history, "best_val_loss": best_loss} | calibration
 
 
 def model_example_inputs(patch_px: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -282,7 +327,7 @@ def export(model: FocusRegressor, output_dir: Path, patch_px: int) -> None:
     model = model.eval()
     example = model_example_inputs(patch_px)
     torch.onnx.export(model, example, output_dir / "model.onnx", input_names=list(MODEL_INPUTS),
-                      output_names=["defocus_logvar"],
-                      dynamic_axes={name: {0: "batch"} for name in (*MODEL_INPUTS, "defocus_logvar")},
+                      output_names=["estimate"],
+                      dynamic_axes={name: {0: "batch"} for name in (*MODEL_INPUTS, "estimate")},
                       opset_version=17, dynamo=False)
     torch.jit.trace(model, example).save(str(output_dir / "model.torchscript.pt"))

@@ -36,9 +36,11 @@ _LN10 = math.log(10.0)
 NA_RANGES = {10.0: (0.25, 0.45), 20.0: (0.5, 0.8), 40.0: (0.75, 0.95)}
 CAMERA_PIXEL_UM_RANGE = (3.45, 6.5)
 # Zernike terms (n, m) and the standard deviation of their RMS coefficient, waves at 550 nm.
-# m < 0: the sine term. Signs are random: the training sees both signs of every aberration.
-ZERNIKE_SPREAD_WAVES = {(4, 0): 0.10, (2, 2): 0.05, (2, -2): 0.05, (3, 1): 0.04, (3, -1): 0.04,
-                        (3, 3): 0.025, (3, -3): 0.025, (6, 0): 0.02}
+# m < 0: the sine term. Signs are random: the training sees both signs of every aberration. Sizes are
+# those of usable objectives (a diffraction-limited one has under 0.07 waves RMS in all, Maréchal);
+# spherical aberration, which coverslip and mountant mismatch add to, spreads widest.
+ZERNIKE_SPREAD_WAVES = {(4, 0): 0.045, (2, 2): 0.025, (2, -2): 0.025, (3, 1): 0.02, (3, -1): 0.02,
+                        (3, 3): 0.012, (3, -3): 0.012, (6, 0): 0.01}
 _GREEN_UM = 0.55
 
 

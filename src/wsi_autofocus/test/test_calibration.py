@@ -1,0 +1,133 @@
+"""Self-calibration: z-stacks of the user's microscope in, a calibrated model every backend loads out."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_acquisition.focus import brenner
+from wsi_acquisition.hardware import SimulatedMicroscope
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.optics import Camera
+from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
+from wsi_autofocus import heldout_imaging
+from wsi_autofocus.calibration import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack, calibrate,
+                                       stacks_from_scan)
+from wsi_autofocus.data import specimen_for_seed, tissue_points
+from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
+from wsi_autofocus.shift_evaluation import CalibrationSpec
+from wsi_autofocus.training import export, load_checkpoint, save_checkpoint
+
+
+def _virtual_stack(seed: int, z_offsets, roi_px: int = 256):
+    microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
+    (x, y), = tissue_points(microscope, np.random.default_rng(seed), 1)
+    focal = float(microscope.focal_z_um(x, y))
+    corner = (1024 - roi_px) // 2
+    images = np.stack([microscope.capture(x, y, focal + d, 20.0, roi=(corner, corner, roi_px, roi_px)).image_rgb8
+                       for d in z_offsets])
+    return ZStack(images, focal + np.asarray(z_offsets, float), 0.325, 0.75), focal
+
+
+def test_best_focus_of_a_stack_is_its_sharpness_peak():
+    stack, focal = _virtual_stack(100, CalibrationSpec().z_offsets_um() + 0.4)
+    # Specimen phase moves the sharpness peak a little off the focal plane: well within the depth of field.
+    assert stack.focus_z_um() == pytest.approx(focal, abs=0.5)
+    assert ZStack(stack.images, stack.z_um, 0.325, 0.75, best_focus_z_um=12.0).focus_z_um() == 12.0
+
+
+def test_stacks_that_cannot_calibrate_are_refused_with_the_reason():
+    stack, _ = _virtual_stack(101, np.arange(0.0, 8.0, 1.0))           # focus at the first image: an end
+    with pytest.raises(CalibrationError, match="sharpest at its end"):
+        stack.focus_z_um()
+    with pytest.raises(CalibrationError, match="at least 2"):
+        calibrate([stack], default_model_dir())
+    with pytest.raises(CalibrationError, match=r"0 of 2 z-stacks have their focus inside the sweep.*sharpest at its end"):
+        calibrate([stack, stack], default_model_dir())
+    with pytest.raises(CalibrationError, match="expected at least 5 of each"):
+        calibrate([ZStack(stack.images[:3], stack.z_um[:3], 0.325, 0.75)] * 2, default_model_dir())
+
+
+def _flip_side(model_dir, destination):
+    """A deliberately mismatched model: the shipped one with its side of focus reversed."""
+    model = load_checkpoint(model_dir / "model.pt")
+    with torch.no_grad():
+        model.head[-1].weight[2].neg_()
+        model.head[-1].bias[2].neg_()
+    destination.mkdir()
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    save_checkpoint(model, destination / "model.pt", metadata)
+    export(model, destination, metadata["patch_px"])
+    (destination / "metadata.json").write_text(json.dumps(metadata))
+    return destination
+
+
+@pytest.mark.slow
+def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope(tmp_path):
+    """Sweeps of validation specimens through a held-out microscope fix a model that reads every side
+    wrong; other fields (test specimens) through the same microscope are then read right."""
+    scope = heldout_imaging.HELD_OUT_SCOPES["abbe-astigmatic"]
+    wrong = _flip_side(default_model_dir(), tmp_path / "wrong")
+    rng = np.random.default_rng(4)
+    offsets = CalibrationSpec().z_offsets_um()
+
+    def stack(seed):
+        microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
+        (x, y), = tissue_points(microscope, rng, 1)
+        start = rng.uniform(-1.0, 1.0)
+        images = np.stack([heldout_imaging.capture(scope, microscope.specimen, x, y, start + d, 20.0, 256, rng).image_rgb8
+                           for d in offsets])
+        return ZStack(images, start + offsets, scope.pixel_size_um(20.0), 0.75)
+
+    result = calibrate([stack(seed) for seed in (100, 101, 102, 103, 100, 101)], tmp_path / "calibrated", wrong)
+    assert result.held_back_mae_after_um < 0.5 * result.held_back_mae_before_um
+    microscope = VirtualMicroscope(specimen=specimen_for_seed(200), seed=200)
+    tests = [(x, y, d) for (x, y), d in zip(tissue_points(microscope, rng, 12), rng.uniform(-8, 8, 12))]
+    images = [heldout_imaging.capture(scope, microscope.specimen, x, y, d, 20.0, 256, rng).image_rgb8 for x, y, d in tests]
+    truth = np.array([d for _, _, d in tests])
+
+    def mae(model_dir):
+        estimator = FocusEstimator(load_backend("onnxruntime", model_dir)[0], model_dir)
+        results = estimator.estimate_many(images, [(0.75, scope.pixel_size_um(20.0))] * len(images))
+        return np.mean(np.abs(np.array([r.defocus_um for r in results]) - truth))
+
+    before, after = mae(wrong), mae(result.model_dir)
+    assert after < 0.5 * before, (before, after)
+    assert result.fit_s < 60.0
+
+
+@pytest.mark.slow
+def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_path):
+    backend = SimulatedMicroscope.create(slide_seed=0, speedup=1000.0, camera=Camera(width_px=320, height_px=320))
+    request = ScanRequest(scan_id="cal", output_dir=tmp_path, region_um=(43_000.0, 12_000.0, 300.0, 250.0),
+                          focus_strategy=FocusStrategy.MAP, focus_points=4, skip_empty_tiles=False)
+    outcome = ScanRunner(backend, request).run()
+    stacks, optics = stacks_from_scan(outcome.scan_dir)
+    assert len(stacks) == len(outcome.focus_sweeps) >= 2
+    assert optics == {"objective_magnification": 20.0, "numerical_aperture": 0.75, "pixel_size_um": 0.325}
+    store = CalibrationStore(tmp_path / "calibration", "bench-scope-1")
+    directory = store.model_dir(20.0, 0.75, 0.325)
+    # A sweep over glass or a fold has no focus peak inside it: left out with the reason, not fatal.
+    order = np.argsort(stacks[0].z_um)
+    below_peak = order[:int(np.argmax([brenner(stacks[0].images[i]) for i in order])) + 1]
+    no_peak = ZStack(stacks[0].images[below_peak], stacks[0].z_um[below_peak], 0.325, 0.75)
+    result = calibrate(stacks + [no_peak], directory, scanner={"name": "bench-scope-1"})
+    assert result.stacks == len(stacks) and len(result.skipped) == 1
+    assert result.skipped[0].startswith(f"stack {len(stacks)}: ") and "sharpest at its end" in result.skipped[0]
+    assert result.model_dir == directory and store.find(20.0, 0.75, 0.325) == directory
+    assert store.find(40.0, 0.95, 0.1625) is None
+    metadata = json.loads((directory / "metadata.json").read_text())
+    assert metadata["calibration"]["stacks"] == len(stacks) and metadata["calibration"]["scanner"]["name"] == "bench-scope-1"
+    image = stacks[0].images[len(stacks[0].images) // 2]
+    answers = [FocusEstimator(load_backend(name, directory)[0], directory).estimate(image, 0.75, 0.325)
+               for name in ("onnxruntime", "torch-cpu")]
+    assert answers[0].defocus_um == pytest.approx(answers[1].defocus_um, abs=0.05)
+    estimators = CalibratedEstimators(store, "onnxruntime")
+    assert estimators.for_optics(20.0, 0.75, 0.325).model_id.endswith("+calibrated")
+    assert estimators.for_optics(40.0, 0.95, 0.1625) is estimators.base
+    assert estimators.for_optics(0.0, 0.0, 0.0) is estimators.base              # optics unknown: base model
+
+
+def test_store_names_refuse_paths():
+    with pytest.raises(CalibrationError, match="scanner name"):
+        CalibrationStore("/tmp/x", "../elsewhere")
