@@ -111,6 +111,7 @@ def run_scan(args: argparse.Namespace) -> int:
     config = _graph_config(args)
     goal = scan_client.build_goal(args.scan_id, args.region, args.auto, args.objective,
                                   FOCUS_STRATEGIES[args.focus], args.formats)
+    goal.calibrate_autofocus = args.calibrate_autofocus
     graph = None if args.attach else Supervisor(scan_graph(config), log=args.node_log)
     try:
         with graph or nullcontext():
@@ -176,8 +177,12 @@ def main(argv=None) -> int:
     scan.add_argument("--objective", type=float, default=20.0, help="objective magnification (10, 20, 40)")
     scan.add_argument("--focus", choices=sorted(FOCUS_STRATEGIES), default="map-inline")
     scan.add_argument("--scan-id", default="", help="name of the scan (default: from the time)")
+    scan.add_argument("--calibrate-autofocus", action="store_true",
+                      help="fine-tune the autofocus on this scan's focus map before the tiles (kept for this "
+                           "scanner and objective: later scans use it)")
     scan.add_argument("--formats", nargs="*", default=["ome-tiff", "ome-zarr"],
-                      help="exports of the stitched mosaic (default: ome-tiff ome-zarr; none: tiles and manifest only)")
+                      help="exports of the stitched mosaic: ome-tiff, ome-zarr, dicom (default: ome-tiff ome-zarr; "
+                           "none: tiles and manifest only)")
     scan.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the graph to answer")
     scan.add_argument("--node-log", type=argparse.FileType("a"), default=sys.stderr,
                       help="where the nodes' own log lines go (default: stderr)")

@@ -22,6 +22,7 @@ from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
 from wsi_interfaces.action import ExportSlide, ScanSlide
 from wsi_interfaces.msg import FocusEstimate, MosaicStatus, ScanPlan, ScanStatus, Tile, TileIndex
+from wsi_interfaces.srv import CalibrateAutofocus, EstimateFocus
 
 PARAMETERS = {
     "output_root": ("out", "scans are written under this directory; goals may name a sub-directory of it"),
@@ -30,6 +31,7 @@ PARAMETERS = {
     "gain": (1.0, "camera gain for tiles"),
     "inline_autofocus": (True, "correct focus from the autofocus node's estimates when one is running"),
     "autofocus_timeout_s": (5.0, "how long to wait for a tile's FocusEstimate before going on without it"),
+    "calibration_timeout_s": (180.0, "how long a scan waits for the autofocus to calibrate on its focus map"),
     "save_tiles": (True, "also save every tile as TIFF beside the manifest"),
     "stitch_timeout_s": (900.0, "how long to wait after the last tile for the stitching node's final mosaic"),
     "export_timeout_s": (3600.0, "how long an export may take"),
@@ -61,6 +63,8 @@ class ScanOrchestratorNode(Node):
         self._mosaic_arrived = threading.Condition()
         self.create_subscription(MosaicStatus, "mosaic/status", self._on_mosaic, LATCHED_QOS, callback_group=group)
         self._export = ActionClient(self, ExportSlide, "export_slide", callback_group=group)
+        self._estimate_image = self.create_client(EstimateFocus, "estimate_focus", callback_group=group)
+        self._calibrate = self.create_client(CalibrateAutofocus, "calibrate_autofocus", callback_group=group)
         self._server = ActionServer(self, ScanSlide, "scan_slide", execute_callback=self._execute,
                                     goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
                                     callback_group=group)
@@ -94,6 +98,7 @@ class ScanOrchestratorNode(Node):
             region_um=region, objective_magnification=goal.objective_magnification or self.params["default_objective"],
             overlap_fraction=goal.overlap_fraction or 0.1, focus_strategy=FocusStrategy(goal.focus_strategy),
             focus_points=goal.focus_points, skip_empty_tiles=goal.skip_empty_tiles,
+            calibrate_autofocus=goal.calibrate_autofocus,
             exposure_ms=self.params["exposure_ms"], gain=self.params["gain"], save_tiles=self.params["save_tiles"])
 
     def _on_goal(self, goal) -> GoalResponse:
@@ -120,7 +125,9 @@ class ScanOrchestratorNode(Node):
                             estimate_focus=(lambda r, f: self._wait_for_estimate(request.scan_id, r)) if inline else None,
                             on_progress=lambda p: self._progress(goal_handle, request.scan_id, p),
                             should_cancel=lambda: goal_handle.is_cancel_requested,
-                            on_plan=lambda plan: self._publish_plan(request, plan, runner))
+                            on_plan=lambda plan: self._publish_plan(request, plan, runner),
+                            estimate_image=self._estimate_untiled_image if inline else None,
+                            calibrate_focus=self._calibrate_autofocus)
         result.manifest_uri = str(runner.outcome.manifest_path)
         code, message = ScanErrorCode.NONE, ""
         if not self._lock.acquire(blocking=False):
@@ -275,4 +282,35 @@ class ScanOrchestratorNode(Node):
             self.get_logger().warning(f"no focus estimate for tile {key} within "
                                       f"{self.params['autofocus_timeout_s']} s; going on without it")
             return None
-        return FocusReply(estimate.defocus_um, estimate.uncertainty_um) if estimate.valid else None
+        return _focus_reply(estimate) if estimate.valid else None
+
+    def _estimate_untiled_image(self, frame) -> FocusReply | None:
+        """The autofocus node's estimate of an image that is not a tile (a side probe), by its service."""
+        if not self._estimate_image.service_is_ready():
+            return None
+        request = EstimateFocus.Request(pixel_size_um=frame.pixel_size_um, numerical_aperture=frame.numerical_aperture,
+                                        objective_magnification=frame.objective_magnification)
+        array_to_image(frame.image_rgb8, "rgb8", request.image)
+        response = self._wait(self._estimate_image.call_async(request), self.params["autofocus_timeout_s"])
+        return _focus_reply(response) if response is not None and response.success else None
+
+    def _calibrate_autofocus(self, scan_dir: Path) -> dict:
+        """Ask the autofocus node to fine-tune on the scan's focus-map sweeps; what it answered, for the manifest."""
+        if not self._calibrate.wait_for_service(timeout_sec=5.0):
+            return {"success": False, "error": "no autofocus node offers calibrate_autofocus"}
+        response = self._wait(self._calibrate.call_async(CalibrateAutofocus.Request(scan_dir=str(scan_dir))),
+                              self.params["calibration_timeout_s"])
+        if response is None:
+            return {"success": False, "error": f"no answer within {self.params['calibration_timeout_s']:.0f} s"}
+        if not response.success:
+            self.get_logger().warning(f"autofocus calibration failed, scanning with the model as it was: {response.error}")
+        return {"success": response.success, "error": response.error, "model_dir": response.model_dir,
+                "sweeps": response.sweeps, "images": response.images, "fit_s": response.fit_s,
+                "held_back_mae_before_um": response.held_back_mae_before_um,
+                "held_back_mae_after_um": response.held_back_mae_after_um}
+
+
+def _focus_reply(estimate) -> FocusReply:
+    """A FocusEstimate message or EstimateFocus response as the scan core's FocusReply."""
+    return FocusReply(estimate.defocus_um, estimate.uncertainty_um, estimate.distance_um,
+                      estimate.distance_uncertainty_um, estimate.above_focus_probability)

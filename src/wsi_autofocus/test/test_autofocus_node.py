@@ -57,8 +57,16 @@ def test_bad_images_get_a_reason_not_a_crash(autofocus, ros_node):
     array_to_image(np.zeros((96, 96, 3), np.uint8), "rgb8", request.image)
     response = call(ros_node, autofocus, request)
     assert not response.success and "smaller than the model's 128 px field" in response.error
-    # Still alive and answering:
     array_to_image(np.full((128, 128, 3), 120, np.uint8), "rgb8", request.image)
+    for numerical_aperture, pixel_size_um, reason in ((float("nan"), 0.325, "numerical aperture nan"),
+                                                      (1e30, 0.325, "numerical aperture 1e+30"),
+                                                      (0.75, -0.3, "pixel size -0.3 µm"),
+                                                      (0.75, float("inf"), "pixel size inf µm")):
+        request.numerical_aperture, request.pixel_size_um = numerical_aperture, pixel_size_um
+        response = call(ros_node, autofocus, request)
+        assert not response.success and reason in response.error
+    # Still alive and answering:
+    request.numerical_aperture, request.pixel_size_um = 0.75, 0.325
     assert call(ros_node, autofocus, request).success
 
 
@@ -74,3 +82,36 @@ def test_published_tiles_are_tagged_with_estimates(autofocus, ros_node):
     assert sorted(e.sequence for e in estimates) == list(range(6))
     assert all(e.valid and e.scan_id == "probe" and e.patches_used == 4 for e in estimates)
     assert all(e.inference_latency_ms > 0 and e.backend == "onnxruntime" for e in estimates)
+
+
+def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_nodes, ros_node, tiny_model,
+                                                                           tmp_path):
+    from wsi_acquisition.hardware import SimulatedMicroscope
+    from wsi_acquisition.optics import Camera
+    from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
+    from wsi_interfaces.srv import CalibrateAutofocus
+
+    backend = SimulatedMicroscope.create(slide_seed=0, speedup=1000.0, camera=Camera(width_px=256, height_px=256))
+    request = ScanRequest(scan_id="sweeps", output_dir=tmp_path, region_um=(43_000.0, 12_000.0, 250.0, 250.0),
+                          focus_strategy=FocusStrategy.MAP, focus_points=3, skip_empty_tiles=False)
+    scan_dir = ScanRunner(backend, request).run().scan_dir
+    root = tmp_path / "calibration"
+    run_nodes([NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
+                        module="wsi_autofocus.node",
+                        parameters={"model_dir": str(tiny_model), "backend": "onnxruntime",
+                                    "calibration_root": str(root), "scanner_name": "bench-1"})])
+    calibrate = ros_node.create_client(CalibrateAutofocus, "calibrate_autofocus")
+    estimate = ros_node.create_client(EstimateFocus, "estimate_focus")
+    assert calibrate.wait_for_service(timeout_sec=30) and estimate.wait_for_service(timeout_sec=30)
+    refused = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(tmp_path / "nowhere")))
+    assert not refused.success and "nowhere" in refused.error
+    answer = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(scan_dir)))
+    assert answer.success, answer.error
+    assert answer.model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and answer.sweeps == 3
+    image = np.asarray(backend.snap(8.0).image_rgb8[:192, :192])
+    asked = EstimateFocus.Request(pixel_size_um=0.325, numerical_aperture=0.75, objective_magnification=20.0)
+    array_to_image(image, "rgb8", asked.image)
+    calibrated = call(ros_node, estimate, asked)
+    assert calibrated.success and calibrated.model_id.endswith("+calibrated") and calibrated.model_dir == answer.model_dir
+    asked.objective_magnification = 40.0                     # no calibration for 40x: the base model answers
+    assert call(ros_node, estimate, asked).model_dir == str(tiny_model)

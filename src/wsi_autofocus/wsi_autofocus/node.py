@@ -1,8 +1,12 @@
-"""Autofocus node: FocusEstimate for every Tile, and the EstimateFocus service.
+"""Autofocus node: FocusEstimate for every Tile, the EstimateFocus service, and CalibrateAutofocus.
 
 Tiles queue up while the model runs; the worker takes everything queued in one batch, so the node
 keeps pace with a fast scan instead of falling further behind. A tile or request whose image cannot
 be evaluated gets an invalid estimate / failed response with the reason, never a crash.
+
+Each tile is estimated by this scanner's calibrated model for the tile's objective and camera pixel
+when one is stored under `calibration_root` (`wsi_autofocus.calibration.CalibrationStore`), by the base
+model otherwise; CalibrateAutofocus makes such a model from a scan's focus-map sweeps.
 """
 import threading
 import time
@@ -11,7 +15,8 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
-from wsi_autofocus.inference import BackendUnavailableError, FocusEstimator, FocusInputError, load_backend
+from wsi_autofocus.calibration import CalibratedEstimators, CalibrationError, CalibrationStore, calibrate, stacks_from_scan
+from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
@@ -19,11 +24,13 @@ from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, TILE_QOS
 from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import FocusEstimate, Tile
-from wsi_interfaces.srv import EstimateFocus
+from wsi_interfaces.srv import CalibrateAutofocus, EstimateFocus
 
 PARAMETERS = {
     "backend": ("auto", "inference backend: auto, tensorrt, torch-cuda, onnxruntime, torch-cpu"),
     "model_dir": ("", "directory with model.pt / model.onnx / metadata.json; empty = the shipped model"),
+    "calibration_root": ("out/autofocus-calibration", "calibrated models, one per scanner, objective and camera"),
+    "scanner_name": ("default", "this scanner's name in calibration_root"),
     "threads": (2, "CPU threads for inference"),
     "max_batch_tiles": (8, "most queued tiles evaluated in one batch"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
@@ -39,56 +46,66 @@ class AutofocusNode(Node):
         super().__init__("autofocus")
         self.params = declare_parameters(self, PARAMETERS)
         try:
-            backend, skipped = load_backend(self.params["backend"], self.params["model_dir"] or None,
-                                            self.params["threads"])
-            self.estimator = FocusEstimator(backend, self.params["model_dir"] or None)
+            self.store = CalibrationStore(self.params["calibration_root"], self.params["scanner_name"])
+            self.estimators = CalibratedEstimators(self.store, self.params["backend"], self.params["model_dir"] or None,
+                                                   self.params["threads"])
         except (BackendUnavailableError, ValueError) as error:
             raise NodeConfigurationError(str(error)) from error
-        for reason in skipped:
-            self.get_logger().info(f"backend skipped: {reason}")
         self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"])
         self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
         self.create_subscription(Tile, "tiles", self._worker.put, TILE_QOS)
+        self._models_lock = threading.Lock()
         self.create_service(EstimateFocus, "estimate_focus", self._serve,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_service(CalibrateAutofocus, "calibrate_autofocus", self._calibrate,
                             callback_group=MutuallyExclusiveCallbackGroup())
         DiagnosticsPublisher(self, "autofocus", self.params["diagnostics_period_s"], self._diagnostics)
         self._stats_lock = threading.Lock()
         self._evaluated = self._rejected = 0
         self._last_latency_ms = 0.0
-        self.get_logger().info(f"autofocus ready: {self.estimator.model_id} on {backend.name}")
+        base = self.estimators.base
+        self.get_logger().info(f"autofocus ready: {base.model_id} on {base.backend.name}")
+
+    def _estimator(self, magnification: float, numerical_aperture: float, pixel_size_um: float):
+        with self._models_lock:
+            return self.estimators.for_optics(magnification, numerical_aperture, pixel_size_um)
 
     def _evaluate(self, tiles: list[Tile]) -> None:
         started = time.perf_counter()
-        images, good = [], []
+        groups: dict[int, tuple[object, list, list]] = {}
         for tile in tiles:
+            estimator = self._estimator(tile.objective_magnification, tile.numerical_aperture, tile.pixel_size_um)
             try:
-                images.append(self.estimator.check_image(decode_rgb(tile.image)))
-                good.append(tile)
+                image = estimator.check_image(decode_rgb(tile.image))
+                estimator.check_optics(tile.numerical_aperture, tile.pixel_size_um)
             except (ImageConversionError, FocusInputError) as error:
-                self._publish(tile, error=str(error))
-        if images:
+                self._publish(tile, estimator, error=str(error))
+                continue
+            _, images, good = groups.setdefault(id(estimator), (estimator, [], []))
+            images.append(image)
+            good.append(tile)
+        for estimator, images, good in groups.values():
             optics = [(tile.numerical_aperture, tile.pixel_size_um) for tile in good]
             try:
-                results = self.estimator.estimate_many(images, optics)
+                results = estimator.estimate_many(images, optics)
             except Exception as error:
                 # Each tile not yet answered gets its reason once; re-raised, the worker counts the
                 # failure and /diagnostics turns to ERROR.
                 self.get_logger().error(f"autofocus failed on {len(good)} tile(s): {error!r}")
                 for tile in good:
-                    self._publish(tile, error=f"autofocus failed: {error!r}")
+                    self._publish(tile, estimator, error=f"autofocus failed: {error!r}")
                 raise
             for tile, result in zip(good, results):
-                self._publish(tile, result=result, latency_ms=(time.perf_counter() - started) * 1e3)
+                self._publish(tile, estimator, result=result, latency_ms=(time.perf_counter() - started) * 1e3)
 
-    def _publish(self, tile: Tile, result=None, error: str = "", latency_ms: float = 0.0) -> None:
+    def _publish(self, tile: Tile, estimator, result=None, error: str = "", latency_ms: float = 0.0) -> None:
         msg = FocusEstimate(scan_id=tile.scan_id, sequence=tile.sequence, index=tile.index,
-                            valid=result is not None, error=error, model_id=self.estimator.model_id,
-                            backend=self.estimator.backend.name)
+                            valid=result is not None, error=error, model_id=estimator.model_id,
+                            model_dir=str(estimator.model_dir), backend=estimator.backend.name)
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = tile.header.frame_id
         if result is not None:
-            msg.defocus_um, msg.uncertainty_um = result.defocus_um, result.uncertainty_um
-            msg.sharpness, msg.tissue_fraction = result.sharpness, result.tissue_fraction
+            _fill_estimate(msg, result)
             msg.patches_used, msg.inference_latency_ms = result.patches_used, latency_ms
         else:
             self.get_logger().warning(f"tile {tile.scan_id}#{tile.sequence}: no estimate: {error}")
@@ -99,23 +116,48 @@ class AutofocusNode(Node):
         self._estimates.publish(msg)
 
     def _serve(self, request, response):
-        response.model_id, response.backend = self.estimator.model_id, self.estimator.backend.name
+        estimator = self._estimator(request.objective_magnification, request.numerical_aperture, request.pixel_size_um)
+        response.model_id, response.backend = estimator.model_id, estimator.backend.name
+        response.model_dir = str(estimator.model_dir)
         try:
-            result = self.estimator.estimate(decode_rgb(request.image), request.numerical_aperture,
-                                             request.pixel_size_um)
+            result = estimator.estimate(decode_rgb(request.image), request.numerical_aperture, request.pixel_size_um)
         except (ImageConversionError, FocusInputError) as error:
             response.success, response.error = False, str(error)
             return response
         response.success = True
-        response.defocus_um, response.uncertainty_um = result.defocus_um, result.uncertainty_um
-        response.sharpness, response.tissue_fraction = result.sharpness, result.tissue_fraction
+        _fill_estimate(response, result)
         response.inference_latency_ms = result.latency_ms
+        return response
+
+    def _calibrate(self, request, response):
+        """Fine-tune on a scan's focus-map sweeps (ROS-free core: `wsi_autofocus.calibration`); the new
+        model serves that objective's tiles from the next one on."""
+        try:
+            stacks, optics = stacks_from_scan(request.scan_dir)
+            directory = self.store.model_dir(optics["objective_magnification"], optics["numerical_aperture"],
+                                             optics["pixel_size_um"])
+            result = calibrate(stacks, directory, self.params["model_dir"] or None,
+                               scanner={"name": self.store.scanner} | optics)
+        except (CalibrationError, OSError, ValueError, KeyError) as error:
+            response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
+            self.get_logger().error(response.error)
+            return response
+        with self._models_lock:
+            self.estimators.forget(result.model_dir)
+        response.success, response.model_dir = True, str(result.model_dir)
+        response.sweeps, response.images, response.fit_s = result.stacks, result.images, result.fit_s
+        response.held_back_mae_before_um = result.held_back_mae_before_um
+        response.held_back_mae_after_um = result.held_back_mae_after_um
+        self.get_logger().info(f"calibrated {result.model_dir} from {result.stacks} sweeps in {result.fit_s:.0f} s: "
+                               f"held-back MAE {result.held_back_mae_before_um:.2f} -> "
+                               f"{result.held_back_mae_after_um:.2f} µm")
         return response
 
     def _diagnostics(self):
         with self._stats_lock:
             level, message = worker_level(self._worker, "running")
-            return level, message, {"backend": self.estimator.backend.name, "model": self.estimator.model_id,
+            base = self.estimators.base
+            return level, message, {"backend": base.backend.name, "model": base.model_id,
                                    "queue_depth": self._worker.qsize(), "tiles_evaluated": self._evaluated,
                                    "tiles_rejected": self._rejected,
                                    "inference_latency_ms": f"{self._last_latency_ms:.1f}"}
@@ -123,6 +165,14 @@ class AutofocusNode(Node):
     def destroy_node(self):
         self._worker.stop(timeout_s=2.0)
         return super().destroy_node()
+
+
+def _fill_estimate(msg, result) -> None:
+    """The estimate's fields, shared by FocusEstimate and the EstimateFocus response."""
+    msg.defocus_um, msg.uncertainty_um = result.defocus_um, result.uncertainty_um
+    msg.distance_um, msg.distance_uncertainty_um = result.distance_um, result.distance_uncertainty_um
+    msg.above_focus_probability = result.above_focus_probability
+    msg.sharpness, msg.tissue_fraction = result.sharpness, result.tissue_fraction
 
 
 def main(args=None):
