@@ -9,7 +9,7 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 
-from wsi.actions import ActionCallError, ActionCaller
+from wsi.actions import ActionCaller
 from wsi.graph import GraphConfig, scan_graph
 from wsi_common.ros_env import interruptible, node_environment
 from wsi_interfaces.action import MoveStage
@@ -75,9 +75,28 @@ def test_a_second_goal_is_cancelled_mid_move(stage, ros_node):
     assert 1_000.0 < result.x_um < 74_000.0 - 1.0   # stopped on the way, not at the target
 
 
-def test_goal_outside_the_limits_is_rejected(stage):
-    with pytest.raises(ActionCallError, match="goal rejected"):
-        stage.send_goal(MoveStage.Goal(x_um=-5.0, y_um=0.0, z_um=0.0), timeout_s=30)
+@pytest.mark.parametrize("goal, code, reason", [
+    (MoveStage.Goal(x_um=-5.0, y_um=0.0, z_um=0.0), MoveStage.Result.ERROR_OUT_OF_LIMITS, "x=-5.000 µm is outside"),
+    (MoveStage.Goal(x_um=float("nan"), y_um=0.0, z_um=0.0), MoveStage.Result.ERROR_INVALID_GOAL,
+     "x=nan is not a finite number"),
+    (MoveStage.Goal(x_um=30_000.0, y_um=12_000.0, z_um=0.0, speed_um_s=1e-6), MoveStage.Result.ERROR_INVALID_GOAL,
+     "more than the 600 s a move may take"),
+])
+def test_a_goal_that_cannot_be_run_ends_at_once_with_the_reason(stage, goal, code, reason):
+    started = time.monotonic()
+    outcome = stage.call(goal, timeout_s=30)
+    assert outcome.status == GoalStatus.STATUS_ABORTED and outcome.result.error_code == code
+    assert reason in outcome.result.error_message and time.monotonic() - started < 5
+
+
+def test_a_goal_while_the_stage_moves_ends_as_busy(stage, ros_node):
+    stage.call(MoveStage.Goal(x_um=1_000.0, y_um=1_000.0, z_um=0.0), timeout_s=30)
+    first = stage.send_goal(MoveStage.Goal(x_um=74_000.0, y_um=24_000.0, z_um=0.0), timeout_s=30)
+    second = stage.call(MoveStage.Goal(x_um=2_000.0, y_um=2_000.0, z_um=0.0), timeout_s=30)
+    assert second.status == GoalStatus.STATUS_ABORTED and second.result.error_code == MoveStage.Result.ERROR_BUSY
+    assert "the stage is busy" in second.result.error_message
+    stage.cancel(first)
+    assert stage.wait_for_result(first, timeout_s=30)[0] == GoalStatus.STATUS_CANCELED
 
 
 def run_cli(*args, timeout_s=90):
@@ -88,7 +107,7 @@ def run_cli(*args, timeout_s=90):
 def test_wsi_smoke_runs_a_round_trip_through_a_fresh_graph():
     done = run_cli("smoke", "--sim-speedup", "4")
     assert done.returncode == 0, done.stderr
-    assert "goal outside the stage limits rejected" in done.stdout
+    assert "goal outside the stage limits refused: target outside the stage limits" in done.stdout
     assert "the graph answered end to end" in done.stdout
 
 

@@ -78,12 +78,12 @@ def smoke_round_trip(namespace: str, timeout_s: float) -> list[str]:
                 raise ActionCallError(f"move to {target} ended {error_um:.2f} µm away from the target")
             checks.append(f"moved to {target} µm: reached within {error_um:.2f} µm in "
                           f"{result.duration_s:.2f} s, {len(outcome.feedback)} feedback messages")
-        try:
-            stage.send_goal(MoveStage.Goal(x_um=-1e6, y_um=0.0, z_um=0.0), timeout_s)
-        except ActionCallError:
-            checks.append("goal outside the stage limits rejected")
-        else:
-            raise ActionCallError("a goal outside the stage limits was accepted")
+        refused = stage.call(MoveStage.Goal(x_um=-1e6, y_um=0.0, z_um=0.0), timeout_s)
+        if refused.status != GoalStatus.STATUS_ABORTED \
+                or refused.result.error_code != MoveStage.Result.ERROR_OUT_OF_LIMITS:
+            raise ActionCallError(f"a goal outside the stage limits ended with status {refused.status}, "
+                                  f"error code {refused.result.error_code}")
+        checks.append(f"goal outside the stage limits refused: {refused.result.error_message}")
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

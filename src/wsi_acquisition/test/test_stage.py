@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from wsi_acquisition.stage import (SimulatedStage, StageDynamics, StageLimitError, StageLimits,
-                                   trapezoid_duration_s, trapezoid_fraction)
+from wsi_acquisition.stage import (Axes, MoveGoalError, SimulatedStage, StageDynamics, StageLimitError, StageLimits,
+                                   move_target, trapezoid_duration_s, trapezoid_fraction)
 
 
 class FakeClock:
@@ -89,3 +89,34 @@ def test_targets_outside_the_limits_name_the_axis_and_the_range():
         stage.start_move(1000.0, 1000.0, float("nan"))
     with pytest.raises(ValueError, match="min 5.0 µm must be below max 1.0 µm"):
         StageLimits(x_min_um=5.0, x_max_um=1.0)
+
+
+def test_a_move_request_becomes_an_absolute_target_on_the_selected_axes():
+    here = (10_000.0, 5_000.0, 2.0)
+    assert move_target(StageLimits(), here, (1.0, 2.0, 3.0), Axes.XYZ, False, 0.0, 600.0) == (1.0, 2.0, 3.0)
+    assert move_target(StageLimits(), here, (100.0, -50.0, 3.0), Axes.XY, True, 0.0, 600.0) == (
+        10_100.0, 4_950.0, 2.0)
+    assert move_target(StageLimits(), here, (float("nan"), 0.0, 7.0), Axes.Z, False, 0.0, 600.0) == (
+        10_000.0, 5_000.0, 7.0)                           # an axis not selected is not read at all
+    assert move_target(StageLimits(), here, (1.0, 2.0, 3.0), 0, False, 0.0, 600.0) == (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("requested, axes, speed, message", [
+    ((float("nan"), 0.0, 0.0), Axes.XYZ, 0.0, "x=nan is not a finite number"),
+    ((1.0, float("inf"), 0.0), Axes.XY, 0.0, "y=inf is not a finite number"),
+    ((1.0, 1.0, 0.0), 8, 0.0, "axes 8: expected a combination of X=1, Y=2, Z=4"),
+    ((1.0, 1.0, 0.0), Axes.XYZ, float("nan"), "speed nan µm/s; expected a finite speed >= 0"),
+    ((1.0, 1.0, 0.0), Axes.XYZ, -5.0, "speed -5.0 µm/s"),
+    # 1e-6 µm/s would hold the stage (and every scan waiting for it) for about 300 years
+    ((1.0, 1.0, 0.0), Axes.XYZ, 1e-6, r"the 9999.0 µm move would take 1e\+10 s, more than the 600 s"),
+])
+def test_move_requests_that_cannot_be_run_are_refused_with_the_reason(requested, axes, speed, message):
+    with pytest.raises(MoveGoalError, match=message):
+        move_target(StageLimits(), (10_000.0, 1.0, 0.0), requested, axes, False, speed, 600.0)
+
+
+def test_a_slow_move_is_allowed_when_it_ends_in_time_and_a_target_outside_the_limits_is_a_limit_error():
+    assert move_target(StageLimits(), (0.0, 0.0, 0.0), (500.0, 0.0, 0.0), Axes.X, False, 1.0, 600.0) == (
+        500.0, 0.0, 0.0)
+    with pytest.raises(StageLimitError, match="x=-5.000 µm is outside"):
+        move_target(StageLimits(), (0.0, 0.0, 0.0), (-5.0, 0.0, 0.0), Axes.X, False, 0.0, 600.0)

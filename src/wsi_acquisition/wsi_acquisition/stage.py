@@ -5,6 +5,7 @@ The simulated stage follows the motion of a real motorised stage: trapezoidal ve
 carriage trails the screw by half the backlash in the direction of travel), and positioning jitter. The encoder reading is the true position quantised to
 the encoder resolution, so `measured` differs from `commanded` the way it does on hardware.
 """
+import enum
 import math
 import threading
 import time
@@ -22,6 +23,19 @@ class StageLimitError(ValueError):
 
 class StageFault(RuntimeError):
     """The stage hardware reported a fault or does not answer."""
+
+
+class MoveGoalError(ValueError):
+    """A move request that cannot be run as given: not a finite number, unknown axes, or far too slow."""
+
+
+class Axes(enum.IntFlag):
+    """Which axes a move drives. Mirrors MoveStage.Goal.AXES_*."""
+    X = 1
+    Y = 2
+    Z = 4
+    XY = 3
+    XYZ = 7
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,38 @@ class StageLimits:
                 problems.append(f"{axis}={value:.3f} µm is outside [{low:.3f}, {high:.3f}] µm")
         if problems:
             raise StageLimitError("target outside the stage limits: " + "; ".join(problems))
+
+
+def move_target(limits: StageLimits, current_um: tuple[float, float, float],
+                requested_um: tuple[float, float, float], axes: int, relative: bool, speed_um_s: float,
+                max_duration_s: float) -> tuple[float, float, float]:
+    """The absolute target of a move request, checked before anything moves.
+
+    Axes not selected keep their current value (axes 0 = all three); `relative` adds the request to the
+    current position. Raises MoveGoalError for a request that cannot be run as given, StageLimitError for
+    a target outside the soft limits. `speed_um_s` (0 = the stage's configured speed) caps the XY speed;
+    one so low that the XY travel alone would take longer than `max_duration_s` is refused, because the
+    move would hold the stage, and every scan waiting for it, for that long.
+    """
+    if not 0 <= axes <= Axes.XYZ:
+        raise MoveGoalError(f"axes {axes}: expected a combination of X={Axes.X:d}, Y={Axes.Y:d}, Z={Axes.Z:d} "
+                            "(0 = all three)")
+    selected = Axes(axes or Axes.XYZ)
+    masks = (Axes.X, Axes.Y, Axes.Z)
+    for axis, value, mask in zip(AXES, requested_um, masks):
+        if mask in selected and not math.isfinite(value):
+            raise MoveGoalError(f"{axis}={value} is not a finite number")
+    if not math.isfinite(speed_um_s) or speed_um_s < 0:
+        raise MoveGoalError(f"speed {speed_um_s} µm/s; expected a finite speed >= 0 (0 = the configured speed)")
+    target = tuple((now + value if relative else value) if mask in selected else now
+                   for now, value, mask in zip(current_um, requested_um, masks))
+    limits.check(*target)
+    xy_distance_um = math.dist(target[:2], current_um[:2])
+    if speed_um_s > 0 and xy_distance_um / speed_um_s > max_duration_s:
+        raise MoveGoalError(f"speed {speed_um_s:g} µm/s: the {xy_distance_um:.1f} µm move would take "
+                            f"{xy_distance_um / speed_um_s:.3g} s, more than the {max_duration_s:g} s a move may "
+                            "take; give a higher speed, or 0 for the stage's configured speed")
+    return target
 
 
 @dataclass(frozen=True)

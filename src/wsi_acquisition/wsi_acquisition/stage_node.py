@@ -1,13 +1,17 @@
-"""Stage node: the MoveStage action server and the StageState publisher over a stage backend."""
+"""Stage node: the MoveStage action server and the StageState publisher over a stage backend.
+
+Every goal is accepted; one that cannot be run ends at once, aborted with its error code and the reason
+(ERROR_INVALID_GOAL, ERROR_OUT_OF_LIMITS, ERROR_BUSY), so that the caller learns why.
+"""
 import math
 import threading
 import time
 
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionServer, CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 
-from wsi_acquisition.stage import AXES, StageFault, StageLimitError
+from wsi_acquisition.stage import AXES, MoveGoalError, StageFault, StageLimitError, move_target
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS
 from wsi_interfaces.action import MoveStage
@@ -17,16 +21,8 @@ PARAMETERS = {
     "state_rate_hz": (10.0, "StageState publishing rate"),
     "feedback_rate_hz": (20.0, "MoveStage feedback rate"),
     "move_timeout_margin_s": (2.0, "a move that takes this much longer than expected fails"),
+    "max_move_duration_s": (600.0, "a goal whose speed would make the move take longer than this is refused"),
 }
-
-
-def target_of(goal, current: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Absolute target of a MoveStage goal; axes not selected keep their current value."""
-    axes = goal.axes or MoveStage.Goal.AXES_XYZ
-    requested = (goal.x_um, goal.y_um, goal.z_um)
-    masks = (MoveStage.Goal.AXES_X, MoveStage.Goal.AXES_Y, MoveStage.Goal.AXES_Z)
-    return tuple((cur + req if goal.relative else req) if axes & mask else cur
-                 for cur, req, mask in zip(current, requested, masks))
 
 
 class StageNode(Node):
@@ -42,21 +38,11 @@ class StageNode(Node):
         self.create_timer(1.0 / self.params["state_rate_hz"], self._publish_state, callback_group=group)
         self._server = ActionServer(
             self, MoveStage, "stage/move", execute_callback=self._execute,
-            goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-            callback_group=group)
+            cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
 
-    def _on_goal(self, goal) -> GoalResponse:
-        try:
-            if not math.isfinite(goal.speed_um_s) or goal.speed_um_s < 0:
-                raise ValueError(f"speed {goal.speed_um_s} µm/s must be >= 0")
-            self.stage.limits.check(*target_of(goal, self.stage.position_um()))
-        except (StageLimitError, ValueError) as error:
-            self.get_logger().warning(f"rejected MoveStage goal: {error}")
-            return GoalResponse.REJECT
-        if self._lock.locked():
-            self.get_logger().warning("rejected MoveStage goal: the stage is busy (a move or a scan is running)")
-            return GoalResponse.REJECT
-        return GoalResponse.ACCEPT
+    def _target(self, goal) -> tuple[float, float, float]:
+        return move_target(self.stage.limits, self.stage.position_um(), (goal.x_um, goal.y_um, goal.z_um),
+                           goal.axes, goal.relative, goal.speed_um_s, self.params["max_move_duration_s"])
 
     def _result(self, goal_handle, code: int, message: str, started: float):
         result = MoveStage.Result(error_code=code, error_message=message,
@@ -73,19 +59,25 @@ class StageNode(Node):
 
     def _execute(self, goal_handle):
         started = time.monotonic()
-        if not self._lock.acquire(blocking=False):
-            return self._result(goal_handle, MoveStage.Result.ERROR_FAULT, "the stage is busy", started)
         try:
-            return self._move(goal_handle, started)
-        finally:
-            self._lock.release()
-
-    def _move(self, goal_handle, started: float):
-        target = target_of(goal_handle.request, self.stage.position_um())
-        try:
-            expected_s = self.stage.start_move(*target, speed_um_s=goal_handle.request.speed_um_s)
+            # Judged before the lock, so a goal that cannot be run learns why even while the stage is busy;
+            # the target is taken again under the lock, from the position the move will start at.
+            self._target(goal_handle.request)
+            if not self._lock.acquire(blocking=False):
+                return self._result(goal_handle, MoveStage.Result.ERROR_BUSY, "the stage is busy: a scan or "
+                                    "another move is running; send the goal again when it is idle", started)
+            try:
+                return self._move(goal_handle, self._target(goal_handle.request), started)
+            finally:
+                self._lock.release()
         except StageLimitError as error:
             return self._result(goal_handle, MoveStage.Result.ERROR_OUT_OF_LIMITS, str(error), started)
+        except MoveGoalError as error:
+            return self._result(goal_handle, MoveStage.Result.ERROR_INVALID_GOAL, str(error), started)
+
+    def _move(self, goal_handle, target: tuple[float, float, float], started: float):
+        try:
+            expected_s = self.stage.start_move(*target, speed_um_s=goal_handle.request.speed_um_s)
         except StageFault as error:
             return self._result(goal_handle, MoveStage.Result.ERROR_FAULT, str(error), started)
         deadline = started + expected_s + self.params["move_timeout_margin_s"]
