@@ -1,4 +1,5 @@
 """ros2 launch wsi scan.launch.py [sim:=true] [slide:=0] [output_dir:=out] [record:=false] ...
+   ros2 launch wsi scan.launch.py sim:=false mm_config:=scope.cfg [params_file:=scanner.yaml]   (a real microscope)
 
 Builds the launch description from the graph in wsi.graph, the same one `wsi launch` runs.
 """
@@ -15,7 +16,7 @@ def _nodes(context):
     values = {name: LaunchConfiguration(name).perform(context) for name in LAUNCH_ARGUMENTS}
     return [
         Node(package=spec.package, executable=spec.executable, name=spec.name if spec.single_node else None,
-             namespace=spec.namespace or None, parameters=[spec.parameters],
+             namespace=spec.namespace or None, parameters=[*spec.parameter_files, spec.parameters],
              remappings=list(spec.remappings), output="screen", emulate_tty=True)
         for spec in scan_graph(GraphConfig.from_strings(values))
     ]

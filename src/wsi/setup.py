@@ -10,6 +10,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", ["launch/scan.launch.py"]),
+        (f"share/{PACKAGE}/config", ["config/micromanager_scanner.yaml"]),
     ],
     install_requires=["setuptools"],
     zip_safe=False,

@@ -12,6 +12,7 @@ from wsi_common.supervisor import NodeSpec, write_params_file
 # The launch file lives at the repository's top level; package wsi installs it from a symlink.
 LAUNCH_FILE = Path(__file__).resolve().parents[3] / "launch" / "scan.launch.py"
 PACKAGE_LAUNCH_FILE = Path(__file__).resolve().parents[1] / "launch" / "scan.launch.py"
+EXAMPLE_PARAMS_FILE = Path(__file__).resolve().parents[1] / "config" / "micromanager_scanner.yaml"
 
 
 def test_config_from_launch_argument_strings():
@@ -51,7 +52,8 @@ class _Recorder:
         self.args, self.kwargs = args, kwargs
 
 
-def test_launch_file_builds_its_nodes_from_the_graph(monkeypatch):
+def load_launch_file(monkeypatch):
+    """The launch file's module, over stand-ins of launch and launch_ros that record their arguments."""
     launch = types.ModuleType("launch")
     launch.LaunchDescription = _Recorder
     actions = types.ModuleType("launch.actions")
@@ -77,18 +79,92 @@ def test_launch_file_builds_its_nodes_from_the_graph(monkeypatch):
     spec = importlib.util.spec_from_file_location("scan_launch", LAUNCH_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    description = module.generate_launch_description()
-    entities = description.args[0]
+    return module
+
+
+def launched_nodes(monkeypatch, **arguments) -> list[tuple]:
+    """(package, executable, name, namespace, parameters) of every node the launch file starts when given
+    `arguments` (the others at their declared defaults)."""
+    entities = load_launch_file(monkeypatch).generate_launch_description().args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
+    opaque = next(e for e in entities if "function" in e.kwargs)
+    nodes = opaque.kwargs["function"](declared | arguments)
+    return [(n.kwargs["package"], n.kwargs["executable"], n.kwargs["name"], n.kwargs["namespace"],
+             n.kwargs["parameters"]) for n in nodes]
+
+
+def expected_nodes(**arguments) -> list[tuple]:
+    defaults = {name: default for name, (default, _) in LAUNCH_ARGUMENTS.items()}
+    return [(s.package, s.executable, s.name if s.single_node else None, s.namespace or None,
+             [*s.parameter_files, s.parameters]) for s in scan_graph(GraphConfig.from_strings(defaults | arguments))]
+
+
+def test_launch_file_declares_every_launch_argument(monkeypatch):
+    entities = load_launch_file(monkeypatch).generate_launch_description().args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
     assert declared == {name: default for name, (default, _) in LAUNCH_ARGUMENTS.items()}
-    opaque = next(e for e in entities if "function" in e.kwargs)
-    context = {name: default for name, (default, _) in LAUNCH_ARGUMENTS.items()} | {"namespace": "b"}
-    nodes = opaque.kwargs["function"](context)
-    expected = scan_graph(GraphConfig.from_strings(context))
-    assert [(n.kwargs["package"], n.kwargs["executable"], n.kwargs["name"], n.kwargs["namespace"],
-             n.kwargs["parameters"]) for n in nodes] == [
-        (s.package, s.executable, s.name if s.single_node else None, s.namespace, [s.parameters])
-        for s in expected]
+
+
+def test_launch_file_builds_its_nodes_from_the_graph(monkeypatch):
+    assert launched_nodes(monkeypatch, namespace="b") == expected_nodes(namespace="b")
+
+
+def test_sim_false_launches_the_micromanager_backend(monkeypatch, tmp_path):
+    params_file = tmp_path / "scanner.yaml"
+    params_file.write_text("/**/microscope:\n  ros__parameters:\n    camera_width_px: 256\n")
+    arguments = {"sim": "false", "backend": "micromanager-sim", "params_file": str(params_file)}
+    nodes = launched_nodes(monkeypatch, **arguments)
+    assert nodes == expected_nodes(**arguments)
+    microscope = next(node for node in nodes if node[1] == "microscope_node")
+    assert microscope[4] == [str(params_file), {"backend": "micromanager-sim", "sim_slide": "0", "sim_speedup": 1.0,
+                                                "output_root": "out"}]
+    assert all(node[4][0] == str(params_file) for node in nodes)     # the scanner's file reaches every node
+
+
+def test_real_hardware_arguments_choose_the_backend_or_say_what_is_missing(tmp_path):
+    def microscope(**arguments):
+        specs = scan_graph(GraphConfig.from_strings(arguments))
+        return next(spec for spec in specs if spec.name == "microscope")
+
+    real = microscope(sim="false", mm_config="/etc/scope.cfg")
+    assert real.parameters["backend"] == "micromanager" and real.parameters["mm_config"] == "/etc/scope.cfg"
+    assert real.parameter_files == ()
+    assert microscope().parameters["backend"] == "sim" and "mm_config" not in microscope().parameters
+    with pytest.raises(ValueError, match="give mm_config:=<file.cfg>, or a params_file"):
+        microscope(sim="false")
+    with pytest.raises(ValueError, match="backend='micromanager' drives hardware, but sim=true"):
+        microscope(backend="micromanager")
+    with pytest.raises(ValueError, match="backend='sim' is the virtual microscope, but sim=false"):
+        microscope(sim="false", backend="sim")
+    with pytest.raises(ValueError, match="mm_config='s.cfg' is read only by backend micromanager"):
+        microscope(sim="false", backend="micromanager-sim", mm_config="s.cfg")
+    with pytest.raises(ValueError, match="params_file '.*missing.yaml' does not exist"):
+        microscope(params_file=str(tmp_path / "missing.yaml"))
+
+
+def test_the_graph_backends_are_the_microscope_nodes_backends():
+    from wsi_acquisition.microscope_node import BACKENDS
+
+    chosen = {GraphConfig.from_strings(arguments).hardware_backend() for arguments in (
+        {}, {"sim": "false"}, {"sim": "false", "backend": "micromanager-sim"})}
+    assert chosen == set(BACKENDS)
+
+
+def test_the_example_scanner_parameters_are_parameters_of_the_nodes_they_name():
+    from wsi_acquisition import camera_node, microscope_node, orchestrator_node, stage_node
+    from wsi_autofocus import node as autofocus_node
+    import yaml
+
+    tables = {"microscope": microscope_node.PARAMETERS, "camera": camera_node.PARAMETERS,
+              "stage": stage_node.PARAMETERS, "scan_orchestrator": orchestrator_node.PARAMETERS,
+              "autofocus": autofocus_node.PARAMETERS}
+    sections = yaml.safe_load(EXAMPLE_PARAMS_FILE.read_text())
+    assert sections and set(sections) <= {f"/**/{name}" for name in tables}
+    for key, section in sections.items():
+        table = tables[key.removeprefix("/**/")]
+        for name, value in section["ros__parameters"].items():
+            assert name in table, f"{key}: {name} is not a parameter of that node"
+            assert type(value) is type(table[name][0]), f"{key}: {name}={value!r} has another type than its default"
 
 
 def test_the_package_installs_the_top_level_launch_file_not_a_copy():

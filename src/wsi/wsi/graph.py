@@ -1,13 +1,18 @@
 """The WSI node graph, described once. `launch/scan.launch.py` and `wsi launch` both build from it."""
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from wsi_common.supervisor import NodeSpec
 
 # Launch arguments: name -> (default as a string, description). Shared by the launch file and the CLI.
 LAUNCH_ARGUMENTS = {
     "sim": ("true", "use the virtual microscope instead of real hardware"),
+    "backend": ("", "with sim:=false, how the hardware is driven: micromanager (the microscope of mm_config, the "
+                    "default) or micromanager-sim (the virtual microscope through the same Micro-Manager code)"),
+    "mm_config": ("", "Micro-Manager hardware configuration (.cfg) of the microscope, for backend micromanager"),
+    "params_file": ("", "YAML ROS parameters file of this scanner (objectives, stage limits, camera, ...), given "
+                        "to every node; the other launch arguments override what it sets"),
     "slide": ("0", "virtual slide: an integer seed, or the path of an RGB image to use as specimen"),
     "output_dir": ("out", "directory for scan manifests, mosaics and exports"),
     "record": ("false", "record every tile, estimate and status into a rosbag2 (MCAP) bag"),
@@ -29,6 +34,9 @@ def _parse_bool(text: str, name: str) -> bool:
 @dataclass(frozen=True)
 class GraphConfig:
     sim: bool = True
+    backend: str = ""
+    mm_config: str = ""
+    params_file: str = ""
     slide: str = "0"
     output_dir: str = "out"
     record: bool = False
@@ -53,30 +61,65 @@ class GraphConfig:
                 kwargs[f.name] = text
         return cls(**kwargs)
 
+    def hardware_backend(self) -> str:
+        """The microscope node's `backend`: the virtual microscope with sim, else the hardware driver
+        (Micro-Manager unless `backend` names another)."""
+        if self.sim:
+            if self.backend not in ("", "sim"):
+                raise ValueError(f"backend={self.backend!r} drives hardware, but sim=true runs the virtual "
+                                 "microscope; give sim:=false with it")
+            return "sim"
+        if self.backend == "sim":
+            raise ValueError("backend='sim' is the virtual microscope, but sim=false asks for hardware; give "
+                             "sim:=true, or a hardware backend such as micromanager")
+        return self.backend or "micromanager"
+
+
+def _microscope_parameters(config: GraphConfig) -> dict:
+    backend = config.hardware_backend()
+    if config.mm_config and backend != "micromanager":
+        raise ValueError(f"mm_config={config.mm_config!r} is read only by backend micromanager, "
+                         f"and this graph's backend is {backend!r}")
+    if backend == "micromanager" and not (config.mm_config or config.params_file):
+        raise ValueError("sim=false drives a Micro-Manager microscope: give mm_config:=<file.cfg>, or a "
+                         "params_file that sets the microscope's mm_config")
+    parameters = {"backend": backend, "sim_slide": config.slide, "sim_speedup": config.sim_speedup,
+                  "output_root": config.output_dir}
+    if config.mm_config:
+        parameters["mm_config"] = config.mm_config
+    return parameters
+
+
+def _parameter_files(config: GraphConfig) -> tuple[str, ...]:
+    if not config.params_file:
+        return ()
+    path = Path(config.params_file).expanduser()
+    if not path.is_file():
+        raise ValueError(f"params_file {config.params_file!r} does not exist; expected a YAML ROS parameters file")
+    return (str(path),)
+
 
 def scan_graph(config: GraphConfig) -> list[NodeSpec]:
     """Every node of one scanner, with its parameters and remappings."""
-    if not config.sim:
-        raise ValueError("sim=false: the graph has no launch arguments for a Micro-Manager configuration yet; "
-                         "run the microscope node with backend:=micromanager mm_config:=<file.cfg> (see README)")
-    namespace, output = config.namespace, config.output_dir
+    namespace, output, files = config.namespace, config.output_dir, _parameter_files(config)
     specs = [
         NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
                  module="wsi_acquisition.microscope_node", namespace=namespace, single_node=False,
-                 parameters={"backend": "sim", "sim_slide": config.slide, "sim_speedup": config.sim_speedup,
-                             "output_root": output}),
+                 parameters=_microscope_parameters(config), parameter_files=files),
         NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                  module="wsi_autofocus.node", namespace=namespace,
-                 parameters={"backend": config.autofocus_backend}),
+                 parameters={"backend": config.autofocus_backend}, parameter_files=files),
         NodeSpec(name="stitching", package="wsi_stitching", executable="stitching_node",
-                 module="wsi_stitching.node", namespace=namespace, parameters={"output_root": output}),
+                 module="wsi_stitching.node", namespace=namespace, parameters={"output_root": output},
+                 parameter_files=files),
         NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
-                 namespace=namespace, parameters={"output_root": output, "mosaic_root": output}),
+                 namespace=namespace, parameters={"output_root": output, "mosaic_root": output},
+                 parameter_files=files),
     ]
     if config.record:
         specs.append(NodeSpec(name="recorder", package="wsi", executable="recorder_node",
                               module="wsi.recorder_node", namespace=config.namespace,
-                              parameters={"bag_path": bag_path(config)}))
+                              parameters={"bag_path": bag_path(config)}, parameter_files=files))
     return specs
 
 

@@ -21,6 +21,10 @@ from wsi_common.diagnostics import ERROR, OK, DiagnosticsPublisher
 from wsi_common.node_main import NodeConfigurationError, spin_nodes
 from wsi_common.params import declare_parameters
 
+# 'sim': the virtual microscope; 'micromanager': the microscope of mm_config; 'micromanager-sim': the virtual
+# microscope as Micro-Manager devices, driven through the same code as real hardware.
+BACKENDS = ("sim", "micromanager", "micromanager-sim")
+
 PARAMETERS = {
     "backend": ("sim", "hardware backend: 'sim' (virtual microscope), 'micromanager' (load mm_config), "
                        "'micromanager-sim' (the virtual microscope as Micro-Manager devices)"),
@@ -74,9 +78,8 @@ def build_backend(p: dict):
         return MicroManagerMicroscope(core, StageLimits(*p["mm_stage_limits_um"]), objectives,
                                       objective_group=p["mm_objective_group"],
                                       objective_magnification=p["objective_magnification"])
-    if p["backend"] not in ("sim", "micromanager-sim"):
-        raise NodeConfigurationError(f"unknown hardware backend {p['backend']!r}; "
-                                     "expected 'sim', 'micromanager' or 'micromanager-sim'")
+    if p["backend"] not in BACKENDS:
+        raise NodeConfigurationError(f"unknown hardware backend {p['backend']!r}; expected one of {BACKENDS}")
     specimen = load_specimen(p["sim_slide"], p["sim_image_pixel_size_um"])
     sim = SimulatedMicroscope.create(
         slide_seed=int(p["sim_slide"]) if specimen is None else 0, specimen=specimen,

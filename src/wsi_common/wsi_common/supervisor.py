@@ -26,6 +26,8 @@ class NodeSpec:
     executable: str                       # console script installed under lib/<package>
     module: str                           # python -m <module> runs the same node
     parameters: dict = field(default_factory=dict)
+    # YAML parameters files applied before `parameters`, which override what they set.
+    parameter_files: tuple[str, ...] = ()
     remappings: tuple = ()                # ((from, to), ...)
     namespace: str = ""
     # False for a process that hosts several nodes: renaming would give all of them this name.
@@ -35,6 +37,8 @@ class NodeSpec:
         args = ["--ros-args"]
         if self.single_node:
             args += ["-r", f"__node:={self.name}"]
+        for path in self.parameter_files:
+            args += ["--params-file", path]
         args += ["--params-file", str(params_file)]
         if self.namespace:
             args += ["-r", f"__ns:=/{self.namespace.strip('/')}"]
