@@ -141,3 +141,17 @@ def side_after_probe(distance_um: float, distance_uncertainty_um: float, above_f
     prior = np.clip(above_focus_probability, 1e-6, 1 - 1e-6)
     log_odds = np.log(prior / (1 - prior)) - 0.5 * (above * above - below * below)
     return float(1.0 / (1.0 + np.exp(-np.clip(log_odds, -50, 50))))
+
+
+def side_decision(above_focus_probability: float) -> bool | None:
+    """True (above focus) or False (below) when the side is known to `SIDE_CERTAINTY`; None otherwise."""
+    if above_focus_probability >= SIDE_CERTAINTY:
+        return True
+    if above_focus_probability <= 1 - SIDE_CERTAINTY:
+        return False
+    return None
+
+
+def keeps_correction(sharpness: float, focus_map_sharpness: float) -> bool:
+    """Whether a corrected capture replaces the focus map's: only when measurably sharper."""
+    return sharpness / max(focus_map_sharpness, 1e-12) - 1.0 >= MIN_SHARPNESS_GAIN

@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import (MIN_SHARPNESS_GAIN, SIDE_CERTAINTY, brenner, focus_action, probe_step_um,
-                                   refine_peak, side_after_probe)
+from wsi_acquisition.focus import (brenner, focus_action, keeps_correction, probe_step_um, refine_peak,
+                                   side_after_probe, side_decision)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       detect_tissue, plan_tiles)
@@ -488,8 +488,7 @@ class ScanRunner:
                                          reply.above_focus_probability, step, probe.distance_um,
                                          probe.distance_uncertainty_um)
             check |= {"probe_distance_um": probe.distance_um, "above_focus_probability": posterior}
-            if posterior >= SIDE_CERTAINTY or posterior <= 1 - SIDE_CERTAINTY:
-                above = posterior >= SIDE_CERTAINTY
+            above = side_decision(posterior)
         self._keep_focus_check(check, frame)
         return above
 
@@ -499,7 +498,7 @@ class ScanRunner:
                                       offset_um, True)
         record.focus_source = source
         record.sharpness_gain = record.sharpness / max(original.sharpness, 1e-12) - 1.0
-        if record.sharpness_gain >= MIN_SHARPNESS_GAIN:
+        if keeps_correction(record.sharpness, original.sharpness):
             self.outcome.refocus_count += 1
             self._emit(record, frame)
             return
