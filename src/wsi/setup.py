@@ -14,5 +14,6 @@ setup(
     ],
     install_requires=["setuptools"],
     zip_safe=False,
-    entry_points={"console_scripts": ["wsi = wsi.cli:main", "recorder_node = wsi.recorder_node:main"]},
+    entry_points={"console_scripts": ["wsi = wsi.cli:main", "recorder_node = wsi.recorder_node:main",
+                                      "lifecycle_manager = wsi.lifecycle_manager:main"]},
 )

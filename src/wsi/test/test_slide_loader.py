@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 def test_queue_scans_each_slide_and_records_a_refused_one(run_nodes, tmp_path):
     graph = [spec for spec in scan_graph(GraphConfig(output_dir=str(tmp_path), sim_speedup=50.0))
-             if spec.name in ("microscope", "stitching", "export")]
+             if spec.name in ("microscope", "stitching", "export", "lifecycle_manager")]
     graph[0].parameters.update(camera_width_px=256, camera_height_px=256)
     run_nodes(graph)
     jobs = [{"slot": 1, "scan_id": "case-1", "region_um": [43_000, 12_000, 250, 250], "formats": ["ome-tiff"]},

@@ -126,10 +126,10 @@ def test_wsi_launch_stops_cleanly_on_ctrl_c():
 
 
 def test_wsi_launch_fails_clearly_when_a_node_dies():
-    done = run_cli("launch", "--sim-speedup", "-1", timeout_s=60)
+    done = run_cli("launch", "--autofocus-backend", "bogus", timeout_s=60)
     assert done.returncode == 1
-    assert "speedup -1.0 must be positive" in done.stdout
-    assert "node process died: microscope (exit code 2)" in done.stderr
+    assert "unknown autofocus backend 'bogus'" in done.stdout
+    assert "node process died: autofocus (exit code 2)" in done.stderr
 
 
 def test_bad_launch_argument_is_a_usage_error():

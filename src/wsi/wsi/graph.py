@@ -105,7 +105,7 @@ def scan_graph(config: GraphConfig) -> list[NodeSpec]:
     specs = [
         NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
                  module="wsi_acquisition.microscope_node", namespace=namespace, single_node=False,
-                 parameters=_microscope_parameters(config), parameter_files=files),
+                 parameters=_microscope_parameters(config), parameter_files=files, lifecycle_nodes=("microscope",)),
         NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                  module="wsi_autofocus.node", namespace=namespace,
                  parameters={"backend": config.autofocus_backend}, parameter_files=files),
@@ -120,7 +120,15 @@ def scan_graph(config: GraphConfig) -> list[NodeSpec]:
         specs.append(NodeSpec(name="recorder", package="wsi", executable="recorder_node",
                               module="wsi.recorder_node", namespace=config.namespace,
                               parameters={"bag_path": bag_path(config)}, parameter_files=files))
+    specs.append(lifecycle_manager_spec(namespace, [name for spec in specs for name in spec.lifecycle_nodes], files))
     return specs
+
+
+def lifecycle_manager_spec(namespace: str, node_names, parameter_files: tuple[str, ...] = ()) -> NodeSpec:
+    """The bring-up manager (wsi.lifecycle_manager) of the managed nodes `node_names`, in bring-up order."""
+    return NodeSpec(name="lifecycle_manager", package="wsi", executable="lifecycle_manager",
+                    module="wsi.lifecycle_manager", namespace=namespace, parameters={"node_names": list(node_names)},
+                    parameter_files=parameter_files)
 
 
 def bag_path(config: GraphConfig, now: datetime | None = None) -> str:

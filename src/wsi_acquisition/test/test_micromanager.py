@@ -159,13 +159,15 @@ def test_the_ros_microscope_scans_through_the_micromanager_backend(run_nodes, ro
     from action_msgs.msg import GoalStatus
 
     from wsi.actions import ActionCaller
+    from wsi.graph import lifecycle_manager_spec
     from wsi_common.supervisor import NodeSpec
     from wsi_interfaces.action import ScanSlide
 
     run_nodes([NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
                         module="wsi_acquisition.microscope_node", single_node=False,
                         parameters={"backend": "micromanager-sim", "sim_speedup": 50.0, "output_root": str(tmp_path),
-                                    "camera_width_px": 256, "camera_height_px": 256})])
+                                    "camera_width_px": 256, "camera_height_px": 256}),
+               lifecycle_manager_spec("", ["microscope"])])
     caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
     caller.wait_for_server(timeout_s=30)
     x, y, width, height = REGION_UM

@@ -10,6 +10,7 @@ from std_srvs.srv import Trigger
 from sensor_msgs.msg import Image
 
 from wsi.actions import ActionCallError, ActionCaller
+from wsi.graph import lifecycle_manager_spec
 from wsi_common.image import image_to_array
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, LIVE_IMAGE_QOS, TILE_QOS
 from wsi_common.supervisor import NodeSpec
@@ -19,6 +20,8 @@ from wsi_interfaces.msg import ScanPlan, Tile
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 TISSUE_REGION_UM = (40_000.0, 11_000.0, 3_000.0, 3_000.0)   # inside the default slide's tissue
+# The bring-up manager activates the microscope, which then starts its stage, camera and scan orchestrator.
+MANAGER = lifecycle_manager_spec("", ["microscope"])
 
 
 def microscope_spec(output_root: Path, **parameters) -> NodeSpec:
@@ -29,7 +32,7 @@ def microscope_spec(output_root: Path, **parameters) -> NodeSpec:
 
 @pytest.fixture
 def scanner(run_nodes, ros_node, tmp_path):
-    run_nodes([microscope_spec(tmp_path)])
+    run_nodes([microscope_spec(tmp_path), MANAGER])
     caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
     caller.wait_for_server(timeout_s=30)
     return caller
@@ -103,7 +106,7 @@ def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):
 
 
 def test_live_stream_publishes_frames_with_camera_info(run_nodes, ros_node, tmp_path):
-    run_nodes([microscope_spec(tmp_path, live_rate_hz=5.0, camera_width_px=256, camera_height_px=256)])
+    run_nodes([microscope_spec(tmp_path, live_rate_hz=5.0, camera_width_px=256, camera_height_px=256), MANAGER])
     frames = []
     ros_node.create_subscription(Image, "camera/live", frames.append, LIVE_IMAGE_QOS)
     deadline = time.monotonic() + 30

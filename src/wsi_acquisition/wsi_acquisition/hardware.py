@@ -66,6 +66,9 @@ class MicroscopeBackend(Protocol):
     def overview(self) -> Overview | None:
         """A whole-slide low-magnification image, or None where the scanner has no macro camera."""
 
+    def close(self) -> None:
+        """Release the hardware (stop the stage, let go of the devices); the backend is not used again."""
+
 
 class SimulatedMicroscope:
     """The virtual microscope behind a simulated stage: images follow the stage's true pose."""
@@ -125,3 +128,6 @@ class SimulatedMicroscope:
 
     def overview(self) -> Overview:
         return self.microscope.capture_overview()
+
+    def close(self) -> None:
+        self.stage.stop()

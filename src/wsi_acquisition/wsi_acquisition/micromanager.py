@@ -276,3 +276,12 @@ class MicroManagerMicroscope:
 
     def overview(self) -> Overview | None:
         return self._overview() if self._overview is not None else None
+
+    def close(self) -> None:
+        """Stop the stage and unload every device, so that the hardware can be connected again (by this
+        process or another program). A faulted stage may refuse to stop; the devices are unloaded anyway."""
+        try:
+            self.stage.stop()
+        except StageFault:
+            pass
+        _device_call(RuntimeError, "Micro-Manager core", "unloading the devices", self.core.unloadAllDevices)

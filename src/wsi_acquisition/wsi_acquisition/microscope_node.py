@@ -1,14 +1,30 @@
-"""The microscope process: one hardware backend shared by the stage, camera and scan orchestrator nodes.
+"""The microscope process: one hardware connection, a managed (lifecycle) node that owns it, and the stage,
+camera and scan orchestrator nodes that use it.
 
 Micro-Manager and most microscope controllers drive every device through one connection, so the
 nodes that use the hardware live in one process and take turns through one lock.
+
+The microscope node follows the ROS 2 node lifecycle, driven by the bring-up manager (wsi.lifecycle_manager):
+configure connects to the hardware (the backend is built, Micro-Manager loads its configuration) and
+checks that it answers; activate starts the stage, camera and scan orchestrator nodes over it, so that
+their actions, services and topics exist exactly while the hardware can be used (a client's wait for
+the `scan_slide` or `stage/move` server is its wait for the scanner to be up); deactivate stops them,
+cancelling the goals they run (a scan keeps what it captured); cleanup disconnects.
+
+A hardware fault found while active (the stage reports one, or does not answer) deactivates the node with
+an error: error processing disconnects and the node rests unconfigured, its /diagnostics at ERROR naming
+the fault, until a configure and an activate succeed again (the manager's `startup` does both).
 """
+import functools
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+from rclpy.action import ActionClient, ActionServer
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rcl_interfaces.msg import SetParametersResult
 
 from wsi_acquisition.camera_node import CameraNode
 from wsi_acquisition.hardware import SimulatedMicroscope
@@ -17,8 +33,8 @@ from wsi_acquisition.orchestrator_node import ScanOrchestratorNode
 from wsi_acquisition.specimen import ImageSpecimen, SpecimenError
 from wsi_acquisition.stage import StageFault, StageLimits
 from wsi_acquisition.stage_node import StageNode
-from wsi_common.diagnostics import ERROR, OK, DiagnosticsPublisher
-from wsi_common.node_main import NodeConfigurationError, spin_nodes
+from wsi_common.diagnostics import ERROR, OK, WARN, DiagnosticsPublisher
+from wsi_common.node_main import CALLBACK_GRACE_S, NodeConfigurationError, cancel_executing_goals, spin_nodes
 from wsi_common.params import declare_parameters
 
 # 'sim': the virtual microscope; 'micromanager': the microscope of mm_config; 'micromanager-sim': the virtual
@@ -45,6 +61,11 @@ PARAMETERS = {
     "camera_height_px": (1024, "simulated sensor height"),
     "objective_magnification": (20.0, "objective in place at start"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
+    "fault_check_period_s": (0.5, "while active, the hardware is checked for a fault this often"),
+    "deactivate_timeout_s": (30.0, "how long deactivating waits for the goals it cancelled to end"),
+    "device_threads": (6, "threads serving the stage, camera and scan orchestrator nodes"),
+    "sim_stage_fault": ("", "backend 'sim': a fault the simulated stage reports ('' = none), as a real controller "
+                            "reports a following error; settable at run time, to try out fault handling"),
 }
 
 
@@ -86,47 +107,229 @@ def build_backend(p: dict):
         stage_seed=p["sim_stage_seed"], speedup=p["sim_speedup"], objective_magnification=p["objective_magnification"],
         camera=Camera(width_px=p["camera_width_px"], height_px=p["camera_height_px"]))
     if p["backend"] == "sim":
+        sim.stage.fault = p["sim_stage_fault"]
         return sim
     from wsi_acquisition.mm_sim_devices import simulated_micromanager
     return simulated_micromanager(sim)
 
 
-class MicroscopeNode(Node):
-    """Owns the hardware backend and reports its health on /diagnostics."""
+def hardware_fault(backend) -> str:
+    """What is wrong with the connected hardware: the fault the stage reports (where it reports faults),
+    or its failure to give its position; '' when nothing is."""
+    try:
+        backend.stage.position_um()
+    except StageFault as error:
+        return str(error)
+    return getattr(backend.stage, "fault", "")
+
+
+class DeviceNodes:
+    """The nodes that use the hardware, served by an executor of their own and stopped together: stopping
+    cancels the goals they execute and lets those end (their clients get the results) before the nodes go."""
+
+    # The result of a goal is sent to its client by a task that the executor runs just after the goal's
+    # execute callback returns; the executor spins this much longer so that those tasks run.
+    RESULT_SEND_S = 0.2
+
+    def __init__(self, nodes: list, threads: int):
+        self.nodes = nodes
+        self._executor = MultiThreadedExecutor(num_threads=threads)
+        for node in nodes:
+            self._executor.add_node(node)
+        threading.Thread(target=self._executor.spin, name="device-nodes", daemon=True).start()
+
+    def goals_running(self) -> int:
+        """Goals accepted by the nodes' action servers whose execute callbacks have not returned."""
+        return sum(not result.done() for node in self.nodes for server in node.waitables
+                   if isinstance(server, ActionServer) for result in server._result_futures.values())
+
+    def stop(self, timeout_s: float, abandon: bool) -> bool:
+        """Cancel the goals being executed, wait up to `timeout_s` for them to end, then stop the executor and
+        destroy the nodes. Goals still running after `timeout_s` are abandoned (their clients get no
+        result) if `abandon`; otherwise everything is left running and False returned."""
+        cancel_executing_goals(self.nodes)
+        deadline = time.monotonic() + timeout_s
+        while self.goals_running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = not self.goals_running()
+        if not ended and not abandon:
+            return False
+        if ended:
+            time.sleep(self.RESULT_SEND_S)
+        # Waiting for the executor's threads waits for the callbacks still running (a timer, a frame).
+        self._executor.shutdown(timeout_sec=timeout_s, wait_for_threads=ended)
+        for node in self.nodes:
+            # Node.destroy_node leaves action servers and clients, which keep the node alive in the graph.
+            for action in [w for w in node.waitables if isinstance(w, (ActionServer, ActionClient))]:
+                action.destroy()
+            node.destroy_node()
+        return ended
+
+
+def _transition(callback):
+    """A lifecycle transition callback that logs what went wrong: rclpy turns an exception into ERROR silently."""
+    @functools.wraps(callback)
+    def logged(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return callback(self, state)
+        except Exception as error:  # noqa: BLE001 -- any failure must reach the log and the diagnostics
+            self.transition_error = f"{callback.__name__.removeprefix('on_')} failed: {type(error).__name__}: {error}"
+            self.get_logger().error(self.transition_error)
+            return TransitionCallbackReturn.ERROR
+        finally:
+            self._diagnostics_publisher.publish()      # the new state at once, not at the next period
+    return logged
+
+
+class MicroscopeNode(LifecycleNode):
+    """Owns the hardware connection under the node lifecycle (module docstring) and reports its state and
+    health on /diagnostics in every state."""
 
     def __init__(self):
         super().__init__("microscope")
         self.params = p = declare_parameters(self, PARAMETERS)
-        try:
-            self.backend = build_backend(p)
-        except (ValueError, RuntimeError) as error:     # bad parameters, or hardware failing at start-up
-            raise NodeConfigurationError(str(error)) from error
+        self.backend = None
         self.hardware_lock = threading.Lock()
-        DiagnosticsPublisher(self, "microscope", p["diagnostics_period_s"], self._diagnostics)
-        width, height = self.backend.sensor_size_px()
-        self.get_logger().info(f"microscope ready: backend {p['backend']}, "
-                               f"{self.backend.objective_magnification:g}x, {width}x{height} px")
+        self.fault = ""                 # the hardware fault found while active; cleared when the hardware connects
+        self.transition_error = ""      # why the last transition failed; cleared by the next one that succeeds
+        self._devices: DeviceNodes | None = None
+        self.add_on_set_parameters_callback(self._on_parameters)
+        self._diagnostics_publisher = DiagnosticsPublisher(self, "microscope", p["diagnostics_period_s"],
+                                                           self._diagnostics)
+        self.create_timer(p["fault_check_period_s"], self._check_for_fault)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @_transition
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            backend = build_backend(self.params)
+        except (ValueError, RuntimeError) as error:     # bad parameters, or hardware that does not connect
+            return self._failed("configure", str(error))
+        fault = hardware_fault(backend)
+        if fault:
+            backend.close()
+            return self._failed("configure", fault)
+        self.backend, self.fault, self.transition_error = backend, "", ""
+        # A new lock per connection: a callback abandoned with the last one may still hold its lock.
+        self.hardware_lock = threading.Lock()
+        width, height = backend.sensor_size_px()
+        self.get_logger().info(f"microscope connected: backend {self.params['backend']}, "
+                               f"{backend.objective_magnification:g}x, {width}x{height} px")
+        return TransitionCallbackReturn.SUCCESS
+
+    @_transition
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        fault = hardware_fault(self.backend)
+        if fault:
+            return self._failed("activate", fault)
+        backend, lock = self.backend, self.hardware_lock
+        self._devices = DeviceNodes([StageNode(backend.stage, lock), CameraNode(backend, lock),
+                                     ScanOrchestratorNode(backend, lock)], self.params["device_threads"])
+        self.transition_error = ""
+        self.get_logger().info(f"microscope ready: backend {self.params['backend']}; stage, camera and "
+                               "scan_slide are up")
+        return TransitionCallbackReturn.SUCCESS
+
+    @_transition
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        faulted = bool(self.fault)
+        if not self._stop_devices(self.params["deactivate_timeout_s"], abandon=faulted):
+            return self._failed("deactivate", f"{self._devices.goals_running()} goal(s) still running "
+                                f"{self.params['deactivate_timeout_s']:g} s after they were cancelled (a scan "
+                                "that is exporting ends when its export does); deactivate again later")
+        if faulted:     # error processing disconnects the faulted hardware
+            return TransitionCallbackReturn.ERROR
+        self.transition_error = ""
+        self.get_logger().info("microscope inactive: stage, camera and scan_slide are down")
+        return TransitionCallbackReturn.SUCCESS
+
+    @_transition
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._disconnect()
+        self.transition_error = ""
+        return TransitionCallbackReturn.SUCCESS
+
+    @_transition
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_devices(self.params["deactivate_timeout_s"], abandon=True)
+        self._disconnect()
+        return TransitionCallbackReturn.SUCCESS
+
+    @_transition
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_devices(self.params["deactivate_timeout_s"], abandon=True)
+        self._disconnect()
+        self.get_logger().error(f"microscope disconnected after an error while {state.label}: "
+                                f"{self.fault or self.transition_error}; configure and activate it to reconnect")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _failed(self, transition: str, reason: str) -> TransitionCallbackReturn:
+        self.transition_error = f"{transition} failed: {reason}"
+        self.get_logger().error(self.transition_error)
+        return TransitionCallbackReturn.FAILURE
+
+    def _stop_devices(self, timeout_s: float, abandon: bool) -> bool:
+        if self._devices is None:
+            return True
+        if not self._devices.stop(timeout_s, abandon):
+            return False
+        self._devices = None
+        return True
+
+    def _disconnect(self) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            try:
+                backend.close()
+            except (StageFault, RuntimeError) as error:     # faulted hardware may not let go cleanly
+                self.get_logger().warning(f"disconnecting: {error}")
+
+    def _check_for_fault(self) -> None:
+        if self._devices is None:
+            return
+        fault = hardware_fault(self.backend)
+        if fault:
+            self.fault = f"hardware fault: {fault}"
+            self.get_logger().error(f"{self.fault}; deactivating")
+            self.trigger_deactivate()
+
+    def destroy_node(self) -> None:
+        # The process is stopping (node_main): the goals get the grace every node's callbacks get.
+        self._stop_devices(CALLBACK_GRACE_S, abandon=True)
+        self._disconnect()
+        super().destroy_node()
+
+    # -- parameters and diagnostics ------------------------------------------------------------
+    def _on_parameters(self, parameters) -> SetParametersResult:
+        for parameter in parameters:
+            if parameter.name == "sim_stage_fault":
+                if self.params["backend"] != "sim":
+                    return SetParametersResult(successful=False, reason="sim_stage_fault needs backend 'sim'")
+                self.params["sim_stage_fault"] = parameter.value
+                if self.backend is not None:
+                    self.backend.stage.fault = parameter.value
+        return SetParametersResult(successful=True)
 
     def _diagnostics(self):
-        fault = getattr(self.backend.stage, "fault", "")
-        try:
-            position = ", ".join(f"{v:.2f}" for v in self.backend.stage.position_um())
-        except StageFault as error:       # a real stage that stopped answering is reported, not fatal
-            fault, position = str(error), "unknown"
-        values = {"backend": self.params["backend"], "connected": "false" if position == "unknown" else "true",
-                  "busy": str(self.hardware_lock.locked()),
-                  "objective": f"{self.backend.objective_magnification:g}x", "stage_position_um": position}
-        return (ERROR if fault else OK), fault or "connected", values
-
-
-def make_nodes() -> list[Node]:
-    microscope = MicroscopeNode()
-    backend, lock = microscope.backend, microscope.hardware_lock
-    return [microscope, StageNode(backend.stage, lock), CameraNode(backend, lock), ScanOrchestratorNode(backend, lock)]
+        state = self._state_machine.current_state[1]     # rclpy has no public accessor of the node's own state
+        values = {"lifecycle_state": state, "backend": self.params["backend"], "busy": str(self.hardware_lock.locked())}
+        position = "unknown"
+        if self.backend is not None:
+            values["objective"] = f"{self.backend.objective_magnification:g}x"
+            try:
+                position = ", ".join(f"{v:.2f}" for v in self.backend.stage.position_um())
+            except StageFault as error:
+                values["stage_error"] = str(error)
+        values |= {"connected": str(position != "unknown").lower(), "stage_position_um": position}
+        if self.fault or self.transition_error:     # the failed transition is the newer news
+            return ERROR, self.transition_error or self.fault, values
+        if state == "active":
+            return OK, "active", values
+        return WARN, f"{state}: the hardware is not in use (the bring-up manager's startup activates it)", values
 
 
 def main(args=None):
-    spin_nodes(make_nodes, "microscope", args, make_executor=lambda: MultiThreadedExecutor(num_threads=6))
+    spin_nodes(lambda: [MicroscopeNode()], "microscope", args)
 
 
 if __name__ == "__main__":

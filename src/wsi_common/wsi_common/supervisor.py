@@ -32,6 +32,8 @@ class NodeSpec:
     namespace: str = ""
     # False for a process that hosts several nodes: renaming would give all of them this name.
     single_node: bool = True
+    # The managed (lifecycle) nodes the process hosts, in the order a bring-up manager activates them.
+    lifecycle_nodes: tuple[str, ...] = ()
 
     def ros_arguments(self, params_file: Path) -> list[str]:
         args = ["--ros-args"]

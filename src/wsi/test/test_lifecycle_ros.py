@@ -1,0 +1,158 @@
+"""The microscope's lifecycle through its real process and the bring-up manager: the stage, camera and scan
+interfaces exist exactly while it is active, and a hardware fault takes it down where a robot sees it and
+brings it back with the manager's startup."""
+import time
+
+import pytest
+import rclpy
+from action_msgs.msg import GoalStatus
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from lifecycle_msgs.msg import State, Transition, TransitionEvent
+from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from std_srvs.srv import Trigger
+
+from wsi.actions import ActionCaller
+from wsi.graph import GraphConfig, scan_graph
+from wsi.lifecycle_manager import TO_ACTIVE, TO_UNCONFIGURED, BringUpError, transitions
+from wsi_common.qos import EVENT_QOS
+from wsi_interfaces.action import MoveStage
+
+FAULT = "X axis following error"
+
+
+def test_the_manager_plans_the_transitions_from_every_state():
+    def state(state_id, label):
+        return State(id=state_id, label=label)
+
+    unconfigured = state(State.PRIMARY_STATE_UNCONFIGURED, "unconfigured")
+    active = state(State.PRIMARY_STATE_ACTIVE, "active")
+    assert transitions(TO_ACTIVE, unconfigured, "m") == (Transition.TRANSITION_CONFIGURE,
+                                                         Transition.TRANSITION_ACTIVATE)
+    assert transitions(TO_ACTIVE, active, "m") == ()
+    assert transitions(TO_UNCONFIGURED, active, "m") == (Transition.TRANSITION_DEACTIVATE,
+                                                         Transition.TRANSITION_CLEANUP)
+    with pytest.raises(BringUpError, match="m is finalized: it has shut down; restart its process"):
+        transitions(TO_ACTIVE, state(State.PRIMARY_STATE_FINALIZED, "finalized"), "m")
+    with pytest.raises(BringUpError, match="m is configuring: a transition is under way"):
+        transitions(TO_ACTIVE, state(State.TRANSITION_STATE_CONFIGURING, "configuring"), "m")
+
+
+class Robot:
+    """What a lab robot uses to watch and drive the scanner: the manager's services, the microscope's
+    lifecycle services and transition events, /diagnostics."""
+
+    def __init__(self, node):
+        self.node = node
+        self.events, self.diagnostics = [], []
+        node.create_subscription(TransitionEvent, "microscope/transition_event", self.events.append, 10)
+        node.create_subscription(DiagnosticArray, "/diagnostics", lambda a: self.diagnostics.extend(
+            s for s in a.status if s.name == "/microscope"), EVENT_QOS)
+
+    def call(self, service_type, name: str, request, timeout_s: float = 120.0):
+        client = self.node.create_client(service_type, name)
+        assert client.wait_for_service(timeout_sec=60), f"no {name}"
+        future = client.call_async(request)
+        rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout_s)
+        assert future.done(), f"{name} did not answer"
+        self.node.destroy_client(client)
+        return future.result()
+
+    def manager(self, service: str) -> Trigger.Response:
+        return self.call(Trigger, f"lifecycle_manager/{service}", Trigger.Request())
+
+    def state(self) -> str:
+        return self.call(GetState, "microscope/get_state", GetState.Request()).current_state.label
+
+    def transition(self, transition: int) -> bool:
+        return self.call(ChangeState, "microscope/change_state",
+                         ChangeState.Request(transition=Transition(id=transition))).success
+
+    def set_stage_fault(self, fault: str) -> None:
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=fault)
+        response = self.call(SetParameters, "microscope/set_parameters",
+                             SetParameters.Request(parameters=[Parameter(name="sim_stage_fault", value=value)]))
+        assert response.results[0].successful, response.results[0].reason
+
+    def wait_for(self, condition, what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+            rclpy.spin_once(self.node, timeout_sec=0.1)
+
+    def node_names(self) -> set[str]:
+        return set(self.node.get_node_names())
+
+
+def microscope_graph(autostart: bool):
+    graph = [spec for spec in scan_graph(GraphConfig(sim_speedup=20.0))
+             if spec.name in ("microscope", "lifecycle_manager")]
+    graph[0].parameters.update(camera_width_px=256, camera_height_px=256, diagnostics_period_s=0.5)
+    graph[1].parameters["autostart"] = autostart
+    return graph
+
+
+@pytest.mark.ros
+def test_configure_activate_deactivate_cleanup(run_nodes, ros_node):
+    run_nodes(microscope_graph(autostart=False))
+    robot = Robot(ros_node)
+    assert robot.state() == "unconfigured"
+    robot.wait_for(lambda: robot.diagnostics, "diagnostics")
+    assert robot.diagnostics[-1].level == DiagnosticStatus.WARN and "unconfigured" in robot.diagnostics[-1].message
+    assert not robot.manager("is_active").success
+
+    assert robot.transition(Transition.TRANSITION_CONFIGURE) and robot.state() == "inactive"
+    time.sleep(1.0)         # long enough for a node to be discovered: none of the hardware nodes is there
+    assert not {"stage", "camera", "scan_orchestrator"} & robot.node_names()
+
+    started = robot.manager("startup")
+    assert started.success and started.message == "active: microscope", started.message
+    assert robot.state() == "active" and robot.manager("is_active").success
+    stage = ActionCaller(ros_node, MoveStage, "stage/move")
+    stage.wait_for_server(timeout_s=30)
+    moved = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=0.0), timeout_s=30)
+    assert moved.status == GoalStatus.STATUS_SUCCEEDED, moved.result.error_message
+
+    assert robot.transition(Transition.TRANSITION_DEACTIVATE) and robot.state() == "inactive"
+    robot.wait_for(lambda: not {"stage", "camera", "scan_orchestrator"} & robot.node_names(), "hardware nodes gone")
+    inactive = robot.manager("is_active")
+    assert not inactive.success and inactive.message.startswith("microscope is inactive"), inactive.message
+    reset = robot.manager("reset")
+    assert reset.success and robot.state() == "unconfigured", reset.message
+    assert [(e.start_state.label, e.goal_state.label) for e in robot.events][-4:] == [
+        ("active", "deactivating"), ("deactivating", "inactive"), ("inactive", "cleaningup"),
+        ("cleaningup", "unconfigured")]
+
+
+@pytest.mark.ros
+def test_a_stage_fault_takes_the_microscope_down_and_startup_brings_it_back(run_nodes, ros_node):
+    run_nodes(microscope_graph(autostart=True))
+    robot = Robot(ros_node)
+    stage = ActionCaller(ros_node, MoveStage, "stage/move")
+    stage.wait_for_server(timeout_s=60)        # the manager brought the microscope up by itself
+    feedback = []
+    # A move that is still running when the fault comes: its client gets its result all the same.
+    handle = stage.send_goal(MoveStage.Goal(x_um=1_000.0, axes=MoveStage.Goal.AXES_X, relative=True, speed_um_s=5.0),
+                             timeout_s=30, on_feedback=feedback.append)
+    robot.wait_for(lambda: feedback, "move feedback")
+
+    robot.set_stage_fault(FAULT)
+    status, _ = stage.wait_for_result(handle, timeout_s=30)
+    assert status == GoalStatus.STATUS_CANCELED
+    robot.wait_for(lambda: robot.state() == "unconfigured", "unconfigured after the fault")
+    assert ("deactivating", "errorprocessing") in [(e.start_state.label, e.goal_state.label) for e in robot.events]
+    robot.wait_for(lambda: {v.key: v.value for v in robot.diagnostics[-1].values}["lifecycle_state"] == "unconfigured",
+                   "diagnostics from the unconfigured microscope")
+    assert robot.diagnostics[-1].level == DiagnosticStatus.ERROR
+    assert robot.diagnostics[-1].message == f"hardware fault: {FAULT}"
+    down = robot.manager("is_active")
+    assert not down.success and down.message == f"microscope is unconfigured: hardware fault: {FAULT}"
+
+    refused = robot.manager("startup")      # the stage still reports its fault: it does not connect
+    assert not refused.success and refused.message == f"microscope did not configure: configure failed: {FAULT}"
+    robot.set_stage_fault("")
+    assert robot.manager("startup").success and robot.state() == "active"
+    stage.wait_for_server(timeout_s=30)
+    moved = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=0.0), timeout_s=30)
+    assert moved.status == GoalStatus.STATUS_SUCCEEDED, moved.result.error_message
