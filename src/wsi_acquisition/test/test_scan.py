@@ -1,4 +1,10 @@
+import errno
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +13,7 @@ import tifffile
 from wsi_acquisition.focus import MIN_SHARPNESS_GAIN, tissue_fraction
 from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
+from wsi_acquisition import scan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
 
 # A small tissue region, imaged with a small sensor so that a scan takes a few seconds.
@@ -206,3 +213,61 @@ def test_automatic_tissue_detection_needs_a_macro_camera(tmp_path):
     with pytest.raises(ScanError, match="needs an overview camera") as raised:
         ScanRunner(backend, request(tmp_path, region_um=None)).validate()
     assert raised.value.code == ScanErrorCode.INVALID_GOAL
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+
+    def fill_the_disk(handle):
+        handle.write(b"half of the new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        scan._write_atomically(path, fill_the_disk)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["manifest.json"]
+
+
+FULL_DISK_SCAN = """
+import json, subprocess, sys
+from pathlib import Path
+import tifffile
+from wsi_acquisition.hardware import SimulatedMicroscope
+from wsi_acquisition.optics import Camera
+from wsi_acquisition.scan import FocusStrategy, ScanError, ScanRequest, ScanRunner
+
+disk = Path(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+backend = SimulatedMicroscope.create(speedup=1000.0, camera=Camera(width_px=256, height_px=256))
+request = ScanRequest(scan_id="full", output_dir=disk, region_um=(43_000.0, 12_000.0, 500.0, 400.0),
+                      focus_strategy=FocusStrategy.NONE, skip_empty_tiles=False)
+try:
+    ScanRunner(backend, request).run()
+    report = {"error": None}
+except ScanError as error:
+    report = {"code": int(error.code), "error": str(error)}
+scan_dir = disk / "full"
+report["files"] = sorted(str(p.relative_to(scan_dir)) for p in scan_dir.rglob("*"))
+manifest = json.loads((scan_dir / "manifest.json").read_text())
+report["status"], report["listed"] = manifest["status"], [t["image"] for t in manifest["tiles"]]
+report["readable"] = [tifffile.imread(scan_dir / image).shape == (256, 256, 3) for image in report["listed"]]
+print(json.dumps(report))
+"""
+
+
+def test_a_full_disk_leaves_only_complete_tiles_a_valid_manifest_and_names_the_tile(tmp_path):
+    """A real 1 MiB file system fills up after a few 256x256 tiles (mounted in a user namespace of its own,
+    so no root is needed where the kernel allows those)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("cannot mount a small file system here: no user namespaces")
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK_SCAN, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["code"] == ScanErrorCode.STORAGE
+    assert report["error"].startswith("cannot save tile (")
+    free_mb = float(re.search(r"\((\d+\.\d) MB free there\)", report["error"]).group(1))
+    assert free_mb < 256 * 256 * 3 / 1e6                # less than a tile needs: the disk is full
+    assert report["status"] == "failed" and 2 <= len(report["listed"]) and all(report["readable"])
+    # nothing but the complete tiles the manifest lists: no truncated tile, no temporary file
+    assert report["files"] == sorted(["manifest.json", "tiles", *report["listed"]])

@@ -3,16 +3,20 @@
 ROS-free: the orchestrator node gives the runner a hardware backend and callbacks (publish a tile,
 ask the autofocus for an estimate, report progress, check for cancel). Every captured tile is
 recorded in the manifest (written atomically after each tile) and its image saved, so a cancelled,
-failed or killed scan leaves everything captured so far readable.
+failed or killed scan leaves everything captured so far readable. Every file is written atomically, so
+a disk that fills up leaves no truncated file under a final name, and the manifest lists only tiles
+whose files are complete.
 """
+import contextlib
 import enum
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import tifffile
@@ -158,13 +162,35 @@ class ScanOutcome:
     duration_s: float = 0.0
 
 
-def _atomic_write_json(path: Path, payload: dict) -> None:
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through a hidden temporary beside it, flushed to the disk, then renamed over it: a
+    reader, or a scan killed or out of space half-way, finds the old file or the whole new one, never a
+    truncated one. A failed write removes its temporary."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_tiff(path: Path, image: np.ndarray) -> None:
+    _write_atomically(path, lambda handle: tifffile.imwrite(handle, image, photometric="rgb"))
+
+
+def _storage_error(what: str, path: Path, error: OSError) -> ScanError:
+    """What could not be written, where, why, and the space left there (a short write from numpy carries
+    no errno, so a full disk shows only through the free space)."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return ScanError(ScanErrorCode.STORAGE, f"cannot save {what} as {path}: {error.strerror or error} ({free})")
 
 
 def _ground_truth(frame: Frame) -> dict | None:
@@ -263,10 +289,7 @@ class ScanRunner:
 
     def _save_overview(self, overview) -> None:
         """The macro image goes beside the tiles: the QC report and the export's overview series use it."""
-        try:
-            tifffile.imwrite(self.scan_dir / "overview.tif", overview.image_rgb8, photometric="rgb")
-        except OSError as error:
-            raise ScanError(ScanErrorCode.STORAGE, f"cannot save the overview: {error}") from error
+        self._save_image("overview.tif", overview.image_rgb8, "the overview")
         self._overview = {"image": "overview.tif", "pixel_size_um": overview.pixel_size_um,
                           "origin_x_um": overview.origin_x_um, "origin_y_um": overview.origin_y_um}
 
@@ -345,11 +368,7 @@ class ScanRunner:
 
     def _save_sweep(self, x_um: float, y_um: float, best_z_um: float, images: list, z_values: list) -> None:
         relative = f"focus_map/sweep_{len(self.outcome.focus_sweeps):03d}.tif"
-        try:
-            (self.scan_dir / "focus_map").mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(self.scan_dir / relative, np.stack(images), photometric="rgb")
-        except OSError as error:
-            raise ScanError(ScanErrorCode.STORAGE, f"cannot save the focus sweep {relative}: {error}") from error
+        self._save_image(relative, np.stack(images), f"the focus sweep {relative}")
         self.outcome.focus_sweeps.append({"x_um": x_um, "y_um": y_um, "best_z_um": best_z_um, "images": relative,
                                           "z_um": z_values})
 
@@ -408,10 +427,11 @@ class ScanRunner:
                 "tiles": [[t.row, t.col] for t in plan.tiles], "skipped_empty": [list(rc) for rc in plan.skipped]},
             "tiles": [asdict(r) for r in self.outcome.records],
         }
+        text = json.dumps(payload, indent=1).encode()
         try:
-            _atomic_write_json(self.outcome.manifest_path, payload)
+            _write_atomically(self.outcome.manifest_path, lambda handle: handle.write(text))
         except OSError as error:
-            raise ScanError(ScanErrorCode.STORAGE, f"cannot write {self.outcome.manifest_path}: {error}") from error
+            raise _storage_error("the manifest", self.outcome.manifest_path, error) from error
 
     def _capture(self, sequence: int, row: int, col: int, x: float, y: float, map_z: float, offset: float,
                  is_recapture: bool) -> tuple[TileRecord, Frame]:
@@ -425,12 +445,13 @@ class ScanRunner:
         record.ground_truth = _ground_truth(frame)
         return record, frame
 
-    def _save_image(self, relative: str, frame: Frame, what: str) -> None:
+    def _save_image(self, relative: str, image: np.ndarray, what: str) -> None:
+        path = self.scan_dir / relative
         try:
-            (self.scan_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(self.scan_dir / relative, frame.image_rgb8, photometric="rgb")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_tiff(path, image)
         except OSError as error:
-            raise ScanError(ScanErrorCode.STORAGE, f"cannot save {what}: {error}") from error
+            raise _storage_error(what, path, error) from error
 
     def acquire(self, plan: TilePlan, focus_map: FocusMap | None) -> None:
         request = self.request
@@ -510,14 +531,14 @@ class ScanRunner:
 
     def _keep_focus_check(self, check: dict, frame: Frame) -> None:
         relative = f"focus_checks/{len(self.outcome.focus_checks):05d}_r{check['row']:04d}_c{check['col']:04d}_{check['kind']}.tif"
-        self._save_image(relative, frame, f"focus check {relative}")
+        self._save_image(relative, frame.image_rgb8, f"focus check {relative}")
         self.outcome.focus_checks.append(check | {"image": relative})
 
     def _emit(self, record: TileRecord, frame: Frame) -> None:
         """A capture becomes (the latest image of) its tile: saved, recorded, published."""
         if self.request.save_tiles:
             relative = f"tiles/r{record.row:04d}_c{record.col:04d}.tif"
-            self._save_image(relative, frame, f"tile ({record.row}, {record.col})")
+            self._save_image(relative, frame.image_rgb8, f"tile ({record.row}, {record.col})")
             record.image = relative
         self.outcome.records.append(record)
         self.publish_tile(record, frame)
@@ -548,7 +569,12 @@ class ScanRunner:
         except ScanError as error:
             self._status = "canceled" if error.code == ScanErrorCode.CANCELED else "failed"
             self._error = str(error)
-            self._finish(State.CANCELED if error.code == ScanErrorCode.CANCELED else State.FAILED)
+            try:
+                self._finish(State.CANCELED if error.code == ScanErrorCode.CANCELED else State.FAILED)
+            except ScanError as unrecorded:
+                # A full disk fails the tile first and then this manifest too: the caller needs the first
+                # failure; the manifest on disk is still the last one written, listing complete tiles only.
+                raise ScanError(error.code, f"{error}; the manifest could not record this: {unrecorded}") from error
             raise
         self._status = "complete"
         self._finish(State.SUCCEEDED)
