@@ -116,23 +116,57 @@ def _smoothstep(t):
 
 
 def value_noise_grid(xs_um: np.ndarray, ys_um: np.ndarray, lattice_um: float, key: int) -> np.ndarray:
-    """Value noise in [-1, 1] on the grid xs_um (ascending, W) x ys_um (ascending, H) -> (H, W) float32.
+    """Value noise in [-1, 1] on the grid xs_um (ascending, W) x ys_um (ascending, H) -> (H, W) float32."""
+    return _sum_of_octaves(len(ys_um), [(1.0, *_octave_along_x(xs_um, ys_um, lattice_um, key))])
 
-    Separable: lattice values are interpolated along x for the few lattice rows involved, then along y,
-    so the cost is a few passes over the output whatever the lattice spacing."""
+
+def _octave_along_x(xs_um, ys_um, lattice_um: float, key: int):
+    """One octave of value noise, interpolated along x for the few lattice rows the grid needs:
+    (lattice rows x W values, lattice row below each pixel row, smoothstep weight of the row above)."""
     gx = xs_um / lattice_um
     gy = ys_um / lattice_um
     ix0 = np.floor(gx).astype(np.int64)
     iy0 = np.floor(gy).astype(np.int64)
     tx = _smoothstep(gx - ix0).astype(np.float32)
-    ty = _smoothstep(gy - iy0).astype(np.float32)[:, None]
+    ty = _smoothstep(gy - iy0).astype(np.float32)
     lattice_x = np.arange(ix0[0], ix0[-1] + 2)
     lattice_y = np.arange(iy0[0], iy0[-1] + 2)
     values = (hash_uniform(lattice_x[None, :], lattice_y[:, None], key) * 2.0 - 1.0).astype(np.float32)
     cols = ix0 - ix0[0]
-    rows = iy0 - iy0[0]
     along_x = values[:, cols] * (1.0 - tx) + values[:, cols + 1] * tx
-    return along_x[rows] * (1.0 - ty) + along_x[rows + 1] * ty
+    return along_x, iy0 - iy0[0], ty
+
+
+# Pixel rows per matrix product in `_sum_of_octaves`: a block touches only its own lattice rows, so the
+# product does not multiply the zeros of the far lattice rows.
+_ROW_BLOCK = 128
+
+
+def _sum_of_octaves(height: int, octaves) -> np.ndarray:
+    """Sum of amplitude x octave over the (amplitude, along_x, rows, ty) of `_octave_along_x` (at least
+    one), (height, W) float32.
+
+    The interpolation along y of every octave at once is one matrix product per block of rows:
+    (rows x lattice rows of all octaves, two weights per octave and row) @ (lattice rows x W). That
+    writes the output once, where interpolating and adding octave by octave passed over it about
+    seven times per octave (measured 10x faster for coarse lattices, 3x for the finest)."""
+    total = np.empty((height, octaves[0][1].shape[1]), dtype=np.float32)
+    pixel_rows = np.arange(height)
+    weights = []
+    for amplitude, along_x, rows, ty in octaves:
+        weight = np.zeros((height, along_x.shape[0]), dtype=np.float32)
+        weight[pixel_rows, rows] = (1.0 - ty) * np.float32(amplitude)
+        weight[pixel_rows, rows + 1] = ty * np.float32(amplitude)
+        weights.append(weight)
+    for start in range(0, height, _ROW_BLOCK):
+        stop = min(start + _ROW_BLOCK, height)
+        block_weights, block_values = [], []
+        for (_, along_x, rows, _), weight in zip(octaves, weights):
+            first, last = rows[start], rows[stop - 1] + 2
+            block_weights.append(weight[start:stop, first:last])
+            block_values.append(along_x[first:last])
+        np.matmul(np.hstack(block_weights), np.vstack(block_values), out=total[start:stop])
+    return total
 
 
 def value_noise_points(x_um, y_um, lattice_um: float, key: int) -> np.ndarray:
@@ -157,16 +191,15 @@ def fractal_noise_grid(xs_um, ys_um, lattice_um: float, octaves: int, key: int,
     """Sum of `octaves` value-noise octaves (spacing halving, amplitude halving), normalised so the
     amplitude sum is 1. Octaves finer than two pixels are left out: a pixel averages them to their
     mean, zero."""
-    total = np.zeros((len(ys_um), len(xs_um)), dtype=np.float32)
-    amplitude_sum = 0.0
+    amplitude_sum = sum(0.5 ** octave for octave in range(octaves))
+    kept = []
     for octave in range(octaves):
         spacing = lattice_um / 2 ** octave
-        amplitude = 0.5 ** octave
-        amplitude_sum += amplitude
         if spacing >= 2.0 * pixel_size_um:
-            total += np.float32(amplitude) * value_noise_grid(xs_um, ys_um, spacing, key + octave)
-    total *= np.float32(1.0 / amplitude_sum)
-    return total
+            kept.append((0.5 ** octave / amplitude_sum, *_octave_along_x(xs_um, ys_um, spacing, key + octave)))
+    if not kept:
+        return np.zeros((len(ys_um), len(xs_um)), dtype=np.float32)
+    return _sum_of_octaves(len(ys_um), kept)
 
 
 def fractal_noise_points(x_um, y_um, lattice_um: float, octaves: int, key: int) -> np.ndarray:
@@ -285,17 +318,20 @@ class SyntheticSlide:
         _check_region(width_px, height_px, pixel_size_um)
         xs = pixel_centres_um(x0_um, width_px, pixel_size_um)
         ys = pixel_centres_um(y0_um, height_px, pixel_size_um)
-        od = np.empty((height_px, width_px, 3), dtype=np.float32)
-        od[:] = GLASS_OD
+        # Built as channel planes, so every pass over a channel is contiguous (and the microscope's
+        # per-channel FFTs read them directly); returned as the (height, width, 3) view of them.
+        od_planes = np.empty((3, height_px, width_px), dtype=np.float32)
+        for channel in range(3):
+            od_planes[channel] = GLASS_OD[channel]
         path_um = np.zeros((height_px, width_px), dtype=np.float32)
         for index, section in enumerate(self.sections):
             left, top, right, bottom = _section_bounds(section)
             if xs[-1] < left or xs[0] > right or ys[-1] < top or ys[0] > bottom:
                 continue
-            self._add_section(od, path_um, xs, ys, pixel_size_um, index, section)
-        return od, path_um
+            self._add_section(od_planes, path_um, xs, ys, pixel_size_um, index, section)
+        return od_planes.transpose(1, 2, 0), path_um
 
-    def _add_section(self, od, path_um, xs, ys, pixel_size_um, index, section):
+    def _add_section(self, od_planes, path_um, xs, ys, pixel_size_um, index, section):
         key = noise_key(self.seed, index)
         p = pixel_size_um
         detailed = p <= _DETAIL_MAX_PIXEL_UM
@@ -309,7 +345,9 @@ class SyntheticSlide:
         holes = np.maximum(_ramp(noise(420.0, 3, 2), 0.36, 0.365),
                            _ramp(noise(45.0, 2, 3), 0.58, 0.59))
         presence *= 1.0 - holes
-        presence *= 1.0 + self._fold_thickness(xs, ys, p, index, noise)
+        folded = self._fold_thickness(xs, ys, p, index, noise)
+        if folded is not None:
+            presence *= 1.0 + folded
 
         cellularity = _ramp(noise(700.0, 3, 4), -0.1, 0.25)
         texture = noise(3.0, 2, 5) if p <= 1.0 else np.float32(0.0)
@@ -317,7 +355,7 @@ class SyntheticSlide:
         if detailed:
             phase = noise(220.0, 3, 6) * np.float32(2 * math.pi * 220.0 / 7.0)
             continuity = _ramp(noise(25.0, 2, 9), -0.35, 0.25)
-            fibres = (0.5 + 0.5 * np.sin(phase)) ** 4 * continuity
+            fibres = np.square(np.square(0.5 + 0.5 * np.sin(phase))) * continuity
         else:
             fibres = np.float32(35.0 / 128.0 * 0.6)  # mean of ((1 + sin) / 2) ** 4 times continuity
         nuclei = [self._nuclei(xs, ys, p, key, layer, cellularity, texture, detailed)
@@ -339,30 +377,37 @@ class SyntheticSlide:
             hematoxylin = 0.03 + 0.05 * fibres + 0.55 * nuclear_stain * (1.0 - positive * nucleus_positive)
             stains = ((hematoxylin, HEMATOXYLIN_OD), (dab, DAB_OD))
         for channel in range(3):
-            channel_od = np.zeros_like(presence)
-            for amount, vector in stains:
-                channel_od += amount * vector[channel]
-            od[..., channel] += presence * channel_od
+            (first, first_od), (second, second_od) = stains
+            channel_od = first * first_od[channel]
+            channel_od += second * second_od[channel]
+            channel_od *= presence
+            od_planes[channel] += channel_od
 
     def _section_presence(self, xs, ys, p, section, noise):
         half_w = section.width_um / 2
         half_h = section.height_um / 2
         u = ((xs - section.center_x_um) / half_w).astype(np.float32)
         v = ((ys - section.center_y_um) / half_h).astype(np.float32)
-        radius = (u[None, :] ** 4 + v[:, None] ** 4) ** 0.25
         edge_um = max(p, 1.0)
+        # The edge noise is within +-1, so a region whose farthest corner is inside by more than the
+        # noise's reach (and half the edge, plus 1 µm for rounding) is all tissue: the clip below gives 1.
+        farthest = (max(abs(u[0]), abs(u[-1])) ** 4 + max(abs(v[0]), abs(v[-1])) ** 4) ** 0.25
+        if (1.0 - 2 * _EDGE_NOISE - farthest) * min(half_w, half_h) >= edge_um / 2 + 1.0:
+            return np.ones((len(ys), len(xs)), dtype=np.float32)
+        radius = (u[None, :] ** 4 + v[:, None] ** 4) ** 0.25
         inside_um = (1.0 - _EDGE_NOISE - radius + np.float32(_EDGE_NOISE) * noise(1800.0, 4, 1)) * min(
             half_w, half_h)
         return np.clip(inside_um / np.float32(edge_um) + 0.5, 0.0, 1.0)
 
     def _fold_thickness(self, xs, ys, p, index, noise):
-        """Extra thickness (0..1 section) where the section folded over itself."""
-        folds = self._folds[index]
-        extra = np.zeros((len(ys), len(xs)), dtype=np.float32)
-        if not folds:
-            return extra
-        wobble = noise(900.0, 2, 8) * np.float32(120.0)
+        """Extra thickness (0..1 section) where the section folded over itself; None where no fold
+        reaches the region."""
         edge_um = max(p, 2.0)
+        folds = [fold for fold in self._folds[index] if _fold_may_reach(fold, xs, ys, edge_um)]
+        if not folds:
+            return None
+        extra = np.zeros((len(ys), len(xs)), dtype=np.float32)
+        wobble = noise(900.0, 2, 8) * np.float32(_FOLD_WOBBLE_UM)
         for fold in folds:
             dx = (xs - fold.point_x_um).astype(np.float32)[None, :]
             dy = (ys - fold.point_y_um).astype(np.float32)[:, None]
@@ -412,18 +457,49 @@ class SyntheticSlide:
         qc = (sin / major) ** 2 + (cos / minor) ** 2
         strength = np.where(present, layer.intensity * (0.75 + 0.5 * uniform(7)), 0.0)
 
-        def per_pixel(values):
-            return values.astype(np.float32)[rows][:, cols]
+        # A nucleus stays inside its cell, so the pixel rows of one cell row only see that row's nuclei:
+        # per cell row, every per-nucleus value is a vector over the pixel columns, and only the pixels
+        # within reach of a present nucleus are computed (the rest is exactly 0, as the formula gives
+        # there). Nuclei cover a few per cent of the pixels: this made a layer about 4x faster (measured).
+        def per_column(values):
+            return values.astype(np.float32)[:, cols]
 
-        dx = xs.astype(np.float32)[None, :] - per_pixel(nucleus_x)
-        dy = ys.astype(np.float32)[:, None] - per_pixel(nucleus_y)
-        q = per_pixel(qa) * dx * dx + 2 * per_pixel(qb) * dx * dy + per_pixel(qc) * dy * dy
-        inset_um = (1.0 - np.sqrt(q)) * np.float32(layer.radius_um)
         edge_um = np.float32(max(p, 0.3))
-        body = np.clip(inset_um / edge_um + 0.5, 0.0, 1.0)
-        # Chromatin condenses at the nuclear membrane and in granules.
-        rim = np.clip(1.0 - inset_um * np.float32(1 / 0.7), 0.0, 1.0) ** 2 * body
-        return per_pixel(strength) * (body * (0.8 + 0.35 * texture) + 0.35 * rim)
+        # Beyond sqrt(q) = reach the body (and with it the rim) is 0; one pixel more for rounding.
+        reach = 1.0 + float(edge_um) / (2.0 * layer.radius_um)
+        determinant = qa * qc - qb * qb
+        reach_x = per_column(reach * np.sqrt(qc / determinant) + p)
+        reach_y_um = reach * np.sqrt(qa / determinant) + p
+        dx = xs.astype(np.float32)[None, :] - per_column(nucleus_x)
+        qa_dx_dx = per_column(qa) * dx * dx
+        two_qb_dx = 2 * per_column(qb) * dx
+        qc_columns = per_column(qc)
+        nucleus_y_columns = per_column(nucleus_y)
+        strength_columns = per_column(strength)
+        near = (strength_columns > 0) & (np.abs(dx) <= reach_x)
+        ys32 = ys.astype(np.float32)
+        amount = np.zeros((len(ys), len(xs)), dtype=np.float32)
+        for cell_row in range(len(cell_y)):
+            columns = np.flatnonzero(near[cell_row])
+            if len(columns) == 0:
+                continue
+            band = np.flatnonzero(rows == cell_row)
+            top_um = (nucleus_y[cell_row] - reach_y_um[cell_row])[present[cell_row]].min()
+            bottom_um = (nucleus_y[cell_row] + reach_y_um[cell_row])[present[cell_row]].max()
+            band = band[(ys[band] >= top_um) & (ys[band] <= bottom_um)]
+            if len(band) == 0:
+                continue
+            block = (slice(band[0], band[-1] + 1), columns)
+            at = (cell_row, columns)
+            dy = ys32[block[0], None] - nucleus_y_columns[at]
+            q = qa_dx_dx[at] + two_qb_dx[at] * dy + qc_columns[at] * dy * dy
+            inset_um = (1.0 - np.sqrt(q)) * np.float32(layer.radius_um)
+            body = np.clip(inset_um / edge_um + 0.5, 0.0, 1.0)
+            # Chromatin condenses at the nuclear membrane and in granules.
+            rim = np.clip(1.0 - inset_um * np.float32(1 / 0.7), 0.0, 1.0) ** 2 * body
+            block_texture = texture[block] if np.ndim(texture) else texture
+            amount[block] = strength_columns[at] * (body * (0.8 + 0.35 * block_texture) + 0.35 * rim)
+        return amount
 
     def _nucleus_positive(self, xs, ys, key, detailed):
         """1 where the nucleus of the cellular layer is DAB positive (IHC), area fraction otherwise."""
@@ -431,7 +507,27 @@ class SyntheticSlide:
             return np.float32(0.6)
         cell_x, cell_y, cols, rows = self._cell_grid(xs, ys, _NUCLEUS_LAYERS[0].cell_um)
         positive = hash_uniform(cell_x[None, :], cell_y[:, None], key + 100 * 60) < 0.6
-        return positive.astype(np.float32)[rows][:, cols]
+        return positive.astype(np.float32)[:, cols][rows]
+
+
+# The fold band's centre line wobbles by up to this much either way.
+_FOLD_WOBBLE_UM = 120.0
+
+
+def _fold_may_reach(fold: _Fold, xs, ys, edge_um: float) -> bool:
+    """Whether the fold band (with its wobble and soft edge, plus 1 µm for rounding) can touch the region
+    spanned by the pixel centres xs, ys: the distances across and along the fold are linear in position,
+    so their extremes over the region are at its corners."""
+    corners_x = np.array([xs[0], xs[-1], xs[0], xs[-1]]) - fold.point_x_um
+    corners_y = np.array([ys[0], ys[0], ys[-1], ys[-1]]) - fold.point_y_um
+
+    def nearest(distance):      # of a linear function over the region: 0 where it changes sign
+        return 0.0 if distance.min() <= 0.0 <= distance.max() else float(np.abs(distance).min())
+
+    across = nearest(corners_x * fold.direction_y - corners_y * fold.direction_x)
+    along = nearest(corners_x * fold.direction_x + corners_y * fold.direction_y)
+    slack = edge_um / 2 + 1.0
+    return across - _FOLD_WOBBLE_UM < fold.width_um / 2 + slack and along < fold.length_um / 2 + slack
 
 
 def _section_bounds(section: TissueSection) -> tuple[float, float, float, float]:
