@@ -5,7 +5,6 @@ import time
 
 import pytest
 import rclpy
-from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State, Transition, TransitionEvent
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -13,7 +12,7 @@ from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from std_srvs.srv import Trigger
 
-from wsi.actions import ActionCaller
+from wsi.client import ScannerClient, ScannerUnavailable, TaskResult
 from wsi.graph import GraphConfig, scan_graph
 from wsi.lifecycle_manager import TO_ACTIVE, TO_UNCONFIGURED, BringUpError, transitions
 from wsi_common.qos import EVENT_QOS
@@ -85,6 +84,20 @@ class Robot:
         return set(self.node.get_node_names())
 
 
+def move(scanner: ScannerClient, x_um: float, y_um: float) -> TaskResult:
+    assert scanner.move_stage(x_um, y_um, 0.0)
+    while not scanner.is_task_complete():
+        pass
+    return scanner.result().status
+
+
+@pytest.fixture
+def scanner(ros_node):
+    client = ScannerClient(server_timeout_s=60.0)
+    yield client
+    client.destroy_node()
+
+
 def microscope_graph(autostart: bool):
     graph = [spec for spec in scan_graph(GraphConfig(sim_speedup=20.0))
              if spec.name in ("microscope", "lifecycle_manager")]
@@ -94,7 +107,7 @@ def microscope_graph(autostart: bool):
 
 
 @pytest.mark.ros
-def test_configure_activate_deactivate_cleanup(run_nodes, ros_node):
+def test_configure_activate_deactivate_cleanup(run_nodes, ros_node, scanner):
     run_nodes(microscope_graph(autostart=False))
     robot = Robot(ros_node)
     assert robot.state() == "unconfigured"
@@ -109,10 +122,7 @@ def test_configure_activate_deactivate_cleanup(run_nodes, ros_node):
     started = robot.manager("startup")
     assert started.success and started.message == "active: microscope", started.message
     assert robot.state() == "active" and robot.manager("is_active").success
-    stage = ActionCaller(ros_node, MoveStage, "stage/move")
-    stage.wait_for_server(timeout_s=30)
-    moved = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=0.0), timeout_s=30)
-    assert moved.status == GoalStatus.STATUS_SUCCEEDED, moved.result.error_message
+    assert move(scanner, 20_000.0, 5_000.0) is TaskResult.SUCCEEDED
 
     assert robot.transition(Transition.TRANSITION_DEACTIVATE) and robot.state() == "inactive"
     robot.wait_for(lambda: not {"stage", "camera", "scan_orchestrator"} & robot.node_names(), "hardware nodes gone")
@@ -126,20 +136,19 @@ def test_configure_activate_deactivate_cleanup(run_nodes, ros_node):
 
 
 @pytest.mark.ros
-def test_a_stage_fault_takes_the_microscope_down_and_startup_brings_it_back(run_nodes, ros_node):
+def test_a_stage_fault_takes_the_microscope_down_and_startup_brings_it_back(run_nodes, ros_node, scanner):
     run_nodes(microscope_graph(autostart=True))
     robot = Robot(ros_node)
-    stage = ActionCaller(ros_node, MoveStage, "stage/move")
-    stage.wait_for_server(timeout_s=60)        # the manager brought the microscope up by itself
-    feedback = []
-    # A move that is still running when the fault comes: its client gets its result all the same.
-    handle = stage.send_goal(MoveStage.Goal(x_um=1_000.0, axes=MoveStage.Goal.AXES_X, relative=True, speed_um_s=5.0),
-                             timeout_s=30, on_feedback=feedback.append)
-    robot.wait_for(lambda: feedback, "move feedback")
+    # The manager brings the microscope up by itself: the stage action appears. A move that is still running
+    # when the fault comes: its client gets its result all the same.
+    assert scanner.move_stage(1_000.0, 0.0, 0.0, relative=True, axes=MoveStage.Goal.AXES_X, speed_um_s=5.0)
+    while scanner.feedback() is None:
+        assert not scanner.is_task_complete(), scanner.result()
 
     robot.set_stage_fault(FAULT)
-    status, _ = stage.wait_for_result(handle, timeout_s=30)
-    assert status == GoalStatus.STATUS_CANCELED
+    while not scanner.is_task_complete():
+        pass
+    assert scanner.result().status is TaskResult.CANCELED
     robot.wait_for(lambda: robot.state() == "unconfigured", "unconfigured after the fault")
     assert ("deactivating", "errorprocessing") in [(e.start_state.label, e.goal_state.label) for e in robot.events]
     robot.wait_for(lambda: {v.key: v.value for v in robot.diagnostics[-1].values}["lifecycle_state"] == "unconfigured",
@@ -148,11 +157,14 @@ def test_a_stage_fault_takes_the_microscope_down_and_startup_brings_it_back(run_
     assert robot.diagnostics[-1].message == f"hardware fault: {FAULT}"
     down = robot.manager("is_active")
     assert not down.success and down.message == f"microscope is unconfigured: hardware fault: {FAULT}"
+    scanner.server_timeout_s = 2.0
+    with pytest.raises(ScannerUnavailable, match=f"no stage/move action server after 2 s: the scanner is not "
+                                                 f"active: microscope is unconfigured: hardware fault: {FAULT}"):
+        scanner.move_stage(20_000.0, 5_000.0, 0.0)
+    scanner.server_timeout_s = 60.0
 
     refused = robot.manager("startup")      # the stage still reports its fault: it does not connect
     assert not refused.success and refused.message == f"microscope did not configure: configure failed: {FAULT}"
     robot.set_stage_fault("")
     assert robot.manager("startup").success and robot.state() == "active"
-    stage.wait_for_server(timeout_s=30)
-    moved = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=0.0), timeout_s=30)
-    assert moved.status == GoalStatus.STATUS_SUCCEEDED, moved.result.error_message
+    assert move(scanner, 20_000.0, 5_000.0) is TaskResult.SUCCEEDED

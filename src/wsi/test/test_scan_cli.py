@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from wsi.scan_client import format_duration, progress_line
+from wsi.scan_display import format_duration, progress_line
 from wsi_common.ros_env import interruptible, node_environment
 
 

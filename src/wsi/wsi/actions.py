@@ -1,4 +1,5 @@
-"""Blocking calls of WSI actions for scripts and command-line tools (the node is spun while waiting)."""
+"""Blocking calls of WSI actions for the tests, which look at every feedback message and at raw goal statuses
+(the node is spun while waiting). Applications drive a scanner through wsi.client."""
 import time
 from dataclasses import dataclass, field
 

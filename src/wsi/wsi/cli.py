@@ -12,12 +12,10 @@ import time
 from contextlib import nullcontext
 
 import rclpy
-from action_msgs.msg import GoalStatus
-from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from wsi.actions import ActionCallError, ActionCaller
-from wsi import player, scan_client
+from wsi import player, scan_display
+from wsi.client import ScannerClient, ScannerUnavailable, TaskOutcome, TaskResult, scan_goal
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
 from wsi_common.supervisor import NodeDiedError, Supervisor
 from wsi_interfaces.action import MoveStage, ScanSlide
@@ -33,10 +31,6 @@ def _add_graph_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _graph_config(args: argparse.Namespace) -> GraphConfig:
     return GraphConfig.from_strings({name: getattr(args, name) for name in LAUNCH_ARGUMENTS})
-
-
-def _topic(namespace: str, name: str) -> str:
-    return f"/{namespace.strip('/')}/{name}" if namespace.strip("/") else name
 
 
 def run_launch(args: argparse.Namespace) -> int:
@@ -58,34 +52,46 @@ def run_launch(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
+class SmokeCheckFailed(RuntimeError):
+    """The running graph did not answer as it should."""
+
+
+def wait_for_task(scanner: ScannerClient, timeout_s: float) -> TaskOutcome:
+    """The outcome of the client's task; after `timeout_s` the task is cancelled and SmokeCheckFailed raised."""
+    deadline = time.monotonic() + timeout_s
+    while not scanner.is_task_complete():
+        if time.monotonic() > deadline:
+            scanner.cancel()
+            raise SmokeCheckFailed(f"no result within {timeout_s:g} s")
+    return scanner.result()
+
+
 def smoke_round_trip(namespace: str, timeout_s: float) -> list[str]:
-    """Drive the running graph through a stage move and a refused goal; return what was checked."""
+    """Drive the running graph through stage moves and a refused goal; return what was checked."""
     checks = []
     rclpy.init()
-    node = Node("wsi_smoke")
+    scanner = ScannerClient(namespace, "wsi_smoke", server_timeout_s=timeout_s)
     try:
-        stage = ActionCaller(node, MoveStage, _topic(namespace, "stage/move"))
-        started = time.monotonic()
-        stage.wait_for_server(timeout_s)
-        checks.append(f"stage action server found in {time.monotonic() - started:.1f} s")
         for target in ((30_000.0, 12_000.0, 10.0), (31_000.0, 12_500.0, -5.0)):
-            outcome = stage.call(MoveStage.Goal(x_um=target[0], y_um=target[1], z_um=target[2]), timeout_s)
+            started = time.monotonic()
+            scanner.move_stage(*target)
+            outcome = wait_for_task(scanner, timeout_s)
             result = outcome.result
+            if outcome.status is not TaskResult.SUCCEEDED:
+                raise SmokeCheckFailed(f"move to {target} {outcome.status.value}: {outcome.error_message}")
             error_um = math.dist((result.x_um, result.y_um, result.z_um), target)
-            if outcome.status != GoalStatus.STATUS_SUCCEEDED or result.error_code != result.ERROR_NONE:
-                raise ActionCallError(f"move to {target} failed: {result.error_message or outcome.status}")
             if error_um > 5.0:
-                raise ActionCallError(f"move to {target} ended {error_um:.2f} µm away from the target")
-            checks.append(f"moved to {target} µm: reached within {error_um:.2f} µm in "
-                          f"{result.duration_s:.2f} s, {len(outcome.feedback)} feedback messages")
-        refused = stage.call(MoveStage.Goal(x_um=-1e6, y_um=0.0, z_um=0.0), timeout_s)
-        if refused.status != GoalStatus.STATUS_ABORTED \
-                or refused.result.error_code != MoveStage.Result.ERROR_OUT_OF_LIMITS:
-            raise ActionCallError(f"a goal outside the stage limits ended with status {refused.status}, "
-                                  f"error code {refused.result.error_code}")
-        checks.append(f"goal outside the stage limits refused: {refused.result.error_message}")
+                raise SmokeCheckFailed(f"move to {target} ended {error_um:.2f} µm away from the target")
+            checks.append(f"moved to {target} µm: reached within {error_um:.2f} µm, {result.duration_s:.2f} s of "
+                          f"{time.monotonic() - started:.2f} s from sending the goal (discovery included)")
+        scanner.move_stage(-1e6, 0.0, 0.0)
+        refused = wait_for_task(scanner, timeout_s)
+        if refused.status is not TaskResult.FAILED or refused.error_code != MoveStage.Result.ERROR_OUT_OF_LIMITS:
+            raise SmokeCheckFailed(f"a goal outside the stage limits ended {refused.status.value}, "
+                                   f"error code {refused.error_code}")
+        checks.append(f"goal outside the stage limits refused: {refused.error_message}")
     finally:
-        node.destroy_node()
+        scanner.destroy_node()
         rclpy.try_shutdown()
     return checks
 
@@ -107,22 +113,48 @@ def run_smoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def follow_scan(scanner: ScannerClient, goal: ScanSlide.Goal, graph: Supervisor | None) -> TaskOutcome:
+    """Run the scan, drawing its progress; Ctrl-C cancels it and waits for it to stop (what was captured is kept)."""
+    printer = scan_display.ProgressPrinter()
+    if not scanner.scan(goal):
+        return scanner.result()
+    shown = None
+    try:
+        while not scanner.is_task_complete():
+            if scanner.feedback() is not shown:
+                shown = scanner.feedback()
+                printer.update(shown)
+            if graph is not None:
+                graph.check_alive()
+    except KeyboardInterrupt:
+        printer.finish()
+        print("wsi scan: Ctrl-C: cancelling the scan (what was captured is kept)", flush=True)
+        scanner.cancel()
+        while not scanner.is_task_complete():
+            pass
+    printer.finish()
+    return scanner.result()
+
+
 def run_scan(args: argparse.Namespace) -> int:
     config = _graph_config(args)
-    goal = scan_client.build_goal(args.scan_id, args.region, args.auto, args.objective,
-                                  FOCUS_STRATEGIES[args.focus], args.formats)
-    goal.calibrate_autofocus = args.calibrate_autofocus
+    goal = scan_goal(args.scan_id, None if args.auto else args.region, args.objective, FOCUS_STRATEGIES[args.focus],
+                     args.formats, calibrate_autofocus=args.calibrate_autofocus)
     graph = None if args.attach else Supervisor(scan_graph(config), log=args.node_log)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)   # Ctrl-C must reach us as KeyboardInterrupt
+    scanner = ScannerClient(config.namespace, "wsi_scan", server_timeout_s=args.timeout)
     try:
         with graph or nullcontext():
-            status, result = scan_client.run_scan_goal(_topic(config.namespace, "scan_slide"), goal,
-                                                       args.timeout, graph)
-    except (ActionCallError, NodeDiedError) as error:
-        print(f"wsi scan: {scan_client.describe_error(error)}", file=sys.stderr)
+            outcome = follow_scan(scanner, goal, graph)
+    except (ScannerUnavailable, NodeDiedError) as error:
+        print(f"wsi scan: {error}", file=sys.stderr)
         return EXIT_FAILED
-    for line in scan_client.report(status, result):
+    finally:
+        scanner.destroy_node()
+        rclpy.try_shutdown()
+    for line in scan_display.report(outcome):
         print(f"wsi scan: {line}")
-    return scan_client.exit_code(status)
+    return scan_display.exit_code(outcome)
 
 
 def run_play(args: argparse.Namespace) -> int:
@@ -171,10 +203,11 @@ def main(argv=None) -> int:
     scan.add_argument("--attach", action="store_true", help="use an already running graph")
     where = scan.add_mutually_exclusive_group()
     where.add_argument("--region", nargs=4, type=float, metavar=("X", "Y", "W", "H"),
-                       default=scan_client.DEFAULT_REGION_UM, help="region in stage µm (default: a 2.5 mm "
+                       default=scan_display.DEFAULT_REGION_UM, help="region in stage µm (default: a 2.5 mm "
                        "square of the default slide's tissue)")
     where.add_argument("--auto", action="store_true", help="find the tissue on an overview and scan all of it")
-    scan.add_argument("--objective", type=float, default=20.0, help="objective magnification (10, 20, 40)")
+    scan.add_argument("--objective", type=float, default=0.0,
+                      help="objective magnification (10, 20, 40; default: the scanner's default objective)")
     scan.add_argument("--focus", choices=sorted(FOCUS_STRATEGIES), default="map-inline")
     scan.add_argument("--scan-id", default="", help="name of the scan (default: from the time)")
     scan.add_argument("--calibrate-autofocus", action="store_true",

@@ -1,14 +1,9 @@
-"""`wsi scan`: send a ScanSlide goal, show its progress, cancel it on Ctrl-C, report the outputs."""
+"""How `wsi scan` shows a scan on a terminal: a progress line from its feedback, a report of its outcome."""
 import sys
 import time
 from dataclasses import dataclass
 
-import rclpy
-from action_msgs.msg import GoalStatus
-from rclpy.node import Node
-from rclpy.signals import SignalHandlerOptions
-
-from wsi.actions import ActionCallError, ActionCaller
+from wsi.client import TaskOutcome, TaskResult
 from wsi_interfaces.action import ScanSlide
 from wsi_interfaces.msg import ScanStatus
 
@@ -63,54 +58,18 @@ class ProgressPrinter:
             self.stream.flush()
 
 
-def build_goal(scan_id: str, region_um, auto_detect: bool, objective: float, focus_strategy: int,
-               output_formats: list[str]) -> ScanSlide.Goal:
-    goal = ScanSlide.Goal(scan_id=scan_id, auto_detect_tissue=auto_detect, objective_magnification=objective,
-                          focus_strategy=focus_strategy, skip_empty_tiles=True, output_formats=output_formats)
-    if not auto_detect:
-        goal.region_x_um, goal.region_y_um, goal.region_width_um, goal.region_height_um = region_um
-    return goal
-
-
-def run_scan_goal(action_name: str, goal: ScanSlide.Goal, server_timeout_s: float, graph=None,
-                  printer: ProgressPrinter | None = None) -> tuple[int, ScanSlide.Result]:
-    """Send the goal and wait for its result; Ctrl-C cancels it (and waits for the scan to stop)."""
-    printer = printer or ProgressPrinter()
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)   # Ctrl-C must reach us as KeyboardInterrupt
-    node = Node("wsi_scan")
-    try:
-        caller = ActionCaller(node, ScanSlide, action_name)
-        caller.wait_for_server(server_timeout_s)
-        handle = caller.send_goal(goal, server_timeout_s, on_feedback=printer.update)
-        future = handle.get_result_async()
-        try:
-            while not future.done():
-                rclpy.spin_once(node, timeout_sec=0.2)
-                if graph is not None:
-                    graph.check_alive()
-        except KeyboardInterrupt:
-            printer.finish()
-            print("wsi scan: Ctrl-C: cancelling the scan (what was captured is kept)", flush=True)
-            caller.cancel(handle)
-            while not future.done():
-                rclpy.spin_once(node, timeout_sec=0.2)
-        printer.finish()
-        response = future.result()
-        return response.status, response.result
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-
-
-def report(status: int, result: ScanSlide.Result) -> list[str]:
+def report(outcome: TaskOutcome) -> list[str]:
+    result = outcome.result
+    if outcome.status is TaskResult.REJECTED:
+        return [f"the scan was not run: {outcome.error_message}"]
     lines = []
-    if status == GoalStatus.STATUS_SUCCEEDED:
+    if outcome.status is TaskResult.SUCCEEDED:
         lines.append(f"scan {result.scan_id} finished in {format_duration(result.duration_s)}: "
                      f"{result.tiles_captured} tiles ({result.tiles_skipped_empty} empty positions skipped, "
                      f"{result.refocus_count} refocused), {result.scanned_area_mm2:.1f} mm²")
     else:
-        reason = ERROR_NAMES.get(result.error_code, str(result.error_code))
-        lines.append(f"scan {result.scan_id or '(none)'} did not finish ({reason}): {result.error_message}")
+        reason = ERROR_NAMES.get(outcome.error_code, str(outcome.error_code))
+        lines.append(f"scan {result.scan_id or '(none)'} did not finish ({reason}): {outcome.error_message}")
         lines.append(f"{result.tiles_captured} tiles were captured and kept")
     if result.manifest_uri:
         lines.append(f"manifest: {result.manifest_uri}")
@@ -120,11 +79,5 @@ def report(status: int, result: ScanSlide.Result) -> list[str]:
     return lines
 
 
-def exit_code(status: int) -> int:
-    return 0 if status == GoalStatus.STATUS_SUCCEEDED else 130 if status == GoalStatus.STATUS_CANCELED else 1
-
-
-def describe_error(error: Exception) -> str:
-    if isinstance(error, ActionCallError):
-        return f"{error}"
-    return f"{type(error).__name__}: {error}"
+def exit_code(outcome: TaskOutcome) -> int:
+    return {TaskResult.SUCCEEDED: 0, TaskResult.CANCELED: 130}.get(outcome.status, 1)

@@ -5,28 +5,30 @@
 jobs.json: [{"slot": 1, "scan_id": "case-0001", "region_um": [x, y, w, h] or "auto", "objective": 20,
              "formats": ["ome-tiff"]}, ...]
 
-For every job the robot puts the slide on the stage, the scanner scans it, the robot takes it back.
-A refused goal or a failed scan is recorded and the queue goes on with the next slide; a stage or
-camera failure is retried once (it may be transient); Ctrl-C cancels the running scan and stops the
-queue. The report (JSON) lists every slide's outcome for the lab's records.
+For every job the robot puts the slide on the stage, the scanner scans it (through wsi.client), the robot
+takes it back. A refused goal (the scanner's reason is recorded) or a failed scan is recorded and the queue
+goes on with the next slide; a stage or camera failure is retried once (it may be transient); a slide that
+takes longer than --timeout is cancelled and recorded as failed; Ctrl-C cancels the running scan and stops
+the queue. The report (JSON) lists every slide's outcome for the lab's records.
 
 `Robot` is where a real loader's API goes; `ManualRobot` asks an operator to swap the slide.
 """
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import rclpy
-from action_msgs.msg import GoalStatus
-from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from wsi.actions import ActionCallError, ActionCaller
+from wsi.client import ScannerClient, ScannerUnavailable, TaskResult, scan_goal
 from wsi_interfaces.action import ScanSlide
 
 RETRYABLE = (ScanSlide.Result.ERROR_STAGE, ScanSlide.Result.ERROR_CAMERA)
+# Goals the scanner will not run as given: sending them again cannot help.
+REFUSED = (ScanSlide.Result.ERROR_INVALID_GOAL,)
 
 
 @dataclass(frozen=True)
@@ -34,22 +36,17 @@ class Job:
     slot: int
     scan_id: str
     region_um: tuple[float, float, float, float] | None = None   # None: find the tissue automatically
-    objective: float = 20.0
+    objective: float = 0.0                                         # 0: the scanner's default objective
     formats: tuple[str, ...] = ("ome-tiff",)
 
     @classmethod
     def from_dict(cls, entry: dict) -> "Job":
         region = entry.get("region_um", "auto")
         return cls(int(entry["slot"]), str(entry["scan_id"]), None if region == "auto" else tuple(map(float, region)),
-                   float(entry.get("objective", 20.0)), tuple(entry.get("formats", ("ome-tiff",))))
+                   float(entry.get("objective", 0.0)), tuple(entry.get("formats", ("ome-tiff",))))
 
     def goal(self) -> ScanSlide.Goal:
-        goal = ScanSlide.Goal(scan_id=self.scan_id, auto_detect_tissue=self.region_um is None,
-                              objective_magnification=self.objective, skip_empty_tiles=True,
-                              focus_strategy=ScanSlide.Goal.FOCUS_MAP_INLINE, output_formats=list(self.formats))
-        if self.region_um is not None:
-            goal.region_x_um, goal.region_y_um, goal.region_width_um, goal.region_height_um = self.region_um
-        return goal
+        return scan_goal(self.scan_id, self.region_um, self.objective, output_formats=self.formats)
 
 
 @dataclass
@@ -88,7 +85,7 @@ class ManualRobot(Robot):
             input(f"take the slide back to slot {slot}, then press Enter ")
 
 
-def run_queue(scanner: ActionCaller, jobs: list[Job], robot: Robot, timeout_s: float, outcomes: list[Outcome],
+def run_queue(scanner: ScannerClient, jobs: list[Job], robot: Robot, timeout_s: float, outcomes: list[Outcome],
               log=print) -> None:
     """Scan every job in turn, appending each slide's outcome to `outcomes` as it is known."""
     for job in jobs:
@@ -97,24 +94,32 @@ def run_queue(scanner: ActionCaller, jobs: list[Job], robot: Robot, timeout_s: f
         try:
             while outcome.attempts < 2:
                 outcome.attempts += 1
+                scanner.scan(job.goal())
+                deadline = time.monotonic() + timeout_s
                 try:
-                    handle = scanner.send_goal(job.goal(), timeout_s)
-                except ActionCallError as error:
-                    outcome.status, outcome.error = "refused", str(error)
-                    break
-                try:
-                    status, result = scanner.wait_for_result(handle, timeout_s)
+                    while not scanner.is_task_complete() and time.monotonic() < deadline:
+                        pass
+                    timed_out = not scanner.is_task_complete()
+                    if timed_out:
+                        stop(scanner)
                 except KeyboardInterrupt:
-                    scanner.cancel(handle)
-                    scanner.wait_for_result(handle, timeout_s)
+                    stop(scanner)
                     outcome.status, outcome.error = "canceled", "stopped by the operator"
                     outcomes.append(outcome)
                     raise
-                outcome.tiles, outcome.outputs = result.tiles_captured, list(result.output_uris)
-                if status == GoalStatus.STATUS_SUCCEEDED:
-                    outcome.status, outcome.error = "scanned", ""
+                result = scanner.result()
+                if result.result is not None:
+                    outcome.tiles, outcome.outputs = result.result.tiles_captured, list(result.result.output_uris)
+                if timed_out:
+                    outcome.error = f"no result within {timeout_s:g} s: the scan was cancelled"
                     break
                 outcome.error = result.error_message
+                if result.status is TaskResult.SUCCEEDED:
+                    outcome.status = "scanned"
+                    break
+                if result.status is TaskResult.REJECTED or result.error_code in REFUSED:
+                    outcome.status = "refused"
+                    break
                 if result.error_code not in RETRYABLE:
                     break
                 log(f"slot {job.slot}: {result.error_message}; retrying once")
@@ -122,6 +127,13 @@ def run_queue(scanner: ActionCaller, jobs: list[Job], robot: Robot, timeout_s: f
             robot.unload(job.slot)
         log(f"slot {job.slot} ({job.scan_id}): {outcome.status}" + (f": {outcome.error}" if outcome.error else ""))
         outcomes.append(outcome)
+
+
+def stop(scanner: ScannerClient) -> None:
+    """Cancel the running scan and wait until it has stopped (the slide is then free to take back)."""
+    scanner.cancel()
+    while not scanner.is_task_complete():
+        pass
 
 
 def main(argv=None) -> int:
@@ -135,20 +147,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     jobs = [Job.from_dict(entry) for entry in json.loads(args.jobs.read_text())]
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    node = Node("slide_loader")
-    action = f"/{args.namespace.strip('/')}/scan_slide" if args.namespace.strip("/") else "scan_slide"
-    scanner = ActionCaller(node, ScanSlide, action)
+    scanner = ScannerClient(args.namespace, "slide_loader")
     outcomes: list[Outcome] = []
     try:
-        scanner.wait_for_server(60.0)
         run_queue(scanner, jobs, ManualRobot(confirm=not args.no_confirm), args.timeout, outcomes)
     except KeyboardInterrupt:
         print("slide loader: stopped; the running scan was cancelled", file=sys.stderr)
-    except ActionCallError as error:
+    except ScannerUnavailable as error:
         print(f"slide loader: {error}", file=sys.stderr)
         return 1
     finally:
-        node.destroy_node()
+        scanner.destroy_node()
         rclpy.try_shutdown()
         if args.report:
             args.report.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
