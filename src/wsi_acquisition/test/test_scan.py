@@ -5,6 +5,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition import scan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
+from wsi_acquisition.scan_request import DEFAULTS, MAX_FOCUS_POINTS, ScannerSettings
 
 # A small tissue region, imaged with a small sensor so that a scan takes a few seconds.
 REGION_UM = (43_000.0, 12_000.0, 500.0, 400.0)
@@ -167,6 +170,14 @@ def test_a_dead_camera_aborts_with_the_tiles_so_far_on_disk(tmp_path):
     (dict(region_um=(74_900.0, 100.0, 500.0, 500.0)), ScanErrorCode.INVALID_GOAL, "outside the stage limits"),
     (dict(objective_magnification=63.0), ScanErrorCode.INVALID_GOAL, "no 63.0x objective"),
     (dict(overlap_fraction=0.7), ScanErrorCode.INVALID_GOAL, "overlap 0.7"),
+    (dict(region_um=(float("nan"), 12_000.0, 500.0, 400.0)), ScanErrorCode.INVALID_GOAL,
+     "region x=nan, y=12000.0, 500.0 x 400.0 µm; expected finite numbers"),
+    (dict(focus_points=1_000_000), ScanErrorCode.INVALID_GOAL,
+     f"focus_points 1000000; expected 0 \\(automatic\\) to {MAX_FOCUS_POINTS}"),
+    (dict(focus_strategy=FocusStrategy.NONE, calibrate_autofocus=True), ScanErrorCode.INVALID_GOAL,
+     "with FOCUS_NONE there are none"),
+    (dict(scan_id="../s1"), ScanErrorCode.INVALID_GOAL, "scan_id '../s1' must be"),
+    (dict(output_formats=("ome-tiff", "png")), ScanErrorCode.INVALID_GOAL, "output formats"),
     (dict(region_um=(3_000.0, 3_000.0, 400.0, 400.0), skip_empty_tiles=True), ScanErrorCode.NO_TISSUE,
      "no tissue"),
 ])
@@ -211,8 +222,64 @@ class NoMacroCamera(FlakyCamera):
 def test_automatic_tissue_detection_needs_a_macro_camera(tmp_path):
     backend = NoMacroCamera(small_microscope(), failing=lambda n: False)
     with pytest.raises(ScanError, match="needs an overview camera") as raised:
-        ScanRunner(backend, request(tmp_path, region_um=None)).validate()
+        request(tmp_path, region_um=None).validate(backend)
     assert raised.value.code == ScanErrorCode.INVALID_GOAL
+
+
+def goal(**changes):
+    """The fields of a ScanSlide goal, as the message's defaults leave them."""
+    values = dict(scan_id="", auto_detect_tissue=False, region_x_um=0.0, region_y_um=0.0, region_width_um=0.0,
+                  region_height_um=0.0, objective_magnification=0.0, pixel_size_um=0.0, overlap_fraction=0.0,
+                  focus_strategy=0, focus_points=0, skip_empty_tiles=False, calibrate_autofocus=False,
+                  output_dir="", output_formats=[])
+    return SimpleNamespace(**(values | changes))
+
+
+def test_a_goal_s_zero_fields_take_the_defaults_and_an_empty_scan_id_is_a_new_one(tmp_path):
+    backend = small_microscope()
+    settings = ScannerSettings(output_root=tmp_path, exposure_ms=5.0)
+    now = time.strptime("2025-03-01 10:20:30", "%Y-%m-%d %H:%M:%S")
+    (tmp_path / "scan-20250301-102030").mkdir()                     # a scan of the same second
+    request = ScanRequest.from_goal(goal(output_formats=["ome-tiff"]), settings, backend, now)
+    limits = backend.stage.limits
+    assert request.scan_id == "scan-20250301-102030-2" and request.output_dir == tmp_path.resolve()
+    assert request.region_um == (limits.x_min_um, limits.y_min_um, limits.x_max_um - limits.x_min_um,
+                                 limits.y_max_um - limits.y_min_um)           # 0 x 0: the whole slide area
+    assert request.objective_magnification == DEFAULTS["objective_magnification"]
+    assert request.overlap_fraction == DEFAULTS["overlap_fraction"] and request.exposure_ms == 5.0
+    assert request.focus_strategy == FocusStrategy.NONE and request.output_formats == ("ome-tiff",)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(output_dir="../elsewhere"), "output_dir '../elsewhere' is outside the output root"),
+    (dict(pixel_size_um=0.5), "pixel_size_um 0.5: tiles are taken at the objective's native pixel size"),
+    (dict(focus_strategy=7), r"focus_strategy 7; expected one of \[0, 1, 2\]"),
+    (dict(region_x_um=float("nan"), region_width_um=100.0, region_height_um=100.0), "expected finite numbers"),
+])
+def test_goals_that_break_a_rule_are_refused_with_the_rule(tmp_path, changes, message):
+    with pytest.raises(ScanError, match=message) as raised:
+        ScanRequest.from_goal(goal(scan_id="g1", **changes), ScannerSettings(tmp_path), small_microscope())
+    assert raised.value.code == ScanErrorCode.INVALID_GOAL
+    assert not (tmp_path / "g1").exists()
+
+
+def test_a_scan_id_whose_folder_holds_an_earlier_scan_is_refused_and_that_scan_kept(tmp_path):
+    killed = tmp_path / "s1"
+    (killed / "tiles").mkdir(parents=True)
+    (killed / "manifest.json").write_text('{"status": "running"}')
+    backend = small_microscope()
+    start = backend.stage.position_um()
+    with pytest.raises(ScanError, match="already holds the files of an earlier scan") as raised:
+        ScanRunner(backend, request(tmp_path)).run()
+    assert raised.value.code == ScanErrorCode.INVALID_GOAL and backend.stage.position_um() == start
+    assert (killed / "manifest.json").read_text() == '{"status": "running"}'
+    assert sorted(p.name for p in killed.rglob("*")) == ["manifest.json", "tiles"]
+
+
+def test_an_invalid_request_leaves_no_scan_folder(tmp_path):
+    with pytest.raises(ScanError, match="overlap 0.7"):
+        ScanRunner(small_microscope(), request(tmp_path, overlap_fraction=0.7)).run()
+    assert not (tmp_path / "s1").exists()      # so the corrected goal may use the same scan_id
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -9,17 +9,18 @@ from action_msgs.msg import GoalStatus
 from std_srvs.srv import Trigger
 from sensor_msgs.msg import Image
 
-from wsi.actions import ActionCallError, ActionCaller
+from wsi.actions import ActionCaller
 from wsi.graph import lifecycle_manager_spec
 from wsi_common.image import image_to_array
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, LIVE_IMAGE_QOS, TILE_QOS
 from wsi_common.supervisor import NodeSpec
 from wsi_interfaces.action import ScanSlide
-from wsi_interfaces.msg import ScanPlan, Tile
+from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 TISSUE_REGION_UM = (40_000.0, 11_000.0, 3_000.0, 3_000.0)   # inside the default slide's tissue
+SMALL_REGION_UM = (43_000.0, 12_000.0, 250.0, 250.0)         # 16 tiles of a 256 px camera
 # The bring-up manager activates the microscope, which then starts its stage, camera and scan orchestrator.
 MANAGER = lifecycle_manager_spec("", ["microscope"])
 
@@ -36,6 +37,23 @@ def scanner(run_nodes, ros_node, tmp_path):
     caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
     caller.wait_for_server(timeout_s=30)
     return caller
+
+
+@pytest.fixture
+def small_scanner(run_nodes, ros_node, tmp_path):
+    """A fast microscope: small tiles, quick stage, no QC report after each scan."""
+    run_nodes([microscope_spec(tmp_path, camera_width_px=256, camera_height_px=256, sim_speedup=50.0,
+                               qc_report=False), MANAGER])
+    caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    caller.wait_for_server(timeout_s=30)
+    return caller
+
+
+def spin_until(ros_node, condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        rclpy.spin_once(ros_node, timeout_sec=0.1)
 
 
 def goal(region=TISSUE_REGION_UM, **changes) -> ScanSlide.Goal:
@@ -70,11 +88,65 @@ def test_scan_of_a_3mm_region_at_20x_publishes_every_tile(scanner, ros_node, tmp
     assert any(f.eta_s > 0 for f in outcome.feedback)
 
 
-def test_goal_outside_the_stage_limits_is_rejected(scanner):
-    with pytest.raises(ActionCallError, match="goal rejected"):
-        scanner.send_goal(goal(region=(74_000.0, 1_000.0, 3_000.0, 3_000.0)), timeout_s=30)
-    with pytest.raises(ActionCallError, match="goal rejected"):
-        scanner.send_goal(goal(scan_id="../escape"), timeout_s=30)
+def test_goals_that_cannot_be_run_end_at_once_with_the_reason(small_scanner):
+    for refused, reason in [
+            (goal(region=(74_000.0, 1_000.0, 3_000.0, 3_000.0)), "is outside the stage limits"),
+            (goal(region=(float("nan"), 12_000.0, 250.0, 250.0)), "expected finite numbers"),
+            (goal(focus_points=1_000_000), "focus_points 1000000; expected 0 (automatic) to 100"),
+            (goal(scan_id="../escape"), "scan_id '../escape' must be"),
+            (goal(output_dir="../escape"), "output_dir '../escape' is outside the output root"),
+            (goal(output_formats=["png"]), "output formats ['png']")]:
+        started = time.monotonic()
+        outcome = small_scanner.call(refused, timeout_s=30)
+        assert outcome.status == GoalStatus.STATUS_ABORTED, reason
+        assert outcome.result.error_code == ScanSlide.Result.ERROR_INVALID_GOAL, outcome.result.error_message
+        assert reason in outcome.result.error_message and time.monotonic() - started < 5
+
+
+def test_of_two_goals_at_once_one_scans_and_the_other_learns_the_microscope_is_busy(small_scanner, ros_node):
+    futures = [small_scanner.client.send_goal_async(goal(SMALL_REGION_UM, scan_id=name,
+                                                         focus_strategy=ScanSlide.Goal.FOCUS_NONE))
+               for name in ("first", "second")]
+    spin_until(ros_node, lambda: all(f.done() for f in futures), 30)
+    assert all(f.result().accepted for f in futures)
+    results = [f.result().get_result_async() for f in futures]
+    spin_until(ros_node, lambda: all(r.done() for r in results), 120)
+    (done, scanned), (busy, refused) = sorted(((r.result().status, r.result().result) for r in results),
+                                              key=lambda outcome: outcome[1].error_code)
+    assert done == GoalStatus.STATUS_SUCCEEDED and scanned.tiles_captured == 16
+    assert busy == GoalStatus.STATUS_ABORTED and refused.error_code == ScanSlide.Result.ERROR_BUSY
+    assert refused.error_message.startswith(f"the microscope is busy: scan {scanned.scan_id} is running")
+    # The scan's folder is its own: the same scan_id again is refused, and the scan stays as it was.
+    again = small_scanner.call(goal(SMALL_REGION_UM, scan_id=scanned.scan_id), timeout_s=30)
+    assert again.result.error_code == ScanSlide.Result.ERROR_INVALID_GOAL
+    assert "already holds the files of an earlier scan" in again.result.error_message
+    assert json.loads(Path(scanned.manifest_uri).read_text())["status"] == "complete"
+
+
+def test_cancel_or_a_lost_stitching_node_ends_the_wait_for_the_mosaic(small_scanner, ros_node):
+    stand_in = ros_node.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)   # a stitching node that hangs
+    feedback = []
+    for scan_id in ("canceled", "stitcher-lost"):
+        stand_in.publish(MosaicStatus(scan_id=scan_id, finished=False))   # "stitching it"
+        handle = small_scanner.send_goal(goal(SMALL_REGION_UM, scan_id=scan_id, output_formats=["ome-tiff"],
+                                              focus_strategy=ScanSlide.Goal.FOCUS_NONE),
+                                         timeout_s=30, on_feedback=feedback.append)
+        spin_until(ros_node, lambda: feedback and feedback[-1].state == ScanStatus.STATE_FINISHING, 120)
+        feedback.clear()
+        started = time.monotonic()
+        if scan_id == "canceled":
+            small_scanner.cancel(handle)
+        else:
+            ros_node.destroy_publisher(stand_in)
+        status, result = small_scanner.wait_for_result(handle, timeout_s=60)
+        assert time.monotonic() - started < 10
+        if scan_id == "canceled":
+            assert status == GoalStatus.STATUS_CANCELED and result.error_code == ScanSlide.Result.ERROR_CANCELED
+            assert "canceled while waiting for the mosaic" in result.error_message
+        else:
+            assert status == GoalStatus.STATUS_ABORTED and result.error_code == ScanSlide.Result.ERROR_STITCHING
+            assert "the stitching node is gone" in result.error_message
+        assert json.loads(Path(result.manifest_uri).read_text())["status"] == "complete"
 
 
 def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):

@@ -1,23 +1,25 @@
 """Scan orchestrator node: the ScanSlide action server around the scan core.
 
 Publishes every tile on `tiles`, the plan on `scan/plan` (latched) and progress on `scan/status`;
-with inline autofocus it waits for the autofocus node's FocusEstimate of each tile.
+with inline autofocus it waits for the autofocus node's FocusEstimate of each tile. The goal's rules
+(scan_request) and what follows the tiles (scan_outputs) are ROS-free; this node adapts them. Every goal
+is accepted; one that cannot be run ends at once, aborted with ERROR_INVALID_GOAL or ERROR_BUSY and the
+reason in error_message, so that the caller learns why.
 """
-import re
 import threading
 import time
 from pathlib import Path
 
 from action_msgs.msg import GoalStatus
-from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionClient, ActionServer, CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 
-from wsi_acquisition.qc_report import write_qc_report
-from wsi_acquisition.scan import (FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanProgress, ScanRequest,
-                                  ScanRunner, State)
+from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanProgress, ScanRunner, State
+from wsi_acquisition.scan_outputs import (POLL_S, ExportJob, ExportReply, MosaicState, OutputTimeouts,
+                                          finish_scan)
+from wsi_acquisition.scan_request import DEFAULTS, ScannerSettings, ScanRequest
 from wsi_common.image import array_to_image
-from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
 from wsi_interfaces.action import ExportSlide, ScanSlide
@@ -26,24 +28,25 @@ from wsi_interfaces.srv import CalibrateAutofocus, EstimateFocus
 
 PARAMETERS = {
     "output_root": ("out", "scans are written under this directory; goals may name a sub-directory of it"),
-    "default_objective": (20.0, "objective used when a goal gives 0"),
-    "exposure_ms": (8.0, "tile exposure, ms"),
-    "gain": (1.0, "camera gain for tiles"),
+    "default_objective": (DEFAULTS["objective_magnification"], "objective used when a goal gives 0"),
+    "exposure_ms": (DEFAULTS["exposure_ms"], "tile exposure, ms"),
+    "gain": (DEFAULTS["gain"], "camera gain for tiles"),
     "inline_autofocus": (True, "correct focus from the autofocus node's estimates when one is running"),
     "autofocus_timeout_s": (5.0, "how long to wait for a tile's FocusEstimate before going on without it"),
     "calibration_timeout_s": (180.0, "how long a scan waits for the autofocus to calibrate on its focus map"),
-    "save_tiles": (True, "also save every tile as TIFF beside the manifest"),
-    "stitch_timeout_s": (900.0, "how long to wait after the last tile for the stitching node's final mosaic"),
-    "export_timeout_s": (3600.0, "how long an export may take"),
+    "save_tiles": (DEFAULTS["save_tiles"], "also save every tile as TIFF beside the manifest"),
+    "stitch_timeout_s": (OutputTimeouts.stitch_s,
+                         "how long to wait after the last tile for the stitching node's final mosaic"),
+    "stitch_start_timeout_s": (OutputTimeouts.stitch_start_s,
+                               "how long after the last tile a stitching node busy with nothing else may say "
+                               "nothing about the scan before the scan fails as not stitched"),
+    "export_timeout_s": (OutputTimeouts.export_s, "how long an export may take"),
     "qc_report": (True, "write the QC report (qc/index.html) beside the manifest after every scan"),
 }
 
-SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-OUTPUT_FORMATS = ("ome-tiff", "ome-zarr", "dicom")  # the export node's (wsi_export.export.FORMATS)
 
-
-class GoalError(ValueError):
-    pass
+def _mosaic_state(msg: MosaicStatus | None) -> MosaicState | None:
+    return None if msg is None else MosaicState(msg.finished, msg.success, msg.error, msg.mosaic_uri, msg.report_uri)
 
 
 class ScanOrchestratorNode(Node):
@@ -52,6 +55,11 @@ class ScanOrchestratorNode(Node):
         self.params = declare_parameters(self, PARAMETERS)
         self.backend = backend
         self._lock = hardware_lock
+        self._running_scan = ""
+        self._settings = ScannerSettings(Path(self.params["output_root"]), self.params["default_objective"],
+                                         self.params["exposure_ms"], self.params["gain"], self.params["save_tiles"])
+        self._timeouts = OutputTimeouts(self.params["stitch_timeout_s"], self.params["stitch_start_timeout_s"],
+                                        self.params["export_timeout_s"])
         group = ReentrantCallbackGroup()
         self._tiles = self.create_publisher(Tile, "tiles", TILE_QOS)
         self._status = self.create_publisher(ScanStatus, "scan/status", EVENT_QOS)
@@ -60,85 +68,51 @@ class ScanOrchestratorNode(Node):
         self._estimate_arrived = threading.Condition()
         self.create_subscription(FocusEstimate, "focus_estimates", self._on_estimate, EVENT_QOS, callback_group=group)
         self._mosaics: dict[str, MosaicStatus] = {}
+        self._latest_mosaic: MosaicStatus | None = None
         self._mosaic_arrived = threading.Condition()
         self.create_subscription(MosaicStatus, "mosaic/status", self._on_mosaic, LATCHED_QOS, callback_group=group)
         self._export = ActionClient(self, ExportSlide, "export_slide", callback_group=group)
         self._estimate_image = self.create_client(EstimateFocus, "estimate_focus", callback_group=group)
         self._calibrate = self.create_client(CalibrateAutofocus, "calibrate_autofocus", callback_group=group)
         self._server = ActionServer(self, ScanSlide, "scan_slide", execute_callback=self._execute,
-                                    goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
-                                    callback_group=group)
+                                    cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
 
     # -- goals ---------------------------------------------------------------------------------
-    def request_from_goal(self, goal) -> ScanRequest:
-        scan_id = goal.scan_id or time.strftime("scan-%Y%m%d-%H%M%S")
-        if not SCAN_ID_PATTERN.match(scan_id):
-            raise GoalError(f"scan_id {goal.scan_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
-                            "starting with a letter or digit")
-        unknown = [f for f in goal.output_formats if f not in OUTPUT_FORMATS]
-        if unknown:
-            raise GoalError(f"unknown output formats {unknown}; expected any of {OUTPUT_FORMATS}")
-        if goal.pixel_size_um != 0.0:
-            raise GoalError(f"pixel_size_um {goal.pixel_size_um}: tiles are taken at the objective's native "
-                            "pixel size; give 0 and choose the objective")
-        if goal.focus_strategy not in tuple(FocusStrategy):
-            raise GoalError(f"focus_strategy {goal.focus_strategy}; expected one of {[int(f) for f in FocusStrategy]}")
-        region = None if goal.auto_detect_tissue else (
-            goal.region_x_um, goal.region_y_um, goal.region_width_um, goal.region_height_um)
-        if region is not None and goal.region_width_um == 0 and goal.region_height_um == 0:
-            limits = self.backend.stage.limits
-            region = (limits.x_min_um, limits.y_min_um, limits.x_max_um - limits.x_min_um,
-                      limits.y_max_um - limits.y_min_um)
-        try:
-            output_dir = resolve_under(self.params["output_root"], goal.output_dir)
-        except OutsideRootError as error:
-            raise GoalError(f"output_dir {error}") from error
-        return ScanRequest(
-            scan_id=scan_id, output_dir=output_dir,
-            region_um=region, objective_magnification=goal.objective_magnification or self.params["default_objective"],
-            overlap_fraction=goal.overlap_fraction or 0.1, focus_strategy=FocusStrategy(goal.focus_strategy),
-            focus_points=goal.focus_points, skip_empty_tiles=goal.skip_empty_tiles,
-            calibrate_autofocus=goal.calibrate_autofocus,
-            exposure_ms=self.params["exposure_ms"], gain=self.params["gain"], save_tiles=self.params["save_tiles"])
-
-    def _on_goal(self, goal) -> GoalResponse:
-        try:
-            ScanRunner(self.backend, self.request_from_goal(goal)).validate()
-        except (GoalError, ScanError) as error:
-            self.get_logger().warning(f"rejected ScanSlide goal: {error}")
-            return GoalResponse.REJECT
-        if self._lock.locked():
-            self.get_logger().warning("rejected ScanSlide goal: the microscope is busy")
-            return GoalResponse.REJECT
-        return GoalResponse.ACCEPT
-
     def _execute(self, goal_handle):
-        result = ScanSlide.Result()
+        result = ScanSlide.Result(scan_id=goal_handle.request.scan_id)
         started = time.monotonic()
         try:
-            request = self.request_from_goal(goal_handle.request)
-        except GoalError as error:
-            return self._finish(goal_handle, result, ScanErrorCode.INVALID_GOAL, str(error), started)
+            # Judged before the lock, so a goal that cannot be run learns why even while the microscope is busy;
+            # the runner judges it again under the lock (another scan may have taken its folder meanwhile).
+            request = ScanRequest.from_goal(goal_handle.request, self._settings, self.backend)
+        except ScanError as error:
+            return self._finish(goal_handle, result, error.code, str(error), started)
         result.scan_id = request.scan_id
+        if not self._lock.acquire(blocking=False):
+            holder = f"scan {self._running_scan} is running" if self._running_scan else "a stage move is running"
+            return self._finish(goal_handle, result, ScanErrorCode.BUSY, f"the microscope is busy: {holder}; send "
+                                "the goal again when it is idle", started)
+        should_cancel = lambda: goal_handle.is_cancel_requested  # noqa: E731 (one predicate for every wait)
         inline = self.params["inline_autofocus"] and request.focus_strategy == FocusStrategy.MAP_INLINE
         runner = ScanRunner(self.backend, request, publish_tile=lambda r, f: self._publish_tile(request, r, f),
                             estimate_focus=(lambda r, f: self._wait_for_estimate(request.scan_id, r)) if inline else None,
                             on_progress=lambda p: self._progress(goal_handle, request.scan_id, p),
-                            should_cancel=lambda: goal_handle.is_cancel_requested,
+                            should_cancel=should_cancel,
                             on_plan=lambda plan: self._publish_plan(request, plan, runner),
                             estimate_image=self._estimate_untiled_image if inline else None,
-                            calibrate_focus=self._calibrate_autofocus)
-        result.manifest_uri = str(runner.outcome.manifest_path)
+                            calibrate_focus=lambda scan_dir: self._calibrate_autofocus(scan_dir, should_cancel))
         code, message = ScanErrorCode.NONE, ""
-        if not self._lock.acquire(blocking=False):
-            return self._finish(goal_handle, result, ScanErrorCode.INTERNAL, "the microscope is busy", started)
+        self._running_scan = request.scan_id
         try:
             runner.run()
         except ScanError as error:
             code, message = error.code, str(error)
         finally:
+            self._running_scan = ""
             self._lock.release()
         outcome = runner.outcome
+        if outcome.manifest_path.exists():
+            result.manifest_uri = str(outcome.manifest_path)
         if outcome.plan is not None:
             result.tiles_planned = len(outcome.plan.tiles)
             result.tiles_skipped_empty = len(outcome.plan.skipped)
@@ -146,67 +120,19 @@ class ScanOrchestratorNode(Node):
             result.scanned_area_mm2 = len({(r.row, r.col) for r in outcome.records}) * fov_w * fov_h / 1e6
         result.tiles_captured = len(outcome.records)
         result.refocus_count = outcome.refocus_count
-        mosaic = None
-        if code == ScanErrorCode.NONE and goal_handle.request.output_formats:
+        if code == ScanErrorCode.NONE and request.output_formats:
             goal_handle.publish_feedback(ScanSlide.Feedback(state=int(State.FINISHING), tiles_done=result.tiles_planned,
                                                             tiles_total=result.tiles_planned))
-            code, message, mosaic = self._produce_outputs(request, runner, goal_handle.request.output_formats, result)
-        if self.params["qc_report"] and outcome.records:
-            self._write_qc(runner, mosaic, result)
-        return self._finish(goal_handle, result, code, message, started)
-
-    # -- stitching, export and QC after the tiles -------------------------------------------------
-    def _produce_outputs(self, request: ScanRequest, runner: ScanRunner, formats, result):
-        """Wait for the stitching node's final mosaic, then export it; (code, message, mosaic status)."""
-        if self.count_publishers("mosaic/status") == 0:
-            return ScanErrorCode.STITCHING, "output formats need a stitching node, and none is running", None
-        with self._mosaic_arrived:
-            finished = self._mosaic_arrived.wait_for(
-                lambda: request.scan_id in self._mosaics and self._mosaics[request.scan_id].finished,
-                timeout=self.params["stitch_timeout_s"])
-            mosaic = self._mosaics.get(request.scan_id)
-        if not finished:
-            return ScanErrorCode.STITCHING, f"no final mosaic within {self.params['stitch_timeout_s']:.0f} s", mosaic
-        if not mosaic.success:
-            return ScanErrorCode.STITCHING, mosaic.error, mosaic
-        result.mosaic_uri = mosaic.mosaic_uri
-        if not self._export.wait_for_server(timeout_sec=10.0):
-            return ScanErrorCode.EXPORT, "output formats need an export node, and none answers", mosaic
-        goal = ExportSlide.Goal(mosaic_uri=mosaic.mosaic_uri, manifest_uri=str(runner.outcome.manifest_path),
-                                output_dir=str(runner.scan_dir), output_name=request.scan_id, formats=list(formats),
-                                write_thumbnail=True)
-        response = self._wait(self._export.send_goal_async(goal), 30.0)
-        if response is None or not response.accepted:
-            return ScanErrorCode.EXPORT, "the export node refused the export goal (its log says why)", mosaic
-        outcome = self._wait(response.get_result_async(), self.params["export_timeout_s"])
-        if outcome is None:
-            return ScanErrorCode.EXPORT, f"export did not finish within {self.params['export_timeout_s']:.0f} s", mosaic
-        if outcome.status != GoalStatus.STATUS_SUCCEEDED:
-            return ScanErrorCode.EXPORT, outcome.result.error_message, mosaic
-        result.output_uris = list(outcome.result.output_paths)
-        return ScanErrorCode.NONE, "", mosaic
-
-    @staticmethod
-    def _wait(future, timeout_s: float):
-        """Result of a future completed by another executor thread, or None after the timeout."""
-        done = threading.Event()
-        future.add_done_callback(lambda _: done.set())
-        return future.result() if done.wait(timeout_s) else None
-
-    def _write_qc(self, runner: ScanRunner, mosaic, result) -> None:
-        outputs = {Path(uri).name: Path(uri) for uri in result.output_uris}
-        report = Path(mosaic.report_uri) if mosaic is not None and mosaic.report_uri else None
-        try:
-            index = write_qc_report(runner.outcome.manifest_path, report, outputs)
-        except (OSError, ValueError, KeyError) as error:
-            self.get_logger().error(f"QC report of scan {result.scan_id} could not be written: {error}")
-            return
-        self.get_logger().info(f"QC report: {index}")
-
-    def _on_mosaic(self, msg: MosaicStatus) -> None:
-        with self._mosaic_arrived:
-            self._mosaics[msg.scan_id] = msg
-            self._mosaic_arrived.notify_all()
+        outputs = finish_scan(request, outcome.manifest_path, len(outcome.records), code, message, self,
+                              should_cancel, self._timeouts, self.params["qc_report"])
+        if outputs.mosaic is not None and outputs.mosaic.success:
+            result.mosaic_uri = outputs.mosaic.mosaic_uri
+        result.output_uris = outputs.output_uris
+        if outputs.qc_error:
+            self.get_logger().error(outputs.qc_error)
+        elif outputs.qc_index is not None:
+            self.get_logger().info(f"QC report: {outputs.qc_index}")
+        return self._finish(goal_handle, result, outputs.code, outputs.message, started)
 
     def _finish(self, goal_handle, result, code: ScanErrorCode, message: str, started: float):
         result.error_code, result.error_message = int(code), message
@@ -219,6 +145,57 @@ class ScanOrchestratorNode(Node):
             self.get_logger().error(f"scan {result.scan_id} failed: {message}")
             goal_handle.abort()
         return result
+
+    @staticmethod
+    def _wait(future, timeout_s: float, should_cancel=lambda: False):
+        """Result of a future completed by another executor thread; None after the timeout or on cancel."""
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(min(POLL_S, max(deadline - time.monotonic(), 0.0))):
+            if should_cancel() or time.monotonic() >= deadline:
+                return None
+        return future.result()
+
+    # -- the graph, as scan_outputs sees it -----------------------------------------------------
+    def stitcher_running(self) -> bool:
+        return self.count_publishers("mosaic/status") > 0
+
+    def mosaic_state(self, scan_id: str) -> MosaicState | None:
+        with self._mosaic_arrived:
+            return _mosaic_state(self._mosaics.get(scan_id))
+
+    def latest_mosaic_state(self) -> MosaicState | None:
+        with self._mosaic_arrived:
+            return _mosaic_state(self._latest_mosaic)
+
+    def wait_for_mosaic_news(self, timeout_s: float) -> None:
+        with self._mosaic_arrived:
+            self._mosaic_arrived.wait(timeout_s)
+
+    def export(self, job: ExportJob, should_cancel, timeout_s: float) -> ExportReply:
+        deadline = time.monotonic() + 10.0
+        while not self._export.server_is_ready():
+            if should_cancel() or time.monotonic() > deadline:
+                return ExportReply(False, "output formats need an export node, and none answers")
+            time.sleep(POLL_S)
+        goal = ExportSlide.Goal(mosaic_uri=job.mosaic_uri, manifest_uri=job.manifest_uri, output_dir=job.output_dir,
+                                output_name=job.output_name, formats=list(job.formats), write_thumbnail=True)
+        handle = self._wait(self._export.send_goal_async(goal), 30.0, should_cancel)
+        if handle is None or not handle.accepted:
+            return ExportReply(False, "the export node did not take the export goal")
+        outcome = self._wait(handle.get_result_async(), timeout_s, should_cancel)
+        if outcome is None:
+            handle.cancel_goal_async()    # an export nobody waits for must not go on writing
+            return ExportReply(False, f"export did not finish within {timeout_s:.0f} s")
+        if outcome.status != GoalStatus.STATUS_SUCCEEDED:
+            return ExportReply(False, outcome.result.error_message)
+        return ExportReply(True, "", tuple(outcome.result.output_paths))
+
+    def _on_mosaic(self, msg: MosaicStatus) -> None:
+        with self._mosaic_arrived:
+            self._mosaics[msg.scan_id] = self._latest_mosaic = msg
+            self._mosaic_arrived.notify_all()
 
     # -- runner callbacks ----------------------------------------------------------------------
     def _publish_tile(self, request: ScanRequest, record, frame) -> None:
@@ -250,6 +227,9 @@ class ScanOrchestratorNode(Node):
                        step_x_um=plan.step_x_um, step_y_um=plan.step_y_um,
                        manifest_uri=str(runner.outcome.manifest_path))
         msg.header.stamp = self.get_clock().now().to_msg()
+        with self._mosaic_arrived:
+            # A scan of the same id in another output directory had a mosaic of its own: not this one's.
+            self._mosaics.pop(request.scan_id, None)
         self._plan.publish(msg)
 
     def _progress(self, goal_handle, scan_id: str, progress: ScanProgress) -> None:
@@ -294,14 +274,16 @@ class ScanOrchestratorNode(Node):
         response = self._wait(self._estimate_image.call_async(request), self.params["autofocus_timeout_s"])
         return _focus_reply(response) if response is not None and response.success else None
 
-    def _calibrate_autofocus(self, scan_dir: Path) -> dict:
+    def _calibrate_autofocus(self, scan_dir: Path, should_cancel) -> dict:
         """Ask the autofocus node to fine-tune on the scan's focus-map sweeps; what it answered, for the manifest."""
         if not self._calibrate.wait_for_service(timeout_sec=5.0):
             return {"success": False, "error": "no autofocus node offers calibrate_autofocus"}
         response = self._wait(self._calibrate.call_async(CalibrateAutofocus.Request(scan_dir=str(scan_dir))),
-                              self.params["calibration_timeout_s"])
+                              self.params["calibration_timeout_s"], should_cancel)
         if response is None:
-            return {"success": False, "error": f"no answer within {self.params['calibration_timeout_s']:.0f} s"}
+            # A cancelled scan does not wait for the answer; it stops before its first tile.
+            return {"success": False, "error": "the scan was cancelled before the calibration answered"
+                    if should_cancel() else f"no answer within {self.params['calibration_timeout_s']:.0f} s"}
         if not response.success:
             self.get_logger().warning(f"autofocus calibration failed, scanning with the model as it was: {response.error}")
         return {"success": response.success, "error": response.error, "model_dir": response.model_dir,

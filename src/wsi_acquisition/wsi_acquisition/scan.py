@@ -26,36 +26,10 @@ from wsi_acquisition.focus import (brenner, focus_action, keeps_correction, prob
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       detect_tissue, plan_tiles)
+from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
 
 MANIFEST_NAME = "manifest.json"
-
-
-class ScanErrorCode(enum.IntEnum):
-    """Mirrors ScanSlide.Result.ERROR_*."""
-    NONE = 0
-    INVALID_GOAL = 1
-    STAGE = 2
-    CAMERA = 3
-    NO_TISSUE = 4
-    STORAGE = 5
-    STITCHING = 6
-    EXPORT = 7
-    CANCELED = 8
-    INTERNAL = 9
-
-
-class ScanError(RuntimeError):
-    def __init__(self, code: ScanErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class FocusStrategy(enum.IntEnum):
-    """Mirrors ScanSlide.Goal.FOCUS_*."""
-    NONE = 0
-    MAP = 1
-    MAP_INLINE = 2
 
 
 class State(enum.IntEnum):
@@ -69,22 +43,6 @@ class State(enum.IntEnum):
     SUCCEEDED = 6
     CANCELED = 7
     FAILED = 8
-
-
-@dataclass(frozen=True)
-class ScanRequest:
-    scan_id: str
-    output_dir: Path
-    region_um: tuple[float, float, float, float] | None   # (x, y, width, height); None: tissue detection
-    objective_magnification: float = 20.0
-    overlap_fraction: float = 0.1
-    focus_strategy: FocusStrategy = FocusStrategy.MAP_INLINE
-    focus_points: int = 0                  # 0: about one per 25 tiles, 5..25
-    skip_empty_tiles: bool = True
-    exposure_ms: float = 8.0
-    gain: float = 1.0
-    save_tiles: bool = True
-    calibrate_autofocus: bool = False      # fine-tune the autofocus on this scan's focus map before the tiles
 
 
 @dataclass(frozen=True)
@@ -225,39 +183,14 @@ class ScanRunner:
         self.z_approach_um = z_approach_um
         self.min_focus_contrast = min_focus_contrast     # coarse-sweep peak over its median
         self.clock = clock
-        self.scan_dir = Path(request.output_dir) / request.scan_id
+        self.scan_dir = request.scan_dir
         self.outcome = ScanOutcome(self.scan_dir, self.scan_dir / MANIFEST_NAME, None)
         self._progress = ScanProgress(State.IDLE)
         self._started = clock()
         self._status, self._error = "running", ""
         self._overview: dict | None = None
 
-    # -- validation and planning ---------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise ScanError(INVALID_GOAL) before anything moves, naming the bad value."""
-        request = self.request
-        if float(request.objective_magnification) not in self.backend.objectives():
-            raise ScanError(ScanErrorCode.INVALID_GOAL, f"no {request.objective_magnification}x objective; "
-                                                        f"available: {self.backend.objectives()}")
-        if not 0.0 <= request.overlap_fraction <= 0.5:
-            raise ScanError(ScanErrorCode.INVALID_GOAL,
-                            f"overlap {request.overlap_fraction}; expected 0 <= overlap <= 0.5")
-        if request.exposure_ms <= 0:
-            raise ScanError(ScanErrorCode.INVALID_GOAL, f"exposure {request.exposure_ms} ms; expected > 0")
-        if request.region_um is not None:
-            x, y, width, height = request.region_um
-            limits = self.backend.stage.limits
-            if not (width > 0 and height > 0):
-                raise ScanError(ScanErrorCode.INVALID_GOAL, f"region size {width} x {height} µm; expected > 0")
-            if x < limits.x_min_um or y < limits.y_min_um or x + width > limits.x_max_um \
-                    or y + height > limits.y_max_um:
-                raise ScanError(ScanErrorCode.INVALID_GOAL,
-                                f"region x={x}, y={y}, {width} x {height} µm is outside the stage limits "
-                                f"x {limits.x_min_um}..{limits.x_max_um}, y {limits.y_min_um}..{limits.y_max_um} µm")
-        if request.region_um is None and not self.backend.has_overview():
-            raise ScanError(ScanErrorCode.INVALID_GOAL, "automatic tissue detection needs an overview camera; "
-                                                        "give a region instead")
-
+    # -- planning ------------------------------------------------------------------------------
     def plan(self) -> TilePlan:
         request = self.request
         self._report(State.OVERVIEW)
@@ -544,13 +477,15 @@ class ScanRunner:
         self.publish_tile(record, frame)
 
     def run(self) -> ScanOutcome:
-        """Scan; on any ScanError the manifest records the tiles so far and the error, then it is raised."""
+        """Scan; on any ScanError the manifest records the tiles so far and the error, then it is raised.
+
+        An invalid request raises before anything moves or is written (no scan folder is made for it)."""
+        self.request.validate(self.backend)
         try:
             (self.scan_dir / "tiles").mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ScanError(ScanErrorCode.STORAGE, f"cannot create {self.scan_dir}: {error}") from error
         try:
-            self.validate()
             self.backend.set_objective(self.request.objective_magnification)
             try:
                 self.outcome.plan = self.plan()
