@@ -7,6 +7,7 @@ import pytest
 from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import CaptureError, VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, OpticsError
+from wsi_acquisition.specimen import SyntheticSlide
 
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
 GLASS_X_UM, GLASS_Y_UM = 8_000.0, 5_000.0
@@ -113,6 +114,25 @@ def test_field_curvature_moves_best_focus_at_the_field_edge():
     curved, field_number_radius_um = best_focus_offset(20.0)
     expected_shift = -20.0 * (field_radius_um / field_number_radius_um) ** 2
     assert curved - flat == pytest.approx(expected_shift, abs=0.3)
+
+
+def test_a_z_sweep_renders_the_specimen_once_and_matches_fresh_captures():
+    class CountingSlide(SyntheticSlide):
+        renders = 0
+
+        def optical_density_and_path(self, *region):
+            CountingSlide.renders += 1
+            return super().optical_density_and_path(*region)
+
+    roi = (384, 384, 64, 64)
+    sweeping = VirtualMicroscope(seed=2, specimen=CountingSlide(seed=2))
+    focal = sweeping.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM)
+    for defocus in (-20.0, 6.0, 0.5, -2.0):     # the widest blur border first, as a sweep starts
+        swept = sweeping.capture(TISSUE_X_UM, TISSUE_Y_UM, focal + defocus, 20, roi=roi, noise_seed=1).raw
+        fresh = VirtualMicroscope(seed=2).capture(TISSUE_X_UM, TISSUE_Y_UM, focal + defocus, 20, roi=roi,
+                                                  noise_seed=1).raw
+        assert np.abs(swept.astype(int) - fresh).max() <= 1        # rounding of the cut region
+    assert CountingSlide.renders == 1
 
 
 def test_depth_of_field_and_field_of_view():
