@@ -2,6 +2,7 @@
 reason, a server that rejects outright, and a scanner that is not there."""
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,11 +97,37 @@ def test_a_server_that_rejects_outright_gives_rejected(ros_node):
         assert client.is_task_complete()
         rejected = client.result()
         assert rejected.status is TaskResult.REJECTED and rejected.result is None
-        assert rejected.error_message == "old/stage/move rejected the goal without running it; the server's log says why"
+        assert rejected.error_message == ("old/stage/move rejected the goal without running it; "
+                                          "the server's log says why")
     finally:
         client.destroy_node()
         executor.shutdown()
         old.destroy_node()
+
+
+def test_a_task_whose_server_leaves_ends_failed(ros_node):
+    leaving = Node("leaving_stage", namespace="leaving")
+    # Accepted and never executed: the goal is still running when the server goes.
+    server = ActionServer(leaving, MoveStage, "stage/move", execute_callback=lambda handle: MoveStage.Result(),
+                          handle_accepted_callback=lambda handle: None)
+    executor = SingleThreadedExecutor()
+    executor.add_node(leaving)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    client = ScannerClient(namespace="leaving", server_timeout_s=30.0)
+    try:
+        assert client.move_stage(0.0, 0.0, 0.0)
+        assert not client.is_task_complete()
+        executor.shutdown()
+        server.destroy()
+        leaving.destroy_node()
+        deadline = time.monotonic() + 30
+        while not client.is_task_complete():
+            assert time.monotonic() < deadline
+        gone = client.result()
+        assert gone.status is TaskResult.FAILED and gone.result is None
+        assert gone.error_message.startswith("leaving/stage/move: the server left before the task ended")
+    finally:
+        client.destroy_node()
 
 
 def test_a_scanner_that_is_not_there_is_reported_after_the_timeout(ros_node):

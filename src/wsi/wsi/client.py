@@ -15,8 +15,9 @@ read its result (the style of nav2_simple_commander's BasicNavigator).
 `scan`, `export` and `move_stage` send a goal and return once the scanner has answered it: True when it
 runs it. A goal the scanner cannot run ends at once FAILED, with its `error_code` (ERROR_INVALID_GOAL,
 ERROR_BUSY, ...) and the reason in `error_message`; a server that rejects goals outright (older servers
-did) gives REJECTED. A client follows one task at a time; one client per scanner (its namespace) or per
-task that runs in parallel. The scanner's actions exist only while its microscope is active, so a server
+did) gives REJECTED; a task whose server leaves the graph before it ends (the scanner's process stopped, its
+microscope went down) ends FAILED. A client follows one task at a time; one client per scanner (its
+namespace) or per task that runs in parallel. The scanner's actions exist only while its microscope is active, so a server
 not found within `server_timeout_s` raises ScannerUnavailable, naming why as far as the scanner's
 bring-up manager knows.
 """
@@ -36,6 +37,9 @@ ACTION_NAMES = {ScanSlide: "scan_slide", ExportSlide: "export_slide", MoveStage:
 # Discovery is not symmetric: a goal sent as soon as the server is seen can go unanswered, because the
 # server has not yet matched this client's reply readers (Fast DDS: "failed to send response (timeout)").
 DISCOVERY_SETTLE_S = 0.5
+# A server that has been out of the graph this long while its task runs is taken as gone (its process
+# stopped, or its microscope went down), not as a discovery hiccup; the task then ends FAILED.
+SERVER_GONE_S = 2.0
 
 
 class TaskResult(enum.Enum):
@@ -52,7 +56,7 @@ TASK_RESULTS = {GoalStatus.STATUS_SUCCEEDED: TaskResult.SUCCEEDED, GoalStatus.ST
 @dataclass(frozen=True)
 class TaskOutcome:
     status: TaskResult
-    error_code: int             # the action's ERROR_* (ERROR_NONE when it succeeded)
+    error_code: int             # the action's ERROR_*; ERROR_NONE (0) when it succeeded or there was no result
     error_message: str
     result: object = None       # the action's Result message (scan: manifest_uri, output_uris, ...); None if rejected
 
@@ -85,6 +89,8 @@ class ScannerClient(Node):
         self._settled: set = set()
         self._is_active = self.create_client(Trigger, "lifecycle_manager/is_active")
         self._task = ""
+        self._action = None
+        self._server_missing_since: float | None = None
         self._goal_handle = None
         self._result_future = None
         self._feedback = None
@@ -108,6 +114,11 @@ class ScannerClient(Node):
         if self._result_future is None:
             return True
         rclpy.spin_until_future_complete(self, self._result_future, timeout_sec=0.1)
+        if not self._result_future.done() and self._server_gone():
+            self._outcome = TaskOutcome(TaskResult.FAILED, 0, f"{self._task}: the server left before the task "
+                                        "ended (its process stopped, or the microscope went down)")
+            self._result_future = None
+            return True
         return self._result_future.done()
 
     def feedback(self):
@@ -122,7 +133,8 @@ class ScannerClient(Node):
         future = self._goal_handle.cancel_goal_async()
         rclpy.spin_until_future_complete(self, future, timeout_sec=self.server_timeout_s)
         if not future.done():
-            raise ScannerUnavailable(f"{self._task}: no answer to the cancel request within {self.server_timeout_s:g} s")
+            raise ScannerUnavailable(f"{self._task}: no answer to the cancel request within "
+                                     f"{self.server_timeout_s:g} s")
 
     def result(self) -> TaskOutcome:
         """How the task ended; raises RuntimeError while it runs (is_task_complete says when it has ended)."""
@@ -144,7 +156,8 @@ class ScannerClient(Node):
             raise RuntimeError(f"{self._task} is still running: cancel it, or wait until is_task_complete()")
         client = self._actions[action]
         self._wait_for_server(action, client)
-        self._task, self._goal_handle, self._result_future = self._name(action), None, None
+        self._task, self._action, self._goal_handle, self._result_future = self._name(action), action, None, None
+        self._server_missing_since = None
         self._feedback, self._outcome = None, None
         future = client.send_goal_async(goal, feedback_callback=self._on_feedback)
         rclpy.spin_until_future_complete(self, future, timeout_sec=self.server_timeout_s)
@@ -157,6 +170,14 @@ class ScannerClient(Node):
             return False
         self._goal_handle, self._result_future = handle, handle.get_result_async()
         return True
+
+    def _server_gone(self) -> bool:
+        if self._actions[self._action].server_is_ready():
+            self._server_missing_since = None
+            return False
+        if self._server_missing_since is None:
+            self._server_missing_since = time.monotonic()
+        return time.monotonic() - self._server_missing_since > SERVER_GONE_S
 
     def _on_feedback(self, message) -> None:
         self._feedback = message.feedback
