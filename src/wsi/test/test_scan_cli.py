@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from wsi.scan_display import format_duration, progress_line
+from wsi.client import TaskOutcome, TaskResult
+from wsi.scan_display import exit_code, format_duration, progress_line, report
+from wsi_interfaces.action import ScanSlide
 from wsi_common.ros_env import interruptible, node_environment
 
 
@@ -18,6 +20,18 @@ def test_progress_line_shows_state_bar_tiles_and_eta():
     assert progress_line(feedback, width=8) == (
         "acquiring  [##......] 15/60 tiles, 2 refocused, elapsed 01:15, ETA 1:02:05")
     assert format_duration(-1.0) == "--:--"
+
+
+def test_report_gives_the_reason_and_what_was_kept():
+    result = ScanSlide.Result(scan_id="s1", error_code=ScanSlide.Result.ERROR_INVALID_GOAL, error_message="why",
+                              manifest_uri="out/s1/manifest.json")
+    failed = TaskOutcome(TaskResult.FAILED, result.error_code, result.error_message, result)
+    assert report(failed) == ["scan s1 did not finish (invalid goal): why", "0 tiles were captured and kept",
+                              "manifest: out/s1/manifest.json"]
+    rejected = TaskOutcome(TaskResult.REJECTED, 0, "scan_slide rejected the goal without running it")
+    assert report(rejected) == ["the scan was not run: scan_slide rejected the goal without running it"]
+    canceled = TaskOutcome(TaskResult.CANCELED, ScanSlide.Result.ERROR_CANCELED, "", result)
+    assert [exit_code(o) for o in (failed, rejected, canceled)] == [1, 1, 130]
 
 
 @pytest.mark.ros
