@@ -578,7 +578,7 @@ def test_graph_recorder_bags_status_and_action_topics(tmp_path, run_nodes, ros_n
     from wsi_interfaces.action import MoveStage
 
     specs = scan_graph(GraphConfig(record=True, output_dir=str(tmp_path), sim_speedup=4.0))
-    supervisor = run_nodes([s for s in specs if s.name in ("microscope", "recorder")])
+    supervisor = run_nodes([s for s in specs if s.name in ("microscope", "recorder", "lifecycle_manager")])
     stage = ActionCaller(ros_node, MoveStage, "stage/move")
     stage.wait_for_server(timeout_s=30)
     time.sleep(1.0)     # the recorder subscribes within its discovery period
