@@ -10,7 +10,7 @@ import rclpy
 import tifffile
 from action_msgs.msg import GoalStatus
 
-from wsi.actions import ActionCallError, ActionCaller
+from wsi.actions import ActionCaller
 from wsi_common.supervisor import NodeSpec
 from wsi_export.synthetic import write_synthetic_mosaic
 from wsi_interfaces.action import ExportSlide
@@ -74,13 +74,35 @@ def test_an_unreadable_overview_fails_as_an_input_error(exporter, tmp_path):
     assert "overview.tif" in outcome.result.error_message and not (tmp_path / "scan" / "broken.ome.tif").exists()
 
 
-@pytest.mark.parametrize("changes", [dict(output_dir="../elsewhere"), dict(mosaic_uri="../../etc/passwd"),
-                                     dict(mosaic_uri="scan/missing.zarr"), dict(formats=["png"]),
-                                     dict(manifest_uri="scan/missing.json"), dict(manifest_uri="../manifest.json")])
-def test_bad_goals_are_rejected(exporter, changes):
-    goal = ExportSlide.Goal(**({"mosaic_uri": "scan/mosaic.zarr", "output_dir": "scan"} | changes))
-    with pytest.raises(ActionCallError, match="goal rejected"):
-        exporter.send_goal(goal, timeout_s=30)
+BAD_GOALS = [(dict(output_dir="../elsewhere"), "'../elsewhere' is outside the output root"),
+             (dict(mosaic_uri="../../etc/passwd"), "'../../etc/passwd' is outside the output root"),
+             (dict(mosaic_uri="scan/missing.zarr"), "mosaic 'scan/missing.zarr' does not exist"),
+             (dict(formats=["png"]), "format 'png' is not supported"),
+             (dict(manifest_uri="scan/missing.json"), "scan manifest 'scan/missing.json' does not exist"),
+             (dict(manifest_uri="../manifest.json"), "'../manifest.json' is outside the output root"),
+             (dict(output_name="../slide"), "output name '../slide' must be a plain file stem"),
+             (dict(compression="gif"), "compression 'gif' is not supported"),
+             (dict(jpeg_quality=101), "quality=101 must be an integer in 1..100"),
+             (dict(tile_size_px=100), "tile_size_px=100 must be a positive multiple of 16"),
+             (dict(formats=["dicom"], compression="zstd"), "compression 'zstd' has no DICOM WSI transfer syntax")]
+
+
+def test_goals_that_cannot_be_run_end_at_once_with_the_reason_even_behind_a_running_export(exporter, ros_node):
+    running = exporter.send_goal(ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", output_dir="scan",
+                                                  output_name="long", compression="deflate", tile_size_px=16,  # tiny tiles: slow
+                                                  formats=["ome-tiff", "ome-zarr"]), timeout_s=30)
+    running_result = running.get_result_async()
+    for changes, reason in BAD_GOALS:
+        goal = ExportSlide.Goal(**({"mosaic_uri": "scan/mosaic.zarr", "output_dir": "scan"} | changes))
+        outcome = exporter.call(goal, timeout_s=30)
+        assert outcome.status == GoalStatus.STATUS_ABORTED, reason
+        assert outcome.result.error_code == ExportSlide.Result.ERROR_INVALID_GOAL, outcome.result.error_message
+        assert reason in outcome.result.error_message
+    # every bad goal was judged while the export before it still ran (exports run one at a time)
+    assert not running_result.done()
+    exporter.cancel(running)
+    rclpy.spin_until_future_complete(ros_node, running_result, timeout_sec=120)
+    assert running_result.result().status == GoalStatus.STATUS_CANCELED
 
 
 def test_a_bad_codec_fails_with_a_reason_and_the_node_lives_on(exporter):

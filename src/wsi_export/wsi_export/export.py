@@ -197,9 +197,10 @@ def _ordered_results(executor: Any, plan: list[_PlannedJob], window: int,
             future.cancel()
 
 
-def _validate(name: str, formats: tuple[str, ...], options: ExportOptions) -> dict[str, TileCodec]:
-    """Check the options; return the tile codec of each requested format that stores encoded tiles."""
-    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+def validate_export(name: str | None, formats: tuple[str, ...], options: ExportOptions) -> dict[str, TileCodec]:
+    """Check an export's name (None: not known yet, it comes from the mosaic), formats and options before
+    any pixel is read; return the tile codec of each requested format that stores encoded tiles."""
+    if name is not None and (not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name)):
         raise ExportOptionsError(f"output name {name!r} must be a plain file stem: letters, digits, "
                                  f"'.', '_', '-', starting with a letter or digit")
     if not formats:
@@ -449,7 +450,7 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
     if not isinstance(mosaic, Mosaic):
         mosaic = open_mosaic(mosaic)
     name = mosaic.source_name if name is None else name
-    codecs = _validate(name, formats, options)
+    codecs = validate_export(name, formats, options)
     if not mosaic.metadata.complete and not options.allow_partial_mosaic:
         raise MosaicInputError(f"mosaic {mosaic.source_name!r} is marked complete=False (still being "
                                f"stitched); pass allow_partial_mosaic=True to export it anyway")

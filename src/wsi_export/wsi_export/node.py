@@ -1,8 +1,12 @@
-"""Export node: the ExportSlide action (mosaic -> OME-TIFF / OME-Zarr / DICOM WSI), confined to an output root."""
+"""Export node: the ExportSlide action (mosaic -> OME-TIFF / OME-Zarr / DICOM WSI), confined to an output root.
+
+Every goal is accepted; one that cannot be run ends at once, aborted with ERROR_INVALID_GOAL and the reason,
+without waiting for the export that may be running (exports run one at a time).
+"""
 import threading
 import time
 
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionServer, CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
@@ -12,7 +16,7 @@ from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_export import (ExportCancelled, ExportOptions, ExportOptionsError, ExportStorageError, MosaicInputError,
                         SlideImageError, export_slide, remove_stale_partials_under)
-from wsi_export.export import FORMATS
+from wsi_export.export import validate_export
 from wsi_export.mosaic import describe_regions
 from wsi_export.scan_manifest import slide_images_from_manifest
 from wsi_interfaces.action import ExportSlide
@@ -53,12 +57,12 @@ class ExportNode(Node):
             self.get_logger().info(f"removed {removed}, left by an export that did not end")
         self._busy = threading.Lock()
         self._server = ActionServer(self, ExportSlide, "export_slide", execute_callback=self._execute,
-                                    goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
+                                    cancel_callback=lambda _: CancelResponse.ACCEPT,
                                     callback_group=ReentrantCallbackGroup())
 
     def checked_goal(self, goal):
-        """(mosaic path, output dir, formats, options, scan manifest path or None) of a goal, or GoalError
-        naming what is wrong."""
+        """(mosaic path, output dir, formats, options, scan manifest path or None) of a goal, or GoalError /
+        ExportOptionsError naming what is wrong."""
         try:
             mosaic = resolve_under(self.params["mosaic_root"], goal.mosaic_uri)
             output_dir = resolve_under(self.params["output_root"], goal.output_dir)
@@ -70,33 +74,32 @@ class ExportNode(Node):
         if manifest is not None and not manifest.is_file():
             raise GoalError(f"scan manifest {goal.manifest_uri!r} does not exist")
         formats = tuple(goal.formats) or ("ome-tiff",)
-        unknown = [f for f in formats if f not in FORMATS]
-        if unknown:
-            raise GoalError(f"unknown formats {unknown}; expected any of {FORMATS}")
         options = options_from_goal(goal, self.params["workers"], self.params["default_scheduler_address"])
+        validate_export(goal.output_name or None, formats, options)
         return mosaic, output_dir, formats, options, manifest
-
-    def _on_goal(self, goal) -> GoalResponse:
-        try:
-            self.checked_goal(goal)
-        except GoalError as error:
-            self.get_logger().warning(f"rejected ExportSlide goal: {error}")
-            return GoalResponse.REJECT
-        return GoalResponse.ACCEPT
 
     def _execute(self, goal_handle):
         started = time.monotonic()
         result = ExportSlide.Result()
-        with self._busy:   # one export at a time: each already uses every core
-            try:
-                mosaic, output_dir, formats, options, manifest = self.checked_goal(goal_handle.request)
-                slide_images = slide_images_from_manifest(manifest) if manifest is not None else {}
-                output_dir.mkdir(parents=True, exist_ok=True)
-                exported = export_slide(mosaic, output_dir, goal_handle.request.output_name or None, formats,
-                                        options, progress=lambda p: self._feedback(goal_handle, p),
-                                        should_cancel=lambda: goal_handle.is_cancel_requested, **slide_images)
-            except Exception as error:  # mapped to a result code below; never lets the node die
-                return self._failed(goal_handle, result, error, started)
+        try:
+            mosaic, output_dir, formats, options, manifest = self.checked_goal(goal_handle.request)
+        except (GoalError, ExportOptionsError) as error:
+            return self._failed(goal_handle, result, error, started)
+        # One export at a time: each already uses every core. A goal waiting for its turn can be cancelled.
+        while not self._busy.acquire(timeout=0.2):
+            if goal_handle.is_cancel_requested:
+                return self._failed(goal_handle, result, ExportCancelled("cancelled while waiting for the export "
+                                                                         "before it; nothing was written"), started)
+        try:
+            slide_images = slide_images_from_manifest(manifest) if manifest is not None else {}
+            output_dir.mkdir(parents=True, exist_ok=True)
+            exported = export_slide(mosaic, output_dir, goal_handle.request.output_name or None, formats,
+                                    options, progress=lambda p: self._feedback(goal_handle, p),
+                                    should_cancel=lambda: goal_handle.is_cancel_requested, **slide_images)
+        except Exception as error:  # mapped to a result code below; never lets the node die
+            return self._failed(goal_handle, result, error, started)
+        finally:
+            self._busy.release()
         if exported.missing_regions:
             self.get_logger().warning(
                 f"exported {goal_handle.request.mosaic_uri!r} with {len(exported.missing_regions)} region(s) "
