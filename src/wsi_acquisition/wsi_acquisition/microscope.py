@@ -185,9 +185,7 @@ class VirtualMicroscope:
         sample_x = np.linspace(-half_w, half_w, _DEFOCUS_SAMPLES)
         sample_y = np.linspace(-half_h, half_h, _DEFOCUS_SAMPLES)
         focal = self.focal_surface.z_um(x_um + sample_x[None, :], y_um + sample_y[:, None])
-        curvature = objective.field_curvature_um * (
-            sample_x[None, :] ** 2 + sample_y[:, None] ** 2) / objective.field_radius_um ** 2
-        return z_um - focal + curvature
+        return z_um - focal + objective.field_curvature_shift_um(np.hypot(sample_x[None, :], sample_y[:, None]))
 
     def _blur_plan(self, sensor_defocus, objective, roi):
         """Defocus levels to render for the ROI and each level's per-pixel weight (None: weight 1).

@@ -83,6 +83,11 @@ class Objective:
         sine = self.numerical_aperture / self.immersion_index
         return sine / math.sqrt(1.0 - sine * sine)
 
+    def field_curvature_shift_um(self, radius_um):
+        """Focal shift (µm) at `radius_um` (scalar or array) from the optical axis in the specimen plane:
+        best focus bends with the square of the field radius."""
+        return self.field_curvature_um * (np.asarray(radius_um) / self.field_radius_um) ** 2
+
     def geometric_blur_radius_um(self, defocus_um: float) -> float:
         """Radius of the geometric defocus blur disc, µm."""
         return abs(defocus_um) * self.half_angle_tangent

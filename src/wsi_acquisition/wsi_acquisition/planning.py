@@ -260,6 +260,19 @@ def _axis_layout(start: float, length: float, fov: float, overlap: float, low: f
 # Focus points and focus map
 
 
+def default_focus_point_count(tile_count: int) -> int:
+    """Focus-map points of a scan that does not ask for a number: one per 9 tiles, 5 to 25."""
+    return int(np.clip(tile_count // 9, 5, 25))
+
+
+def focus_sweeps(depth_of_field_um: float) -> tuple[tuple[float, float], ...]:
+    """(half range, step) in µm of the z-sweeps that find focus at a focus-map point: a coarse sweep of
+    +-30 µm in steps of two depths of field (at least 2 µm), then a fine one over +-1.5 coarse steps in
+    steps of a third of the depth of field (at least 0.25 µm) around the coarse peak."""
+    coarse_step = max(2.0, 2 * depth_of_field_um)
+    return (30.0, coarse_step), (1.5 * coarse_step, max(0.25, depth_of_field_um / 3))
+
+
 def choose_focus_points(plan: TilePlan, count: int) -> list[PlannedTile]:
     """`count` planned tiles spread over the tissue: farthest-point sampling starting from the tile
     nearest the centroid of all planned tiles (all tiles when count >= their number)."""

@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 
 from wsi_acquisition.focus import (brenner, focus_action, keeps_correction, probe_step_um, refine_peak,
-                                   side_after_probe, side_decision)
+                                   side_from_probe)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       detect_tissue, plan_tiles)
@@ -421,28 +421,25 @@ class ScanRunner:
                               reply.distance_uncertainty_um, depth_of_field_um)
         if action == "correct":
             self._try_correction(tile, map_z, -reply.defocus_um, record, "autofocus")
-        elif action == "probe" and self.estimate_image is not None:
-            above = self._probe_side(tile, map_z, reply, depth_of_field_um)
+        elif action == "probe":
+            above = self._probe_side(tile, map_z, reply, record, depth_of_field_um)
             if above is not None:
                 self._try_correction(tile, map_z, -reply.distance_um if above else reply.distance_um, record,
                                      "autofocus+probe")
 
-    def _probe_side(self, tile, map_z: float, reply: FocusReply, depth_of_field_um: float) -> bool | None:
+    def _probe_side(self, tile, map_z: float, reply: FocusReply, record: TileRecord,
+                    depth_of_field_um: float) -> bool | None:
         """A second exposure one probe step higher: True/False when it settles the side of focus."""
-        step = probe_step_um(depth_of_field_um)
+        step = probe_step_um(depth_of_field_um, reply.distance_um)
         self._move(tile.x_um, tile.y_um, map_z + step)
         frame = self._snap()
-        probe = self.estimate_image(frame)
+        probe = self.estimate_image(frame) if self.estimate_image is not None else None
         check = {"kind": "side-probe", "row": tile.row, "col": tile.col, "z_um": map_z + step, "step_um": step,
                  "captured_s": self.clock() - self._started, "sharpness": brenner(frame.image_rgb8),
                  "ground_truth": _ground_truth(frame)}
-        above = None
-        if probe is not None:
-            posterior = side_after_probe(reply.distance_um, reply.distance_uncertainty_um,
-                                         reply.above_focus_probability, step, probe.distance_um,
-                                         probe.distance_uncertainty_um)
-            check |= {"probe_distance_um": probe.distance_um, "above_focus_probability": posterior}
-            above = side_decision(posterior)
+        above, posterior = side_from_probe(reply, probe, step, record.sharpness, check["sharpness"])
+        check |= {"probe_distance_um": probe.distance_um if probe is not None else None,
+                  "above_focus_probability": posterior, "above_focus": above}
         self._keep_focus_check(check, frame)
         return above
 
