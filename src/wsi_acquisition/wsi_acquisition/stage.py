@@ -114,13 +114,14 @@ class StageDynamics:
     encoder_resolution_um: float = 0.05
 
 
-def trapezoid_duration_s(distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:
-    """Time to travel `distance_um` from rest to rest with limited speed and acceleration."""
-    distance_um = abs(distance_um)
+def trapezoid_duration_s(distance_um, speed_um_s: float, accel_um_s2: float):
+    """Time to travel `distance_um` from rest to rest with limited speed and acceleration; an array of
+    distances gives an array of times (scan time models sum thousands of moves)."""
+    distance = np.abs(np.asarray(distance_um, dtype=float))
     ramp_distance = speed_um_s ** 2 / accel_um_s2
-    if distance_um <= ramp_distance:
-        return 2.0 * math.sqrt(distance_um / accel_um_s2)
-    return distance_um / speed_um_s + speed_um_s / accel_um_s2
+    duration = np.where(distance <= ramp_distance, 2.0 * np.sqrt(distance / accel_um_s2),
+                        distance / speed_um_s + speed_um_s / accel_um_s2)
+    return float(duration) if duration.ndim == 0 else duration
 
 
 def trapezoid_fraction(t_s: float, distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:
