@@ -194,6 +194,16 @@ def _read_manifest_document(manifest_path: Path) -> dict:
         raise ManifestError(f"cannot read manifest {manifest_path}: {exc}") from exc
 
 
+def ended_scan_status(manifest_path: str | Path) -> str | None:
+    """How a scan ended ("complete", "failed", "canceled"), as its manifest records; None while it runs
+    ("running") or before its first manifest is written (overview, planning, focus map)."""
+    manifest_path = Path(manifest_path)
+    if not manifest_path.is_file():
+        return None
+    status = _read_manifest_document(manifest_path).get("status", "running")
+    return None if status == "running" else status
+
+
 def read_slide_images(manifest_path: str | Path) -> dict[str, SlideImageEntry]:
     """The whole-slide images a scan manifest lists, by key ("overview", "label"; absent or null: not
     taken). Each is {"image": path relative to the manifest, "pixel_size_um", ...}; the tiles need not

@@ -3,7 +3,11 @@
 Inputs: `scan/plan` (starts a mosaic), `tiles`, `scan/status` (a finished, cancelled or failed scan
 finalises its mosaic from what was captured). Output: `mosaic/status` (latched) with the mosaic and
 report paths. Registration runs in a worker thread so callbacks never block on it; bad tiles are
-reported and skipped.
+reported and skipped. The plan is latched, so a stitching node (re)started after a scan ended still
+receives it: stitching live scans into their own folders, a plan whose manifest records the end of its
+scan opens no session, as no tile and no end of that scan will come (it is re-stitched from its manifest
+with `python -m wsi_stitching.cli`). With `mosaic_dir` the node re-stitches replayed scans, which have
+all ended, beside the originals.
 """
 from pathlib import Path
 
@@ -18,16 +22,17 @@ from wsi_common.paths import OutsideRootError, resolve_under
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
 from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
-from wsi_stitching.errors import StitchingError
+from wsi_stitching.errors import ManifestError, StitchingError
 from wsi_stitching.inline import InlineStitch
-from wsi_stitching.layout import PlannedScan, iso_utc
+from wsi_stitching.layout import PlannedScan, ended_scan_status, iso_utc
 from wsi_stitching.stitcher import StitchParameters
 
 PARAMETERS = {
     "output_root": ("out", "mosaics are written into the scan's directory, which must lie under this root"),
     "mosaic_name": ("mosaic.zarr", "name of the mosaic inside the scan directory"),
     "mosaic_dir": ("", "write mosaics to <mosaic_dir>/<scan_id>/ instead of the scan's own directory "
-                       "(re-stitching a replayed bag beside the original); must lie under output_root"),
+                       "(re-stitching a replayed bag beside the original: plans of scans that have ended are "
+                       "then stitched too); must lie under output_root"),
     "blending": ("feather", "overlap blending: feather, none or sharpness"),
     "flat_field": ("estimate", "vignetting correction: 'estimate' from the tiles, or 'none'"),
     "stage_repeatability_um": (StitchParameters.stage_repeatability_um,
@@ -82,7 +87,20 @@ class StitchingNode(Node):
             self.get_logger().error(f"stitching failed on a {kind!r} message: {error!r}")
 
     def _start(self, plan: ScanPlan) -> None:
-        if self._plan is not None and self._plan.scan_id == plan.scan_id:
+        # The same plan again (a latched message can arrive twice) changes nothing; the same scan_id with
+        # another manifest is another scan (in another output directory).
+        if self._plan is not None and (self._plan.scan_id, self._plan.manifest_uri) == (plan.scan_id,
+                                                                                       plan.manifest_uri):
+            return
+        live = not self.params["mosaic_dir"]     # with mosaic_dir: re-stitching replayed scans, all ended
+        try:
+            ended = ended_scan_status(plan.manifest_uri) if live and plan.manifest_uri else None
+        except ManifestError as error:
+            self.get_logger().warning(f"not stitching scan {plan.scan_id}: {error}")
+            return
+        if ended is not None:
+            self.get_logger().info(f"not stitching scan {plan.scan_id}: it has ended ({ended}, says "
+                                   f"{plan.manifest_uri}) before this node took its plan")
             return
         try:
             scan_dir = resolve_under(self.params["output_root"], plan.output_dir)
