@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import SHARPNESS_METRICS, brenner, refine_peak, tissue_fraction, trusts_estimate
+from wsi_acquisition.focus import (SHARPNESS_METRICS, brenner, focus_action, probe_step_um, refine_peak, side_from_probe,
+                                   tissue_fraction, trusts_estimate)
+from wsi_acquisition.scan import FocusReply
 from wsi_acquisition.microscope import VirtualMicroscope
 
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
@@ -41,3 +43,25 @@ def test_a_scan_trusts_an_estimate_only_when_its_sigma_is_below_half_the_depth_o
     assert not trusts_estimate(1.6, depth_of_field_um=3.0)
     # A depth of field thinner than 2 µm (high NA) still lets estimates with sigma under 1 µm through.
     assert trusts_estimate(0.8, depth_of_field_um=0.6) and not trusts_estimate(1.2, depth_of_field_um=0.6)
+
+
+def test_a_tile_surely_out_of_focus_with_its_side_in_doubt_is_probed_one_distance_higher():
+    dof = 1.4
+    assert focus_action(0.0, 6.0, 6.0, 2.0, dof) == "probe"        # 6 µm away, 2 µm sure, side a coin toss
+    assert focus_action(0.0, 6.0, 2.0, 2.0, dof) == "keep"         # might be in focus: leave it
+    assert focus_action(-6.0, 0.3, 6.0, 0.3, dof) == "correct"     # side known too: move at once
+    assert probe_step_um(dof, 6.0) == 6.0                          # below focus the probe lands in focus
+    assert probe_step_um(dof, 0.5) == pytest.approx(2 * dof)       # near focus: far enough to tell the sides
+
+
+def test_the_side_comes_from_the_probe_estimate_else_from_which_image_is_sharper():
+    unsure = FocusReply(0.0, 6.0, 6.0, 1.0, 0.5)
+    # 6 µm higher the probe reads 12 µm: the stage was above focus; reading ~0 µm: below.
+    assert side_from_probe(unsure, FocusReply(12.0, 1.0), 6.0, 1.0, 1.0)[0] is True
+    assert side_from_probe(unsure, FocusReply(0.3, 1.0), 6.0, 1.0, 1.0)[0] is False
+    # No estimate of the probe (or an undecided one): sharpness decides, and only a measurable difference.
+    assert side_from_probe(unsure, None, 6.0, sharpness=1.0, probe_sharpness=1.5) == (False, None)
+    assert side_from_probe(unsure, None, 6.0, sharpness=1.5, probe_sharpness=1.0) == (True, None)
+    assert side_from_probe(unsure, None, 6.0, sharpness=1.0, probe_sharpness=1.005) == (None, None)
+    undecided, posterior = side_from_probe(FocusReply(0.0, 6.0, 6.0, 8.0, 0.5), FocusReply(9.0, 8.0), 6.0, 1.0, 1.0)
+    assert undecided is None and 0.05 < posterior < 0.95

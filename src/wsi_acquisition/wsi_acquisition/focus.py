@@ -111,20 +111,23 @@ def focus_action(defocus_um: float, uncertainty_um: float, distance_um: float, d
                  depth_of_field_um: float) -> str:
     """What a scan does with a single-shot estimate of a tile taken at the focus map's z:
     "correct" (re-capture at z - defocus) when the signed estimate is trusted and out of focus;
-    "probe" when the distance is trusted and out of focus but the side is not (a second exposure at a
-    known z step tells the side, `side_after_probe`); "keep" otherwise."""
+    "probe" when the tile is out of focus by more than one sigma of the distance but the side is not
+    trusted (a second exposure one `probe_step_um` higher tells the side, `side_after_probe`); "keep"
+    otherwise. Blur tells the distance on microscopes the model never saw far better than the side, so
+    the probe, not the single shot, decides most moves there; a move is kept only if sharper."""
     half = depth_of_field_um / 2
     if trusts_estimate(uncertainty_um, depth_of_field_um):
         return "correct" if abs(defocus_um) > half else "keep"
-    if trusts_estimate(distance_uncertainty_um, depth_of_field_um) and distance_um > half:
+    if distance_um - distance_uncertainty_um > half:
         return "probe"
     return "keep"
 
 
-def probe_step_um(depth_of_field_um: float) -> float:
-    """z step of the side probe (upwards): two depths of field, at least 2 µm, so that the distances
-    measured above focus (d + step) and below it (|step - d|) differ by at least 2 min(d, step)."""
-    return max(2.0 * depth_of_field_um, 2.0)
+def probe_step_um(depth_of_field_um: float, distance_um: float) -> float:
+    """z step of the side probe (upwards): the estimated distance from focus, so that below focus the
+    probe lands near focus and above it twice as far (the two hypotheses differ by 2 d); at least two
+    depths of field and 2 µm, so that near focus they still differ clearly."""
+    return max(distance_um, 2.0 * depth_of_field_um, 2.0)
 
 
 def side_after_probe(distance_um: float, distance_uncertainty_um: float, above_focus_probability: float,
@@ -155,3 +158,22 @@ def side_decision(above_focus_probability: float) -> bool | None:
 def keeps_correction(sharpness: float, focus_map_sharpness: float) -> bool:
     """Whether a corrected capture replaces the focus map's: only when measurably sharper."""
     return sharpness / max(focus_map_sharpness, 1e-12) - 1.0 >= MIN_SHARPNESS_GAIN
+
+
+def side_from_probe(first, probe, step_um: float, sharpness: float, probe_sharpness: float) -> tuple[bool | None, float | None]:
+    """Whether the first image was above focus, from a second image `step_um` higher: by the two images'
+    distance estimates (`side_after_probe`; `first` and `probe` carry distance_um,
+    distance_uncertainty_um and above_focus_probability; `probe` None when it has no estimate) when they
+    settle it, else by which image is measurably sharper (moving up sharpened it: the stage was below
+    focus), else None. Returns (above, the estimates' posterior or None)."""
+    posterior = None
+    if probe is not None:
+        posterior = side_after_probe(first.distance_um, first.distance_uncertainty_um, first.above_focus_probability,
+                                     step_um, probe.distance_um, probe.distance_uncertainty_um)
+        if side_decision(posterior) is not None:
+            return side_decision(posterior), posterior
+    if keeps_correction(probe_sharpness, sharpness):
+        return False, posterior
+    if keeps_correction(sharpness, probe_sharpness):
+        return True, posterior
+    return None, posterior
