@@ -25,7 +25,7 @@ from wsi_acquisition.focus import (brenner, focus_action, keeps_correction, prob
                                    side_from_probe)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
-                                      detect_tissue, plan_tiles)
+                                      default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
 
@@ -278,10 +278,11 @@ class ScanRunner:
         roi = self._centre_roi()
         dof = self.backend.depth_of_field_um()
         z_min, z_max = self.backend.stage.limits.bounds("z")
-        coarse_step = max(2.0, 2 * dof)
+        sweeps = focus_sweeps(dof)
+        coarse_step = sweeps[0][1]
         best = z_guess_um
         images, z_values = [], []
-        for half_range, step in ((30.0, coarse_step), (1.5 * coarse_step, max(0.25, dof / 3))):
+        for half_range, step in sweeps:
             offsets = np.arange(-half_range, half_range + 1e-9, step)
             zs = np.clip(best + offsets, z_min, z_max)
             sweep = []
@@ -311,7 +312,7 @@ class ScanRunner:
         if self.request.focus_strategy == FocusStrategy.NONE:
             return None
         self._report(State.FOCUS_MAP)
-        count = self.request.focus_points or int(np.clip(len(plan.tiles) // 9, 5, 25))
+        count = self.request.focus_points or default_focus_point_count(len(plan.tiles))
         candidates = choose_focus_points(plan, 3 * count)
         z_guess = float(np.mean(self.backend.stage.limits.bounds("z")))
         points, measured = [], []
