@@ -128,6 +128,22 @@ def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_
     assert estimators.for_optics(0.0, 0.0, 0.0) is estimators.base              # optics unknown: base model
 
 
+def test_a_calibration_that_does_not_help_the_held_back_stacks_is_refused(tmp_path, monkeypatch):
+    import wsi_autofocus.calibration as calibration
+
+    def scrambled_fit(model, features, labels, steps, seed):
+        head = calibration.copy.deepcopy(model.head)
+        with torch.no_grad():
+            head[-1].weight[0].mul_(-3.0)                     # distance read backwards: worse on every stack
+        return head.eval()
+
+    monkeypatch.setattr(calibration, "_fit_head", scrambled_fit)
+    stacks = [_virtual_stack(seed, np.arange(-6.0, 6.1, 1.5))[0] for seed in (100, 101, 102)]
+    with pytest.raises(CalibrationError, match="no better.*the model in use is kept"):
+        calibrate(stacks, tmp_path / "calibrated")
+    assert not (tmp_path / "calibrated").exists()
+
+
 def test_store_names_refuse_paths():
     with pytest.raises(CalibrationError, match="scanner name"):
         CalibrationStore("/tmp/x", "../elsewhere")

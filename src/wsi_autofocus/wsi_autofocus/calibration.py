@@ -169,7 +169,8 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     """Fine-tune the base model's head on `stacks` and write a calibrated model directory to `output_dir`.
 
     A third of the stacks (at least one) is held back while the uncertainty's temperatures are fitted
-    and the before/after errors measured; the head is then refitted on every stack."""
+    and the before/after errors measured; the head is then refitted on every stack. A fit that does not
+    improve the held-back stacks raises `CalibrationError` and writes nothing."""
     started = time.monotonic()
     _check(stacks)
     stacks, skipped = _with_focus(stacks, log)
@@ -189,6 +190,9 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     before = _signed_mae(_outputs(model, model.head, features[held_back]), labels[held_back])
     after = _signed_mae(held_out_output, labels[held_back])
     log(f"held-back stacks: MAE {before:.3f} µm before, {after:.3f} µm after; {temperatures}")
+    if after >= before:
+        raise CalibrationError(f"calibration made the held-back stacks no better (MAE {before:.3f} µm before, "
+                               f"{after:.3f} µm after): the model in use is kept; take more or sharper sweeps")
     model.head = _fit_head(model, features, labels, steps, seed)
     output_dir = Path(output_dir)
     staging = output_dir.with_name(f".{output_dir.name}.calibrating")
