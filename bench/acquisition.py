@@ -1,37 +1,52 @@
-"""Benchmark: simulated scan throughput, and projected scan times for a 15x15 mm area.
+"""Benchmark: simulated scan throughput, the renderer against an earlier one, and the projected time
+of a 15x15 mm scan at 20x and 40x by the stage and camera timing model.
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/acquisition.py [--region-mm 2] [--objective 20]
-        [--speedup 1] [--sensor-px 1024] [--focus none|map]
+        [--speedup 1] [--sensor-px 1024] [--focus none|map] [--reference-commit 80468c4]
 
-Runs a ScanRunner scan over a tissue region of the virtual slide (stage moves take their physical
-time at --speedup 1) and measures tiles/s and the simulator's render time per tile. Then projects a
-15x15 mm scan at 20x and 40x from the tile plan (10 % overlap) in two separate parts:
-  physical: stage move + settle (trapezoid model) + exposure per tile -- what a scanner with this
-            stage and camera would need (camera readout and data transfer not included);
-  simulation: physical + the measured render time per tile -- what the simulator needs, because it
-            renders each tile serially after the move; render cost is not a property of a real scanner.
-Prints a table and writes bench/results/acquisition.json.
+1. Runs a ScanRunner scan over a tissue region of the virtual slide (stage moves take their physical
+   time at --speedup 1) and measures tiles/s and the simulator's render time per tile.
+2. Renders full tiles alternately with this renderer and with the renderer of --reference-commit (its
+   microscope, optics and specimen modules read from git; "none" skips this), CPU time per tile.
+3. Projects a 15x15 mm scan (10 % overlap) with `wsi_acquisition.scan_timing`, every term shown:
+   stop-and-go as the scan runs now (the scan's focus points and z-sweeps; its tile terms are the
+   earlier 253 s projection at 20x), and the faster of stop-and-go and continuous strobed passes with
+   focus points set by tissue and field curvature, beside the NanoZoomer S360 (15x15 mm at 20x in
+   156 s, measured) and the Aperio GT450 (15x15 mm at 40x in 32 s, claimed). Physical time only:
+   camera transfer, processing and the simulator's rendering are not in it.
+Prints tables and writes bench/results/acquisition.json.
 """
 import argparse
+import importlib
 import json
 import math
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from wsi_acquisition.hardware import SimulatedMicroscope
-from wsi_acquisition.optics import Camera
-from wsi_acquisition.planning import plan_tiles
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, depth_of_field_um
+from wsi_acquisition.planning import choose_focus_points, default_focus_point_count, focus_sweeps, plan_tiles
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
+from wsi_acquisition.scan_timing import CameraTiming, fastest, planned_focus_points, scan_time
 from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TISSUE_CENTRE_UM = (41_500.0, 12_500.0)       # inside the tissue section of the default slide
 PROJECTED_AREA_MM = 15.0
 OVERLAP = 0.1
+REPOSITORY = Path(__file__).resolve().parent.parent
+# The renderer before it was made faster (issue 20): the bench renders with it and with this one.
+REFERENCE_COMMIT = "80468c4"
+# 15x15 mm scan times to beat (issue 20).
+ANCHORS = {20.0: ("Hamamatsu NanoZoomer S360", 156.0, "measured"), 40.0: ("Leica Aperio GT450", 32.0, "claimed")}
 
 
 class RenderTimer:
@@ -62,38 +77,88 @@ def plan_move_times_s(plan, dynamics: StageDynamics) -> list[float]:
     return times
 
 
-def render_probe_s(sensor_px: int, magnification: float, snaps: int) -> list[float]:
-    """Render time of full tiles at another objective, for the simulation-cost projection."""
-    sim = SimulatedMicroscope.create(speedup=1e6, objective_magnification=magnification,
-                                     camera=Camera(width_px=sensor_px, height_px=sensor_px))
-    times = []
-    for index in range(snaps):
-        sim.stage.start_move(TISSUE_CENTRE_UM[0] + 400.0 * index, TISSUE_CENTRE_UM[1], 0.0)
-        while sim.stage.is_moving():
-            time.sleep(0.0005)
-        started = time.perf_counter()
-        sim.snap(8.0)
-        times.append(time.perf_counter() - started)
-    return times
+def reference_renderer(commit: str):
+    """The microscope and optics modules of the renderer at `commit`, read from git into a temporary
+    package (nothing of it stays in the source tree)."""
+    package = Path(tempfile.mkdtemp(prefix="wsi_reference_")) / "wsi_reference_renderer"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("microscope", "optics", "specimen"):
+        path = f"{commit}:src/wsi_acquisition/wsi_acquisition/{name}.py"
+        (package / f"{name}.py").write_text(subprocess.run(["git", "-C", str(REPOSITORY), "show", path],
+                                                           capture_output=True, text=True, check=True).stdout)
+    sys.path.insert(0, str(package.parent))
+    return (importlib.import_module("wsi_reference_renderer.microscope"),
+            importlib.import_module("wsi_reference_renderer.optics"))
 
 
-def project(sensor_px: int, magnification: float, exposure_ms: float, render_s: list[float]) -> dict:
-    sim = SimulatedMicroscope.create(speedup=1e6, objective_magnification=magnification,
-                                     camera=Camera(width_px=sensor_px, height_px=sensor_px))
-    fov_w, fov_h = sim.field_of_view_um()
+def compare_renderers(commit: str, sensor_px: int, tiles: int) -> list[dict]:
+    """CPU and wall ms per full tile, this renderer and the one at `commit`, rendering the same tiles in
+    turn (which goes first alternates) so that both see the same machine load; the first tile of each
+    (tables being built) is not counted."""
+    reference_microscope, reference_optics = reference_renderer(commit)
+    rows = []
+    for magnification in (20.0, 40.0):
+        scopes = {"reference": reference_microscope.VirtualMicroscope(
+                      seed=0, camera=reference_optics.Camera(width_px=sensor_px, height_px=sensor_px)),
+                  "current": VirtualMicroscope(seed=0, camera=Camera(width_px=sensor_px, height_px=sensor_px))}
+        step = scopes["current"].field_of_view_um(magnification)[0] * 0.9
+        cpu = {name: [] for name in scopes}
+        wall = {name: [] for name in scopes}
+        for index in range(tiles + 1):
+            x, y = TISSUE_CENTRE_UM[0] - 1_000.0 + index * step, TISSUE_CENTRE_UM[1]
+            for name in (list(scopes) if index % 2 else list(scopes)[::-1]):
+                scope = scopes[name]
+                started_wall, started_cpu = time.perf_counter(), time.process_time()
+                scope.capture(x, y, scope.focal_z_um(x, y) + 0.3, magnification)
+                if index:
+                    cpu[name].append(time.process_time() - started_cpu)
+                    wall[name].append(time.perf_counter() - started_wall)
+        row = {"objective_magnification": magnification, "tiles": tiles, "reference_commit": commit}
+        for name in scopes:
+            row[f"{name}_cpu_ms_median"] = 1000 * float(np.median(cpu[name]))
+            row[f"{name}_wall_ms_median"] = 1000 * float(np.median(wall[name]))
+        row["speedup_cpu"] = row["reference_cpu_ms_median"] / row["current_cpu_ms_median"]
+        rows.append(row)
+    return rows
+
+
+def project(magnification: float, sensor_px: int, camera_timing: CameraTiming, recapture_fraction: float,
+            z_at) -> dict:
+    """The 15x15 mm scan as the scan runs now (stop-and-go, its focus points and z-sweeps) and by the
+    faster of stop-and-go and continuous passes with focus points set by tissue and field curvature."""
+    objective = STANDARD_OBJECTIVES[magnification]
+    camera = Camera(width_px=sensor_px, height_px=sensor_px)
+    p = camera.specimen_pixel_size_um(objective)
     side = PROJECTED_AREA_MM * 1000.0
-    limits = sim.stage.limits
-    plan = plan_tiles(TISSUE_CENTRE_UM[0] - side / 2, TISSUE_CENTRE_UM[1] - side / 2, side, side, fov_w, fov_h,
-                      OVERLAP, (limits.x_min_um, limits.y_min_um, limits.x_max_um, limits.y_max_um))
-    moves = plan_move_times_s(plan, sim.stage.dynamics)
-    tiles = len(plan.tiles)
-    physical_s = sum(moves) + tiles * exposure_ms / 1000.0
-    render_median = float(np.median(render_s))
-    return {"objective_magnification": magnification, "tiles": tiles, "rows": plan.rows, "cols": plan.cols,
-            "fov_um": [fov_w, fov_h], "move_settle_s_median": float(np.median(moves)),
-            "physical_s": physical_s, "physical_tiles_per_s": tiles / physical_s,
-            "render_s_median": render_median, "render_probe_snaps": len(render_s),
-            "simulation_s": physical_s + tiles * render_median}
+    plan = plan_tiles(TISSUE_CENTRE_UM[0] - side / 2, TISSUE_CENTRE_UM[1] - side / 2, side, side,
+                      camera.width_px * p, camera.height_px * p, OVERLAP)
+    sweeps = focus_sweeps(depth_of_field_um(objective, camera.pixel_size_um))
+    dynamics = StageDynamics()
+
+    def timed(strategy, points):
+        return scan_time(plan, strategy, objective, camera.pixel_size_um, dynamics, camera_timing, z_at, points,
+                         sweeps, recapture_fraction)
+
+    now = timed("stop-and-go", choose_focus_points(plan, default_focus_point_count(len(plan.tiles))))
+    points = planned_focus_points(plan, objective, camera.pixel_size_um)
+    best = fastest([timed(strategy, points) for strategy in ("stop-and-go", "continuous")])
+    return {"objective_magnification": magnification, "rows": plan.rows, "cols": plan.cols,
+            "now": asdict(now) | {"total_s": now.total_s}, "best": asdict(best) | {"total_s": best.total_s},
+            "verdict": verdict(magnification, best, camera_timing)}
+
+
+def verdict(magnification: float, best, camera_timing: CameraTiming) -> str:
+    """The projection against its anchor and, where it is slower, what limits it."""
+    name, anchor_s, kind = ANCHORS[magnification]
+    line = f"{magnification:g}x: {best.total_s:.0f} s against {anchor_s:g} s of the {name} ({kind})"
+    if best.total_s < anchor_s:
+        return line + ": faster"
+    if best.speed_limit == "camera frame rate":
+        return (line + f": the camera limits it, {best.tiles} frames at {camera_timing.frame_rate_hz:g} "
+                f"frames/s alone take {best.tiles / camera_timing.frame_rate_hz:.0f} s (a line-scan sensor, "
+                f"or a larger or faster area sensor, takes the same area in fewer frame times)")
+    return line + f": limited by {best.speed_limit or 'stopping at every tile'}"
 
 
 def run(args) -> dict:
@@ -122,20 +187,21 @@ def run(args) -> dict:
             "render_ms_p95": 1000 * float(np.percentile(render, 95)),
             "stage_model_ms_median": 1000 * float(np.median(moves)) if moves else 0.0,
             "stage_model_wall_ms_median": 1000 * float(np.median(moves)) / args.speedup if moves else 0.0}
-    projections = []
-    for magnification in (20.0, 40.0):
-        render_s = list(render) if magnification == args.objective else \
-            render_probe_s(args.sensor_px, magnification, args.probe_snaps)
-        projections.append(project(args.sensor_px, magnification, args.exposure_ms, render_s))
+    renderers = [] if args.reference_commit == "none" else \
+        compare_renderers(args.reference_commit, args.sensor_px, args.reference_tiles)
+    camera_timing = CameraTiming(args.exposure_ms, args.frame_rate_hz, args.strobe_pulse_us)
+    projections = [project(m, args.sensor_px, camera_timing, args.recapture_fraction, sim.microscope.focal_z_um)
+                   for m in (20.0, 40.0)]
     return {"config": {"objective_magnification": args.objective, "region_mm": args.region_mm,
                        "sensor_px": args.sensor_px, "speedup": args.speedup, "focus": args.focus,
                        "exposure_ms": args.exposure_ms, "overlap_fraction": OVERLAP,
+                       "camera_timing": asdict(camera_timing), "recapture_fraction": args.recapture_fraction,
                        "stage_dynamics": vars(StageDynamics()), "machine": platform.machine(),
                        "processor": platform.processor()},
-            "scan": scan, "projection_15mm": projections}
+            "scan": scan, "renderers": renderers, "projection_15mm": projections}
 
 
-def print_table(result: dict) -> None:
+def print_tables(result: dict) -> None:
     scan, config = result["scan"], result["config"]
     print(f"simulated scan: {config['region_mm']:g}x{config['region_mm']:g} mm at "
           f"{config['objective_magnification']:g}x, {config['sensor_px']} px sensor, speedup {config['speedup']:g}, focus {config['focus']}")
@@ -143,14 +209,38 @@ def print_table(result: dict) -> None:
           f"tiles/s {scan['tiles_per_s']:.2f}  wall/tile {1000 * scan['wall_s_per_tile']:.0f} ms")
     print(f"  render/tile median {scan['render_ms_median']:.0f} ms  p95 {scan['render_ms_p95']:.0f} ms  "
           f"stage model/tile {scan['stage_model_ms_median']:.0f} ms (wall {scan['stage_model_wall_ms_median']:.0f} ms)")
-    print(f"\nprojected {PROJECTED_AREA_MM:g}x{PROJECTED_AREA_MM:g} mm, {OVERLAP:.0%} overlap, exposure "
-          f"{config['exposure_ms']:g} ms (physical = stage move+settle+exposure; simulation = physical + render)")
-    print(f"{'objective':>9} {'tiles':>7} {'move+settle ms':>15} {'physical s':>11} {'tiles/s':>8} "
-          f"{'render ms':>10} {'simulation s':>13}")
+    if result["renderers"]:
+        first = result["renderers"][0]
+        print(f"\nrenderer, ms per {config['sensor_px']} px tile (median of {first['tiles']}, the same tiles in turn): "
+              f"this one against {first['reference_commit']}")
+        print(f"{'objective':>9} {'CPU ' + first['reference_commit']:>12} {'CPU now':>8} {'speed-up':>9} "
+              f"{'wall ' + first['reference_commit']:>13} {'wall now':>9}")
+        for row in result["renderers"]:
+            print(f"{row['objective_magnification']:>8g}x {row['reference_cpu_ms_median']:>12.0f} "
+                  f"{row['current_cpu_ms_median']:>8.0f} {row['speedup_cpu']:>8.2f}x "
+                  f"{row['reference_wall_ms_median']:>13.0f} {row['current_wall_ms_median']:>9.0f}")
+    timing = config["camera_timing"]
+    print(f"\nprojected {PROJECTED_AREA_MM:g}x{PROJECTED_AREA_MM:g} mm, {OVERLAP:.0%} overlap, {config['sensor_px']} px "
+          f"sensor: exposure {timing['exposure_ms']:g} ms or a {timing['strobe_pulse_us']:g} us flash, "
+          f"{timing['frame_rate_hz']:g} frames/s, {config['recapture_fraction']:.0%} of tiles re-captured; "
+          f"physical time only")
+    columns = [(f"{p['objective_magnification']:g}x {label}", p[key]) for p in result["projection_15mm"]
+               for label, key in (("now", "now"), ("fastest", "best"))]
+    rows = [("strategy", lambda t: t["strategy"]), ("tiles", lambda t: f"{t['tiles']}"),
+            ("moves s", lambda t: f"{t['moves_s']:.1f}"), ("settles s", lambda t: f"{t['settles_s']:.1f}"),
+            ("exposures s", lambda t: f"{t['exposures_s']:.1f}"),
+            ("  tiles: moves+settles+exposures s", lambda t: f"{t['moves_s'] + t['settles_s'] + t['exposures_s']:.1f}"),
+            ("focus map s", lambda t: f"{t['focus_map_s']:.1f}"), ("  focus points", lambda t: f"{t['focus_points']}"),
+            ("re-captures s", lambda t: f"{t['recaptures_s']:.1f}"), ("  re-captured tiles", lambda t: f"{t['recaptures']}"),
+            ("total s", lambda t: f"{t['total_s']:.1f}"),
+            ("pass speed mm/s", lambda t: f"{t['pass_speed_um_s'] / 1000:.1f}" if t["pass_speed_um_s"] else "-"),
+            ("  motion blur px", lambda t: f"{t['motion_blur_px']:.2f}" if t["pass_speed_um_s"] else "-"),
+            ("  set by", lambda t: t["speed_limit"] or "-")]
+    print(f"{'':<36}" + "".join(f"{name:>19}" for name, _ in columns))
+    for label, cell in rows:
+        print(f"{label:<36}" + "".join(f"{cell(t):>19}" for _, t in columns))
     for p in result["projection_15mm"]:
-        print(f"{p['objective_magnification']:>8g}x {p['tiles']:>7d} {1000 * p['move_settle_s_median']:>15.1f} "
-              f"{p['physical_s']:>11.1f} {p['physical_tiles_per_s']:>8.2f} {1000 * p['render_s_median']:>10.0f} "
-              f"{p['simulation_s']:>13.1f}")
+        print(p["verdict"])
 
 
 def main() -> int:
@@ -161,11 +251,17 @@ def main() -> int:
     parser.add_argument("--sensor-px", type=int, default=1024, help="square sensor edge, px")
     parser.add_argument("--focus", choices=("none", "map"), default="none", help="focus strategy of the scan")
     parser.add_argument("--exposure-ms", type=float, default=8.0)
-    parser.add_argument("--probe-snaps", type=int, default=8, help="renders timed at the other objective")
+    parser.add_argument("--reference-commit", default=REFERENCE_COMMIT,
+                        help="renderer to compare with ('none': no comparison)")
+    parser.add_argument("--reference-tiles", type=int, default=8, help="tiles per renderer and objective")
+    parser.add_argument("--frame-rate-hz", type=float, default=CameraTiming.frame_rate_hz)
+    parser.add_argument("--strobe-pulse-us", type=float, default=CameraTiming.strobe_pulse_us)
+    parser.add_argument("--recapture-fraction", type=float, default=0.02,
+                        help="tiles the inline autofocus takes again (make scan: 1 of 81)")
     parser.add_argument("--output", type=Path, default=RESULTS / "acquisition.json")
     args = parser.parse_args()
     result = run(args)
-    print_table(result)
+    print_tables(result)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.output}")
