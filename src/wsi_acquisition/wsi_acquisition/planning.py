@@ -292,6 +292,10 @@ def choose_focus_points(plan: TilePlan, count: int) -> list[PlannedTile]:
     return [plan.tiles[i] for i in chosen]
 
 
+# A focus map fits a quadratic trend from this many points on (a plane from 3).
+QUADRATIC_TREND_MIN_POINTS = 10
+
+
 class FocusMap:
     """Smooth focal surface z(x, y) through measured focus points, robust to bad measurements.
 
@@ -317,7 +321,7 @@ class FocusMap:
         self._scale = max(float(np.hypot(x - x.mean(), y - y.mean()).max()), 1.0)
         u, v = self._normalise(x, y)
         n = len(z)
-        self.degree = min(max_degree, 2 if n >= 10 else 1 if n >= 3 else 0)
+        self.degree = min(max_degree, 2 if n >= QUADRATIC_TREND_MIN_POINTS else 1 if n >= 3 else 0)
         design = _poly_design(u, v, self.degree)
         weights = np.ones(n)
         coefficients = np.zeros(design.shape[1])

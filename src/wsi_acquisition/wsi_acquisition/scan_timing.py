@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .optics import Objective, depth_of_field_um
-from .planning import PlannedTile, TilePlan, choose_focus_points
+from .planning import QUADRATIC_TREND_MIN_POINTS, PlannedTile, TilePlan, choose_focus_points
 from .stage import StageDynamics, trapezoid_duration_s
 
 STRATEGIES = ("stop-and-go", "continuous")
@@ -39,8 +39,6 @@ MAX_MOTION_BLUR_PX = 0.5
 # smooth, so the error grows with the square of the spacing.
 _MAP_REFERENCE_SPACING_UM = 2_500.0
 _MAP_REFERENCE_ERROR_UM = 0.35
-# The focus map's quadratic trend needs this many points (`planning.FocusMap`).
-_MIN_FOCUS_POINTS = 10
 
 
 class TimingError(ValueError):
@@ -138,7 +136,7 @@ def focus_point_count(plan: TilePlan, objective: Objective, camera_pixel_um: flo
                           "of field for the focus map")
     spacing = _MAP_REFERENCE_SPACING_UM * math.sqrt(budget / _MAP_REFERENCE_ERROR_UM)
     tissue_area_um2 = len(plan.tiles) * plan.step_x_um * plan.step_y_um
-    return max(_MIN_FOCUS_POINTS, math.ceil(tissue_area_um2 / spacing ** 2))
+    return max(QUADRATIC_TREND_MIN_POINTS, math.ceil(tissue_area_um2 / spacing ** 2))
 
 
 def planned_focus_points(plan: TilePlan, objective: Objective, camera_pixel_um: float) -> list[PlannedTile]:
