@@ -74,7 +74,7 @@ def test_cancel_ends_the_wait_for_a_mosaic_that_will_not_come(tmp_path):
 def test_a_stitching_node_that_goes_away_fails_the_scan_at_once(tmp_path):
     graph = FakeGraph(states={"s1": MosaicState(finished=False)})
     graph.events[20.0] = lambda g: setattr(g, "running", False)
-    with pytest.raises(ScanError, match="the stitching node is gone") as raised:
+    with pytest.raises(ScanError, match="output formats need a stitching node, and none is running") as raised:
         wait_for_mosaic("s1", graph, never, TIMEOUTS, graph.clock)
     assert raised.value.code == ScanErrorCode.STITCHING and graph.now < 21.0
 

@@ -2,9 +2,9 @@
 
 ROS-free: the orchestrator node gives `finish_scan` a `Graph`, its view of the other nodes (what the
 stitching node has said about each scan, whether one is running, an export run to its end). Every wait
-polls `should_cancel`, so a cancelled goal ends promptly whatever it waits for; a stitching node that is
-gone, or that never took this scan, ends the scan with ERROR_STITCHING at once instead of after
-`stitch_s`.
+polls `should_cancel`, so a cancelled goal ends promptly whatever it waits for; no stitching node (none
+was running, or it went away), or one that never took this scan, ends the scan with ERROR_STITCHING at
+once instead of after `stitch_s`.
 """
 import time
 from dataclasses import dataclass, field
@@ -91,9 +91,10 @@ def wait_for_mosaic(scan_id: str, graph: Graph, should_cancel: Callable[[], bool
                                                     "manifest are kept")
         waited = clock() - started
         if not graph.stitcher_running():
-            raise ScanError(ScanErrorCode.STITCHING, f"the stitching node is gone (nothing publishes mosaic/status) "
-                                                     f"{waited:.0f} s after the last tile; the tiles are on disk, "
-                                                     "to be stitched again from the manifest")
+            raise ScanError(ScanErrorCode.STITCHING, f"output formats need a stitching node, and none is running "
+                                                     f"(nothing publishes mosaic/status) {waited:.0f} s after the "
+                                                     "last tile; the tiles are on disk, to be stitched from the "
+                                                     "manifest")
         latest = graph.latest_mosaic_state()
         if state is None and (latest is None or latest.finished) and waited > timeouts.stitch_start_s:
             raise ScanError(ScanErrorCode.STITCHING, f"the stitching node never took scan {scan_id}: it has said "
@@ -109,8 +110,6 @@ def produce_outputs(request: ScanRequest, manifest_path: Path, graph: Graph, sho
                     clock: Callable[[], float] = time.monotonic) -> None:
     """Wait for the stitching node's final mosaic, then export it in the request's formats, into `outputs`;
     ScanError when either fails or the goal is cancelled."""
-    if not graph.stitcher_running():
-        raise ScanError(ScanErrorCode.STITCHING, "output formats need a stitching node, and none is running")
     outputs.mosaic = mosaic = wait_for_mosaic(request.scan_id, graph, should_cancel, timeouts, clock)
     if not mosaic.success:
         raise ScanError(ScanErrorCode.STITCHING, mosaic.error)
