@@ -13,14 +13,21 @@ class QueueWorker:
     A batch whose `handle` raises is counted in `failures`, reported to `on_error(batch, error)`
     and kept in `last_error`, and the worker goes on with the next one: an unexpected exception
     must show on the node's diagnostics instead of silently stopping the thread.
+
+    `size_of(item)` (bytes; 0 without it) feeds `bytes_queued` and `peak_bytes_queued`, the memory the queue
+    holds now and at most, for the node's diagnostics. The queue itself is not bounded here: the producer
+    bounds it (wsi_common.backpressure), as a callback that blocked would only move the backlog into DDS.
     """
 
     _STOP = object()
 
-    def __init__(self, handle, max_batch: int = 1, on_error=None):
+    def __init__(self, handle, max_batch: int = 1, on_error=None, size_of=lambda item: 0):
         self._handle = handle
         self._max_batch = max_batch
         self._on_error = on_error
+        self._size_of = size_of
+        self._bytes_lock = threading.Lock()
+        self.bytes_queued = self.peak_bytes_queued = 0
         self.failures = 0
         self.last_error = ""
         self._items: queue.Queue = queue.Queue()
@@ -29,6 +36,9 @@ class QueueWorker:
         self._thread.start()
 
     def put(self, item) -> None:
+        with self._bytes_lock:
+            self.bytes_queued += self._size_of(item)
+            self.peak_bytes_queued = max(self.peak_bytes_queued, self.bytes_queued)
         self._items.put(item)
 
     def qsize(self) -> int:
@@ -41,6 +51,8 @@ class QueueWorker:
                 batch.append(self._items.get_nowait())
             if not self._running:       # stop() was called (and put _STOP to wake this thread)
                 return
+            with self._bytes_lock:
+                self.bytes_queued -= sum(map(self._size_of, batch))
             try:
                 self._handle(batch)
             except Exception as error:      # noqa: BLE001 - any handler bug must be reported, not kill the thread
