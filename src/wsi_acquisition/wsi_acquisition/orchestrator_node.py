@@ -1,10 +1,13 @@
 """Scan orchestrator node: the ScanSlide action server around the scan core.
 
 Publishes every tile on `tiles`, the plan on `scan/plan` (latched) and progress on `scan/status`;
-with inline autofocus it waits for the autofocus node's FocusEstimate of each tile. The goal's rules
-(scan_request) and what follows the tiles (scan_outputs) are ROS-free; this node adapts them. Every goal
-is accepted; one that cannot be run ends at once, aborted with ERROR_INVALID_GOAL or ERROR_BUSY and the
-reason in error_message, so that the caller learns why.
+with inline autofocus it waits for the autofocus node's FocusEstimate of each tile. Before each tile it
+waits, too, until the tile fits in the buffer of every node consuming tiles (`max_buffer_mb`; the stitching
+node's `mosaic/status` and the autofocus node's estimates say which tiles have left their buffers), so that
+a consumer that falls behind slows the scan instead of growing its memory (`wsi_common.backpressure`).
+The goal's rules (scan_request) and what follows the tiles (scan_outputs) are ROS-free; this node adapts
+them. Every goal is accepted; one that cannot be run ends at once, aborted with ERROR_INVALID_GOAL or
+ERROR_BUSY and the reason in error_message, so that the caller learns why.
 """
 import threading
 import time
@@ -19,6 +22,8 @@ from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanError
 from wsi_acquisition.scan_outputs import (POLL_S, ExportJob, ExportReply, MosaicState, OutputTimeouts,
                                           finish_scan)
 from wsi_acquisition.scan_request import DEFAULTS, ScannerSettings, ScanRequest
+from wsi_common.backpressure import MB, CreditWindow
+from wsi_common.diagnostics import OK, DiagnosticsPublisher
 from wsi_common.image import array_to_image
 from wsi_common.params import declare_parameters
 from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
@@ -42,6 +47,9 @@ PARAMETERS = {
                                "nothing about the scan before the scan fails as not stitched"),
     "export_timeout_s": (OutputTimeouts.export_s, "how long an export may take"),
     "qc_report": (True, "write the QC report (qc/index.html) beside the manifest after every scan"),
+    "max_buffer_mb": (256.0, "most MB of tiles published and not yet handled by any one consumer (stitching, "
+                             "autofocus); a tile that would exceed it waits, so the scan slows to the consumer's pace"),
+    "diagnostics_period_s": (2.0, "period of /diagnostics messages (tile buffer depth, bytes and stall time)"),
 }
 
 
@@ -60,6 +68,8 @@ class ScanOrchestratorNode(Node):
                                          self.params["exposure_ms"], self.params["gain"], self.params["save_tiles"])
         self._timeouts = OutputTimeouts(self.params["stitch_timeout_s"], self.params["stitch_start_timeout_s"],
                                         self.params["export_timeout_s"])
+        self._window = CreditWindow(round(self.params["max_buffer_mb"] * MB))
+        self._estimates_this_scan = 0      # the running scan's tiles the autofocus has handled (estimated)
         group = ReentrantCallbackGroup()
         self._tiles = self.create_publisher(Tile, "tiles", TILE_QOS)
         self._status = self.create_publisher(ScanStatus, "scan/status", EVENT_QOS)
@@ -76,6 +86,7 @@ class ScanOrchestratorNode(Node):
         self._calibrate = self.create_client(CalibrateAutofocus, "calibrate_autofocus", callback_group=group)
         self._server = ActionServer(self, ScanSlide, "scan_slide", execute_callback=self._execute,
                                     cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
+        DiagnosticsPublisher(self, "scan_orchestrator", self.params["diagnostics_period_s"], self._diagnostics)
 
     # -- goals ---------------------------------------------------------------------------------
     def _execute(self, goal_handle):
@@ -94,7 +105,8 @@ class ScanOrchestratorNode(Node):
                                 "the goal again when it is idle", started)
         should_cancel = lambda: goal_handle.is_cancel_requested  # noqa: E731 (one predicate for every wait)
         inline = self.params["inline_autofocus"] and request.focus_strategy == FocusStrategy.MAP_INLINE
-        runner = ScanRunner(self.backend, request, publish_tile=lambda r, f: self._publish_tile(request, r, f),
+        runner = ScanRunner(self.backend, request,
+                            publish_tile=lambda r, f: self._publish_tile(request, r, f, should_cancel),
                             estimate_focus=(lambda r, f: self._wait_for_estimate(request.scan_id, r)) if inline else None,
                             on_progress=lambda p: self._progress(goal_handle, request.scan_id, p),
                             should_cancel=should_cancel,
@@ -102,6 +114,9 @@ class ScanOrchestratorNode(Node):
                             estimate_image=self._estimate_untiled_image if inline else None,
                             calibrate_focus=lambda scan_dir: self._calibrate_autofocus(scan_dir, should_cancel))
         code, message = ScanErrorCode.NONE, ""
+        with self._estimate_arrived:
+            self._estimates_this_scan = 0
+        self._window.start_scan()
         self._running_scan = request.scan_id
         try:
             runner.run()
@@ -196,9 +211,28 @@ class ScanOrchestratorNode(Node):
         with self._mosaic_arrived:
             self._mosaics[msg.scan_id] = self._latest_mosaic = msg
             self._mosaic_arrived.notify_all()
+        # Outside the lock above: the window asks for the mosaic state while it holds its own lock.
+        if msg.scan_id == self._running_scan and not msg.finished:
+            self._window.acknowledge("stitching", msg.tiles_received)
+
+    def _tile_consumers(self) -> list[str]:
+        """The consumers whose buffers a tile must fit in: the autofocus while it runs (it estimates every
+        tile), the stitching node once it has said it stitches this scan and until it has finished it."""
+        consumers = ["autofocus"] if self.count_publishers("focus_estimates") else []
+        with self._mosaic_arrived:
+            state = self._mosaics.get(self._running_scan)
+        if state is not None and not state.finished and self.stitcher_running():
+            consumers.append("stitching")
+        return consumers
+
+    def _diagnostics(self):
+        window = self._window.stats(self._tile_consumers() if self._running_scan else [])
+        return OK, f"scanning {self._running_scan}" if self._running_scan else "idle", {
+            "buffer_limit_bytes": self._window.max_bytes, "buffer_tiles": window.tiles, "buffer_bytes": window.bytes,
+            "buffer_peak_bytes": window.peak_bytes, "stalls": window.stalls, "stall_s": f"{window.stall_s:.2f}"}
 
     # -- runner callbacks ----------------------------------------------------------------------
-    def _publish_tile(self, request: ScanRequest, record, frame) -> None:
+    def _publish_tile(self, request: ScanRequest, record, frame, should_cancel) -> None:
         msg = Tile(scan_id=request.scan_id, sequence=record.sequence, index=TileIndex(row=record.row, col=record.col),
                    is_recapture=record.is_recapture, pixel_size_um=frame.pixel_size_um,
                    objective_magnification=frame.objective_magnification,
@@ -212,6 +246,11 @@ class ScanOrchestratorNode(Node):
         msg.header.frame_id = "camera_optical_frame"
         array_to_image(frame.image_rgb8, "rgb8", msg.image)
         msg.image.header = msg.header
+        nbytes = len(msg.image.data)
+        if not self._window.wait_for_room(nbytes, self._tile_consumers, should_cancel, POLL_S):
+            raise ScanError(ScanErrorCode.CANCELED, f"canceled while tile #{record.sequence} waited for room in "
+                                                    "the consumers' buffers; the tiles captured are kept")
+        self._window.sent(nbytes)
         self._tiles.publish(msg)
 
     def _publish_plan(self, request: ScanRequest, plan, runner: ScanRunner) -> None:
@@ -248,6 +287,10 @@ class ScanOrchestratorNode(Node):
         with self._estimate_arrived:
             self._estimates[(msg.scan_id, msg.sequence)] = msg
             self._estimate_arrived.notify_all()
+            if msg.scan_id == self._running_scan:
+                self._estimates_this_scan += 1
+            handled = self._estimates_this_scan
+        self._window.acknowledge("autofocus", handled)
 
     def _wait_for_estimate(self, scan_id: str, record) -> FocusReply | None:
         """The autofocus node's estimate of a just-published tile; None if none runs or it is late."""

@@ -1,8 +1,10 @@
 """Autofocus node: FocusEstimate for every Tile, the EstimateFocus service, and CalibrateAutofocus.
 
 Tiles queue up while the model runs; the worker takes everything queued in one batch, so the node
-keeps pace with a fast scan instead of falling further behind. A tile or request whose image cannot
-be evaluated gets an invalid estimate / failed response with the reason, never a crash.
+keeps pace with a fast scan instead of falling further behind. Every tile gets one FocusEstimate, which
+also tells the orchestrator the tile has left this node's buffer (`wsi_common.backpressure`). A tile or
+request whose image cannot be evaluated gets an invalid estimate / failed response with the reason, never
+a crash.
 
 Each tile is estimated by this scanner's calibrated model for the tile's objective and camera pixel
 when one is stored under `calibration_root` (`wsi_autofocus.calibration.CalibrationStore`), by the base
@@ -51,7 +53,8 @@ class AutofocusNode(Node):
                                                    self.params["threads"])
         except (BackendUnavailableError, ValueError) as error:
             raise NodeConfigurationError(str(error)) from error
-        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"])
+        self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
+                                   size_of=lambda tile: len(tile.image.data))
         self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
         self.create_subscription(Tile, "tiles", self._worker.put, TILE_QOS)
         self._models_lock = threading.Lock()
@@ -158,7 +161,9 @@ class AutofocusNode(Node):
             level, message = worker_level(self._worker, "running")
             base = self.estimators.base
             return level, message, {"backend": base.backend.name, "model": base.model_id,
-                                   "queue_depth": self._worker.qsize(), "tiles_evaluated": self._evaluated,
+                                   "queue_depth": self._worker.qsize(), "queue_bytes": self._worker.bytes_queued,
+                                   "queue_peak_bytes": self._worker.peak_bytes_queued,
+                                   "tiles_evaluated": self._evaluated,
                                    "tiles_rejected": self._rejected,
                                    "inference_latency_ms": f"{self._last_latency_ms:.1f}"}
 

@@ -2,7 +2,9 @@
 
 Inputs: `scan/plan` (starts a mosaic), `tiles`, `scan/status` (a finished, cancelled or failed scan
 finalises its mosaic from what was captured). Output: `mosaic/status` (latched) with the mosaic and
-report paths. Registration runs in a worker thread so callbacks never block on it; bad tiles are
+report paths, published again after every tile: its `tiles_received` tells the orchestrator how many of the
+scan's tiles have left this node's buffer, so that a scan slows down to the pace of stitching
+(`wsi_common.backpressure`). Registration runs in a worker thread so callbacks never block on it; bad tiles are
 reported and skipped. The plan is latched, so a stitching node (re)started after a scan ended still
 receives it: stitching live scans into their own folders, a plan whose manifest records the end of its
 scan opens no session, as no tile and no end of that scan will come (it is re-stitched from its manifest
@@ -43,6 +45,11 @@ PARAMETERS = {
 TERMINAL_STATES = (ScanStatus.STATE_SUCCEEDED, ScanStatus.STATE_CANCELED, ScanStatus.STATE_FAILED)
 
 
+def _tile_bytes(item) -> int:
+    kind, msg = item
+    return len(msg.image.data) if kind == "tile" else 0
+
+
 def planned_scan(msg: ScanPlan) -> PlannedScan:
     return PlannedScan(msg.scan_id, msg.rows, msg.cols, [(t.row, t.col) for t in msg.tiles], msg.tile_width_px,
                        msg.tile_height_px, msg.pixel_size_um, msg.origin_x_um, msg.origin_y_um, msg.step_x_um,
@@ -60,7 +67,7 @@ class StitchingNode(Node):
                                                       stage_repeatability_um=self.params["stage_repeatability_um"])
         except StitchingError as error:
             raise NodeConfigurationError(str(error)) from error
-        self._work = QueueWorker(self._handle, on_error=self._item_failed)
+        self._work = QueueWorker(self._handle, on_error=self._item_failed, size_of=_tile_bytes)
         self._status_pub = self.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
         self.create_subscription(ScanPlan, "scan/plan", lambda m: self._work.put(("plan", m)), LATCHED_QOS)
         self.create_subscription(Tile, "tiles", lambda m: self._work.put(("tile", m)), TILE_QOS)
@@ -84,6 +91,7 @@ class StitchingNode(Node):
         for kind, msg in batch:
             if kind == "tile" and self._session is not None:
                 self._session.rejected.append(f"tile #{msg.sequence}: {error!r}")
+                self._publish(self._plan.scan_id)      # the tile has left the buffer all the same
             self.get_logger().error(f"stitching failed on a {kind!r} message: {error!r}")
 
     def _start(self, plan: ScanPlan) -> None:
@@ -127,9 +135,10 @@ class StitchingNode(Node):
         except ImageConversionError as error:
             self._session.rejected.append(f"tile #{tile.sequence}: {error}")
             self.get_logger().warning(f"skipped tile #{tile.sequence}: {error}")
-            return
-        self._session.offer(tile.sequence, tile.index.row, tile.index.col, pixels, tile.measured_x_um,
-                            tile.measured_y_um)
+        else:
+            self._session.offer(tile.sequence, tile.index.row, tile.index.col, pixels, tile.measured_x_um,
+                                tile.measured_y_um)
+        self._publish(tile.scan_id)
 
     def _end(self, status: ScanStatus) -> None:
         if self._session is None or status.scan_id != self._plan.scan_id:
@@ -168,7 +177,8 @@ class StitchingNode(Node):
         session = self._session
         level, message = worker_level(self._work, "stitching" if session else "idle")
         return level, message, {
-            "queue_depth": self._work.qsize(), "scan": self._plan.scan_id if self._plan else "",
+            "queue_depth": self._work.qsize(), "queue_bytes": self._work.bytes_queued,
+            "queue_peak_bytes": self._work.peak_bytes_queued, "scan": self._plan.scan_id if self._plan else "",
             "tiles_received": self._received, "tiles_rejected": len(session.rejected) if session else 0}
 
     def destroy_node(self):
