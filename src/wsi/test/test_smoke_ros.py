@@ -91,7 +91,12 @@ def test_a_goal_that_cannot_be_run_ends_at_once_with_the_reason(stage, goal, cod
 
 def test_a_goal_while_the_stage_moves_ends_as_busy(stage, ros_node):
     stage.call(MoveStage.Goal(x_um=1_000.0, y_um=1_000.0, z_um=0.0), timeout_s=30)
-    first = stage.send_goal(MoveStage.Goal(x_um=74_000.0, y_um=24_000.0, z_um=0.0), timeout_s=30)
+    feedback = []
+    first = stage.send_goal(MoveStage.Goal(x_um=74_000.0, y_um=24_000.0, z_um=0.0), timeout_s=30,
+                            on_feedback=feedback.append)
+    deadline = time.monotonic() + 10
+    while not feedback and time.monotonic() < deadline:    # accepted is not yet moving: wait for the move
+        rclpy.spin_once(ros_node, timeout_sec=0.05)
     second = stage.call(MoveStage.Goal(x_um=2_000.0, y_um=2_000.0, z_um=0.0), timeout_s=30)
     assert second.status == GoalStatus.STATUS_ABORTED and second.result.error_code == MoveStage.Result.ERROR_BUSY
     assert "the stage is busy" in second.result.error_message
