@@ -100,7 +100,8 @@ class ScanOrchestratorNode(Node):
             return self._finish(goal_handle, result, error.code, str(error), started)
         result.scan_id = request.scan_id
         if not self._lock.acquire(blocking=False):
-            holder = f"scan {self._running_scan} is running" if self._running_scan else "a stage move is running"
+            holder = (f"scan {self._running_scan} is running" if self._running_scan
+                      else "a stage move or a camera frame holds it")
             return self._finish(goal_handle, result, ScanErrorCode.BUSY, f"the microscope is busy: {holder}; send "
                                 "the goal again when it is idle", started)
         should_cancel = lambda: goal_handle.is_cancel_requested  # noqa: E731 (one predicate for every wait)
