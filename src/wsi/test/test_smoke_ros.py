@@ -60,7 +60,8 @@ def test_move_goal_is_fed_back_and_finishes_at_the_target(stage):
     assert remaining[0] > remaining[-1]
 
 
-def test_a_second_goal_is_cancelled_mid_move(stage, ros_node):
+def start_long_move(stage, ros_node):
+    """The handle of a move across the slide, once it is moving: an accepted goal may not have started yet."""
     stage.call(MoveStage.Goal(x_um=1_000.0, y_um=1_000.0, z_um=0.0), timeout_s=30)
     feedback = []
     handle = stage.send_goal(MoveStage.Goal(x_um=74_000.0, y_um=24_000.0, z_um=0.0), timeout_s=30,
@@ -68,6 +69,11 @@ def test_a_second_goal_is_cancelled_mid_move(stage, ros_node):
     deadline = time.monotonic() + 10
     while not feedback and time.monotonic() < deadline:
         rclpy.spin_once(ros_node, timeout_sec=0.05)
+    return handle
+
+
+def test_a_second_goal_is_cancelled_mid_move(stage, ros_node):
+    handle = start_long_move(stage, ros_node)
     stage.cancel(handle)
     status, result = stage.wait_for_result(handle, timeout_s=30)
     assert status == GoalStatus.STATUS_CANCELED
@@ -90,13 +96,7 @@ def test_a_goal_that_cannot_be_run_ends_at_once_with_the_reason(stage, goal, cod
 
 
 def test_a_goal_while_the_stage_moves_ends_as_busy(stage, ros_node):
-    stage.call(MoveStage.Goal(x_um=1_000.0, y_um=1_000.0, z_um=0.0), timeout_s=30)
-    feedback = []
-    first = stage.send_goal(MoveStage.Goal(x_um=74_000.0, y_um=24_000.0, z_um=0.0), timeout_s=30,
-                            on_feedback=feedback.append)
-    deadline = time.monotonic() + 10
-    while not feedback and time.monotonic() < deadline:    # accepted is not yet moving: wait for the move
-        rclpy.spin_once(ros_node, timeout_sec=0.05)
+    first = start_long_move(stage, ros_node)
     second = stage.call(MoveStage.Goal(x_um=2_000.0, y_um=2_000.0, z_um=0.0), timeout_s=30)
     assert second.status == GoalStatus.STATUS_ABORTED and second.result.error_code == MoveStage.Result.ERROR_BUSY
     assert "the stage is busy" in second.result.error_message
