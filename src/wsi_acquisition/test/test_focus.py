@@ -1,20 +1,12 @@
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import (SHARPNESS_METRICS, brenner, focus_action, probe_step_um, refine_peak, side_from_probe,
-                                   tissue_fraction, trusts_estimate)
+from wsi_acquisition.focus import focus_action, probe_step_um, side_from_probe, trusts_estimate
 from wsi_acquisition.scan import FocusReply
 from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_common.focus_metrics import SHARPNESS_METRICS, brenner, tissue_fraction
 
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
-
-
-def test_refine_peak_finds_the_vertex_between_samples():
-    z = np.arange(-5.0, 5.1, 1.0)
-    assert refine_peak(z, -(z - 0.3) ** 2) == pytest.approx(0.3)
-    assert refine_peak(z, z) == 5.0          # monotonic: the end of the sweep
-    uneven = np.array([-4.0, -2.0, -0.5, 0.0, 0.5, 2.0, 4.0])       # a coarse and a fine sweep together
-    assert refine_peak(uneven, -(uneven - 0.3) ** 2) == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("name", sorted(SHARPNESS_METRICS))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import (OTF_TABLE_FREQUENCIES, REFERENCE_WAVELENGTH_UM, STANDARD_OBJECTIVES,
                                     Camera, OpticsError, best_focus_shift_um, depth_of_field_um,
                                     diffraction_limited_mtf, radial_otf_table, transfer_tables)
 from wsi_acquisition.specimen import GLASS_OD, SyntheticSlide
+from wsi_common.focus_metrics import brenner
 
 # A field well inside the default section of the seed-5 slide.
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0

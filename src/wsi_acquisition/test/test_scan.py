@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_acquisition.focus import MIN_SHARPNESS_GAIN, tissue_fraction
+from wsi_acquisition.focus import MIN_SHARPNESS_GAIN
 from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition import scan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
 from wsi_acquisition.scan_request import DEFAULTS, MAX_FOCUS_POINTS, ScannerSettings
+from wsi_common.focus_metrics import tissue_fraction
 
 # A small tissue region, imaged with a small sensor so that a scan takes a few seconds.
 REGION_UM = (43_000.0, 12_000.0, 500.0, 400.0)

@@ -4,10 +4,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import brenner
 from wsi_acquisition.microscope import CaptureError, VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, OpticsError
 from wsi_acquisition.specimen import SyntheticSlide
+from wsi_common.focus_metrics import brenner
 
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
 GLASS_X_UM, GLASS_Y_UM = 8_000.0, 5_000.0

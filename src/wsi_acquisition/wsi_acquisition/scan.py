@@ -21,13 +21,13 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import (brenner, focus_action, keeps_correction, probe_step_um, refine_peak,
-                                   side_from_probe)
+from wsi_acquisition.focus import focus_action, keeps_correction, probe_step_um, side_from_probe
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
+from wsi_common.focus_metrics import brenner, refine_peak
 
 MANIFEST_NAME = "manifest.json"
 
@@ -90,7 +90,7 @@ class TileRecord:
     # Where this image's z came from: "focus-map", or "autofocus" (a correction kept because it is sharper
     # than the focus map's capture; "autofocus+probe" when a second exposure told the side of focus).
     focus_source: str = "focus-map"
-    sharpness: float | None = None         # normalised Brenner gradient (`wsi_acquisition.focus.brenner`)
+    sharpness: float | None = None         # normalised Brenner gradient (`wsi_common.focus_metrics.brenner`)
     sharpness_gain: float | None = None    # a correction: its sharpness over the focus map capture's, - 1
 
 

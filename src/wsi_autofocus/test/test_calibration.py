@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_acquisition.focus import brenner
 from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import Camera
@@ -17,6 +16,7 @@ from wsi_autofocus.data import specimen_for_seed, tissue_points
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 from wsi_autofocus.shift_evaluation import CalibrationSpec
 from wsi_autofocus.training import export, load_checkpoint, save_checkpoint
+from wsi_common.focus_metrics import brenner
 
 
 def _virtual_stack(seed: int, z_offsets, roi_px: int = 256):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from wsi_acquisition import optics as simulator_optics
-from wsi_acquisition.focus import brenner
 from wsi_autofocus import content, heldout_imaging, training_optics
 from wsi_autofocus.data import SPLITS
+from wsi_common.focus_metrics import brenner
 
 SCOPE = heldout_imaging.HELD_OUT_SCOPES["abbe-astigmatic"]
 

@@ -1,7 +1,7 @@
 """Self-calibration of the focus model on the user's microscope, from z-stacks it took itself.
 
 Every focus-map z-sweep is labelled data: each image's defocus is its z minus the sweep's best focus,
-found from the images' sharpness (`wsi_acquisition.focus`). `calibrate` fine-tunes the shipped model's
+found from the images' sharpness (`wsi_common.focus_metrics`). `calibrate` fine-tunes the shipped model's
 head on such stacks (the ResNet and spectral features stay frozen, so a few sweeps cannot undo what
 training taught and the fit takes seconds on a CPU), refits the uncertainty's temperatures on sweeps
 held back from the fit, and writes a complete model directory (checkpoint, ONNX, TorchScript,
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_acquisition.focus import brenner, refine_peak
 from wsi_autofocus.inference import default_model_dir, read_model_metadata
 from wsi_autofocus.patches import select_patches
 from wsi_autofocus.training import (export, fit_uncertainty_calibration, focus_loss, load_checkpoint,
                                     save_checkpoint)
+from wsi_common.focus_metrics import brenner, refine_peak
 
 # Fewest images a stack must have for its best focus to be found, and the fewest stacks to calibrate on.
 MIN_STACK_IMAGES = 5

@@ -25,7 +25,7 @@ import numpy as np
 
 from wsi_acquisition.specimen import (DAB_OD, EOSIN_OD, GLASS_OD, HEMATOXYLIN_OD,
                                       fractal_noise_grid, pixel_centres_um)
-from wsi_acquisition.focus import tissue_mask
+from wsi_common.focus_metrics import tissue_mask
 
 
 class ContentUnavailableError(FileNotFoundError):

@@ -14,8 +14,9 @@ import numpy as np
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
 from wsi_autofocus.data import OBJECTIVES, SPLITS, specimen_for_seed, tissue_points
-from wsi_acquisition.focus import SHARPNESS_METRICS, refine_peak, trusts_estimate
+from wsi_acquisition.focus import trusts_estimate
 from wsi_autofocus.inference import FocusEstimator
+from wsi_common.focus_metrics import SHARPNESS_METRICS, refine_peak
 
 DEFOCUS_BIN_EDGES_UM = (-20, -15, -10, -6, -3, -1, 1, 3, 6, 10, 15, 20)
 BOOTSTRAP_RESAMPLES = 2000

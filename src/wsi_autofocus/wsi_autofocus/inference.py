@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import brenner
 from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES, context_px
 from wsi_autofocus.patches import select_patches
+from wsi_common.focus_metrics import brenner
 
 BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
 

@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsi_acquisition.focus import TISSUE_SAMPLE_STEP, tissue_mask
 from wsi_autofocus.model_io import CONTEXT_FACTOR, context_px
+from wsi_common.focus_metrics import TISSUE_SAMPLE_STEP, tissue_mask
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,7 @@ class PatchSelection:
     patches: np.ndarray             # (N, 3, P, P) float32 RGB in [0, 1]
     context: np.ndarray             # (N, 3, P, P) float32: the field of context_px(P) around each patch, averaged down
     tissue_fractions: np.ndarray    # (N,) stained fraction of each patch
-    image_tissue_fraction: float    # stained fraction of the whole image (`wsi_acquisition.focus.tissue_fraction`)
+    image_tissue_fraction: float    # stained fraction of the whole image (`wsi_common.focus_metrics.tissue_fraction`)
 
 
 def patch_grid(height_px: int, width_px: int, patch_px: int) -> list[tuple[int, int]]:

@@ -1,1 +1,2 @@
-"""ROS adapters shared by every WSI node: sensor_msgs/Image to numpy, QoS, Fast DDS profile."""
+"""Shared by every WSI package: ROS adapters (sensor_msgs/Image to numpy, QoS, parameters, node entry point,
+Fast DDS profile) and the focus measures (`focus_metrics`)."""
