@@ -55,9 +55,12 @@ def command_eval(args) -> int:
     summary = summarize(evaluation, backend.name)
     if args.split == "test" and not args.skip_shift:
         # Held-out microscopes and real content are test data too: never evaluated while tuning (--split val).
-        tiles = shift_evaluation.render_tiles(shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles),
-                                              args.cache_dir, workers=args.workers)
-        summary["shift"] = shift_evaluation.summarize(tiles, shift_evaluation.estimate_tiles(estimator, tiles))
+        shift_spec = shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles)
+        tiles = shift_evaluation.render_tiles(shift_spec, args.cache_dir, workers=args.workers)
+        estimates = shift_evaluation.estimate_tiles(estimator, tiles)
+        summary["shift"] = shift_evaluation.summarize(tiles, estimates)
+        summary["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(shift_spec, tiles, estimator, estimates,
+                                                                          args.cache_dir)
         summary["calibration_under_held_out_imaging"] = shift_evaluation.calibration_check(
             args.model, shift_evaluation.CalibrationSpec(), tiles, args.cache_dir, args.backend)
     report = write_report(evaluation, summary, args.output)
@@ -66,6 +69,7 @@ def command_eval(args) -> int:
     if "shift" in summary:
         print()
         print(shift_evaluation.format_table(summary["shift"]))
+        print(shift_evaluation.format_scan_outcomes(summary["scan_outcome_20x"]))
         print(shift_evaluation.format_calibration(summary["calibration_under_held_out_imaging"]))
     print(f"report: {report}; plots: {', '.join(map(str, plots))}")
     if args.summary_json:

@@ -84,7 +84,7 @@ def reproduction_statement(record: dict, shipped_best_val_loss: float) -> str:
             f"{ten['sign_accuracy_beyond_1um']:.1%}; {verdict}.")
 
 
-def shift_statement(shift: dict, calibration: dict) -> list[str]:
+def shift_statement(shift: dict, calibration: dict, scan_outcome: dict) -> list[str]:
     """Card lines for the evaluation under held-out imaging: the table, the pooled 20x figures against the
     targets, and self-calibration, all from the evaluation summary."""
     real = shift["pooled_20x"]["held_out_imaging_real_content"]
@@ -114,6 +114,24 @@ def shift_statement(shift: dict, calibration: dict) -> list[str]:
         "",
         shift_evaluation.format_calibration(calibration),
         "```",
+        "",
+        "What a scan makes of these estimates (`scan_outcome_table`): each 20× tile is taken at its defocus as "
+        "if the focus map had left it there, then the scan's own rules run (`wsi_acquisition.focus`: correct "
+        "a trusted estimate; for a tile surely out of focus whose side is in doubt, one more exposure as far "
+        "above as the estimated distance, whose distance estimate or sharpness tells the side; a correction "
+        "kept only if sharper), re-imaging the field under the same microscope. `map |d|` and `scan |d|` are "
+        "the mean distance from focus before and after; `in focus` the tiles within half the depth of field, "
+        "before -> after; `worse` the tiles left further from focus than the focus map left them; "
+        "`shots/tile` the exposures per tile (1: the focus map's capture alone).",
+        "",
+        "```",
+        shift_evaluation.format_scan_outcomes(scan_outcome),
+        "```",
+        *[f"- `{imaging}`: {o['tiles_worse']} tile(s) ended up to {o['worst_change_um']:.2f} µm further from this "
+          "microscope's best focus (as the evaluation defines it) than the focus map left them, in images the "
+          "scan's sharpness measure (Brenner) found sharper: where aberrations move the sharpest image off "
+          "best focus, keep-if-sharper follows sharpness."
+          for imaging, o in scan_outcome.items() if o["tiles_worse"]],
         "",
         *([f"- Targets met: {'; '.join(met)}."] if met else []),
         *([f"- Targets not met: {'; '.join(missed)}."] if missed else []),
@@ -218,6 +236,6 @@ def render(model_dir: Path) -> str:
         "to read; check the 40× rows above before relying on 40× estimates away from focus.",
         target_statement(summary),
         "",
-        *shift_statement(summary["shift"], summary["calibration_under_held_out_imaging"]),
+        *shift_statement(summary["shift"], summary["calibration_under_held_out_imaging"], summary["scan_outcome_20x"]),
     ]
     return "\n".join(lines) + "\n"

@@ -15,17 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import trusts_estimate
+from wsi_acquisition.focus import focus_action, keeps_correction, probe_step_um, side_from_probe, trusts_estimate
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import OBJECTIVES, SPLITS, specimen_for_seed, tissue_points
+from wsi_common.focus_metrics import brenner
 
 OWN_SIMULATOR = "own-simulator"
 IMAGING_MODELS = (OWN_SIMULATOR, *heldout_imaging.HELD_OUT_SCOPES)
@@ -75,38 +77,60 @@ def _positions(content: str, rng: np.random.Generator, count: int, specimens) ->
     return [(specimen, float(x), float(y)) for x, y in specimen.tissue_points(rng, count)]
 
 
-def render_cell(args: tuple[ShiftSpec, str, str, float]) -> dict:
-    """Tiles of one (content, imaging, objective) cell, at defocus uniform over +-max_defocus_um."""
-    spec, content, imaging, magnification = args
+def _cells(spec: ShiftSpec) -> list[tuple[str, str, float]]:
+    """(content, imaging, objective) of every cell, in the order the tiles are stored."""
+    return [(content, imaging, magnification) for content in spec.content for imaging in spec.imaging
+            for magnification in spec.objectives]
+
+
+def _cell_layout(spec: ShiftSpec, content: str, imaging: str, magnification: float):
+    """The cell's random generator, tile positions and defocus: the same on every call."""
     rng = np.random.default_rng([spec.seed, CONTENT_SOURCES.index(content), IMAGING_MODELS.index(imaging),
                                  int(magnification)])
     positions = _positions(content, rng, spec.tiles_per_cell, _procedural_specimens() if content == PROCEDURAL else None)
     defocus = rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, spec.tiles_per_cell)
+    return rng, positions, defocus
+
+
+class _FieldCamera:
+    """Images fields of one cell's specimens at a chosen defocus, as that cell's microscope does."""
+
+    def __init__(self, spec: ShiftSpec, imaging: str, magnification: float):
+        self.spec, self.imaging, self.magnification = spec, imaging, magnification
+        self._microscopes = {}
+
+    def capture(self, specimen, x: float, y: float, defocus_um: float, rng: np.random.Generator):
+        if self.imaging != OWN_SIMULATOR:
+            return heldout_imaging.capture(heldout_imaging.HELD_OUT_SCOPES[self.imaging], specimen, x, y, defocus_um,
+                                           self.magnification, self.spec.tile_px, rng)
+        microscope = self._microscopes.setdefault(id(specimen), VirtualMicroscope(specimen=specimen, seed=self.spec.seed))
+        camera = microscope.camera
+        roi = ((camera.height_px - self.spec.tile_px) // 2, (camera.width_px - self.spec.tile_px) // 2,
+               self.spec.tile_px, self.spec.tile_px)
+        return microscope.capture(x, y, float(microscope.focal_z_um(x, y)) + defocus_um, self.magnification,
+                                  exposure_ms=self.spec.exposure_ms, roi=roi)
+
+    def depth_of_field_um(self, specimen) -> float:
+        if self.imaging != OWN_SIMULATOR:
+            scope = heldout_imaging.HELD_OUT_SCOPES[self.imaging]
+            return depth_of_field_um(STANDARD_OBJECTIVES[float(self.magnification)], scope.camera.pixel_size_um)
+        microscope = self._microscopes.setdefault(id(specimen), VirtualMicroscope(specimen=specimen, seed=self.spec.seed))
+        return microscope.depth_of_field_um(self.magnification)
+
+
+def render_cell(args: tuple[ShiftSpec, str, str, float]) -> dict:
+    """Tiles of one (content, imaging, objective) cell, at defocus uniform over +-max_defocus_um."""
+    spec, content, imaging, magnification = args
+    rng, positions, defocus = _cell_layout(spec, content, imaging, magnification)
+    camera = _FieldCamera(spec, imaging, magnification)
     images, truth, aperture, pixel, dof = [], [], [], [], []
-    if imaging == OWN_SIMULATOR:
-        microscopes = {}
-        for (specimen, x, y), d in zip(positions, defocus):
-            microscope = microscopes.setdefault(id(specimen), VirtualMicroscope(specimen=specimen, seed=spec.seed))
-            camera = microscope.camera
-            roi = ((camera.height_px - spec.tile_px) // 2, (camera.width_px - spec.tile_px) // 2, spec.tile_px,
-                   spec.tile_px)
-            capture = microscope.capture(x, y, float(microscope.focal_z_um(x, y)) + d, magnification,
-                                         exposure_ms=spec.exposure_ms, roi=roi)
-            images.append(capture.image_rgb8)
-            truth.append(capture.defocus_um)
-            aperture.append(capture.numerical_aperture)
-            pixel.append(capture.pixel_size_um)
-            dof.append(microscope.depth_of_field_um(magnification))
-    else:
-        scope = heldout_imaging.HELD_OUT_SCOPES[imaging]
-        objective = STANDARD_OBJECTIVES[float(magnification)]
-        for (specimen, x, y), d in zip(positions, defocus):
-            capture = heldout_imaging.capture(scope, specimen, x, y, float(d), magnification, spec.tile_px, rng)
-            images.append(capture.image_rgb8)
-            truth.append(capture.defocus_um)
-            aperture.append(capture.numerical_aperture)
-            pixel.append(capture.pixel_size_um)
-            dof.append(depth_of_field_um(objective, scope.camera.pixel_size_um))
+    for (specimen, x, y), d in zip(positions, defocus):
+        capture = camera.capture(specimen, x, y, float(d), rng)
+        images.append(capture.image_rgb8)
+        truth.append(capture.defocus_um)
+        aperture.append(capture.numerical_aperture)
+        pixel.append(capture.pixel_size_um)
+        dof.append(camera.depth_of_field_um(specimen))
     count = len(images)
     return {"images": np.stack(images), "true_um": np.array(truth, np.float32),
             "numerical_aperture": np.array(aperture, np.float32), "pixel_size_um": np.array(pixel, np.float32),
@@ -120,8 +144,7 @@ def render_tiles(spec: ShiftSpec, cache_dir: Path, workers: int = 2, log=print) 
     if path.exists():
         with np.load(path) as data:
             return {key: data[key] for key in data.files}
-    jobs = [(spec, content, imaging, magnification) for content in spec.content for imaging in spec.imaging
-            for magnification in spec.objectives]
+    jobs = [(spec, *cell) for cell in _cells(spec)]
     log(f"rendering {len(jobs)} cells x {spec.tiles_per_cell} tiles into {path}")
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -143,16 +166,15 @@ def render_tiles(spec: ShiftSpec, cache_dir: Path, workers: int = 2, log=print) 
 def estimate_tiles(estimator, tiles: dict, batch: int = 16) -> dict:
     """The estimator's defocus and uncertainty for every tile, called as the autofocus node calls it
     (with the tile's objective NA and pixel size)."""
-    predicted, sigma, distance = [], [], []
+    results = []
     for start in range(0, len(tiles["images"]), batch):
         stop = start + batch
-        results = estimator.estimate_many(list(tiles["images"][start:stop]),
-                                          list(zip(tiles["numerical_aperture"][start:stop].tolist(),
-                                                   tiles["pixel_size_um"][start:stop].tolist())))
-        predicted += [r.defocus_um for r in results]
-        sigma += [r.uncertainty_um for r in results]
-        distance += [r.distance_um for r in results]
-    return {"predicted_um": np.array(predicted), "uncertainty_um": np.array(sigma), "distance_um": np.array(distance)}
+        results += estimator.estimate_many(list(tiles["images"][start:stop]),
+                                           list(zip(tiles["numerical_aperture"][start:stop].tolist(),
+                                                    tiles["pixel_size_um"][start:stop].tolist())))
+    return {"predicted_um": np.array([r.defocus_um for r in results]),
+            "uncertainty_um": np.array([r.uncertainty_um for r in results]),
+            "distance_um": np.array([r.distance_um for r in results]), "tile_estimates": results}
 
 
 def cell_statistics(tiles: dict, estimates: dict, mask: np.ndarray | None = None) -> dict:
@@ -221,6 +243,128 @@ def format_table(summary: dict) -> str:
                          f"sign {s['sign_accuracy_beyond_1um'] or 0:.0%}  "
                          f"acted on {s['fraction_acted_on']:.0%} (MAE {s['mae_acted_on_um'] or 0:.2f})  "
                          f"confidently wrong {s['confidently_wrong']}")
+    return "\n".join(lines)
+
+
+# -- what a scan makes of the estimates ----------------------------------------------------------------
+
+
+class Refocuser:
+    """Images a tile's field of the shift evaluation again at another defocus, as a scan does for a side
+    probe or a correction; images are kept in a cache file beside the tiles'."""
+
+    def __init__(self, spec: ShiftSpec, cache_dir: Path):
+        self.spec = spec
+        self.path = Path(cache_dir) / f"refocus-{spec.cache_key()}.npz"
+        self._images = dict(np.load(self.path)) if self.path.exists() else {}
+        self._added = False
+        self._cells: dict[int, tuple[list, _FieldCamera]] = {}
+
+    def image(self, index: int, defocus_um: float) -> np.ndarray:
+        key = f"{index}|{defocus_um:.3f}"
+        if key not in self._images:
+            cell, within = divmod(index, self.spec.tiles_per_cell)
+            if cell not in self._cells:
+                content, imaging, magnification = _cells(self.spec)[cell]
+                _, positions, _ = _cell_layout(self.spec, content, imaging, magnification)
+                self._cells[cell] = positions, _FieldCamera(self.spec, imaging, magnification)
+            positions, camera = self._cells[cell]
+            specimen, x, y = positions[within]
+            rng = np.random.default_rng([self.spec.seed, index, int(round(abs(defocus_um) * 1000)), int(defocus_um < 0)])
+            self._images[key] = camera.capture(specimen, x, y, round(defocus_um, 3), rng).image_rgb8
+            self._added = True
+        return self._images[key]
+
+    def save(self) -> None:
+        if self._added:
+            temporary = self.path.with_suffix(".tmp.npz")
+            np.savez(temporary, **self._images)
+            temporary.replace(self.path)
+            self._added = False
+
+
+def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser, mask: np.ndarray) -> dict:
+    """For every tile in `mask`, taken at the focus map's z (its defocus), what the scan's inline
+    autofocus does (`wsi_acquisition.focus`: act, probe the side with a second exposure one probe step
+    higher, or keep) and the tile's defocus afterwards, a correction being kept only if sharper."""
+    indices = np.flatnonzero(mask)
+    final, action, probe_side_right, exposures = [], [], [], []
+    for index in indices:
+        estimate, true = estimates["tile_estimates"][index], float(tiles["true_um"][index])
+        dof = float(tiles["depth_of_field_um"][index])
+        optics = (float(tiles["numerical_aperture"][index]), float(tiles["pixel_size_um"][index]))
+        chosen = focus_action(estimate.defocus_um, estimate.uncertainty_um, estimate.distance_um,
+                              estimate.distance_uncertainty_um, dof)
+        offset, shots, side_right = None, 1, None
+        if chosen == "correct":
+            offset = -estimate.defocus_um
+        elif chosen == "probe":
+            step = probe_step_um(dof, estimate.distance_um)
+            probe_image = refocuser.image(index, true + step)
+            probe, = estimator.estimate_many([probe_image], [optics])
+            shots += 1
+            above, _ = side_from_probe(estimate, probe, step, brenner(tiles["images"][index]), brenner(probe_image))
+            if above is not None:
+                offset = -estimate.distance_um if above else estimate.distance_um
+                side_right = above == (true > 0)
+        after = true
+        if offset is not None:
+            shots += 1
+            if keeps_correction(brenner(refocuser.image(index, true + offset)), brenner(tiles["images"][index])):
+                after = true + offset
+        final.append(after)
+        action.append(chosen)
+        probe_side_right.append(side_right)
+        exposures.append(shots)
+    return {"index": indices, "true_um": tiles["true_um"][indices], "final_um": np.array(final),
+            "depth_of_field_um": tiles["depth_of_field_um"][indices],
+            "action": np.array(action), "probe_side_right": np.array(probe_side_right, dtype=object),
+            "exposures": np.array(exposures)}
+
+
+def scan_outcome_statistics(outcomes: dict) -> dict:
+    """Focus-map-only against the scan's inline autofocus: mean |defocus| before and after, tiles made
+    worse, tiles within half the depth of field before and after, side probes and how often they
+    decided right."""
+    before, after = np.abs(outcomes["true_um"]), np.abs(outcomes["final_um"])
+    half_dof = outcomes["depth_of_field_um"] / 2
+    decided = np.array([side is not None for side in outcomes["probe_side_right"]], bool)
+    return {"n": int(len(before)), "focus_map_mean_abs_um": float(before.mean()),
+            "scan_mean_abs_um": float(after.mean()),
+            "tiles_worse": int(np.sum(after > before + 1e-6)),
+            "worst_change_um": float(np.max(after - before)) if len(before) else 0.0,
+            "tiles_improved": int(np.sum(after < before - 1e-6)),
+            "in_focus_focus_map": int(np.sum(before <= half_dof)), "in_focus_scan": int(np.sum(after <= half_dof)),
+            "corrections": int(np.sum(outcomes["action"] == "correct")),
+            "side_probes": int(np.sum(outcomes["action"] == "probe")), "probes_decided": int(decided.sum()),
+            "probes_decided_right": int(sum(bool(side) for side in outcomes["probe_side_right"][decided])),
+            "exposures_per_tile": float(outcomes["exposures"].mean())}
+
+
+def scan_outcome_table(spec: ShiftSpec, tiles: dict, estimator, estimates: dict, cache_dir: Path,
+                       magnification: float = 20.0) -> dict:
+    """`scan_outcome_statistics` per imaging model at one objective, all content sources pooled."""
+    refocuser = Refocuser(spec, cache_dir)
+    table = {}
+    try:
+        for imaging in dict.fromkeys(tiles["imaging"]):
+            mask = (tiles["imaging"] == imaging) & (tiles["objective"] == magnification)
+            table[str(imaging)] = scan_outcome_statistics(scan_outcomes(estimator, tiles, estimates, refocuser, mask))
+    finally:
+        refocuser.save()
+    return table
+
+
+def format_scan_outcomes(table: dict, magnification: float = 20.0) -> str:
+    lines = [f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
+             "autofocus as the scan runs it, a correction kept only if sharper)",
+             f"{'imaging':<16}{'n':>4} {'map |d|':>8} {'scan |d|':>9} {'in focus':>9} {'worse':>6} {'improved':>9} "
+             f"{'corrected':>10} {'probes':>7} {'decided':>8} {'right':>6} {'shots/tile':>11}"]
+    for imaging, s in table.items():
+        in_focus = f"{s['in_focus_focus_map']}->{s['in_focus_scan']}"
+        lines.append(f"{imaging:<16}{s['n']:4d} {s['focus_map_mean_abs_um']:8.2f} {s['scan_mean_abs_um']:9.2f} "
+                     f"{in_focus:>9} {s['tiles_worse']:6d} {s['tiles_improved']:9d} {s['corrections']:10d} {s['side_probes']:7d} "
+                     f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s['exposures_per_tile']:11.2f}")
     return "\n".join(lines)
 
 
@@ -304,7 +448,7 @@ def calibration_check(model_dir: Path | None, spec: CalibrationSpec, tiles: dict
     """Calibrate the model on each held-out microscope's sweeps (validation specimens) and evaluate it on
     that microscope's 20x tiles of the shift evaluation (test specimens and real content: other fields,
     other specimens). Returns per microscope the 20x statistics before and after, and the fit time."""
-    from wsi_autofocus.calibration import ZStack, calibrate
+    from wsi_autofocus.calibration import CalibrationError, ZStack, calibrate
     from wsi_autofocus.inference import FocusEstimator, load_backend
 
     sweeps = render_all_sweeps(spec, work_dir, log=log)
@@ -312,18 +456,23 @@ def calibration_check(model_dir: Path | None, spec: CalibrationSpec, tiles: dict
     for name, stacks in sweeps.items():
         z_stacks = [ZStack(s["images"], s["z_um"], float(s["pixel_size_um"]), float(s["numerical_aperture"]))
                     for s in stacks]
-        calibration = calibrate(z_stacks, Path(work_dir) / f"calibrated-{name}", model_dir,
-                                scanner={"name": name, "objective": spec.magnification})
+        started = time.monotonic()
+        try:
+            calibration = calibrate(z_stacks, Path(work_dir) / f"calibrated-{name}", model_dir,
+                                    scanner={"name": name, "objective": spec.magnification})
+            calibrated_dir, refused = calibration.model_dir, None
+        except CalibrationError as error:        # the scan keeps the model it had: "after" is "before"
+            calibrated_dir, refused = model_dir, str(error)
+        fit_s = time.monotonic() - started
         mask = (tiles["imaging"] == name) & (tiles["objective"] == spec.magnification)
         subset = {key: value[mask] for key, value in tiles.items()}
         stats = {}
-        for label, directory in (("before", model_dir), ("after", calibration.model_dir)):
+        for label, directory in (("before", model_dir), ("after", calibrated_dir)):
             estimator = FocusEstimator(load_backend(backend, directory)[0], directory)
             stats[label] = cell_statistics(subset, estimate_tiles(estimator, subset))
-        results[name] = stats | {"fit_s": calibration.fit_s, "sweeps": calibration.stacks,
-                                 "images": calibration.images}
+        results[name] = stats | {"fit_s": fit_s, "sweeps": len(z_stacks), "refused": refused}
         log(f"{name}: MAE {stats['before']['mae_um']:.2f} -> {stats['after']['mae_um']:.2f} µm "
-            f"({calibration.fit_s:.0f} s, {calibration.stacks} sweeps)")
+            f"({fit_s:.0f} s, {len(z_stacks)} sweeps{', refused: ' + refused if refused else ''})")
     return results
 
 
@@ -336,5 +485,6 @@ def format_calibration(results: dict) -> str:
         after = r["after"]
         lines.append(f"{name:<18}{r['sweeps']:7d}{r['fit_s']:7.0f}  {r['before']['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
                      f"{after['sign_accuracy_beyond_1um'] or 0:10.0%}  {after['fraction_acted_on']:11.0%}  "
-                     f"{after['confidently_wrong']:11d}")
+                     f"{after['confidently_wrong']:11d}" + ("  refused: no better on held-back sweeps"
+                                                            if r.get("refused") else ""))
     return "\n".join(lines)
