@@ -78,9 +78,10 @@ def test_a_slow_consumer_makes_the_scan_wait_with_no_tile_lost_and_its_buffer_un
     assert [t.sequence for t in handled] == list(range(captured))
     assert TILE_BYTES < peak_bytes[0] <= ceiling_bytes
     # The scan waited for the consumer: a tile is captured only once all but CEILING_TILES - 1 before it
-    # were handled, so the captures spread over the consumer's pace.
+    # were handled, so the captures spread over the consumer's pace (less one period: the consumer's timer
+    # runs at its own phase, so its first hand-off may come at once).
     times = [tile["captured_s"] for tile in json.loads(Path(result.manifest_uri).read_text())["tiles"]]
-    assert times[-1] - times[0] >= (captured - CEILING_TILES - 1) * HANDLE_S
+    assert times[-1] - times[0] >= (captured - CEILING_TILES - 2) * HANDLE_S
     last = orchestrator[-1]
     # ... and it was the wait for room that held it, most of that time (a capture takes a few tenths of a second).
     assert int(last["stalls"]) > 0 and float(last["stall_s"]) >= (captured - CEILING_TILES - 1) * HANDLE_S * 0.4
