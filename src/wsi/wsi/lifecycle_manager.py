@@ -43,6 +43,15 @@ TO_UNCONFIGURED = {State.PRIMARY_STATE_ACTIVE: (Transition.TRANSITION_DEACTIVATE
                    State.PRIMARY_STATE_UNCONFIGURED: ()}
 TRANSITION_LABELS = {Transition.TRANSITION_CONFIGURE: "configure", Transition.TRANSITION_ACTIVATE: "activate",
                      Transition.TRANSITION_DEACTIVATE: "deactivate", Transition.TRANSITION_CLEANUP: "cleanup"}
+# Where a node that made each transition rests.
+TRANSITION_GOALS = {Transition.TRANSITION_CONFIGURE: State.PRIMARY_STATE_INACTIVE,
+                    Transition.TRANSITION_ACTIVATE: State.PRIMARY_STATE_ACTIVE,
+                    Transition.TRANSITION_DEACTIVATE: State.PRIMARY_STATE_INACTIVE,
+                    Transition.TRANSITION_CLEANUP: State.PRIMARY_STATE_UNCONFIGURED}
+# A service answer can be lost, not late: while a loaded machine is still discovering the client's reply
+# reader, the server gives up sending ("failed to send response"). After this long without an answer a
+# query is asked again, and a transition is checked against the node's state.
+ANSWER_WAIT_S = 10.0
 # The primary states other than active: where a node that leaves active comes to rest.
 RESTING_STATES = (State.PRIMARY_STATE_UNCONFIGURED, State.PRIMARY_STATE_INACTIVE, State.PRIMARY_STATE_FINALIZED)
 # After a failed transition, how long to wait for the node's /diagnostics to say why.
@@ -134,31 +143,45 @@ class LifecycleManager(Node):
             self.get_logger().error(f"bring-up failed: {error}; the service lifecycle_manager/startup tries again")
 
     # -- the managed nodes' lifecycle services -------------------------------------------------
-    def _call(self, client, request, timeout_s: float, what: str):
+    def _wait_for(self, client) -> None:
         if not client.wait_for_service(timeout_sec=self.params["service_timeout_s"]):
             raise BringUpError(f"no {client.srv_name} service within {self.params['service_timeout_s']:g} s "
                                "(is the node's process running?)")
+
+    @staticmethod
+    def _answered(future, timeout_s: float) -> bool:
         done = threading.Event()
-        future = client.call_async(request)
         future.add_done_callback(lambda _: done.set())
-        if not done.wait(timeout_s):
-            raise BringUpError(f"{what}: no answer within {timeout_s:g} s")
-        return future.result()
+        return done.wait(timeout_s)
 
     def state(self, name: str) -> State:
-        return self._call(self._get_state[name], GetState.Request(), self.params["service_timeout_s"],
-                          f"{name} state").current_state
+        """The node's current state; the query is asked again when its answer is lost."""
+        client = self._get_state[name]
+        self._wait_for(client)
+        deadline = time.monotonic() + self.params["service_timeout_s"]
+        while (remaining := deadline - time.monotonic()) > 0:
+            future = client.call_async(GetState.Request())
+            if self._answered(future, min(ANSWER_WAIT_S, remaining)):
+                return future.result().current_state
+        raise BringUpError(f"{name} state: no answer within {self.params['service_timeout_s']:g} s")
 
     def change_state(self, name: str, transition: int) -> None:
         label = TRANSITION_LABELS[transition]
         asked = time.monotonic()
+        client = self._change_state[name]
+        self._wait_for(client)
         self._changing.add(name)
         try:
-            response = self._call(self._change_state[name], ChangeState.Request(transition=Transition(id=transition)),
-                                  self.params["transition_timeout_s"], f"{name} {label}")
+            future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
+            while not self._answered(future, ANSWER_WAIT_S):
+                if self.state(name).id == TRANSITION_GOALS[transition]:
+                    self.get_logger().warning(f"{name}: {label} done (its answer was lost; its state says so)")
+                    return
+                if time.monotonic() - asked > self.params["transition_timeout_s"]:
+                    raise BringUpError(f"{name} {label}: no answer within {self.params['transition_timeout_s']:g} s")
         finally:
             self._changing.discard(name)
-        if not response.success:
+        if not future.result().success:
             raise BringUpError(f"{name} did not {label}{self._reason(name, newer_than=asked)}")
         self.get_logger().info(f"{name}: {label} done")
 
