@@ -84,8 +84,9 @@ def side_from_probe(first, probe, step_um: float, sharpness: float, probe_sharpn
     if probe is not None:
         posterior = side_after_probe(first.distance_um, first.distance_uncertainty_um, first.above_focus_probability,
                                      step_um, probe.distance_um, probe.distance_uncertainty_um)
-        if side_decision(posterior) is not None:
-            return side_decision(posterior), posterior
+        decided = side_decision(posterior)
+        if decided is not None:
+            return decided, posterior
     if keeps_correction(probe_sharpness, sharpness):
         return False, posterior
     if keeps_correction(sharpness, probe_sharpness):
