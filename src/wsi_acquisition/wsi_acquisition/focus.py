@@ -69,9 +69,14 @@ def side_decision(above_focus_probability: float) -> bool | None:
     return None
 
 
+def sharpness_gain(sharpness: float, reference_sharpness: float) -> float:
+    """Relative sharpness of an image over a reference image of the same field (0 = equal)."""
+    return sharpness / max(reference_sharpness, 1e-12) - 1.0
+
+
 def keeps_correction(sharpness: float, focus_map_sharpness: float) -> bool:
     """Whether a corrected capture replaces the focus map's: only when measurably sharper."""
-    return sharpness / max(focus_map_sharpness, 1e-12) - 1.0 >= MIN_SHARPNESS_GAIN
+    return sharpness_gain(sharpness, focus_map_sharpness) >= MIN_SHARPNESS_GAIN
 
 
 def side_from_probe(first, probe, step_um: float, sharpness: float, probe_sharpness: float) -> tuple[bool | None, float | None]:

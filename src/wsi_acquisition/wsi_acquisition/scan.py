@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import focus_action, keeps_correction, probe_step_um, side_from_probe
+from wsi_acquisition.focus import focus_action, keeps_correction, probe_step_um, sharpness_gain, side_from_probe
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
@@ -449,7 +449,7 @@ class ScanRunner:
         record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
                                       offset_um, True)
         record.focus_source = source
-        record.sharpness_gain = record.sharpness / max(original.sharpness, 1e-12) - 1.0
+        record.sharpness_gain = sharpness_gain(record.sharpness, original.sharpness)
         if keeps_correction(record.sharpness, original.sharpness):
             self.outcome.refocus_count += 1
             self._emit(record, frame)
