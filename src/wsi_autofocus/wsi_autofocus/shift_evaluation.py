@@ -99,11 +99,17 @@ class _FieldCamera:
         self.spec, self.imaging, self.magnification = spec, imaging, magnification
         self._microscopes = {}
 
+    def _microscope(self, specimen) -> VirtualMicroscope:
+        """One virtual microscope per specimen, built once, on first use."""
+        if id(specimen) not in self._microscopes:
+            self._microscopes[id(specimen)] = VirtualMicroscope(specimen=specimen, seed=self.spec.seed)
+        return self._microscopes[id(specimen)]
+
     def capture(self, specimen, x: float, y: float, defocus_um: float, rng: np.random.Generator):
         if self.imaging != OWN_SIMULATOR:
             return heldout_imaging.capture(heldout_imaging.HELD_OUT_SCOPES[self.imaging], specimen, x, y, defocus_um,
                                            self.magnification, self.spec.tile_px, rng)
-        microscope = self._microscopes.setdefault(id(specimen), VirtualMicroscope(specimen=specimen, seed=self.spec.seed))
+        microscope = self._microscope(specimen)
         camera = microscope.camera
         roi = ((camera.height_px - self.spec.tile_px) // 2, (camera.width_px - self.spec.tile_px) // 2,
                self.spec.tile_px, self.spec.tile_px)
@@ -114,7 +120,7 @@ class _FieldCamera:
         if self.imaging != OWN_SIMULATOR:
             scope = heldout_imaging.HELD_OUT_SCOPES[self.imaging]
             return depth_of_field_um(STANDARD_OBJECTIVES[float(self.magnification)], scope.camera.pixel_size_um)
-        microscope = self._microscopes.setdefault(id(specimen), VirtualMicroscope(specimen=specimen, seed=self.spec.seed))
+        microscope = self._microscope(specimen)
         return microscope.depth_of_field_um(self.magnification)
 
 
