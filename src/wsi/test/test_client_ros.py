@@ -6,12 +6,13 @@ import time
 from pathlib import Path
 
 import pytest
-from rclpy.action import ActionServer, GoalResponse
+from rclpy.action import GoalResponse
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from wsi.client import ScannerClient, ScannerUnavailable, TaskResult, scan_goal
 from wsi.graph import GraphConfig, scan_graph
+from wsi_common.topics import MOVE_STAGE
 from wsi_interfaces.action import ExportSlide, MoveStage, ScanSlide
 
 pytestmark = pytest.mark.ros
@@ -85,8 +86,7 @@ def test_scan_export_and_cancel_through_the_client(run_nodes, scanner, tmp_path)
 
 def test_a_server_that_rejects_outright_gives_rejected(ros_node):
     old = Node("old_stage", namespace="old")
-    ActionServer(old, MoveStage, "stage/move", execute_callback=lambda handle: MoveStage.Result(),
-                 goal_callback=lambda goal: GoalResponse.REJECT)
+    MOVE_STAGE.server(old, lambda handle: MoveStage.Result(), goal_callback=lambda goal: GoalResponse.REJECT)
     executor = SingleThreadedExecutor()
     executor.add_node(old)
     spinning = threading.Thread(target=executor.spin, daemon=True)
@@ -108,8 +108,7 @@ def test_a_server_that_rejects_outright_gives_rejected(ros_node):
 def test_a_task_whose_server_leaves_ends_failed(ros_node):
     leaving = Node("leaving_stage", namespace="leaving")
     # Accepted and never executed: the goal is still running when the server goes.
-    server = ActionServer(leaving, MoveStage, "stage/move", execute_callback=lambda handle: MoveStage.Result(),
-                          handle_accepted_callback=lambda handle: None)
+    server = MOVE_STAGE.server(leaving, lambda handle: MoveStage.Result(), handle_accepted_callback=lambda handle: None)
     executor = SingleThreadedExecutor()
     executor.add_node(leaving)
     threading.Thread(target=executor.spin, daemon=True).start()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import State, Transition, TransitionEvent
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
@@ -15,7 +15,7 @@ from std_srvs.srv import Trigger
 from wsi.client import ScannerClient, ScannerUnavailable, TaskResult
 from wsi.graph import GraphConfig, scan_graph
 from wsi.lifecycle_manager import TO_ACTIVE, TO_UNCONFIGURED, BringUpError, transitions
-from wsi_common.qos import EVENT_QOS
+from wsi_common.topics import DIAGNOSTICS
 from wsi_interfaces.action import MoveStage
 
 FAULT = "X axis following error"
@@ -46,8 +46,8 @@ class Robot:
         self.node = node
         self.events, self.diagnostics = [], []
         node.create_subscription(TransitionEvent, "microscope/transition_event", self.events.append, 10)
-        node.create_subscription(DiagnosticArray, "/diagnostics", lambda a: self.diagnostics.extend(
-            s for s in a.status if s.name == "/microscope"), EVENT_QOS)
+        DIAGNOSTICS.subscription(node, lambda a: self.diagnostics.extend(
+            s for s in a.status if s.name == "/microscope"))
 
     def call(self, service_type, name: str, request, timeout_s: float = 120.0):
         client = self.node.create_client(service_type, name)

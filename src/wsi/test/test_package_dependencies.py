@@ -23,11 +23,6 @@ TEST_DEPENDENCIES = (*RUN_DEPENDENCIES, "test_depend")
 # over stand-ins), so the ament index here does not list it.
 ROS_PACKAGES_NOT_INSTALLED_HERE = frozenset({"launch", "launch_ros"})
 INTERFACE_PACKAGE_NAME = re.compile(r".+_(msgs|srvs|interfaces)$")
-# Test imports that cannot be declared: the imported package already depends on the importing one, and colcon
-# orders packages by their test dependencies too, so declaring them stops `colcon build` ("Unable to order
-# packages topologically"). These tests start the bring-up manager (`wsi.graph.lifecycle_manager_spec`) or
-# call actions with `wsi.actions.ActionCaller`; they run only from the whole workspace.
-UNDECLARABLE_TEST_IMPORTS = {"wsi_acquisition": {"wsi"}, "wsi_export": {"wsi"}}
 # wsi_autofocus's device side: the node and what it runs must not import the virtual microscope, which only
 # training and evaluation use (wsi_autofocus/package.xml).
 AUTOFOCUS_DEVICE_MODULES = ("node", "inference", "patches", "calibration", "model_io", "model")
@@ -44,17 +39,6 @@ def packages() -> dict[str, Path]:
 def declared(directory: Path, kinds) -> set[str]:
     root = ElementTree.parse(directory / "package.xml").getroot()
     return {element.text.strip() for kind in kinds for element in root.findall(kind)}
-
-
-def run_dependencies(name: str, workspace: dict[str, Path]) -> set[str]:
-    """Workspace packages `name` needs at run time, directly or through others."""
-    seen, todo = set(), [name]
-    while todo:
-        for dependency in declared(workspace[todo.pop()], RUN_DEPENDENCIES) & workspace.keys():
-            if dependency not in seen:
-                seen.add(dependency)
-                todo.append(dependency)
-    return seen
 
 
 def ament_indexed_packages() -> set[str]:
@@ -93,23 +77,13 @@ def test_every_imported_workspace_and_ros_package_is_declared(workspace):
     for name, directory in workspace.items():
         run, test = declared(directory, RUN_DEPENDENCIES), declared(directory, TEST_DEPENDENCIES)
         for path, is_test in python_files(directory):
-            allowed = test | UNDECLARABLE_TEST_IMPORTS.get(name, set()) if is_test else run
+            allowed = test if is_test else run
             for top in {module.split(".")[0] for module in imported_modules(path)}:
                 if top != name and top not in allowed and (top in ros or INTERFACE_PACKAGE_NAME.match(top)):
                     key = (name, "test_depend" if is_test else "exec_depend", top)
                     missing.setdefault(key, []).append(str(path.relative_to(directory)))
     assert not missing, "\n".join(f"{name}/package.xml lacks <{tag}>{top}</{tag}>: {', '.join(files)}"
                                    for (name, tag, top), files in sorted(missing.items()))
-
-
-def test_undeclarable_test_imports_are_only_dependency_cycles(workspace):
-    for name, imports in UNDECLARABLE_TEST_IMPORTS.items():
-        used = {module.split(".")[0] for path, is_test in python_files(workspace[name]) if is_test
-                for module in imported_modules(path)}
-        for imported in imports:
-            assert name in run_dependencies(imported, workspace), (
-                f"{name}'s tests import {imported}, which does not depend on {name}: declare it as test_depend")
-            assert imported in used, f"{name}'s tests no longer import {imported}: drop it from UNDECLARABLE_TEST_IMPORTS"
 
 
 def test_the_autofocus_device_side_does_not_import_the_simulator(workspace):

@@ -17,9 +17,11 @@ from rosbags.highlevel import AnyReader
 from rosbags.interfaces import QosDurability, QosReliability
 from rosbags.rosbag2 import Reader
 
+from wsi.bag_format import (MCAP_MAGIC, BagError, find_interface_directory, interface_types, reliable_qos,
+                            wsi_typestore)
+from wsi.bag_reader import BagReader, DamagedBagError
+from wsi.bag_writer import BackgroundBagWriter, BagWriter
 from wsi.graph import GraphConfig, scan_graph
-from wsi.recorder import (MCAP_MAGIC, BackgroundBagWriter, BagError, BagReader, BagWriter, DamagedBagError,
-                          find_interface_directory, interface_types, reliable_qos, wsi_typestore)
 from wsi_common.ros_env import node_environment
 
 TILE_TYPE = "wsi_interfaces/msg/Tile"
@@ -394,6 +396,18 @@ def test_qos_round_trip_through_the_bag():
     assert qos_from_bag(mixed, EVENT_QOS).reliability == ReliabilityPolicy.BEST_EFFORT
 
 
+def test_the_recorder_subscribes_with_the_qos_of_the_topic_table():
+    from wsi.recorder_node import DEFAULT_TOPICS, RECORDED_TOPICS, subscription_qos
+    from wsi_common.qos import EVENT_QOS
+    from wsi_common.topics import ACTION_FEEDBACK_QOS, ACTION_STATUS_QOS, TOPICS
+    assert all(topic in TOPICS for topic in RECORDED_TOPICS) and DEFAULT_TOPICS == [t.name for t in RECORDED_TOPICS]
+    assert all(subscription_qos(topic.name) == topic.qos for topic in TOPICS)
+    # a topic the table does not know: an action's by rclpy's profiles, any other as an event
+    assert subscription_qos("other/_action/status") == ACTION_STATUS_QOS
+    assert subscription_qos("other/_action/feedback") == ACTION_FEEDBACK_QOS
+    assert subscription_qos("other") == EVENT_QOS
+
+
 def test_message_classes_of_recorded_types():
     from wsi.recorder_node import message_class
     from wsi_interfaces.action import ScanSlide
@@ -574,12 +588,13 @@ def test_play_refuses_unknown_topics(bag):
 def test_graph_recorder_bags_status_and_action_topics(tmp_path, run_nodes, ros_node):
     """The recorder of `scan_graph(record=True)` records the microscope's status and action topics."""
     from action_msgs.msg import GoalStatus
-    from wsi.actions import ActionCaller
+    from wsi_common.action_caller import ActionCaller
+    from wsi_common.topics import MOVE_STAGE, TOPICS
     from wsi_interfaces.action import MoveStage
 
     specs = scan_graph(GraphConfig(record=True, output_dir=str(tmp_path), sim_speedup=4.0))
     supervisor = run_nodes([s for s in specs if s.name in ("microscope", "recorder", "lifecycle_manager")])
-    stage = ActionCaller(ros_node, MoveStage, "stage/move")
+    stage = ActionCaller(ros_node, MOVE_STAGE)
     stage.wait_for_server(timeout_s=30)
     time.sleep(1.0)     # the recorder subscribes within its discovery period
     outcome = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=0.0), timeout_s=30)
@@ -590,6 +605,8 @@ def test_graph_recorder_bags_status_and_action_topics(tmp_path, run_nodes, ros_n
     with Reader(bag) as reader:
         counts = {c.topic: c.msgcount for c in reader.connections}
         types = {c.topic: c.msgtype for c in reader.connections}
+        offered = {c.topic: {(q.reliability.name, q.durability.name) for q in c.ext.offered_qos_profiles}
+                   for c in reader.connections}
     # Readers this project did not write read every message of the bag.
     read = read_with_any_reader(bag)
     records, decoded = read_with_mcap(bag)
@@ -603,3 +620,10 @@ def test_graph_recorder_bags_status_and_action_topics(tmp_path, run_nodes, ros_n
     assert len(feedback) == len(outcome.feedback)
     assert [f.feedback.distance_remaining_um for f in feedback] == pytest.approx(
         [f.distance_remaining_um for f in outcome.feedback])
+    # Every topic recorded is in the topic table, with the type and QoS its publishers use on the graph
+    # (discovery carries reliability and durability, not the history depth).
+    table = {f"/{topic.name.lstrip('/')}": topic for topic in TOPICS}
+    assert {"/tiles", "/scan/plan", "/scan/status", "/stage/state", "/diagnostics"} <= types.keys() <= table.keys()
+    assert {topic: (types[topic], offered[topic]) for topic in types} == {
+        topic: (table[topic].type_name, {(table[topic].qos.reliability.name, table[topic].qos.durability.name)})
+        for topic in types}

@@ -11,12 +11,11 @@ import tifffile
 import zarr
 from action_msgs.msg import GoalStatus
 
-from wsi.actions import ActionCaller
 from wsi.graph import GraphConfig, scan_graph
-from wsi_common.qos import LATCHED_QOS
+from wsi_common.action_caller import ActionCaller
 from wsi_common.ros_env import node_environment
+from wsi_common.topics import EXPORT_SLIDE, MOSAIC_STATUS, SCAN_SLIDE
 from wsi_interfaces.action import ExportSlide, ScanSlide
-from wsi_interfaces.msg import MosaicStatus
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -27,7 +26,7 @@ def test_replayed_scan_bag_reproduces_the_mosaic_and_the_pyramid(run_nodes, ros_
         if spec.name == "microscope":
             spec.parameters.update(camera_width_px=512, camera_height_px=512)
     live = run_nodes(graph)
-    scanner = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    scanner = ActionCaller(ros_node, SCAN_SLIDE)
     scanner.wait_for_server(timeout_s=60)
     goal = ScanSlide.Goal(scan_id="replayed", region_x_um=43_000.0, region_y_um=12_000.0, region_width_um=600.0,
                           region_height_um=500.0, objective_magnification=20.0, skip_empty_tiles=True,
@@ -46,7 +45,7 @@ def test_replayed_scan_bag_reproduces_the_mosaic_and_the_pyramid(run_nodes, ros_
             spec.parameters["mosaic_dir"] = "replay"
     run_nodes(replay_graph)
     mosaics = []
-    ros_node.create_subscription(MosaicStatus, "mosaic/status", mosaics.append, LATCHED_QOS)
+    MOSAIC_STATUS.subscription(ros_node, mosaics.append)
     played = subprocess.run([sys.executable, "-m", "wsi.cli", "play", str(bag), "--rate", "2",
                              "--topics", "/scan/plan", "/tiles", "/scan/status", "--wait-for-subscribers", "1",
                              "--wait-timeout", "60"], capture_output=True, text=True, timeout=600,
@@ -58,7 +57,7 @@ def test_replayed_scan_bag_reproduces_the_mosaic_and_the_pyramid(run_nodes, ros_
     final = next(m for m in mosaics if m.finished)
     assert final.success, final.error
     assert final.mosaic_uri == str((tmp_path / "replay" / "replayed" / "mosaic.zarr").resolve())
-    exporter = ActionCaller(ros_node, ExportSlide, "export_slide")
+    exporter = ActionCaller(ros_node, EXPORT_SLIDE)
     exporter.wait_for_server(timeout_s=30)
     exported = exporter.call(ExportSlide.Goal(mosaic_uri=final.mosaic_uri, output_dir="replay/replayed",
                                               output_name="replayed", formats=["ome-tiff"], write_thumbnail=True),

@@ -19,11 +19,12 @@ import rclpy
 from rcl_interfaces.srv import ListParameters
 from rosbags.highlevel import AnyReader
 
-from wsi.actions import ActionCaller
+from wsi.bag_reader import BagReader
 from wsi.graph import GraphConfig, scan_graph
-from wsi.recorder import BagReader
+from wsi_common.action_caller import ActionCaller
 from wsi_common.ros_env import node_environment
 from wsi_common.supervisor import write_params_file
+from wsi_common.topics import MOVE_STAGE
 from wsi_interfaces.action import MoveStage
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -129,7 +130,7 @@ def assert_bag_closed_and_readable(directory: Path) -> None:
                          ids=["ctrl-c in the terminal", "sigterm to each node"])
 def test_every_node_stops_cleanly_on_repeated_signals(graph, ros_node, tmp_path, first_signal, to_group):
     wait_until_spinning(graph, ros_node)
-    stage = ActionCaller(ros_node, MoveStage, "stage/move")
+    stage = ActionCaller(ros_node, MOVE_STAGE)
     stage.wait_for_server(timeout_s=30)
     moves = []
     # A move of several minutes: the goal is still executing when the signals arrive.

@@ -9,9 +9,10 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 
-from wsi.actions import ActionCaller
 from wsi.graph import GraphConfig, scan_graph
+from wsi_common.action_caller import ActionCaller
 from wsi_common.ros_env import interruptible, node_environment
+from wsi_common.topics import MOVE_STAGE
 from wsi_interfaces.action import MoveStage
 
 pytestmark = pytest.mark.ros
@@ -44,7 +45,7 @@ def test_tiles_cross_processes_intact():
 @pytest.fixture
 def stage(run_nodes, ros_node):
     run_nodes(scan_graph(GraphConfig(sim_speedup=1.0)))
-    caller = ActionCaller(ros_node, MoveStage, "stage/move")
+    caller = ActionCaller(ros_node, MOVE_STAGE)
     caller.wait_for_server(timeout_s=30)
     return caller
 

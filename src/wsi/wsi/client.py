@@ -27,16 +27,14 @@ from dataclasses import dataclass
 
 import rclpy
 from action_msgs.msg import GoalStatus
-from rclpy.action import ActionClient
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
+from wsi_common.action_caller import DISCOVERY_SETTLE_S, wait_for_action_server
+from wsi_common.topics import EXPORT_SLIDE, MOVE_STAGE, SCAN_SLIDE
 from wsi_interfaces.action import ExportSlide, MoveStage, ScanSlide
 
-ACTION_NAMES = {ScanSlide: "scan_slide", ExportSlide: "export_slide", MoveStage: "stage/move"}
-# Discovery is not symmetric: a goal sent as soon as the server is seen can go unanswered, because the
-# server has not yet matched this client's reply readers (Fast DDS: "failed to send response (timeout)").
-DISCOVERY_SETTLE_S = 0.5
+ACTIONS = {action.action_type: action for action in (SCAN_SLIDE, EXPORT_SLIDE, MOVE_STAGE)}
 # A server that has been out of the graph this long while its task runs is taken as gone (its process
 # stopped, or its microscope went down), not as a discovery hiccup; the task then ends FAILED.
 SERVER_GONE_S = 2.0
@@ -85,7 +83,7 @@ class ScannerClient(Node):
     def __init__(self, namespace: str = "", node_name: str = "wsi_client", server_timeout_s: float = 60.0):
         super().__init__(node_name, namespace=namespace)
         self.server_timeout_s = server_timeout_s
-        self._actions = {action: ActionClient(self, action, name) for action, name in ACTION_NAMES.items()}
+        self._actions = {action_type: action.client(self) for action_type, action in ACTIONS.items()}
         self._settled: set = set()
         self._is_active = self.create_client(Trigger, "lifecycle_manager/is_active")
         self._task = ""
@@ -182,23 +180,18 @@ class ScannerClient(Node):
     def _on_feedback(self, message) -> None:
         self._feedback = message.feedback
 
-    def _wait_for_server(self, action, client: ActionClient) -> None:
-        deadline = time.monotonic() + self.server_timeout_s
-        while not client.server_is_ready():
-            if time.monotonic() > deadline:
-                self._settled.discard(action)
-                raise ScannerUnavailable(f"no {self._name(action)} action server after {self.server_timeout_s:g} s: "
-                                         f"{self._why_unavailable()}")
-            rclpy.spin_once(self, timeout_sec=0.1)
-        if action not in self._settled:
-            settled = time.monotonic() + DISCOVERY_SETTLE_S
-            while time.monotonic() < settled:
-                rclpy.spin_once(self, timeout_sec=0.05)
-            self._settled.add(action)
+    def _wait_for_server(self, action, client) -> None:
+        """The first wait for a server lets discovery settle; later ones only check that it is still there."""
+        settle_s = 0.0 if action in self._settled else DISCOVERY_SETTLE_S
+        if not wait_for_action_server(self, client, self.server_timeout_s, settle_s):
+            self._settled.discard(action)
+            raise ScannerUnavailable(f"no {self._name(action)} action server after {self.server_timeout_s:g} s: "
+                                     f"{self._why_unavailable()}")
+        self._settled.add(action)
 
     def _name(self, action) -> str:
         """The action's name as the scanner offers it (in this client's namespace)."""
-        return f"{self.get_namespace().rstrip('/')}/{ACTION_NAMES[action]}".lstrip("/")
+        return f"{self.get_namespace().rstrip('/')}/{ACTIONS[action].name}".lstrip("/")
 
     def _why_unavailable(self) -> str:
         """The bring-up manager's word on the scanner's state, where one answers."""

@@ -25,7 +25,7 @@ from std_srvs.srv import Trigger
 
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS
+from wsi_common.topics import DIAGNOSTICS
 
 PARAMETERS = {
     "node_names": ([""], "managed nodes, in bring-up order (names relative to the manager's namespace)"),
@@ -91,8 +91,7 @@ class LifecycleManager(Node):
         self._active: set[str] = set()          # nodes whose last transition event ended in active
         self._statuses: dict[str, tuple[float, str]] = {}    # full node name -> (arrival, diagnostics message)
         self._status_arrived = threading.Condition()
-        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, EVENT_QOS,
-                                 callback_group=answers)
+        DIAGNOSTICS.subscription(self, self._on_diagnostics, callback_group=answers)
         for name in self.names:
             self.create_subscription(TransitionEvent, f"{name}/transition_event",
                                      lambda event, name=name: self._on_transition_event(name, event), 10,

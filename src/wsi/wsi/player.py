@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from rclpy.duration import Duration
 from rclpy.node import Node
 
-from wsi.recorder import BagError, BagReader, DamagedBagError
+from wsi.bag_format import BagError
+from wsi.bag_reader import BagReader, DamagedBagError
 from wsi.recorder_node import message_class, qos_from_bag
 from wsi_common.qos import EVENT_QOS
 

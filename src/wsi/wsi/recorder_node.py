@@ -14,35 +14,32 @@ import sys
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy,
-                       qos_profile_action_status_default)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 
-from wsi.recorder import BackgroundBagWriter, BagError, BagWriter
+from wsi.bag_format import INFINITE_QOS_TIME, BagError
+from wsi.bag_writer import BackgroundBagWriter, BagWriter
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.qos import EVENT_QOS
+from wsi_common.topics import (ACTION_FEEDBACK_QOS, ACTION_STATUS_QOS, ACTIONS, DIAGNOSTICS, FOCUS_ESTIMATES, SCAN_PLAN,
+                               SCAN_STATUS, STAGE_STATE, TILES, TOPICS_BY_NAME)
 
-RECORDED_ACTIONS = ("scan_slide", "export_slide", "stage/move")
-DEFAULT_TOPICS = ["tiles", "focus_estimates", "scan/plan", "scan/status", "stage/state", "/diagnostics",
-                  *(f"{action}/_action/{part}" for action in RECORDED_ACTIONS for part in ("feedback", "status"))]
-# Action feedback is published with the default QoS of rclpy's ActionServer.
-_ACTION_FEEDBACK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
-                                  reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
-_INFINITE_BAG_TIME = QosTime(2147483647, 4294967295)   # rosbag2's spelling of an infinite duration
-_MAX_FINITE_NS = 2147483647 * 1_000_000_000
+RECORDED_TOPICS = (TILES, FOCUS_ESTIMATES, SCAN_PLAN, SCAN_STATUS, STAGE_STATE, DIAGNOSTICS,
+                   *(topic for action in ACTIONS for topic in (action.feedback_topic, action.status_topic)))
+DEFAULT_TOPICS = [topic.name for topic in RECORDED_TOPICS]
+_MAX_FINITE_NS = INFINITE_QOS_TIME.sec * 1_000_000_000
 
 
 def subscription_qos(topic: str) -> QoSProfile:
-    """The profile the WSI publisher of `topic` (a name relative to the namespace) uses."""
-    if topic == "tiles":
-        return TILE_QOS
-    if topic == "scan/plan":
-        return LATCHED_QOS
+    """The profile the WSI publisher of `topic` (a name relative to the namespace) uses (wsi_common.topics); any
+    action's status and feedback topics have rclpy's profiles, another topic EVENT_QOS."""
+    if topic in TOPICS_BY_NAME:
+        return TOPICS_BY_NAME[topic].qos
     if topic.endswith("/_action/status"):
-        return qos_profile_action_status_default
+        return ACTION_STATUS_QOS
     if topic.endswith("/_action/feedback"):
-        return _ACTION_FEEDBACK_QOS
+        return ACTION_FEEDBACK_QOS
     return EVENT_QOS
 
 
@@ -74,7 +71,7 @@ def with_history_of(offered: QoSProfile, known: QoSProfile) -> QoSProfile:
 def _bag_time(duration: Duration) -> QosTime:
     nanoseconds = duration.nanoseconds
     if nanoseconds <= 0 or nanoseconds >= _MAX_FINITE_NS:   # 0: unspecified; both mean "no limit"
-        return _INFINITE_BAG_TIME
+        return INFINITE_QOS_TIME
     return QosTime(*divmod(nanoseconds, 1_000_000_000))
 
 

@@ -19,10 +19,9 @@ from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 
 from wsi_common.image import array_to_image, image_to_array
-from wsi_common.qos import TILE_QOS
+from wsi_common.topics import TILES
 from wsi_interfaces.msg import Tile
 
-TOPIC = "tiles"
 
 
 def synthetic_tile(size_px: int, sequence: int) -> np.ndarray:
@@ -48,11 +47,11 @@ def fill_tile(msg: Tile, pixels: np.ndarray, sequence: int, node: Node) -> Tile:
 
 def send(args) -> dict:
     node = Node("tile_probe_sender")
-    publisher = node.create_publisher(Tile, TOPIC, TILE_QOS)
+    publisher = TILES.publisher(node)
     deadline = time.monotonic() + args.wait_for_subscriber
     while publisher.get_subscription_count() < args.subscribers:
         if time.monotonic() > deadline:
-            raise SystemExit(f"no subscriber on {TOPIC!r} after {args.wait_for_subscriber} s")
+            raise SystemExit(f"no subscriber on {TILES.name!r} after {args.wait_for_subscriber} s")
         time.sleep(0.05)
     # A few distinct patterns, reused, so that generating pixels does not limit the send rate.
     patterns = [synthetic_tile(args.size, i) for i in range(args.patterns)]
@@ -92,7 +91,7 @@ def receive(args) -> dict:
                          "latency_ms": (now_ns - stamp_ns) / 1e6, "bytes": len(msg.image.data),
                          "arrived_s": time.monotonic()})
 
-    node.create_subscription(Tile, TOPIC, on_tile, TILE_QOS)
+    TILES.subscription(node, on_tile)
     print(json.dumps({"ready": True}), flush=True)
     started = time.monotonic()
     while time.monotonic() - started < args.duration and (args.count == 0 or len(arrivals) < args.count):

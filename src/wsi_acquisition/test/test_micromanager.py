@@ -153,37 +153,6 @@ def test_config_errors_name_the_problem(tmp_path):
         objectives_from_lists([20.0, 40.0], [0.75], [0.0, 0.0], ["", ""])
 
 
-@pytest.mark.slow
-@pytest.mark.ros
-def test_the_ros_microscope_scans_through_the_micromanager_backend(run_nodes, ros_node, tmp_path):
-    from action_msgs.msg import GoalStatus
-
-    from wsi.actions import ActionCaller
-    from wsi.graph import lifecycle_manager_spec
-    from wsi_common.supervisor import NodeSpec
-    from wsi_interfaces.action import ScanSlide
-
-    run_nodes([NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
-                        module="wsi_acquisition.microscope_node", single_node=False,
-                        parameters={"backend": "micromanager-sim", "sim_speedup": 50.0, "output_root": str(tmp_path),
-                                    "camera_width_px": 256, "camera_height_px": 256}),
-               lifecycle_manager_spec("", ["microscope"])])
-    caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
-    caller.wait_for_server(timeout_s=30)
-    x, y, width, height = REGION_UM
-    goal = ScanSlide.Goal(scan_id="mmros", region_x_um=x, region_y_um=y, region_width_um=width,
-                          region_height_um=height, objective_magnification=20.0,
-                          focus_strategy=ScanSlide.Goal.FOCUS_MAP, skip_empty_tiles=False)
-    outcome = caller.call(goal, timeout_s=300)
-    result = outcome.result
-    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
-    manifest = json.loads(Path(result.manifest_uri).read_text())
-    assert manifest["status"] == "complete" and manifest["tile_width_px"] == 256
-    assert result.tiles_planned == result.tiles_captured == len(manifest["tiles"]) >= 20
-    defocus = [abs(t["ground_truth"]["defocus_um"]) for t in manifest["tiles"]]
-    assert max(defocus) < 1.41                                  # depth of field at 20x
-
-
 def test_the_microscope_node_loads_the_config_named_by_its_parameters(tmp_path):
     from wsi_acquisition.microscope_node import PARAMETERS, build_backend
 

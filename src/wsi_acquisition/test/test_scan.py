@@ -19,6 +19,7 @@ from wsi_acquisition import scan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
 from wsi_acquisition.scan_request import DEFAULTS, MAX_FOCUS_POINTS, ScannerSettings
 from wsi_common.focus_metrics import tissue_fraction
+from wsi_common.scan_files import Manifest
 
 # A small tissue region, imaged with a small sensor so that a scan takes a few seconds.
 REGION_UM = (43_000.0, 12_000.0, 500.0, 400.0)
@@ -47,6 +48,9 @@ def test_scan_captures_every_planned_tile_in_focus_and_writes_the_manifest(tmp_p
     manifest = json.loads(outcome.manifest_path.read_text())
     assert manifest["status"] == "complete" and len(manifest["tiles"]) == len(plan.tiles)
     assert manifest["pixel_size_um"] == pytest.approx(backend.pixel_size_um())
+    recorded = Manifest.read(outcome.manifest_path).plan()          # the plan as every reader sees it
+    assert recorded.tiles == [(t.row, t.col) for t in plan.tiles] and recorded.grid.extent_um == plan.extent_um
+    assert all(recorded.grid.centre_um(t.row, t.col) == (t.x_um, t.y_um) for t in plan.tiles)
     first = manifest["tiles"][0]
     stored = tifffile.imread(outcome.scan_dir / first["image"])
     np.testing.assert_array_equal(stored, published[0][1].image_rgb8)
@@ -133,6 +137,38 @@ def test_cancel_keeps_what_was_captured(tmp_path):
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert manifest["status"] == "canceled" and len(manifest["tiles"]) == 4
     assert all((tmp_path / "s1" / t["image"]).exists() for t in manifest["tiles"])
+
+
+KILLED_SCAN = """
+import os, signal, sys
+from pathlib import Path
+from wsi_acquisition.hardware import SimulatedMicroscope
+from wsi_acquisition.optics import Camera
+from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
+
+published = []
+
+def publish_and_die_on_the_fifth(record, frame):
+    published.append(record)
+    if len(published) == 5:         # the fifth tile is saved, its journal line not yet written
+        os.kill(os.getpid(), signal.SIGKILL)
+
+backend = SimulatedMicroscope.create(speedup=1000.0, camera=Camera(width_px=256, height_px=256))
+ScanRunner(backend, ScanRequest(scan_id="killed", output_dir=Path(sys.argv[1]), region_um=%r,
+                                focus_strategy=FocusStrategy.NONE, skip_empty_tiles=False),
+           publish_tile=publish_and_die_on_the_fifth).run()
+""" % (REGION_UM,)
+
+
+def test_a_killed_scan_reads_as_every_tile_recorded_before_the_kill(tmp_path):
+    killed = subprocess.run([sys.executable, "-c", KILLED_SCAN, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    manifest = Manifest.read(tmp_path / "killed" / "manifest.json")
+    assert manifest.status == "running"
+    tiles = manifest.tiles()        # every listed image is checked to be on disk
+    assert [(t.row, t.col) for t in tiles] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert all(tifffile.imread(t.image_path).shape == (256, 256, 3) for t in tiles)
 
 
 class FlakyCamera:
@@ -303,6 +339,7 @@ import tifffile
 from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusStrategy, ScanError, ScanRequest, ScanRunner
+from wsi_common.scan_files import Manifest
 
 disk = Path(sys.argv[1])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
@@ -316,8 +353,8 @@ except ScanError as error:
     report = {"code": int(error.code), "error": str(error)}
 scan_dir = disk / "full"
 report["files"] = sorted(str(p.relative_to(scan_dir)) for p in scan_dir.rglob("*"))
-manifest = json.loads((scan_dir / "manifest.json").read_text())
-report["status"], report["listed"] = manifest["status"], [t["image"] for t in manifest["tiles"]]
+manifest = Manifest.read(scan_dir / "manifest.json")
+report["status"], report["listed"] = manifest.status, [t["image"] for t in manifest.document["tiles"]]
 report["readable"] = [tifffile.imread(scan_dir / image).shape == (256, 256, 3) for image in report["listed"]]
 print(json.dumps(report))
 """
@@ -337,5 +374,6 @@ def test_a_full_disk_leaves_only_complete_tiles_a_valid_manifest_and_names_the_t
     free_mb = float(re.search(r"\((\d+\.\d) MB free there\)", report["error"]).group(1))
     assert free_mb < 256 * 256 * 3 / 1e6                # less than a tile needs: the disk is full
     assert report["status"] == "failed" and 2 <= len(report["listed"]) and all(report["readable"])
-    # nothing but the complete tiles the manifest lists: no truncated tile, no temporary file
-    assert report["files"] == sorted(["manifest.json", "tiles", *report["listed"]])
+    # nothing but the complete tiles the manifest lists: no truncated tile, no temporary file (the journal
+    # stays when the disk had no room for the final manifest)
+    assert set(report["files"]) - {"manifest.journal.jsonl"} == {"manifest.json", "tiles", *report["listed"]}

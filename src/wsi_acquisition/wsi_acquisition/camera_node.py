@@ -10,7 +10,7 @@ from std_srvs.srv import Trigger
 from wsi_acquisition.hardware import CameraError
 from wsi_common.image import array_to_image
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS, LIVE_IMAGE_QOS
+from wsi_common.topics import CAMERA_IMAGE, CAMERA_INFO, CAMERA_LIVE
 
 PARAMETERS = {
     "exposure_ms": (8.0, "exposure time, ms"),
@@ -29,9 +29,9 @@ class CameraNode(Node):
         self.backend = backend
         self._lock = hardware_lock
         self.add_on_set_parameters_callback(self._on_parameters)
-        self._image_pub = self.create_publisher(Image, "camera/image", EVENT_QOS)
-        self._info_pub = self.create_publisher(CameraInfo, "camera/camera_info", EVENT_QOS)
-        self._live_pub = self.create_publisher(Image, "camera/live", LIVE_IMAGE_QOS)
+        self._image_pub = CAMERA_IMAGE.publisher(self)
+        self._info_pub = CAMERA_INFO.publisher(self)
+        self._live_pub = CAMERA_LIVE.publisher(self)
         group = MutuallyExclusiveCallbackGroup()
         self.create_service(Trigger, "camera/trigger", self._trigger, callback_group=group)
         self._live_image = Image()

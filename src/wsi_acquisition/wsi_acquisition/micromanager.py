@@ -22,6 +22,7 @@ from wsi_acquisition.hardware import CameraError, Frame
 from wsi_acquisition.microscope import Overview
 from wsi_acquisition.optics import Objective, depth_of_field_um
 from wsi_acquisition.stage import StageDynamics, StageFault, StageLimits, trapezoid_duration_s
+from wsi_common.tile_grid import field_of_view_um
 
 
 # Farther than this from the last commanded XY (backlash and repeatability are ~1 µm), the stage has
@@ -219,8 +220,7 @@ class MicroManagerMicroscope:
         return self._pixel_size_um
 
     def field_of_view_um(self) -> tuple[float, float]:
-        width, height = self._sensor_px
-        return width * self._pixel_size_um, height * self._pixel_size_um
+        return field_of_view_um(*self._sensor_px, self._pixel_size_um)
 
     def depth_of_field_um(self) -> float:
         spec = self._objectives[self.objective_magnification]

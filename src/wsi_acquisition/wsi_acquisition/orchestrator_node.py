@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from action_msgs.msg import GoalStatus
-from rclpy.action import ActionClient, ActionServer, CancelResponse
+from rclpy.action import CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 
+from wsi_acquisition.planning import TilePlan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanProgress, ScanRunner, State
 from wsi_acquisition.scan_outputs import (POLL_S, ExportJob, ExportReply, MosaicState, OutputTimeouts,
                                           finish_scan)
@@ -26,7 +27,7 @@ from wsi_common.backpressure import MB, CreditWindow
 from wsi_common.diagnostics import OK, DiagnosticsPublisher
 from wsi_common.image import array_to_image
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.topics import EXPORT_SLIDE, FOCUS_ESTIMATES, MOSAIC_STATUS, SCAN_PLAN, SCAN_SLIDE, SCAN_STATUS, TILES
 from wsi_interfaces.action import ExportSlide, ScanSlide
 from wsi_interfaces.msg import FocusEstimate, MosaicStatus, ScanPlan, ScanStatus, Tile, TileIndex
 from wsi_interfaces.srv import CalibrateAutofocus, EstimateFocus
@@ -53,6 +54,18 @@ PARAMETERS = {
 }
 
 
+def scan_plan_message(scan_id: str, plan: TilePlan, backend, scan_dir: Path, manifest_path: Path) -> ScanPlan:
+    """The ScanPlan message of a tile plan taken with `backend` (a MicroscopeBackend); no stamp."""
+    width, height = backend.sensor_size_px()
+    edge_x_um, edge_y_um = plan.edge_origin_um
+    return ScanPlan(scan_id=scan_id, output_dir=str(scan_dir), rows=plan.rows, cols=plan.cols,
+                    tiles=[TileIndex(row=t.row, col=t.col) for t in plan.tiles], tile_width_px=width,
+                    tile_height_px=height, pixel_size_um=backend.pixel_size_um(),
+                    overlap_fraction=plan.overlap_fraction, objective_magnification=backend.objective_magnification,
+                    numerical_aperture=backend.numerical_aperture(), origin_x_um=edge_x_um, origin_y_um=edge_y_um,
+                    step_x_um=plan.step_x_um, step_y_um=plan.step_y_um, manifest_uri=str(manifest_path))
+
+
 def _mosaic_state(msg: MosaicStatus | None) -> MosaicState | None:
     return None if msg is None else MosaicState(msg.finished, msg.success, msg.error, msg.mosaic_uri, msg.report_uri)
 
@@ -71,21 +84,21 @@ class ScanOrchestratorNode(Node):
         self._window = CreditWindow(round(self.params["max_buffer_mb"] * MB))
         self._estimates_this_scan = 0      # the running scan's tiles the autofocus has handled (estimated)
         group = ReentrantCallbackGroup()
-        self._tiles = self.create_publisher(Tile, "tiles", TILE_QOS)
-        self._status = self.create_publisher(ScanStatus, "scan/status", EVENT_QOS)
-        self._plan = self.create_publisher(ScanPlan, "scan/plan", LATCHED_QOS)
+        self._tiles = TILES.publisher(self)
+        self._status = SCAN_STATUS.publisher(self)
+        self._plan = SCAN_PLAN.publisher(self)
         self._estimates: dict[tuple[str, int], FocusEstimate] = {}
         self._estimate_arrived = threading.Condition()
-        self.create_subscription(FocusEstimate, "focus_estimates", self._on_estimate, EVENT_QOS, callback_group=group)
+        FOCUS_ESTIMATES.subscription(self, self._on_estimate, callback_group=group)
         self._mosaics: dict[str, MosaicStatus] = {}
         self._latest_mosaic: MosaicStatus | None = None
         self._mosaic_arrived = threading.Condition()
-        self.create_subscription(MosaicStatus, "mosaic/status", self._on_mosaic, LATCHED_QOS, callback_group=group)
-        self._export = ActionClient(self, ExportSlide, "export_slide", callback_group=group)
+        MOSAIC_STATUS.subscription(self, self._on_mosaic, callback_group=group)
+        self._export = EXPORT_SLIDE.client(self, callback_group=group)
         self._estimate_image = self.create_client(EstimateFocus, "estimate_focus", callback_group=group)
         self._calibrate = self.create_client(CalibrateAutofocus, "calibrate_autofocus", callback_group=group)
-        self._server = ActionServer(self, ScanSlide, "scan_slide", execute_callback=self._execute,
-                                    cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
+        self._server = SCAN_SLIDE.server(self, self._execute, cancel_callback=lambda _: CancelResponse.ACCEPT,
+                                         callback_group=group)
         DiagnosticsPublisher(self, "scan_orchestrator", self.params["diagnostics_period_s"], self._diagnostics)
 
     # -- goals ---------------------------------------------------------------------------------
@@ -175,7 +188,7 @@ class ScanOrchestratorNode(Node):
 
     # -- the graph, as scan_outputs sees it -----------------------------------------------------
     def stitcher_running(self) -> bool:
-        return self.count_publishers("mosaic/status") > 0
+        return self.count_publishers(MOSAIC_STATUS.name) > 0
 
     def mosaic_state(self, scan_id: str) -> MosaicState | None:
         with self._mosaic_arrived:
@@ -219,7 +232,7 @@ class ScanOrchestratorNode(Node):
     def _tile_consumers(self) -> list[str]:
         """The consumers whose buffers a tile must fit in: the autofocus while it runs (it estimates every
         tile), the stitching node once it has said it stitches this scan and until it has finished it."""
-        consumers = ["autofocus"] if self.count_publishers("focus_estimates") else []
+        consumers = ["autofocus"] if self.count_publishers(FOCUS_ESTIMATES.name) else []
         with self._mosaic_arrived:
             state = self._mosaics.get(self._running_scan)
         if state is not None and not state.finished and self.stitcher_running():
@@ -254,18 +267,8 @@ class ScanOrchestratorNode(Node):
         self._window.sent(nbytes)
         self._tiles.publish(msg)
 
-    def _publish_plan(self, request: ScanRequest, plan, runner: ScanRunner) -> None:
-        width, height = self.backend.sensor_size_px()
-        pixel = self.backend.pixel_size_um()
-        msg = ScanPlan(scan_id=request.scan_id, output_dir=str(runner.scan_dir), rows=plan.rows, cols=plan.cols,
-                       tiles=[TileIndex(row=t.row, col=t.col) for t in plan.tiles], tile_width_px=width,
-                       tile_height_px=height, pixel_size_um=pixel, overlap_fraction=plan.overlap_fraction,
-                       objective_magnification=self.backend.objective_magnification,
-                       numerical_aperture=self.backend.numerical_aperture(),
-                       origin_x_um=plan.origin_x_um - width * pixel / 2,
-                       origin_y_um=plan.origin_y_um - height * pixel / 2,
-                       step_x_um=plan.step_x_um, step_y_um=plan.step_y_um,
-                       manifest_uri=str(runner.outcome.manifest_path))
+    def _publish_plan(self, request: ScanRequest, plan: TilePlan, runner: ScanRunner) -> None:
+        msg = scan_plan_message(request.scan_id, plan, self.backend, runner.scan_dir, runner.outcome.manifest_path)
         msg.header.stamp = self.get_clock().now().to_msg()
         with self._mosaic_arrived:
             # A scan of the same id in another output directory had a mosaic of its own: not this one's.
@@ -295,7 +298,7 @@ class ScanOrchestratorNode(Node):
 
     def _wait_for_estimate(self, scan_id: str, record) -> FocusReply | None:
         """The autofocus node's estimate of a just-published tile; None if none runs or it is late."""
-        if self.count_publishers("focus_estimates") == 0:
+        if self.count_publishers(FOCUS_ESTIMATES.name) == 0:
             return None
         key = (scan_id, record.sequence)
         with self._estimate_arrived:

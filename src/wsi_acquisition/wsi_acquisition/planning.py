@@ -1,7 +1,7 @@
 """Scan planning: tissue detection on the overview, serpentine tile plan, focus points and focus map.
 
 All positions are slide/stage coordinates in µm (x right, y down); tile positions are field-of-view
-centres, which is where the stage is sent.
+centres, which is where the stage is sent (`wsi_common.tile_grid`).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import interpolate, ndimage
+
+from wsi_common.tile_grid import TileGrid
 
 
 class PlanningError(ValueError):
@@ -162,28 +164,10 @@ class PlannedTile:
 
 
 @dataclass(frozen=True)
-class TilePlan:
-    rows: int
-    cols: int
-    step_x_um: float
-    step_y_um: float
-    origin_x_um: float              # centre of grid position (row 0, col 0)
-    origin_y_um: float
-    fov_width_um: float
-    fov_height_um: float
+class TilePlan(TileGrid):
     overlap_fraction: float
     tiles: tuple[PlannedTile, ...]  # acquisition order (serpentine), empty positions left out
     skipped: tuple[tuple[int, int], ...]  # (row, col) of grid positions without tissue
-
-    def center_um(self, row: int, col: int) -> tuple[float, float]:
-        return self.origin_x_um + col * self.step_x_um, self.origin_y_um + row * self.step_y_um
-
-    @property
-    def extent_um(self) -> tuple[float, float, float, float]:
-        """(x, y, width, height) covered by the full grid."""
-        return (self.origin_x_um - self.fov_width_um / 2, self.origin_y_um - self.fov_height_um / 2,
-                (self.cols - 1) * self.step_x_um + self.fov_width_um,
-                (self.rows - 1) * self.step_y_um + self.fov_height_um)
 
 
 def plan_tiles(region_x_um: float, region_y_um: float, region_width_um: float, region_height_um: float,
@@ -222,22 +206,18 @@ def plan_tiles(region_x_um: float, region_y_um: float, region_width_um: float, r
     rows, step_y, origin_y = _axis_layout(region_y_um, region_height_um, fov_height_um, overlap_fraction,
                                           y_min, y_max)
 
+    grid = TileGrid(rows=rows, cols=cols, origin_x_um=origin_x, origin_y_um=origin_y, step_x_um=step_x,
+                    step_y_um=step_y, fov_width_um=float(fov_width_um), fov_height_um=float(fov_height_um))
     tiles, skipped = [], []
     for row in range(rows):
         col_order = range(cols) if row % 2 == 0 else range(cols - 1, -1, -1)
         for col in col_order:
-            x = origin_x + col * step_x
-            y = origin_y + row * step_y
-            if tissue is not None and tissue.tissue_fraction(
-                    x - fov_width_um / 2, y - fov_height_um / 2, fov_width_um, fov_height_um
-            ) <= min_tissue_fraction:
+            if tissue is not None and tissue.tissue_fraction(*grid.field_um(row, col)) <= min_tissue_fraction:
                 skipped.append((row, col))
             else:
-                tiles.append(PlannedTile(row=row, col=col, x_um=x, y_um=y))
-    return TilePlan(rows=rows, cols=cols, step_x_um=step_x, step_y_um=step_y, origin_x_um=origin_x,
-                    origin_y_um=origin_y, fov_width_um=float(fov_width_um),
-                    fov_height_um=float(fov_height_um), overlap_fraction=float(overlap_fraction),
-                    tiles=tuple(tiles), skipped=tuple(sorted(skipped)))
+                tiles.append(PlannedTile(row, col, *grid.centre_um(row, col)))
+    return TilePlan(**vars(grid), overlap_fraction=float(overlap_fraction), tiles=tuple(tiles),
+                    skipped=tuple(sorted(skipped)))
 
 
 def _axis_layout(start: float, length: float, fov: float, overlap: float, low: float, high: float):

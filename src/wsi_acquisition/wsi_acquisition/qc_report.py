@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from wsi_common.scan_files import Manifest, RecordedPlan
+
 REPORT_DIR = "qc"
 
 
@@ -22,55 +24,43 @@ def _save(figure, path: Path, plt) -> Path:
     return path
 
 
-def _final_captures(tiles: list[dict]) -> dict[tuple[int, int], dict]:
-    """The last capture of every grid cell (a re-capture supersedes the first)."""
-    final = {}
-    for tile in tiles:
-        final[(tile["row"], tile["col"])] = tile
-    return final
-
-
-def _grid(plan: dict, values: dict[tuple[int, int], float]) -> np.ndarray:
-    grid = np.full((plan["rows"], plan["cols"]), np.nan)
+def _grid(plan: RecordedPlan, values: dict[tuple[int, int], float]) -> np.ndarray:
+    grid = np.full((plan.grid.rows, plan.grid.cols), np.nan)
     for (row, col), value in values.items():
         grid[row, col] = value
     return grid
 
 
-def _plot_overview(manifest: dict, scan_dir: Path, output: Path, plt) -> Path | None:
-    overview, plan = manifest.get("overview"), manifest.get("plan")
-    if not overview or not plan:
+def _plot_overview(manifest: Manifest, plan: RecordedPlan | None, output: Path, plt) -> Path | None:
+    overview = manifest.document.get("overview")
+    if not overview or plan is None:
         return None
-    image = tifffile.imread(scan_dir / overview["image"])
+    image = tifffile.imread(manifest.resolve(overview["image"]))
     pixel, x0, y0 = overview["pixel_size_um"], overview["origin_x_um"], overview["origin_y_um"]
-    fov_w = manifest["tile_width_px"] * manifest["pixel_size_um"]
-    fov_h = manifest["tile_height_px"] * manifest["pixel_size_um"]
     figure, axis = plt.subplots(figsize=(9, 3.6))
     axis.imshow(image, extent=(x0, x0 + image.shape[1] * pixel, y0 + image.shape[0] * pixel, y0))
     from matplotlib.patches import Rectangle
-    for row, col in plan["tiles"]:
-        cx, cy = plan["origin_x_um"] + col * plan["step_x_um"], plan["origin_y_um"] + row * plan["step_y_um"]
-        axis.add_patch(Rectangle((cx - fov_w / 2, cy - fov_h / 2), fov_w, fov_h, fill=False, lw=0.4, ec="tab:blue"))
-    for row, col in plan["skipped_empty"]:
-        cx, cy = plan["origin_x_um"] + col * plan["step_x_um"], plan["origin_y_um"] + row * plan["step_y_um"]
-        axis.add_patch(Rectangle((cx - fov_w / 2, cy - fov_h / 2), fov_w, fov_h, fill=False, lw=0.3, ec="0.6"))
+    fields = {}
+    for cells, line_width, colour in ((plan.tiles, 0.4, "tab:blue"), (plan.skipped_empty, 0.3, "0.6")):
+        for cell in cells:
+            x, y, width, height = fields[cell] = plan.grid.field_um(*cell)
+            axis.add_patch(Rectangle((x, y), width, height, fill=False, lw=line_width, ec=colour))
     # Zoom to the scanned area (with context around it) rather than the whole slide.
-    xs = [plan["origin_x_um"] + c * plan["step_x_um"] for _, c in plan["tiles"] + plan["skipped_empty"]]
-    ys = [plan["origin_y_um"] + r * plan["step_y_um"] for r, _ in plan["tiles"] + plan["skipped_empty"]]
-    margin = max(1_000.0, 0.3 * max(max(xs) - min(xs), max(ys) - min(ys)))
-    axis.set_xlim(min(xs) - fov_w / 2 - margin, max(xs) + fov_w / 2 + margin)
-    axis.set_ylim(max(ys) + fov_h / 2 + margin, min(ys) - fov_h / 2 - margin)
+    lefts, tops, widths, heights = (np.array(values) for values in zip(*fields.values()))
+    margin = max(1_000.0, 0.3 * max(np.ptp(lefts), np.ptp(tops)))
+    axis.set_xlim(lefts.min() - margin, (lefts + widths).max() + margin)
+    axis.set_ylim((tops + heights).max() + margin, tops.min() - margin)
     axis.set(xlabel="stage x (µm)", ylabel="stage y (µm)",
-             title=f"Overview: {len(plan['tiles'])} tiles (blue), {len(plan['skipped_empty'])} empty positions skipped (grey)")
+             title=f"Overview: {len(plan.tiles)} tiles (blue), {len(plan.skipped_empty)} empty positions skipped "
+                   "(grey)")
     return _save(figure, output / "overview_grid.png", plt)
 
 
-def _plot_focus(manifest: dict, output: Path, plt) -> tuple[Path | None, dict]:
-    plan = manifest.get("plan")
-    final = _final_captures(manifest["tiles"])
+def _plot_focus(manifest: Manifest, plan: RecordedPlan | None, output: Path, plt) -> tuple[Path | None, dict]:
+    final = manifest.final_captures()
     truth = {cell: t["ground_truth"]["defocus_um"] for cell, t in final.items() if t.get("ground_truth")}
     errors = {cell: t["predicted_defocus_um"] - t["ground_truth"]["defocus_um"]
-              for cell, t in _first_captures(manifest["tiles"]).items()
+              for cell, t in _first_captures(manifest.document["tiles"]).items()
               if t.get("ground_truth") and t.get("predicted_defocus_um") is not None}
     stats = {}
     if truth:
@@ -81,7 +71,7 @@ def _plot_focus(manifest: dict, output: Path, plt) -> tuple[Path | None, dict]:
         values = np.abs(list(errors.values()))
         stats["autofocus_mae_um"] = float(values.mean())
         stats["autofocus_p95_um"] = float(np.percentile(values, 95))
-    if not plan or not truth:
+    if plan is None or not truth:
         return None, stats
     panels = [("true defocus of the kept image (µm)", truth)] + ([("autofocus error, first capture (µm)", errors)]
                                                                   if errors else [])
@@ -150,13 +140,13 @@ def _registration_tiles(report: dict | None) -> str:
             f"{''.join(rows)}</table>")
 
 
-def _focus_sources(manifest: dict) -> tuple[dict, str]:
+def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
     """Per tile: where its z came from and the sharpness its correction gained (a kept one) or would have
     lost (one refused because it was not sharper); summary counts and an HTML table."""
-    final = _final_captures(manifest["tiles"])
+    final = manifest.final_captures()
     refused = {}
     probes = 0
-    for check in manifest.get("focus_checks") or []:
+    for check in manifest.document.get("focus_checks") or []:
         if check["kind"] == "correction":
             refused[(check["row"], check["col"])] = check
         probes += check["kind"] == "side-probe"
@@ -183,14 +173,14 @@ def _focus_sources(manifest: dict) -> tuple[dict, str]:
     return summary, f"<table class='tiles'><tr>{header}</tr>{''.join(rows)}</table>"
 
 
-def _plot_timing(manifest: dict, output: Path, plt) -> Path | None:
-    times = [t.get("captured_s", 0.0) for t in manifest["tiles"]]
+def _plot_timing(document: dict, output: Path, plt) -> Path | None:
+    times = [t.get("captured_s", 0.0) for t in document["tiles"]]
     if len(times) < 2:
         return None
     figure, axis = plt.subplots(figsize=(5, 3.2))
     axis.plot(times, np.arange(1, len(times) + 1), color="tab:purple")
     axis.set(xlabel="seconds since the scan started", ylabel="images captured",
-             title=f"Timing: {len(times)} images in {manifest['duration_s']:.0f} s")
+             title=f"Timing: {len(times)} images in {document['duration_s']:.0f} s")
     return _save(figure, output / "timing.png", plt)
 
 
@@ -201,21 +191,21 @@ def write_qc_report(manifest_path: Path, registration_report: Path | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    manifest_path = Path(manifest_path)
-    manifest = json.loads(manifest_path.read_text())
-    scan_dir = manifest_path.parent
-    output = scan_dir / REPORT_DIR
+    manifest = Manifest.read(manifest_path)
+    plan = manifest.plan()
+    document = manifest.document
+    output = manifest.resolve(REPORT_DIR)
     output.mkdir(exist_ok=True)
     report = json.loads(Path(registration_report).read_text()) if registration_report else None
-    focus_png, focus_stats = _plot_focus(manifest, output, plt)
-    figures = [("Overview and tile grid", _plot_overview(manifest, scan_dir, output, plt)),
+    focus_png, focus_stats = _plot_focus(manifest, plan, output, plt)
+    figures = [("Overview and tile grid", _plot_overview(manifest, plan, output, plt)),
                ("Focus", focus_png), ("Registration", _plot_registration(report, output, plt)),
-               ("Timing", _plot_timing(manifest, output, plt))]
-    final = _final_captures(manifest["tiles"])
-    summary = {"scan": manifest["scan_id"], "status": manifest["status"], "tiles kept": len(final),
-               "images captured": len(manifest["tiles"]), "re-captured (refocus)": manifest["refocus_count"],
-               "objective": f"{manifest['objective_magnification']:g}x / NA {manifest['numerical_aperture']:.2f}",
-               "pixel size (µm)": f"{manifest['pixel_size_um']:.4f}", "duration (s)": f"{manifest['duration_s']:.1f}"}
+               ("Timing", _plot_timing(document, output, plt))]
+    final = manifest.final_captures()
+    summary = {"scan": document["scan_id"], "status": document["status"], "tiles kept": len(final),
+               "images captured": len(document["tiles"]), "re-captured (refocus)": document["refocus_count"],
+               "objective": f"{document['objective_magnification']:g}x / NA {document['numerical_aperture']:.2f}",
+               "pixel size (µm)": f"{document['pixel_size_um']:.4f}", "duration (s)": f"{document['duration_s']:.1f}"}
     summary |= {key.replace("_", " "): f"{value:.3f}" for key, value in focus_stats.items()}
     source_summary, source_table = _focus_sources(manifest)
     summary |= source_summary
@@ -227,10 +217,10 @@ def write_qc_report(manifest_path: Path, registration_report: Path | None = None
     rows = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     sections = "\n".join(f"<h2>{html.escape(title)}</h2><img src='{png.name}' alt='{html.escape(title)}'>"
                          for title, png in figures if png is not None)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>QC {html.escape(manifest['scan_id'])}</title>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>QC {html.escape(document['scan_id'])}</title>"
             "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}img{max-width:100%}"
             "table.tiles td{padding:0 .6em}"
-            f"</style></head><body><h1>Scan QC: {html.escape(manifest['scan_id'])}</h1><table>{rows}</table>"
+            f"</style></head><body><h1>Scan QC: {html.escape(document['scan_id'])}</h1><table>{rows}</table>"
             f"{sections}{_registration_tiles(report)}<h2>Focus source of every tile</h2>{source_table}"
             "</body></html>")
     index = output / "index.html"

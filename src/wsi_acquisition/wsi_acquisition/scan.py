@@ -2,10 +2,10 @@
 
 ROS-free: the orchestrator node gives the runner a hardware backend and callbacks (publish a tile,
 ask the autofocus for an estimate, report progress, check for cancel). Every captured tile is
-recorded in the manifest (written atomically after each tile) and its image saved, so a cancelled,
-failed or killed scan leaves everything captured so far readable. Every file is written atomically, so
-a disk that fills up leaves no truncated file under a final name, and the manifest lists only tiles
-whose files are complete.
+recorded in the manifest (its journal line written and flushed to the disk after each tile; see
+`wsi_common.scan_files`) and its image saved, so a cancelled, failed or killed scan leaves everything
+captured so far readable. Every file is written atomically, so a disk that fills up leaves no truncated
+file under a final name, and the manifest lists only tiles whose files are complete.
 """
 import contextlib
 import enum
@@ -28,8 +28,7 @@ from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, Ti
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
 from wsi_common.focus_metrics import brenner, refine_peak
-
-MANIFEST_NAME = "manifest.json"
+from wsi_common.scan_files import JOURNAL_NAME, MANIFEST_NAME, plan_record
 
 
 class State(enum.IntEnum):
@@ -189,6 +188,8 @@ class ScanRunner:
         self._started = clock()
         self._status, self._error = "running", ""
         self._overview: dict | None = None
+        self._journal_lines = 0
+        self._recorded = (0, 0)         # the tiles and focus checks the manifest and its journal hold
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self) -> TilePlan:
@@ -339,7 +340,8 @@ class ScanRunner:
         progress.elapsed_s = self.clock() - self._started
         self.on_progress(progress)
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, final: bool = False) -> None:
+        """The whole manifest; until the final one, its journal continues it (`_journal_tiles`)."""
         plan = self.outcome.plan
         request = self.request
         width, height = self.backend.sensor_size_px()
@@ -355,17 +357,39 @@ class ScanRunner:
             "focus_map": {"sweeps": self.outcome.focus_sweeps, "roi_px": list(self._centre_roi())},
             "focus_checks": self.outcome.focus_checks,
             "autofocus_calibration": self.outcome.autofocus_calibration,
-            "plan": None if plan is None else {
-                "rows": plan.rows, "cols": plan.cols, "step_x_um": plan.step_x_um, "step_y_um": plan.step_y_um,
-                "origin_x_um": plan.origin_x_um, "origin_y_um": plan.origin_y_um,
-                "tiles": [[t.row, t.col] for t in plan.tiles], "skipped_empty": [list(rc) for rc in plan.skipped]},
+            "plan": None if plan is None else plan_record(plan, [(t.row, t.col) for t in plan.tiles], plan.skipped),
             "tiles": [asdict(r) for r in self.outcome.records],
         }
+        if not final:
+            payload["journal"] = {"path": JOURNAL_NAME, "lines_included": self._journal_lines}
         text = json.dumps(payload, indent=1).encode()
         try:
             _write_atomically(self.outcome.manifest_path, lambda handle: handle.write(text))
         except OSError as error:
             raise _storage_error("the manifest", self.outcome.manifest_path, error) from error
+        self._recorded = (len(self.outcome.records), len(self.outcome.focus_checks))
+        if final:
+            with contextlib.suppress(FileNotFoundError):
+                (self.scan_dir / JOURNAL_NAME).unlink()
+
+    def _journal_tiles(self) -> None:
+        """Append the captures and focus checks since the last record to the journal, on the disk before
+        the next tile: one short line per tile where a whole manifest grows with the scan."""
+        tiles, checks = self._recorded
+        line = json.dumps({"tiles": [asdict(r) for r in self.outcome.records[tiles:]],
+                           "focus_checks": self.outcome.focus_checks[checks:],
+                           "refocus_count": self.outcome.refocus_count,
+                           "duration_s": self.clock() - self._started}) + "\n"
+        path = self.scan_dir / JOURNAL_NAME
+        try:
+            with open(path, "ab") as handle:
+                handle.write(line.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise _storage_error("the manifest's journal", path, error) from error
+        self._journal_lines += 1
+        self._recorded = (len(self.outcome.records), len(self.outcome.focus_checks))
 
     def _capture(self, sequence: int, row: int, col: int, x: float, y: float, map_z: float, offset: float,
                  is_recapture: bool) -> tuple[TileRecord, Frame]:
@@ -402,7 +426,7 @@ class ScanRunner:
             self._emit(record, frame)
             if inline:
                 self._refocus(tile, map_z, record, frame)
-            self._write_manifest()
+            self._journal_tiles()
             elapsed = self.clock() - acquisition_started
             self._report(State.ACQUIRING, tiles_done=done + 1, tiles_total=total,
                          refocus_count=self.outcome.refocus_count, current=(tile.row, tile.col),
@@ -516,6 +540,6 @@ class ScanRunner:
     def _finish(self, state: State) -> None:
         self.outcome.duration_s = self.clock() - self._started
         try:
-            self._write_manifest()
+            self._write_manifest(final=True)
         finally:
             self._report(state)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 from wsi_common.paths import OutsideRootError, resolve_under
 
 
@@ -44,7 +45,7 @@ class FocusStrategy(enum.IntEnum):
 
 # The one table of scan defaults: what a zero goal field stands for, and the orchestrator's parameters.
 DEFAULTS = {
-    "objective_magnification": 20.0,    # goal objective_magnification 0: the node's default_objective
+    "objective_magnification": DEFAULT_OBJECTIVE_MAGNIFICATION,    # goal 0: the node's default_objective
     "overlap_fraction": 0.1,            # goal overlap_fraction 0
     "exposure_ms": 8.0,
     "gain": 1.0,

@@ -7,13 +7,13 @@ import math
 import threading
 import time
 
-from rclpy.action import ActionServer, CancelResponse
+from rclpy.action import CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 
 from wsi_acquisition.stage import AXES, MoveGoalError, StageFault, StageLimitError, move_target
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS
+from wsi_common.topics import MOVE_STAGE, STAGE_STATE
 from wsi_interfaces.action import MoveStage
 from wsi_interfaces.msg import StageState
 
@@ -34,11 +34,10 @@ class StageNode(Node):
         self.stage = stage
         self._lock = hardware_lock
         group = ReentrantCallbackGroup()
-        self._state_pub = self.create_publisher(StageState, "stage/state", EVENT_QOS)
+        self._state_pub = STAGE_STATE.publisher(self)
         self.create_timer(1.0 / self.params["state_rate_hz"], self._publish_state, callback_group=group)
-        self._server = ActionServer(
-            self, MoveStage, "stage/move", execute_callback=self._execute,
-            cancel_callback=lambda _: CancelResponse.ACCEPT, callback_group=group)
+        self._server = MOVE_STAGE.server(self, self._execute, cancel_callback=lambda _: CancelResponse.ACCEPT,
+                                         callback_group=group)
 
     def _target(self, goal) -> tuple[float, float, float]:
         return move_target(self.stage.limits, self.stage.position_um(), (goal.x_um, goal.y_um, goal.z_um),

@@ -1,7 +1,7 @@
 """/diagnostics for every WSI node: one status per node, with its own key/value readings."""
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-from wsi_common.qos import EVENT_QOS
+from wsi_common.topics import DIAGNOSTICS
 
 
 class DiagnosticsPublisher:
@@ -11,7 +11,7 @@ class DiagnosticsPublisher:
         self._node = node
         self._hardware_id = hardware_id
         self._collect = collect
-        self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", EVENT_QOS)
+        self._publisher = DIAGNOSTICS.publisher(node)
         node.create_timer(period_s, self.publish)
 
     def publish(self) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_export.export import _create_work_dir
+from wsi_export.work_dir import create_work_dir
 from wsi_export.synthetic import write_synthetic_mosaic
 
 MOSAIC_HEIGHT_PX = 2000
@@ -36,7 +36,7 @@ def export_work_dir():
     held = []
 
     def make(directory: Path, name: str, running: bool, age_s: float) -> Path:
-        work_dir, lock = _create_work_dir(Path(directory), name)
+        work_dir, lock = create_work_dir(Path(directory), name)
         if running:
             held.append(lock)
         else:

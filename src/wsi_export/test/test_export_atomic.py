@@ -10,7 +10,7 @@ import time
 import pytest
 import zarr
 
-from wsi_export import export as export_module
+from wsi_export import ome_tiff_output
 from wsi_export.errors import (ExportCancelled, ExportOptionsError, ExportStorageError,
                                MosaicInputError)
 from wsi_export.export import ExportOptions, export_slide
@@ -42,7 +42,7 @@ class _FullDisk:
 
 
 def test_full_disk_raises_storage_error_and_leaves_nothing(mosaic_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "_open_binary_output", lambda path: _FullDisk(path, 200_000))
+    monkeypatch.setattr(ome_tiff_output, "_open_binary_output", lambda path: _FullDisk(path, 200_000))
     with pytest.raises(ExportStorageError, match="No space left") as raised:
         export_slide(mosaic_path, tmp_path, "full", ("ome-tiff", "ome-zarr"))
     assert raised.value.errno == errno.ENOSPC

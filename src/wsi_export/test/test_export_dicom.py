@@ -314,8 +314,9 @@ def test_a_full_disk_while_writing_dicom_leaves_nothing(mosaic_path, tmp_path, m
 def test_the_export_node_writes_dicom_with_the_scan_s_overview(run_nodes, ros_node, tmp_path, mosaic_path):
     from action_msgs.msg import GoalStatus
 
-    from wsi.actions import ActionCaller
     from wsi_common.supervisor import NodeSpec
+    from wsi_common.action_caller import ActionCaller
+    from wsi_common.topics import EXPORT_SLIDE
     from wsi_interfaces.action import ExportSlide
 
     scan = tmp_path / "scan"
@@ -326,7 +327,7 @@ def test_the_export_node_writes_dicom_with_the_scan_s_overview(run_nodes, ros_no
     shutil.copytree(mosaic_path, scan / "mosaic.zarr")  # under the node's mosaic root
     run_nodes([NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
                         parameters={"output_root": str(tmp_path), "mosaic_root": str(tmp_path)})])
-    exporter = ActionCaller(ros_node, ExportSlide, "export_slide")
+    exporter = ActionCaller(ros_node, EXPORT_SLIDE)
     exporter.wait_for_server(timeout_s=30)
     outcome = exporter.call(ExportSlide.Goal(mosaic_uri="scan/mosaic.zarr", manifest_uri="scan/manifest.json",
                                              output_dir="scan", output_name="slide", formats=["dicom"],

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -10,8 +9,9 @@ import rclpy
 import tifffile
 from action_msgs.msg import GoalStatus
 
-from wsi.actions import ActionCaller
+from wsi_common.action_caller import ActionCaller
 from wsi_common.supervisor import NodeSpec
+from wsi_common.topics import EXPORT_SLIDE
 from wsi_export.synthetic import write_synthetic_mosaic
 from wsi_interfaces.action import ExportSlide
 
@@ -24,7 +24,7 @@ OVERVIEW = np.random.default_rng(2).integers(0, 256, (60, 180, 3), dtype=np.uint
 def start_export_node(run_nodes, ros_node, root) -> ActionCaller:
     run_nodes([NodeSpec(name="export", package="wsi_export", executable="export_node", module="wsi_export.node",
                         parameters={"output_root": str(root), "mosaic_root": str(root)})])
-    caller = ActionCaller(ros_node, ExportSlide, "export_slide")
+    caller = ActionCaller(ros_node, EXPORT_SLIDE)
     caller.wait_for_server(timeout_s=30)
     return caller
 

@@ -26,10 +26,10 @@ __version__ = "0.1.0"
 from .dicom_output import DicomEquipment  # noqa: E402
 from .errors import (ExportCancelled, ExportError, ExportOptionsError, ExportStorageError,  # noqa: E402
                      MosaicDataError, MosaicInputError, SlideImageError)
-from .export import (ExportOptions, ExportProgress, ExportResult, export_slide,  # noqa: E402
-                     remove_stale_partials_under)
+from .export import ExportOptions, ExportProgress, ExportResult, export_slide  # noqa: E402
 from .mosaic import Mosaic, MosaicMetadata, MosaicRegion, mosaic_from_array, open_mosaic  # noqa: E402
 from .slide_images import SlideImage  # noqa: E402
+from .work_dir import remove_stale_partials_under  # noqa: E402
 
 __all__ = ["DicomEquipment", "ExportCancelled", "ExportError", "ExportOptionsError", "ExportStorageError",
            "MosaicDataError", "MosaicInputError", "SlideImageError", "ExportOptions", "ExportProgress", "ExportResult",

@@ -1,19 +1,17 @@
 """export_slide: mosaic -> pyramidal OME-TIFF, OME-Zarr and/or DICOM WSI, streamed block by block.
 
 Levels are produced in file order. Each level is cut into block jobs (see blocks.py) that run on a
-local thread pool or on a dask.distributed cluster; the caller's thread consumes their results in order
-and hands the encoded tiles to tifffile and to the level's DICOM instance (dicom_output.py). A job also
-writes its 2x reduction into an uncompressed scratch file of the next level, so every level is read
-exactly once and memory stays bounded by the number of blocks in flight, whatever the slide size.
+local thread pool or on a dask.distributed cluster (executors.py); the caller's thread consumes their
+results in order and hands the encoded tiles to the OME-TIFF (ome_tiff_output.py) and to the level's
+DICOM instance (dicom_output.py). A job also writes its 2x reduction into an uncompressed scratch file
+of the next level, so every level is read exactly once and memory stays bounded by the number of blocks
+in flight, whatever the slide size.
 Everything is written inside a hidden work directory next to the outputs and renamed into place only
-when complete; the work directory a killed export leaves is removed later (remove_stale_partials)."""
+when complete; the work directory a killed export leaves is removed later (work_dir.py)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import io
 import os
-import re
 import shutil
 import time
 import uuid
@@ -22,32 +20,25 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import tifffile
 
-from . import __version__
-from .blocks import BlockJob, BlockResult, PixelSource, plan_level_blocks, run_block_job
+from .blocks import BlockJob, PixelSource, plan_level_blocks
 from .codecs import TileCodec, resolve_codec
 from .dicom_output import DicomEquipment, DicomSeriesWriter, resolve_dicom_codec
-from .errors import (ExportCancelled, ExportError, ExportOptionsError, ExportStorageError, MosaicDataError,
-                     MosaicInputError, UnreadableChunkError)
+from .errors import (ExportError, ExportOptionsError, ExportStorageError, MosaicDataError, MosaicInputError,
+                     UnreadableChunkError)
+from .executors import (DistributedExecutor, LocalExecutor, PlannedJob, check_not_cancelled, default_local_workers,
+                        ordered_results)
 from .mosaic import Mosaic, MosaicRegion, describe_regions, missing_regions, open_mosaic
-from .ome_xml import OmeSeries, build_ome_xml
+from .ome_tiff_output import OmeTiffWriter
 from .ome_zarr_output import create_ome_zarr
 from .pyramid import LOWEST_LEVEL_MAX_EDGE_PX, pyramid_level_shapes, shrink_to_fit
 from .region_reader import region_reader
 from .scratch import ScratchLevel
 from .slide_images import SlideImage
+from .work_dir import OUTPUT_NAME_PATTERN, commit, create_work_dir, remove_stale_partials
 
 FORMATS = ("ome-tiff", "ome-zarr", "dicom")
 OUTPUT_SUFFIXES = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "dicom": ".dicom"}  # dicom: a directory
-MICROMETRES_PER_CENTIMETRE = 1e4
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Work directory of an export: ".<name>.<32 hex digits>.export-partial" beside its outputs.
-PARTIAL_SUFFIX = ".export-partial"
-_PARTIAL_PATTERN = re.compile(rf"\.(?P<name>{_NAME_PATTERN.pattern})\.[0-9a-f]{{32}}{re.escape(PARTIAL_SUFFIX)}")
-# A work directory is locked an instant after it is created; one unchanged for this long and unlocked
-# belongs to no live export.
-STALE_PARTIAL_AGE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,84 +114,11 @@ class _ProgressTracker:
                                          self.pixels_done / self.pixels_total, self.bytes_written))
 
 
-class _LocalExecutor:
-    def __init__(self, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-export")
-        self.parallelism = workers
-
-    def submit(self, job: BlockJob) -> Any:
-        return self._pool.submit(run_block_job, job)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _DistributedExecutor:
-    """Jobs go to the cluster; their zarr arrays must live on storage the workers can reach."""
-
-    def __init__(self, scheduler_address: str, timeout_s: float):
-        from distributed import Client
-        try:
-            self._client = Client(scheduler_address, set_as_default=False, timeout=timeout_s)
-        except (OSError, TimeoutError) as error:
-            raise ExportOptionsError(f"cannot connect to dask scheduler {scheduler_address!r}: "
-                                     f"{error}") from error
-        self.parallelism = max(1, sum(self._client.nthreads().values()))
-
-    def submit(self, job: BlockJob) -> Any:
-        return self._client.submit(run_block_job, job, pure=False)
-
-    def close(self) -> None:
-        self._client.close()
-
-
-def default_local_workers() -> int:
-    """Two job threads per core (at most 8): a core stays busy while one of its threads waits on a
-    file or is preempted by another process; each thread holds about 40 MB of block buffers."""
-    return min(2 * (os.cpu_count() or 1), 8)
-
-
-def _check_not_cancelled(should_cancel: Callable[[], bool] | None) -> None:
-    if should_cancel is not None and should_cancel():
-        raise ExportCancelled("export cancelled by the caller; no output was left under the final name")
-
-
-@dataclass(frozen=True)
-class _PlannedJob:
-    job: BlockJob
-    depends_on: tuple[int, ...]  # plan indices of the earlier jobs that write this job's input pixels
-
-
-def _ordered_results(executor: Any, plan: list[_PlannedJob], window: int,
-                     should_cancel: Callable[[], bool] | None) -> Iterator[BlockResult]:
-    """Results in plan order with at most `window` jobs submitted but not yet consumed (this bounds
-    memory). A job is submitted as soon as the jobs writing its input have completed, so the start of
-    a level overlaps the end of the level above instead of waiting for it to drain."""
-    submitted: dict[int, Any] = {}
-    next_submit = next_yield = 0
-    try:
-        while next_yield < len(plan):
-            while next_submit < len(plan) and next_submit - next_yield < window:
-                _check_not_cancelled(should_cancel)
-                for dependency in plan[next_submit].depends_on:
-                    if dependency >= next_yield:
-                        submitted[dependency].result()
-                submitted[next_submit] = executor.submit(plan[next_submit].job)
-                next_submit += 1
-            result = submitted.pop(next_yield).result()
-            next_yield += 1
-            _check_not_cancelled(should_cancel)
-            yield result
-    finally:
-        for future in submitted.values():
-            future.cancel()
-
 
 def validate_export(name: str | None, formats: tuple[str, ...], options: ExportOptions) -> dict[str, TileCodec]:
     """Check an export's name (None: not known yet, it comes from the mosaic), formats and options before
     any pixel is read; return the tile codec of each requested format that stores encoded tiles."""
-    if name is not None and (not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name)):
+    if name is not None and (not isinstance(name, str) or not OUTPUT_NAME_PATTERN.fullmatch(name)):
         raise ExportOptionsError(f"output name {name!r} must be a plain file stem: letters, digits, "
                                  f"'.', '_', '-', starting with a letter or digit")
     if not formats:
@@ -232,22 +150,10 @@ def validate_export(name: str | None, formats: tuple[str, ...], options: ExportO
     return {export_format: codec for export_format, codec in codecs.items() if export_format in formats}
 
 
-def _shape_after_shrink(shape: tuple[int, int], max_edge_px: int) -> tuple[int, int]:
-    h, w = shape
-    while max(h, w) > max_edge_px:
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
-
-
 def _path_size_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
-
-
-def _open_binary_output(path: Path) -> io.BufferedWriter:
-    """The TIFF file handle; a seam so tests can simulate a full disk."""
-    return open(path, "xb")
 
 
 class _Export:
@@ -291,7 +197,7 @@ class _Export:
                            if "ome-zarr" in written else None)
         level_sources = self._level_sources(work_dir)
         plan, level_rows = self._plan(level_sources, ome_zarr_levels)
-        results = _ordered_results(executor, plan, 2 * executor.parallelism + 1, self.should_cancel)
+        results = ordered_results(executor, plan, 2 * executor.parallelism + 1, self.should_cancel)
 
         written_codecs = [self.codec_index(f) for f in self.codecs]  # a codec two formats share, twice
 
@@ -315,12 +221,12 @@ class _Export:
         return written
 
     def _plan(self, level_sources: list[PixelSource], ome_zarr_levels: list[Any] | None
-              ) -> tuple[list[_PlannedJob], list[list[list[int]]]]:
+              ) -> tuple[list[PlannedJob], list[list[list[int]]]]:
         """All block jobs in file order, and their plan indices per level and pair of tile rows.
 
         Rows [2jT, 2jT + 2T) of level k + 1 are written by the jobs of tile-row pairs 2j and 2j + 1 of
         level k, so those are the dependencies of level k + 1's row pair j."""
-        plan: list[_PlannedJob] = []
+        plan: list[PlannedJob] = []
         level_rows: list[list[list[int]]] = []
         for level, (h, w) in enumerate(self.level_shapes):
             above = level_rows[-1] if level_rows else []
@@ -331,7 +237,7 @@ class _Export:
                 indices = []
                 for r0, c0, bh, bw in row:
                     indices.append(len(plan))
-                    plan.append(_PlannedJob(BlockJob(
+                    plan.append(PlannedJob(BlockJob(
                         source=level_sources[level], row0_px=r0, col0_px=c0, height_px=bh, width_px=bw,
                         tile_size_px=self.tile_px, codecs=self.distinct_codecs,
                         next_level=level_sources[level + 1] if level + 1 < len(level_sources) else None,
@@ -353,7 +259,7 @@ class _Export:
             level_sources[level].remove()
 
     def _associated_images(self, level_sources: list[PixelSource]) -> list[tuple[str, np.ndarray, float]]:
-        """(series name, pixels, pixel size µm) of the images after the pyramid, in _ome_series order."""
+        """(series name, pixels, pixel size µm) of the images after the pyramid, in _associated_image_shapes order."""
         images = [(name, image.pixels, image.pixel_size_um) for name, image in self.slide_images.items()]
         if self.options.write_thumbnail:
             lowest = np.asarray(level_sources[-1][:, :])
@@ -361,19 +267,14 @@ class _Export:
             images.insert(0, ("thumbnail", thumbnail, self.thumbnail_pixel_size_um(thumbnail.shape[1])))
         return images
 
-    def _ome_series(self) -> list[OmeSeries]:
-        """The pyramid, then the thumbnail (optional) and the slide photos, each with its pixel size."""
-        series = [OmeSeries(self.name, *self.level_shapes[0], self.pixel_size_um(0), ifd=0)]
+    def _associated_image_shapes(self) -> list[tuple[str, tuple[int, int], float]]:
+        """(series name, (height_px, width_px), pixel size µm) of the images _associated_images gives, known
+        before the pyramid is written. shrink_to_fit halves the thumbnail as the pyramid halves its levels."""
+        images = [(name, image.pixels.shape[:2], image.pixel_size_um) for name, image in self.slide_images.items()]
         if self.options.write_thumbnail:
-            h, w = _shape_after_shrink(self.level_shapes[-1], self.options.thumbnail_max_edge_px)
-            series.append(OmeSeries("thumbnail", h, w, self.thumbnail_pixel_size_um(w), ifd=len(series)))
-        for name, image in self.slide_images.items():
-            series.append(OmeSeries(name, *image.pixels.shape[:2], image.pixel_size_um, ifd=len(series)))
-        return series
-
-    def _resolution_tags(self, pixel_size_um: float) -> dict[str, Any]:
-        pixels_per_cm = MICROMETRES_PER_CENTIMETRE / pixel_size_um
-        return {"resolution": (pixels_per_cm, pixels_per_cm), "resolutionunit": "CENTIMETER"}
+            shape = pyramid_level_shapes(*self.level_shapes[-1], self.options.thumbnail_max_edge_px)[-1]
+            images.insert(0, ("thumbnail", shape, self.thumbnail_pixel_size_um(shape[1])))
+        return images
 
     def _write_tiles(self, written: dict[str, Path], level_tiles: Callable[[int], Iterator[tuple[bytes, ...]]],
                      level_sources: list[PixelSource]) -> None:
@@ -382,16 +283,10 @@ class _Export:
         with contextlib.ExitStack() as stack:
             tiff = dicom = None
             if "ome-tiff" in written:
-                handle = stack.enter_context(_open_binary_output(written["ome-tiff"]))
-                tiff = stack.enter_context(tifffile.TiffWriter(handle, bigtiff=True, byteorder="<", ome=False))
-                description = build_ome_xml(
-                    file_name=self.final_paths["ome-tiff"].name,
-                    file_uuid=self.options.file_uuid or str(uuid.uuid4()),
-                    metadata=self.mosaic.metadata, series=self._ome_series(),
-                    experimenter_name=self.options.experimenter_name)
-                tiff_arguments = dict(dtype=np.uint8, tile=(self.tile_px, self.tile_px), metadata=None,
-                                      software=f"wsi_export {__version__}",
-                                      **self.codecs["ome-tiff"].tifffile_arguments())
+                tiff = stack.enter_context(OmeTiffWriter(
+                    written["ome-tiff"], self.final_paths["ome-tiff"].name, self.options.file_uuid or str(uuid.uuid4()),
+                    self.name, self.mosaic.metadata, self.level_shapes, self._associated_image_shapes(),
+                    self.codecs["ome-tiff"], self.tile_px, self.options.experimenter_name))
             if "dicom" in written:
                 dicom = DicomSeriesWriter(written["dicom"], self.mosaic.metadata, self.level_shapes[0],
                                           self.codecs["dicom"], self.tile_px, self.options.dicom_equipment,
@@ -403,11 +298,8 @@ class _Export:
                     if frames is not None:
                         tiles = _passed_to(tiles, frames.write_frame, self.codec_index("dicom"))
                     if tiff is not None:
-                        placement = ({"subifds": len(self.level_shapes) - 1, "description": description.encode()}
-                                     if level == 0 else {"subfiletype": 1})
                         tiff_index = self.codec_index("ome-tiff")
-                        tiff.write((tile[tiff_index] for tile in tiles), shape=(h, w, 3), **placement,
-                                   **self._resolution_tags(self.pixel_size_um(level)), **tiff_arguments)
+                        tiff.write_level(level, h, w, self.pixel_size_um(level), (tile[tiff_index] for tile in tiles))
                     else:
                         for _ in tiles:
                             pass
@@ -415,7 +307,7 @@ class _Export:
                 self._drop_scratch_level(level, level_sources)
             for name, pixels, pixel_size_um in self._associated_images(level_sources):
                 if tiff is not None:
-                    tiff.write(pixels, **self._resolution_tags(pixel_size_um), **tiff_arguments)
+                    tiff.write_image(pixels, pixel_size_um)
                 if dicom is not None and name == "thumbnail":
                     dicom.write_thumbnail(pixels)
                 elif dicom is not None:
@@ -472,18 +364,18 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
 
     try:
         remove_stale_partials(output_dir, name)
-        work_dir, work_dir_lock = _create_work_dir(output_dir, name)
+        work_dir, work_dir_lock = create_work_dir(output_dir, name)
     except OSError as error:
         raise ExportStorageError(error.errno, f"cannot create a work directory in {str(output_dir)!r}: "
                                               f"{error.strerror or error}") from error
     executor = None
     try:
-        executor = (_DistributedExecutor(options.scheduler_address, options.scheduler_timeout_s)
+        executor = (DistributedExecutor(options.scheduler_address, options.scheduler_timeout_s)
                     if options.scheduler_address
-                    else _LocalExecutor(options.local_workers or default_local_workers()))
+                    else LocalExecutor(options.local_workers or default_local_workers()))
         written = export.run(work_dir, executor)
-        _check_not_cancelled(should_cancel)
-        _commit(written, export.final_paths, work_dir)
+        check_not_cancelled(should_cancel)
+        commit(written, export.final_paths, work_dir)
     except UnreadableChunkError as error:
         raise MosaicDataError(f"mosaic {mosaic.source_name!r}: the data of {mosaic.region(*error.region_px)} "
                               f"cannot be read: {error}; expected a chunk that decodes to "
@@ -502,80 +394,3 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
     return ExportResult(output_paths=paths, output_sizes_bytes=[_path_size_bytes(p) for p in paths],
                         level_shapes=export.level_shapes, pixel_size_um=mosaic.metadata.pixel_size_um,
                         duration_s=time.perf_counter() - started, missing_regions=missing)
-
-
-def _create_work_dir(output_dir: Path, name: str) -> tuple[Path, int]:
-    """A new work directory for export `name`, and the descriptor that holds its lock until the export
-    ends. The lock (flock on the directory) tells remove_stale_partials that a live export owns it; the
-    kernel drops it when the process ends, however it ends."""
-    work_dir = output_dir / f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
-    work_dir.mkdir(mode=0o700)
-    lock = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return work_dir, lock
-
-
-def remove_stale_partials(directory: str | Path, name: str | None = None) -> list[Path]:
-    """Remove the work directories that exports killed before they ended left in `directory`: those of
-    export `name`, or of any export. Returns what was removed."""
-    return _remove_stale_entries(Path(directory), [entry.name for entry in os.scandir(directory)], name)
-
-
-def remove_stale_partials_under(root: str | Path) -> list[Path]:
-    """remove_stale_partials in `root` and every directory below it, except inside Zarr stores and work
-    directories: exports write no work directory there, and they hold most of the files. A directory
-    that cannot be listed is passed over."""
-    removed = []
-    for directory, subdirectories, _ in os.walk(root):
-        removed += _remove_stale_entries(Path(directory), subdirectories, None)
-        subdirectories[:] = [d for d in subdirectories if not d.endswith((".zarr", PARTIAL_SUFFIX))]
-    return removed
-
-
-def _remove_stale_entries(directory: Path, entry_names: list[str], name: str | None) -> list[Path]:
-    removed = []
-    for entry_name in entry_names:
-        match = _PARTIAL_PATTERN.fullmatch(entry_name)
-        if match and (name is None or match["name"] == name) and _remove_if_stale(directory / entry_name):
-            removed.append(directory / entry_name)
-    return removed
-
-
-def _remove_if_stale(path: Path) -> bool:
-    """Remove a work directory that no live export holds (see _create_work_dir): unlocked, and unchanged
-    for STALE_PARTIAL_AGE_S (it is locked an instant after its creation). Symbolic links are never
-    followed. True when it was removed."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:  # a symbolic link, or already gone
-        return False
-    try:
-        if time.time() - os.fstat(descriptor).st_mtime < STALE_PARTIAL_AGE_S:
-            return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a live export; or locks do not work here, and then it may be live
-            return False
-        shutil.rmtree(path, ignore_errors=True)
-        return not os.path.lexists(path)
-    finally:
-        os.close(descriptor)
-
-
-def _commit(written: dict[str, Path], final_paths: dict[str, Path], work_dir: Path) -> None:
-    """Rename complete outputs into place; if one rename fails, the ones already renamed are removed."""
-    committed: list[Path] = []
-    try:
-        for export_format, temporary in written.items():
-            final = final_paths[export_format]
-            if final.is_dir():
-                final.rename(work_dir / "replaced-output")
-            os.replace(temporary, final)
-            committed.append(final)
-    except OSError:
-        for final in committed:
-            if final.is_dir():
-                shutil.rmtree(final, ignore_errors=True)
-            else:
-                final.unlink(missing_ok=True)
-        raise

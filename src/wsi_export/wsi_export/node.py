@@ -6,7 +6,7 @@ without waiting for the export that may be running (exports run one at a time).
 import threading
 import time
 
-from rclpy.action import ActionServer, CancelResponse
+from rclpy.action import CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
@@ -14,6 +14,7 @@ from rclpy.node import Node
 from wsi_common.node_main import spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
+from wsi_common.topics import EXPORT_SLIDE
 from wsi_export import (ExportCancelled, ExportOptions, ExportOptionsError, ExportStorageError, MosaicInputError,
                         SlideImageError, export_slide, remove_stale_partials_under)
 from wsi_export.export import validate_export
@@ -56,9 +57,8 @@ class ExportNode(Node):
         for removed in remove_stale_partials_under(resolve_under(self.params["output_root"], "")):
             self.get_logger().info(f"removed {removed}, left by an export that did not end")
         self._busy = threading.Lock()
-        self._server = ActionServer(self, ExportSlide, "export_slide", execute_callback=self._execute,
-                                    cancel_callback=lambda _: CancelResponse.ACCEPT,
-                                    callback_group=ReentrantCallbackGroup())
+        self._server = EXPORT_SLIDE.server(self, self._execute, cancel_callback=lambda _: CancelResponse.ACCEPT,
+                                           callback_group=ReentrantCallbackGroup())
 
     def checked_goal(self, goal):
         """(mosaic path, output dir, formats, options, scan manifest path or None) of a goal, or GoalError /

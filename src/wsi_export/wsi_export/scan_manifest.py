@@ -1,13 +1,11 @@
-"""The slide photos a scan took, read through the scan-manifest reader (wsi_stitching.layout, the one home
-of the manifest format). A module of its own so that the export core imports without the stitching package
-(dask workers, benchmarks)."""
+"""The slide photos a scan took, read through the scan-manifest reader (`wsi_common.scan_files`, the one
+home of the manifest format)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import tifffile
-from wsi_stitching.errors import ManifestError
-from wsi_stitching.layout import read_slide_images
+from wsi_common.scan_files import Manifest, ManifestError
 
 from .errors import SlideImageError
 from .slide_images import SlideImage
@@ -20,7 +18,7 @@ def slide_images_from_manifest(manifest_path: str | Path) -> dict[str, SlideImag
     """The slide photos a scan took, by series name ("macro", "label"), as its manifest lists them;
     empty if it took none (e.g. a scan of a given region without tissue detection)."""
     try:
-        entries = read_slide_images(manifest_path)
+        entries = Manifest.read(manifest_path).slide_images()
     except ManifestError as error:
         raise SlideImageError(str(error)) from error
     images = {}

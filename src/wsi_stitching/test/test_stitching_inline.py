@@ -7,10 +7,11 @@ import zarr
 
 from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.optics import Camera
+from wsi_acquisition.orchestrator_node import scan_plan_message
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanRequest, ScanRunner
 from wsi_stitching.cli import main as stitch_cli
 from wsi_stitching.inline import InlineStitch
-from wsi_stitching.layout import PlannedScan
+from wsi_stitching.node import planned_scan
 from wsi_stitching.stitcher import StitchParameters
 
 
@@ -33,7 +34,7 @@ class _ScanWithAPoorFocusMap(ScanRunner):
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory):
     """A 4x4-ish simulated scan whose focus map misses a few tiles, which the oracle autofocus re-captures;
-    tiles kept in order."""
+    tiles kept in order, and the plan as the stitching node reads it from the orchestrator's ScanPlan."""
     output = tmp_path_factory.mktemp("scan")
     backend = SimulatedMicroscope.create(speedup=1000.0, camera=Camera(width_px=256, height_px=256))
     published, plans = [], []
@@ -43,12 +44,7 @@ def scan(tmp_path_factory):
     runner = _ScanWithAPoorFocusMap(backend, request, publish_tile=lambda r, f: published.append((r, f.image_rgb8)),
                                     estimate_focus=oracle, on_plan=plans.append)
     outcome = runner.run()
-    plan = plans[0]
-    width, height = backend.sensor_size_px()
-    pixel = backend.pixel_size_um()
-    planned = PlannedScan("inline", plan.rows, plan.cols, [(t.row, t.col) for t in plan.tiles], width, height, pixel,
-                          plan.origin_x_um - width * pixel / 2, plan.origin_y_um - height * pixel / 2,
-                          plan.step_x_um, plan.step_y_um)
+    planned = planned_scan(scan_plan_message("inline", plans[0], backend, outcome.scan_dir, outcome.manifest_path))
     return outcome, planned, published
 
 

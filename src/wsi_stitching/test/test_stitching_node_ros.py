@@ -5,10 +5,9 @@ import time
 import pytest
 import rclpy
 
-from wsi_common.qos import LATCHED_QOS
 from wsi_common.supervisor import NodeSpec
-from wsi_interfaces.msg import MosaicStatus, ScanPlan, TileIndex
-from wsi_stitching.layout import ended_scan_status
+from wsi_common.topics import MOSAIC_STATUS, SCAN_PLAN
+from wsi_interfaces.msg import ScanPlan, TileIndex
 
 pytestmark = pytest.mark.ros
 
@@ -22,21 +21,14 @@ def plan(scan_id: str, scan_dir) -> ScanPlan:
                     step_y_um=28.8, manifest_uri=str(scan_dir / "manifest.json"))
 
 
-def test_the_manifest_tells_a_running_scan_from_one_that_has_ended(tmp_path):
-    assert ended_scan_status(tmp_path / "manifest.json") is None          # not written yet: planning
-    for status, ended in (("running", None), ("complete", "complete"), ("canceled", "canceled")):
-        (tmp_path / "manifest.json").write_text(json.dumps({"status": status}))
-        assert ended_scan_status(tmp_path / "manifest.json") == ended
-
-
 def test_a_restarted_node_opens_no_session_for_the_latched_plan_of_an_ended_scan(run_nodes, ros_node, tmp_path):
     ended, running, elsewhere = tmp_path / "ended", tmp_path / "running", tmp_path / "b" / "running"
     for scan_dir in (ended, running, elsewhere):
         scan_dir.mkdir(parents=True)
     (ended / "manifest.json").write_text(json.dumps({"scan_id": "ended", "status": "complete", "tiles": []}))
     statuses = []
-    ros_node.create_subscription(MosaicStatus, "mosaic/status", statuses.append, LATCHED_QOS)
-    plans = ros_node.create_publisher(ScanPlan, "scan/plan", LATCHED_QOS)
+    MOSAIC_STATUS.subscription(ros_node, statuses.append)
+    plans = SCAN_PLAN.publisher(ros_node)
     plans.publish(plan("ended", ended))          # what a node started after that scan finds latched
     run_nodes([NodeSpec(name="stitching", package="wsi_stitching", executable="stitching_node",
                         module="wsi_stitching.node", parameters={"output_root": str(tmp_path)})])

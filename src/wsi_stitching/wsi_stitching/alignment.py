@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
-
-from .layout import Cell
+from wsi_common.tile_grid import Cell
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from wsi_common.scan_files import ManifestError
 from wsi_stitching.errors import StitchingError
 from wsi_stitching.stitcher import StitchParameters, journaled_parameters, stitch_manifest
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         parameters = replace(journaled_parameters(output) or StitchParameters(),
                              **{key: value for key, value in options.items() if value is not None})
         result = stitch_manifest(args.manifest, output, parameters, redo=args.redo)
-    except StitchingError as error:
+    except (StitchingError, ManifestError) as error:
         print(f"wsi_stitching: {error}", file=sys.stderr)
         return 1
     done = {"new": "stitched", "resumed": "resumed and finished", "confirmed": "confirmed complete"}[result.run]

@@ -13,10 +13,6 @@ class DuplicateTileError(BadTileError):
     """A tile arrived for a grid cell that has already been received."""
 
 
-class ManifestError(StitchingError):
-    """A scan manifest is malformed or refers to missing tile files."""
-
-
 class LayoutError(StitchingError):
     """A tile-grid layout is inconsistent (sizes, pixel size, grid cells)."""
 

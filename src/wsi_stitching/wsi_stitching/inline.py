@@ -8,14 +8,14 @@ decides. At the end of the scan the manifest says which capture of each cell was
 did not arrive over the network (a dropped message, a late subscriber) is read from the tile file
 the scan saved, so the mosaic is complete whenever the scan's own record is.
 """
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from wsi_stitching.errors import BadTileError, ManifestError
-from wsi_stitching.layout import PlannedScan, load_tile_image
+from wsi_common.scan_files import Manifest, load_tile_image
+from wsi_stitching.errors import BadTileError
+from wsi_stitching.layout import PlannedScan
 from wsi_stitching.stitcher import MosaicStitcher, StitchParameters, StitchResult
 
 
@@ -43,11 +43,13 @@ class InlineStitch:
         self.read_from_disk = 0
 
     def offer(self, sequence: int, row: int, col: int, image: np.ndarray, x_um: float, y_um: float) -> None:
-        """Take a tile from the stream. A bad tile is recorded in `rejected` and skipped."""
+        """Take a tile from the stream. A bad tile is recorded in `rejected` and skipped. The image is kept
+        as given, not copied: the node's view of a message keeps that message's buffer, which rclpy never
+        reuses, alive for as long as the tile is held."""
         if self._held is not None and (self._held.row, self._held.col) != (row, col):
             if sequence <= self._held.sequence + 1:
                 self._use(self._held)
-        self._held = _Held(sequence, row, col, np.array(image, copy=True), x_um, y_um)
+        self._held = _Held(sequence, row, col, image, x_um, y_um)
 
     def _use(self, tile: _Held) -> None:
         try:
@@ -59,7 +61,8 @@ class InlineStitch:
 
     def finish(self, manifest_path: Path) -> StitchResult:
         """Use the held tile, fetch kept captures that never arrived from disk, and finalise."""
-        kept = final_captures(manifest_path)
+        manifest = Manifest.read(manifest_path)
+        kept = manifest.final_captures()
         if self._held is not None:
             cell = (self._held.row, self._held.col)
             if cell not in kept or kept[cell]["sequence"] == self._held.sequence:
@@ -68,20 +71,9 @@ class InlineStitch:
         for cell, entry in sorted(kept.items()):
             if cell in self.used_sequences or not entry.get("image"):
                 continue
-            tile = _Held(entry["sequence"], cell[0], cell[1], load_tile_image(manifest_path.parent / entry["image"]),
+            tile = _Held(entry["sequence"], cell[0], cell[1], load_tile_image(manifest.resolve(entry["image"])),
                          entry["measured_x_um"], entry["measured_y_um"])
             self._use(tile)
             self.read_from_disk += 1
         return self.stitcher.finish()
 
-
-def final_captures(manifest_path: Path) -> dict[tuple[int, int], dict]:
-    """The capture kept for every grid cell of a scan manifest (the last one)."""
-    try:
-        manifest = json.loads(Path(manifest_path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ManifestError(f"cannot read manifest {manifest_path}: {error}") from error
-    kept = {}
-    for entry in manifest.get("tiles", []):
-        kept[(entry["row"], entry["col"])] = entry
-    return kept

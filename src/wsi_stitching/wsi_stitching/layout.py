@@ -1,24 +1,23 @@
-"""Tile-grid layout of a scan and the scan-manifest reader (tiles, and the whole-slide images).
+"""Tile-grid layout of a scan: from its plan (the ScanPlan message, or the plan its manifest records) or,
+for a manifest without a plan, from the tiles' measured poses.
 
-Stage positions are in µm and refer to the centre of a tile's field of view, like the stage poses in
-Tile messages and scan manifests; only differences between positions matter to the mosaic. Stage x
-runs with image columns, stage y with rows. A scan's nominal layout comes from its plan, through
-`PlannedScan` only: the stitching node reads the plan from the ScanPlan message, a re-stitch from the
-plan the manifest records, and both must make the same layout so that either can resume the other.
+Stage positions are in µm and refer to the centre of a tile's field of view (`wsi_common.tile_grid`);
+only differences between positions matter to the mosaic. A scan's nominal layout comes from its plan,
+through `PlannedScan` only: the stitching node reads the plan from the ScanPlan message, a re-stitch from
+the plan the manifest records, and both must make the same layout so that either can resume the other.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+from wsi_common.scan_files import Manifest, ManifestTile
+from wsi_common.tile_grid import Cell, TileGrid, field_of_view_um
 
-from .errors import LayoutError, ManifestError
+from .errors import LayoutError
 
-Cell = tuple[int, int]
 POSITION_TOLERANCE_UM = 1e-6  # far below a pixel, far above float rounding of stage coordinates
 
 
@@ -70,13 +69,15 @@ class TileGridLayout:
     def regular(cls, scan_id: str, rows: int, cols: int, tile_height_px: int, tile_width_px: int,
                 pixel_size_um: float, overlap_fraction: float, origin_x_um: float = 0.0,
                 origin_y_um: float = 0.0, cells: list[Cell] | None = None, **optics) -> "TileGridLayout":
-        """Layout of a regular raster with the given nominal overlap (what a ScanPlan describes)."""
+        """Layout of a regular raster with the given nominal overlap (what a ScanPlan describes); the origin
+        is the centre of cell (0, 0)."""
         if not 0.0 <= overlap_fraction < 0.5:
             raise LayoutError(f"overlap_fraction must be in [0, 0.5), got {overlap_fraction}")
-        step_x_um = tile_width_px * (1 - overlap_fraction) * pixel_size_um
-        step_y_um = tile_height_px * (1 - overlap_fraction) * pixel_size_um
+        grid = TileGrid(rows, cols, origin_x_um, origin_y_um, tile_width_px * (1 - overlap_fraction) * pixel_size_um,
+                        tile_height_px * (1 - overlap_fraction) * pixel_size_um,
+                        *field_of_view_um(tile_width_px, tile_height_px, pixel_size_um))
         chosen = cells if cells is not None else [(r, c) for r in range(rows) for c in range(cols)]
-        positions = {(r, c): (origin_x_um + c * step_x_um, origin_y_um + r * step_y_um) for r, c in chosen}
+        positions = {cell: grid.centre_um(*cell) for cell in chosen}
         return cls(scan_id, rows, cols, tile_height_px, tile_width_px, pixel_size_um, positions, **optics)
 
     def differences_from(self, fingerprint: dict) -> list[str]:
@@ -112,46 +113,21 @@ def iso_utc(unix_s: float) -> str:
 class PlannedScan:
     """What a ScanPlan message says, in plain values."""
     scan_id: str
-    rows: int
-    cols: int
-    cells: list[tuple[int, int]]
+    grid: TileGrid
+    cells: list[Cell]                   # the cells that will be captured
     tile_width_px: int
     tile_height_px: int
     pixel_size_um: float
-    origin_x_um: float          # left edge of column 0
-    origin_y_um: float          # top edge of row 0
-    step_x_um: float
-    step_y_um: float
     objective_magnification: float = 0.0
     numerical_aperture: float = 0.0
     acquisition_datetime: str = ""      # ISO 8601, when the scan started
 
-    def _half_field_um(self) -> tuple[float, float]:
-        """From a field's top-left edge to its centre, (x, y) µm."""
-        return self.tile_width_px * self.pixel_size_um / 2, self.tile_height_px * self.pixel_size_um / 2
-
     def layout(self) -> TileGridLayout:
         """Nominal positions are field-of-view centres, like the tiles' stage poses."""
-        half_w, half_h = self._half_field_um()
-        positions = {(r, c): (self.origin_x_um + half_w + c * self.step_x_um,
-                              self.origin_y_um + half_h + r * self.step_y_um) for r, c in self.cells}
-        return TileGridLayout(self.scan_id, self.rows, self.cols, self.tile_height_px, self.tile_width_px,
+        positions = {cell: self.grid.centre_um(*cell) for cell in self.cells}
+        return TileGridLayout(self.scan_id, self.grid.rows, self.grid.cols, self.tile_height_px, self.tile_width_px,
                               self.pixel_size_um, positions, self.objective_magnification, self.numerical_aperture,
                               self.acquisition_datetime)
-
-    @classmethod
-    def from_manifest(cls, doc: dict) -> "PlannedScan":
-        """The plan a wsi_acquisition scan manifest records ("plan": rows, cols, tiles, step_x_um,
-        step_y_um and origin_x_um/origin_y_um, which there are the centre of cell (0, 0))."""
-        plan = doc["plan"]
-        centred = cls(str(doc["scan_id"]), int(plan["rows"]), int(plan["cols"]),
-                      [(int(r), int(c)) for r, c in plan["tiles"]], int(doc["tile_width_px"]),
-                      int(doc["tile_height_px"]), float(doc["pixel_size_um"]), float(plan["origin_x_um"]),
-                      float(plan["origin_y_um"]), float(plan["step_x_um"]), float(plan["step_y_um"]),
-                      float(doc.get("objective_magnification", 0.0)), float(doc.get("numerical_aperture", 0.0)),
-                      _manifest_datetime(doc))
-        half_w, half_h = centred._half_field_um()
-        return replace(centred, origin_x_um=centred.origin_x_um - half_w, origin_y_um=centred.origin_y_um - half_h)
 
 
 def _manifest_datetime(doc: dict) -> str:
@@ -160,13 +136,10 @@ def _manifest_datetime(doc: dict) -> str:
     return iso_utc(float(doc["started_unix_s"])) if "started_unix_s" in doc else ""
 
 
-@dataclass(frozen=True)
-class ManifestTile:
-    row: int
-    col: int
-    x_um: float
-    y_um: float
-    image_path: Path
+def _optics(doc: dict) -> dict:
+    return {"objective_magnification": float(doc.get("objective_magnification", 0.0)),
+            "numerical_aperture": float(doc.get("numerical_aperture", 0.0)),
+            "acquisition_datetime": _manifest_datetime(doc)}
 
 
 @dataclass(frozen=True)
@@ -175,117 +148,30 @@ class ScanManifest:
     tiles: list[ManifestTile] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class SlideImageEntry:
-    """A whole-slide image a scan took beside its tiles: the macro camera's overview, or a label photo."""
-    image_path: Path
-    pixel_size_um: float  # on the slide
-
-
-# Manifest keys of the whole-slide images. wsi_acquisition writes "overview" when the scanner has a
-# macro camera; "label" is for scanners with a label camera (none of ours has one yet).
-SLIDE_IMAGE_KEYS = ("overview", "label")
-
-
-def _read_manifest_document(manifest_path: Path) -> dict:
-    try:
-        return json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest {manifest_path}: {exc}") from exc
-
-
-def ended_scan_status(manifest_path: str | Path) -> str | None:
-    """How a scan ended ("complete", "failed", "canceled"), as its manifest records; None while it runs
-    ("running") or before its first manifest is written (overview, planning, focus map)."""
-    manifest_path = Path(manifest_path)
-    if not manifest_path.is_file():
-        return None
-    status = _read_manifest_document(manifest_path).get("status", "running")
-    return None if status == "running" else status
-
-
-def read_slide_images(manifest_path: str | Path) -> dict[str, SlideImageEntry]:
-    """The whole-slide images a scan manifest lists, by key ("overview", "label"; absent or null: not
-    taken). Each is {"image": path relative to the manifest, "pixel_size_um", ...}; the tiles need not
-    be on disk."""
-    manifest_path = Path(manifest_path)
-    doc = _read_manifest_document(manifest_path)
-    images = {}
-    for key in SLIDE_IMAGE_KEYS:
-        entry = doc.get(key)
-        if entry is None:
-            continue
-        try:
-            image = SlideImageEntry(manifest_path.parent / entry["image"], float(entry["pixel_size_um"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"manifest {manifest_path} {key!r} entry {entry!r} is malformed ({exc}); "
-                                f"expected keys image and pixel_size_um") from exc
-        if not (math.isfinite(image.pixel_size_um) and image.pixel_size_um > 0):
-            raise ManifestError(f"manifest {manifest_path} {key!r} pixel_size_um={image.pixel_size_um}; "
-                                f"expected a positive number")
-        if not image.image_path.is_file():
-            raise ManifestError(f"manifest {manifest_path} {key!r} image {image.image_path} does not exist")
-        images[key] = image
-    return images
-
-
 def read_manifest(manifest_path: str | Path) -> ScanManifest:
-    """Read a scan manifest as wsi_acquisition writes it: {"scan_id", "pixel_size_um", "tile_width_px",
-    "tile_height_px", "tiles": [{"row", "col", "measured_x_um", "measured_y_um", "image": path relative
-    to the manifest (.npy/.tif)}, ...]}. Optional: "objective_magnification", "numerical_aperture",
-    "acquisition_datetime" (else from "started_unix_s"), and "plan" (as `PlannedScan.from_manifest`
-    reads it), which gives the nominal layout exactly as the stitching node had it; without a plan the
-    measured tile poses double as the nominal positions. A cell listed again (a re-capture) replaces
-    the earlier entry."""
-    manifest_path = Path(manifest_path)
-    doc = _read_manifest_document(manifest_path)
-    required = ("scan_id", "pixel_size_um", "tile_width_px", "tile_height_px", "tiles")
-    missing = [key for key in required if key not in doc]
-    if missing:
-        raise ManifestError(f"manifest {manifest_path} lacks keys {missing}; expected all of {list(required)}")
-    tiles = []
-    for index, entry in enumerate(doc["tiles"]):
-        try:
-            tile = ManifestTile(int(entry["row"]), int(entry["col"]), float(entry["measured_x_um"]),
-                                float(entry["measured_y_um"]), manifest_path.parent / entry["image"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"manifest tile #{index} is malformed ({exc}); expected keys "
-                                f"row, col, measured_x_um, measured_y_um, image") from exc
-        if not tile.image_path.is_file():
-            raise ManifestError(f"manifest tile #{index} image {tile.image_path} does not exist")
-        tiles.append(tile)
-    tiles = list({(t.row, t.col): t for t in tiles}.values())
-    cells = [(t.row, t.col) for t in tiles]
+    """Read a scan manifest (`wsi_common.scan_files`) for stitching: it needs "scan_id", "pixel_size_um",
+    "tile_width_px", "tile_height_px" and "tiles" (the capture kept for each cell); optional are
+    "objective_magnification", "numerical_aperture", "acquisition_datetime" (else from "started_unix_s"),
+    and "plan", which gives the nominal layout exactly as the stitching node had it; without a plan the
+    measured tile poses double as the nominal positions."""
+    manifest = Manifest.read(manifest_path)
+    manifest.require(("scan_id", "pixel_size_um", "tile_width_px", "tile_height_px", "tiles"))
+    doc = manifest.document
+    tiles = manifest.tiles()
     if not tiles:
-        raise ManifestError(f"manifest {manifest_path} lists no tiles")
-    if doc.get("plan"):
-        try:
-            layout = PlannedScan.from_manifest(doc).layout()
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"manifest {manifest_path} plan is malformed ({exc!r}); expected rows, cols, "
-                                f"tiles, step_x_um, step_y_um, origin_x_um, origin_y_um") from exc
+        raise manifest.error("lists no tiles")
+    cells = [(t.row, t.col) for t in tiles]
+    tile_size = {"tile_width_px": int(doc["tile_width_px"]), "tile_height_px": int(doc["tile_height_px"]),
+                 "pixel_size_um": float(doc["pixel_size_um"])}
+    plan = manifest.plan()
+    if plan is not None:
+        layout = PlannedScan(str(doc["scan_id"]), plan.grid, plan.tiles, **tile_size, **_optics(doc)).layout()
         unplanned = sorted(set(cells) - set(layout.nominal_positions_um))
         if unplanned:
-            raise ManifestError(f"manifest {manifest_path} has tiles at cells {unplanned[:5]} that its plan "
-                                f"does not list; expected only planned cells")
+            raise manifest.error(f"has tiles at cells {unplanned[:5]} that its plan does not list; expected only "
+                                 "planned cells")
         return ScanManifest(layout, tiles)
     layout = TileGridLayout(
         scan_id=str(doc["scan_id"]), rows=max(r for r, _ in cells) + 1, cols=max(c for _, c in cells) + 1,
-        tile_height_px=int(doc["tile_height_px"]), tile_width_px=int(doc["tile_width_px"]),
-        pixel_size_um=float(doc["pixel_size_um"]),
-        nominal_positions_um={(t.row, t.col): (t.x_um, t.y_um) for t in tiles},
-        objective_magnification=float(doc.get("objective_magnification", 0.0)),
-        numerical_aperture=float(doc.get("numerical_aperture", 0.0)),
-        acquisition_datetime=_manifest_datetime(doc))
+        nominal_positions_um={(t.row, t.col): (t.x_um, t.y_um) for t in tiles}, **tile_size, **_optics(doc))
     return ScanManifest(layout, tiles)
-
-
-def load_tile_image(image_path: Path) -> np.ndarray:
-    """Pixels of one manifest tile (.npy or .tif/.tiff)."""
-    suffix = image_path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(image_path)
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-        return tifffile.imread(image_path)
-    raise ManifestError(f"tile image {image_path} has unsupported type {suffix!r}; expected .npy or .tif")

@@ -21,12 +21,14 @@ from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
-from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.topics import MOSAIC_STATUS, SCAN_PLAN, SCAN_STATUS, TILES
+from wsi_common.scan_files import ManifestError, ended_scan_status
+from wsi_common.tile_grid import TileGrid, field_of_view_um
 from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
-from wsi_stitching.errors import ManifestError, StitchingError
+from wsi_stitching.errors import StitchingError
 from wsi_stitching.inline import InlineStitch
-from wsi_stitching.layout import PlannedScan, ended_scan_status, iso_utc
+from wsi_stitching.layout import PlannedScan, iso_utc
 from wsi_stitching.stitcher import StitchParameters
 
 PARAMETERS = {
@@ -51,9 +53,11 @@ def _tile_bytes(item) -> int:
 
 
 def planned_scan(msg: ScanPlan) -> PlannedScan:
-    return PlannedScan(msg.scan_id, msg.rows, msg.cols, [(t.row, t.col) for t in msg.tiles], msg.tile_width_px,
-                       msg.tile_height_px, msg.pixel_size_um, msg.origin_x_um, msg.origin_y_um, msg.step_x_um,
-                       msg.step_y_um, msg.objective_magnification, msg.numerical_aperture,
+    grid = TileGrid.from_edge_origin(msg.rows, msg.cols, msg.origin_x_um, msg.origin_y_um, msg.step_x_um,
+                                     msg.step_y_um, *field_of_view_um(msg.tile_width_px, msg.tile_height_px,
+                                                                      msg.pixel_size_um))
+    return PlannedScan(msg.scan_id, grid, [(t.row, t.col) for t in msg.tiles], msg.tile_width_px,
+                       msg.tile_height_px, msg.pixel_size_um, msg.objective_magnification, msg.numerical_aperture,
                        iso_utc(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9))
 
 
@@ -68,10 +72,10 @@ class StitchingNode(Node):
         except StitchingError as error:
             raise NodeConfigurationError(str(error)) from error
         self._work = QueueWorker(self._handle, on_error=self._item_failed, size_of=_tile_bytes)
-        self._status_pub = self.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
-        self.create_subscription(ScanPlan, "scan/plan", lambda m: self._work.put(("plan", m)), LATCHED_QOS)
-        self.create_subscription(Tile, "tiles", lambda m: self._work.put(("tile", m)), TILE_QOS)
-        self.create_subscription(ScanStatus, "scan/status", self._on_status, EVENT_QOS)
+        self._status_pub = MOSAIC_STATUS.publisher(self)
+        SCAN_PLAN.subscription(self, lambda m: self._work.put(("plan", m)))
+        TILES.subscription(self, lambda m: self._work.put(("tile", m)))
+        SCAN_STATUS.subscription(self, self._on_status)
         DiagnosticsPublisher(self, "stitching", self.params["diagnostics_period_s"], self._diagnostics)
         self._session: InlineStitch | None = None
         self._plan: ScanPlan | None = None
@@ -147,7 +151,7 @@ class StitchingNode(Node):
         self._session = None
         try:
             result = session.finish(Path(plan.manifest_uri))
-        except (StitchingError, OSError) as error:
+        except (StitchingError, ManifestError, OSError) as error:
             self._publish(plan.scan_id, finished=True, error=f"stitching scan {plan.scan_id} failed: {error}")
             return
         if session.read_from_disk:

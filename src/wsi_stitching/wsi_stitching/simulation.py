@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
+from wsi_common.tile_grid import Cell
 
-from .layout import Cell, TileGridLayout
+from .layout import TileGridLayout
 
 GLASS_LEVEL = 242.0
 _EOSIN_OD = np.array([0.07, 0.99, 0.11], dtype=np.float32) * 0.9      # RGB optical densities
@@ -98,7 +100,7 @@ class SyntheticScan:
         return TileGridLayout(
             scan_id, self.rows, self.cols, self.tile_px, self.tile_px, self.pixel_size_um,
             {cell: self.stage_position_um(cell) for cell in self.nominal_positions_px},
-            objective_magnification=20.0, numerical_aperture=0.75,
+            objective_magnification=DEFAULT_OBJECTIVE_MAGNIFICATION, numerical_aperture=0.75,
             acquisition_datetime="2026-01-01T00:00:00+00:00")
 
     def stage_position_um(self, cell: Cell) -> tuple[float, float]:

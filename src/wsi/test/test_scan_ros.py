@@ -7,15 +7,14 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 from std_srvs.srv import Trigger
-from sensor_msgs.msg import Image
 
-from wsi.actions import ActionCaller
 from wsi.graph import lifecycle_manager_spec
+from wsi_common.action_caller import ActionCaller
 from wsi_common.image import image_to_array
-from wsi_common.qos import EVENT_QOS, LATCHED_QOS, LIVE_IMAGE_QOS, TILE_QOS
 from wsi_common.supervisor import NodeSpec
+from wsi_common.topics import CAMERA_IMAGE, CAMERA_LIVE, MOSAIC_STATUS, SCAN_PLAN, SCAN_SLIDE, TILES
 from wsi_interfaces.action import ScanSlide
-from wsi_interfaces.msg import MosaicStatus, ScanPlan, ScanStatus, Tile
+from wsi_interfaces.msg import MosaicStatus, ScanStatus
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -34,7 +33,7 @@ def microscope_spec(output_root: Path, **parameters) -> NodeSpec:
 @pytest.fixture
 def scanner(run_nodes, ros_node, tmp_path):
     run_nodes([microscope_spec(tmp_path), MANAGER])
-    caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    caller = ActionCaller(ros_node, SCAN_SLIDE)
     caller.wait_for_server(timeout_s=30)
     return caller
 
@@ -44,7 +43,7 @@ def small_scanner(run_nodes, ros_node, tmp_path):
     """A fast microscope: small tiles, quick stage, no QC report after each scan."""
     run_nodes([microscope_spec(tmp_path, camera_width_px=256, camera_height_px=256, sim_speedup=50.0,
                                qc_report=False), MANAGER])
-    caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    caller = ActionCaller(ros_node, SCAN_SLIDE)
     caller.wait_for_server(timeout_s=30)
     return caller
 
@@ -65,8 +64,8 @@ def goal(region=TISSUE_REGION_UM, **changes) -> ScanSlide.Goal:
 
 def test_scan_of_a_3mm_region_at_20x_publishes_every_tile(scanner, ros_node, tmp_path):
     tiles, plans = [], []
-    ros_node.create_subscription(Tile, "tiles", tiles.append, TILE_QOS)
-    ros_node.create_subscription(ScanPlan, "scan/plan", plans.append, LATCHED_QOS)
+    TILES.subscription(ros_node, tiles.append)
+    SCAN_PLAN.subscription(ros_node, plans.append)
     outcome = scanner.call(goal(), timeout_s=600)
     result = outcome.result
     assert outcome.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
@@ -124,7 +123,7 @@ def test_of_two_goals_at_once_one_scans_and_the_other_learns_the_microscope_is_b
 
 
 def test_cancel_or_a_lost_stitching_node_ends_the_wait_for_the_mosaic(small_scanner, ros_node):
-    stand_in = ros_node.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)   # a stitching node that hangs
+    stand_in = MOSAIC_STATUS.publisher(ros_node)   # a stitching node that hangs
     feedback = []
     for scan_id in ("canceled", "stitcher-lost"):
         stand_in.publish(MosaicStatus(scan_id=scan_id, finished=False))   # "stitching it"
@@ -166,7 +165,7 @@ def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):
     # The microscope is free again: the camera answers a trigger.
     trigger = ros_node.create_client(Trigger, "camera/trigger")
     images = []
-    ros_node.create_subscription(Image, "camera/image", images.append, EVENT_QOS)
+    CAMERA_IMAGE.subscription(ros_node, images.append)
     assert trigger.wait_for_service(timeout_sec=10)
     future = trigger.call_async(Trigger.Request())
     rclpy.spin_until_future_complete(ros_node, future, timeout_sec=30)
@@ -180,7 +179,7 @@ def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):
 def test_live_stream_publishes_frames_with_camera_info(run_nodes, ros_node, tmp_path):
     run_nodes([microscope_spec(tmp_path, live_rate_hz=5.0, camera_width_px=256, camera_height_px=256), MANAGER])
     frames = []
-    ros_node.create_subscription(Image, "camera/live", frames.append, LIVE_IMAGE_QOS)
+    CAMERA_LIVE.subscription(ros_node, frames.append)
     deadline = time.monotonic() + 30
     while len(frames) < 3 and time.monotonic() < deadline:
         rclpy.spin_once(ros_node, timeout_sec=0.1)

@@ -1,10 +1,30 @@
-"""Blocking calls of WSI actions for the tests, which look at every feedback message and at raw goal statuses
-(the node is spun while waiting). Applications drive a scanner through wsi.client."""
+"""Blocking calls of a WSI action (wsi_common.topics) for tests, which look at every feedback message and at raw
+goal statuses; the node is spun while waiting. Applications drive a scanner through wsi.client, which waits for
+its servers with the same wait_for_action_server."""
 import time
 from dataclasses import dataclass, field
 
 import rclpy
-from rclpy.action import ActionClient
+
+from wsi_common.topics import Action
+
+# Discovery is not symmetric: a goal sent as soon as the server is seen can go unanswered, because the server
+# has not yet matched the client's reply readers (Fast DDS: "failed to send response (timeout)"; seen in CI).
+DISCOVERY_SETTLE_S = 0.5
+
+
+def wait_for_action_server(node, client, timeout_s: float, settle_s: float = DISCOVERY_SETTLE_S) -> bool:
+    """Spin `node` until the server of `client` (an rclpy ActionClient) is discovered, then `settle_s` more;
+    False if it was not discovered within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not client.server_is_ready():
+        if time.monotonic() > deadline:
+            return False
+        rclpy.spin_once(node, timeout_sec=0.1)
+    settled = time.monotonic() + settle_s
+    while time.monotonic() < settled:
+        rclpy.spin_once(node, timeout_sec=0.05)
+    return True
 
 
 class ActionCallError(RuntimeError):
@@ -19,10 +39,10 @@ class ActionOutcome:
 
 
 class ActionCaller:
-    def __init__(self, node, action_type, name: str):
+    def __init__(self, node, action: Action):
         self.node = node
-        self.name = name
-        self.client = ActionClient(node, action_type, name)
+        self.name = action.name
+        self.client = action.client(node)
 
     def _spin_until(self, future, timeout_s: float, what: str):
         rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout_s)
@@ -30,18 +50,9 @@ class ActionCaller:
             raise ActionCallError(f"{self.name}: no answer to {what} within {timeout_s:.0f} s")
         return future.result()
 
-    def wait_for_server(self, timeout_s: float, settle_s: float = 0.5) -> None:
-        """Wait until the server is discovered, then `settle_s` more: discovery is not symmetric,
-        and a goal sent before the server has matched this client's reply readers gets no answer
-        (Fast DDS: "failed to send response (timeout)"; seen in CI)."""
-        deadline = time.monotonic() + timeout_s
-        while not self.client.server_is_ready():
-            if time.monotonic() > deadline:
-                raise ActionCallError(f"action server {self.name!r} not available after {timeout_s:.0f} s")
-            rclpy.spin_once(self.node, timeout_sec=0.1)
-        settled = time.monotonic() + settle_s
-        while time.monotonic() < settled:
-            rclpy.spin_once(self.node, timeout_sec=0.05)
+    def wait_for_server(self, timeout_s: float) -> None:
+        if not wait_for_action_server(self.node, self.client, timeout_s):
+            raise ActionCallError(f"action server {self.name!r} not available after {timeout_s:.0f} s")
 
     def send_goal(self, goal, timeout_s: float, on_feedback=None):
         """Send a goal and return its handle once accepted; raise ActionCallError if rejected."""

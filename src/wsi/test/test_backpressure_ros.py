@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
-from diagnostic_msgs.msg import DiagnosticArray
 
-from wsi.actions import ActionCaller
 from wsi.graph import lifecycle_manager_spec
-from wsi_common.qos import EVENT_QOS, LATCHED_QOS, TILE_QOS
+from wsi_common.action_caller import ActionCaller
 from wsi_common.supervisor import NodeSpec
+from wsi_common.topics import DIAGNOSTICS, MOSAIC_STATUS, SCAN_PLAN, SCAN_SLIDE, TILES
 from wsi_interfaces.action import ScanSlide
 from wsi_interfaces.msg import MosaicStatus, ScanPlan, Tile
 
@@ -33,13 +32,13 @@ def test_a_slow_consumer_makes_the_scan_wait_with_no_tile_lost_and_its_buffer_un
                                     "sim_speedup": 50.0, "qc_report": False, "diagnostics_period_s": 0.5,
                                     "max_buffer_mb": ceiling_bytes / 1e6}),
                lifecycle_manager_spec("", ["microscope"])])
-    caller = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    caller = ActionCaller(ros_node, SCAN_SLIDE)
     caller.wait_for_server(timeout_s=30)
 
     # A stitching node that takes every tile off DDS into its buffer at once and handles one per HANDLE_S,
     # saying on mosaic/status how many it has handled, as the stitching node does after each tile.
     buffer, handled, peak_bytes, scan_ids = deque(), [], [0], []
-    acks = ros_node.create_publisher(MosaicStatus, "mosaic/status", LATCHED_QOS)
+    acks = MOSAIC_STATUS.publisher(ros_node)
 
     def on_plan(plan: ScanPlan) -> None:
         scan_ids.append(plan.scan_id)
@@ -54,12 +53,12 @@ def test_a_slow_consumer_makes_the_scan_wait_with_no_tile_lost_and_its_buffer_un
             handled.append(buffer.popleft())
             acks.publish(MosaicStatus(scan_id=scan_ids[-1], tiles_received=len(handled)))
 
-    ros_node.create_subscription(ScanPlan, "scan/plan", on_plan, LATCHED_QOS)
-    ros_node.create_subscription(Tile, "tiles", on_tile, TILE_QOS)
+    SCAN_PLAN.subscription(ros_node, on_plan)
+    TILES.subscription(ros_node, on_tile)
     ros_node.create_timer(HANDLE_S, handle_one)
     orchestrator = []
-    ros_node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: orchestrator.extend(
-        {v.key: v.value for v in s.values} for s in m.status if s.name.endswith("scan_orchestrator")), EVENT_QOS)
+    DIAGNOSTICS.subscription(ros_node, lambda m: orchestrator.extend(
+        {v.key: v.value for v in s.values} for s in m.status if s.name.endswith("scan_orchestrator")))
 
     handle = caller.send_goal(ScanSlide.Goal(scan_id="slow", region_x_um=43_000.0, region_y_um=12_000.0,
                                              region_width_um=250.0, region_height_um=250.0,
