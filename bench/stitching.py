@@ -24,9 +24,18 @@ includes flat-field estimation and writing the blended Zarr mosaic; the peers on
 Memory mode (--grid 30 --tile 2048): tiles are generated on the fly and fed straight to the
 incremental stitcher (integer jitter, so generation stays cheap); reports peak RSS of that process.
 
+Inline mode (--inline): the speed of stitching while a scan runs, on the dense case. The tiles are read
+into memory first (not timed), then fed to the stitcher in serpentine order as a scan delivers them, with
+the flat-field estimated inline from the first tiles as the stitching node does; timed from the first
+tile to the finished mosaic, --repeat times. Reports Mpx/s of tile data against the rate of tile data
+the 20x anchor of bench/acquisition.py means (NanoZoomer S360: 15 x 15 mm in 156 s, with our camera's
+pixel and 10 % overlap), CPU time, the 1-minute load average before each run (the machine may be
+shared), position errors and peak RSS (all tiles in memory).
+
     nice -n 10 .venv/bin/python bench/stitching.py                     # 3 cases, 10x10, 1024 px, all methods
     nice -n 10 .venv/bin/python bench/stitching.py --cases stage60 --methods ours,ashlar
     nice -n 10 .venv/bin/python bench/stitching.py --grid 30 --tile 2048
+    nice -n 10 .venv/bin/python bench/stitching.py --inline                 # 10x10 of 1024 px, 3 runs
 """
 from __future__ import annotations
 
@@ -45,8 +54,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src" / "wsi_stitching"))
+sys.path[:0] = [str(p) for p in sorted((ROOT / "src").iterdir()) if (p / "setup.py").exists()]
 
+from wsi_common.scan_files import MANIFEST_NAME, Manifest  # noqa: E402
 from wsi_stitching.simulation import SyntheticScan, border_steps, glass_ripple  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -98,11 +108,11 @@ def write_dataset(scan: SyntheticScan, directory: Path) -> None:
         entries.append({"row": row, "col": col, "measured_x_um": x_um, "measured_y_um": y_um, "image": name})
     manifest = {"scan_id": "bench-stitching", "pixel_size_um": scan.pixel_size_um,
                 "tile_width_px": scan.tile_px, "tile_height_px": scan.tile_px, "tiles": entries}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 def load_manifest(directory: Path):
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = Manifest.read(directory / MANIFEST_NAME).document
     pixel = manifest["pixel_size_um"]
     cells = [(t["row"], t["col"]) for t in manifest["tiles"]]
     stage_px = np.array([[t["measured_y_um"] / pixel, t["measured_x_um"] / pixel] for t in manifest["tiles"]])
@@ -128,7 +138,7 @@ def run_ours(directory: Path, args) -> dict:
     manifest, cells, _, _ = load_manifest(directory)
     started = time.perf_counter()
     parameters = stitch_parameters(args.child_case, manifest["pixel_size_um"])
-    result = stitch_manifest(directory / "manifest.json", output, parameters, resume=False)
+    result = stitch_manifest(directory / MANIFEST_NAME, output, parameters, resume=False)
     wall = time.perf_counter() - started
     report = json.loads(result.report_path.read_text())
     limit_px = report["summary"]["stage_error_limit"]["placement_limit_px"]
@@ -206,6 +216,45 @@ def run_m2stitch(directory: Path, args) -> dict:
     return {"wall_s": wall, "positions": positions}
 
 
+def serpentine(rows: int, cols: int) -> list:
+    """Grid cells in the order a serpentine scan takes them."""
+    return [(row, col) for row in range(rows) for col in (range(cols) if row % 2 == 0 else reversed(range(cols)))]
+
+
+def anchor_tile_rate(tile_px: int) -> tuple[str, float]:
+    """(scanner, Mpx/s): the tile data the 20x anchor's scan takes in, as tiles of tile_px (the scan-time
+    anchors and their tile grid live in bench/acquisition.py)."""
+    from acquisition import anchor_tile_rates
+    from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
+    [anchor] = [a for a in anchor_tile_rates(tile_px)
+                if a["objective_magnification"] == DEFAULT_OBJECTIVE_MAGNIFICATION]
+    return anchor["scanner"], anchor["mpx_per_s"]
+
+
+def run_inline(directory: Path, args) -> dict:
+    """Inline mode: tiles in memory first, then stitched in scan order, timed from first tile to finish()."""
+    from wsi_stitching.layout import read_manifest
+    from wsi_stitching.stitcher import MosaicStitcher, remove_mosaic
+    manifest = read_manifest(directory / MANIFEST_NAME)
+    tiles = {(t.row, t.col): (np.load(t.image_path), t.x_um, t.y_um) for t in manifest.tiles}
+    parameters = stitch_parameters(args.child_case, manifest.layout.pixel_size_um)
+    output = directory / "inline.zarr"
+    runs = []
+    for _ in range(args.repeat):
+        remove_mosaic(output)
+        load_1min = os.getloadavg()[0]
+        cpu_started, started = time.process_time(), time.perf_counter()
+        stitcher = MosaicStitcher(manifest.layout, output, parameters, resume=False)
+        for cell in serpentine(manifest.layout.rows, manifest.layout.cols):
+            stitcher.add_tile(*cell, *tiles[cell])
+        result = stitcher.finish()
+        runs.append({"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
+                     "load_1min_before": load_1min})
+    cells = [(t.row, t.col) for t in manifest.tiles]
+    return {"runs": runs, "positions": [list(result.positions_px[c]) for c in cells], "tiles": len(cells),
+            "tile_px": [manifest.layout.tile_height_px, manifest.layout.tile_width_px]}
+
+
 def run_streaming(args) -> dict:
     """Memory mode: generate each tile when it is needed and stitch inline (serpentine order)."""
     from wsi_stitching.stitcher import MosaicStitcher, remove_mosaic
@@ -217,11 +266,9 @@ def run_streaming(args) -> dict:
     started = time.perf_counter()
     stitcher = MosaicStitcher(scan.layout("bench-streaming"), output, parameters, resume=False)
     most_in_memory = 0
-    for row in range(scan.rows):
-        columns = range(scan.cols) if row % 2 == 0 else reversed(range(scan.cols))
-        for col in columns:
-            stitcher.add_tile(row, col, scan.tile((row, col)), *scan.stage_position_um((row, col)))
-            most_in_memory = max(most_in_memory, stitcher.tiles_in_memory)
+    for row, col in serpentine(scan.rows, scan.cols):
+        stitcher.add_tile(row, col, scan.tile((row, col)), *scan.stage_position_um((row, col)))
+        most_in_memory = max(most_in_memory, stitcher.tiles_in_memory)
     result = stitcher.finish()
     wall = time.perf_counter() - started
     cells = sorted(scan.nominal_positions_px)
@@ -238,7 +285,8 @@ def child_main(args) -> None:
         if args.child == "streaming":
             outcome = run_streaming(args)
         else:
-            runner = {"ours": run_ours, "ashlar": run_ashlar, "m2stitch": run_m2stitch}[args.child]
+            runners = {"ours": run_ours, "ashlar": run_ashlar, "m2stitch": run_m2stitch, "inline": run_inline}
+            runner = runners[args.child]
             outcome = runner(Path(args.workdir), args)
         outcome["peak_rss_mb"] = peak_rss_mb()
     except BaseException as exc:  # reported, not hidden: the table shows why a peer could not run
@@ -249,7 +297,7 @@ def child_main(args) -> None:
 def run_child(method: str, args, case: str, workdir: Path) -> dict:
     command = [sys.executable, __file__, "--child", method, "--child-case", case, "--workdir", str(workdir),
                "--grid", str(args.grid), "--tile", str(args.tile), "--overlap", str(args.overlap),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--repeat", str(args.repeat)]
     completed = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
@@ -333,9 +381,8 @@ def mosaic_report(scan: SyntheticScan, outcome: dict, cells, evaluated_cells, ca
             "segments": int(steps["seam"].size), "png": str(png.relative_to(ROOT))}
 
 
-def save_results(key: str, document: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "stitching.json"
+def save_results(path: Path, key: str, document: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else {}
     existing[key] = document
     path.write_text(json.dumps(existing, indent=1))
@@ -400,7 +447,7 @@ def accuracy_mode(args) -> None:
                   f"{q['glass_blocks']} blocks; flat-field from {outcome['flat_field']}; residual RMS "
                   f"{outcome['residual_rms_px']:.3f} px; placement limit {outcome['placement_limit_px']:.0f} px; "
                   f"PNG {q['png']}")
-    print(f"JSON: {save_results(f'accuracy_{args.grid}x{args.grid}_{args.tile}px', documents)}")
+    print(f"JSON: {save_results(args.output, f'accuracy_{args.grid}x{args.grid}_{args.tile}px', documents)}")
 
 
 def memory_mode(args) -> None:
@@ -417,7 +464,37 @@ def memory_mode(args) -> None:
               f"{outcome['peak_rss_mb']:12.0f} {outcome['most_tiles_in_memory']:>10}")
         print(f"peak RSS is of the whole process, including the simulator (texture + generation: "
               f"{outcome['simulator_peak_rss_mb']:.0f} MB before the first tile)")
-    print(f"JSON: {save_results(f'memory_{args.grid}x{args.grid}_{args.tile}px', outcome)}")
+    print(f"JSON: {save_results(args.output, f'memory_{args.grid}x{args.grid}_{args.tile}px', outcome)}")
+
+
+def inline_mode(args) -> None:
+    case = "dense"
+    workdir = Path(args.workdir) / "inline"
+    workdir.mkdir(parents=True, exist_ok=True)
+    scan = make_scan(args, case, subpixel=True)
+    write_dataset(scan, workdir)
+    megapixels = args.grid * args.grid * args.tile * args.tile / 1e6
+    print(f"inline mode: {args.grid}x{args.grid} tiles of {args.tile} px RGB ({megapixels:.1f} Mpx), overlap "
+          f"{args.overlap:.0%}, {case} case, stitched in serpentine order from memory; {os.cpu_count()} CPUs")
+    outcome = run_child("inline", args, case, workdir)
+    if "error" in outcome:
+        print(f"inline run failed: {outcome['error']}\n{outcome.get('traceback', '')}")
+        return
+    _, cells, _, _ = load_manifest(workdir)
+    outcome.update(position_errors(outcome.pop("positions"), scan, cells, placeable_tiles(scan)))
+    print(f"\n{'run':>6} {'wall s':>7} {'CPU s':>6} {'Mpx/s':>6} {'tiles/s':>7} {'load 1 min':>10}")
+    for index, run in enumerate(outcome["runs"], 1):
+        run["mpx_per_s"] = megapixels / run["wall_s"]
+        print(f"{index:>6} {run['wall_s']:7.2f} {run['cpu_s']:6.1f} {run['mpx_per_s']:6.1f} "
+              f"{outcome['tiles'] / run['wall_s']:7.1f} {run['load_1min_before']:10.2f}")
+    median = float(np.median([run["mpx_per_s"] for run in outcome["runs"]]))
+    anchor, target = anchor_tile_rate(args.tile)
+    outcome.update({"megapixels": megapixels, "median_mpx_per_s": median, "target_mpx_per_s": target})
+    print(f"{'median':>6} {'':>7} {'':>6} {median:6.1f}   target {target:.1f} Mpx/s ({anchor} at 20x): "
+          f"{'met' if median >= target else 'not met'}")
+    print(f"positions: RMS {outcome['rms_px']:.3f} px, max {outcome['max_px']:.3f} px over "
+          f"{outcome['tiles_evaluated']} tiles; peak RSS {outcome['peak_rss_mb']:.0f} MB (all tiles in memory)")
+    print(f"JSON: {save_results(args.output, f'inline_{args.grid}x{args.grid}_{args.tile}px', outcome)}")
 
 
 def main() -> None:
@@ -430,7 +507,11 @@ def main() -> None:
     parser.add_argument("--methods", default="ours,ashlar,m2stitch")
     parser.add_argument("--memory", action="store_true",
                         help="memory mode (implied by --grid >= 20): on-the-fly tiles, our stitcher only")
+    parser.add_argument("--inline", action="store_true", help="inline mode: speed of stitching as tiles arrive")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs in inline mode (default 3)")
     parser.add_argument("--workdir", help="where the dataset and mosaics go (default: a temporary directory)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "stitching.json",
+                        help="JSON file the results are added to (default bench/results/stitching.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -442,7 +523,9 @@ def main() -> None:
         temporary = tempfile.mkdtemp(prefix="bench_stitching_")
         args.workdir = temporary
     try:
-        if args.memory or args.grid >= 20:
+        if args.inline:
+            inline_mode(args)
+        elif args.memory or args.grid >= 20:
             memory_mode(args)
         else:
             accuracy_mode(args)

@@ -8,8 +8,9 @@ import zarr
 from scipy import ndimage
 
 import wsi_stitching.stitcher as stitcher_module
+from wsi_common.scan_files import ManifestError
 from wsi_stitching.compose import CHUNK_PX, PlacedTile, compose_chunk
-from wsi_stitching.errors import BadTileError, DuplicateTileError, ManifestError, ResumeError
+from wsi_stitching.errors import BadTileError, DuplicateTileError, ResumeError
 from wsi_stitching.layout import TileGridLayout
 from wsi_stitching.registration import PairRegistration, register_pair
 from wsi_stitching.simulation import SyntheticScan, border_steps
@@ -244,3 +245,36 @@ def test_two_tile_scan_is_composed_without_flat_field_estimate(scan, tiles, tmp_
         top, left = (int(round(v)) for v in result.positions_px[cell])
         footprint = image[top:top + scan.tile_px, left:left + scan.tile_px]
         assert (footprint != 255).any(axis=2).mean() > 0.99
+
+
+class _DiskFullOnce:
+    """The mosaic's Zarr array, except that storing the chunk at origin fails once, as on a full disk."""
+
+    def __init__(self, array, origin):
+        self.array, self.origin, self.failed = array, origin, False
+
+    def __setitem__(self, selection, block):
+        if (selection[0].start, selection[1].start) == self.origin and not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        self.array[selection] = block
+
+
+def test_a_chunk_that_cannot_be_stored_is_reported_and_written_with_the_next_tile(scan, tiles, stitched, tmp_path):
+    _, reference, _ = stitched
+    stitcher = MosaicStitcher(scan.layout(), tmp_path / "full.zarr", StitchParameters(flat_field_min_tiles=12))
+    stitcher._array = _DiskFullOnce(stitcher._array, (0, 0))
+    failures = []
+    for cell in scan.layout().cells:
+        try:
+            stitcher.add_tile(*cell, tiles[cell], *scan.stage_position_um(cell))
+        except OSError as error:
+            failures.append((cell, error))
+            assert (0, 0) not in stitcher._composed   # not journaled: a resume would compose it again
+    result = stitcher.finish()
+    assert len(failures) == 1 and "No space left" in str(failures[0][1])
+    chunks = [tuple(c) for line in stitcher.journal.path.read_text().splitlines()
+              if json.loads(line)["type"] == "chunks" for c in json.loads(line)["indices"]]
+    assert sorted(chunks) == sorted(set(chunks)) and (0, 0) in chunks
+    np.testing.assert_array_equal(zarr.open_group(str(result.mosaic_path), mode="r")["image"][:],
+                                  zarr.open_group(str(reference.mosaic_path), mode="r")["image"][:])

@@ -9,6 +9,11 @@ composed and written once every tile that could touch it (nominal footprint wide
 a tile may be placed from it, `StageErrorLimit.margin_px`) is frozen. A tile's pixels are dropped as
 soon as its chunks are written.
 
+The work a tile brings runs on a few threads (numpy, scipy.fft, zstd and file writes release the GIL):
+its pairs are registered side by side, and the chunks it completes are composed and stored side by
+side. add_tile returns once they are stored and journaled, so the journal lists a chunk only once its
+pixels are in the store, and what it lists when add_tile returns does not depend on timing.
+
 Stage error: one parameter, the stage's specified repeatability (µm), bounds everything that depends
 on how wrong a reported stage pose can be (`StageErrorLimit`): the pairwise search, the placement
 limit, the check of reported against planned poses and the mosaic margins.
@@ -25,18 +30,22 @@ import json
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
+from wsi_common.scan_files import load_tile_image
+from wsi_common.tile_grid import Cell
 
 from .alignment import AlignmentParameters, Link, solve_positions
-from .compose import CHUNK_PX, FILL_VALUE, PlacedTile, check_blending, compose_chunk, sharpness_map
+from .compose import CHUNK_PX, FILL_VALUE, ChunkComposer, PlacedTile, check_blending, sharpness_map
 from .errors import BadTileError, DuplicateTileError, ResumeError, StitchingError
 from .flatfield import FlatField, estimate_flat_field, tile_thumbnail
 from .journal import Journal
-from .layout import Cell, TileGridLayout, load_tile_image, read_manifest
+from .layout import TileGridLayout, read_manifest
 from .registration import PairRegistration, RegistrationParameters, register_pair
 
 MOSAIC_FORMAT_VERSION = 1   # the mosaic contract (Zarr layout and attributes) that readers check
@@ -47,6 +56,10 @@ COMPOSED_TILES_KEY = "composed_tiles"
 JOURNAL_FORMAT_VERSION = 3  # 2: frozen tiles carry stage pose and flags; 3: flat-field method
 NEIGHBOURS_4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
 NEIGHBOURS_8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+# Zstandard level 1, not Zarr's default 3: on mosaic chunks 4-5x faster (1.4 against 6.4 ms per 512 px chunk
+# of the bench's specimen), files 1 % larger (2 % on scikit-image's immunohistochemistry photograph).
+MOSAIC_ZSTD_LEVEL = 1
+WORKER_THREADS = 2  # registering a tile's pairs and writing its chunks: the cores of the target machine
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,8 @@ class MosaicStitcher:
         self._flags: dict[Cell, list[str]] = {}
         self._composed: set[tuple[int, int]] = set()
         self._ready: set[tuple[int, int]] = set()
+        self._workers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="stitching")
+        self._composer: ChunkComposer | None = None
         self._finished = False
         self._run = "new"
         self.journal_finished = False  # a finished run's journal: confirm() instead of feeding tiles
@@ -292,8 +307,9 @@ class MosaicStitcher:
         # Every composed chunk is stored, even one that came out all fill colour (saturated glass): see
         # COMPOSED_TILES_KEY.
         self._array = group.create_array("image", shape=(self.height_px, self.width_px, 3),
-                                         chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8",
-                                         fill_value=FILL_VALUE, config={"write_empty_chunks": True})
+                                         chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8", fill_value=FILL_VALUE,
+                                         compressors=ZstdCodec(level=MOSAIC_ZSTD_LEVEL),
+                                         config={"write_empty_chunks": True})
         group.attrs["wsi_mosaic"] = self._new_mosaic_attributes()
         self.journal.append(header)
         if self._flat_field is not None:
@@ -361,10 +377,7 @@ class MosaicStitcher:
             self._sharpness[cell] = sharpness_map(image)
         if self.parameters.flat_field == "estimate" and self._flat_field is None:
             self._thumbnails[cell] = tile_thumbnail(image)
-        for dr, dc in NEIGHBOURS_4:
-            neighbour = (row + dr, col + dc)
-            if neighbour in self._stage_px and neighbour != cell:
-                self._register(cell, neighbour)
+        self._register_with_neighbours(cell)
         if cell in self._journaled_frozen:
             self._resume_frozen(cell)
         self._freeze_complete_tiles()
@@ -372,16 +385,20 @@ class MosaicStitcher:
         self._release_images()
         return written
 
-    def _register(self, cell: Cell, neighbour: Cell):
-        a, b = _edge_key(cell, neighbour)
-        if (a, b) in self._registrations:
-            return
+    def _register_with_neighbours(self, cell: Cell):
+        """Register a tile against every received 4-neighbour not registered yet, the pairs side by side."""
+        pairs = [_edge_key(cell, (cell[0] + dr, cell[1] + dc)) for dr, dc in NEIGHBOURS_4
+                 if (cell[0] + dr, cell[1] + dc) in self._stage_px]
+        pairs = [pair for pair in pairs if pair not in self._registrations]
+        results = [self._workers.submit(self._register_pair, a, b) for a, b in pairs]
+        for (a, b), result in zip(pairs, results):
+            self._registrations[(a, b)] = result.result()
+            self.journal.append({"type": "edge", "a": a, "b": b, **asdict(self._registrations[(a, b)])})
+
+    def _register_pair(self, a: Cell, b: Cell) -> PairRegistration:
         stage_a, stage_b = self._stage_px[a], self._stage_px[b]
-        result = register_pair(self._images[a], self._images[b],
-                               (stage_b[0] - stage_a[0], stage_b[1] - stage_a[1]),
-                               self.limit.search_px, self.parameters.registration)
-        self._registrations[(a, b)] = result
-        self.journal.append({"type": "edge", "a": a, "b": b, **asdict(result)})
+        return register_pair(self._images[a], self._images[b], (stage_b[0] - stage_a[0], stage_b[1] - stage_a[1]),
+                             self.limit.search_px, self.parameters.registration)
 
     def _is_complete(self, cell: Cell) -> bool:
         if self._finished:
@@ -493,15 +510,23 @@ class MosaicStitcher:
         return True
 
     def _compose_ready_chunks(self) -> int:
+        """Compose and store every ready chunk, side by side, and journal those stored; returns how many.
+        A chunk that could not be stored stays ready (the next call tries it again) and its error is raised."""
         if not self._ready or not self._ensure_flat_field():
             return 0
-        written = []
-        for chunk in sorted(self._ready):
-            self._write_chunk(chunk)
-            written.append(chunk)
-        self._ready.clear()
+        if self._composer is None:
+            self._composer = ChunkComposer((self.layout.tile_height_px, self.layout.tile_width_px), self._gain,
+                                           self.parameters.blending, self._feather_px)
+        chunks = sorted(self._ready)
+        writes = [self._workers.submit(self._write_chunk, chunk) for chunk in chunks]
+        wait(writes)
+        written = [chunk for chunk, write in zip(chunks, writes) if write.exception() is None]
+        self._ready.difference_update(written)
         self._composed.update(written)
-        self.journal.append({"type": "chunks", "indices": written})
+        if written:
+            self.journal.append({"type": "chunks", "indices": written})
+        for write in writes:
+            write.result()
         return len(written)
 
     def _write_chunk(self, chunk):
@@ -509,9 +534,7 @@ class MosaicStitcher:
         height, width = min(CHUNK_PX, self.height_px - y0), min(CHUNK_PX, self.width_px - x0)
         tiles = [PlacedTile(self._images[cell], *self._top_left_px(cell), self._sharpness.get(cell))
                  for cell in self._chunk_cells[chunk] if cell in self._images]
-        block = compose_chunk(y0, x0, height, width, tiles, self._gain, self.parameters.blending,
-                              self._feather_px)
-        self._array[y0:y0 + height, x0:x0 + width, :] = block
+        self._array[y0:y0 + height, x0:x0 + width, :] = self._composer.compose(y0, x0, height, width, tiles)
 
     def _top_left_px(self, cell) -> tuple[int, int]:
         """Where a tile is composed: its frozen position rounded to whole mosaic px."""
@@ -543,6 +566,7 @@ class MosaicStitcher:
             if key[0] in self._frozen and key[1] in self._frozen:
                 self._finalise_edge(key, journal=True)
         self._compose_ready_chunks()
+        self._workers.shutdown()
         self._release_images()
         result = self._write_report()
         group = zarr.open_group(str(self.mosaic_path), mode="r+")
