@@ -15,7 +15,7 @@ import threading
 
 import rclpy
 from action_msgs.msg import GoalStatus
-from rclpy.action import ActionServer
+from rclpy.action import ActionClient, ActionServer
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.signals import SignalHandlerOptions
@@ -84,6 +84,20 @@ def cancel_executing_goals(nodes) -> None:
                         pass    # the goal ended in the meantime: nothing left to cancel
 
 
+def destroy_node(node) -> None:
+    """Destroy the node with its action servers and clients and, for a lifecycle node, its state machine.
+    Node.destroy_node leaves those, and they keep the node, and with it the process's DDS participant, alive:
+    a process that then exits (os._exit, below) leaves the participant's shared-memory segments in /dev/shm,
+    128 MiB each with the large-image profile."""
+    for action in [w for w in node.waitables if isinstance(w, (ActionServer, ActionClient))]:
+        action.destroy()
+    # rclpy's LifecycleNode holds its rcl state machine, which holds the node's handle, with no public way to let go.
+    state_machine = getattr(node, "_state_machine", None)
+    node.destroy_node()
+    if state_machine is not None:
+        state_machine.destroy_when_not_in_use()
+
+
 def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExecutor) -> None:
     """Run the nodes `make_nodes()` creates until SIGINT/SIGTERM; exit 0, or 2 with a one-line reason
     if they cannot start. A stop signal that arrives while the nodes are created stops them as soon
@@ -113,7 +127,7 @@ def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExe
             callbacks_done = not stopping.is_alive()
         if callbacks_done:
             for node in reversed(nodes):
-                node.destroy_node()
+                destroy_node(node)
             rclpy.try_shutdown()
         else:
             # Destroying a node under a running callback would make that callback fail with a traceback.
