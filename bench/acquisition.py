@@ -7,7 +7,8 @@ of a 15x15 mm scan at 20x and 40x by the stage and camera timing model.
 1. Runs a ScanRunner scan over a tissue region of the virtual slide (stage moves take their physical
    time at --speedup 1) and measures tiles/s and the simulator's render time per tile.
 2. Renders full tiles alternately with this renderer and with the renderer of --reference-commit (its
-   microscope, optics and specimen modules read from git; "none" skips this), CPU time per tile.
+   microscope, optics and specimen modules read from git; "none" skips this), CPU time per tile, and
+   wall time with this renderer's two threads (the microscope node's default).
 3. Projects a 15x15 mm scan (10 % overlap) with `wsi_acquisition.scan_timing`, every term shown:
    stop-and-go as the scan runs now (the scan's focus points and z-sweeps; its tile terms are the
    earlier 253 s projection at 20x), and the faster of stop-and-go and continuous strobed passes with
@@ -37,6 +38,9 @@ from wsi_acquisition.planning import choose_focus_points, default_focus_point_co
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
 from wsi_acquisition.scan_timing import CameraTiming, fastest, planned_focus_points, scan_time
 from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
+from wsi_common.heap import keep_freed_memory
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
+from wsi_common.tile_grid import field_of_view_um
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TISSUE_CENTRE_UM = (41_500.0, 12_500.0)       # inside the tissue section of the default slide
@@ -93,21 +97,24 @@ def reference_renderer(commit: str):
 
 
 def compare_renderers(commit: str, sensor_px: int, tiles: int) -> list[dict]:
-    """CPU and wall ms per full tile, this renderer and the one at `commit`, rendering the same tiles in
-    turn (which goes first alternates) so that both see the same machine load; the first tile of each
-    (tables being built) is not counted."""
+    """CPU and wall ms per full tile, the renderer at `commit` and this one on one and on two threads (as
+    the microscope node runs it), rendering the same tiles in turn (which goes first rotates) so that all
+    see the same machine load; the first tile of each (tables being built) is not counted."""
     reference_microscope, reference_optics = reference_renderer(commit)
     rows = []
     for magnification in (20.0, 40.0):
         scopes = {"reference": reference_microscope.VirtualMicroscope(
                       seed=0, camera=reference_optics.Camera(width_px=sensor_px, height_px=sensor_px)),
-                  "current": VirtualMicroscope(seed=0, camera=Camera(width_px=sensor_px, height_px=sensor_px))}
+                  **{name: VirtualMicroscope(seed=0, camera=Camera(width_px=sensor_px, height_px=sensor_px),
+                                             render_threads=threads)
+                     for name, threads in (("current", 1), ("current_2_threads", 2))}}
         step = scopes["current"].field_of_view_um(magnification)[0] * 0.9
         cpu = {name: [] for name in scopes}
         wall = {name: [] for name in scopes}
         for index in range(tiles + 1):
             x, y = TISSUE_CENTRE_UM[0] - 1_000.0 + index * step, TISSUE_CENTRE_UM[1]
-            for name in (list(scopes) if index % 2 else list(scopes)[::-1]):
+            names = list(scopes)
+            for name in names[index % len(names):] + names[:index % len(names)]:
                 scope = scopes[name]
                 started_wall, started_cpu = time.perf_counter(), time.process_time()
                 scope.capture(x, y, scope.focal_z_um(x, y) + 0.3, magnification)
@@ -119,20 +126,46 @@ def compare_renderers(commit: str, sensor_px: int, tiles: int) -> list[dict]:
             row[f"{name}_cpu_ms_median"] = 1000 * float(np.median(cpu[name]))
             row[f"{name}_wall_ms_median"] = 1000 * float(np.median(wall[name]))
         row["speedup_cpu"] = row["reference_cpu_ms_median"] / row["current_cpu_ms_median"]
+        row["speedup_wall_2_threads"] = row["reference_wall_ms_median"] / row["current_2_threads_wall_ms_median"]
         rows.append(row)
     return rows
+
+
+def square_region_um(side_mm: float) -> tuple[float, float, float, float]:
+    """(x, y, width, height) of a square of side_mm centred in the tissue of the default slide."""
+    side = side_mm * 1000.0
+    return TISSUE_CENTRE_UM[0] - side / 2, TISSUE_CENTRE_UM[1] - side / 2, side, side
+
+
+def square_scan_plan(magnification: float, sensor_px: int, side_mm: float = PROJECTED_AREA_MM):
+    """(objective, camera, tile plan) of a scan of square_region_um(side_mm) at `magnification` with a square
+    sensor of sensor_px, OVERLAP between tiles."""
+    objective = STANDARD_OBJECTIVES[magnification]
+    camera = Camera(width_px=sensor_px, height_px=sensor_px)
+    p = camera.specimen_pixel_size_um(objective)
+    plan = plan_tiles(*square_region_um(side_mm), *field_of_view_um(camera.width_px, camera.height_px, p), OVERLAP)
+    return objective, camera, plan
+
+
+def anchor_tile_rates(sensor_px: int) -> list[dict]:
+    """The tile data each anchor's 15x15 mm scan delivers per second, as our tiles (a square sensor of
+    sensor_px at our pixel size of the anchor's objective, OVERLAP): the rate a pipeline that keeps up with
+    that scanner must take in."""
+    rates = []
+    for magnification, (scanner, seconds, kind) in ANCHORS.items():
+        _, camera, plan = square_scan_plan(magnification, sensor_px)
+        tiles = len(plan.tiles)
+        rates.append({"scanner": scanner, "objective_magnification": magnification, "seconds": seconds,
+                      "kind": kind, "tiles": tiles, "tiles_per_s": tiles / seconds,
+                      "mpx_per_s": tiles * camera.width_px * camera.height_px / 1e6 / seconds})
+    return rates
 
 
 def project(magnification: float, sensor_px: int, camera_timing: CameraTiming, recapture_fraction: float,
             z_at) -> dict:
     """The 15x15 mm scan as the scan runs now (stop-and-go, its focus points and z-sweeps) and by the
     faster of stop-and-go and continuous passes with focus points set by tissue and field curvature."""
-    objective = STANDARD_OBJECTIVES[magnification]
-    camera = Camera(width_px=sensor_px, height_px=sensor_px)
-    p = camera.specimen_pixel_size_um(objective)
-    side = PROJECTED_AREA_MM * 1000.0
-    plan = plan_tiles(TISSUE_CENTRE_UM[0] - side / 2, TISSUE_CENTRE_UM[1] - side / 2, side, side,
-                      camera.width_px * p, camera.height_px * p, OVERLAP)
+    objective, camera, plan = square_scan_plan(magnification, sensor_px)
     sweeps = focus_sweeps(depth_of_field_um(objective, camera.pixel_size_um))
     dynamics = StageDynamics()
 
@@ -162,11 +195,12 @@ def verdict(magnification: float, best, camera_timing: CameraTiming) -> str:
 
 
 def run(args) -> dict:
+    # As the microscope node runs the simulator (both renderers compared below run with it too).
+    heap_kept = keep_freed_memory()
     sim = SimulatedMicroscope.create(speedup=args.speedup, objective_magnification=args.objective,
                                      camera=Camera(width_px=args.sensor_px, height_px=args.sensor_px))
     backend = RenderTimer(sim)
-    side = args.region_mm * 1000.0
-    region = (TISSUE_CENTRE_UM[0] - side / 2, TISSUE_CENTRE_UM[1] - side / 2, side, side)
+    region = square_region_um(args.region_mm)
     tile_times = []
     with tempfile.TemporaryDirectory() as scratch:
         request = ScanRequest(scan_id="bench", output_dir=Path(scratch), region_um=region,
@@ -197,6 +231,7 @@ def run(args) -> dict:
                        "exposure_ms": args.exposure_ms, "overlap_fraction": OVERLAP,
                        "camera_timing": asdict(camera_timing), "recapture_fraction": args.recapture_fraction,
                        "stage_dynamics": vars(StageDynamics()), "machine": platform.machine(),
+                       "freed_memory_kept": heap_kept,
                        "processor": platform.processor()},
             "scan": scan, "renderers": renderers, "projection_15mm": projections}
 
@@ -214,11 +249,12 @@ def print_tables(result: dict) -> None:
         print(f"\nrenderer, ms per {config['sensor_px']} px tile (median of {first['tiles']}, the same tiles in turn): "
               f"this one against {first['reference_commit']}")
         print(f"{'objective':>9} {'CPU ' + first['reference_commit']:>12} {'CPU now':>8} {'speed-up':>9} "
-              f"{'wall ' + first['reference_commit']:>13} {'wall now':>9}")
+              f"{'wall ' + first['reference_commit']:>13} {'wall now':>9} {'wall 2 threads':>15} {'speed-up':>9}")
         for row in result["renderers"]:
             print(f"{row['objective_magnification']:>8g}x {row['reference_cpu_ms_median']:>12.0f} "
                   f"{row['current_cpu_ms_median']:>8.0f} {row['speedup_cpu']:>8.2f}x "
-                  f"{row['reference_wall_ms_median']:>13.0f} {row['current_wall_ms_median']:>9.0f}")
+                  f"{row['reference_wall_ms_median']:>13.0f} {row['current_wall_ms_median']:>9.0f} "
+                  f"{row['current_2_threads_wall_ms_median']:>15.0f} {row['speedup_wall_2_threads']:>8.2f}x")
     timing = config["camera_timing"]
     print(f"\nprojected {PROJECTED_AREA_MM:g}x{PROJECTED_AREA_MM:g} mm, {OVERLAP:.0%} overlap, {config['sensor_px']} px "
           f"sensor: exposure {timing['exposure_ms']:g} ms or a {timing['strobe_pulse_us']:g} us flash, "
@@ -246,7 +282,7 @@ def print_tables(result: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--region-mm", type=float, default=2.0, help="side of the scanned square region, mm")
-    parser.add_argument("--objective", type=float, default=20.0, choices=(10.0, 20.0, 40.0))
+    parser.add_argument("--objective", type=float, default=DEFAULT_OBJECTIVE_MAGNIFICATION, choices=(10.0, 20.0, 40.0))
     parser.add_argument("--speedup", type=float, default=1.0, help="stage moves take 1/speedup of physical time")
     parser.add_argument("--sensor-px", type=int, default=1024, help="square sensor edge, px")
     parser.add_argument("--focus", choices=("none", "map"), default="none", help="focus strategy of the scan")

@@ -6,7 +6,7 @@ import pytest
 
 from wsi_acquisition.microscope import CaptureError, VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, OpticsError
-from wsi_acquisition.specimen import SyntheticSlide
+from wsi_acquisition.specimen import ImageSpecimen, SyntheticSlide
 from wsi_common.focus_metrics import brenner
 
 TISSUE_X_UM, TISSUE_Y_UM = 43_200.0, 12_300.0
@@ -44,6 +44,26 @@ def test_captures_are_deterministic_per_seed_and_noise_differs_per_capture():
     assert not np.array_equal(a.raw, again.raw)
     assert again.capture_index == a.capture_index + 1
     assert np.abs(a.raw.astype(float) - again.raw).mean() < 0.03 * a.raw.mean()
+
+
+@pytest.mark.parametrize("specimen", ["synthetic", "image"])
+def test_render_threads_give_the_same_image_as_one(specimen):
+    """Bands of the specimen and colour channels on threads: the same counts as one thread."""
+    camera = Camera(width_px=320, height_px=400)       # 400 rows: bands of 256 and 144 with two threads
+    if specimen == "image":
+        texture = np.random.default_rng(3).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+        make = lambda threads: VirtualMicroscope(specimen=ImageSpecimen(texture, 0.25), camera=camera,
+                                                 render_threads=threads)
+    else:
+        make = lambda threads: VirtualMicroscope(seed=4, camera=camera, render_threads=threads)
+    one, two, three = make(1), make(2), make(3)
+    x_um, y_um = (one.specimen.width_um / 2, one.specimen.height_um / 2) if specimen == "image" else \
+        (TISSUE_X_UM, TISSUE_Y_UM)
+    for defocus, roi in ((0.4, None), (-3.0, None), (-3.0, (130, 20, 200, 64))):
+        z_um = one.focal_z_um(x_um, y_um) + defocus
+        expected = one.capture(x_um, y_um, z_um, 20, noise_seed=5, roi=roi).raw
+        for threaded in (two, three):
+            assert np.array_equal(threaded.capture(x_um, y_um, z_um, 20, noise_seed=5, roi=roi).raw, expected)
 
 
 def test_noise_statistics_match_shot_plus_read_noise():

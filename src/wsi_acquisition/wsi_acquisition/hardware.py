@@ -12,6 +12,7 @@ import numpy as np
 
 from wsi_acquisition.microscope import CaptureError, Overview, VirtualMicroscope
 from wsi_acquisition.stage import SimulatedStage, StageBackend, StageDynamics, StageLimits
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 
 class CameraError(RuntimeError):
@@ -70,18 +71,25 @@ class MicroscopeBackend(Protocol):
         """Release the hardware (stop the stage, let go of the devices); the backend is not used again."""
 
 
+# The simulated scanner renders each image on two threads: a scanner's computer has at least two cores.
+DEFAULT_RENDER_THREADS = 2
+
+
 class SimulatedMicroscope:
     """The virtual microscope behind a simulated stage: images follow the stage's true pose."""
 
-    def __init__(self, microscope: VirtualMicroscope, stage: SimulatedStage, objective_magnification: float = 20.0):
+    def __init__(self, microscope: VirtualMicroscope, stage: SimulatedStage,
+                 objective_magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION):
         self.microscope = microscope
         self.stage = stage
         self.set_objective(objective_magnification)
 
     @classmethod
     def create(cls, slide_seed: int = 0, specimen=None, stage_seed: int = 0, speedup: float = 1.0,
-               objective_magnification: float = 20.0, camera=None) -> "SimulatedMicroscope":
-        microscope = VirtualMicroscope(specimen=specimen, seed=slide_seed, camera=camera)
+               objective_magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION, camera=None,
+               render_threads: int = DEFAULT_RENDER_THREADS) -> "SimulatedMicroscope":
+        microscope = VirtualMicroscope(specimen=specimen, seed=slide_seed, camera=camera,
+                                       render_threads=render_threads)
         limits = StageLimits(x_max_um=microscope.specimen.width_um, y_max_um=microscope.specimen.height_um)
         start = (microscope.specimen.width_um / 2, microscope.specimen.height_um / 2, 0.0)
         stage = SimulatedStage(limits, StageDynamics(), seed=stage_seed, speedup=speedup, start_um=start)

@@ -7,10 +7,12 @@ commanded stage (x, y). Every capture carries its ground truth (true pose, focal
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft, ndimage
+from wsi_common.tile_grid import field_of_view_um
 
 from .optics import (CHANNEL_WAVELENGTHS_UM, DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, Camera,
                      FocalSurface, Objective, OtfGrid, check_condenser_fill, depth_of_field_um,
@@ -23,6 +25,9 @@ _DEFOCUS_SAMPLES = 9
 # Rendered border around the ROI so the FFT convolution does not wrap; blur radii beyond it (defocus
 # of tens of µm) leave a slightly wrong border band in images that are featureless blur anyway.
 _MAX_MARGIN_PX = 256
+# With several render threads the specimen is rendered in bands of rows, each a multiple of this (the
+# specimen's noise is summed in blocks of 128 rows: bands on that grid give the same pixels as one render).
+_BAND_ROWS = 128
 
 
 class CaptureError(ValueError):
@@ -68,7 +73,7 @@ class VirtualMicroscope:
                  objectives: dict[float, Objective] | None = None,
                  focal_surface: FocalSurface | None = None, max_blur_levels: int = 3,
                  lamp_gradient: tuple[float, float] = (0.02, -0.015),
-                 condenser_fill: float = DEFAULT_CONDENSER_FILL):
+                 condenser_fill: float = DEFAULT_CONDENSER_FILL, render_threads: int = 1):
         self.condenser_fill = check_condenser_fill(condenser_fill)
         self.seed = int(seed)
         self.specimen = SyntheticSlide(seed=seed) if specimen is None else specimen
@@ -81,6 +86,12 @@ class VirtualMicroscope:
         if max_blur_levels < 1:
             raise CaptureError(f"max_blur_levels={max_blur_levels}; expected >= 1")
         self.max_blur_levels = max_blur_levels
+        if render_threads < 1:
+            raise CaptureError(f"render_threads={render_threads}; expected >= 1")
+        # NumPy and the FFTs release the GIL: threads render colour channels and bands of the specimen at
+        # once. The image is the same for any number of threads.
+        self._pool = ThreadPoolExecutor(render_threads, "render") if render_threads > 1 else None
+        self.render_threads = render_threads
         self.lamp_gradient = lamp_gradient
         self._capture_count = 0
         self._otf_grids: dict[tuple, OtfGrid] = {}
@@ -99,8 +110,7 @@ class VirtualMicroscope:
 
     def field_of_view_um(self, magnification: float) -> tuple[float, float]:
         """(width, height) of the full sensor in the specimen plane, µm."""
-        p = self.pixel_size_um(magnification)
-        return self.camera.width_px * p, self.camera.height_px * p
+        return field_of_view_um(self.camera.width_px, self.camera.height_px, self.pixel_size_um(magnification))
 
     def depth_of_field_um(self, magnification: float) -> float:
         return depth_of_field_um(self.objective(magnification), self.camera.pixel_size_um)
@@ -240,24 +250,34 @@ class VirtualMicroscope:
         result = np.empty((height, width, 3), dtype=np.float32)
         # Everything stays float32 / complex64: single-precision FFTs take half the time, and the
         # image, 12 bits at most, needs no more (the transfer functions are float32 tables too).
-        for channel, wavelength in enumerate(CHANNEL_WAVELENGTHS_UM):
+        channels = range(len(CHANNEL_WAVELENGTHS_UM))
+
+        def spectra(channel: int):
             spectrum = fft.rfft2(transmission[channel], workers=1)
-            phase_spectrum = None
-            if with_phase:
-                phase_rad = path_um * np.float32(2 * math.pi / wavelength)
-                phase_rad *= transmission[channel]
-                phase_spectrum = fft.rfft2(phase_rad, workers=1)
-            accumulated = None
-            for level, weight in zip(levels, weights):
-                image_spectrum = grid.filter(spectrum, phase_spectrum, objective, wavelength,
-                                             level + chromatic[channel], self.condenser_fill)
-                blurred = fft.irfft2(image_spectrum, s=(padded_h, padded_w), workers=1, overwrite_x=True)[crop]
-                if weight is not None:
-                    blurred *= weight
-                if accumulated is None:
-                    accumulated = blurred
-                else:
-                    accumulated += blurred
+            if not with_phase:
+                return spectrum, None
+            phase_rad = path_um * np.float32(2 * math.pi / CHANNEL_WAVELENGTHS_UM[channel])
+            phase_rad *= transmission[channel]
+            return spectrum, fft.rfft2(phase_rad, workers=1)
+
+        channel_spectra = self._map(spectra, channels)
+
+        def blurred_level(channel_and_level: tuple[int, int]) -> np.ndarray:
+            channel, level = channel_and_level
+            image_spectrum = grid.filter(*channel_spectra[channel], objective, CHANNEL_WAVELENGTHS_UM[channel],
+                                         levels[level] + chromatic[channel], self.condenser_fill)
+            blurred = fft.irfft2(image_spectrum, s=(padded_h, padded_w), workers=1, overwrite_x=True)[crop]
+            if weights[level] is not None:
+                blurred *= weights[level]
+            return blurred
+
+        # One task per channel and blur level: nine tasks share two threads evenly, three would not.
+        blurred = iter(self._map(blurred_level, [(channel, level) for channel in channels
+                                                 for level in range(len(levels))]))
+        for channel in channels:
+            accumulated = next(blurred)
+            for _ in levels[1:]:
+                accumulated += next(blurred)
             # The weak-phase term is first order; it must not make light negative where phase is strong.
             np.maximum(accumulated, 0.0, out=result[..., channel])
         return result
@@ -275,13 +295,27 @@ class VirtualMicroscope:
             if (p == p_cached and abs(col - c) < 1e-6 and abs(row - r) < 1e-6 and c >= 0 and r >= 0
                     and c + width <= path_um.shape[1] and r + height <= path_um.shape[0]):
                 return transmission[:, r:r + height, c:c + width], path_um[r:r + height, c:c + width]
-        od, path_um = self.specimen.optical_density_and_path(x0_um, y0_um, width, height, p)
-        # Beer-Lambert, into contiguous channel planes: each FFT reads one plane without a copy.
         transmission = np.empty((3, height, width), dtype=np.float32)
-        np.multiply(od.transpose(2, 0, 1), np.float32(-_LN10), out=transmission)
-        np.exp(transmission, out=transmission)
+        path_um = np.empty((height, width), dtype=np.float32)
+        band = max(_BAND_ROWS, math.ceil(height / self.render_threads / _BAND_ROWS) * _BAND_ROWS)
+
+        def render_band(first_row: int) -> None:
+            rows = slice(first_row, min(first_row + band, height))
+            od, path_um[rows] = self.specimen.optical_density_and_path(
+                x0_um, y0_um + first_row * p, width, rows.stop - rows.start, p)
+            # Beer-Lambert, into contiguous channel planes: each FFT reads one plane without a copy.
+            np.multiply(od.transpose(2, 0, 1), np.float32(-_LN10), out=transmission[:, rows])
+            np.exp(transmission[:, rows], out=transmission[:, rows])
+
+        self._map(render_band, range(0, height, band))
         self._region = ((x0_um, y0_um, p), transmission, path_um)
         return transmission, path_um
+
+    def _map(self, function, items) -> list:
+        """[function(item) for item in items], on the render threads; the first exception is raised."""
+        if self._pool is None:
+            return [function(item) for item in items]
+        return [done.result() for done in [self._pool.submit(function, item) for item in items]]
 
     def _otf_grid(self, shape, p) -> OtfGrid:
         key = (shape, p)

@@ -21,20 +21,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rclpy.action import ActionClient, ActionServer
+from rclpy.action import ActionServer
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rcl_interfaces.msg import SetParametersResult
 
 from wsi_acquisition.camera_node import CameraNode
-from wsi_acquisition.hardware import SimulatedMicroscope
+from wsi_acquisition.hardware import DEFAULT_RENDER_THREADS, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.orchestrator_node import ScanOrchestratorNode
 from wsi_acquisition.specimen import ImageSpecimen, SpecimenError
 from wsi_acquisition.stage import StageFault, StageLimits
 from wsi_acquisition.stage_node import StageNode
 from wsi_common.diagnostics import ERROR, OK, WARN, DiagnosticsPublisher
-from wsi_common.node_main import CALLBACK_GRACE_S, NodeConfigurationError, cancel_executing_goals, spin_nodes
+from wsi_common.heap import keep_freed_memory
+from wsi_common.node_main import (CALLBACK_GRACE_S, NodeConfigurationError, cancel_executing_goals, destroy_node,
+                                  spin_nodes)
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 from wsi_common.params import declare_parameters
 
 # 'sim': the virtual microscope; 'micromanager': the microscope of mm_config; 'micromanager-sim': the virtual
@@ -48,7 +51,7 @@ PARAMETERS = {
     "mm_adapter_dir": ("", "Micro-Manager installation with the device adapters; '': the one pymmcore-plus finds"),
     "mm_stage_limits_um": ([0.0, 75_000.0, 0.0, 25_000.0, -500.0, 500.0],
                            "stage soft limits x_min, x_max, y_min, y_max, z_min, z_max (µm)"),
-    "mm_objective_magnifications": ([20.0], "magnification of each objective"),
+    "mm_objective_magnifications": ([DEFAULT_OBJECTIVE_MAGNIFICATION], "magnification of each objective"),
     "mm_objective_numerical_apertures": ([0.75], "numerical aperture of each objective"),
     "mm_objective_pixel_sizes_um": ([0.0], "image pixel size of each objective; 0: the config's pixel size"),
     "mm_objective_presets": ([""], "preset of mm_objective_group selecting each objective; '': fixed objective"),
@@ -57,9 +60,10 @@ PARAMETERS = {
     "sim_image_pixel_size_um": (0.25, "pixel size of an image given as sim_slide, µm"),
     "sim_stage_seed": (0, "seed of the simulated stage's positioning jitter"),
     "sim_speedup": (1.0, "simulated stage moves take 1/sim_speedup of their physical time"),
+    "sim_render_threads": (DEFAULT_RENDER_THREADS, "threads rendering each simulated image (same image for any)"),
     "camera_width_px": (1024, "simulated sensor width"),
     "camera_height_px": (1024, "simulated sensor height"),
-    "objective_magnification": (20.0, "objective in place at start"),
+    "objective_magnification": (DEFAULT_OBJECTIVE_MAGNIFICATION, "objective in place at start"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
     "fault_check_period_s": (0.5, "while active, the hardware is checked for a fault this often"),
     "deactivate_timeout_s": (30.0, "how long deactivating waits for the goals it cancelled to end"),
@@ -102,10 +106,12 @@ def build_backend(p: dict):
     if p["backend"] not in BACKENDS:
         raise NodeConfigurationError(f"unknown hardware backend {p['backend']!r}; expected one of {BACKENDS}")
     specimen = load_specimen(p["sim_slide"], p["sim_image_pixel_size_um"])
+    keep_freed_memory()     # the renderer's frame-sized temporaries: 20 % of a tile's time in page faults
     sim = SimulatedMicroscope.create(
         slide_seed=int(p["sim_slide"]) if specimen is None else 0, specimen=specimen,
         stage_seed=p["sim_stage_seed"], speedup=p["sim_speedup"], objective_magnification=p["objective_magnification"],
-        camera=Camera(width_px=p["camera_width_px"], height_px=p["camera_height_px"]))
+        camera=Camera(width_px=p["camera_width_px"], height_px=p["camera_height_px"]),
+        render_threads=p["sim_render_threads"])
     if p["backend"] == "sim":
         sim.stage.fault = p["sim_stage_fault"]
         return sim
@@ -159,10 +165,7 @@ class DeviceNodes:
         # Waiting for the executor's threads waits for the callbacks still running (a timer, a frame).
         self._executor.shutdown(timeout_sec=timeout_s, wait_for_threads=ended)
         for node in self.nodes:
-            # Node.destroy_node leaves action servers and clients, which keep the node alive in the graph.
-            for action in [w for w in node.waitables if isinstance(w, (ActionServer, ActionClient))]:
-                action.destroy()
-            node.destroy_node()
+            destroy_node(node)
         return ended
 
 
