@@ -402,3 +402,14 @@ def test_evaluation_of_the_validation_split_never_touches_the_test_specimens(tin
     summary = summarize(evaluation, "onnxruntime")
     assert summary["split"] == "val" and summary["specimens"] == list(SPLITS["val"].specimen_seeds)
     assert summary["20x_within_20um"]["n"] == len(SPLITS["val"].specimen_seeds)
+
+
+def test_the_shipped_model_card_is_rendered_from_its_evaluation():
+    """MODEL_CARD.md is what `wsi-autofocus card` makes of the shipped evaluation.json, every table in it,
+    the self-calibration on the slide itself included."""
+    shipped = default_model_dir()
+    card = (shipped / "MODEL_CARD.md").read_text()
+    assert card == render(shipped), "MODEL_CARD.md is stale: run wsi-autofocus card --model <shipped model>"
+    on_the_slide = json.loads((shipped / "evaluation.json").read_text())["calibration_on_the_slide"]
+    assert on_the_slide and all(f"\n{cell} " in card for cell in on_the_slide)
+    assert "self-calibration on the slide itself: not in this evaluation" not in card
