@@ -1,4 +1,5 @@
 """The autofocus node in its own process: EstimateFocus answers, published tiles get estimates."""
+import glob
 import subprocess
 import sys
 import time
@@ -9,11 +10,11 @@ import rclpy
 from sensor_msgs.msg import Image
 
 from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_autofocus.inference import GPU_DEVICE_FILES
 from wsi_common.image import array_to_image
-from wsi_common.qos import EVENT_QOS
 from wsi_common.ros_env import node_environment
 from wsi_common.supervisor import NodeSpec
-from wsi_interfaces.msg import FocusEstimate
+from wsi_common.topics import FOCUS_ESTIMATES
 from wsi_interfaces.srv import EstimateFocus
 
 pytestmark = pytest.mark.ros
@@ -72,7 +73,7 @@ def test_bad_images_get_a_reason_not_a_crash(autofocus, ros_node):
 
 def test_published_tiles_are_tagged_with_estimates(autofocus, ros_node):
     estimates = []
-    ros_node.create_subscription(FocusEstimate, "focus_estimates", estimates.append, EVENT_QOS)
+    FOCUS_ESTIMATES.subscription(ros_node, estimates.append)
     sender = subprocess.run([sys.executable, "-m", "wsi.tile_probe", "send", "--count", "6", "--size", "256",
                              "--rate", "50"], env=node_environment(), capture_output=True, text=True, timeout=60)
     assert sender.returncode == 0, sender.stderr
@@ -115,3 +116,27 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     assert calibrated.success and calibrated.model_id.endswith("+calibrated") and calibrated.model_dir == answer.model_dir
     asked.objective_magnification = 40.0                     # no calibration for 40x: the base model answers
     assert call(ros_node, estimate, asked).model_dir == str(tiny_model)
+
+
+# The node's module and what it runs per tile with its default backend ("auto"): the base model's estimate.
+ESTIMATE_WITHOUT_TORCH = """
+import sys
+import numpy as np
+import wsi_autofocus.node
+from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationStore
+estimators = CalibratedEstimators(CalibrationStore(sys.argv[1]), "auto")
+image = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+estimators.for_optics(20.0, 0.75, 0.325).estimate(image, 0.75, 0.325)
+print(estimators.base.backend.name)
+print(sorted(name for name in sys.modules if name == "torch" or name.startswith("torch.")))
+"""
+
+
+@pytest.mark.skipif(any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES), reason="a GPU backend may use torch")
+def test_a_node_that_only_estimates_never_loads_torch(tmp_path):
+    """torch is ~200 MB resident and absent from a Jetson's ONNX Runtime / TensorRT install: without a GPU
+    the node estimates through ONNX Runtime, and only calibrating loads torch."""
+    done = subprocess.run([sys.executable, "-c", ESTIMATE_WITHOUT_TORCH, str(tmp_path)], env=node_environment(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-2:] == ["onnxruntime", "[]"]

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_autofocus import data, shift_evaluation
+from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 
 DEFAULT_DATA_DIR = Path("build/autofocus-data")
@@ -63,6 +63,8 @@ def command_eval(args) -> int:
                                                                           args.cache_dir)
         summary["calibration_under_held_out_imaging"] = shift_evaluation.calibration_check(
             args.model, shift_evaluation.CalibrationSpec(), tiles, args.cache_dir, args.backend)
+        summary["calibration_on_the_slide"] = slide_calibration.slide_calibration_check(
+            args.model, slide_calibration.SlideCalibrationSpec(), args.cache_dir, args.backend)
     report = write_report(evaluation, summary, args.output)
     plots = plot(evaluation, summary, args.output)
     print(format_table(summary))
@@ -71,6 +73,7 @@ def command_eval(args) -> int:
         print(shift_evaluation.format_table(summary["shift"]))
         print(shift_evaluation.format_scan_outcomes(summary["scan_outcome_20x"]))
         print(shift_evaluation.format_calibration(summary["calibration_under_held_out_imaging"]))
+        print(slide_calibration.format_slide_calibration(summary["calibration_on_the_slide"]))
     print(f"report: {report}; plots: {', '.join(map(str, plots))}")
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summary, indent=1))
@@ -78,7 +81,8 @@ def command_eval(args) -> int:
 
 
 def command_calibrate(args) -> int:
-    from wsi_autofocus.calibration import CalibrationStore, calibrate, stacks_from_scan
+    from wsi_autofocus.calibration import calibrate
+    from wsi_autofocus.calibration_store import CalibrationStore, stacks_from_scan
 
     stacks, optics = stacks_from_scan(args.scan)
     store = CalibrationStore(args.store, args.scanner)

@@ -174,10 +174,15 @@ class RealImageSpecimen:
         stain = np.clip(od - GLASS_OD, 0.0, None).mean(axis=2)
         return od, stain * np.float32(self.path_um_per_od)
 
-    def tissue_points(self, rng: np.random.Generator, count: int) -> np.ndarray:
+    def tissue_points(self, rng: np.random.Generator, count: int, rows: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
         """(count, 2) positions (x, y, µm) on stained pixels of the image, in a random mirrored copy
-        of it away from the extent's edges."""
-        picked = self._tissue_px[rng.integers(0, len(self._tissue_px), count)] * self.image.pixel_size_um
+        of it away from the extent's edges; `rows`: the band of the image's height (fractions) they lie in,
+        so that fields of two disjoint bands show different tissue."""
+        heights = self._tissue_px[:, 0] / (self._image_um[0] / self.image.pixel_size_um)
+        candidates = self._tissue_px[(heights >= rows[0]) & (heights < rows[1])]
+        if not len(candidates):
+            raise ValueError(f"no stained pixel of {self.image.name} in rows {rows} of its height")
+        picked = candidates[rng.integers(0, len(candidates), count)] * self.image.pixel_size_um
         copies = rng.integers(4, int(_SPECIMEN_EXTENT_UM / self._image_um.max()) - 4, (count, 2))
         # An even copy index shows the image as it is, an odd one its mirror image.
         within = np.where(copies % 2 == 0, picked, self._image_um - picked)

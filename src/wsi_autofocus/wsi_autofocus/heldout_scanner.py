@@ -15,12 +15,14 @@ import numpy as np
 from wsi_acquisition.hardware import CameraError, Frame
 from wsi_acquisition.stage import SimulatedStage, StageDynamics, StageLimits
 from wsi_autofocus import heldout_imaging
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
+from wsi_common.tile_grid import field_of_view_um
 
 
 class HeldOutScanner:
     def __init__(self, scope: heldout_imaging.HeldOutScope, specimen, sensor_px: int = 384,
-                 objective_magnification: float = 20.0, seed: int = 0, speedup: float = 1000.0,
-                 tilt_um_per_mm: tuple[float, float] = (1.2, -0.8), warp_um: float = 2.0,
+                 objective_magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION, seed: int = 0,
+                 speedup: float = 1000.0, tilt_um_per_mm: tuple[float, float] = (1.2, -0.8), warp_um: float = 2.0,
                  centre_um: tuple[float, float] | None = None):
         self.scope = scope
         self.specimen = specimen
@@ -55,8 +57,7 @@ class HeldOutScanner:
         return self.scope.pixel_size_um(self.objective_magnification)
 
     def field_of_view_um(self) -> tuple[float, float]:
-        side = self.sensor_px * self.pixel_size_um()
-        return side, side
+        return field_of_view_um(self.sensor_px, self.sensor_px, self.pixel_size_um())
 
     def depth_of_field_um(self) -> float:
         na = self.numerical_aperture()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera
 from wsi_autofocus.data import OBJECTIVES, SPLITS
-from wsi_autofocus import heldout_imaging, shift_evaluation
+from wsi_autofocus import heldout_imaging, shift_evaluation, slide_calibration
 from wsi_autofocus.content import EVALUATION_IMAGES, TRAINING_IMAGES
 from wsi_autofocus.data import DENSITY_SCALE_RANGE, NO_PHASE_FRACTION, PHASE_SCALE_RANGE
 from wsi_autofocus.evaluate import format_table
@@ -84,7 +84,7 @@ def reproduction_statement(record: dict, shipped_best_val_loss: float) -> str:
             f"{ten['sign_accuracy_beyond_1um']:.1%}; {verdict}.")
 
 
-def shift_statement(shift: dict, calibration: dict, scan_outcome: dict) -> list[str]:
+def shift_statement(shift: dict, calibration: dict, slide_calibration_results: dict | None, scan_outcome: dict) -> list[str]:
     """Card lines for the evaluation under held-out imaging: the table, the pooled 20x figures against the
     targets, and self-calibration, all from the evaluation summary."""
     real = shift["pooled_20x"]["held_out_imaging_real_content"]
@@ -93,9 +93,14 @@ def shift_statement(shift: dict, calibration: dict, scan_outcome: dict) -> list[
                real["sign_accuracy_beyond_1um"] >= TARGET_SHIFT_SIGN_ACCURACY),
               (f"{real['confidently_wrong']} confidently wrong (target {TARGET_SHIFT_CONFIDENTLY_WRONG})",
                real["confidently_wrong"] <= TARGET_SHIFT_CONFIDENTLY_WRONG)]
-    after = [(name, result["after"]["mae_um"]) for name, result in calibration.items()]
-    checks.append((f"after self-calibration MAE {', '.join(f'{name} {mae:.2f}' for name, mae in after)} µm "
-                   f"(target ≤ {TARGET_CALIBRATED_MAE_UM})", all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after)))
+    calibrations = {"other specimens": calibration, "the slide itself": slide_calibration_results or {}}
+    for where, results in calibrations.items():
+        if not results:
+            checks.append((f"self-calibration on {where}: not in this evaluation (re-run `wsi-autofocus eval`)", False))
+            continue
+        after = [(name, result["after"]["mae_um"]) for name, result in results.items()]
+        checks.append((f"after self-calibration on {where} MAE {', '.join(f'{name} {mae:.2f}' for name, mae in after)} "
+                       f"µm (target ≤ {TARGET_CALIBRATED_MAE_UM})", all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after)))
     met = [text for text, ok in checks if ok]
     missed = [text for text, ok in checks if not ok]
     scopes = "; ".join(f"`{scope.name}`: {scope.description}" for scope in heldout_imaging.HELD_OUT_SCOPES.values())
@@ -113,7 +118,14 @@ def shift_statement(shift: dict, calibration: dict, scan_outcome: dict) -> list[
         shift_evaluation.format_table(shift),
         "",
         shift_evaluation.format_calibration(calibration),
+        "",
+        slide_calibration.format_slide_calibration(slide_calibration_results) if slide_calibration_results
+        else f"{slide_calibration.TITLE}: not in this evaluation",
         "```",
+        "",
+        "Calibrating on sweeps of the slide being scanned (as `ScanSlide.calibrate_autofocus` does from the scan's "
+        "own focus map; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap) teaches the side "
+        "cue of that microscope on that tissue; sweeps of other specimens teach a cue that need not carry over.",
         "",
         "What a scan makes of these estimates (`scan_outcome_table`): each 20× tile is taken at its defocus as "
         "if the focus map had left it there, then the scan's own rules run (`wsi_acquisition.focus`: correct "
@@ -236,6 +248,7 @@ def render(model_dir: Path) -> str:
         "to read; check the 40× rows above before relying on 40× estimates away from focus.",
         target_statement(summary),
         "",
-        *shift_statement(summary["shift"], summary["calibration_under_held_out_imaging"], summary["scan_outcome_20x"]),
+        *shift_statement(summary["shift"], summary["calibration_under_held_out_imaging"],
+                         summary.get("calibration_on_the_slide"), summary["scan_outcome_20x"]),
     ]
     return "\n".join(lines) + "\n"

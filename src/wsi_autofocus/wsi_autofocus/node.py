@@ -7,7 +7,7 @@ request whose image cannot be evaluated gets an invalid estimate / failed respon
 a crash.
 
 Each tile is estimated by this scanner's calibrated model for the tile's objective and camera pixel
-when one is stored under `calibration_root` (`wsi_autofocus.calibration.CalibrationStore`), by the base
+when one is stored under `calibration_root` (`wsi_autofocus.calibration_store.CalibrationStore`), by the base
 model otherwise; CalibrateAutofocus makes such a model from a scan's focus-map sweeps.
 """
 import threading
@@ -17,13 +17,13 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
-from wsi_autofocus.calibration import CalibratedEstimators, CalibrationError, CalibrationStore, calibrate, stacks_from_scan
+from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
-from wsi_common.qos import EVENT_QOS, TILE_QOS
+from wsi_common.topics import FOCUS_ESTIMATES, TILES
 from wsi_common.worker import QueueWorker
 from wsi_interfaces.msg import FocusEstimate, Tile
 from wsi_interfaces.srv import CalibrateAutofocus, EstimateFocus
@@ -55,8 +55,8 @@ class AutofocusNode(Node):
             raise NodeConfigurationError(str(error)) from error
         self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
                                    size_of=lambda tile: len(tile.image.data))
-        self._estimates = self.create_publisher(FocusEstimate, "focus_estimates", EVENT_QOS)
-        self.create_subscription(Tile, "tiles", self._worker.put, TILE_QOS)
+        self._estimates = FOCUS_ESTIMATES.publisher(self)
+        TILES.subscription(self, self._worker.put)
         self._models_lock = threading.Lock()
         self.create_service(EstimateFocus, "estimate_focus", self._serve,
                             callback_group=MutuallyExclusiveCallbackGroup())
@@ -135,6 +135,9 @@ class AutofocusNode(Node):
     def _calibrate(self, request, response):
         """Fine-tune on a scan's focus-map sweeps (ROS-free core: `wsi_autofocus.calibration`); the new
         model serves that objective's tiles from the next one on."""
+        # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
+        from wsi_autofocus.calibration import calibrate
+
         try:
             stacks, optics = stacks_from_scan(request.scan_dir)
             directory = self.store.model_dir(optics["objective_magnification"], optics["numerical_aperture"],

@@ -124,6 +124,23 @@ class _FieldCamera:
         return microscope.depth_of_field_um(self.magnification)
 
 
+def save_npz(path: Path, arrays: dict) -> None:
+    """Write a cache file whole or not at all: a killed evaluation leaves no truncated cache behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez(temporary, **arrays)
+    temporary.replace(path)
+
+
+def starmap_in_processes(function, jobs: list[tuple], workers: int) -> list:
+    """function(*job) for every job, in `workers` spawned processes when more than one."""
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            return pool.starmap(function, jobs)
+    return [function(*job) for job in jobs]
+
+
 def render_cell(args: tuple[ShiftSpec, str, str, float]) -> dict:
     """Tiles of one (content, imaging, objective) cell, at defocus uniform over +-max_defocus_um."""
     spec, content, imaging, magnification = args
@@ -161,10 +178,7 @@ def render_tiles(spec: ShiftSpec, cache_dir: Path, workers: int = 2, log=print) 
     else:
         parts = [render_cell(job) for job in jobs]
     tiles = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, **tiles)
-    temporary.replace(path)
+    save_npz(path, tiles)
     (path.with_suffix(".json")).write_text(json.dumps(asdict(spec), indent=1))
     return tiles
 
@@ -283,9 +297,7 @@ class Refocuser:
 
     def save(self) -> None:
         if self._added:
-            temporary = self.path.with_suffix(".tmp.npz")
-            np.savez(temporary, **self._images)
-            temporary.replace(self.path)
+            save_npz(self.path, self._images)
             self._added = False
 
 
@@ -407,13 +419,26 @@ def render_sweeps(spec: CalibrationSpec, scope_name: str) -> list[dict]:
         seed = seeds[index % len(seeds)]
         microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
         (x, y), = tissue_points(microscope, rng, 1)
-        start = float(rng.uniform(-1.5, 1.5))           # the sweep is centred on a guess, not on focus
-        z = start + spec.z_offsets_um()
-        images = np.stack([heldout_imaging.capture(scope, microscope.specimen, x, y, float(d), spec.magnification,
-                                                   spec.tile_px, rng).image_rgb8 for d in z])
-        stacks.append({"images": images, "z_um": z, "pixel_size_um": scope.pixel_size_um(spec.magnification),
-                       "numerical_aperture": scope.objective(spec.magnification).numerical_aperture})
+        stacks.append(render_sweep(spec, scope, microscope.specimen, float(x), float(y), rng))
     return stacks
+
+
+def render_sweep(spec: CalibrationSpec, scope, specimen, x_um: float, y_um: float, rng: np.random.Generator) -> dict:
+    """One focus-map-like z-stack of the field at (x, y) under a held-out microscope: images, stage z (true
+    focus at z = 0 plus an unknown start offset, as a focus map starts from a guess) and optics."""
+    start = float(rng.uniform(-1.5, 1.5))           # the sweep is centred on a guess, not on focus
+    z = start + spec.z_offsets_um()
+    images = np.stack([heldout_imaging.capture(scope, specimen, x_um, y_um, float(d), spec.magnification,
+                                               spec.tile_px, rng).image_rgb8 for d in z])
+    return {"images": images, "z_um": z, "pixel_size_um": scope.pixel_size_um(spec.magnification),
+            "numerical_aperture": scope.objective(spec.magnification).numerical_aperture}
+
+
+def z_stacks(stacks: list[dict]) -> list:
+    """Rendered sweeps as the calibration API takes them."""
+    from wsi_autofocus.calibration_store import ZStack
+
+    return [ZStack(s["images"], s["z_um"], float(s["pixel_size_um"]), float(s["numerical_aperture"])) for s in stacks]
 
 
 def render_all_sweeps(spec: CalibrationSpec, cache_dir: Path, workers: int = 2, log=print) -> dict[str, list[dict]]:
@@ -422,21 +447,13 @@ def render_all_sweeps(spec: CalibrationSpec, cache_dir: Path, workers: int = 2, 
     names = list(heldout_imaging.HELD_OUT_SCOPES)
     if not path.exists():
         log(f"rendering {spec.sweeps} calibration sweeps for each of {names} into {path}")
-        jobs = [(spec, name) for name in names]
-        if workers > 1:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                rendered = pool.starmap(render_sweeps, jobs)
-        else:
-            rendered = [render_sweeps(*job) for job in jobs]
+        rendered = starmap_in_processes(render_sweeps, [(spec, name) for name in names], workers)
         arrays = {}
         for name, stacks in zip(names, rendered):
             for index, stack in enumerate(stacks):
                 for key, value in stack.items():
                     arrays[f"{name}|{index}|{key}"] = np.asarray(value)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp.npz")
-        np.savez(temporary, **arrays)
-        temporary.replace(path)
+        save_npz(path, arrays)
     with np.load(path) as data:
         out: dict[str, list[dict]] = {name: [] for name in names}
         for key in data.files:
@@ -454,43 +471,59 @@ def calibration_check(model_dir: Path | None, spec: CalibrationSpec, tiles: dict
     """Calibrate the model on each held-out microscope's sweeps (validation specimens) and evaluate it on
     that microscope's 20x tiles of the shift evaluation (test specimens and real content: other fields,
     other specimens). Returns per microscope the 20x statistics before and after, and the fit time."""
-    from wsi_autofocus.calibration import CalibrationError, ZStack, calibrate
-    from wsi_autofocus.inference import FocusEstimator, load_backend
-
     sweeps = render_all_sweeps(spec, work_dir, log=log)
     results = {}
     for name, stacks in sweeps.items():
-        z_stacks = [ZStack(s["images"], s["z_um"], float(s["pixel_size_um"]), float(s["numerical_aperture"]))
-                    for s in stacks]
-        started = time.monotonic()
-        try:
-            calibration = calibrate(z_stacks, Path(work_dir) / f"calibrated-{name}", model_dir,
-                                    scanner={"name": name, "objective": spec.magnification})
-            calibrated_dir, refused = calibration.model_dir, None
-        except CalibrationError as error:        # the scan keeps the model it had: "after" is "before"
-            calibrated_dir, refused = model_dir, str(error)
-        fit_s = time.monotonic() - started
         mask = (tiles["imaging"] == name) & (tiles["objective"] == spec.magnification)
-        subset = {key: value[mask] for key, value in tiles.items()}
-        stats = {}
-        for label, directory in (("before", model_dir), ("after", calibrated_dir)):
-            estimator = FocusEstimator(load_backend(backend, directory)[0], directory)
-            stats[label] = cell_statistics(subset, estimate_tiles(estimator, subset))
-        results[name] = stats | {"fit_s": fit_s, "sweeps": len(z_stacks), "refused": refused}
-        log(f"{name}: MAE {stats['before']['mae_um']:.2f} -> {stats['after']['mae_um']:.2f} µm "
-            f"({fit_s:.0f} s, {len(z_stacks)} sweeps{', refused: ' + refused if refused else ''})")
+        results[name] = calibrated_statistics(model_dir, z_stacks(stacks), {key: value[mask] for key, value in tiles.items()},
+                                              Path(work_dir) / f"calibrated-{name}", {"name": name, "objective": spec.magnification},
+                                              backend)
+        log(f"{name}: {describe_calibration(results[name])}")
     return results
 
 
-def format_calibration(results: dict) -> str:
-    lines = ["self-calibration (20x): fitted on a held-out microscope's focus-map sweeps of validation specimens, "
-             "tested on its tiles of the test specimens and real content",
-             f"{'microscope':<18}{'sweeps':>7}{'fit s':>7}  {'MAE before':>10}  {'MAE after':>9}  {'sign after':>10}  "
-             f"{'acted after':>11}  {'wrong after':>11}"]
+def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, output_dir: Path, scanner: dict,
+                          backend: str = "onnxruntime") -> dict:
+    """`calibrate` the model on `stacks` into `output_dir`, and `cell_statistics` of `tiles` with the model
+    before and after; a refused calibration leaves the model in use, so "after" is then "before"."""
+    from wsi_autofocus.calibration import CalibrationError, calibrate
+    from wsi_autofocus.inference import FocusEstimator, load_backend
+
+    started = time.monotonic()
+    try:
+        calibrated_dir, refused = calibrate(stacks, output_dir, model_dir, scanner=scanner).model_dir, None
+    except CalibrationError as error:
+        calibrated_dir, refused = model_dir, str(error)
+    fit_s = time.monotonic() - started
+    stats = {}
+    for label, directory in (("before", model_dir), ("after", calibrated_dir)):
+        estimator = FocusEstimator(load_backend(backend, directory)[0], directory)
+        stats[label] = cell_statistics(tiles, estimate_tiles(estimator, tiles))
+    return stats | {"fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
+
+
+def describe_calibration(result: dict) -> str:
+    return (f"MAE {result['before']['mae_um']:.2f} -> {result['after']['mae_um']:.2f} µm ({result['fit_s']:.0f} s, "
+            f"{result['sweeps']} sweeps{', refused: ' + result['refused'] if result['refused'] else ''})")
+
+
+# Title of the calibration table where the sweeps come from other specimens than the tiles.
+OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscope's focus-map sweeps of validation "
+                         "specimens, tested on its tiles of the test specimens and real content")
+
+
+def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
+    """One row per calibration (`calibrated_statistics` results by name): before and after."""
+    width = max(18, *(len(name) + 2 for name in results))
+    lines = [title,
+             f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  {'MAE before':>10}  {'MAE after':>9}  "
+             f"{'median after':>12}  {'sign before':>11}  {'sign after':>10}  {'acted after':>11}  {'wrong before':>12}  "
+             f"{'wrong after':>11}"]
     for name, r in results.items():
-        after = r["after"]
-        lines.append(f"{name:<18}{r['sweeps']:7d}{r['fit_s']:7.0f}  {r['before']['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
+        before, after = r["before"], r["after"]
+        lines.append(f"{name:<{width}}{r['sweeps']:7d}{r['fit_s']:7.0f}  {before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
+                     f"{after['median_abs_error_um']:12.2f}  {before['sign_accuracy_beyond_1um'] or 0:11.0%}  "
                      f"{after['sign_accuracy_beyond_1um'] or 0:10.0%}  {after['fraction_acted_on']:11.0%}  "
-                     f"{after['confidently_wrong']:11d}" + ("  refused: no better on held-back sweeps"
-                                                            if r.get("refused") else ""))
+                     f"{before['confidently_wrong']:12d}  {after['confidently_wrong']:11d}"
+                     + ("  refused: no better on held-back sweeps" if r.get("refused") else ""))
     return "\n".join(lines)

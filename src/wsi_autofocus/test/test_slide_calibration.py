@@ -1,0 +1,42 @@
+"""Calibration on the slide itself is judged on fields its sweeps never saw."""
+import numpy as np
+import pytest
+
+from wsi_autofocus import heldout_imaging, slide_calibration
+from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
+from wsi_autofocus.shift_evaluation import PROCEDURAL
+
+
+def _widest_pixel_um(spec):
+    return max(scope.pixel_size_um(spec.sweeps.magnification) for scope in heldout_imaging.HELD_OUT_SCOPES.values())
+
+
+def test_procedural_test_fields_lie_clear_of_every_sweep_field():
+    spec = slide_calibration.SlideCalibrationSpec()
+    _, sweeps, tests = slide_calibration._fields(spec, PROCEDURAL, np.random.default_rng(0))
+    assert len(sweeps) == spec.sweeps.sweeps and len(tests) == spec.test_tiles
+    half_fields_um = (spec.test_tile_px + spec.sweeps.tile_px) / 2 * _widest_pixel_um(spec)
+    gaps = np.abs(tests[:, None, :] - sweeps[None, :, :]).max(axis=2)
+    assert gaps.min() > half_fields_um
+
+
+def _rows_in_image(specimen: RealImageSpecimen, points: np.ndarray) -> np.ndarray:
+    """Height fraction inside the (possibly mirrored) copy of the image each point lies in."""
+    height = specimen._image_um[0]
+    copy, within = np.divmod(points[:, 1], height)
+    return np.where(copy % 2 == 0, within, height - within) / height
+
+
+def test_real_image_sweeps_and_tests_come_from_bands_a_field_apart():
+    spec = slide_calibration.SlideCalibrationSpec()
+    specimen, sweeps, tests = slide_calibration._fields(spec, "real-he", np.random.default_rng(0))
+    sweep_rows, test_rows = _rows_in_image(specimen, sweeps), _rows_in_image(specimen, tests)
+    assert sweep_rows.max() < slide_calibration.SWEEP_ROWS[1] and test_rows.min() >= slide_calibration.TEST_ROWS[0]
+    gap_um = (test_rows.min() - sweep_rows.max()) * specimen._image_um[0]
+    assert gap_um > (spec.test_tile_px + spec.sweeps.tile_px) / 2 * _widest_pixel_um(spec)
+
+
+def test_a_band_without_tissue_is_refused():
+    specimen = RealImageSpecimen(EVALUATION_IMAGES["real-he"])
+    with pytest.raises(ValueError, match="rows"):
+        specimen.tissue_points(np.random.default_rng(0), 3, rows=(0.5, 0.5))

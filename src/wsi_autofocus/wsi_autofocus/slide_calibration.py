@@ -1,0 +1,141 @@
+"""Self-calibration as a scan does it: fitted on the focus-map sweeps of the slide being scanned, judged
+on other fields of that same slide, under each held-out microscope.
+
+`shift_evaluation.calibration_check` calibrates on other specimens than it tests on; a scan that
+calibrates itself (`ScanSlide.calibrate_autofocus`) has sweeps of the very slide its tiles come from, so
+its stain, thickness and the relation of phase to absorption are the same. The sweep fields and the test
+fields never overlap: on a procedural specimen the test fields lie at least a field's width from every
+sweep field; on a real image (mirrored over the plane) sweeps take the top band of its height and tests
+the bottom band. The immunohistochemistry image is not used: one 20x field shows all of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
+from wsi_autofocus import heldout_imaging
+from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
+from wsi_autofocus.data import SPLITS, specimen_for_seed, tissue_points
+from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, calibrated_statistics, describe_calibration,
+                                            format_calibration, render_sweep, save_npz,
+                                            starmap_in_processes, z_stacks)
+
+SLIDES = (PROCEDURAL, "real-he")
+# Bands of a real image's height for the sweeps and for the test fields: the gap between them is wider
+# than a test field, so no test field shows tissue a sweep saw.
+SWEEP_ROWS, TEST_ROWS = (0.0, 0.4), (0.6, 1.0)
+TITLE = ("self-calibration on the slide itself (20x): fitted on a held-out microscope's focus-map sweeps of one "
+         "slide, tested on other fields of that slide")
+
+
+@dataclass(frozen=True)
+class SlideCalibrationSpec:
+    sweeps: CalibrationSpec = field(default_factory=CalibrationSpec)
+    test_tiles: int = 30
+    test_tile_px: int = 384
+    max_defocus_um: float = 10.0
+    slides: tuple[str, ...] = SLIDES
+    seed: int = 31
+
+    def cache_key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
+    """The slide's specimen, its sweep positions and its test positions (x, y µm), never overlapping."""
+    count = spec.sweeps.sweeps
+    if slide == PROCEDURAL:
+        seed = SPLITS["test"].specimen_seeds[0]
+        microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
+        candidates = tissue_points(microscope, rng, 20 * (count + spec.test_tiles))
+        sweep_points = candidates[:count]
+        pixel_um = max(scope.pixel_size_um(spec.sweeps.magnification)
+                       for scope in heldout_imaging.HELD_OUT_SCOPES.values())
+        apart_um = (spec.test_tile_px + spec.sweeps.tile_px) * pixel_um
+        distance = np.abs(candidates[count:, None, :] - sweep_points[None, :, :]).max(axis=2).min(axis=1)
+        test_points = candidates[count:][distance > apart_um][:spec.test_tiles]
+        if len(test_points) < spec.test_tiles:
+            raise RuntimeError(f"{len(test_points)} of {spec.test_tiles} test fields of {slide} lie clear of its sweeps")
+        return microscope.specimen, sweep_points, test_points
+    specimen = RealImageSpecimen(EVALUATION_IMAGES[slide])
+    return specimen, specimen.tissue_points(rng, count, SWEEP_ROWS), specimen.tissue_points(rng, spec.test_tiles, TEST_ROWS)
+
+
+def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dict:
+    """Sweeps and single-shot test tiles (defocus uniform over ±max_defocus_um) of one slide under one
+    held-out microscope at the sweeps' magnification."""
+    scope = heldout_imaging.HELD_OUT_SCOPES[scope_name]
+    magnification = spec.sweeps.magnification
+    rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)])
+    specimen, sweep_points, test_points = _fields(spec, slide, rng)
+    stacks = [render_sweep(spec.sweeps, scope, specimen, float(x), float(y), rng) for x, y in sweep_points]
+    defocus = rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, len(test_points))
+    captures = [heldout_imaging.capture(scope, specimen, float(x), float(y), float(d), magnification, spec.test_tile_px, rng)
+                for (x, y), d in zip(test_points, defocus)]
+    count = len(captures)
+    return {"stacks": stacks,
+            "tiles": {"images": np.stack([c.image_rgb8 for c in captures]),
+                      "true_um": np.array([c.defocus_um for c in captures], np.float32),
+                      "numerical_aperture": np.array([c.numerical_aperture for c in captures], np.float32),
+                      "pixel_size_um": np.array([c.pixel_size_um for c in captures], np.float32),
+                      "depth_of_field_um": np.full(count, depth_of_field_um(STANDARD_OBJECTIVES[float(magnification)],
+                                                                            scope.camera.pixel_size_um), np.float32)}}
+
+
+def _flatten(rendered: dict) -> dict:
+    arrays = {f"tiles|{key}": value for key, value in rendered["tiles"].items()}
+    for index, stack in enumerate(rendered["stacks"]):
+        arrays |= {f"stack|{index}|{key}": np.asarray(value) for key, value in stack.items()}
+    return arrays
+
+
+def _unflatten(data) -> dict:
+    tiles, stacks = {}, {}
+    for key in data.files:
+        parts = key.split("|")
+        if parts[0] == "tiles":
+            tiles[parts[1]] = data[key]
+        else:
+            value = data[key]
+            stacks.setdefault(int(parts[1]), {})[parts[2]] = value if value.ndim else value.item()
+    return {"tiles": tiles, "stacks": [stacks[index] for index in sorted(stacks)]}
+
+
+def render_all(spec: SlideCalibrationSpec, cache_dir: Path, workers: int = 2, log=print) -> dict[tuple[str, str], dict]:
+    """`render_slide` for every held-out microscope and slide, each from its cache file when rendered before."""
+    paths = {(scope, slide): Path(cache_dir) / f"slide-calibration-{spec.cache_key()}-{scope}-{slide}.npz"
+             for scope in heldout_imaging.HELD_OUT_SCOPES for slide in spec.slides}
+    missing = [cell for cell, path in paths.items() if not path.exists()]
+    if missing:
+        log(f"rendering sweeps and test fields of {len(missing)} (microscope, slide) pairs into {Path(cache_dir)}")
+        rendered = starmap_in_processes(render_slide, [(spec, *cell) for cell in missing], workers)
+        for cell, part in zip(missing, rendered):
+            save_npz(paths[cell], _flatten(part))
+    out = {}
+    for cell, path in paths.items():
+        with np.load(path) as data:
+            out[cell] = _unflatten(data)
+    return out
+
+
+def slide_calibration_check(model_dir: Path | None, spec: SlideCalibrationSpec, work_dir: Path,
+                            backend: str = "onnxruntime", log=print) -> dict:
+    """Per "microscope / slide": the test fields' statistics before and after calibrating on that slide's sweeps."""
+    results = {}
+    for (scope, slide), rendered in render_all(spec, work_dir, log=log).items():
+        name = f"{scope} / {slide}"
+        results[name] = calibrated_statistics(model_dir, z_stacks(rendered["stacks"]), rendered["tiles"],
+                                              Path(work_dir) / f"calibrated-{scope}-{slide}",
+                                              {"name": scope, "objective": spec.sweeps.magnification}, backend)
+        log(f"{name}: {describe_calibration(results[name])}")
+    return results
+
+
+def format_slide_calibration(results: dict) -> str:
+    return format_calibration(results, TITLE)
