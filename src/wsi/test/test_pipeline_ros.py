@@ -1,17 +1,13 @@
 """Scan -> stitching -> export -> QC through the real node processes of the graph."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tifffile
 import zarr
 from action_msgs.msg import GoalStatus
 
-from wsi.actions import ActionCaller
 from wsi.graph import GraphConfig, scan_graph
-from diagnostic_msgs.msg import DiagnosticArray
-
-from wsi_common.qos import EVENT_QOS
+from wsi_common.action_caller import ActionCaller
+from wsi_common.topics import DIAGNOSTICS, SCAN_SLIDE
 from wsi_interfaces.action import ScanSlide
 from wsi_interfaces.msg import ScanStatus
 from wsi_stitching.cli import main as stitch_cli
@@ -27,8 +23,8 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
             spec.parameters.update(camera_width_px=512, camera_height_px=512)
     run_nodes(graph)
     diagnostics = []
-    ros_node.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, EVENT_QOS)
-    scanner = ActionCaller(ros_node, ScanSlide, "scan_slide")
+    DIAGNOSTICS.subscription(ros_node, diagnostics.append)
+    scanner = ActionCaller(ros_node, SCAN_SLIDE)
     scanner.wait_for_server(timeout_s=30)
     goal = ScanSlide.Goal(scan_id="pipeline", region_x_um=43_000.0, region_y_um=12_000.0, region_width_um=700.0,
                           region_height_um=600.0, objective_magnification=20.0, focus_strategy=ScanSlide.Goal.FOCUS_MAP,
