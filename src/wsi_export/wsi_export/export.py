@@ -26,6 +26,7 @@ from .codecs import TileCodec, resolve_codec
 from .dicom_output import DicomEquipment, DicomSeriesWriter, resolve_dicom_codec
 from .errors import (ExportError, ExportOptionsError, ExportStorageError, MosaicDataError, MosaicInputError,
                      UnreadableChunkError)
+from .follow import FollowingReader, StitchingProgress
 from .executors import (DistributedExecutor, LocalExecutor, PlannedJob, check_not_cancelled, default_local_workers,
                         ordered_results)
 from .mosaic import Mosaic, MosaicRegion, describe_regions, missing_regions, open_mosaic
@@ -72,6 +73,11 @@ class ExportOptions:
     # missing from its store (mosaic.missing_regions), which come out in the fill colour and are listed
     # in ExportResult.missing_regions. A chunk that is there but does not decode fails the export anyway.
     allow_partial_mosaic: bool = False
+    # Export a mosaic while it is being stitched (follow.py): each region is read once the stitcher has
+    # stored it, and the export ends after the stitcher has finished. It fails (StitchingStalledError) when
+    # the stitcher stores nothing for stitching_stall_timeout_s. Needs the mosaic's path and local threads.
+    follow_stitching: bool = False
+    stitching_stall_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,11 @@ def validate_export(name: str | None, formats: tuple[str, ...], options: ExportO
     for key in ("thumbnail_max_edge_px", "lowest_level_max_edge_px"):
         if getattr(options, key) < 16:
             raise ExportOptionsError(f"{key}={getattr(options, key)} must be >= 16")
+    if options.follow_stitching and options.scheduler_address:
+        raise ExportOptionsError(f"follow_stitching runs on local threads; scheduler_address="
+                                 f"{options.scheduler_address!r} cannot be used with it")
+    if options.stitching_stall_timeout_s <= 0:
+        raise ExportOptionsError(f"stitching_stall_timeout_s={options.stitching_stall_timeout_s} must be > 0")
     if options.local_workers is not None and options.local_workers < 1:
         raise ExportOptionsError(f"local_workers={options.local_workers} must be >= 1")
     if options.file_uuid is not None:
@@ -160,8 +171,9 @@ class _Export:
     def __init__(self, mosaic: Mosaic, output_dir: Path, name: str, formats: tuple[str, ...],
                  options: ExportOptions, codecs: dict[str, TileCodec], slide_images: dict[str, SlideImage],
                  progress: Callable[[ExportProgress], None] | None,
-                 should_cancel: Callable[[], bool] | None):
+                 should_cancel: Callable[[], bool] | None, stitching: StitchingProgress | None):
         self.mosaic = mosaic
+        self.stitching = stitching
         self.slide_images = slide_images
         self.output_dir = output_dir
         self.name = name
@@ -249,6 +261,8 @@ class _Export:
     def _level_sources(self, work_dir: Path) -> list[PixelSource]:
         """Level 0 is the mosaic; each lower level is a scratch file in the work directory."""
         sources: list[PixelSource] = [region_reader(self.mosaic.image)]
+        if self.stitching is not None:
+            sources[0] = FollowingReader(sources[0], self.stitching, self.mosaic.image.shape)
         for level, (h, w) in enumerate(self.level_shapes[1:], start=1):
             sources.append(ScratchLevel(work_dir / f"level{level}.scratch", h, w, self.tile_px).create())
         return sources
@@ -322,6 +336,19 @@ def _passed_to(tiles: Iterator[tuple[bytes, ...]], write: Callable[[bytes], None
         yield tile
 
 
+def _checked_missing_regions(mosaic: Mosaic, options: ExportOptions) -> list[MosaicRegion]:
+    """The mosaic's regions without data (mosaic.missing_regions); MosaicDataError when there are any and
+    the options do not allow a partial mosaic."""
+    missing = missing_regions(mosaic)
+    if missing and not options.allow_partial_mosaic:
+        expected = ("a chunk under every tile it lists" if mosaic.metadata.composed_tiles
+                    else "every chunk, as it does not list the tiles it was composed of")
+        raise MosaicDataError(f"mosaic {mosaic.source_name!r} has no data in its store for {len(missing)} "
+                              f"region(s): {describe_regions(missing)}; expected {expected}; pass "
+                              f"allow_partial_mosaic=True to export it with those regions in the fill colour")
+    return missing
+
+
 def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str | None = None,
                  formats: tuple[str, ...] | list[str] = ("ome-tiff",),
                  options: ExportOptions = ExportOptions(),
@@ -339,25 +366,31 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
     ExportStorageError or ExportCancelled; on any error no output exists under a final name."""
     started = time.perf_counter()
     formats = tuple(formats)
-    if not isinstance(mosaic, Mosaic):
-        mosaic = open_mosaic(mosaic)
+    mosaic_path = None if isinstance(mosaic, Mosaic) else mosaic
+    if mosaic_path is not None:
+        mosaic = open_mosaic(mosaic_path)
     name = mosaic.source_name if name is None else name
     codecs = validate_export(name, formats, options)
-    if not mosaic.metadata.complete and not options.allow_partial_mosaic:
-        raise MosaicInputError(f"mosaic {mosaic.source_name!r} is marked complete=False (still being "
-                               f"stitched); pass allow_partial_mosaic=True to export it anyway")
-    missing = missing_regions(mosaic)
-    if missing and not options.allow_partial_mosaic:
-        expected = ("a chunk under every tile it lists" if mosaic.metadata.composed_tiles
-                    else "every chunk, as it does not list the tiles it was composed of")
-        raise MosaicDataError(f"mosaic {mosaic.source_name!r} has no data in its store for {len(missing)} "
-                              f"region(s): {describe_regions(missing)}; expected {expected}; pass "
-                              f"allow_partial_mosaic=True to export it with those regions in the fill colour")
+    stitching = None
+    if options.follow_stitching:
+        if mosaic_path is None:
+            raise ExportOptionsError("follow_stitching needs the mosaic's path (its stitcher's journal lies beside "
+                                     "it), not a Mosaic object")
+        stitching = StitchingProgress(mosaic_path, mosaic.image.chunks[:2], options.stitching_stall_timeout_s,
+                                      should_cancel)
+        missing = []    # known once the stitcher has finished
+    else:
+        if not mosaic.metadata.complete and not options.allow_partial_mosaic:
+            raise MosaicInputError(f"mosaic {mosaic.source_name!r} is marked complete=False (still being "
+                                   f"stitched); pass allow_partial_mosaic=True to export it anyway, or "
+                                   f"follow_stitching=True to export it as the stitcher stores it")
+        missing = _checked_missing_regions(mosaic, options)
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise ExportStorageError(f"output directory {str(output_dir)!r} does not exist or is not a directory")
     slide_images = {series: image for series, image in (("macro", macro), ("label", label)) if image is not None}
-    export = _Export(mosaic, output_dir, name, formats, options, codecs, slide_images, progress, should_cancel)
+    export = _Export(mosaic, output_dir, name, formats, options, codecs, slide_images, progress, should_cancel,
+                     stitching)
     for path in export.final_paths.values():
         if path.exists() and not options.overwrite:
             raise ExportStorageError(f"output {str(path)!r} already exists; pass overwrite=True to replace it")
@@ -374,6 +407,9 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
                     if options.scheduler_address
                     else LocalExecutor(options.local_workers or default_local_workers()))
         written = export.run(work_dir, executor)
+        if stitching is not None:
+            stitching.wait_until_finished()
+            missing = _checked_missing_regions(open_mosaic(mosaic_path), options)
         check_not_cancelled(should_cancel)
         commit(written, export.final_paths, work_dir)
     except UnreadableChunkError as error:
@@ -386,6 +422,8 @@ def export_slide(mosaic: str | Path | Mosaic, output_dir: str | Path, name: str 
         raise ExportStorageError(error.errno, f"writing the export of {name!r} into {str(output_dir)!r} "
                                               f"failed: {error.strerror or error}") from error
     finally:
+        if stitching is not None:
+            stitching.abort()   # a block job still waiting for the stitcher ends now
         if executor is not None:
             executor.close()
         shutil.rmtree(work_dir, ignore_errors=True)

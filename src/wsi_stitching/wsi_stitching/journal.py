@@ -2,7 +2,9 @@
 
 Order of writes makes it safe: a tile's frozen position is journaled before any chunk using it is
 written, and a chunk is journaled only after its pixels are in the Zarr store; a crash in between
-merely recomposes that chunk. A torn last line (crash mid-write) is ignored on reading.
+merely recomposes that chunk. A torn last line (crash mid-write) is ignored on reading. Another process may follow a journal while it
+is written (`JournalTail`): an export that runs while the mosaic is stitched reads each region once its
+chunks are journaled.
 """
 from __future__ import annotations
 
@@ -52,3 +54,27 @@ class Journal:
             self.sync()
             self._file.close()
             self._file = None
+
+
+class JournalTail:
+    """Follows a journal another process appends to: each call returns the events completed since the last."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._offset = 0
+
+    def new_events(self) -> list[dict]:
+        """Events whose line is complete; a line still being written is read by a later call."""
+        try:
+            with open(self.path, "rb") as file:
+                file.seek(self._offset)
+                data = file.read()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            events.append(json.loads(line))
+            self._offset += len(line)
+        return events

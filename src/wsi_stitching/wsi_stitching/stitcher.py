@@ -162,6 +162,12 @@ def _companion_paths(mosaic_path: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".registration.json"), stem.with_name(stem.name + ".journal.jsonl")
 
 
+def journal_path(mosaic_path: str | Path) -> Path:
+    """The journal beside a mosaic: {"type": "chunks", "indices": [[chunk_row, chunk_col], ...]} lists chunks
+    stored (each once, final), {"type": "finished"} ends a finished run."""
+    return _companion_paths(Path(mosaic_path))[1]
+
+
 class MosaicStitcher:
     """Feed tiles with add_tile() in any order; finish() freezes the rest and finalises the mosaic.
 
@@ -179,8 +185,8 @@ class MosaicStitcher:
         self.mosaic_path = Path(output_path)
         if self.mosaic_path.suffix != ".zarr":
             raise StitchingError(f"mosaic path must end in .zarr, got {self.mosaic_path}")
-        self.report_path, journal_path = _companion_paths(self.mosaic_path)
-        self.journal = Journal(journal_path)
+        self.report_path = _companion_paths(self.mosaic_path)[0]
+        self.journal = Journal(journal_path(self.mosaic_path))
         overlap_px = self._nominal_overlap_px()
         self._feather_px = parameters.feather_px or overlap_px
         self.limit = StageErrorLimit.derive(parameters.stage_repeatability_um, layout.pixel_size_um, overlap_px)
@@ -674,7 +680,7 @@ def remove_mosaic(mosaic_path: str | Path) -> None:
 def journaled_parameters(mosaic_path: str | Path) -> StitchParameters | None:
     """The parameters an existing mosaic was made with (e.g. by the stitching node), or None when there
     is no journal of this format to resume."""
-    events = Journal(_companion_paths(Path(mosaic_path))[1]).read_and_repair()
+    events = Journal(journal_path(mosaic_path)).read_and_repair()
     if not events or events[0].get("type") != "header" or events[0].get("version") != JOURNAL_FORMAT_VERSION:
         return None
     return StitchParameters.from_json(events[0]["parameters"])
