@@ -222,6 +222,7 @@ def replay_spec(graph, args, cache: Path, rate: float):
                   "tiles_per_s": rate, "qc_report": False, "diagnostics_period_s": 0.5}
     if args.max_buffer_mb:
         parameters["max_buffer_mb"] = args.max_buffer_mb
+    parameters["export_while_stitching"] = not args.export_after_mosaic
     return replace(spec, module="replay_microscope", parameters=parameters, lifecycle_nodes=())
 
 
@@ -361,6 +362,9 @@ def parse_args():
                              "each tile's estimate and may re-capture it (as `make scan`), after a one-point focus map")
     parser.add_argument("--max-buffer-mb", type=float, default=0.0,
                         help="the orchestrator's tile buffer ceiling (0: its default)")
+    parser.add_argument("--export-after-mosaic", action="store_true",
+                        help="export after the final mosaic, not while it is stitched (the orchestrator's "
+                             "export_while_stitching:=false)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where rendered tiles are kept")
     parser.add_argument("--workdir", help="output root of the graph (default: a temporary directory, removed)")
     parser.add_argument("--keep-scans", action="store_true", help="keep each run's tiles, mosaic and OME-TIFF")
@@ -431,6 +435,7 @@ def main() -> int:
                            "slide_seed": args.slide, "region_mm": args.region_mm, "grid": [plan.rows, plan.cols],
                            "cache_region_mm": args.cache_region_mm, "cached_grid": [cached_rows, cached_cols],
                            "focus": args.focus, "overlap_fraction": OVERLAP, "max_buffer_mb": args.max_buffer_mb,
+                           "export_while_stitching": not args.export_after_mosaic,
                            "sustained_fraction": SUSTAINED_FRACTION, "cpus": os.cpu_count()},
                 "runs": rows, "highest_sustained": best, "anchors": anchors}
     args.output.parent.mkdir(parents=True, exist_ok=True)

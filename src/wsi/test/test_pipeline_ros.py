@@ -1,4 +1,6 @@
 """Scan -> stitching -> export -> QC through the real node processes of the graph."""
+import time
+
 import numpy as np
 import pytest
 import tifffile
@@ -7,7 +9,7 @@ from action_msgs.msg import GoalStatus
 
 from wsi.graph import GraphConfig, scan_graph
 from wsi_common.action_caller import ActionCaller
-from wsi_common.topics import DIAGNOSTICS, SCAN_SLIDE
+from wsi_common.topics import DIAGNOSTICS, EXPORT_SLIDE, SCAN_SLIDE, SCAN_STATUS
 from wsi_interfaces.action import ScanSlide
 from wsi_interfaces.msg import ScanStatus
 from wsi_stitching.cli import main as stitch_cli
@@ -24,6 +26,10 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
     run_nodes(graph)
     diagnostics = []
     DIAGNOSTICS.subscription(ros_node, diagnostics.append)
+    exports_running, tiles_done = [], []    # arrival times: an export goal executing; the scan's tile count
+    EXPORT_SLIDE.status_topic.subscription(ros_node, lambda m: exports_running.append(time.monotonic()) if any(
+        s.status == GoalStatus.STATUS_EXECUTING for s in m.status_list) else None)
+    SCAN_STATUS.subscription(ros_node, lambda m: tiles_done.append((time.monotonic(), m.tiles_done, m.tiles_total)))
     scanner = ActionCaller(ros_node, SCAN_SLIDE)
     scanner.wait_for_server(timeout_s=30)
     goal = ScanSlide.Goal(scan_id="pipeline", region_x_um=43_000.0, region_y_um=12_000.0, region_width_um=700.0,
@@ -53,6 +59,9 @@ def test_scan_goal_with_formats_produces_a_pyramid_and_a_qc_report(run_nodes, ro
     page = qc.read_text()
     assert "registration_residuals.png" in page and "focus_heatmap.png" in page and "pipeline.ome.tif" in page
     assert any(f.state == ScanStatus.STATE_FINISHING for f in outcome.feedback)
+    # The export ran while the tiles still arrived (export_while_stitching), not after the final mosaic.
+    last_tile_at = min(at for at, done, total in tiles_done if total and done == total)
+    assert exports_running and min(exports_running) < last_tile_at
     reporting = {status.hardware_id: status for array in diagnostics for status in array.status}
     assert {"microscope", "stitching"} <= set(reporting)
     assert {kv.key for kv in reporting["microscope"].values} >= {"connected", "busy", "stage_position_um"}

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi_acquisition.scan_outputs import (ExportReply, MosaicState, OutputTimeouts, finish_scan, wait_for_mosaic)
+from wsi_acquisition.scan_outputs import (EXPORT_NODE_WAIT_S, ExportReply, ExportWhileStitching, MosaicState,
+                                          OutputTimeouts, finish_scan, wait_for_mosaic)
 from wsi_acquisition.scan_request import ScanError, ScanErrorCode, ScanRequest
 
 TIMEOUTS = OutputTimeouts(stitch_s=900.0, stitch_start_s=30.0, export_s=3600.0)
@@ -18,6 +19,7 @@ class FakeGraph:
         self.states = dict(states or {})
         self.latest = latest
         self.export_reply = export_reply
+        self.export_node = True
         self.exported = []
         self.events = {}            # time -> change, applied when the clock passes it
 
@@ -38,9 +40,22 @@ class FakeGraph:
         for at in [t for t in self.events if t <= self.now]:
             self.events.pop(at)(self)
 
-    def export(self, job, should_cancel, timeout_s):
-        self.exported.append(job)
-        return self.export_reply
+    def start_export(self, job):
+        if not self.export_node:
+            return None
+        self.exported.append(FakeExportRun(job, self.export_reply))
+        return self.exported[-1]
+
+
+class FakeExportRun:
+    def __init__(self, job, reply):
+        self.job, self.reply, self.cancelled = job, reply, False
+
+    def result(self, should_cancel, timeout_s):
+        return self.reply
+
+    def cancel(self):
+        self.cancelled = True
 
 
 def request(tmp_path, formats=("ome-tiff",)):
@@ -57,8 +72,9 @@ def test_the_final_mosaic_is_exported_under_the_scan_s_name(tmp_path):
     outputs = finish_scan(request(tmp_path), tmp_path / "s1" / "manifest.json", 4, ScanErrorCode.NONE, "", graph,
                           never, TIMEOUTS, qc_report=False, clock=graph.clock)
     assert outputs.code == ScanErrorCode.NONE and outputs.output_uris == ["a.ome.tif"]
-    job = graph.exported[0]
+    job = graph.exported[0].job
     assert (job.mosaic_uri, job.output_name, job.formats) == ("/m.zarr", "s1", ("ome-tiff",))
+    assert not job.follow_stitching
     assert Path(job.output_dir) == tmp_path / "s1" and 5.0 <= graph.now < 6.0
 
 
@@ -106,3 +122,52 @@ def test_an_export_failure_is_the_scan_s_export_error(tmp_path):
                           TIMEOUTS, qc_report=False, clock=graph.clock)
     assert (outputs.code, outputs.message) == (ScanErrorCode.EXPORT, "disk full")
     assert outputs.mosaic.mosaic_uri == "/m.zarr" and outputs.output_uris == []
+
+
+def test_the_export_starts_once_the_stitching_node_names_the_mosaic_and_reads_it_as_it_is_stitched(tmp_path):
+    graph = FakeGraph()
+    following = ExportWhileStitching(request(tmp_path), tmp_path / "s1" / "manifest.json", graph)
+    following.poll()                                        # no word from the stitching node yet
+    graph.states["s1"] = MosaicState(finished=False, mosaic_uri="/m.zarr")
+    following.poll()
+    following.poll()                                        # one export, whatever the number of tiles after
+    assert len(graph.exported) == 1 and following.run is graph.exported[0]
+    assert graph.exported[0].job.follow_stitching and graph.exported[0].job.mosaic_uri == "/m.zarr"
+    graph.states["s1"] = MosaicState(True, True, "", "/m.zarr", "")
+    outputs = finish_scan(request(tmp_path), tmp_path / "s1" / "manifest.json", 4, ScanErrorCode.NONE, "", graph,
+                          never, TIMEOUTS, qc_report=False, clock=graph.clock, export_started=following.run)
+    assert outputs.code == ScanErrorCode.NONE and outputs.output_uris == ["a.ome.tif"]
+    assert len(graph.exported) == 1 and not following.run.cancelled     # the one started, not a second
+
+
+def test_a_scan_without_formats_starts_no_export_while_stitching(tmp_path):
+    graph = FakeGraph(states={"s1": MosaicState(finished=False, mosaic_uri="/m.zarr")})
+    following = ExportWhileStitching(request(tmp_path, formats=()), tmp_path / "manifest.json", graph)
+    following.poll()
+    assert following.run is None and graph.exported == []
+
+
+@pytest.mark.parametrize("failure", ["tiles", "stitching"])
+def test_a_scan_that_fails_cancels_the_export_started_while_stitching(tmp_path, failure):
+    graph = FakeGraph(states={"s1": MosaicState(finished=False, mosaic_uri="/m.zarr")})
+    following = ExportWhileStitching(request(tmp_path), tmp_path / "manifest.json", graph)
+    following.poll()
+    code = ScanErrorCode.CAMERA if failure == "tiles" else ScanErrorCode.NONE
+    graph.states["s1"] = MosaicState(True, False, "registration failed", "/m.zarr", "")
+    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 4, code, "camera died", graph, never,
+                          TIMEOUTS, qc_report=False, clock=graph.clock, export_started=following.run)
+    assert outputs.code == (ScanErrorCode.CAMERA if failure == "tiles" else ScanErrorCode.STITCHING)
+    assert following.run.cancelled and len(graph.exported) == 1
+
+
+def test_no_export_node_fails_the_scan_s_export_after_the_wait(tmp_path, monkeypatch):
+    import wsi_acquisition.scan_outputs as scan_outputs
+    monkeypatch.setattr(scan_outputs.time, "sleep", lambda s: None)
+    graph = FakeGraph(states={"s1": MosaicState(True, True, "", "/m.zarr", "")})
+    graph.export_node = False
+    clock = iter(range(0, 1000)).__next__       # one second per look
+    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 4, ScanErrorCode.NONE, "", graph, never,
+                          TIMEOUTS, qc_report=False, clock=clock)
+    assert (outputs.code, outputs.message) == (ScanErrorCode.EXPORT, "output formats need an export node, and none "
+                                                                      "answers")
+    assert EXPORT_NODE_WAIT_S < clock() < EXPORT_NODE_WAIT_S + 5

@@ -20,8 +20,8 @@ from rclpy.node import Node
 
 from wsi_acquisition.planning import TilePlan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanProgress, ScanRunner, State
-from wsi_acquisition.scan_outputs import (POLL_S, ExportJob, ExportReply, MosaicState, OutputTimeouts,
-                                          finish_scan)
+from wsi_acquisition.scan_outputs import (POLL_S, ExportJob, ExportReply, ExportWhileStitching, MosaicState,
+                                          OutputTimeouts, finish_scan)
 from wsi_acquisition.scan_request import DEFAULTS, ScannerSettings, ScanRequest
 from wsi_common.backpressure import MB, CreditWindow
 from wsi_common.diagnostics import OK, DiagnosticsPublisher
@@ -47,6 +47,8 @@ PARAMETERS = {
                                "how long after the last tile a stitching node busy with nothing else may say "
                                "nothing about the scan before the scan fails as not stitched"),
     "export_timeout_s": (OutputTimeouts.export_s, "how long an export may take"),
+    "export_while_stitching": (True, "start a scan's export once the stitching node opens its mosaic, so the slide "
+                                     "is written as it is stitched; false: export after the final mosaic"),
     "qc_report": (True, "write the QC report (qc/index.html) beside the manifest after every scan"),
     "max_buffer_mb": (256.0, "most MB of tiles published and not yet handled by any one consumer (stitching, "
                              "autofocus); a tile that would exceed it waits, so the scan slows to the consumer's pace"),
@@ -64,6 +66,49 @@ def scan_plan_message(scan_id: str, plan: TilePlan, backend, scan_dir: Path, man
                     overlap_fraction=plan.overlap_fraction, objective_magnification=backend.objective_magnification,
                     numerical_aperture=backend.numerical_aperture(), origin_x_um=edge_x_um, origin_y_um=edge_y_um,
                     step_x_um=plan.step_x_um, step_y_um=plan.step_y_um, manifest_uri=str(manifest_path))
+
+
+def wait_for_future(future, timeout_s: float, should_cancel=lambda: False):
+    """Result of a future completed by another executor thread; None after the timeout or on cancel."""
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(min(POLL_S, max(deadline - time.monotonic(), 0.0))):
+        if should_cancel() or time.monotonic() >= deadline:
+            return None
+    return future.result()
+
+
+class ExportGoal:
+    """An ExportSlide goal the orchestrator sent (scan_outputs.ExportRun), from the future of its sending."""
+
+    def __init__(self, sent):
+        self._sent = sent
+        self._ended = False
+
+    def result(self, should_cancel, timeout_s: float) -> ExportReply:
+        handle = wait_for_future(self._sent, 30.0, should_cancel)
+        if handle is None or not handle.accepted:
+            return ExportReply(False, "the export node did not take the export goal")
+        outcome = wait_for_future(handle.get_result_async(), timeout_s, should_cancel)
+        if outcome is None:
+            self.cancel()
+            return ExportReply(False, f"export did not finish within {timeout_s:.0f} s")
+        self._ended = True
+        if outcome.status != GoalStatus.STATUS_SUCCEEDED:
+            return ExportReply(False, outcome.result.error_message)
+        return ExportReply(True, "", tuple(outcome.result.output_paths))
+
+    def cancel(self) -> None:
+        if self._ended:
+            return
+
+        def cancel_if_accepted(sent):
+            handle = sent.result()
+            if handle is not None and handle.accepted:
+                handle.cancel_goal_async()
+
+        self._sent.add_done_callback(cancel_if_accepted)
 
 
 def _mosaic_state(msg: MosaicStatus | None) -> MosaicState | None:
@@ -119,14 +164,22 @@ class ScanOrchestratorNode(Node):
                                 "the goal again when it is idle", started)
         should_cancel = lambda: goal_handle.is_cancel_requested  # noqa: E731 (one predicate for every wait)
         inline = self.params["inline_autofocus"] and request.focus_strategy == FocusStrategy.MAP_INLINE
-        runner = ScanRunner(self.backend, request,
-                            publish_tile=lambda r, f: self._publish_tile(request, r, f, should_cancel),
+        export_while_stitching = None
+
+        def publish_tile(record, frame):
+            self._publish_tile(request, record, frame, should_cancel)
+            if export_while_stitching is not None:
+                export_while_stitching.poll()
+
+        runner = ScanRunner(self.backend, request, publish_tile=publish_tile,
                             estimate_focus=(lambda r, f: self._wait_for_estimate(request.scan_id, r)) if inline else None,
                             on_progress=lambda p: self._progress(goal_handle, request.scan_id, p),
                             should_cancel=should_cancel,
                             on_plan=lambda plan: self._publish_plan(request, plan, runner),
                             estimate_image=self._estimate_untiled_image if inline else None,
                             calibrate_focus=lambda scan_dir: self._calibrate_autofocus(scan_dir, should_cancel))
+        if self.params["export_while_stitching"]:
+            export_while_stitching = ExportWhileStitching(request, runner.outcome.manifest_path, self)
         code, message = ScanErrorCode.NONE, ""
         with self._estimate_arrived:
             self._estimates_this_scan = 0
@@ -153,7 +206,8 @@ class ScanOrchestratorNode(Node):
             goal_handle.publish_feedback(ScanSlide.Feedback(state=int(State.FINISHING), tiles_done=result.tiles_planned,
                                                             tiles_total=result.tiles_planned))
         outputs = finish_scan(request, outcome.manifest_path, len(outcome.records), code, message, self,
-                              should_cancel, self._timeouts, self.params["qc_report"])
+                              should_cancel, self._timeouts, self.params["qc_report"],
+                              export_started=export_while_stitching.run if export_while_stitching else None)
         if outputs.mosaic is not None and outputs.mosaic.success:
             result.mosaic_uri = outputs.mosaic.mosaic_uri
         result.output_uris = outputs.output_uris
@@ -175,17 +229,6 @@ class ScanOrchestratorNode(Node):
             goal_handle.abort()
         return result
 
-    @staticmethod
-    def _wait(future, timeout_s: float, should_cancel=lambda: False):
-        """Result of a future completed by another executor thread; None after the timeout or on cancel."""
-        done = threading.Event()
-        future.add_done_callback(lambda _: done.set())
-        deadline = time.monotonic() + timeout_s
-        while not done.wait(min(POLL_S, max(deadline - time.monotonic(), 0.0))):
-            if should_cancel() or time.monotonic() >= deadline:
-                return None
-        return future.result()
-
     # -- the graph, as scan_outputs sees it -----------------------------------------------------
     def stitcher_running(self) -> bool:
         return self.count_publishers(MOSAIC_STATUS.name) > 0
@@ -202,24 +245,13 @@ class ScanOrchestratorNode(Node):
         with self._mosaic_arrived:
             self._mosaic_arrived.wait(timeout_s)
 
-    def export(self, job: ExportJob, should_cancel, timeout_s: float) -> ExportReply:
-        deadline = time.monotonic() + 10.0
-        while not self._export.server_is_ready():
-            if should_cancel() or time.monotonic() > deadline:
-                return ExportReply(False, "output formats need an export node, and none answers")
-            time.sleep(POLL_S)
+    def start_export(self, job: ExportJob) -> "ExportGoal | None":
+        if not self._export.server_is_ready():
+            return None
         goal = ExportSlide.Goal(mosaic_uri=job.mosaic_uri, manifest_uri=job.manifest_uri, output_dir=job.output_dir,
-                                output_name=job.output_name, formats=list(job.formats), write_thumbnail=True)
-        handle = self._wait(self._export.send_goal_async(goal), 30.0, should_cancel)
-        if handle is None or not handle.accepted:
-            return ExportReply(False, "the export node did not take the export goal")
-        outcome = self._wait(handle.get_result_async(), timeout_s, should_cancel)
-        if outcome is None:
-            handle.cancel_goal_async()    # an export nobody waits for must not go on writing
-            return ExportReply(False, f"export did not finish within {timeout_s:.0f} s")
-        if outcome.status != GoalStatus.STATUS_SUCCEEDED:
-            return ExportReply(False, outcome.result.error_message)
-        return ExportReply(True, "", tuple(outcome.result.output_paths))
+                                output_name=job.output_name, formats=list(job.formats), write_thumbnail=True,
+                                follow_stitching=job.follow_stitching)
+        return ExportGoal(self._export.send_goal_async(goal))
 
     def _on_mosaic(self, msg: MosaicStatus) -> None:
         with self._mosaic_arrived:
@@ -318,15 +350,15 @@ class ScanOrchestratorNode(Node):
         request = EstimateFocus.Request(pixel_size_um=frame.pixel_size_um, numerical_aperture=frame.numerical_aperture,
                                         objective_magnification=frame.objective_magnification)
         array_to_image(frame.image_rgb8, "rgb8", request.image)
-        response = self._wait(self._estimate_image.call_async(request), self.params["autofocus_timeout_s"])
+        response = wait_for_future(self._estimate_image.call_async(request), self.params["autofocus_timeout_s"])
         return _focus_reply(response) if response is not None and response.success else None
 
     def _calibrate_autofocus(self, scan_dir: Path, should_cancel) -> dict:
         """Ask the autofocus node to fine-tune on the scan's focus-map sweeps; what it answered, for the manifest."""
         if not self._calibrate.wait_for_service(timeout_sec=5.0):
             return {"success": False, "error": "no autofocus node offers calibrate_autofocus"}
-        response = self._wait(self._calibrate.call_async(CalibrateAutofocus.Request(scan_dir=str(scan_dir))),
-                              self.params["calibration_timeout_s"], should_cancel)
+        response = wait_for_future(self._calibrate.call_async(CalibrateAutofocus.Request(scan_dir=str(scan_dir))),
+                                   self.params["calibration_timeout_s"], should_cancel)
         if response is None:
             # A cancelled scan does not wait for the answer; it stops before its first tile.
             return {"success": False, "error": "the scan was cancelled before the calibration answered"

@@ -1,10 +1,15 @@
 """After the tiles: the stitching node's mosaic, its export, and the QC report.
 
 ROS-free: the orchestrator node gives `finish_scan` a `Graph`, its view of the other nodes (what the
-stitching node has said about each scan, whether one is running, an export run to its end). Every wait
-polls `should_cancel`, so a cancelled goal ends promptly whatever it waits for; no stitching node (none
-was running, or it went away), or one that never took this scan, ends the scan with ERROR_STITCHING at
-once instead of after `stitch_s`.
+stitching node has said about each scan, whether one is running, the export node). Every wait polls
+`should_cancel`, so a cancelled goal ends promptly whatever it waits for; no stitching node (none was
+running, or it went away), or one that never took this scan, ends the scan with ERROR_STITCHING at once
+instead of after `stitch_s`.
+
+The export can start while the tiles still arrive (`ExportWhileStitching`): once the stitching node names
+the scan's mosaic, the export node writes each region of it as soon as the stitcher has stored it
+(ExportSlide's follow_stitching), so the slide is written when the stage stops rather than a whole
+export later. A scan that fails, or is cancelled, cancels that export.
 """
 import time
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from wsi_acquisition.qc_report import write_qc_report
 from wsi_acquisition.scan_request import ScanError, ScanErrorCode, ScanRequest
 
 POLL_S = 0.2     # how often a wait looks at cancel and at the stitching node
+EXPORT_NODE_WAIT_S = 10.0   # how long an export after the mosaic waits for an export node to answer
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class ExportJob:
     output_dir: str
     output_name: str
     formats: tuple[str, ...]
+    follow_stitching: bool = False   # sent while the mosaic is stitched: each region is read once stored
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,17 @@ class ExportReply:
     succeeded: bool
     error: str = ""
     output_uris: tuple[str, ...] = ()
+
+
+class ExportRun(Protocol):
+    """An export goal sent to the export node."""
+
+    def result(self, should_cancel: Callable[[], bool], timeout_s: float) -> ExportReply:
+        """Wait for the export's end; cancel it and return early when `should_cancel()` turns true or after
+        `timeout_s`."""
+
+    def cancel(self) -> None:
+        """Cancel the export unless it has ended: an export nobody waits for must not go on writing."""
 
 
 class Graph(Protocol):
@@ -57,8 +75,8 @@ class Graph(Protocol):
     def wait_for_mosaic_news(self, timeout_s: float) -> None:
         """Return when the stitching node says something, or after `timeout_s`."""
 
-    def export(self, job: ExportJob, should_cancel: Callable[[], bool], timeout_s: float) -> ExportReply:
-        """Run the export to its end; cancel it and return early when `should_cancel()` turns true."""
+    def start_export(self, job: ExportJob) -> ExportRun | None:
+        """Send the export goal without waiting for it; None when no export node answers now."""
 
 
 @dataclass(frozen=True)
@@ -105,17 +123,56 @@ def wait_for_mosaic(scan_id: str, graph: Graph, should_cancel: Callable[[], bool
         graph.wait_for_mosaic_news(POLL_S)
 
 
+def export_job(request: ScanRequest, manifest_path: Path, mosaic_uri: str, follow_stitching: bool) -> ExportJob:
+    return ExportJob(mosaic_uri=mosaic_uri, manifest_uri=str(manifest_path), output_dir=str(request.scan_dir),
+                     output_name=request.scan_id, formats=request.output_formats, follow_stitching=follow_stitching)
+
+
+class ExportWhileStitching:
+    """Starts a scan's export as soon as the stitching node names the scan's mosaic (`poll`, after every tile);
+    `run` is that export, or None while it has not started (no mosaic yet, no export node, no formats)."""
+
+    def __init__(self, request: ScanRequest, manifest_path: Path, graph: Graph):
+        self._request = request
+        self._manifest_path = manifest_path
+        self._graph = graph
+        self.run: ExportRun | None = None
+
+    def poll(self) -> None:
+        if self.run is not None or not self._request.output_formats:
+            return
+        state = self._graph.mosaic_state(self._request.scan_id)
+        if state is not None and not state.finished and state.mosaic_uri:
+            self.run = self._graph.start_export(export_job(self._request, self._manifest_path, state.mosaic_uri,
+                                                           follow_stitching=True))
+
+
+def start_export_when_answered(graph: Graph, job: ExportJob, should_cancel: Callable[[], bool],
+                               clock: Callable[[], float] = time.monotonic) -> ExportRun:
+    """The export of `job`, once an export node answers; ScanError(EXPORT) after EXPORT_NODE_WAIT_S."""
+    started = clock()
+    while (run := graph.start_export(job)) is None:
+        if should_cancel():
+            raise ScanError(ScanErrorCode.CANCELED, "canceled while waiting for an export node; the tiles, the "
+                                                    "manifest and the mosaic are kept")
+        if clock() - started > EXPORT_NODE_WAIT_S:
+            raise ScanError(ScanErrorCode.EXPORT, "output formats need an export node, and none answers")
+        time.sleep(POLL_S)
+    return run
+
+
 def produce_outputs(request: ScanRequest, manifest_path: Path, graph: Graph, should_cancel: Callable[[], bool],
-                    timeouts: OutputTimeouts, outputs: ScanOutputs,
-                    clock: Callable[[], float] = time.monotonic) -> None:
-    """Wait for the stitching node's final mosaic, then export it in the request's formats, into `outputs`;
-    ScanError when either fails or the goal is cancelled."""
+                    timeouts: OutputTimeouts, outputs: ScanOutputs, clock: Callable[[], float] = time.monotonic,
+                    export_started: ExportRun | None = None) -> None:
+    """Wait for the stitching node's final mosaic, then for its export in the request's formats (the one
+    started while stitching, or one started now), into `outputs`; ScanError when either fails or the goal
+    is cancelled."""
     outputs.mosaic = mosaic = wait_for_mosaic(request.scan_id, graph, should_cancel, timeouts, clock)
     if not mosaic.success:
         raise ScanError(ScanErrorCode.STITCHING, mosaic.error)
-    job = ExportJob(mosaic_uri=mosaic.mosaic_uri, manifest_uri=str(manifest_path), output_dir=str(request.scan_dir),
-                    output_name=request.scan_id, formats=request.output_formats)
-    reply = graph.export(job, should_cancel, timeouts.export_s)
+    run = export_started or start_export_when_answered(
+        graph, export_job(request, manifest_path, mosaic.mosaic_uri, follow_stitching=False), should_cancel, clock)
+    reply = run.result(should_cancel, timeouts.export_s)
     if should_cancel():
         raise ScanError(ScanErrorCode.CANCELED, "canceled while exporting; the export was cancelled too, the "
                                                 "tiles, the manifest and the mosaic are kept")
@@ -126,16 +183,19 @@ def produce_outputs(request: ScanRequest, manifest_path: Path, graph: Graph, sho
 
 def finish_scan(request: ScanRequest, manifest_path: Path, tiles_captured: int, code: ScanErrorCode, message: str,
                 graph: Graph, should_cancel: Callable[[], bool], timeouts: OutputTimeouts, qc_report: bool,
-                clock: Callable[[], float] = time.monotonic) -> ScanOutputs:
+                clock: Callable[[], float] = time.monotonic, export_started: ExportRun | None = None) -> ScanOutputs:
     """What follows the tiles: stitch and export when the scan succeeded and asked for output formats, then
     the QC report of whatever was captured. `code` and `message` are the tiles' outcome; the result carries
-    the scan's final outcome."""
+    the scan's final outcome. `export_started`: the export started while stitching (ExportWhileStitching),
+    cancelled when the scan does not end with it."""
     outputs = ScanOutputs(code, message)
     if code == ScanErrorCode.NONE and request.output_formats:
         try:
-            produce_outputs(request, manifest_path, graph, should_cancel, timeouts, outputs, clock)
+            produce_outputs(request, manifest_path, graph, should_cancel, timeouts, outputs, clock, export_started)
         except ScanError as error:
             outputs.code, outputs.message = error.code, str(error)
+    if export_started is not None and outputs.code != ScanErrorCode.NONE:
+        export_started.cancel()
     if qc_report and tiles_captured:
         report = Path(outputs.mosaic.report_uri) if outputs.mosaic is not None and outputs.mosaic.report_uri else None
         try:

@@ -115,7 +115,7 @@ def test_a_scan_exported_as_the_export_node_does_reads_right_in_bioformats(tmp_p
     from wsi_acquisition.hardware import SimulatedMicroscope
     from wsi_acquisition.optics import Camera
     from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
-    from wsi_export.node import options_from_goal
+    from wsi_export.node import PARAMETERS, options_from_goal
     from wsi_export.scan_manifest import slide_images_from_manifest
     from wsi_interfaces.action import ExportSlide
     from wsi_stitching import stitch_manifest
@@ -127,7 +127,7 @@ def test_a_scan_exported_as_the_export_node_does_reads_right_in_bioformats(tmp_p
     mosaic = stitch_manifest(scan.manifest_path, scan.scan_dir / "mosaic.zarr").mosaic_path
     goal = ExportSlide.Goal(output_name="scan", formats=["ome-tiff"], write_thumbnail=True)  # as the orchestrator
     result = export_slide(mosaic, scan.scan_dir, goal.output_name, tuple(goal.formats),
-                          options_from_goal(goal, workers=0, default_scheduler=""),
+                          options_from_goal(goal, {name: default for name, (default, _) in PARAMETERS.items()}),
                           **slide_images_from_manifest(scan.manifest_path))
     read, = read_with_bioformats(result.output_paths)
     assert read.format == "OME-TIFF" and read.stored_xml_valid and read.bioformats_xml_valid

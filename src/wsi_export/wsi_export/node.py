@@ -27,6 +27,8 @@ PARAMETERS = {
     "mosaic_root": ("out", "mosaics and scan manifests are read from under this directory"),
     "workers": (0, "local encoding threads; 0 = automatic"),
     "default_scheduler_address": ("", "dask.distributed scheduler used when a goal names none; empty = local"),
+    "stitching_stall_timeout_s": (ExportOptions.stitching_stall_timeout_s,
+                                  "a follow_stitching goal fails when the stitcher stores nothing for this long, s"),
 }
 
 ERROR_CODES = ((ExportCancelled, ExportSlide.Result.ERROR_CANCELED),
@@ -40,12 +42,17 @@ class GoalError(ValueError):
     pass
 
 
-def options_from_goal(goal, workers: int, default_scheduler: str) -> ExportOptions:
+def options_from_goal(goal, params: dict) -> ExportOptions:
+    """The export options of a goal, with the node's parameters where the goal leaves them to the node."""
+    # A followed mosaic is read as the stitcher on this machine stores it, on local threads: the node's default
+    # scheduler does not apply (a goal naming one is refused by validate_export).
+    scheduler = goal.scheduler_address or ("" if goal.follow_stitching else params["default_scheduler_address"])
     return ExportOptions(compression=goal.compression or "jpeg", quality=goal.jpeg_quality or 90,
                          lossless=goal.lossless, tile_size_px=goal.tile_size_px or 512,
-                         write_thumbnail=goal.write_thumbnail,
-                         scheduler_address=goal.scheduler_address or default_scheduler or None,
-                         local_workers=workers or None, allow_partial_mosaic=goal.allow_partial_mosaic)
+                         write_thumbnail=goal.write_thumbnail, scheduler_address=scheduler or None,
+                         local_workers=params["workers"] or None, allow_partial_mosaic=goal.allow_partial_mosaic,
+                         follow_stitching=goal.follow_stitching,
+                         stitching_stall_timeout_s=params["stitching_stall_timeout_s"])
 
 
 class ExportNode(Node):
@@ -74,7 +81,7 @@ class ExportNode(Node):
         if manifest is not None and not manifest.is_file():
             raise GoalError(f"scan manifest {goal.manifest_uri!r} does not exist")
         formats = tuple(goal.formats) or ("ome-tiff",)
-        options = options_from_goal(goal, self.params["workers"], self.params["default_scheduler_address"])
+        options = options_from_goal(goal, self.params)
         validate_export(goal.output_name or None, formats, options)
         return mosaic, output_dir, formats, options, manifest
 
