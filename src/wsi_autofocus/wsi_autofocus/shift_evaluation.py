@@ -28,6 +28,7 @@ from wsi_autofocus import heldout_imaging
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import OBJECTIVES, SPLITS, specimen_for_seed, tissue_points
 from wsi_common.focus_metrics import brenner
+from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 OWN_SIMULATOR = "own-simulator"
 IMAGING_MODELS = (OWN_SIMULATOR, *heldout_imaging.HELD_OUT_SCOPES)
@@ -232,7 +233,7 @@ def summarize(tiles: dict, estimates: dict) -> dict:
         return cell_statistics(tiles, estimates, mask) if mask.any() else {"n": 0}
 
     held_out = tiles["imaging"] != OWN_SIMULATOR
-    twenty = tiles["objective"] == 20.0
+    twenty = tiles["objective"] == DEFAULT_OBJECTIVE_MAGNIFICATION
     return {"cells": cells,
             "pooled_20x": {
                 "held_out_imaging_all_content": pooled(held_out & twenty),
@@ -360,7 +361,7 @@ def scan_outcome_statistics(outcomes: dict) -> dict:
 
 
 def scan_outcome_table(spec: ShiftSpec, tiles: dict, estimator, estimates: dict, cache_dir: Path,
-                       magnification: float = 20.0) -> dict:
+                       magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION) -> dict:
     """`scan_outcome_statistics` per imaging model at one objective, all content sources pooled."""
     refocuser = Refocuser(spec, cache_dir)
     table = {}
@@ -373,7 +374,7 @@ def scan_outcome_table(spec: ShiftSpec, tiles: dict, estimator, estimates: dict,
     return table
 
 
-def format_scan_outcomes(table: dict, magnification: float = 20.0) -> str:
+def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION) -> str:
     lines = [f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
              "autofocus as the scan runs it, a correction kept only if sharper)",
              f"{'imaging':<16}{'n':>4} {'map |d|':>8} {'scan |d|':>9} {'in focus':>9} {'worse':>6} {'improved':>9} "
@@ -399,7 +400,7 @@ class CalibrationSpec:
     coarse_step_um: float = 2.0
     fine_half_range_um: float = 2.0
     fine_step_um: float = 0.5
-    magnification: float = 20.0
+    magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION
     seed: int = 23
 
     def z_offsets_um(self) -> np.ndarray:
