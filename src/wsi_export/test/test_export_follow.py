@@ -11,10 +11,13 @@ from wsi_export.errors import ExportCancelled, ExportOptionsError
 from wsi_export.export import ExportOptions, export_slide
 from wsi_export.follow import StitchingStalledError
 from wsi_export.mosaic import open_mosaic
+from wsi_export.scratch import ScratchLevel
 from wsi_stitching.simulation import SyntheticScan
-from wsi_stitching.stitcher import MosaicStitcher
+from wsi_stitching.stitcher import MosaicStitcher, StitchParameters
 
-FOLLOW = ExportOptions(tile_size_px=256, write_thumbnail=False, follow_stitching=True, stitching_stall_timeout_s=30.0)
+# Narrow blocks and one worker: the full-resolution level has many more blocks than the export keeps in flight.
+FOLLOW = ExportOptions(tile_size_px=256, write_thumbnail=False, follow_stitching=True, stitching_stall_timeout_s=30.0,
+                       block_width_tiles=2, local_workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +37,24 @@ def levels(path):
         return [level.asarray() for level in tiff.series[0].levels]
 
 
-def test_an_export_that_follows_the_stitcher_writes_the_slide_an_export_afterwards_writes(scan, tmp_path):
+def test_an_export_that_follows_the_stitcher_writes_the_slide_an_export_afterwards_writes(scan, tmp_path,
+                                                                                         monkeypatch):
+    import wsi_export.executors as executors
     mosaic_path = tmp_path / "slide.zarr"
-    stitcher = MosaicStitcher(scan.layout(), mosaic_path)
+    # The flat field from the first 6 tiles: chunks are composed from then on, not only at the last tile.
+    stitcher = MosaicStitcher(scan.layout(), mosaic_path, StitchParameters(flat_field_min_tiles=6))
     (tmp_path / "following").mkdir()
     (tmp_path / "after").mkdir()
-    blocks_done_at, outcome = [], {}
+    blocks_done_at, reduced_blocks_run_at, outcome = [], [], {}
+
+    def run_and_note_reduced_levels(job):
+        result = run_block_job(job)
+        if isinstance(job.source, ScratchLevel):
+            reduced_blocks_run_at.append(time.monotonic())
+        return result
+
+    run_block_job = executors.run_block_job
+    monkeypatch.setattr(executors, "run_block_job", run_and_note_reduced_levels)
 
     def follow():
         outcome["result"] = export_slide(mosaic_path, tmp_path / "following", "slide", ("ome-tiff",), FOLLOW,
@@ -47,12 +62,15 @@ def test_an_export_that_follows_the_stitcher_writes_the_slide_an_export_afterwar
 
     exporter = threading.Thread(target=follow)
     exporter.start()                    # before the first tile: the mosaic exists, all fill colour
-    feed(stitcher, scan, list(scan.nominal_positions_px), pause_s=0.2)
-    finish_called = time.monotonic()
+    *cells, last = scan.nominal_positions_px
+    feed(stitcher, scan, cells, pause_s=0.2)
+    last_tile_at = time.monotonic()
+    feed(stitcher, scan, [last])
     stitcher.finish()
     exporter.join(timeout=120)
     assert not exporter.is_alive() and "result" in outcome
-    assert sum(t < finish_called for t in blocks_done_at) >= 2     # slide written while tiles still arrived
+    assert sum(t < last_tile_at for t in blocks_done_at) >= 2      # slide written while tiles still arrived
+    assert any(t < last_tile_at for t in reduced_blocks_run_at)     # and reduced levels encoded, too
     export_slide(mosaic_path, tmp_path / "after", "slide", ("ome-tiff",),
                  ExportOptions(tile_size_px=256, write_thumbnail=False))
     following, after = levels(tmp_path / "following" / "slide.ome.tif"), levels(tmp_path / "after" / "slide.ome.tif")

@@ -1,11 +1,11 @@
 """export_slide: mosaic -> pyramidal OME-TIFF, OME-Zarr and/or DICOM WSI, streamed block by block.
 
-Levels are produced in file order. Each level is cut into block jobs (see blocks.py) that run on a
-local thread pool or on a dask.distributed cluster (executors.py); the caller's thread consumes their
-results in order and hands the encoded tiles to the OME-TIFF (ome_tiff_output.py) and to the level's
-DICOM instance (dicom_output.py). A job also writes its 2x reduction into an uncompressed scratch file
-of the next level, so every level is read exactly once and memory stays bounded by the number of blocks
-in flight, whatever the slide size.
+Each level is cut into block jobs (see blocks.py) that run on a local thread pool or on a dask.distributed
+cluster (executors.py); the caller's thread hands their encoded tiles, in file order, to the OME-TIFF
+(ome_tiff_output.py) and to the level's DICOM instance (dicom_output.py). A job also writes its 2x reduction
+into an uncompressed scratch file of the next level, so every level is read exactly once. A reduced level's
+rows are encoded as soon as the rows above them are (see _Export._plan) and wait in a spill file for their
+place in the file, so memory stays bounded by the number of blocks in flight, whatever the slide size.
 Everything is written inside a hidden work directory next to the outputs and renamed into place only
 when complete; the work directory a killed export leaves is removed later (work_dir.py)."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .blocks import BlockJob, PixelSource, plan_level_blocks
+from .blocks import BlockJob, BlockResult, PixelSource, plan_level_blocks
 from .codecs import TileCodec, resolve_codec
 from .dicom_output import DicomEquipment, DicomSeriesWriter, resolve_dicom_codec
 from .errors import (ExportError, ExportOptionsError, ExportStorageError, MosaicDataError, MosaicInputError,
@@ -209,14 +209,15 @@ class _Export:
                            if "ome-zarr" in written else None)
         level_sources = self._level_sources(work_dir)
         plan, level_rows = self._plan(level_sources, ome_zarr_levels)
-        results = ordered_results(executor, plan, 2 * executor.parallelism + 1, self.should_cancel)
+        results = _ResultsByIndex(ordered_results(executor, plan, 2 * executor.parallelism + 1, self.should_cancel),
+                                  work_dir / "reduced-levels.spill")
 
         written_codecs = [self.codec_index(f) for f in self.codecs]  # a codec two formats share, twice
 
         def level_tiles(level: int) -> Iterator[tuple[bytes, ...]]:
             """The level's tiles in file order (row by row), each as its encodings by distinct_codecs."""
             for row in level_rows[level]:
-                row_results = [next(results) for _ in row]
+                row_results = [results.take(index) for index in row]
                 for result in row_results:
                     encoded = sum(len(tile[index]) for tile_row in result.tile_rows for tile in tile_row
                                   for index in written_codecs)
@@ -229,33 +230,40 @@ class _Export:
         try:
             self._write_tiles(written, level_tiles, level_sources)
         finally:
-            results.close()  # cancels whatever is still queued
+            results.close()
         return written
 
     def _plan(self, level_sources: list[PixelSource], ome_zarr_levels: list[Any] | None
               ) -> tuple[list[PlannedJob], list[list[list[int]]]]:
-        """All block jobs in file order, and their plan indices per level and pair of tile rows.
+        """All block jobs, and their plan indices per level and pair of tile rows.
 
         Rows [2jT, 2jT + 2T) of level k + 1 are written by the jobs of tile-row pairs 2j and 2j + 1 of
-        level k, so those are the dependencies of level k + 1's row pair j."""
+        level k, so those are the dependencies of level k + 1's row pair j, and the plan puts that row pair
+        right after them: a reduced level is encoded while the levels above it are still read (its tiles
+        wait in a spill file for their place in the file), so that little is left to do after the last
+        full-resolution row, which matters when that row is stitched last (follow_stitching)."""
+        blocks = [plan_level_blocks(h, w, self.tile_px, self.options.block_width_tiles) for h, w in self.level_shapes]
         plan: list[PlannedJob] = []
-        level_rows: list[list[list[int]]] = []
-        for level, (h, w) in enumerate(self.level_shapes):
-            above = level_rows[-1] if level_rows else []
-            rows = []
-            for pair, row in enumerate(plan_level_blocks(h, w, self.tile_px, self.options.block_width_tiles)):
-                depends_on = tuple(index for above_pair in (2 * pair, 2 * pair + 1)
-                                   if above_pair < len(above) for index in above[above_pair])
-                indices = []
-                for r0, c0, bh, bw in row:
-                    indices.append(len(plan))
-                    plan.append(PlannedJob(BlockJob(
-                        source=level_sources[level], row0_px=r0, col0_px=c0, height_px=bh, width_px=bw,
-                        tile_size_px=self.tile_px, codecs=self.distinct_codecs,
-                        next_level=level_sources[level + 1] if level + 1 < len(level_sources) else None,
-                        ome_zarr_level=ome_zarr_levels[level] if ome_zarr_levels else None), depends_on))
-                rows.append(indices)
-            level_rows.append(rows)
+        level_rows: list[list[list[int]]] = [[] for _ in blocks]
+
+        def add_row_pair(level: int, pair: int) -> None:
+            above = level_rows[level - 1] if level else []
+            depends_on = tuple(index for above_pair in (2 * pair, 2 * pair + 1)
+                               if above_pair < len(above) for index in above[above_pair])
+            indices = []
+            for r0, c0, bh, bw in blocks[level][pair]:
+                indices.append(len(plan))
+                plan.append(PlannedJob(BlockJob(
+                    source=level_sources[level], row0_px=r0, col0_px=c0, height_px=bh, width_px=bw,
+                    tile_size_px=self.tile_px, codecs=self.distinct_codecs,
+                    next_level=level_sources[level + 1] if level + 1 < len(level_sources) else None,
+                    ome_zarr_level=ome_zarr_levels[level] if ome_zarr_levels else None), depends_on))
+            level_rows[level].append(indices)
+            if level + 1 < len(blocks) and (pair % 2 == 1 or pair == len(blocks[level]) - 1):
+                add_row_pair(level + 1, pair // 2)
+
+        for pair in range(len(blocks[0])):
+            add_row_pair(0, pair)
         return plan, level_rows
 
     def _level_sources(self, work_dir: Path) -> list[PixelSource]:
@@ -326,6 +334,46 @@ class _Export:
                     dicom.write_thumbnail(pixels)
                 elif dicom is not None:
                     dicom.write_slide_photo(name, pixels, pixel_size_um)
+
+
+class _ResultsByIndex:
+    """Block results taken in any order from results that come in plan order: one taken before its turn in
+    the file (a reduced level's, encoded early) waits in a spill file, so memory holds no more results than
+    the jobs in flight."""
+
+    def __init__(self, results: Iterator[BlockResult], spill_path: Path):
+        self._results = results
+        self._next_index = 0
+        self._spilled: dict[int, BlockResult] = {}    # tiles as (offset, length) in the spill file
+        self._spill = open(spill_path, "w+b")
+        self._spill_end = 0
+
+    def take(self, index: int) -> BlockResult:
+        if index in self._spilled:
+            return self._read(self._spilled.pop(index))
+        while True:
+            taken, result = self._next_index, next(self._results)
+            self._next_index += 1
+            if taken == index:
+                return result
+            self._spilled[taken] = self._write(result)
+
+    def _write(self, result: BlockResult) -> BlockResult:
+        return BlockResult([[tuple(self._append(encoded) for encoded in tile) for tile in tile_row]
+                            for tile_row in result.tile_rows], result.pixel_count)
+
+    def _append(self, data: bytes) -> tuple[int, int]:
+        os.pwrite(self._spill.fileno(), data, self._spill_end)
+        self._spill_end += len(data)
+        return self._spill_end - len(data), len(data)
+
+    def _read(self, spilled: BlockResult) -> BlockResult:
+        return BlockResult([[tuple(os.pread(self._spill.fileno(), length, offset) for offset, length in tile)
+                             for tile in tile_row] for tile_row in spilled.tile_rows], spilled.pixel_count)
+
+    def close(self) -> None:
+        self._results.close()   # cancels whatever is still queued
+        self._spill.close()
 
 
 def _passed_to(tiles: Iterator[tuple[bytes, ...]], write: Callable[[bytes], None],
