@@ -109,12 +109,16 @@ def rendered_tiles(args) -> Path:
 
 class ProcessUsage:
     """The largest resident set of each process (with its children) and of all of them at once, sampled
-    every RSS_PERIOD_S on a thread until stop(); and the CPU time each used from start to stop()."""
+    every RSS_PERIOD_S on a thread until stop(); and the CPU time each used from start to stop(). A sum of
+    resident sets counts shared pages once per process mapping them (the Fast DDS shared-memory segment a
+    tile's publisher and its subscribers share, the libraries); the graph's proportional set size (PSS)
+    counts them once, which is the memory the graph takes from the machine."""
 
     def __init__(self, pids: dict[str, int]):
         self._processes = {label: psutil.Process(pid) for label, pid in pids.items()}
         self.peak_mb = dict.fromkeys(pids, 0.0)
         self.total_peak_mb = 0.0
+        self.total_peak_pss_mb = 0.0
         self.cpu_cores: dict[str, float] = {}
         self._started_s = time.monotonic()
         self._cpu_started_s = {label: self._cpu_s(process) for label, process in self._processes.items()}
@@ -123,11 +127,13 @@ class ProcessUsage:
         self._thread.start()
 
     @staticmethod
-    def _rss_mb(process: psutil.Process) -> float:
+    def _memory_mb(process: psutil.Process) -> tuple[float, float]:
+        """(RSS, PSS) of the process and its children, MB."""
         try:
-            return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / MB
+            memory = [p.memory_full_info() for p in [process, *process.children(recursive=True)]]
         except psutil.NoSuchProcess:
-            return 0.0
+            return 0.0, 0.0
+        return sum(m.rss for m in memory) / MB, sum(m.pss for m in memory) / MB
 
     @staticmethod
     def _cpu_s(process: psutil.Process) -> float:
@@ -138,10 +144,11 @@ class ProcessUsage:
 
     def _run(self) -> None:
         while True:
-            now = {label: self._rss_mb(process) for label, process in self._processes.items()}
-            for label, rss in now.items():
+            now = {label: self._memory_mb(process) for label, process in self._processes.items()}
+            for label, (rss, _) in now.items():
                 self.peak_mb[label] = max(self.peak_mb[label], rss)
-            self.total_peak_mb = max(self.total_peak_mb, sum(now.values()))
+            self.total_peak_mb = max(self.total_peak_mb, sum(rss for rss, _ in now.values()))
+            self.total_peak_pss_mb = max(self.total_peak_pss_mb, sum(pss for _, pss in now.values()))
             if self._stopped.wait(RSS_PERIOD_S):
                 return
 
@@ -292,6 +299,7 @@ def measurements(args, rate: float, scan_id: str, outcome, observer: ScanObserve
     megapixels = args.sensor_px * args.sensor_px / 1e6
     row = {"offered_tiles_per_s": rate, "offered_mpx_per_s": rate * megapixels, "scan_id": scan_id,
            "load_1min_before": load_1min, "peak_rss_mb": usage.peak_mb, "graph_peak_rss_mb": usage.total_peak_mb,
+           "graph_peak_pss_mb": usage.total_peak_pss_mb,
            "cpu_cores": usage.cpu_cores}
     if outcome.status is not TaskResult.SUCCEEDED:
         row["error"] = f"scan {outcome.status.value}: {outcome.error_message}"
@@ -325,9 +333,9 @@ def measurements(args, rate: float, scan_id: str, outcome, observer: ScanObserve
 
 
 HEADER = (f"{'offered':>14} {'published':>9} {'stitched':>8} {'focus':>6} {'lost':>5} {'stalls':>6} {'stall s':>7} "
-          f"{'buffer':>6} {'->mosaic':>8} {'->OME-TIFF':>10} {'peak RSS MB':>28} {'graph':>6}  sustained")
+          f"{'buffer':>6} {'->mosaic':>8} {'->OME-TIFF':>10} {'peak RSS MB':>28} {'graph':>6} {'graph':>6}  sustained")
 SUBHEADER = (f"{'tiles/s  Mpx/s':>14} {'tiles/s':>9} {'tiles/s':>8} {'t/s':>6} {'':>5} {'':>6} {'':>7} {'MB':>6} "
-             f"{'s':>8} {'s':>10} {'focus stitch export scope':>28} {'MB':>6}")
+             f"{'s':>8} {'s':>10} {'focus stitch export scope':>28} {'RSS MB':>6} {'PSS MB':>6}")
 
 
 def table_row(row: dict) -> str:
@@ -340,7 +348,8 @@ def table_row(row: dict) -> str:
     return (f"{offered:>14} {row['published_tiles_per_s']:>9.1f} {row['stitched_tiles_per_s']:>8.1f} "
             f"{row['estimated_tiles_per_s']:>6.1f} {sum(row['lost'].values()):>5} {row['stalls']:>6} "
             f"{row['stall_s']:>7.1f} {row['buffer_peak_mb']:>6.0f} {row['last_tile_to_mosaic_s']:>8.1f} "
-            f"{row['last_tile_to_ome_tiff_s']:>10.1f} {memory:>28} {row['graph_peak_rss_mb']:>6.0f}  "
+            f"{row['last_tile_to_ome_tiff_s']:>10.1f} {memory:>28} {row['graph_peak_rss_mb']:>6.0f} "
+            f"{row['graph_peak_pss_mb']:>6.0f}  "
             f"{'yes' if row['sustained'] else 'no'}\n{'CPU cores:':>24} "
             + "  ".join(f"{label} {cores:.2f}" for label, cores in row["cpu_cores"].items()))
 
@@ -425,8 +434,8 @@ def main() -> int:
     else:
         print(f"highest sustained: {best['offered_tiles_per_s']:g} tiles/s = {best['offered_mpx_per_s']:.1f} Mpx/s "
               f"(pipeline {best['pipeline_mpx_per_s']:.1f} Mpx/s), 0 tiles lost; OME-TIFF "
-              f"{best['last_tile_to_ome_tiff_s']:.1f} s after the last tile; peak RSS of the graph "
-              f"{best['graph_peak_rss_mb']:.0f} MB")
+              f"{best['last_tile_to_ome_tiff_s']:.1f} s after the last tile; peak memory of the graph "
+              f"{best['graph_peak_pss_mb']:.0f} MB PSS ({best['graph_peak_rss_mb']:.0f} MB as a sum of RSS)")
     for anchor in anchors:
         print(f"  {anchor['scanner']} ({anchor['kind']}, 15x15 mm at {anchor['objective_magnification']:g}x in "
               f"{anchor['seconds']:g} s): {anchor['tiles']} tiles of {args.sensor_px} px, "

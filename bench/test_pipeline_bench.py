@@ -32,6 +32,8 @@ def test_pipeline_benchmark_replays_a_scan_through_the_nodes_without_loss(tmp_pa
     assert run["last_tile_to_mosaic_s"] < run["last_tile_to_ome_tiff_s"]
     assert set(run["peak_rss_mb"]) == {"autofocus", "stitching", "export", "microscope"}
     assert all(mb > 0 for mb in run["peak_rss_mb"].values())
+    # shared pages counted once: no more than the sum of resident sets, more than any one process
+    assert max(run["peak_rss_mb"].values()) < run["graph_peak_pss_mb"] <= run["graph_peak_rss_mb"]
     assert set(run["cpu_cores"]) == set(run["peak_rss_mb"])
     assert run["cpu_cores"]["stitching"] > 0 and run["cpu_cores"]["microscope"] > 0    # the nodes that did work
     assert run["buffer_limit_mb"] > 0 and run["stalls"] >= 0
