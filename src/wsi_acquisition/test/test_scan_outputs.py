@@ -69,7 +69,7 @@ def never():
 def test_the_final_mosaic_is_exported_under_the_scan_s_name(tmp_path):
     graph = FakeGraph(states={"s1": MosaicState(finished=False)})
     graph.events[5.0] = lambda g: g.states.update(s1=MosaicState(True, True, "", "/m.zarr", ""))
-    outputs = finish_scan(request(tmp_path), tmp_path / "s1" / "manifest.json", 4, ScanErrorCode.NONE, "", graph,
+    outputs = finish_scan(request(tmp_path), 4, ScanErrorCode.NONE, "", graph,
                           never, TIMEOUTS, qc_report=False, clock=graph.clock)
     assert outputs.code == ScanErrorCode.NONE and outputs.output_uris == ["a.ome.tif"]
     job = graph.exported[0].job
@@ -81,7 +81,7 @@ def test_the_final_mosaic_is_exported_under_the_scan_s_name(tmp_path):
 def test_cancel_ends_the_wait_for_a_mosaic_that_will_not_come(tmp_path):
     graph = FakeGraph(states={"s1": MosaicState(finished=False)})
     cancel_at = 3.0
-    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 4, ScanErrorCode.NONE, "", graph,
+    outputs = finish_scan(request(tmp_path), 4, ScanErrorCode.NONE, "", graph,
                           lambda: graph.now >= cancel_at, TIMEOUTS, qc_report=False, clock=graph.clock)
     assert outputs.code == ScanErrorCode.CANCELED and "waiting for the mosaic" in outputs.message
     assert graph.now < cancel_at + 0.5 and not graph.exported
@@ -110,7 +110,7 @@ def test_a_stitching_node_still_finishing_another_scan_is_waited_for(tmp_path):
 
 def test_a_failed_scan_is_not_stitched_and_keeps_its_error(tmp_path):
     graph = FakeGraph(running=False)
-    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 0, ScanErrorCode.CAMERA, "camera died",
+    outputs = finish_scan(request(tmp_path), 0, ScanErrorCode.CAMERA, "camera died",
                           graph, never, TIMEOUTS, qc_report=True, clock=graph.clock)
     assert (outputs.code, outputs.message, outputs.qc_index) == (ScanErrorCode.CAMERA, "camera died", None)
 
@@ -118,7 +118,7 @@ def test_a_failed_scan_is_not_stitched_and_keeps_its_error(tmp_path):
 def test_an_export_failure_is_the_scan_s_export_error(tmp_path):
     graph = FakeGraph(states={"s1": MosaicState(True, True, "", "/m.zarr", "")},
                       export_reply=ExportReply(False, "disk full"))
-    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 4, ScanErrorCode.NONE, "", graph, never,
+    outputs = finish_scan(request(tmp_path), 4, ScanErrorCode.NONE, "", graph, never,
                           TIMEOUTS, qc_report=False, clock=graph.clock)
     assert (outputs.code, outputs.message) == (ScanErrorCode.EXPORT, "disk full")
     assert outputs.mosaic.mosaic_uri == "/m.zarr" and outputs.output_uris == []
@@ -126,15 +126,17 @@ def test_an_export_failure_is_the_scan_s_export_error(tmp_path):
 
 def test_the_export_starts_once_the_stitching_node_names_the_mosaic_and_reads_it_as_it_is_stitched(tmp_path):
     graph = FakeGraph()
-    following = ExportWhileStitching(request(tmp_path), tmp_path / "s1" / "manifest.json", graph)
+    following = ExportWhileStitching(request(tmp_path), graph)
     following.poll()                                        # no word from the stitching node yet
     graph.states["s1"] = MosaicState(finished=False, mosaic_uri="/m.zarr")
     following.poll()
     following.poll()                                        # one export, whatever the number of tiles after
     assert len(graph.exported) == 1 and following.run is graph.exported[0]
-    assert graph.exported[0].job.follow_stitching and graph.exported[0].job.mosaic_uri == "/m.zarr"
+    job = graph.exported[0].job
+    assert job.follow_stitching and job.mosaic_uri == "/m.zarr"
+    assert job.manifest_uri == str(tmp_path / "s1" / "manifest.json") and job.output_name == "s1"
     graph.states["s1"] = MosaicState(True, True, "", "/m.zarr", "")
-    outputs = finish_scan(request(tmp_path), tmp_path / "s1" / "manifest.json", 4, ScanErrorCode.NONE, "", graph,
+    outputs = finish_scan(request(tmp_path), 4, ScanErrorCode.NONE, "", graph,
                           never, TIMEOUTS, qc_report=False, clock=graph.clock, export_started=following.run)
     assert outputs.code == ScanErrorCode.NONE and outputs.output_uris == ["a.ome.tif"]
     assert len(graph.exported) == 1 and not following.run.cancelled     # the one started, not a second
@@ -142,7 +144,7 @@ def test_the_export_starts_once_the_stitching_node_names_the_mosaic_and_reads_it
 
 def test_a_scan_without_formats_starts_no_export_while_stitching(tmp_path):
     graph = FakeGraph(states={"s1": MosaicState(finished=False, mosaic_uri="/m.zarr")})
-    following = ExportWhileStitching(request(tmp_path, formats=()), tmp_path / "manifest.json", graph)
+    following = ExportWhileStitching(request(tmp_path, formats=()), graph)
     following.poll()
     assert following.run is None and graph.exported == []
 
@@ -150,11 +152,11 @@ def test_a_scan_without_formats_starts_no_export_while_stitching(tmp_path):
 @pytest.mark.parametrize("failure", ["tiles", "stitching"])
 def test_a_scan_that_fails_cancels_the_export_started_while_stitching(tmp_path, failure):
     graph = FakeGraph(states={"s1": MosaicState(finished=False, mosaic_uri="/m.zarr")})
-    following = ExportWhileStitching(request(tmp_path), tmp_path / "manifest.json", graph)
+    following = ExportWhileStitching(request(tmp_path), graph)
     following.poll()
     code = ScanErrorCode.CAMERA if failure == "tiles" else ScanErrorCode.NONE
     graph.states["s1"] = MosaicState(True, False, "registration failed", "/m.zarr", "")
-    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 4, code, "camera died", graph, never,
+    outputs = finish_scan(request(tmp_path), 4, code, "camera died", graph, never,
                           TIMEOUTS, qc_report=False, clock=graph.clock, export_started=following.run)
     assert outputs.code == (ScanErrorCode.CAMERA if failure == "tiles" else ScanErrorCode.STITCHING)
     assert following.run.cancelled and len(graph.exported) == 1
@@ -166,7 +168,7 @@ def test_no_export_node_fails_the_scan_s_export_after_the_wait(tmp_path, monkeyp
     graph = FakeGraph(states={"s1": MosaicState(True, True, "", "/m.zarr", "")})
     graph.export_node = False
     clock = iter(range(0, 1000)).__next__       # one second per look
-    outputs = finish_scan(request(tmp_path), tmp_path / "manifest.json", 4, ScanErrorCode.NONE, "", graph, never,
+    outputs = finish_scan(request(tmp_path), 4, ScanErrorCode.NONE, "", graph, never,
                           TIMEOUTS, qc_report=False, clock=clock)
     assert (outputs.code, outputs.message) == (ScanErrorCode.EXPORT, "output formats need an export node, and none "
                                                                       "answers")

@@ -89,6 +89,7 @@ class ExportGoal:
     def result(self, should_cancel, timeout_s: float) -> ExportReply:
         handle = wait_for_future(self._sent, 30.0, should_cancel)
         if handle is None or not handle.accepted:
+            self.cancel()   # should the export node take it after all, it must not go on writing
             return ExportReply(False, "the export node did not take the export goal")
         outcome = wait_for_future(handle.get_result_async(), timeout_s, should_cancel)
         if outcome is None:
@@ -164,7 +165,8 @@ class ScanOrchestratorNode(Node):
                                 "the goal again when it is idle", started)
         should_cancel = lambda: goal_handle.is_cancel_requested  # noqa: E731 (one predicate for every wait)
         inline = self.params["inline_autofocus"] and request.focus_strategy == FocusStrategy.MAP_INLINE
-        export_while_stitching = None
+        export_while_stitching = (ExportWhileStitching(request, self)
+                                  if self.params["export_while_stitching"] else None)
 
         def publish_tile(record, frame):
             self._publish_tile(request, record, frame, should_cancel)
@@ -178,8 +180,6 @@ class ScanOrchestratorNode(Node):
                             on_plan=lambda plan: self._publish_plan(request, plan, runner),
                             estimate_image=self._estimate_untiled_image if inline else None,
                             calibrate_focus=lambda scan_dir: self._calibrate_autofocus(scan_dir, should_cancel))
-        if self.params["export_while_stitching"]:
-            export_while_stitching = ExportWhileStitching(request, runner.outcome.manifest_path, self)
         code, message = ScanErrorCode.NONE, ""
         with self._estimate_arrived:
             self._estimates_this_scan = 0
@@ -205,7 +205,7 @@ class ScanOrchestratorNode(Node):
         if code == ScanErrorCode.NONE and request.output_formats:
             goal_handle.publish_feedback(ScanSlide.Feedback(state=int(State.FINISHING), tiles_done=result.tiles_planned,
                                                             tiles_total=result.tiles_planned))
-        outputs = finish_scan(request, outcome.manifest_path, len(outcome.records), code, message, self,
+        outputs = finish_scan(request, len(outcome.records), code, message, self,
                               should_cancel, self._timeouts, self.params["qc_report"],
                               export_started=export_while_stitching.run if export_while_stitching else None)
         if outputs.mosaic is not None and outputs.mosaic.success:
@@ -245,7 +245,7 @@ class ScanOrchestratorNode(Node):
         with self._mosaic_arrived:
             self._mosaic_arrived.wait(timeout_s)
 
-    def start_export(self, job: ExportJob) -> "ExportGoal | None":
+    def start_export(self, job: ExportJob) -> ExportGoal | None:
         if not self._export.server_is_ready():
             return None
         goal = ExportSlide.Goal(mosaic_uri=job.mosaic_uri, manifest_uri=job.manifest_uri, output_dir=job.output_dir,

@@ -28,7 +28,7 @@ from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, Ti
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
 from wsi_common.focus_metrics import brenner, refine_peak
-from wsi_common.scan_files import JOURNAL_NAME, MANIFEST_NAME, plan_record
+from wsi_common.scan_files import JOURNAL_NAME, plan_record
 
 
 class State(enum.IntEnum):
@@ -183,7 +183,7 @@ class ScanRunner:
         self.min_focus_contrast = min_focus_contrast     # coarse-sweep peak over its median
         self.clock = clock
         self.scan_dir = request.scan_dir
-        self.outcome = ScanOutcome(self.scan_dir, self.scan_dir / MANIFEST_NAME, None)
+        self.outcome = ScanOutcome(self.scan_dir, request.manifest_path, None)
         self._progress = ScanProgress(State.IDLE)
         self._started = clock()
         self._status, self._error = "running", ""

@@ -123,8 +123,8 @@ def wait_for_mosaic(scan_id: str, graph: Graph, should_cancel: Callable[[], bool
         graph.wait_for_mosaic_news(POLL_S)
 
 
-def export_job(request: ScanRequest, manifest_path: Path, mosaic_uri: str, follow_stitching: bool) -> ExportJob:
-    return ExportJob(mosaic_uri=mosaic_uri, manifest_uri=str(manifest_path), output_dir=str(request.scan_dir),
+def export_job(request: ScanRequest, mosaic_uri: str, follow_stitching: bool) -> ExportJob:
+    return ExportJob(mosaic_uri=mosaic_uri, manifest_uri=str(request.manifest_path), output_dir=str(request.scan_dir),
                      output_name=request.scan_id, formats=request.output_formats, follow_stitching=follow_stitching)
 
 
@@ -132,9 +132,8 @@ class ExportWhileStitching:
     """Starts a scan's export as soon as the stitching node names the scan's mosaic (`poll`, after every tile);
     `run` is that export, or None while it has not started (no mosaic yet, no export node, no formats)."""
 
-    def __init__(self, request: ScanRequest, manifest_path: Path, graph: Graph):
+    def __init__(self, request: ScanRequest, graph: Graph):
         self._request = request
-        self._manifest_path = manifest_path
         self._graph = graph
         self.run: ExportRun | None = None
 
@@ -143,8 +142,7 @@ class ExportWhileStitching:
             return
         state = self._graph.mosaic_state(self._request.scan_id)
         if state is not None and not state.finished and state.mosaic_uri:
-            self.run = self._graph.start_export(export_job(self._request, self._manifest_path, state.mosaic_uri,
-                                                           follow_stitching=True))
+            self.run = self._graph.start_export(export_job(self._request, state.mosaic_uri, follow_stitching=True))
 
 
 def start_export_when_answered(graph: Graph, job: ExportJob, should_cancel: Callable[[], bool],
@@ -161,7 +159,7 @@ def start_export_when_answered(graph: Graph, job: ExportJob, should_cancel: Call
     return run
 
 
-def produce_outputs(request: ScanRequest, manifest_path: Path, graph: Graph, should_cancel: Callable[[], bool],
+def produce_outputs(request: ScanRequest, graph: Graph, should_cancel: Callable[[], bool],
                     timeouts: OutputTimeouts, outputs: ScanOutputs, clock: Callable[[], float] = time.monotonic,
                     export_started: ExportRun | None = None) -> None:
     """Wait for the stitching node's final mosaic, then for its export in the request's formats (the one
@@ -171,7 +169,7 @@ def produce_outputs(request: ScanRequest, manifest_path: Path, graph: Graph, sho
     if not mosaic.success:
         raise ScanError(ScanErrorCode.STITCHING, mosaic.error)
     run = export_started or start_export_when_answered(
-        graph, export_job(request, manifest_path, mosaic.mosaic_uri, follow_stitching=False), should_cancel, clock)
+        graph, export_job(request, mosaic.mosaic_uri, follow_stitching=False), should_cancel, clock)
     reply = run.result(should_cancel, timeouts.export_s)
     if should_cancel():
         raise ScanError(ScanErrorCode.CANCELED, "canceled while exporting; the export was cancelled too, the "
@@ -181,7 +179,7 @@ def produce_outputs(request: ScanRequest, manifest_path: Path, graph: Graph, sho
     outputs.output_uris = list(reply.output_uris)
 
 
-def finish_scan(request: ScanRequest, manifest_path: Path, tiles_captured: int, code: ScanErrorCode, message: str,
+def finish_scan(request: ScanRequest, tiles_captured: int, code: ScanErrorCode, message: str,
                 graph: Graph, should_cancel: Callable[[], bool], timeouts: OutputTimeouts, qc_report: bool,
                 clock: Callable[[], float] = time.monotonic, export_started: ExportRun | None = None) -> ScanOutputs:
     """What follows the tiles: stitch and export when the scan succeeded and asked for output formats, then
@@ -191,7 +189,7 @@ def finish_scan(request: ScanRequest, manifest_path: Path, tiles_captured: int, 
     outputs = ScanOutputs(code, message)
     if code == ScanErrorCode.NONE and request.output_formats:
         try:
-            produce_outputs(request, manifest_path, graph, should_cancel, timeouts, outputs, clock, export_started)
+            produce_outputs(request, graph, should_cancel, timeouts, outputs, clock, export_started)
         except ScanError as error:
             outputs.code, outputs.message = error.code, str(error)
     if export_started is not None and outputs.code != ScanErrorCode.NONE:
@@ -199,7 +197,7 @@ def finish_scan(request: ScanRequest, manifest_path: Path, tiles_captured: int, 
     if qc_report and tiles_captured:
         report = Path(outputs.mosaic.report_uri) if outputs.mosaic is not None and outputs.mosaic.report_uri else None
         try:
-            outputs.qc_index = write_qc_report(manifest_path, report,
+            outputs.qc_index = write_qc_report(request.manifest_path, report,
                                                {Path(uri).name: Path(uri) for uri in outputs.output_uris})
         except (OSError, ValueError, KeyError) as error:
             outputs.qc_error = f"QC report of scan {request.scan_id} could not be written: {error}"

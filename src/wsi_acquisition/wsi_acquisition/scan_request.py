@@ -13,6 +13,7 @@ from pathlib import Path
 
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 from wsi_common.paths import OutsideRootError, resolve_under
+from wsi_common.scan_files import MANIFEST_NAME
 
 
 class ScanErrorCode(enum.IntEnum):
@@ -92,6 +93,10 @@ class ScanRequest:
     @property
     def scan_dir(self) -> Path:
         return Path(self.output_dir) / self.scan_id
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.scan_dir / MANIFEST_NAME
 
     @classmethod
     def from_goal(cls, goal, settings: ScannerSettings, backend,
