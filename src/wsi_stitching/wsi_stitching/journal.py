@@ -2,15 +2,30 @@
 
 Order of writes makes it safe: a tile's frozen position is journaled before any chunk using it is
 written, and a chunk is journaled only after its pixels are in the Zarr store; a crash in between
-merely recomposes that chunk. A torn last line (crash mid-write) is ignored on reading. Another process may follow a journal while it
-is written (`JournalTail`): an export that runs while the mosaic is stitched reads each region once its
-chunks are journaled.
+merely recomposes that chunk. A torn last line (crash mid-write) is ignored on reading. Another
+process may follow a journal while it is written (`JournalTail`): an export that runs while the mosaic
+is stitched reads each region once its chunks are journaled.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+
+def _complete_events(data: bytes) -> tuple[list[dict], int]:
+    """The events of the complete lines at the start of `data`, and how many bytes they take; reading
+    stops at a line that is cut short (still being written, or torn by a crash)."""
+    events, length = [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        length += len(line)
+    return events, length
 
 
 class Journal:
@@ -20,19 +35,10 @@ class Journal:
 
     def read_and_repair(self) -> list[dict]:
         """All complete events; a torn tail (crash mid-write) is cut off so appending continues cleanly."""
-        events = []
         if not self.path.exists():
-            return events
+            return []
         data = self.path.read_bytes()
-        valid_length = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            valid_length += len(line)
+        events, valid_length = _complete_events(data)
         if valid_length < len(data):
             with open(self.path, "r+b") as file:
                 file.truncate(valid_length)
@@ -71,10 +77,6 @@ class JournalTail:
                 data = file.read()
         except FileNotFoundError:
             return []
-        events = []
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            events.append(json.loads(line))
-            self._offset += len(line)
+        events, length = _complete_events(data)
+        self._offset += length
         return events
