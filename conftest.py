@@ -24,10 +24,12 @@ def ros_node():
     import rclpy
     from rclpy.node import Node
 
+    from wsi_common.node_main import destroy_node
+
     rclpy.init()
     node = Node("wsi_test_client")
     yield node
-    node.destroy_node()
+    destroy_node(node)      # with the action clients a test made, which would keep the DDS participant alive
     rclpy.try_shutdown()
 
 

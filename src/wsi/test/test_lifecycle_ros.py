@@ -15,6 +15,7 @@ from std_srvs.srv import Trigger
 from wsi.client import ScannerClient, ScannerUnavailable, TaskResult
 from wsi.graph import GraphConfig, scan_graph
 from wsi.lifecycle_manager import TO_ACTIVE, TO_UNCONFIGURED, BringUpError, transitions
+from wsi_common.service_caller import query
 from wsi_common.topics import DIAGNOSTICS
 from wsi_interfaces.action import MoveStage
 
@@ -49,14 +50,14 @@ class Robot:
         DIAGNOSTICS.subscription(node, lambda a: self.diagnostics.extend(
             s for s in a.status if s.name == "/microscope"))
 
-    def call(self, service_type, name: str, request, timeout_s: float = 120.0):
+    def call(self, service_type, name: str, request, timeout_s: float = 120.0, asked_again: bool = True):
+        """The answer; a query (`asked_again`) is asked again when its answer is lost, a transition is not."""
         client = self.node.create_client(service_type, name)
         assert client.wait_for_service(timeout_sec=60), f"no {name}"
-        future = client.call_async(request)
-        rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout_s)
-        assert future.done(), f"{name} did not answer"
+        answer = query(client, request, timeout_s, node=self.node, answer_wait_s=5.0 if asked_again else timeout_s)
+        assert answer is not None, f"{name} did not answer"
         self.node.destroy_client(client)
-        return future.result()
+        return answer
 
     def manager(self, service: str) -> Trigger.Response:
         return self.call(Trigger, f"lifecycle_manager/{service}", Trigger.Request())
@@ -66,7 +67,7 @@ class Robot:
 
     def transition(self, transition: int) -> bool:
         return self.call(ChangeState, "microscope/change_state",
-                         ChangeState.Request(transition=Transition(id=transition))).success
+                         ChangeState.Request(transition=Transition(id=transition)), asked_again=False).success
 
     def set_stage_fault(self, fault: str) -> None:
         value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=fault)

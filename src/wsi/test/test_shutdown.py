@@ -23,6 +23,7 @@ from wsi.bag_reader import BagReader
 from wsi.graph import GraphConfig, scan_graph
 from wsi_common.action_caller import ActionCaller
 from wsi_common.ros_env import node_environment
+from wsi_common.service_caller import query
 from wsi_common.supervisor import write_params_file
 from wsi_common.topics import MOVE_STAGE
 from wsi_interfaces.action import MoveStage
@@ -80,9 +81,8 @@ def wait_until_spinning(graph: Graph, ros_node, timeout_s: float = 180.0) -> Non
         while not client.wait_for_service(timeout_sec=0.5):
             assert graph.processes[spec.name].poll() is None, f"{spec.name} exited:\n{graph.log(spec.name)}"
             assert time.monotonic() < deadline, f"{spec.name} did not start:\n{graph.log(spec.name)}"
-        future = client.call_async(ListParameters.Request())
-        rclpy.spin_until_future_complete(ros_node, future, timeout_sec=max(1.0, deadline - time.monotonic()))
-        assert future.done(), f"{spec.name} does not answer:\n{graph.log(spec.name)}"
+        answer = query(client, ListParameters.Request(), max(1.0, deadline - time.monotonic()), node=ros_node)
+        assert answer is not None, f"{spec.name} does not answer:\n{graph.log(spec.name)}"
         ros_node.destroy_client(client)
     while "recorder" not in {info.node_name for info in ros_node.get_subscriptions_info_by_topic("/stage/state")}:
         assert time.monotonic() < deadline, f"the recorder does not record /stage/state:\n{graph.log('recorder')}"

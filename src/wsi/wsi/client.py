@@ -31,6 +31,7 @@ from rclpy.node import Node
 from std_srvs.srv import Trigger
 
 from wsi_common.action_caller import DISCOVERY_SETTLE_S, wait_for_action_server
+from wsi_common.service_caller import query
 from wsi_common.topics import EXPORT_SLIDE, MOVE_STAGE, SCAN_SLIDE
 from wsi_interfaces.action import ExportSlide, MoveStage, ScanSlide
 
@@ -197,10 +198,8 @@ class ScannerClient(Node):
         """The bring-up manager's word on the scanner's state, where one answers."""
         if not self._is_active.wait_for_service(timeout_sec=2.0):
             return "no scanner answers here either (is its graph running, with this ROS_DOMAIN_ID and namespace?)"
-        future = self._is_active.call_async(Trigger.Request())
-        rclpy.spin_until_future_complete(self, future, timeout_sec=10.0)
-        if not future.done():
+        answer = query(self._is_active, Trigger.Request(), timeout_s=10.0, node=self)
+        if answer is None:
             return "its lifecycle manager does not answer"
-        answer = future.result()
         return f"the scanner is up ({answer.message}) but does not offer this action" if answer.success \
             else f"the scanner is not active: {answer.message}"

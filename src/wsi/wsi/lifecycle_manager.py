@@ -25,6 +25,7 @@ from std_srvs.srv import Trigger
 
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
+from wsi_common.service_caller import ANSWER_WAIT_S, answered_by_another_thread, query
 from wsi_common.topics import DIAGNOSTICS
 
 PARAMETERS = {
@@ -48,10 +49,6 @@ TRANSITION_GOALS = {Transition.TRANSITION_CONFIGURE: State.PRIMARY_STATE_INACTIV
                     Transition.TRANSITION_ACTIVATE: State.PRIMARY_STATE_ACTIVE,
                     Transition.TRANSITION_DEACTIVATE: State.PRIMARY_STATE_INACTIVE,
                     Transition.TRANSITION_CLEANUP: State.PRIMARY_STATE_UNCONFIGURED}
-# A service answer can be lost, not late: while a loaded machine is still discovering the client's reply
-# reader, the server gives up sending ("failed to send response"). After this long without an answer a
-# query is asked again, and a transition is checked against the node's state.
-ANSWER_WAIT_S = 10.0
 # The primary states other than active: where a node that leaves active comes to rest.
 RESTING_STATES = (State.PRIMARY_STATE_UNCONFIGURED, State.PRIMARY_STATE_INACTIVE, State.PRIMARY_STATE_FINALIZED)
 # After a failed transition, how long to wait for the node's /diagnostics to say why.
@@ -147,22 +144,14 @@ class LifecycleManager(Node):
             raise BringUpError(f"no {client.srv_name} service within {self.params['service_timeout_s']:g} s "
                                "(is the node's process running?)")
 
-    @staticmethod
-    def _answered(future, timeout_s: float) -> bool:
-        done = threading.Event()
-        future.add_done_callback(lambda _: done.set())
-        return done.wait(timeout_s)
-
     def state(self, name: str) -> State:
         """The node's current state; the query is asked again when its answer is lost."""
         client = self._get_state[name]
         self._wait_for(client)
-        deadline = time.monotonic() + self.params["service_timeout_s"]
-        while (remaining := deadline - time.monotonic()) > 0:
-            future = client.call_async(GetState.Request())
-            if self._answered(future, min(ANSWER_WAIT_S, remaining)):
-                return future.result().current_state
-        raise BringUpError(f"{name} state: no answer within {self.params['service_timeout_s']:g} s")
+        answer = query(client, GetState.Request(), self.params["service_timeout_s"])
+        if answer is None:
+            raise BringUpError(f"{name} state: no answer within {self.params['service_timeout_s']:g} s")
+        return answer.current_state
 
     def change_state(self, name: str, transition: int) -> None:
         label = TRANSITION_LABELS[transition]
@@ -172,7 +161,8 @@ class LifecycleManager(Node):
         self._changing.add(name)
         try:
             future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
-            while not self._answered(future, ANSWER_WAIT_S):
+            # A lost answer (wsi_common.service_caller) is found out by asking the node's state.
+            while not answered_by_another_thread(future, ANSWER_WAIT_S):
                 if self.state(name).id == TRANSITION_GOALS[transition]:
                     self.get_logger().warning(f"{name}: {label} done (its answer was lost; its state says so)")
                     return

@@ -13,6 +13,7 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.inference import GPU_DEVICE_FILES
 from wsi_common.image import array_to_image
 from wsi_common.ros_env import node_environment
+from wsi_common.service_caller import ANSWER_WAIT_S, query
 from wsi_common.supervisor import NodeSpec
 from wsi_common.topics import FOCUS_ESTIMATES
 from wsi_interfaces.srv import EstimateFocus
@@ -29,11 +30,11 @@ def autofocus(run_nodes, ros_node, tiny_model):
     return client
 
 
-def call(node, client, request):
-    future = client.call_async(request)
-    rclpy.spin_until_future_complete(node, future, timeout_sec=30)
-    assert future.done()
-    return future.result()
+def call(node, client, request, answer_wait_s: float = ANSWER_WAIT_S):
+    """The answer; asked again when it is lost (a calibration is asked again only after `answer_wait_s`)."""
+    answer = query(client, request, 60.0, node=node, answer_wait_s=answer_wait_s)
+    assert answer is not None, f"{client.srv_name} did not answer"
+    return answer
 
 
 def test_estimate_focus_answers_for_an_image(autofocus, ros_node):
@@ -106,7 +107,7 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     assert calibrate.wait_for_service(timeout_sec=30) and estimate.wait_for_service(timeout_sec=30)
     refused = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(tmp_path / "nowhere")))
     assert not refused.success and "nowhere" in refused.error
-    answer = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(scan_dir)))
+    answer = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(scan_dir)), answer_wait_s=60.0)
     assert answer.success, answer.error
     assert answer.model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and answer.sweeps == 3
     image = np.asarray(backend.snap(8.0).image_rgb8[:192, :192])

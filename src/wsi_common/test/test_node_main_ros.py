@@ -44,13 +44,18 @@ spin_node(Managed)
 """
 
 
-def participant_segments(pid: int) -> set[str]:
-    """The Fast DDS segments in /dev/shm that the process's participant owns. The port files
-    (fastdds_port<N>, 52 kB) are not among them: every participant on the port shares one, and Fast DDS
-    keeps it while any process of the domain may still use it."""
+def fast_dds_segments() -> set[str]:
+    return {str(path) for path in Path("/dev/shm").glob("fastdds_*")}
+
+
+def participant_segments(pid: int, existing: set[str]) -> set[str]:
+    """The Fast DDS segments in /dev/shm that the process's participant owns: those it maps that were not
+    there before it started (it also maps the segments of other participants on the machine, to write to
+    them). The port files (fastdds_port<N>, 52 kB) are not among them: every participant on the port shares
+    one, and Fast DDS keeps it while any process of the domain may still use it."""
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     mapped = {line.split()[-1] for line in maps if "/dev/shm/fastdds_" in line}
-    return {path for path in mapped if not Path(path).name.startswith("fastdds_port")}
+    return {path for path in mapped - existing if not Path(path).name.startswith("fastdds_port")}
 
 
 @pytest.mark.parametrize("node_script", [NODE_WITH_ACTIONS, LIFECYCLE_NODE], ids=["actions", "lifecycle"])
@@ -58,11 +63,12 @@ def test_a_stopped_node_removes_its_shared_memory(tmp_path, node_script):
     (tmp_path / "stopping_node.py").write_text(node_script)
     env = node_environment()
     env["PYTHONPATH"] = f"{tmp_path}:{env.get('PYTHONPATH', '')}"
+    existing = fast_dds_segments()
     process = subprocess.Popen([sys.executable, "-m", "wsi_common.run_node", "stopping_node", "--ros-args"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not (files := participant_segments(process.pid)) and time.monotonic() < deadline:
+        while not (files := participant_segments(process.pid, existing)) and time.monotonic() < deadline:
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.2)
         assert files, "the node never mapped a Fast DDS shared-memory segment"
