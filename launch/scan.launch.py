@@ -3,13 +3,15 @@
 
 Builds the launch description from the graph in wsi.graph, the same one `wsi launch` runs.
 """
+import os
+
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
-from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
-from wsi_common.ros_env import fastdds_profile_path
+from wsi_common.ros_env import node_environment_defaults
 
 
 def _nodes(context):
@@ -17,7 +19,11 @@ def _nodes(context):
     return [
         Node(package=spec.package, executable=spec.executable, name=spec.name if spec.single_node else None,
              namespace=spec.namespace or None, parameters=[*spec.parameter_files, spec.parameters],
-             remappings=list(spec.remappings), output="screen", emulate_tty=True)
+             remappings=list(spec.remappings), output="screen", emulate_tty=True,
+             # The Fast DDS profile for a sender or a receiver of images, and the other node defaults,
+             # unless the user already set them.
+             additional_env={name: value for name, value in node_environment_defaults(spec.sends_images).items()
+                             if name not in os.environ})
         for spec in scan_graph(GraphConfig.from_strings(values))
     ]
 
@@ -26,8 +32,5 @@ def generate_launch_description():
     return LaunchDescription([
         *(DeclareLaunchArgument(name, default_value=default, description=description)
           for name, (default, description) in LAUNCH_ARGUMENTS.items()),
-        # Large shared-memory segments for tiles, unless the user already chose a profile.
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
-            "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(fastdds_profile_path()))),
         OpaqueFunction(function=_nodes),
     ])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
+from wsi_common.ros_env import fastdds_profile_path
 from wsi_common.supervisor import NodeSpec, write_params_file
 
 # The launch file lives at the repository's top level; package wsi installs it from a symlink.
@@ -57,9 +58,8 @@ def load_launch_file(monkeypatch):
     launch = types.ModuleType("launch")
     launch.LaunchDescription = _Recorder
     actions = types.ModuleType("launch.actions")
-    actions.DeclareLaunchArgument = actions.OpaqueFunction = actions.SetEnvironmentVariable = _Recorder
+    actions.DeclareLaunchArgument = actions.OpaqueFunction = _Recorder
     substitutions = types.ModuleType("launch.substitutions")
-    substitutions.EnvironmentVariable = _Recorder
 
     class LaunchConfiguration:
         def __init__(self, name):
@@ -82,15 +82,18 @@ def load_launch_file(monkeypatch):
     return module
 
 
-def launched_nodes(monkeypatch, **arguments) -> list[tuple]:
-    """(package, executable, name, namespace, parameters) of every node the launch file starts when given
-    `arguments` (the others at their declared defaults)."""
+def launched(monkeypatch, **arguments) -> list:
+    """The Node actions the launch file makes when given `arguments` (the others at their declared defaults)."""
     entities = load_launch_file(monkeypatch).generate_launch_description().args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
     opaque = next(e for e in entities if "function" in e.kwargs)
-    nodes = opaque.kwargs["function"](declared | arguments)
+    return opaque.kwargs["function"](declared | arguments)
+
+
+def launched_nodes(monkeypatch, **arguments) -> list[tuple]:
+    """(package, executable, name, namespace, parameters) of every node the launch file starts."""
     return [(n.kwargs["package"], n.kwargs["executable"], n.kwargs["name"], n.kwargs["namespace"],
-             n.kwargs["parameters"]) for n in nodes]
+             n.kwargs["parameters"]) for n in launched(monkeypatch, **arguments)]
 
 
 def expected_nodes(**arguments) -> list[tuple]:
@@ -103,6 +106,26 @@ def test_launch_file_declares_every_launch_argument(monkeypatch):
     entities = load_launch_file(monkeypatch).generate_launch_description().args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
     assert declared == {name: default for name, (default, _) in LAUNCH_ARGUMENTS.items()}
+
+
+def launched_environments(monkeypatch) -> dict[str, dict]:
+    """{executable: the environment the launch file adds to its process}."""
+    return {n.kwargs["executable"]: n.kwargs["additional_env"] for n in launched(monkeypatch)}
+
+
+def test_only_the_process_that_sends_images_gets_the_large_shared_memory_segment(monkeypatch):
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    environments = launched_environments(monkeypatch)
+    profiles = {name: env["FASTDDS_DEFAULT_PROFILES_FILE"] for name, env in environments.items()}
+    assert profiles.pop("microscope_node") == str(fastdds_profile_path(sends_images=True))
+    assert set(profiles.values()) == {str(fastdds_profile_path(sends_images=False))}
+    assert {env["MALLOC_ARENA_MAX"] for env in environments.values()} == {"2"}
+
+
+def test_the_launch_file_keeps_a_profile_the_user_chose(monkeypatch):
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/my_profile.xml")
+    assert all("FASTDDS_DEFAULT_PROFILES_FILE" not in env for env in launched_environments(monkeypatch).values())
 
 
 def test_launch_file_builds_its_nodes_from_the_graph(monkeypatch):

@@ -105,7 +105,8 @@ def scan_graph(config: GraphConfig) -> list[NodeSpec]:
     specs = [
         NodeSpec(name="microscope", package="wsi_acquisition", executable="microscope_node",
                  module="wsi_acquisition.microscope_node", namespace=namespace, single_node=False,
-                 parameters=_microscope_parameters(config), parameter_files=files, lifecycle_nodes=("microscope",)),
+                 parameters=_microscope_parameters(config), parameter_files=files, lifecycle_nodes=("microscope",),
+                 sends_images=True),
         NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                  module="wsi_autofocus.node", namespace=namespace,
                  parameters={"backend": config.autofocus_backend}, parameter_files=files),

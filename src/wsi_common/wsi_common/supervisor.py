@@ -34,6 +34,9 @@ class NodeSpec:
     single_node: bool = True
     # The managed (lifecycle) nodes the process hosts, in the order a bring-up manager activates them.
     lifecycle_nodes: tuple[str, ...] = ()
+    # Whether the process publishes camera images (or sends them in requests): only such a process needs
+    # the large shared-memory segment (wsi_common.ros_env.fastdds_profile_path).
+    sends_images: bool = False
 
     def ros_arguments(self, params_file: Path) -> list[str]:
         args = ["--ros-args"]
@@ -69,7 +72,7 @@ class Supervisor:
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique within a namespace: {names}")
         self.specs = specs
-        self._env = node_environment(env, large_images=large_images)
+        self._env = {sends: node_environment(env, large_images=large_images, sends_images=sends) for sends in (False, True)}
         self._log = log
         self._log_lock = threading.Lock()
         self._params_dir = tempfile.TemporaryDirectory(prefix="wsi-params-")
@@ -85,7 +88,7 @@ class Supervisor:
             params_file = write_params_file(spec, Path(self._params_dir.name))
             command = [sys.executable, "-m", "wsi_common.run_node", spec.module,
                        *spec.ros_arguments(params_file)]
-            process = subprocess.Popen(command, env=self._env, stdout=subprocess.PIPE,
+            process = subprocess.Popen(command, env=self._env[spec.sends_images], stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True, text=True, errors="replace")
             label = self.label(spec)
