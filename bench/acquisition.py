@@ -33,8 +33,8 @@ import numpy as np
 
 from wsi_acquisition.hardware import SimulatedMicroscope
 from wsi_acquisition.microscope import VirtualMicroscope
-from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera
-from wsi_acquisition.planning import choose_focus_points, default_focus_point_count, plan_tiles
+from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, depth_of_field_um
+from wsi_acquisition.planning import choose_focus_points, default_focus_point_count, focus_sweeps, plan_tiles
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
 from wsi_acquisition.scan_timing import CameraTiming, fastest, planned_focus_points, scan_time
 from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
@@ -166,11 +166,12 @@ def project(magnification: float, sensor_px: int, camera_timing: CameraTiming, r
     """The 15x15 mm scan as the scan runs now (stop-and-go, its focus points and z-sweeps) and by the
     faster of stop-and-go and continuous passes with focus points set by tissue and field curvature."""
     objective, camera, plan = square_scan_plan(magnification, sensor_px)
+    sweeps = focus_sweeps(depth_of_field_um(objective, camera.pixel_size_um))
     dynamics = StageDynamics()
 
     def timed(strategy, points):
         return scan_time(plan, strategy, objective, camera.pixel_size_um, dynamics, camera_timing, z_at, points,
-                         recapture_fraction)
+                         sweeps, recapture_fraction)
 
     now = timed("stop-and-go", choose_focus_points(plan, default_focus_point_count(len(plan.tiles))))
     points = planned_focus_points(plan, objective, camera.pixel_size_um)

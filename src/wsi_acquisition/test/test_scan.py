@@ -15,7 +15,6 @@ import tifffile
 from wsi_acquisition.focus import MIN_SHARPNESS_GAIN
 from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
-from wsi_acquisition.planning import focus_sweeps
 from wsi_acquisition import scan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
 from wsi_acquisition.scan_request import DEFAULTS, MAX_FOCUS_POINTS, ScannerSettings
@@ -236,9 +235,9 @@ def test_focus_points_without_a_clear_peak_are_replaced(tmp_path):
     assert runner.find_focus(8_000.0, 5_000.0, 0.0) is None                     # bare glass: no peak
     asked, measure = [], runner.find_focus
 
-    def first_two_on_glass(x_um, y_um, z_guess_um, near_known_focus=False):
+    def first_two_on_glass(x_um, y_um, z_guess_um):
         asked.append((x_um, y_um))
-        return None if len(asked) <= 2 else measure(x_um, y_um, z_guess_um, near_known_focus)
+        return None if len(asked) <= 2 else measure(x_um, y_um, z_guess_um)
 
     runner.find_focus = first_two_on_glass
     focus_map = runner.focus_map(plan)
@@ -255,27 +254,6 @@ class NoMacroCamera(FlakyCamera):
 
     def overview(self):
         raise AssertionError("goal validation must not take an overview image")
-
-
-@pytest.mark.parametrize("guess_off_um, sweeps_taken", [(3.0, "near"), (16.0, "near then full")])
-def test_a_point_near_a_known_focus_is_swept_over_the_near_range_first(tmp_path, guess_off_um, sweeps_taken):
-    backend = small_microscope()
-    runner = ScanRunner(backend, request(tmp_path))
-    backend.set_objective(20.0)
-    x, y = REGION_UM[0] + 250.0, REGION_UM[1] + 200.0
-    focal_z = backend.microscope.focal_z_um(x, y)
-    exposures = []
-    snap = backend.snap
-    backend.snap = lambda *args, **kwargs: exposures.append(1) or snap(*args, **kwargs)
-    found = runner.find_focus(x, y, focal_z + guess_off_um, near_known_focus=True)
-    assert found == pytest.approx(focal_z, abs=backend.depth_of_field_um() / 2)
-    (near, fine), (full, _) = (focus_sweeps(backend.depth_of_field_um(), near) for near in (True, False))
-    sweep_exposures = {half_range: len(np.arange(-half_range, half_range + 1e-9, step))
-                       for half_range, step in (near, fine, full)}
-    near_and_fine = sweep_exposures[near[0]] + sweep_exposures[fine[0]]
-    assert len(exposures) == (near_and_fine if sweeps_taken == "near" else near_and_fine + sweep_exposures[full[0]])
-    assert len(runner.outcome.focus_sweeps[-1]["z_um"]) == len(exposures) - (
-        0 if sweeps_taken == "near" else sweep_exposures[near[0]])     # the sweep kept is the one that found focus
 
 
 def test_automatic_tissue_detection_needs_a_macro_camera(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from wsi_acquisition.optics import STANDARD_OBJECTIVES
-from wsi_acquisition.planning import choose_focus_points, plan_tiles
+from wsi_acquisition.planning import choose_focus_points, focus_sweeps, plan_tiles
 from wsi_acquisition.scan_timing import (MAX_MOTION_BLUR_PX, CameraTiming, TimingError, fastest, focus_map_s,
                                          focus_point_count, motion_blur_px, pass_speed_um_s, scan_time,
                                          stop_and_go_s)
@@ -27,7 +27,7 @@ def tilted(x_um, y_um):
 def timing(plan, strategy, camera, magnification=20.0, recapture_fraction=0.0):
     objective = STANDARD_OBJECTIVES[magnification]
     return scan_time(plan, strategy, objective, CAMERA_PIXEL_UM, DYNAMICS, camera, tilted,
-                     choose_focus_points(plan, 10), recapture_fraction)
+                     choose_focus_points(plan, 10), focus_sweeps(1.4), recapture_fraction)
 
 
 def test_stop_and_go_tiles_of_15_mm_at_20x_take_the_253_s_of_the_earlier_projection():
@@ -91,8 +91,8 @@ def test_continuous_z_sweeps_measure_the_focus_map_faster_than_z_steps():
     plan = plan_for(20.0, side_um=5_000.0)
     points = choose_focus_points(plan, 9)
     camera = CameraTiming(8.0)
-    stepped = focus_map_s(points, tilted, 1.4, DYNAMICS, camera, continuous=False)
-    passes = focus_map_s(points, tilted, 1.4, DYNAMICS, camera, continuous=True)
+    stepped = focus_map_s(points, tilted, focus_sweeps(1.4), DYNAMICS, camera, continuous=False)
+    passes = focus_map_s(points, tilted, focus_sweeps(1.4), DYNAMICS, camera, continuous=True)
     assert 0 < passes < stepped / 2
 
 

@@ -4,10 +4,6 @@ The focus measures these rules compare (sharpness, tissue, z-sweep peaks) are in
 """
 import numpy as np
 
-# Where a tile's z came from: the focus map, or a correction kept because it is sharper (with a second
-# exposure that told the side of focus: "autofocus+probe").
-FOCUS_SOURCES = ("focus-map", "autofocus", "autofocus+probe")
-
 
 def trusts_estimate(uncertainty_um: float, depth_of_field_um: float) -> bool:
     """Whether a scan acts on a single-shot defocus estimate: when its one-sigma uncertainty is below

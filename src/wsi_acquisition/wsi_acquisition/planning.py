@@ -245,21 +245,12 @@ def default_focus_point_count(tile_count: int) -> int:
     return int(np.clip(tile_count // 9, 5, 25))
 
 
-# The coarse sweep's half range where nothing is known of the focus (the slide's placement in z), and where
-# a focus-map point's neighbour has been measured: a slide's surface tilts by a few µm over millimetres.
-# A sweep whose peak lies at an end of the near range is taken again over the full one.
-FULL_SWEEP_HALF_RANGE_UM = 30.0
-NEAR_SWEEP_HALF_RANGE_UM = 10.0
-
-
-def focus_sweeps(depth_of_field_um: float, near_known_focus: bool = False) -> tuple[tuple[float, float], ...]:
+def focus_sweeps(depth_of_field_um: float) -> tuple[tuple[float, float], ...]:
     """(half range, step) in µm of the z-sweeps that find focus at a focus-map point: a coarse sweep of
-    +-30 µm (+-10 µm `near_known_focus`) in steps of two depths of field (at least 2 µm), then a fine one
-    over +-1 coarse step (the coarse peak is within half a step of focus) in steps of a third of the depth
-    of field (at least 0.25 µm) around the coarse peak."""
+    +-30 µm in steps of two depths of field (at least 2 µm), then a fine one over +-1.5 coarse steps in
+    steps of a third of the depth of field (at least 0.25 µm) around the coarse peak."""
     coarse_step = max(2.0, 2 * depth_of_field_um)
-    half_range = NEAR_SWEEP_HALF_RANGE_UM if near_known_focus else FULL_SWEEP_HALF_RANGE_UM
-    return (half_range, coarse_step), (coarse_step, max(0.25, depth_of_field_um / 3))
+    return (30.0, coarse_step), (1.5 * coarse_step, max(0.25, depth_of_field_um / 3))
 
 
 def choose_focus_points(plan: TilePlan, count: int) -> list[PlannedTile]:

@@ -86,7 +86,9 @@ class TileRecord:
     predicted_defocus_um: float | None = None
     predicted_uncertainty_um: float | None = None
     ground_truth: dict | None = None       # simulation: true pose, focal z, defocus
-    focus_source: str = "focus-map"       # where this image's z came from: one of focus.FOCUS_SOURCES
+    # Where this image's z came from: "focus-map", or "autofocus" (a correction kept because it is sharper
+    # than the focus map's capture; "autofocus+probe" when a second exposure told the side of focus).
+    focus_source: str = "focus-map"
     sharpness: float | None = None         # normalised Brenner gradient (`wsi_common.focus_metrics.brenner`)
     sharpness_gain: float | None = None    # a correction: its sharpness over the focus map capture's, - 1
 
@@ -267,10 +269,8 @@ class ScanRunner:
         size = min(size_px, width, height)
         return ((height - size) // 2, (width - size) // 2, size, size)
 
-    def find_focus(self, x_um: float, y_um: float, z_guess_um: float, near_known_focus: bool = False) -> float | None:
-        """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness. With
-        `near_known_focus` (z_guess_um is a neighbour's focus) the coarse sweep covers the near range first,
-        and the full range only when the peak lies at its end.
+    def find_focus(self, x_um: float, y_um: float, z_guess_um: float) -> float | None:
+        """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness.
 
         None when the coarse sweep shows no clear peak (glass, a hole, a fold): such a point would
         tilt the whole focus map, so the caller measures another one instead. A sweep that found focus
@@ -279,7 +279,7 @@ class ScanRunner:
         roi = self._centre_roi()
         dof = self.backend.depth_of_field_um()
         z_min, z_max = self.backend.stage.limits.bounds("z")
-        sweeps = focus_sweeps(dof, near_known_focus)
+        sweeps = focus_sweeps(dof)
         coarse_step = sweeps[0][1]
         best = z_guess_um
         images, z_values = [], []
@@ -294,10 +294,8 @@ class ScanRunner:
             images += sweep
             z_values += [float(z) for z in zs]
             peak = int(np.argmax(scores))
-            at_an_end = peak in (0, len(scores) - 1)
-            if step == coarse_step and at_an_end and near_known_focus:
-                return self.find_focus(x_um, y_um, z_guess_um)      # the focus lies beyond the near range
-            if step == coarse_step and (scores[peak] < self.min_focus_contrast * np.median(scores) or at_an_end):
+            if step == coarse_step and (scores[peak] < self.min_focus_contrast * np.median(scores)
+                                        or peak in (0, len(scores) - 1)):
                 return None
             best = refine_peak(zs, scores)
         self._save_sweep(x_um, y_um, float(best), images, z_values)
@@ -324,8 +322,7 @@ class ScanRunner:
                 break
             if self.should_cancel():
                 raise ScanError(ScanErrorCode.CANCELED, "canceled while measuring the focus map")
-            z = (self.find_focus(point.x_um, point.y_um, measured[-1], near_known_focus=True) if measured
-                 else self.find_focus(point.x_um, point.y_um, z_guess))
+            z = self.find_focus(point.x_um, point.y_um, measured[-1] if measured else z_guess)
             if z is not None:
                 points.append(point)
                 measured.append(z)

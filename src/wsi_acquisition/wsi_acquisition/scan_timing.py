@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .optics import Objective, depth_of_field_um
-from .planning import QUADRATIC_TREND_MIN_POINTS, PlannedTile, TilePlan, choose_focus_points, focus_sweeps
+from .planning import QUADRATIC_TREND_MIN_POINTS, PlannedTile, TilePlan, choose_focus_points
 from .stage import StageDynamics, trapezoid_duration_s
 
 STRATEGIES = ("stop-and-go", "continuous")
@@ -162,26 +162,24 @@ def nearest_neighbour_tour(tiles, start: PlannedTile) -> list[PlannedTile]:
     return tour
 
 
-def focus_map_s(points: list[PlannedTile], z_at: Callable, depth_of_field_um: float, dynamics: StageDynamics,
+def focus_map_s(points: list[PlannedTile], z_at: Callable, sweeps, dynamics: StageDynamics,
                 camera: CameraTiming, continuous: bool) -> float:
-    """Time to measure focus at `points` (visited in the given order) with the scan's z-sweeps
-    (`planning.focus_sweeps`: the full range at the first point, the near range at the others):
-    stop-and-go steps with an exposure each, or one strobed constant-speed pass per sweep."""
+    """Time to measure focus at `points` (visited in the given order) with the z-sweeps (half range,
+    step): stop-and-go steps with an exposure each, or one strobed constant-speed pass per sweep."""
     moves, settles, _ = stop_and_go_s(_xyz(points, z_at), dynamics, camera.exposure_ms)
     z_speed, z_accel = dynamics.z_speed_um_s, dynamics.z_accel_um_s2
     exposure_s = camera.exposure_ms / 1000.0
-    sweeping = 0.0
-    for index in range(len(points)):
-        for half_range, step in focus_sweeps(depth_of_field_um, near_known_focus=index > 0):
-            sweeping += trapezoid_duration_s(half_range, z_speed, z_accel) + dynamics.settle_s   # to the start
-            if continuous:
-                speed = min(z_speed, step * camera.frame_rate_hz)          # one frame per z step
-                sweeping += trapezoid_duration_s(2 * half_range + speed ** 2 / z_accel, speed, z_accel)
-            else:
-                steps = len(np.arange(-half_range, half_range + 1e-9, step))
-                sweeping += exposure_s + (steps - 1) * (
-                    trapezoid_duration_s(step, z_speed, z_accel) + dynamics.settle_s + exposure_s)
-    return moves + settles + sweeping
+    per_point = 0.0
+    for half_range, step in sweeps:
+        per_point += trapezoid_duration_s(half_range, z_speed, z_accel) + dynamics.settle_s   # to the start
+        if continuous:
+            speed = min(z_speed, step * camera.frame_rate_hz)          # one frame per z step
+            per_point += trapezoid_duration_s(2 * half_range + speed ** 2 / z_accel, speed, z_accel)
+        else:
+            steps = len(np.arange(-half_range, half_range + 1e-9, step))
+            per_point += exposure_s + (steps - 1) * (
+                trapezoid_duration_s(step, z_speed, z_accel) + dynamics.settle_s + exposure_s)
+    return moves + settles + len(points) * per_point
 
 
 def recapture_tiles(plan: TilePlan, fraction: float) -> list[PlannedTile]:
@@ -194,15 +192,14 @@ def recapture_tiles(plan: TilePlan, fraction: float) -> list[PlannedTile]:
 
 def scan_time(plan: TilePlan, strategy: str, objective: Objective, camera_pixel_um: float,
               dynamics: StageDynamics, camera: CameraTiming, z_at: Callable, focus_points: list[PlannedTile],
-              recapture_fraction: float = 0.0, overlap_z: bool = True) -> ScanTime:
+              sweeps, recapture_fraction: float = 0.0, overlap_z: bool = True) -> ScanTime:
     """Every term of a scan of `plan` by `strategy`, with focal z from z_at(x, y) (arrays) and the focus
-    map measured at `focus_points` with the scan's z-sweeps. Re-captures correct z by one depth of field."""
+    map measured at `focus_points` with the z-sweeps `sweeps`. Re-captures correct z by one depth of field."""
     if strategy not in STRATEGIES:
         raise TimingError(f"strategy {strategy!r}; expected one of {STRATEGIES}")
     xyz = _xyz(plan.tiles, z_at)
     recaptures = recapture_tiles(plan, recapture_fraction)
-    map_s = focus_map_s(focus_points, z_at, depth_of_field_um(objective, camera_pixel_um), dynamics, camera,
-                        continuous=strategy == "continuous")
+    map_s = focus_map_s(focus_points, z_at, sweeps, dynamics, camera, continuous=strategy == "continuous")
     if strategy == "stop-and-go":
         moves, settles, exposures = stop_and_go_s(xyz, dynamics, camera.exposure_ms, overlap_z)
         # Each re-capture follows its tile at once: a z correction, a settle, an exposure.
