@@ -15,7 +15,7 @@ from std_srvs.srv import Trigger
 from wsi.client import ScannerClient, ScannerUnavailable, TaskResult
 from wsi.graph import GraphConfig, scan_graph
 from wsi.lifecycle_manager import TO_ACTIVE, TO_UNCONFIGURED, BringUpError, transitions
-from wsi_common.service_caller import query
+from wsi_common.service_caller import ANSWER_WAIT_S, query
 from wsi_common.topics import DIAGNOSTICS
 from wsi_interfaces.action import MoveStage
 
@@ -54,7 +54,7 @@ class Robot:
         """The answer; a query (`asked_again`) is asked again when its answer is lost, a transition is not."""
         client = self.node.create_client(service_type, name)
         assert client.wait_for_service(timeout_sec=60), f"no {name}"
-        answer = query(client, request, timeout_s, node=self.node, answer_wait_s=5.0 if asked_again else timeout_s)
+        answer = query(client, request, timeout_s, node=self.node, answer_wait_s=ANSWER_WAIT_S if asked_again else timeout_s)
         assert answer is not None, f"{name} did not answer"
         self.node.destroy_client(client)
         return answer
