@@ -54,7 +54,8 @@ class Robot:
         """The answer; a query (`asked_again`) is asked again when its answer is lost, a transition is not."""
         client = self.node.create_client(service_type, name)
         assert client.wait_for_service(timeout_sec=60), f"no {name}"
-        answer = query(client, request, timeout_s, node=self.node, answer_wait_s=ANSWER_WAIT_S if asked_again else timeout_s)
+        answer = query(client, request, timeout_s, node=self.node,
+                       answer_wait_s=ANSWER_WAIT_S if asked_again else timeout_s)
         assert answer is not None, f"{name} did not answer"
         self.node.destroy_client(client)
         return answer

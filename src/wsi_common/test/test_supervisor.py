@@ -6,7 +6,8 @@ import time
 from wsi_common.ros_env import fastdds_profile_path
 from wsi_common.supervisor import NodeSpec, Supervisor
 
-PRINT_PROFILE = "import os\nprint('profile', os.environ['FASTDDS_DEFAULT_PROFILES_FILE'], os.environ['MALLOC_ARENA_MAX'])\n"
+PRINT_PROFILE = ("import os\n"
+                 "print('profile', os.environ['FASTDDS_DEFAULT_PROFILES_FILE'], os.environ['MALLOC_ARENA_MAX'])\n")
 
 
 def test_only_a_process_that_sends_images_gets_the_large_segment(tmp_path):

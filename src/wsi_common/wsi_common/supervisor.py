@@ -72,7 +72,8 @@ class Supervisor:
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique within a namespace: {names}")
         self.specs = specs
-        self._env = {sends: node_environment(env, large_images=large_images, sends_images=sends) for sends in (False, True)}
+        self._env = {sends: node_environment(env, large_images=large_images, sends_images=sends)
+                     for sends in (False, True)}
         self._log = log
         self._log_lock = threading.Lock()
         self._params_dir = tempfile.TemporaryDirectory(prefix="wsi-params-")
