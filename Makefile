@@ -11,7 +11,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 # launch/ is installed by package wsi (src/wsi/launch links to it).
 SOURCES := $(shell find src launch -type f -not -path '*/__pycache__/*' -not -name '*.pyc') colcon.meta
 
-.PHONY: test scan build bench train-autofocus lock clean
+.PHONY: test scan build bench train-autofocus train-two-shot lock clean
 MODEL_DIR := src/wsi_autofocus/wsi_autofocus/models/focus_resnet_small
 AUTOFOCUS_DATA := build/autofocus-data
 # glibc hands every large tensor back to the kernel and faults it in again at the next step; keeping
@@ -41,6 +41,12 @@ train-autofocus: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
+
+# The two-shot model: renders its pairs (~20 min on 2 cores), trains (~1 min), and evaluates it under the
+# held-out microscopes (rendering their second exposures the first time, ~25 min).
+train-two-shot: $(VENV)/.built
+	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
+	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval-two-shot --card
 
 $(VENV)/.installed: requirements/ros-pypi.txt requirements/python.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -44,6 +44,12 @@ def probe_step_um(depth_of_field_um: float, distance_um: float) -> float:
     return max(distance_um, 2.0 * depth_of_field_um, 2.0)
 
 
+def two_shot_offset(defocus_um: float, depth_of_field_um: float) -> float | None:
+    """The z offset a trusted estimate from two exposures (the tile and its side probe) asks for: to its
+    focus when the tile is out of focus by more than half the depth of field, none otherwise."""
+    return -defocus_um if abs(defocus_um) > depth_of_field_um / 2 else None
+
+
 def side_after_probe(distance_um: float, distance_uncertainty_um: float, above_focus_probability: float,
                      step_um: float, probe_distance_um: float, probe_uncertainty_um: float) -> float:
     """Probability that the first image was above focus, given a second image `step_um` higher whose

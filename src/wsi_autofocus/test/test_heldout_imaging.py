@@ -26,7 +26,8 @@ def _modules_loaded_by(module: str) -> set[str]:
 
 
 def test_training_path_never_loads_the_held_out_microscopes():
-    for module in ("wsi_autofocus.data", "wsi_autofocus.training", "wsi_autofocus.training_optics"):
+    for module in ("wsi_autofocus.data", "wsi_autofocus.training", "wsi_autofocus.training_optics",
+                   "wsi_autofocus.two_shot_training"):
         assert "wsi_autofocus.heldout_imaging" not in _modules_loaded_by(module), module
 
 

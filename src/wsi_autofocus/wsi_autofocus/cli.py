@@ -8,6 +8,9 @@
     wsi-autofocus calibrate --scan SCAN_DIR [--scanner NAME] [--store DIR]
                                                    fine-tune the model on a scan's focus-map sweeps and
                                                    store it for that scanner, objective and camera
+    wsi-autofocus train-two-shot [--data-dir D] [--output F]
+                                                   render exposure pairs and train the two-shot model
+    wsi-autofocus eval-two-shot [--model F]        the held-out imaging table for two exposures a step apart
     wsi-autofocus card [--model M] [--reproduction R]  write MODEL_CARD.md from the model's metadata and
                                                    evaluation (R: another run of the recipe, recorded beside it)
 """
@@ -18,6 +21,8 @@ from pathlib import Path
 
 from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
+from wsi_autofocus.two_shot import TwoShotModel
+from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 
 DEFAULT_DATA_DIR = Path("build/autofocus-data")
 
@@ -59,8 +64,8 @@ def command_eval(args) -> int:
         tiles = shift_evaluation.render_tiles(shift_spec, args.cache_dir, workers=args.workers)
         estimates = shift_evaluation.estimate_tiles(estimator, tiles)
         summary["shift"] = shift_evaluation.summarize(tiles, estimates)
-        summary["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(shift_spec, tiles, estimator, estimates,
-                                                                          args.cache_dir)
+        summary["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
+            shift_spec, tiles, estimator, estimates, args.cache_dir, two_shot_model=TwoShotModel.load(args.two_shot_model))
         summary["calibration_under_held_out_imaging"] = shift_evaluation.calibration_check(
             args.model, shift_evaluation.CalibrationSpec(), tiles, args.cache_dir, args.backend)
         summary["calibration_on_the_slide"] = slide_calibration.slide_calibration_check(
@@ -92,6 +97,39 @@ def command_calibrate(args) -> int:
                        log=lambda line: print(line, flush=True))
     print(f"calibrated on {result.stacks} sweeps ({result.images} images) in {result.fit_s:.0f} s: held-back sweeps "
           f"MAE {result.held_back_mae_before_um:.2f} -> {result.held_back_mae_after_um:.2f} µm; model: {result.model_dir}")
+    return 0
+
+
+def command_train_two_shot(args) -> int:
+    from wsi_autofocus.two_shot_training import PAIR_SPLITS, generate_pairs, train_two_shot
+
+    splits = {}
+    for name, spec in PAIR_SPLITS.items():
+        path = args.data_dir / f"{name}.npz"
+        if not path.exists():
+            print(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} {name} pairs into {path}", flush=True)
+            generate_pairs(spec, path, workers=args.workers)
+        splits[name] = data.load(path)
+    model = train_two_shot(splits["train"], splits["val"], log=lambda line: print(line, flush=True))
+    print(f"wrote {model.save(args.output)}")
+    return 0
+
+
+def command_eval_two_shot(args) -> int:
+    model = TwoShotModel.load(args.model)
+    spec = shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles)
+    tiles = shift_evaluation.render_tiles(spec, args.cache_dir, workers=args.workers)
+    refocuser = shift_evaluation.Refocuser(spec, args.cache_dir)
+    evaluation = shift_evaluation.two_shot_evaluation(model, tiles, refocuser, args.workers)
+    print(shift_evaluation.format_two_shot(evaluation))
+    if args.card:
+        from wsi_autofocus.model_card import render_two_shot
+
+        evaluation_path = args.model.parent / "evaluation.json" if args.model.suffix else args.model / "evaluation.json"
+        evaluation_path.write_text(json.dumps(evaluation, indent=1))
+        card = evaluation_path.with_name("MODEL_CARD.md")
+        card.write_text(render_two_shot(args.model, evaluation))
+        print(f"wrote {evaluation_path} and {card}")
     return 0
 
 
@@ -139,6 +177,8 @@ def main(argv=None) -> int:
     evaluate.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"),
                           help="rendered held-out tiles and sweeps, reused by later evaluations")
     evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--two-shot-model", type=Path, default=default_two_shot_path(),
+                          help="the model a scan reads its side probes with (two exposures)")
     evaluate.set_defaults(run=command_eval)
     calibrate = commands.add_parser("calibrate", help="fine-tune on a scan's focus-map sweeps")
     calibrate.add_argument("--scan", type=Path, required=True, help="scan directory (with manifest.json)")
@@ -149,6 +189,19 @@ def main(argv=None) -> int:
     calibrate.add_argument("--model", type=Path, default=None, help="model to start from (default: the shipped one)")
     calibrate.add_argument("--output", type=Path, help="write the model here instead of into the store")
     calibrate.set_defaults(run=command_calibrate)
+    train_two_shot = commands.add_parser("train-two-shot", help="render exposure pairs, train the two-shot model")
+    train_two_shot.add_argument("--data-dir", type=Path, default=Path("build/two-shot-data"))
+    train_two_shot.add_argument("--output", type=Path, default=default_two_shot_path())
+    train_two_shot.add_argument("--workers", type=int, default=2)
+    train_two_shot.set_defaults(run=command_train_two_shot)
+    eval_two_shot = commands.add_parser("eval-two-shot", help="evaluate the two-shot model under held-out imaging")
+    eval_two_shot.add_argument("--model", type=Path, default=default_two_shot_path())
+    eval_two_shot.add_argument("--shift-tiles", type=int, default=shift_evaluation.ShiftSpec.tiles_per_cell)
+    eval_two_shot.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"))
+    eval_two_shot.add_argument("--workers", type=int, default=2)
+    eval_two_shot.add_argument("--card", action="store_true",
+                               help="write evaluation.json and MODEL_CARD.md beside the model")
+    eval_two_shot.set_defaults(run=command_eval_two_shot)
     card = commands.add_parser("card", help="write the model card")
     card.add_argument("--model", type=Path, default=default_model_dir())
     card.add_argument("--reproduction", type=Path, metavar="MODEL_DIR",

@@ -50,13 +50,14 @@ class DatasetSpec:
 # training never saw); the others train.
 _VALIDATION_TEXTURES = ("photo-retina", "photo-hubble_deep_field", "photo-motorcycle_right")
 _TRAINING_TEXTURES = tuple(name for name in TRAINING_IMAGES if name not in _VALIDATION_TEXTURES)
+TEXTURE_SPLITS = {"train": _TRAINING_TEXTURES, "val": _VALIDATION_TEXTURES}
 
 SPLITS = {
     # Seeds are disjoint between splits: the held-out specimens are never seen in training.
     "train": DatasetSpec(tuple(range(0, 24)), 900, seed=1, randomised_fraction=0.65, texture_fraction=0.35,
-                         texture_images=_TRAINING_TEXTURES),
+                         texture_images=TEXTURE_SPLITS["train"]),
     "val": DatasetSpec(tuple(range(100, 104)), 500, seed=2, randomised_fraction=0.65, texture_fraction=0.35,
-                       texture_images=_VALIDATION_TEXTURES),
+                       texture_images=TEXTURE_SPLITS["val"]),
     "test": DatasetSpec(tuple(range(200, 206)), 800, seed=3),
 }
 
@@ -151,28 +152,51 @@ DENSITY_SCALE_RANGE = (0.6, 1.6)        # section thickness and stain intensity
 def randomised_field(specimen, x_um: float, y_um: float, optics, focus_shift_um: float, defocus_um: float,
                      field_px: int, rng: np.random.Generator) -> np.ndarray:
     """A field_px square centred on (x, y) of `specimen`, imaged through `optics` and a random camera."""
+    return randomised_stack(specimen, x_um, y_um, optics, focus_shift_um, (defocus_um,), field_px, rng)[0]
+
+
+def randomised_stack(specimen, x_um: float, y_um: float, optics, focus_shift_um: float, defoci_um,
+                     field_px: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The same field at each of `defoci_um`: one draw of the specimen's density and phase and of the
+    camera for all of them, each exposure with its own noise."""
     p = optics.pixel_size_um
-    side = fft.next_fast_len(field_px + 2 * training_optics.margin_px(optics, defocus_um + focus_shift_um))
+    widest = max(defoci_um, key=lambda defocus: abs(defocus + focus_shift_um))
+    side = fft.next_fast_len(field_px + 2 * training_optics.margin_px(optics, widest + focus_shift_um))
     margin = (side - field_px) // 2
     od, opd = specimen.optical_density_and_path(x_um - side / 2 * p, y_um - side / 2 * p, side, side, p)
     od = od * np.float32(rng.uniform(*DENSITY_SCALE_RANGE))
     phase_scale = 0.0 if rng.random() < NO_PHASE_FRACTION else rng.uniform(*PHASE_SCALE_RANGE)
-    irradiance = training_optics.image_irradiance(optics, od, opd * np.float32(phase_scale), defocus_um, focus_shift_um)
+    opd = opd * np.float32(phase_scale)
     camera = training_optics.sample_camera(rng)
-    return training_optics.camera_image(irradiance[margin:margin + field_px, margin:margin + field_px], camera, rng)
+    fields = []
+    for defocus_um in defoci_um:
+        irradiance = training_optics.image_irradiance(optics, od, opd, defocus_um, focus_shift_um)
+        fields.append(training_optics.camera_image(irradiance[margin:margin + field_px, margin:margin + field_px],
+                                                   camera, rng))
+    return fields
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    """Write a cache file whole or not at all: a killed evaluation leaves no truncated cache behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez(temporary, **arrays)
+    temporary.replace(path)
+
+
+def starmap_in_processes(function, jobs: list[tuple], workers: int) -> list:
+    """function(*job) for every job, in `workers` spawned processes when more than one."""
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            return pool.starmap(function, jobs)
+    return [function(*job) for job in jobs]
 
 
 def generate(spec: DatasetSpec, output: Path, workers: int = 2) -> Path:
     """Render a split into one .npz (uint8 fields + labels + metadata) and return its path."""
-    jobs = [(spec, seed) for seed in spec.specimen_seeds]
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(render_specimen, jobs)
-    else:
-        parts = [render_specimen(job) for job in jobs]
-    merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(output, **merged)
+    parts = starmap_in_processes(render_specimen, [((spec, seed),) for seed in spec.specimen_seeds], workers)
+    save_npz(output, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
     output.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=1))
     return output
 

@@ -87,12 +87,7 @@ def reproduction_statement(record: dict, shipped_best_val_loss: float) -> str:
 def shift_statement(shift: dict, calibration: dict, slide_calibration_results: dict | None, scan_outcome: dict) -> list[str]:
     """Card lines for the evaluation under held-out imaging: the table, the pooled 20x figures against the
     targets, and self-calibration, all from the evaluation summary."""
-    real = shift["pooled_20x"]["held_out_imaging_real_content"]
-    checks = [(f"MAE {real['mae_um']:.2f} µm (target ≤ {TARGET_SHIFT_MAE_UM})", real["mae_um"] <= TARGET_SHIFT_MAE_UM),
-              (f"sign {real['sign_accuracy_beyond_1um']:.0%} beyond 1 µm (target ≥ {TARGET_SHIFT_SIGN_ACCURACY:.0%})",
-               real["sign_accuracy_beyond_1um"] >= TARGET_SHIFT_SIGN_ACCURACY),
-              (f"{real['confidently_wrong']} confidently wrong (target {TARGET_SHIFT_CONFIDENTLY_WRONG})",
-               real["confidently_wrong"] <= TARGET_SHIFT_CONFIDENTLY_WRONG)]
+    checks = shift_target_checks(shift["pooled_20x"]["held_out_imaging_real_content"])
     calibrations = {"other specimens": calibration, "the slide itself": slide_calibration_results or {}}
     for where, results in calibrations.items():
         if not results:
@@ -250,5 +245,54 @@ def render(model_dir: Path) -> str:
         "",
         *shift_statement(summary["shift"], summary["calibration_under_held_out_imaging"],
                          summary.get("calibration_on_the_slide"), summary["scan_outcome_20x"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def shift_target_checks(pooled: dict) -> list[tuple[str, bool]]:
+    """The held-out imaging x real content targets (20x pooled) as (statement, met)."""
+    return [(f"MAE {pooled['mae_um']:.2f} µm (target ≤ {TARGET_SHIFT_MAE_UM})", pooled["mae_um"] <= TARGET_SHIFT_MAE_UM),
+            (f"sign {pooled['sign_accuracy_beyond_1um']:.0%} beyond 1 µm (target ≥ {TARGET_SHIFT_SIGN_ACCURACY:.0%})",
+             pooled["sign_accuracy_beyond_1um"] >= TARGET_SHIFT_SIGN_ACCURACY),
+            (f"{pooled['confidently_wrong']} confidently wrong (target {TARGET_SHIFT_CONFIDENTLY_WRONG})",
+             pooled["confidently_wrong"] <= TARGET_SHIFT_CONFIDENTLY_WRONG)]
+
+
+def render_two_shot(model_path: Path, evaluation: dict) -> str:
+    """The two-shot model's card, from its metadata and its evaluation under held-out imaging."""
+    from wsi_autofocus import two_shot, two_shot_training
+
+    model = two_shot.TwoShotModel.load(model_path)
+    meta, train_spec = model.metadata, two_shot_training.PAIR_SPLITS["train"]
+    checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
+    lines = [
+        "# Model card: two-shot defocus",
+        "",
+        "Predicts the signed defocus of a field (µm, positive = stage above focus) and its one-sigma uncertainty "
+        "from two exposures of it, the second a known step higher (`wsi_autofocus.two_shot`). The ratio of the two "
+        "images' power spectra in bands of spatial frequency (units of NA/λ) cancels the specimen; a perceptron "
+        f"({meta['config']['layers']} hidden layers of {meta['config']['hidden']}) maps the ratios, the bands' "
+        "power and the step (in depths of focus λ/NA²) to the defocus in depths of focus.",
+        "",
+        "## Data and training (`make train-two-shot`)",
+        f"- {meta['train_pairs']} training pairs, {meta['val_pairs']} validation pairs of {train_spec.field_px} px fields "
+        f"(`two_shot_training.PAIR_SPLITS`): steps {train_spec.step_depths[0]:g}-{train_spec.step_depths[1]:g} depths of "
+        f"focus, defocus within ±{train_spec.max_defocus_um:g} µm; {train_spec.virtual_microscope_fraction:.0%} through "
+        "the virtual microscope, the rest through microscopes drawn at random (`training_optics`), "
+        f"{train_spec.texture_fraction:.0%} of those showing re-stained training textures. Specimens and textures split "
+        "as the single-shot model's; the held-out microscopes and the real images below are never seen.",
+        f"- Gaussian negative log-likelihood, AdamW, {meta['epochs_run']} epochs in {meta['train_s']:.0f} s; sigma "
+        f"scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
+        "",
+        "## Microscopes and content it never trained on (`wsi-autofocus eval-two-shot`)",
+        "The same tiles as the single-shot model's table (`wsi_autofocus.shift_evaluation`); the second exposure is the "
+        "same field imaged again by the same microscope one step higher.",
+        "",
+        "```",
+        shift_evaluation.format_two_shot(evaluation),
+        "```",
+        "",
+        "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),
+        "- Targets not met: " + ("; ".join(text for text, ok in checks if not ok) or "none"),
     ]
     return "\n".join(lines) + "\n"

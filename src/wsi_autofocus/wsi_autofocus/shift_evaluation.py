@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import focus_action, keeps_correction, probe_step_um, side_from_probe, trusts_estimate
+from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, side_from_probe, trusts_estimate,
+                                   two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
-from wsi_autofocus import heldout_imaging
+from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.data import OBJECTIVES, SPLITS, specimen_for_seed, tissue_points
+from wsi_autofocus.data import OBJECTIVES, SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
+from wsi_autofocus.evaluate import sweep_time_s
 from wsi_common.focus_metrics import brenner
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
@@ -123,23 +125,6 @@ class _FieldCamera:
             return depth_of_field_um(STANDARD_OBJECTIVES[float(self.magnification)], scope.camera.pixel_size_um)
         microscope = self._microscope(specimen)
         return microscope.depth_of_field_um(self.magnification)
-
-
-def save_npz(path: Path, arrays: dict) -> None:
-    """Write a cache file whole or not at all: a killed evaluation leaves no truncated cache behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, **arrays)
-    temporary.replace(path)
-
-
-def starmap_in_processes(function, jobs: list[tuple], workers: int) -> list:
-    """function(*job) for every job, in `workers` spawned processes when more than one."""
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            return pool.starmap(function, jobs)
-    return [function(*job) for job in jobs]
 
 
 def render_cell(args: tuple[ShiftSpec, str, str, float]) -> dict:
@@ -267,22 +252,81 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int = 2) -> dict:
+    """The two-shot model's estimate for every tile: the tile and a second exposure of its field one
+    `two_shot.default_step_um` higher (imaged by the tile's own microscope, cached by `refocuser`)."""
+    steps = [two_shot.default_step_um(float(aperture)) for aperture in tiles["numerical_aperture"]]
+    refocuser.prefetch([(index, float(true) + step) for index, (true, step) in enumerate(zip(tiles["true_um"], steps))],
+                       workers)
+    predicted, sigma, compute_s = [], [], []
+    for index, (image, step) in enumerate(zip(tiles["images"], steps)):
+        aperture, pixel = float(tiles["numerical_aperture"][index]), float(tiles["pixel_size_um"][index])
+        second = refocuser.image(index, float(tiles["true_um"][index]) + step)
+        started = time.perf_counter()
+        estimate = model.estimate(image, second, aperture, pixel, step)
+        compute_s.append(time.perf_counter() - started)
+        predicted.append(estimate.defocus_um)
+        sigma.append(estimate.uncertainty_um)
+    refocuser.save()
+    predicted = np.array(predicted)
+    return {"predicted_um": predicted, "uncertainty_um": np.array(sigma), "distance_um": np.abs(predicted),
+            "compute_s": np.array(compute_s)}
+
+
+def two_shot_evaluation(model, tiles: dict, refocuser: "Refocuser", workers: int = 2) -> dict:
+    """The held-out imaging table for the two-shot model, and what its second exposure costs at 20x
+    beside the single shot: a z move of one step, a settle and an exposure."""
+    estimates = two_shot_estimates(model, tiles, refocuser, workers)
+    twenty = tiles["objective"] == DEFAULT_OBJECTIVE_MAGNIFICATION
+    step_um = two_shot.default_step_um(float(np.median(tiles["numerical_aperture"][twenty])))
+    return summarize(tiles, estimates) | {"cost_20x": {
+        "step_um": step_um, "second_exposure_s": sweep_time_s(1, step_um, ShiftSpec.exposure_ms),
+        "compute_ms_median": float(np.median(estimates["compute_s"][twenty]) * 1e3),
+        "tile_px": int(tiles["images"].shape[1])}}
+
+
+def format_two_shot(evaluation: dict) -> str:
+    cost = evaluation["cost_20x"]
+    return (f"two shots: the tile and a second exposure {two_shot.DEFAULT_STEP_DEPTHS:g} depths of focus higher "
+            f"({cost['step_um']:.2f} µm at 20x: +{cost['second_exposure_s'] * 1e3:.0f} ms of stage and exposure, "
+            f"{cost['compute_ms_median']:.1f} ms to estimate on {cost['tile_px']} px tiles)\n" + format_table(evaluation))
+
+
+
+
 # -- what a scan makes of the estimates ----------------------------------------------------------------
 
 
 class Refocuser:
     """Images a tile's field of the shift evaluation again at another defocus, as a scan does for a side
-    probe or a correction; images are kept in a cache file beside the tiles'."""
+    probe or a correction; images are kept in a cache file beside the tiles' (none without a cache_dir)."""
 
-    def __init__(self, spec: ShiftSpec, cache_dir: Path):
+    def __init__(self, spec: ShiftSpec, cache_dir: Path | None):
         self.spec = spec
-        self.path = Path(cache_dir) / f"refocus-{spec.cache_key()}.npz"
-        self._images = dict(np.load(self.path)) if self.path.exists() else {}
+        self.path = Path(cache_dir) / f"refocus-{spec.cache_key()}.npz" if cache_dir is not None else None
+        self._images = dict(np.load(self.path)) if self.path is not None and self.path.exists() else {}
         self._added = False
         self._cells: dict[int, tuple[list, _FieldCamera]] = {}
 
+    @staticmethod
+    def _key(index: int, defocus_um: float) -> str:
+        return f"{index}|{defocus_um:.3f}"
+
+    def prefetch(self, requests: list[tuple[int, float]], workers: int = 2) -> None:
+        """Render the (tile index, defocus) images not yet cached, a cell per job in `workers` processes:
+        the same images `image` would render one by one."""
+        by_cell: dict[int, list[tuple[int, float]]] = {}
+        for index, defocus_um in requests:
+            if self._key(index, defocus_um) not in self._images:
+                by_cell.setdefault(index // self.spec.tiles_per_cell, []).append((index, defocus_um))
+        jobs = [(self.spec, cell_requests) for cell_requests in by_cell.values()]
+        for cell_requests, images in zip(by_cell.values(), starmap_in_processes(_refocused_images, jobs, workers)):
+            for (index, defocus_um), image in zip(cell_requests, images):
+                self._images[self._key(index, defocus_um)] = image
+                self._added = True
+
     def image(self, index: int, defocus_um: float) -> np.ndarray:
-        key = f"{index}|{defocus_um:.3f}"
+        key = self._key(index, defocus_um)
         if key not in self._images:
             cell, within = divmod(index, self.spec.tiles_per_cell)
             if cell not in self._cells:
@@ -297,15 +341,22 @@ class Refocuser:
         return self._images[key]
 
     def save(self) -> None:
-        if self._added:
+        if self._added and self.path is not None:
             save_npz(self.path, self._images)
             self._added = False
 
 
-def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser, mask: np.ndarray) -> dict:
+def _refocused_images(spec: ShiftSpec, requests: list[tuple[int, float]]) -> list[np.ndarray]:
+    refocuser = Refocuser(spec, None)
+    return [refocuser.image(index, defocus_um) for index, defocus_um in requests]
+
+
+def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser, mask: np.ndarray,
+                  two_shot_model=None) -> dict:
     """For every tile in `mask`, taken at the focus map's z (its defocus), what the scan's inline
-    autofocus does (`wsi_acquisition.focus`: act, probe the side with a second exposure one probe step
-    higher, or keep) and the tile's defocus afterwards, a correction being kept only if sharper."""
+    autofocus does (`wsi_acquisition.focus`: act, or take a second exposure one probe step higher and act
+    on both exposures' estimate (`two_shot_model`) when trusted, else on the side it shows, or keep) and the
+    tile's defocus afterwards, a correction being kept only if sharper."""
     indices = np.flatnonzero(mask)
     final, action, probe_side_right, exposures = [], [], [], []
     for index in indices:
@@ -320,12 +371,18 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
         elif chosen == "probe":
             step = probe_step_um(dof, estimate.distance_um)
             probe_image = refocuser.image(index, true + step)
-            probe, = estimator.estimate_many([probe_image], [optics])
             shots += 1
-            above, _ = side_from_probe(estimate, probe, step, brenner(tiles["images"][index]), brenner(probe_image))
-            if above is not None:
-                offset = -estimate.distance_um if above else estimate.distance_um
-                side_right = above == (true > 0)
+            pair = (two_shot_model.estimate(tiles["images"][index], probe_image, *optics, step)
+                    if two_shot_model is not None else None)
+            if pair is not None and trusts_estimate(pair.uncertainty_um, dof):
+                offset = two_shot_offset(pair.defocus_um, dof)
+                side_right = (pair.defocus_um > 0) == (true > 0)
+            else:
+                probe, = estimator.estimate_many([probe_image], [optics])
+                above, _ = side_from_probe(estimate, probe, step, brenner(tiles["images"][index]), brenner(probe_image))
+                if above is not None:
+                    offset = -estimate.distance_um if above else estimate.distance_um
+                    side_right = above == (true > 0)
         after = true
         if offset is not None:
             shots += 1
@@ -361,14 +418,15 @@ def scan_outcome_statistics(outcomes: dict) -> dict:
 
 
 def scan_outcome_table(spec: ShiftSpec, tiles: dict, estimator, estimates: dict, cache_dir: Path,
-                       magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION) -> dict:
+                       magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION, two_shot_model=None) -> dict:
     """`scan_outcome_statistics` per imaging model at one objective, all content sources pooled."""
     refocuser = Refocuser(spec, cache_dir)
     table = {}
     try:
         for imaging in dict.fromkeys(tiles["imaging"]):
             mask = (tiles["imaging"] == imaging) & (tiles["objective"] == magnification)
-            table[str(imaging)] = scan_outcome_statistics(scan_outcomes(estimator, tiles, estimates, refocuser, mask))
+            table[str(imaging)] = scan_outcome_statistics(scan_outcomes(estimator, tiles, estimates, refocuser, mask,
+                                                                        two_shot_model))
     finally:
         refocuser.save()
     return table

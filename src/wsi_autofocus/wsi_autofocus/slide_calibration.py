@@ -21,10 +21,9 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.data import SPLITS, specimen_for_seed, tissue_points
+from wsi_autofocus.data import SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
 from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, calibrated_statistics, describe_calibration,
-                                            format_calibration, render_sweep, save_npz,
-                                            starmap_in_processes, z_stacks)
+                                            format_calibration, render_sweep, z_stacks)
 
 SLIDES = (PROCEDURAL, "real-he")
 # Bands of a real image's height for the sweeps and for the test fields: the gap between them is wider

@@ -1,0 +1,175 @@
+"""Two-shot defocus: the signed distance from focus of a field from two exposures a known z step apart.
+
+One image cannot tell the specimen's own softness from the blur the optics add, and the side of focus
+shows in one image only through cues (phase contrast, aberrations) that differ from one microscope and
+specimen to the next. Two images of the same field at z and z + step share the specimen: the ratio of
+their spatial power spectra, band by band, is the ratio of the optics' transfer at the two defocus values,
+which depends on the defocus, the step and the optics, not on what lies on the slide. Frequencies are
+measured in units of NA / lambda and defocus in units of lambda / NA^2 (the depth of focus), in which
+the transfer of a defocused objective is nearly the same for every objective; a small network
+(`TwoShotModel`) maps the band ratios to the defocus and its uncertainty. It is trained on the
+training simulators only (`two_shot_training`), and costs well under a millisecond per pair beside the
+two FFTs.
+
+Conventions as everywhere in the project: defocus > 0 means the stage is above focus; the second
+exposure is taken `step_um` higher (step > 0) or lower (step < 0) than the first, and the estimate is
+the first exposure's defocus.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import fft
+
+REFERENCE_WAVELENGTH_UM = 0.55
+# Edges of the spatial-frequency bands, in units of NA / lambda (the coherent cut-off is 1, the
+# incoherent one 2); above ~1.3 little survives a partially coherent bright-field objective.
+BAND_EDGES = np.linspace(0.04, 1.3, 15)
+# The step a scan takes for the second exposure, in depths of focus (lambda / NA^2): about 2 µm at 20x/0.75.
+DEFAULT_STEP_DEPTHS = 2.0
+FEATURE_COUNT = 3 * (len(BAND_EDGES) - 1) + 2
+MODEL_FILE = "two_shot.npz"
+
+
+class TwoShotError(ValueError):
+    """Two images that cannot be compared (shapes differ, or no band lies below the sampling limit)."""
+
+
+def depth_unit_um(numerical_aperture: float) -> float:
+    """lambda / NA^2 at the reference wavelength: the unit of defocus the model works in."""
+    return REFERENCE_WAVELENGTH_UM / numerical_aperture ** 2
+
+
+def default_step_um(numerical_aperture: float) -> float:
+    return DEFAULT_STEP_DEPTHS * depth_unit_um(numerical_aperture)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_layout(shape: tuple[int, int], numerical_aperture: float, pixel_size_um: float):
+    """Band index of every rfft2 frequency (-1 outside all bands), pixels per band, and which bands lie
+    wholly below the sampling limit."""
+    height, width = shape
+    fy = np.fft.fftfreq(height)[:, None] / pixel_size_um
+    fx = np.fft.rfftfreq(width)[None, :] / pixel_size_um
+    normalised = np.hypot(fy, fx) * REFERENCE_WAVELENGTH_UM / numerical_aperture
+    index = np.digitize(normalised, BAND_EDGES) - 1
+    index[(index < 0) | (index >= len(BAND_EDGES) - 1)] = -1
+    counts = np.bincount(index[index >= 0], minlength=len(BAND_EDGES) - 1)
+    nyquist = 0.5 / pixel_size_um * REFERENCE_WAVELENGTH_UM / numerical_aperture
+    valid = (BAND_EDGES[1:] <= nyquist) & (counts > 0)
+    window = np.outer(np.hanning(height), np.hanning(width)).astype(np.float32)
+    return index, counts, valid, window
+
+
+def band_log_power(image_rgb8: np.ndarray, numerical_aperture: float, pixel_size_um: float):
+    """Mean log10 power of the image's relative contrast in each band, and which bands are valid."""
+    gray = np.asarray(image_rgb8, np.float32).mean(axis=2)
+    contrast = gray / max(float(gray.mean()), 1.0) - 1.0
+    index, counts, valid, window = _band_layout(contrast.shape, float(numerical_aperture), float(pixel_size_um))
+    contrast = (contrast - contrast.mean()) * window
+    power = np.abs(fft.rfft2(contrast, workers=1)) ** 2
+    inside = index >= 0
+    sums = np.bincount(index[inside], weights=power[inside], minlength=len(counts))
+    return np.log10(sums / np.maximum(counts, 1) + 1e-12), valid
+
+
+def pair_features(first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_aperture: float,
+                  pixel_size_um: float, step_um: float) -> np.ndarray:
+    """The model's input for two exposures of one field, the second `step_um` above the first:
+    per band the log power ratio (second over first), their mean log power relative to the lowest band,
+    whether the band is sampled; then the step in depths of focus and the NA."""
+    if not step_um > 0:
+        raise TwoShotError(f"the second exposure must be above the first (step > 0 µm); got step {step_um} µm")
+    if np.shape(first_rgb8) != np.shape(second_rgb8):
+        raise TwoShotError(f"the two exposures differ in shape: {np.shape(first_rgb8)} and {np.shape(second_rgb8)}")
+    first, valid = band_log_power(first_rgb8, numerical_aperture, pixel_size_um)
+    second, _ = band_log_power(second_rgb8, numerical_aperture, pixel_size_um)
+    if not valid.any():
+        raise TwoShotError(f"no frequency band lies below the sampling limit at pixel {pixel_size_um} µm, "
+                           f"NA {numerical_aperture}")
+    ratio = np.where(valid, second - first, 0.0)
+    level = (first + second) / 2
+    level = np.where(valid, level - level[0], 0.0)
+    step_depths = step_um / depth_unit_um(numerical_aperture)
+    return np.concatenate([ratio, level, valid.astype(np.float64), [step_depths, numerical_aperture]]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TwoShotEstimate:
+    defocus_um: float           # of the first exposure; > 0: stage above focus
+    uncertainty_um: float       # one sigma
+
+    @property
+    def above_focus_probability(self) -> float:
+        return float(0.5 * (1.0 + math.erf(self.defocus_um / (self.uncertainty_um * math.sqrt(2.0)))))
+
+
+class TwoShotModel:
+    """A two-layer perceptron over `pair_features`, in numpy: its weights and the features' scaling
+    live in one .npz with the metadata of how it was trained."""
+
+    def __init__(self, arrays: dict, metadata: dict):
+        self.arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
+        self.metadata = metadata
+
+    @classmethod
+    def load(cls, path: Path) -> "TwoShotModel":
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_FILE
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files if key != "metadata"}
+            metadata = json.loads(str(data["metadata"]))
+        if arrays["mean"].shape != (FEATURE_COUNT,):
+            raise TwoShotError(f"{path} takes {arrays['mean'].shape[0]} features; this version computes {FEATURE_COUNT}")
+        return cls(arrays, metadata)
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, metadata=json.dumps(self.metadata), **self.arrays)
+        return path
+
+    def predict_depths(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(defocus, sigma) in depths of focus for rows of features."""
+        a = self.arrays
+        hidden = (np.atleast_2d(features) - a["mean"]) / a["scale"]
+        for layer in range(hidden_layers(a)):
+            hidden = np.maximum(hidden @ a[f"w{layer}"] + a[f"b{layer}"], 0.0)
+        output = hidden @ a["w_out"] + a["b_out"]
+        return output[:, 0], np.exp(0.5 * output[:, 1])
+
+    def estimate(self, first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_aperture: float,
+                 pixel_size_um: float, step_um: float) -> TwoShotEstimate:
+        features = pair_features(first_rgb8, second_rgb8, numerical_aperture, pixel_size_um, step_um)
+        depths, sigma = self.predict_depths(features)
+        unit = depth_unit_um(numerical_aperture)
+        return TwoShotEstimate(float(depths[0] * unit), float(sigma[0] * unit))
+
+
+def with_second_exposure(model: TwoShotModel, single, image_rgb8: np.ndarray, image_above_rgb8: np.ndarray,
+                         numerical_aperture: float, pixel_size_um: float, step_um: float):
+    """A single-shot estimate of `image_rgb8` (any dataclass with the fields of `inference.FocusResult`)
+    with its defocus, distance and side taken from both exposures instead."""
+    if not (numerical_aperture > 0 and pixel_size_um > 0):
+        raise TwoShotError("two exposures need the objective's NA and the pixel size; got NA "
+                           f"{numerical_aperture}, pixel {pixel_size_um} µm")
+    pair = model.estimate(image_rgb8, image_above_rgb8, numerical_aperture, pixel_size_um, step_um)
+    return dataclasses.replace(single, defocus_um=pair.defocus_um, uncertainty_um=pair.uncertainty_um,
+                               distance_um=abs(pair.defocus_um), distance_uncertainty_um=pair.uncertainty_um,
+                               above_focus_probability=pair.above_focus_probability)
+
+
+def default_model_path() -> Path:
+    return Path(__file__).parent / "models" / "two_shot" / MODEL_FILE
+
+
+def hidden_layers(arrays: dict) -> int:
+    """Hidden layers of a saved perceptron: its weights are w0, w1, ... then w_out."""
+    return sum(1 for key in arrays if key.startswith("w") and key[1:].isdigit())
