@@ -343,14 +343,20 @@ class ScanOrchestratorNode(Node):
             return None
         return _focus_reply(estimate) if estimate.valid else None
 
-    def _estimate_untiled_image(self, frame) -> FocusReply | None:
-        """The autofocus node's estimate of an image that is not a tile (a side probe), by its service."""
+    def _estimate_untiled_image(self, frame, frame_above=None, step_above_um: float = 0.0) -> FocusReply | None:
+        """The autofocus node's estimate of an image that is not a tile, by its service: a side probe alone,
+        or a tile with the probe taken `step_above_um` higher (two exposures)."""
         if not self._estimate_image.service_is_ready():
             return None
         request = EstimateFocus.Request(pixel_size_um=frame.pixel_size_um, numerical_aperture=frame.numerical_aperture,
                                         objective_magnification=frame.objective_magnification)
         array_to_image(frame.image_rgb8, "rgb8", request.image)
+        if frame_above is not None:
+            array_to_image(frame_above.image_rgb8, "rgb8", request.image_above)
+            request.step_above_um = step_above_um
         response = wait_for_future(self._estimate_image.call_async(request), self.params["autofocus_timeout_s"])
+        if response is not None and not response.success:
+            self.get_logger().warning(f"autofocus could not estimate a focus check: {response.error}")
         return _focus_reply(response) if response is not None and response.success else None
 
     def _calibrate_autofocus(self, scan_dir: Path, should_cancel) -> dict:

@@ -21,7 +21,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import focus_action, keeps_correction, probe_step_um, sharpness_gain, side_from_probe
+from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, sharpness_gain, side_from_probe,
+                                   trusts_estimate, two_shot_offset)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
@@ -165,7 +166,7 @@ class ScanRunner:
                  on_progress: Callable[[ScanProgress], None] = lambda progress: None,
                  should_cancel: Callable[[], bool] = lambda: False,
                  on_plan: Callable[[TilePlan], None] = lambda plan: None,
-                 estimate_image: Callable[[Frame], FocusReply | None] | None = None,
+                 estimate_image: Callable[..., FocusReply | None] | None = None,
                  calibrate_focus: Callable[[Path], dict] | None = None,
                  retries: int = 2, z_approach_um: float = 5.0, min_focus_contrast: float = 1.3,
                  clock: Callable[[], float] = time.monotonic):
@@ -176,7 +177,9 @@ class ScanRunner:
         self.on_progress = on_progress
         self.should_cancel = should_cancel
         self.on_plan = on_plan
-        self.estimate_image = estimate_image        # an image that is not a tile (a side probe)
+        # An image that is not a tile (a side probe): estimate_image(frame), or with a second exposure of the
+        # same field step µm higher, estimate_image(frame, frame_above, step).
+        self.estimate_image = estimate_image
         self.calibrate_focus = calibrate_focus      # scan directory -> what the calibration reported
         self.retries = retries
         self.z_approach_um = z_approach_um
@@ -445,30 +448,40 @@ class ScanRunner:
         action = focus_action(reply.defocus_um, reply.uncertainty_um, reply.distance_um,
                               reply.distance_uncertainty_um, depth_of_field_um)
         if action == "correct":
-            self._try_correction(tile, map_z, -reply.defocus_um, record, "autofocus")
+            self._try_correction(tile, map_z, -reply.defocus_um, "autofocus", record)
         elif action == "probe":
-            above = self._probe_side(tile, map_z, reply, record, depth_of_field_um)
-            if above is not None:
-                self._try_correction(tile, map_z, -reply.distance_um if above else reply.distance_um, record,
-                                     "autofocus+probe")
+            decided = self._probe(tile, map_z, reply, record, frame, depth_of_field_um)
+            if decided is not None:
+                self._try_correction(tile, map_z, *decided, record)
 
-    def _probe_side(self, tile, map_z: float, reply: FocusReply, record: TileRecord,
-                    depth_of_field_um: float) -> bool | None:
-        """A second exposure one probe step higher: True/False when it settles the side of focus."""
+    def _probe(self, tile, map_z: float, reply: FocusReply, record: TileRecord, frame: Frame,
+               depth_of_field_um: float) -> tuple[float, str] | None:
+        """A second exposure one probe step higher; the z offset to try and its source, or None to keep
+        the tile. The two exposures together give the defocus on any microscope (`focus.two_shot_offset`);
+        when that is not trusted, the probe settles only the side of the single shot's distance."""
         step = probe_step_um(depth_of_field_um, reply.distance_um)
         self._move(tile.x_um, tile.y_um, map_z + step)
-        frame = self._snap()
-        probe = self.estimate_image(frame) if self.estimate_image is not None else None
+        probe_frame = self._snap()
         check = {"kind": "side-probe", "row": tile.row, "col": tile.col, "z_um": map_z + step, "step_um": step,
-                 "captured_s": self.clock() - self._started, "sharpness": brenner(frame.image_rgb8),
-                 "ground_truth": _ground_truth(frame)}
+                 "captured_s": self.clock() - self._started, "sharpness": brenner(probe_frame.image_rgb8),
+                 "ground_truth": _ground_truth(probe_frame)}
+        pair = self.estimate_image(frame, probe_frame, step) if self.estimate_image is not None else None
+        if pair is not None:
+            check |= {"two_shot_defocus_um": pair.defocus_um, "two_shot_uncertainty_um": pair.uncertainty_um}
+            if trusts_estimate(pair.uncertainty_um, depth_of_field_um):
+                self._keep_focus_check(check, probe_frame)
+                offset = two_shot_offset(pair.defocus_um, depth_of_field_um)
+                return None if offset is None else (offset, "autofocus+two-shot")
+        probe = self.estimate_image(probe_frame) if self.estimate_image is not None else None
         above, posterior = side_from_probe(reply, probe, step, record.sharpness, check["sharpness"])
         check |= {"probe_distance_um": probe.distance_um if probe is not None else None,
                   "above_focus_probability": posterior, "above_focus": above}
-        self._keep_focus_check(check, frame)
-        return above
+        self._keep_focus_check(check, probe_frame)
+        if above is None:
+            return None
+        return (-reply.distance_um if above else reply.distance_um), "autofocus+probe"
 
-    def _try_correction(self, tile, map_z: float, offset_um: float, original: TileRecord, source: str) -> None:
+    def _try_correction(self, tile, map_z: float, offset_um: float, source: str, original: TileRecord) -> None:
         """Capture at the corrected z; publish it as the tile's re-capture only if it is sharper."""
         record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
                                       offset_um, True)

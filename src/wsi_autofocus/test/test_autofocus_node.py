@@ -50,6 +50,31 @@ def test_estimate_focus_answers_for_an_image(autofocus, ros_node):
     assert 0.5 < response.tissue_fraction <= 1.0 and response.inference_latency_ms > 0
 
 
+def test_two_exposures_of_a_field_give_its_defocus_from_both(autofocus, ros_node):
+    microscope = VirtualMicroscope(seed=200)
+    x, y = 43_000.0, 12_500.0
+    step_um = 2.0
+    for defocus_um in (-5.0, 5.0):
+        first, above = (microscope.capture(x, y, microscope.focal_z_um(x, y) + z, 20, roi=(256, 256, 512, 512))
+                        for z in (defocus_um, defocus_um + step_um))
+        request = EstimateFocus.Request(pixel_size_um=first.pixel_size_um, numerical_aperture=first.numerical_aperture,
+                                        step_above_um=step_um)
+        array_to_image(first.image_rgb8, "rgb8", request.image)
+        array_to_image(above.image_rgb8, "rgb8", request.image_above)
+        response = call(ros_node, autofocus, request)
+        assert response.success and response.exposures_used == 2, response.error
+        assert abs(response.defocus_um - defocus_um) < 2.0 and response.distance_um == abs(response.defocus_um)
+        assert (response.above_focus_probability > 0.5) == (defocus_um > 0)
+    # A pair is refused with the reason when it cannot be compared: no optics, or images of two sizes.
+    request.numerical_aperture = 0.0
+    response = call(ros_node, autofocus, request)
+    assert not response.success and "need the objective's NA" in response.error
+    request.numerical_aperture = first.numerical_aperture
+    array_to_image(above.image_rgb8[:256], "rgb8", request.image_above)
+    response = call(ros_node, autofocus, request)
+    assert not response.success and "differ in shape" in response.error
+
+
 def test_bad_images_get_a_reason_not_a_crash(autofocus, ros_node):
     request = EstimateFocus.Request()
     request.image = Image(height=4, width=4, encoding="yuv422", step=8, data=bytes(32))

@@ -87,12 +87,18 @@ class HeldOutScanner:
         return None
 
 
-def max_abs_defocus_gain_um(records) -> float:
-    """Over the tiles of a scan: the largest increase of |true defocus| from a tile's focus-map capture to
-    its final image (<= 0 when no tile ended less in focus than the focus map left it)."""
+def abs_defocus_first_and_final_um(records) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile of a scan: |true defocus| of its focus-map capture and of its final image."""
     first, final = {}, {}
     for record in records:
         first.setdefault((record.row, record.col), record)
         final[(record.row, record.col)] = record
-    return max(abs(final[c].ground_truth["defocus_um"]) - abs(first[c].ground_truth["defocus_um"]) for c in first) \
-        if first else -math.inf
+    return (np.array([abs(first[c].ground_truth["defocus_um"]) for c in first]),
+            np.array([abs(final[c].ground_truth["defocus_um"]) for c in first]))
+
+
+def max_abs_defocus_gain_um(records) -> float:
+    """Over the tiles of a scan: the largest increase of |true defocus| from a tile's focus-map capture to
+    its final image (<= 0 when no tile ended less in focus than the focus map left it)."""
+    first, final = abs_defocus_first_and_final_um(records)
+    return float(np.max(final - first)) if len(first) else -math.inf

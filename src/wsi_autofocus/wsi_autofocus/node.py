@@ -19,6 +19,8 @@ from rclpy.node import Node
 
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
+from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, with_second_exposure
+from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
@@ -33,6 +35,7 @@ PARAMETERS = {
     "model_dir": ("", "directory with model.pt / model.onnx / metadata.json; empty = the shipped model"),
     "calibration_root": ("out/autofocus-calibration", "calibrated models, one per scanner, objective and camera"),
     "scanner_name": ("default", "this scanner's name in calibration_root"),
+    "two_shot_model": ("", "two-shot model file (.npz) for EstimateFocus with image_above; empty = the shipped one"),
     "threads": (2, "CPU threads for inference"),
     "max_batch_tiles": (8, "most queued tiles evaluated in one batch"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
@@ -51,7 +54,8 @@ class AutofocusNode(Node):
             self.store = CalibrationStore(self.params["calibration_root"], self.params["scanner_name"])
             self.estimators = CalibratedEstimators(self.store, self.params["backend"], self.params["model_dir"] or None,
                                                    self.params["threads"])
-        except (BackendUnavailableError, ValueError) as error:
+            self.two_shot = TwoShotModel.load(self.params["two_shot_model"] or default_two_shot_path())
+        except (BackendUnavailableError, ValueError, OSError) as error:
             raise NodeConfigurationError(str(error)) from error
         self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
                                    size_of=lambda tile: len(tile.image.data))
@@ -122,14 +126,21 @@ class AutofocusNode(Node):
         estimator = self._estimator(request.objective_magnification, request.numerical_aperture, request.pixel_size_um)
         response.model_id, response.backend = estimator.model_id, estimator.backend.name
         response.model_dir = str(estimator.model_dir)
+        started = time.perf_counter()
         try:
-            result = estimator.estimate(decode_rgb(request.image), request.numerical_aperture, request.pixel_size_um)
-        except (ImageConversionError, FocusInputError) as error:
+            image = decode_rgb(request.image)
+            result = estimator.estimate(image, request.numerical_aperture, request.pixel_size_um)
+            if request.image_above.width:
+                result = with_second_exposure(self.two_shot, result, image, decode_rgb(request.image_above),
+                                              request.numerical_aperture, request.pixel_size_um,
+                                              request.step_above_um)
+        except (ImageConversionError, FocusInputError, TwoShotError) as error:
             response.success, response.error = False, str(error)
             return response
         response.success = True
         _fill_estimate(response, result)
-        response.inference_latency_ms = result.latency_ms
+        response.exposures_used = 2 if request.image_above.width else 1
+        response.inference_latency_ms = (time.perf_counter() - started) * 1e3
         return response
 
     def _calibrate(self, request, response):
