@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import focus_action, probe_step_um, side_from_probe, trusts_estimate
+from wsi_acquisition.focus import focus_action, probe_step_um, side_from_probe, trusts_estimate, two_shot_offset
 from wsi_acquisition.scan import FocusReply
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_common.focus_metrics import SHARPNESS_METRICS, brenner, tissue_fraction
@@ -57,3 +57,11 @@ def test_the_side_comes_from_the_probe_estimate_else_from_which_image_is_sharper
     assert side_from_probe(unsure, None, 6.0, sharpness=1.0, probe_sharpness=1.005) == (None, None)
     undecided, posterior = side_from_probe(FocusReply(0.0, 6.0, 6.0, 8.0, 0.5), FocusReply(9.0, 8.0), 6.0, 1.0, 1.0)
     assert undecided is None and 0.05 < posterior < 0.95
+
+
+def test_two_exposures_move_the_stage_when_trusted_or_sure_of_the_side():
+    depth_of_field_um = 1.4
+    assert two_shot_offset(3.0, 0.5, 1.0, depth_of_field_um) == -3.0          # trusted
+    assert two_shot_offset(-3.0, 1.5, 0.02, depth_of_field_um) == 3.0         # distance in doubt, side sure
+    assert two_shot_offset(1.5, 2.0, 0.77, depth_of_field_um) is None         # neither
+    assert two_shot_offset(0.5, 0.3, 0.95, depth_of_field_um) is None         # already within focus

@@ -5,11 +5,17 @@ The focus measures these rules compare (sharpness, tissue, z-sweep peaks) are in
 import numpy as np
 
 
+def focus_tolerance_um(depth_of_field_um):
+    """How far from focus a tile may be left: half the depth of field, at least 1 µm. An estimate whose
+    one sigma is under it is trusted (`trusts_estimate`); a trusted estimate off by more is confidently wrong."""
+    return np.maximum(np.asarray(depth_of_field_um) / 2, 1.0)
+
+
 def trusts_estimate(uncertainty_um: float, depth_of_field_um: float) -> bool:
     """Whether a scan acts on a single-shot defocus estimate: when its one-sigma uncertainty is below
     half the depth of field, moving by the estimate lands within focus. The 1 µm floor keeps a high-NA
     objective, whose depth of field is thinner than the model's precision, from ignoring every estimate."""
-    return uncertainty_um < max(depth_of_field_um / 2, 1.0)
+    return bool(uncertainty_um < focus_tolerance_um(depth_of_field_um))
 
 
 # -- acting on a single-shot estimate ---------------------------------------------------------------
@@ -44,10 +50,14 @@ def probe_step_um(depth_of_field_um: float, distance_um: float) -> float:
     return max(distance_um, 2.0 * depth_of_field_um, 2.0)
 
 
-def two_shot_offset(defocus_um: float, depth_of_field_um: float) -> float | None:
-    """The z offset a trusted estimate from two exposures (the tile and its side probe) asks for: to its
-    focus when the tile is out of focus by more than half the depth of field, none otherwise."""
-    return -defocus_um if abs(defocus_um) > depth_of_field_um / 2 else None
+def two_shot_offset(defocus_um: float, uncertainty_um: float, above_focus_probability: float,
+                    depth_of_field_um: float) -> float | None:
+    """The z offset an estimate from two exposures (the tile and its side probe) asks for, or None: to its
+    focus when it is trusted or at least sure of the side (two exposures tell the side on microscopes the
+    model never saw, where the distance may be off by a depth of field or two; the corrected capture is
+    kept only if sharper) and the tile is out of focus by more than half the depth of field."""
+    decided = trusts_estimate(uncertainty_um, depth_of_field_um) or side_decision(above_focus_probability) is not None
+    return -defocus_um if decided and abs(defocus_um) > depth_of_field_um / 2 else None
 
 
 def side_after_probe(distance_um: float, distance_uncertainty_um: float, above_focus_probability: float,

@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 
 from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, sharpness_gain, side_from_probe,
-                                   trusts_estimate, two_shot_offset)
+                                   two_shot_offset)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
@@ -458,7 +458,7 @@ class ScanRunner:
                depth_of_field_um: float) -> tuple[float, str] | None:
         """A second exposure one probe step higher; the z offset to try and its source, or None to keep
         the tile. The two exposures together give the defocus on any microscope (`focus.two_shot_offset`);
-        when that is not trusted, the probe settles only the side of the single shot's distance."""
+        when they leave it in doubt, the probe settles only the side of the single shot's distance."""
         step = probe_step_um(depth_of_field_um, reply.distance_um)
         self._move(tile.x_um, tile.y_um, map_z + step)
         probe_frame = self._snap()
@@ -468,10 +468,11 @@ class ScanRunner:
         pair = self.estimate_image(frame, probe_frame, step) if self.estimate_image is not None else None
         if pair is not None:
             check |= {"two_shot_defocus_um": pair.defocus_um, "two_shot_uncertainty_um": pair.uncertainty_um}
-            if trusts_estimate(pair.uncertainty_um, depth_of_field_um):
+            offset = two_shot_offset(pair.defocus_um, pair.uncertainty_um, pair.above_focus_probability,
+                                     depth_of_field_um)
+            if offset is not None:
                 self._keep_focus_check(check, probe_frame)
-                offset = two_shot_offset(pair.defocus_um, depth_of_field_um)
-                return None if offset is None else (offset, "autofocus+two-shot")
+                return offset, "autofocus+two-shot"
         probe = self.estimate_image(probe_frame) if self.estimate_image is not None else None
         above, posterior = side_from_probe(reply, probe, step, record.sharpness, check["sharpness"])
         check |= {"probe_distance_um": probe.distance_um if probe is not None else None,

@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 from wsi_autofocus.two_shot import TwoShotModel
@@ -104,12 +106,16 @@ def command_train_two_shot(args) -> int:
     from wsi_autofocus.two_shot_training import PAIR_SPLITS, generate_pairs, train_two_shot
 
     splits = {}
-    for name, spec in PAIR_SPLITS.items():
-        path = args.data_dir / f"{name}.npz"
-        if not path.exists():
-            print(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} {name} pairs into {path}", flush=True)
-            generate_pairs(spec, path, workers=args.workers)
-        splits[name] = data.load(path)
+    for split, sets in PAIR_SPLITS.items():
+        parts = []
+        for name, spec in sets.items():
+            path = args.data_dir / f"{split}-{name}.npz"
+            if not path.exists():
+                print(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} {split} pairs into {path}",
+                      flush=True)
+                generate_pairs(spec, path, workers=args.workers)
+            parts.append(data.load(path))
+        splits[split] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     model = train_two_shot(splits["train"], splits["val"], log=lambda line: print(line, flush=True))
     print(f"wrote {model.save(args.output)}")
     return 0
@@ -121,7 +127,12 @@ def command_eval_two_shot(args) -> int:
     tiles = shift_evaluation.render_tiles(spec, args.cache_dir, workers=args.workers)
     refocuser = shift_evaluation.Refocuser(spec, args.cache_dir)
     evaluation = shift_evaluation.two_shot_evaluation(model, tiles, refocuser, args.workers)
+    backend, _ = load_backend(args.backend, args.single_shot_model, threads=args.threads)
+    estimator = FocusEstimator(backend, args.single_shot_model)
+    evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
+        spec, tiles, estimator, shift_evaluation.estimate_tiles(estimator, tiles), args.cache_dir, two_shot_model=model)
     print(shift_evaluation.format_two_shot(evaluation))
+    print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
     if args.card:
         from wsi_autofocus.model_card import render_two_shot
 
@@ -199,6 +210,10 @@ def main(argv=None) -> int:
     eval_two_shot.add_argument("--shift-tiles", type=int, default=shift_evaluation.ShiftSpec.tiles_per_cell)
     eval_two_shot.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"))
     eval_two_shot.add_argument("--workers", type=int, default=2)
+    eval_two_shot.add_argument("--single-shot-model", type=Path, default=default_model_dir(),
+                               help="the single-shot model whose side probes the scan outcome table reads")
+    eval_two_shot.add_argument("--backend", default="onnxruntime")
+    eval_two_shot.add_argument("--threads", type=int, default=2)
     eval_two_shot.add_argument("--card", action="store_true",
                                help="write evaluation.json and MODEL_CARD.md beside the model")
     eval_two_shot.set_defaults(run=command_eval_two_shot)

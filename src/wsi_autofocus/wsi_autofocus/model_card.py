@@ -125,8 +125,9 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "What a scan makes of these estimates (`scan_outcome_table`): each 20× tile is taken at its defocus as "
         "if the focus map had left it there, then the scan's own rules run (`wsi_acquisition.focus`: correct "
         "a trusted estimate; for a tile surely out of focus whose side is in doubt, one more exposure as far "
-        "above as the estimated distance, whose distance estimate or sharpness tells the side; a correction "
-        "kept only if sharper), re-imaging the field under the same microscope. `map |d|` and `scan |d|` are "
+        "above as the estimated distance, read together with the tile by the two-shot model (`two_shot`, its own "
+        "card) when that is trusted or sure of the side, else its distance estimate or sharpness tells the side; "
+        "a correction kept only if sharper), re-imaging the field under the same microscope. `map |d|` and `scan |d|` are "
         "the mean distance from focus before and after; `in focus` the tiles within half the depth of field, "
         "before -> after; `worse` the tiles left further from focus than the focus map left them; "
         "`shots/tile` the exposures per tile (1: the focus map's capture alone).",
@@ -225,7 +226,8 @@ def render(model_dir: Path) -> str:
         "",
         f"A scan moves the stage only on estimates it trusts (`wsi_acquisition.focus.trusts_estimate`): within "
         f"±10 µm that is {trusted['fraction_of_tiles']:.0%} of the 20× tiles, with MAE {trusted['mae_um']:.3f} µm. "
-        "Where it trusts the distance but not the side it takes one more exposure higher up, which settles the side "
+        "Where it trusts the distance but not the side it takes one more exposure higher up; the two exposures "
+        "together give the defocus (the two-shot model, `models/two_shot/MODEL_CARD.md`) or at least settle the side "
         "from blur alone (`wsi_acquisition.focus.side_after_probe`); the others stay at the focus map's z, and any "
         "correction is kept only if the corrected capture is sharper.",
         "",
@@ -263,26 +265,29 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     from wsi_autofocus import two_shot, two_shot_training
 
     model = two_shot.TwoShotModel.load(model_path)
-    meta, train_spec = model.metadata, two_shot_training.PAIR_SPLITS["train"]
+    meta = model.metadata
+    near, wide = (two_shot_training.PAIR_SPLITS["train"][name] for name in ("near", "wide"))
     checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
     lines = [
         "# Model card: two-shot defocus",
         "",
         "Predicts the signed defocus of a field (µm, positive = stage above focus) and its one-sigma uncertainty "
         "from two exposures of it, the second a known step higher (`wsi_autofocus.two_shot`). The ratio of the two "
-        "images' power spectra in bands of spatial frequency (units of NA/λ) cancels the specimen; a perceptron "
-        f"({meta['config']['layers']} hidden layers of {meta['config']['hidden']}) maps the ratios, the bands' "
-        "power and the step (in depths of focus λ/NA²) to the defocus in depths of focus.",
+        "images' power spectra in bands of spatial frequency (units of NA/λ) cancels the specimen; an ensemble of "
+        f"{meta['config']['members']} perceptrons ({meta['config']['layers']} hidden layers of "
+        f"{meta['config']['hidden']}) maps the ratios, the bands' power and the step (in depths of focus λ/NA²) to "
+        "the defocus in depths of focus; the members' spread joins their own variance.",
         "",
         "## Data and training (`make train-two-shot`)",
-        f"- {meta['train_pairs']} training pairs, {meta['val_pairs']} validation pairs of {train_spec.field_px} px fields "
-        f"(`two_shot_training.PAIR_SPLITS`): steps {train_spec.step_depths[0]:g}-{train_spec.step_depths[1]:g} depths of "
-        f"focus, defocus within ±{train_spec.max_defocus_um:g} µm; {train_spec.virtual_microscope_fraction:.0%} through "
-        "the virtual microscope, the rest through microscopes drawn at random (`training_optics`), "
-        f"{train_spec.texture_fraction:.0%} of those showing re-stained training textures. Specimens and textures split "
-        "as the single-shot model's; the held-out microscopes and the real images below are never seen.",
-        f"- Gaussian negative log-likelihood, AdamW, {meta['epochs_run']} epochs in {meta['train_s']:.0f} s; sigma "
-        f"scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
+        f"- {meta['train_pairs']} training pairs, {meta['val_pairs']} validation pairs of {wide.field_px} px fields "
+        f"(`two_shot_training.PAIR_SPLITS`): steps {near.step_depths[0]:g}-{near.step_depths[1]:g} depths of focus "
+        f"(a third of them) and {wide.step_depths[0]:g}-{wide.step_depths[1]:g} (log-uniform), defocus within "
+        f"±{wide.max_defocus_um:g} µm; {wide.virtual_microscope_fraction:.0%} through the virtual microscope, the rest "
+        f"through microscopes drawn at random (`training_optics`), {wide.texture_fraction:.0%} of those showing "
+        "re-stained training textures. Specimens and textures split as the single-shot model's; the held-out "
+        "microscopes and the real images below are never seen.",
+        f"- Gaussian negative log-likelihood, AdamW, early stopping on the validation pairs, {meta['train_s']:.0f} s "
+        f"for the ensemble on 2 CPU cores; sigma scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
         "",
         "## Microscopes and content it never trained on (`wsi-autofocus eval-two-shot`)",
         "The same tiles as the single-shot model's table (`wsi_autofocus.shift_evaluation`); the second exposure is the "
@@ -290,6 +295,15 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "",
         "```",
         shift_evaluation.format_two_shot(evaluation),
+        "```",
+        "",
+        "A scan reads its side probes (`wsi_acquisition.focus`: a second exposure above a tile whose distance from focus "
+        "the single shot knows but not the side) with this model and moves to the estimated focus when the estimate is "
+        "trusted or sure of the side (`focus.two_shot_offset`), keeping the new capture only if sharper. What that makes "
+        "of the same tiles (columns as in the single-shot card):",
+        "",
+        "```",
+        shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]),
         "```",
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),

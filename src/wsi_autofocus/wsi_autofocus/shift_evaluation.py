@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, side_from_probe, trusts_estimate,
-                                   two_shot_offset)
+from wsi_acquisition.focus import (focus_action, focus_tolerance_um, keeps_correction, probe_step_um, side_from_probe,
+                                   trusts_estimate, two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
@@ -36,14 +36,6 @@ OWN_SIMULATOR = "own-simulator"
 IMAGING_MODELS = (OWN_SIMULATOR, *heldout_imaging.HELD_OUT_SCOPES)
 PROCEDURAL = "procedural-heldout"
 CONTENT_SOURCES = (PROCEDURAL, *EVALUATION_IMAGES)
-# |error| beyond this while the scan trusts the estimate is "confidently wrong": a move of more than
-# 1 µm the wrong way at 20x is a visibly soft tile; with a deeper focus (10x) half the depth of field.
-CONFIDENTLY_WRONG_UM = 1.0
-
-
-def confidently_wrong_limit_um(depth_of_field_um):
-    """The error that leaves a tile visibly out of focus: max(1 µm, half the depth of field)."""
-    return np.maximum(CONFIDENTLY_WRONG_UM, np.asarray(depth_of_field_um) / 2)
 
 
 @dataclass(frozen=True)
@@ -199,7 +191,7 @@ def cell_statistics(tiles: dict, estimates: dict, mask: np.ndarray | None = None
             if signed.any() else None,
             "fraction_acted_on": float(acted.mean()),
             "mae_acted_on_um": float(error[acted].mean()) if acted.any() else None,
-            "confidently_wrong": int(np.sum(acted & (error > confidently_wrong_limit_um(dof))))}
+            "confidently_wrong": int(np.sum(acted & (error > focus_tolerance_um(dof))))}
 
 
 def summarize(tiles: dict, estimates: dict) -> dict:
@@ -374,8 +366,9 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
             shots += 1
             pair = (two_shot_model.estimate(tiles["images"][index], probe_image, *optics, step)
                     if two_shot_model is not None else None)
-            if pair is not None and trusts_estimate(pair.uncertainty_um, dof):
-                offset = two_shot_offset(pair.defocus_um, dof)
+            if pair is not None:
+                offset = two_shot_offset(pair.defocus_um, pair.uncertainty_um, pair.above_focus_probability, dof)
+            if offset is not None:
                 side_right = (pair.defocus_um > 0) == (true > 0)
             else:
                 probe, = estimator.estimate_many([probe_image], [optics])

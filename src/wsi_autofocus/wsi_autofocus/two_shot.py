@@ -111,12 +111,16 @@ class TwoShotEstimate:
 
 
 class TwoShotModel:
-    """A two-layer perceptron over `pair_features`, in numpy: its weights and the features' scaling
-    live in one .npz with the metadata of how it was trained."""
+    """An ensemble of small perceptrons over `pair_features`, in numpy. Member k's weights are
+    `m{k}_w0, m{k}_b0, ..., m{k}_w_out, m{k}_b_out`; they share the features' scaling (`mean`, `scale`).
+    The ensemble's estimate is the members' mean; its variance adds their spread to their mean variance
+    (members disagree on pairs unlike their training data), scaled by `sigma_temperature`. One .npz holds
+    it all with the metadata of how it was trained."""
 
     def __init__(self, arrays: dict, metadata: dict):
         self.arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
         self.metadata = metadata
+        self.members = sorted({int(key[1:key.index("_")]) for key in self.arrays if key[0] == "m" and key[1].isdigit()})
 
     @classmethod
     def load(cls, path: Path) -> "TwoShotModel":
@@ -136,14 +140,26 @@ class TwoShotModel:
         np.savez(path, metadata=json.dumps(self.metadata), **self.arrays)
         return path
 
+    def member_outputs(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(members, rows) defocus and log variance in depths of focus, before the temperature."""
+        a = self.arrays
+        scaled = (np.atleast_2d(features) - a["mean"]) / a["scale"]
+        means, log_variances = [], []
+        for member in self.members:
+            hidden, layer = scaled, 0
+            while f"m{member}_w{layer}" in a:
+                hidden = np.maximum(hidden @ a[f"m{member}_w{layer}"] + a[f"m{member}_b{layer}"], 0.0)
+                layer += 1
+            output = hidden @ a[f"m{member}_w_out"] + a[f"m{member}_b_out"]
+            means.append(output[:, 0])
+            log_variances.append(output[:, 1])
+        return np.array(means), np.array(log_variances)
+
     def predict_depths(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(defocus, sigma) in depths of focus for rows of features."""
-        a = self.arrays
-        hidden = (np.atleast_2d(features) - a["mean"]) / a["scale"]
-        for layer in range(hidden_layers(a)):
-            hidden = np.maximum(hidden @ a[f"w{layer}"] + a[f"b{layer}"], 0.0)
-        output = hidden @ a["w_out"] + a["b_out"]
-        return output[:, 0], np.exp(0.5 * output[:, 1])
+        means, log_variances = self.member_outputs(features)
+        variance = np.exp(log_variances).mean(axis=0) + means.var(axis=0)
+        return means.mean(axis=0), np.sqrt(variance) * float(self.arrays.get("sigma_temperature", 1.0))
 
     def estimate(self, first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_aperture: float,
                  pixel_size_um: float, step_um: float) -> TwoShotEstimate:
@@ -169,7 +185,3 @@ def with_second_exposure(model: TwoShotModel, single, image_rgb8: np.ndarray, im
 def default_model_path() -> Path:
     return Path(__file__).parent / "models" / "two_shot" / MODEL_FILE
 
-
-def hidden_layers(arrays: dict) -> int:
-    """Hidden layers of a saved perceptron: its weights are w0, w1, ... then w_out."""
-    return sum(1 for key in arrays if key.startswith("w") and key[1:].isdigit())

@@ -1,7 +1,8 @@
 """Data and training for the two-shot defocus model (`two_shot`).
 
-Pairs of exposures of one field, the second a random step (1-12 depths of focus, log-uniform: the
-two-shot table's fixed step and a scan's side probe, which steps by the estimated distance) above the first, imaged
+Pairs of exposures of one field, the second a random step above the first (a "near" set at 1-3 depths of
+focus around the two-shot table's fixed step, and a "wide" set log-uniform over 1-12, the steps of a
+scan's side probe, which steps by the estimated distance), imaged
 by the training simulators only: the virtual microscope, and microscopes drawn at random by
 `training_optics` (aberrations, condenser, spectra, cameras) showing procedural tissue or re-stained
 training textures. Specimens and textures are split as the single-shot model's are (`data.SPLITS`); the
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_acquisition.focus import focus_tolerance_um
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
@@ -35,7 +37,8 @@ class PairSpec:
     seed: int
     field_px: int = 256
     max_defocus_um: float = 20.0
-    step_depths: tuple[float, float] = (1.0, 12.0)      # log-uniform
+    step_depths: tuple[float, float] = (1.0, 12.0)
+    log_uniform_steps: bool = True
     objective_weights: tuple[float, ...] = (0.2, 0.6, 0.2)
     virtual_microscope_fraction: float = 0.35
     texture_fraction: float = 0.35        # of the randomised pairs
@@ -43,10 +46,14 @@ class PairSpec:
     pairs_per_microscope: int = 8
 
 
-PAIR_SPLITS = {
-    "train": PairSpec(SPLITS["train"].specimen_seeds, 600, TEXTURE_SPLITS["train"], seed=21),
-    "val": PairSpec(SPLITS["val"].specimen_seeds, 250, TEXTURE_SPLITS["val"], seed=22),
-}
+def _pair_sets(split: str, near_pairs: int, wide_pairs: int, seed: int) -> dict[str, PairSpec]:
+    seeds, textures = SPLITS[split].specimen_seeds, TEXTURE_SPLITS[split]
+    return {"near": PairSpec(seeds, near_pairs, textures, seed, step_depths=(1.0, 3.0), log_uniform_steps=False),
+            "wide": PairSpec(seeds, wide_pairs, textures, seed)}
+
+
+# The data sets of each split, one file each; a split is their union.
+PAIR_SPLITS = {"train": _pair_sets("train", 300, 600, seed=21), "val": _pair_sets("val", 250, 250, seed=22)}
 
 
 def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
@@ -61,7 +68,8 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
     objectives = rng.choice(OBJECTIVES, size=n, p=np.array(spec.objective_weights) / sum(spec.objective_weights))
     near = rng.random(n) < 0.5
     defocus = np.where(near, rng.uniform(-10, 10, n), rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, n))
-    step_depths = np.exp(rng.uniform(*np.log(spec.step_depths), n))
+    step_depths = (np.exp(rng.uniform(*np.log(spec.step_depths), n)) if spec.log_uniform_steps
+                   else rng.uniform(*spec.step_depths, n))
     source = np.where(rng.random(n) < spec.virtual_microscope_fraction, 0,
                       np.where(rng.random(n) < spec.texture_fraction, 2, 1))
     features = np.zeros((n, FEATURE_COUNT), np.float32)
@@ -113,11 +121,12 @@ def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
 
 @dataclass(frozen=True)
 class TwoShotTrainingConfig:
-    hidden: int = 64
-    layers: int = 2
+    members: int = 5
+    hidden: int = 128
+    layers: int = 3
     epochs: int = 400
     batch: int = 256
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 40
     seed: int = 0
@@ -127,23 +136,13 @@ def _depths(pairs: dict) -> np.ndarray:
     return pairs["defocus_um"] / depth_unit_um(pairs["numerical_aperture"])
 
 
-def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoShotTrainingConfig(),
-                   log=print) -> TwoShotModel:
-    """A perceptron fitted by Gaussian negative log-likelihood of the first exposure's defocus in depths
-    of focus; the epoch with the best validation loss is kept and its sigma scaled on the validation set."""
+def _fit_member(x_train, y_train, x_val, y_val, config: TwoShotTrainingConfig, member: int, log) -> dict:
+    """One perceptron fitted by Gaussian negative log-likelihood (defocus in depths of focus); the epoch
+    with the best validation loss is kept. Its arrays, named as `TwoShotModel` reads them."""
     import torch
 
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(2)
-    mean = train["features"].mean(axis=0)
-    scale = np.maximum(train["features"].std(axis=0), 1e-3)
-
-    def tensors(pairs):
-        x = torch.from_numpy(((pairs["features"] - mean) / scale).astype(np.float32))
-        return x, torch.from_numpy(_depths(pairs).astype(np.float32))
-
-    x_train, y_train = tensors(train)
-    x_val, y_val = tensors(val)
+    seed = config.seed + member
+    torch.manual_seed(seed)
     blocks, width = [], x_train.shape[1]
     for _ in range(config.layers):
         blocks += [torch.nn.Linear(width, config.hidden), torch.nn.ReLU()]
@@ -157,8 +156,8 @@ def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoSh
         log_variance = output[:, 1].clamp(-8, 8)
         return (0.5 * (log_variance + (output[:, 0] - y) ** 2 / log_variance.exp())).mean()
 
-    best, best_state, since_best, started = float("inf"), None, 0, time.monotonic()
-    generator = torch.Generator().manual_seed(config.seed)
+    best, best_state, since_best = float("inf"), None, 0
+    generator = torch.Generator().manual_seed(seed)
     for epoch in range(config.epochs):
         network.train()
         for batch in torch.randperm(len(x_train), generator=generator).split(config.batch):
@@ -173,23 +172,55 @@ def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoSh
             best, best_state, since_best = val_loss, {k: v.clone() for k, v in network.state_dict().items()}, 0
         else:
             since_best += 1
-        if epoch % 20 == 0 or since_best == 0 and epoch > config.epochs - 5:
-            log(f"epoch {epoch}: validation NLL {val_loss:.4f} (best {best:.4f})")
         if since_best >= config.patience:
             break
+    log(f"member {member}: best validation NLL {best:.4f} after {epoch + 1} epochs")
     network.load_state_dict(best_state)
     linears = [module for module in network if isinstance(module, torch.nn.Linear)]
-    arrays = {f"w{k}": layer.weight.detach().numpy().T for k, layer in enumerate(linears[:-1])}
-    arrays |= {f"b{k}": layer.bias.detach().numpy() for k, layer in enumerate(linears[:-1])}
-    arrays |= {"w_out": linears[-1].weight.detach().numpy().T, "b_out": linears[-1].bias.detach().numpy(),
-               "mean": mean, "scale": scale}
-    model = TwoShotModel(arrays, {})
+    arrays = {f"m{member}_w{k}": layer.weight.detach().numpy().T for k, layer in enumerate(linears[:-1])}
+    arrays |= {f"m{member}_b{k}": layer.bias.detach().numpy() for k, layer in enumerate(linears[:-1])}
+    return arrays | {f"m{member}_w_out": linears[-1].weight.detach().numpy().T,
+                     f"m{member}_b_out": linears[-1].bias.detach().numpy(), f"m{member}_nll": np.float32(best)}
+
+
+def sigma_temperature(model: TwoShotModel, val: dict) -> float:
+    """The factor on the ensemble's sigma: its errors on the validation pairs (held-out specimens and
+    textures, other random microscopes: data shifted from training's) are one sigma on average, and no
+    validation pair a scan would trust (sigma under `focus_tolerance_um`, with a depth of focus for the
+    depth of field) is off by more than that tolerance (a confidently wrong move)."""
     predicted, sigma = model.predict_depths(val["features"])
-    temperature = float(np.sqrt(np.mean(((predicted - _depths(val)) / sigma) ** 2)))
-    # A scaled sigma is the same as shifting the log variance by 2 log(temperature).
-    model.arrays["b_out"][1] += 2 * np.log(temperature)
+    depths = _depths(val)
+    unit = depth_unit_um(val["numerical_aperture"])
+    limit = focus_tolerance_um(unit) / unit
+    wrong = np.abs(predicted - depths) > limit
+    calibrated = float(np.sqrt(np.mean(((predicted - depths) / sigma) ** 2)))
+    return max(calibrated, float(np.max(limit[wrong] / sigma[wrong], initial=0.0)))
+
+
+def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoShotTrainingConfig(),
+                   log=print) -> TwoShotModel:
+    """An ensemble of `config.members` perceptrons (seeds apart), its sigma scaled on the validation pairs
+    (`sigma_temperature`)."""
+    import torch
+
+    torch.set_num_threads(2)
+    started = time.monotonic()
+    mean = train["features"].mean(axis=0)
+    scale = np.maximum(train["features"].std(axis=0), 1e-3)
+
+    def tensors(pairs):
+        x = torch.from_numpy(((pairs["features"] - mean) / scale).astype(np.float32))
+        return x, torch.from_numpy(_depths(pairs).astype(np.float32))
+
+    x_train, y_train = tensors(train)
+    x_val, y_val = tensors(val)
+    arrays = {"mean": mean, "scale": scale}
+    for member in range(config.members):
+        arrays |= _fit_member(x_train, y_train, x_val, y_val, config, member, log)
+    model = TwoShotModel(arrays, {})
+    temperature = sigma_temperature(model, val)
+    model.arrays["sigma_temperature"] = np.float32(temperature)
     model.metadata = {"config": asdict(config), "sigma_temperature": temperature, "train_pairs": len(x_train),
-                      "val_pairs": len(x_val), "best_val_nll": best, "epochs_run": epoch + 1,
-                      "train_s": round(time.monotonic() - started, 1)}
-    log(f"best validation NLL {best:.4f}; sigma scaled by {temperature:.3f}")
+                      "val_pairs": len(x_val), "train_s": round(time.monotonic() - started, 1)}
+    log(f"ensemble of {config.members}: sigma scaled by {temperature:.3f}")
     return model
