@@ -596,10 +596,15 @@ def test_graph_recorder_bags_status_and_action_topics(tmp_path, run_nodes, ros_n
     supervisor = run_nodes([s for s in specs if s.name in ("microscope", "recorder", "lifecycle_manager")])
     stage = ActionCaller(ros_node, MOVE_STAGE)
     stage.wait_for_server(timeout_s=30)
-    time.sleep(1.0)     # the recorder subscribes within its discovery period
+    # The recorder subscribes once it has discovered the topics, and matches the publishers soon after:
+    # on a loaded machine that can take seconds, so wait for it in the graph rather than a fixed time.
+    deadline = time.monotonic() + 30
+    while ros_node.count_subscribers("/stage/state") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
     outcome = stage.call(MoveStage.Goal(x_um=20_000.0, y_um=5_000.0, z_um=0.0), timeout_s=30)
     assert outcome.status == GoalStatus.STATUS_SUCCEEDED
-    time.sleep(0.5)
+    time.sleep(1.0)     # stage/state at 10 Hz: several more after the move, however late the recorder matched
     assert supervisor.stop()["recorder"] == 0
     [bag] = (tmp_path / "bags").iterdir()
     with Reader(bag) as reader:
