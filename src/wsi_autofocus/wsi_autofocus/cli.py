@@ -67,7 +67,8 @@ def command_eval(args) -> int:
         estimates = shift_evaluation.estimate_tiles(estimator, tiles)
         summary["shift"] = shift_evaluation.summarize(tiles, estimates)
         summary["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
-            shift_spec, tiles, estimator, estimates, args.cache_dir, two_shot_model=TwoShotModel.load(args.two_shot_model))
+            shift_spec, tiles, estimator, estimates, args.cache_dir,
+            two_shot_model=TwoShotModel.load(args.two_shot_model))
         summary["calibration_under_held_out_imaging"] = shift_evaluation.calibration_check(
             args.model, shift_evaluation.CalibrationSpec(), tiles, args.cache_dir, args.backend)
         summary["calibration_on_the_slide"] = slide_calibration.slide_calibration_check(

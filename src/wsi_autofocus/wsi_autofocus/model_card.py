@@ -127,7 +127,8 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "a trusted estimate; for a tile surely out of focus whose side is in doubt, one more exposure as far "
         "above as the estimated distance, read together with the tile by the two-shot model (`two_shot`, its own "
         "card) when that is trusted or sure of the side, else its distance estimate or sharpness tells the side; "
-        "a correction kept only if sharper), re-imaging the field under the same microscope. `map |d|` and `scan |d|` are "
+        "a correction kept only if sharper), re-imaging the field under the same "
+        "microscope. `map |d|` and `scan |d|` are "
         "the mean distance from focus before and after; `in focus` the tiles within half the depth of field, "
         "before -> after; `worse` the tiles left further from focus than the focus map left them; "
         "`shots/tile` the exposures per tile (1: the focus map's capture alone).",
@@ -253,7 +254,8 @@ def render(model_dir: Path) -> str:
 
 def shift_target_checks(pooled: dict) -> list[tuple[str, bool]]:
     """The held-out imaging x real content targets (20x pooled) as (statement, met)."""
-    return [(f"MAE {pooled['mae_um']:.2f} µm (target ≤ {TARGET_SHIFT_MAE_UM})", pooled["mae_um"] <= TARGET_SHIFT_MAE_UM),
+    return [(f"MAE {pooled['mae_um']:.2f} µm (target ≤ {TARGET_SHIFT_MAE_UM})",
+             pooled["mae_um"] <= TARGET_SHIFT_MAE_UM),
             (f"sign {pooled['sign_accuracy_beyond_1um']:.0%} beyond 1 µm (target ≥ {TARGET_SHIFT_SIGN_ACCURACY:.0%})",
              pooled["sign_accuracy_beyond_1um"] >= TARGET_SHIFT_SIGN_ACCURACY),
             (f"{pooled['confidently_wrong']} confidently wrong (target {TARGET_SHIFT_CONFIDENTLY_WRONG})",
@@ -290,17 +292,17 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         f"for the ensemble on 2 CPU cores; sigma scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
         "",
         "## Microscopes and content it never trained on (`wsi-autofocus eval-two-shot`)",
-        "The same tiles as the single-shot model's table (`wsi_autofocus.shift_evaluation`); the second exposure is the "
-        "same field imaged again by the same microscope one step higher.",
+        "The same tiles as the single-shot model's table (`wsi_autofocus.shift_evaluation`); the second exposure "
+        "is the same field imaged again by the same microscope one step higher.",
         "",
         "```",
         shift_evaluation.format_two_shot(evaluation),
         "```",
         "",
-        "A scan reads its side probes (`wsi_acquisition.focus`: a second exposure above a tile whose distance from focus "
-        "the single shot knows but not the side) with this model and moves to the estimated focus when the estimate is "
-        "trusted or sure of the side (`focus.two_shot_offset`), keeping the new capture only if sharper. What that makes "
-        "of the same tiles (columns as in the single-shot card):",
+        "A scan reads its side probes (`wsi_acquisition.focus`: a second exposure above a tile whose distance from "
+        "focus the single shot knows but not the side) with this model and moves to the estimated focus when the "
+        "estimate is trusted or sure of the side (`focus.two_shot_offset`), keeping the new capture only if sharper. "
+        "What that makes of the same tiles (columns as in the single-shot card):",
         "",
         "```",
         shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]),

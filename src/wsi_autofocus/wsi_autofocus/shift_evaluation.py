@@ -281,7 +281,8 @@ def format_two_shot(evaluation: dict) -> str:
     cost = evaluation["cost_20x"]
     return (f"two shots: the tile and a second exposure {two_shot.DEFAULT_STEP_DEPTHS:g} depths of focus higher "
             f"({cost['step_um']:.2f} µm at 20x: +{cost['second_exposure_s'] * 1e3:.0f} ms of stage and exposure, "
-            f"{cost['compute_ms_median']:.1f} ms to estimate on {cost['tile_px']} px tiles)\n" + format_table(evaluation))
+            f"{cost['compute_ms_median']:.1f} ms to estimate on {cost['tile_px']} px tiles)\n"
+            + format_table(evaluation))
 
 
 

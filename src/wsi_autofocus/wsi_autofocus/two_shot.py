@@ -6,14 +6,13 @@ specimen to the next. Two images of the same field at z and z + step share the s
 their spatial power spectra, band by band, is the ratio of the optics' transfer at the two defocus values,
 which depends on the defocus, the step and the optics, not on what lies on the slide. Frequencies are
 measured in units of NA / lambda and defocus in units of lambda / NA^2 (the depth of focus), in which
-the transfer of a defocused objective is nearly the same for every objective; a small network
-(`TwoShotModel`) maps the band ratios to the defocus and its uncertainty. It is trained on the
-training simulators only (`two_shot_training`), and costs well under a millisecond per pair beside the
-two FFTs.
+the transfer of a defocused objective is nearly the same for every objective; an ensemble of small
+networks (`TwoShotModel`) maps the band ratios to the defocus and its uncertainty. It is trained on the
+training simulators only (`two_shot_training`); the two FFTs cost most of its few milliseconds per pair.
 
 Conventions as everywhere in the project: defocus > 0 means the stage is above focus; the second
-exposure is taken `step_um` higher (step > 0) or lower (step < 0) than the first, and the estimate is
-the first exposure's defocus.
+exposure is taken `step_um` higher than the first (step > 0, as in all training pairs), and the
+estimate is the first exposure's defocus.
 """
 from __future__ import annotations
 
@@ -97,7 +96,8 @@ def pair_features(first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_ape
     level = (first + second) / 2
     level = np.where(valid, level - level[0], 0.0)
     step_depths = step_um / depth_unit_um(numerical_aperture)
-    return np.concatenate([ratio, level, valid.astype(np.float64), [step_depths, numerical_aperture]]).astype(np.float32)
+    extra = [step_depths, numerical_aperture]
+    return np.concatenate([ratio, level, valid.astype(np.float64), extra]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ class TwoShotModel:
     def __init__(self, arrays: dict, metadata: dict):
         self.arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
         self.metadata = metadata
-        self.members = sorted({int(key[1:key.index("_")]) for key in self.arrays if key[0] == "m" and key[1].isdigit()})
+        self.members = sorted({int(key[1:key.index("_")]) for key in self.arrays
+                               if key[0] == "m" and key[1].isdigit()})
 
     @classmethod
     def load(cls, path: Path) -> "TwoShotModel":
@@ -131,7 +132,8 @@ class TwoShotModel:
             arrays = {key: data[key] for key in data.files if key != "metadata"}
             metadata = json.loads(str(data["metadata"]))
         if arrays["mean"].shape != (FEATURE_COUNT,):
-            raise TwoShotError(f"{path} takes {arrays['mean'].shape[0]} features; this version computes {FEATURE_COUNT}")
+            raise TwoShotError(f"{path} takes {arrays['mean'].shape[0]} features; "
+                               f"this version computes {FEATURE_COUNT}")
         return cls(arrays, metadata)
 
     def save(self, path: Path) -> Path:
