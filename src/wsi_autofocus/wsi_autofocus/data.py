@@ -83,20 +83,30 @@ def tissue_points(microscope: VirtualMicroscope, rng: np.random.Generator, count
                             overview.origin_y_um + (rows[pick] + 0.5) * overview.pixel_size_um]) + jitter
 
 
+def sample_fields(spec, microscope: VirtualMicroscope, rng: np.random.Generator, count: int):
+    """Where and how `count` samples of a specimen are taken, for any spec with `sparse_fraction`,
+    `objective_weights` and `max_defocus_um`: positions (on tissue, or anywhere for the sparse share), which
+    are sparse, objectives and defocus (µm)."""
+    points = tissue_points(microscope, rng, count)
+    sparse = rng.random(count) < spec.sparse_fraction
+    width_um, height_um = microscope.specimen.width_um, microscope.specimen.height_um
+    points[sparse] = np.column_stack([rng.uniform(0.1, 0.9, sparse.sum()) * width_um,
+                                      rng.uniform(0.1, 0.9, sparse.sum()) * height_um])
+    objectives = rng.choice(OBJECTIVES, size=count,
+                            p=np.array(spec.objective_weights) / sum(spec.objective_weights))
+    # Half the samples within ±10 µm, where the accuracy matters most; the rest over the full range.
+    near = rng.random(count) < 0.5
+    defocus = np.where(near, rng.uniform(-10, 10, count),
+                       rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, count))
+    return points, sparse, objectives, defocus
+
+
 def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     spec, specimen_seed = args
     rng = np.random.default_rng([spec.seed, specimen_seed])
     microscope = VirtualMicroscope(specimen=specimen_for_seed(specimen_seed), seed=specimen_seed)
     n = spec.samples_per_specimen
-    points = tissue_points(microscope, rng, n)
-    sparse = rng.random(n) < spec.sparse_fraction
-    width_um, height_um = microscope.specimen.width_um, microscope.specimen.height_um
-    points[sparse] = np.column_stack([rng.uniform(0.1, 0.9, sparse.sum()) * width_um,
-                                      rng.uniform(0.1, 0.9, sparse.sum()) * height_um])
-    objectives = rng.choice(OBJECTIVES, size=n, p=np.array(spec.objective_weights) / sum(spec.objective_weights))
-    # Half the samples within ±10 µm, where the accuracy matters most; the rest over the full range.
-    near = rng.random(n) < 0.5
-    defocus = np.where(near, rng.uniform(-10, 10, n), rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, n))
+    points, sparse, objectives, defocus = sample_fields(spec, microscope, rng, n)
     exposures = rng.uniform(3.0, 10.0, n)     # glass from ~60 to ~210 of 255: no clipping
     randomised = rng.random(n) < spec.randomised_fraction
     texture = randomised & (rng.random(n) < spec.texture_fraction) & bool(spec.texture_images)

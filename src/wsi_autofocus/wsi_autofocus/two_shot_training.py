@@ -22,8 +22,8 @@ from wsi_acquisition.focus import focus_tolerance_um
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
-from wsi_autofocus.data import (OBJECTIVES, SPLITS, TEXTURE_SPLITS, randomised_stack, save_npz, specimen_for_seed,
-                                starmap_in_processes, tissue_points)
+from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, randomised_stack, sample_fields, save_npz, specimen_for_seed,
+                                starmap_in_processes)
 from wsi_autofocus.two_shot import FEATURE_COUNT, TwoShotModel, depth_unit_um, pair_features
 
 SOURCES = ("virtual-microscope", "randomised-procedural", "randomised-texture")
@@ -61,13 +61,7 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
     rng = np.random.default_rng([spec.seed, specimen_seed])
     microscope = VirtualMicroscope(specimen=specimen_for_seed(specimen_seed), seed=specimen_seed)
     n = spec.pairs_per_specimen
-    points = tissue_points(microscope, rng, n)
-    sparse = rng.random(n) < spec.sparse_fraction
-    points[sparse] = np.column_stack([rng.uniform(0.1, 0.9, sparse.sum()) * microscope.specimen.width_um,
-                                      rng.uniform(0.1, 0.9, sparse.sum()) * microscope.specimen.height_um])
-    objectives = rng.choice(OBJECTIVES, size=n, p=np.array(spec.objective_weights) / sum(spec.objective_weights))
-    near = rng.random(n) < 0.5
-    defocus = np.where(near, rng.uniform(-10, 10, n), rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, n))
+    points, sparse, objectives, defocus = sample_fields(spec, microscope, rng, n)
     step_depths = (np.exp(rng.uniform(*np.log(spec.step_depths), n)) if spec.log_uniform_steps
                    else rng.uniform(*spec.step_depths, n))
     source = np.where(rng.random(n) < spec.virtual_microscope_fraction, 0,
