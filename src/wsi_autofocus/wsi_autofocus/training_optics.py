@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -51,28 +51,39 @@ class TrainingOptics:
     camera_pixel_um: float
     condenser_fill: float
     zernike_waves: tuple[tuple[int, int, float], ...]
-    pupil_taper: float                                # amplitude exp(-taper rho^2)
+    pupil_taper: float                                # amplitude exp(-taper rho^2); < 0: rim-weighted
     wavelengths_um: tuple[float, float, float]        # R, G, B
     chromatic_focus_um: tuple[float, float, float]    # focal shift of each channel
+    condenser_inner_fill: float = 0.0                 # > 0: an annular source from it to condenser_fill
 
     @property
     def pixel_size_um(self) -> float:
         return self.camera_pixel_um / self.magnification
 
 
-def sample_optics(magnification: float, rng: np.random.Generator) -> TrainingOptics:
+def sample_optics(magnification: float, rng: np.random.Generator, annular_fraction: float = 0.0,
+                  rim_weighted_fraction: float = 0.0) -> TrainingOptics:
+    """Optics drawn at random; `annular_fraction` of them with an annular condenser (ring illumination, an
+    LED ring or a phase annulus left in), `rim_weighted_fraction` with a pupil brighter at its rim than
+    at its centre (apodisation the other way). Both 0 draw exactly what they always drew."""
     low, high = NA_RANGES[float(magnification)]
     na = float(rng.uniform(low, high))
     depth = _GREEN_UM / na ** 2
     zernike = tuple((n, m, float(rng.normal(0.0, spread))) for (n, m), spread in ZERNIKE_SPREAD_WAVES.items()
                     if rng.random() < 0.7)
-    return TrainingOptics(
+    optics = TrainingOptics(
         magnification=float(magnification), numerical_aperture=na,
         camera_pixel_um=float(rng.uniform(*CAMERA_PIXEL_UM_RANGE)),
         condenser_fill=float(rng.choice([rng.uniform(0.3, 0.95), 1.0], p=[0.9, 0.1])),
         zernike_waves=zernike, pupil_taper=float(rng.choice([0.0, rng.uniform(0.0, 0.6)])),
         wavelengths_um=(float(rng.uniform(0.59, 0.63)), float(rng.uniform(0.52, 0.56)), float(rng.uniform(0.445, 0.48))),
         chromatic_focus_um=(float(rng.normal(0, 0.3 * depth)), 0.0, float(rng.normal(0, 0.3 * depth))))
+    if annular_fraction and rng.random() < annular_fraction:
+        outer = float(rng.uniform(0.6, 0.95))
+        optics = replace(optics, condenser_fill=outer, condenser_inner_fill=outer * float(rng.uniform(0.4, 0.8)))
+    if rim_weighted_fraction and rng.random() < rim_weighted_fraction:
+        optics = replace(optics, pupil_taper=float(rng.uniform(-0.5, -0.1)))
+    return optics
 
 
 def _zernike(n: int, m: int, rho: np.ndarray, azimuth: np.ndarray) -> np.ndarray:
@@ -140,7 +151,7 @@ def weak_object_transfer(optics: TrainingOptics, wavelength_um: float, defocus_u
     waves = (defocus_um / wavelength_um) * defocus_shape + (_GREEN_UM / wavelength_um) * aberration_waves
     pupil = np.where(rho <= 1.0, np.exp(-optics.pupil_taper * rho * rho) * np.exp(2j * math.pi * waves),
                      0).astype(np.complex64)
-    source = (rho <= optics.condenser_fill).astype(np.float32)
+    source = ((rho <= optics.condenser_fill) & (rho >= optics.condenser_inner_fill)).astype(np.float32)
     # The correlation as a product of the two amplitude PSFs.
     psf = fft.fft2(fft.ifftshift(pupil), workers=1)
     psf_source = fft.fft2(fft.ifftshift(source * pupil), workers=1)

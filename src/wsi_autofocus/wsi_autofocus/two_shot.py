@@ -26,10 +26,14 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
+from wsi_acquisition.focus import focus_tolerance_um
+
 REFERENCE_WAVELENGTH_UM = 0.55
 # Edges of the spatial-frequency bands, in units of NA / lambda (the coherent cut-off is 1, the
-# incoherent one 2); above ~1.3 little survives a partially coherent bright-field objective.
-BAND_EDGES = np.linspace(0.04, 1.3, 15)
+# incoherent one 2); above ~1.3 little survives a partially coherent bright-field objective. Below 0.3 the
+# bands are spaced by ratio: d depths of focus from focus, the blur's transfer first falls to zero near
+# 0.6 / d, so the far-defocus signal lives in the lowest bands (0.06 at 10 depths, 10 µm at 20x).
+BAND_EDGES = np.concatenate([np.geomspace(0.02, 0.3, 8), np.linspace(0.3, 1.3, 11)[1:]])
 # The step a scan takes for the second exposure, in depths of focus (lambda / NA^2): about 2 µm at 20x/0.75.
 DEFAULT_STEP_DEPTHS = 2.0
 FEATURE_COUNT = 3 * (len(BAND_EDGES) - 1) + 2
@@ -80,21 +84,28 @@ def band_log_power(image_rgb8: np.ndarray, numerical_aperture: float, pixel_size
 
 def pair_features(first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_aperture: float,
                   pixel_size_um: float, step_um: float) -> np.ndarray:
-    """The model's input for two exposures of one field, the second `step_um` above the first:
-    per band the log power ratio (second over first), their mean log power relative to the lowest band,
-    whether the band is sampled; then the step in depths of focus and the NA."""
-    if not step_um > 0:
-        raise TwoShotError(f"the second exposure must be above the first (step > 0 µm); got step {step_um} µm")
+    """The model's input for two exposures of one field, the second `step_um` above the first."""
     if np.shape(first_rgb8) != np.shape(second_rgb8):
         raise TwoShotError(f"the two exposures differ in shape: {np.shape(first_rgb8)} and {np.shape(second_rgb8)}")
-    first, valid = band_log_power(first_rgb8, numerical_aperture, pixel_size_um)
-    second, _ = band_log_power(second_rgb8, numerical_aperture, pixel_size_um)
+    first = band_log_power(first_rgb8, numerical_aperture, pixel_size_um)
+    second = band_log_power(second_rgb8, numerical_aperture, pixel_size_um)
+    return features_from_bands(first, second, numerical_aperture, pixel_size_um, step_um)
+
+
+def features_from_bands(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray],
+                        numerical_aperture: float, pixel_size_um: float, step_um: float) -> np.ndarray:
+    """`pair_features` from the exposures' `band_log_power` (images of one size): per band the log power
+    ratio (second over first), their mean log power relative to the lowest sampled band, whether the band is
+    sampled; then the step in depths of focus and the NA. A z-stack's pairs share each image's bands."""
+    if not step_um > 0:
+        raise TwoShotError(f"the second exposure must be above the first (step > 0 µm); got step {step_um} µm")
+    (first_power, valid), (second_power, _) = first, second
     if not valid.any():
         raise TwoShotError(f"no frequency band lies below the sampling limit at pixel {pixel_size_um} µm, "
                            f"NA {numerical_aperture}")
-    ratio = np.where(valid, second - first, 0.0)
-    level = (first + second) / 2
-    level = np.where(valid, level - level[0], 0.0)
+    ratio = np.where(valid, second_power - first_power, 0.0)
+    level = (first_power + second_power) / 2
+    level = np.where(valid, level - level[valid][0], 0.0)
     step_depths = step_um / depth_unit_um(numerical_aperture)
     extra = [step_depths, numerical_aperture]
     return np.concatenate([ratio, level, valid.astype(np.float64), extra]).astype(np.float32)
@@ -117,9 +128,10 @@ class TwoShotModel:
     (members disagree on pairs unlike their training data), scaled by `sigma_temperature`. One .npz holds
     it all with the metadata of how it was trained."""
 
-    def __init__(self, arrays: dict, metadata: dict):
+    def __init__(self, arrays: dict, metadata: dict, path: Path | None = None):
         self.arrays = {key: np.asarray(value, np.float32) for key, value in arrays.items()}
         self.metadata = metadata
+        self.path = path              # the file it was loaded from or saved to
         self.members = sorted({int(key[1:key.index("_")]) for key in self.arrays
                                if key[0] == "m" and key[1].isdigit()})
 
@@ -131,28 +143,41 @@ class TwoShotModel:
         with np.load(path) as data:
             arrays = {key: data[key] for key in data.files if key != "metadata"}
             metadata = json.loads(str(data["metadata"]))
-        if arrays["mean"].shape != (FEATURE_COUNT,):
-            raise TwoShotError(f"{path} takes {arrays['mean'].shape[0]} features; "
-                               f"this version computes {FEATURE_COUNT}")
-        return cls(arrays, metadata)
+        edges = metadata.get("band_edges")
+        if edges is None or not np.allclose(edges, BAND_EDGES):
+            raise TwoShotError(f"{path} was trained on frequency bands {edges}; this version computes "
+                               f"{np.round(BAND_EDGES, 4).tolist()} (train it again: make train-two-shot)")
+        return cls(arrays, metadata, path)
 
     def save(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, metadata=json.dumps(self.metadata), **self.arrays)
+        # Written beside and renamed: a node loading the model never reads half a file.
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as file:
+            np.savez(file, metadata=json.dumps(self.metadata), **self.arrays)
+        partial.replace(path)
+        self.path = path
         return path
 
-    def member_outputs(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(members, rows) defocus and log variance in depths of focus, before the temperature."""
+    def last_hidden(self, features: np.ndarray) -> list[np.ndarray]:
+        """Each member's last hidden layer for rows of features: what its linear output layer reads."""
         a = self.arrays
         scaled = (np.atleast_2d(features) - a["mean"]) / a["scale"]
-        means, log_variances = [], []
+        layers = []
         for member in self.members:
             hidden, layer = scaled, 0
             while f"m{member}_w{layer}" in a:
                 hidden = np.maximum(hidden @ a[f"m{member}_w{layer}"] + a[f"m{member}_b{layer}"], 0.0)
                 layer += 1
-            output = hidden @ a[f"m{member}_w_out"] + a[f"m{member}_b_out"]
+            layers.append(hidden)
+        return layers
+
+    def member_outputs(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(members, rows) defocus and log variance in depths of focus, before the temperature."""
+        means, log_variances = [], []
+        for member, hidden in zip(self.members, self.last_hidden(features)):
+            output = hidden @ self.arrays[f"m{member}_w_out"] + self.arrays[f"m{member}_b_out"]
             means.append(output[:, 0])
             log_variances.append(output[:, 1])
         return np.array(means), np.array(log_variances)
@@ -169,6 +194,26 @@ class TwoShotModel:
         depths, sigma = self.predict_depths(features)
         unit = depth_unit_um(numerical_aperture)
         return TwoShotEstimate(float(depths[0] * unit), float(sigma[0] * unit))
+
+
+def label_depths(pairs: dict) -> np.ndarray:
+    """Labelled pairs' defocus (`defocus_um`, `numerical_aperture` per pair) in depths of focus."""
+    return pairs["defocus_um"] / depth_unit_um(pairs["numerical_aperture"])
+
+
+def sigma_temperature(model: TwoShotModel, pairs: dict) -> float:
+    """The factor on the ensemble's own sigma (before any temperature) that makes labelled pairs, taken apart
+    from the fit (shifted data), one sigma off on average, with no pair a scan would trust (sigma under
+    `focus_tolerance_um`, a depth of focus for the depth of field) off by more than that tolerance: no
+    confidently wrong move."""
+    predicted, sigma = model.predict_depths(pairs["features"])
+    sigma = sigma / float(model.arrays.get("sigma_temperature", 1.0))
+    depths = label_depths(pairs)
+    unit = depth_unit_um(pairs["numerical_aperture"])
+    limit = focus_tolerance_um(unit) / unit
+    wrong = np.abs(predicted - depths) > limit
+    calibrated = float(np.sqrt(np.mean(((predicted - depths) / sigma) ** 2)))
+    return max(calibrated, float(np.max(limit[wrong] / sigma[wrong], initial=0.0)))
 
 
 def with_second_exposure(model: TwoShotModel, single, image_rgb8: np.ndarray, image_above_rgb8: np.ndarray,

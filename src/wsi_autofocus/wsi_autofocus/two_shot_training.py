@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import focus_tolerance_um
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
 from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, randomised_stack, sample_fields, save_npz, specimen_for_seed,
                                 starmap_in_processes)
-from wsi_autofocus.two_shot import FEATURE_COUNT, TwoShotModel, depth_unit_um, pair_features
+from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, TwoShotModel, depth_unit_um, label_depths, pair_features,
+                                    sigma_temperature)
 
 SOURCES = ("virtual-microscope", "randomised-procedural", "randomised-texture")
 
@@ -44,6 +44,8 @@ class PairSpec:
     texture_fraction: float = 0.35        # of the randomised pairs
     sparse_fraction: float = 0.1          # pairs anywhere on the slide, glass included
     pairs_per_microscope: int = 8
+    annular_fraction: float = 0.3         # of the random microscopes: ring illumination
+    rim_weighted_fraction: float = 0.3    # of the random microscopes: pupils brighter at the rim
 
 
 def _pair_sets(split: str, near_pairs: int, wide_pairs: int, seed: int) -> dict[str, PairSpec]:
@@ -86,7 +88,8 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
     randomised = np.flatnonzero(source > 0)
     for group_start in range(0, len(randomised), spec.pairs_per_microscope):
         group = randomised[group_start:group_start + spec.pairs_per_microscope]
-        optics = training_optics.sample_optics(objectives[group[0]], rng)
+        optics = training_optics.sample_optics(objectives[group[0]], rng, spec.annular_fraction,
+                                               spec.rim_weighted_fraction)
         focus_shift = training_optics.best_focus_shift_um(optics)
         for i in group:
             if source[i] == 2:
@@ -106,11 +109,23 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
             "objective": objectives.astype(np.float32), "source": source.astype(np.int8), "sparse": sparse}
 
 
+def _description(spec: PairSpec) -> dict:
+    """What a pair file was rendered from, as its .json beside it records it."""
+    return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist()}))
+
+
 def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
     parts = starmap_in_processes(render_specimen_pairs, [(spec, seed) for seed in spec.specimen_seeds], workers)
     save_npz(output, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
-    Path(output).with_suffix(".json").write_text(json.dumps(asdict(spec), indent=1))
+    Path(output).with_suffix(".json").write_text(json.dumps(_description(spec), indent=1))
     return Path(output)
+
+
+def pairs_are_current(path: Path, spec: PairSpec) -> bool:
+    """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands."""
+    description = Path(path).with_suffix(".json")
+    return (Path(path).exists() and description.exists()
+            and json.loads(description.read_text()) == _description(spec))
 
 
 @dataclass(frozen=True)
@@ -124,10 +139,6 @@ class TwoShotTrainingConfig:
     weight_decay: float = 1e-4
     patience: int = 40
     seed: int = 0
-
-
-def _depths(pairs: dict) -> np.ndarray:
-    return pairs["defocus_um"] / depth_unit_um(pairs["numerical_aperture"])
 
 
 def _fit_member(x_train, y_train, x_val, y_val, config: TwoShotTrainingConfig, member: int, log) -> dict:
@@ -177,20 +188,6 @@ def _fit_member(x_train, y_train, x_val, y_val, config: TwoShotTrainingConfig, m
                      f"m{member}_b_out": linears[-1].bias.detach().numpy(), f"m{member}_nll": np.float32(best)}
 
 
-def sigma_temperature(model: TwoShotModel, val: dict) -> float:
-    """The factor on the ensemble's sigma: its errors on the validation pairs (held-out specimens and
-    textures, other random microscopes: data shifted from training's) are one sigma on average, and no
-    validation pair a scan would trust (sigma under `focus_tolerance_um`, with a depth of focus for the
-    depth of field) is off by more than that tolerance (a confidently wrong move)."""
-    predicted, sigma = model.predict_depths(val["features"])
-    depths = _depths(val)
-    unit = depth_unit_um(val["numerical_aperture"])
-    limit = focus_tolerance_um(unit) / unit
-    wrong = np.abs(predicted - depths) > limit
-    calibrated = float(np.sqrt(np.mean(((predicted - depths) / sigma) ** 2)))
-    return max(calibrated, float(np.max(limit[wrong] / sigma[wrong], initial=0.0)))
-
-
 def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoShotTrainingConfig(),
                    log=print) -> TwoShotModel:
     """An ensemble of `config.members` perceptrons (seeds apart), its sigma scaled on the validation pairs
@@ -204,7 +201,7 @@ def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoSh
 
     def tensors(pairs):
         x = torch.from_numpy(((pairs["features"] - mean) / scale).astype(np.float32))
-        return x, torch.from_numpy(_depths(pairs).astype(np.float32))
+        return x, torch.from_numpy(label_depths(pairs).astype(np.float32))
 
     x_train, y_train = tensors(train)
     x_val, y_val = tensors(val)
@@ -214,7 +211,8 @@ def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoSh
     model = TwoShotModel(arrays, {})
     temperature = sigma_temperature(model, val)
     model.arrays["sigma_temperature"] = np.float32(temperature)
-    model.metadata = {"config": asdict(config), "sigma_temperature": temperature, "train_pairs": len(x_train),
+    model.metadata = {"band_edges": BAND_EDGES.tolist(), "config": asdict(config),
+                      "sigma_temperature": temperature, "train_pairs": len(x_train),
                       "val_pairs": len(x_val), "train_s": round(time.monotonic() - started, 1)}
     log(f"ensemble of {config.members}: sigma scaled by {temperature:.3f}")
     return model
