@@ -374,7 +374,10 @@ class ScanOrchestratorNode(Node):
         return {"success": response.success, "error": response.error, "model_dir": response.model_dir,
                 "sweeps": response.sweeps, "images": response.images, "fit_s": response.fit_s,
                 "held_back_mae_before_um": response.held_back_mae_before_um,
-                "held_back_mae_after_um": response.held_back_mae_after_um}
+                "held_back_mae_after_um": response.held_back_mae_after_um, "two_shot_model": response.two_shot_model,
+                "two_shot_pairs": response.two_shot_pairs,
+                "two_shot_held_back_mae_before_um": response.two_shot_held_back_mae_before_um,
+                "two_shot_held_back_mae_after_um": response.two_shot_held_back_mae_after_um}
 
 
 def _focus_reply(estimate) -> FocusReply:

@@ -3,6 +3,7 @@ import glob
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sensor_msgs.msg import Image
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.inference import GPU_DEVICE_FILES
+from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_common.image import array_to_image
 from wsi_common.ros_env import node_environment
 from wsi_common.service_caller import ANSWER_WAIT_S, query
@@ -63,6 +65,7 @@ def test_two_exposures_of_a_field_give_its_defocus_from_both(autofocus, ros_node
         array_to_image(above.image_rgb8, "rgb8", request.image_above)
         response = call(ros_node, autofocus, request)
         assert response.success and response.exposures_used == 2, response.error
+        assert response.two_shot_model == str(default_two_shot_path())
         assert abs(response.defocus_um - defocus_um) < 2.0 and response.distance_um == abs(response.defocus_um)
         assert (response.above_focus_probability > 0.5) == (defocus_um > 0)
     # A pair is refused with the reason when it cannot be compared: no optics, or images of two sizes.
@@ -112,7 +115,7 @@ def test_published_tiles_are_tagged_with_estimates(autofocus, ros_node):
 
 
 def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_nodes, ros_node, tiny_model,
-                                                                           tmp_path):
+                                                                           mismatched_two_shot_model, tmp_path):
     from wsi_acquisition.hardware import SimulatedMicroscope
     from wsi_acquisition.optics import Camera
     from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
@@ -126,6 +129,7 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     run_nodes([NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                         module="wsi_autofocus.node",
                         parameters={"model_dir": str(tiny_model), "backend": "onnxruntime",
+                                    "two_shot_model": str(mismatched_two_shot_model),
                                     "calibration_root": str(root), "scanner_name": "bench-1"})])
     calibrate = ros_node.create_client(CalibrateAutofocus, "calibrate_autofocus")
     estimate = ros_node.create_client(EstimateFocus, "estimate_focus")
@@ -133,15 +137,23 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     refused = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(tmp_path / "nowhere")))
     assert not refused.success and "nowhere" in refused.error
     answer = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(scan_dir)), answer_wait_s=60.0)
-    assert answer.success, answer.error
+    assert answer.success and not answer.error, answer.error
     assert answer.model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and answer.sweeps == 3
+    # The two-shot model is calibrated beside it, on every pair of sweep images a trained step apart.
+    assert answer.two_shot_model == str(root / "bench-1" / "20x_na0.75_px0.325" / "two_shot.npz")
+    assert Path(answer.two_shot_model).exists() and answer.two_shot_pairs > 100
+    assert answer.two_shot_held_back_mae_after_um < answer.two_shot_held_back_mae_before_um
     image = np.asarray(backend.snap(8.0).image_rgb8[:192, :192])
     asked = EstimateFocus.Request(pixel_size_um=0.325, numerical_aperture=0.75, objective_magnification=20.0)
     array_to_image(image, "rgb8", asked.image)
     calibrated = call(ros_node, estimate, asked)
     assert calibrated.success and calibrated.model_id.endswith("+calibrated") and calibrated.model_dir == answer.model_dir
-    asked.objective_magnification = 40.0                     # no calibration for 40x: the base model answers
-    assert call(ros_node, estimate, asked).model_dir == str(tiny_model)
+    asked.step_above_um = 2.0
+    array_to_image(image, "rgb8", asked.image_above)
+    assert call(ros_node, estimate, asked).two_shot_model == answer.two_shot_model
+    asked.objective_magnification = 40.0                     # no calibration for 40x: the base models answer
+    base = call(ros_node, estimate, asked)
+    assert base.model_dir == str(tiny_model) and base.two_shot_model == str(mismatched_two_shot_model)
 
 
 # The node's module and what it runs per tile with its default backend ("auto"): the base model's estimate.

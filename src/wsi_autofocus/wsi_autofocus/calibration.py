@@ -22,23 +22,19 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wsi_autofocus.calibration_store import CalibrationError, ZStack
+from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZStack, check_stacks, held_back_stacks,
+                                             stacks_with_focus)
 from wsi_autofocus.inference import default_model_dir, read_model_metadata
 from wsi_autofocus.patches import select_patches
 from wsi_autofocus.training import (export, fit_uncertainty_calibration, focus_loss, load_checkpoint,
                                     save_checkpoint)
 
-# Fewest images a stack must have for its best focus to be found, and the fewest stacks to calibrate on.
-MIN_STACK_IMAGES = 5
-MIN_STACKS = 2
-# Calibration uses images within this distance of best focus: the model's range.
-MAX_LABEL_UM = 20.0
 PATCHES_PER_IMAGE = 4
 
 
@@ -51,38 +47,6 @@ class CalibrationResult:
     held_back_mae_before_um: float      # shipped model on the held-back stacks' images
     held_back_mae_after_um: float       # calibrated head, fitted without them
     skipped: tuple[str, ...] = ()        # stacks left out, each with the reason (no focus inside the sweep)
-
-
-def _check(stacks: list[ZStack]) -> None:
-    if len(stacks) < MIN_STACKS:
-        raise CalibrationError(f"{len(stacks)} z-stacks; calibration needs at least {MIN_STACKS}")
-    for index, stack in enumerate(stacks):
-        images = np.asarray(stack.images)
-        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise CalibrationError(f"stack {index}: images of shape {images.shape} and dtype {images.dtype}; "
-                                   "expected (N, H, W, 3) uint8")
-        if len(images) < MIN_STACK_IMAGES or len(stack.z_um) != len(images):
-            raise CalibrationError(f"stack {index}: {len(images)} images and {len(stack.z_um)} z values; "
-                                   f"expected at least {MIN_STACK_IMAGES} of each, one z per image")
-        if not (stack.pixel_size_um > 0 and 0 < stack.numerical_aperture < 1.6):
-            raise CalibrationError(f"stack {index}: pixel_size_um={stack.pixel_size_um}, "
-                                   f"numerical_aperture={stack.numerical_aperture}; expected > 0 and 0 < NA < 1.6")
-
-
-def _with_focus(stacks: list[ZStack], log) -> tuple[list[ZStack], list[str]]:
-    """The stacks whose best focus lies inside their sweep, that focus fixed; and why the others were left
-    out. A field of glass or a fold has no focus peak: one such sweep must not stop a calibration."""
-    usable, skipped = [], []
-    for index, stack in enumerate(stacks):
-        try:
-            usable.append(replace(stack, best_focus_z_um=stack.focus_z_um()))
-        except CalibrationError as error:
-            skipped.append(f"stack {index}: {error}")
-            log(f"left out {skipped[-1]}")
-    if len(usable) < MIN_STACKS:
-        raise CalibrationError(f"{len(usable)} of {len(stacks)} z-stacks have their focus inside the sweep; "
-                               f"calibration needs at least {MIN_STACKS} ({'; '.join(skipped)})")
-    return usable, skipped
 
 
 def _samples(model, stacks: list[ZStack], patch_px: int) -> dict:
@@ -145,8 +109,8 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     and the before/after errors measured; the head is then refitted on every stack. A fit that does not
     improve the held-back stacks raises `CalibrationError` and writes nothing."""
     started = time.monotonic()
-    _check(stacks)
-    stacks, skipped = _with_focus(stacks, log)
+    check_stacks(stacks)
+    stacks, skipped = stacks_with_focus(stacks, log)
     base_model_dir = Path(base_model_dir) if base_model_dir else default_model_dir()
     metadata = read_model_metadata(base_model_dir)
     model = load_checkpoint(base_model_dir / "model.pt")
@@ -154,8 +118,7 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     samples = _samples(model, stacks, int(metadata["patch_px"]))
     if not len(samples["labels"]):
         raise CalibrationError(f"no image of the stacks lies within ±{MAX_LABEL_UM} µm of its best focus")
-    held_back_stacks = np.arange(len(stacks))[::3] if len(stacks) >= 3 else np.array([len(stacks) - 1])
-    held_back = np.isin(samples["groups"], held_back_stacks)
+    held_back = np.isin(samples["groups"], held_back_stacks(len(stacks)))
     features, labels = samples["features"], samples["labels"]
     trial = _fit_head(model, features[~held_back], labels[~held_back], steps, seed)
     held_out_output = _outputs(model, trial, features[held_back])

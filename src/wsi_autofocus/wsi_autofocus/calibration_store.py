@@ -7,14 +7,24 @@ the inference backend's runtime, so the autofocus node imports torch only when i
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from wsi_autofocus.inference import default_model_dir
+from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
+from wsi_autofocus.two_shot import TwoShotModel
+from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_common.focus_metrics import brenner, refine_peak
 from wsi_common.scan_files import MANIFEST_NAME, Manifest
+
+
+# Fewest images a stack must have for its best focus to be found, and the fewest stacks to calibrate on.
+MIN_STACK_IMAGES = 5
+MIN_STACKS = 2
+# Calibration uses images within this distance of best focus: the models' range.
+MAX_LABEL_UM = 20.0
 
 
 class CalibrationError(ValueError):
@@ -44,6 +54,44 @@ class ZStack:
         return refine_peak(z, scores)
 
 
+def check_stacks(stacks: list[ZStack]) -> None:
+    """Raise `CalibrationError` naming the first stack that cannot be calibrated on, and why."""
+    if len(stacks) < MIN_STACKS:
+        raise CalibrationError(f"{len(stacks)} z-stacks; calibration needs at least {MIN_STACKS}")
+    for index, stack in enumerate(stacks):
+        images = np.asarray(stack.images)
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise CalibrationError(f"stack {index}: images of shape {images.shape} and dtype {images.dtype}; "
+                                   "expected (N, H, W, 3) uint8")
+        if len(images) < MIN_STACK_IMAGES or len(stack.z_um) != len(images):
+            raise CalibrationError(f"stack {index}: {len(images)} images and {len(stack.z_um)} z values; "
+                                   f"expected at least {MIN_STACK_IMAGES} of each, one z per image")
+        if not (stack.pixel_size_um > 0 and 0 < stack.numerical_aperture < 1.6):
+            raise CalibrationError(f"stack {index}: pixel_size_um={stack.pixel_size_um}, "
+                                   f"numerical_aperture={stack.numerical_aperture}; expected > 0 and 0 < NA < 1.6")
+
+
+def stacks_with_focus(stacks: list[ZStack], log) -> tuple[list[ZStack], list[str]]:
+    """The stacks whose best focus lies inside their sweep, that focus fixed; and why the others were left
+    out. A field of glass or a fold has no focus peak: one such sweep must not stop a calibration."""
+    usable, skipped = [], []
+    for index, stack in enumerate(stacks):
+        try:
+            usable.append(replace(stack, best_focus_z_um=stack.focus_z_um()))
+        except CalibrationError as error:
+            skipped.append(f"stack {index}: {error}")
+            log(f"left out {skipped[-1]}")
+    if len(usable) < MIN_STACKS:
+        raise CalibrationError(f"{len(usable)} of {len(stacks)} z-stacks have their focus inside the sweep; "
+                               f"calibration needs at least {MIN_STACKS} ({'; '.join(skipped)})")
+    return usable, skipped
+
+
+def held_back_stacks(count: int) -> np.ndarray:
+    """Indices of the stacks a calibration holds back from its fit to judge it: every third, at least one."""
+    return np.arange(count)[::3] if count >= 3 else np.array([count - 1])
+
+
 def _key_part(value: float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".")
 
@@ -66,6 +114,14 @@ class CalibrationStore:
         directory = self.model_dir(magnification, numerical_aperture, pixel_size_um)
         return directory if (directory / "metadata.json").exists() else None
 
+    def two_shot_path(self, magnification: float, numerical_aperture: float, pixel_size_um: float) -> Path:
+        """Where the calibrated two-shot model of these optics lives: in the same directory."""
+        return self.model_dir(magnification, numerical_aperture, pixel_size_um) / TWO_SHOT_MODEL_FILE
+
+    def find_two_shot(self, magnification: float, numerical_aperture: float, pixel_size_um: float) -> Path | None:
+        path = self.two_shot_path(magnification, numerical_aperture, pixel_size_um)
+        return path if path.exists() else None
+
 
 def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict]:
     """The focus-map sweeps a scan kept on disk (its manifest's "focus_map"), as z-stacks, and the
@@ -87,11 +143,12 @@ def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict]:
 
 
 class CalibratedEstimators:
-    """The estimator for each tile's optics: this scanner's calibrated model where the store has one,
-    the base model otherwise. Loaded once per model; `forget` drops one after a new calibration."""
+    """The estimator for each tile's optics, and the two-shot model for each pair's: this scanner's
+    calibrated model where the store has one, the base model otherwise. Loaded once per model; `forget`
+    drops a directory's models after a new calibration."""
 
     def __init__(self, store: CalibrationStore, backend_name: str = "auto", base_model_dir: Path | None = None,
-                 threads: int = 2):
+                 threads: int = 2, base_two_shot_path: Path | None = None):
         from wsi_autofocus.inference import FocusEstimator, load_backend
 
         self.store = store
@@ -101,6 +158,8 @@ class CalibratedEstimators:
         self._load = lambda directory: FocusEstimator(load_backend(backend_name, directory, threads)[0], directory)
         self.base = self._load(self.base_model_dir)
         self._calibrated: dict[Path, object] = {}
+        self.base_two_shot = TwoShotModel.load(base_two_shot_path or default_two_shot_path())
+        self._calibrated_two_shot: dict[Path, TwoShotModel] = {}
 
     def model_dir_for(self, magnification: float, numerical_aperture: float, pixel_size_um: float) -> Path:
         if magnification > 0 and numerical_aperture > 0 and pixel_size_um > 0:
@@ -117,5 +176,15 @@ class CalibratedEstimators:
             self._calibrated[directory] = self._load(directory)
         return self._calibrated[directory]
 
+    def two_shot_for(self, magnification: float, numerical_aperture: float, pixel_size_um: float) -> TwoShotModel:
+        found = (self.store.find_two_shot(magnification, numerical_aperture, pixel_size_um)
+                 if magnification > 0 and numerical_aperture > 0 and pixel_size_um > 0 else None)
+        if found is None:
+            return self.base_two_shot
+        if found not in self._calibrated_two_shot:
+            self._calibrated_two_shot[found] = TwoShotModel.load(found)
+        return self._calibrated_two_shot[found]
+
     def forget(self, model_dir: Path) -> None:
         self._calibrated.pop(Path(model_dir), None)
+        self._calibrated_two_shot.pop(Path(model_dir) / TWO_SHOT_MODEL_FILE, None)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_autofocus import data, shift_evaluation, slide_calibration
+from wsi_autofocus import data, shift_evaluation, slide_calibration, two_shot
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 from wsi_autofocus.two_shot import TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
@@ -89,29 +89,46 @@ def command_eval(args) -> int:
 
 
 def command_calibrate(args) -> int:
+    """Both models on a scan's sweeps, each on its own (as the autofocus node's CalibrateAutofocus)."""
     from wsi_autofocus.calibration import calibrate
-    from wsi_autofocus.calibration_store import CalibrationStore, stacks_from_scan
+    from wsi_autofocus.calibration_store import CalibrationError, CalibrationStore, stacks_from_scan
+    from wsi_autofocus.two_shot_calibration import calibrate_two_shot
 
     stacks, optics = stacks_from_scan(args.scan)
     store = CalibrationStore(args.store, args.scanner)
-    output = args.output or store.model_dir(optics["objective_magnification"], optics["numerical_aperture"],
-                                            optics["pixel_size_um"])
-    result = calibrate(stacks, output, args.model, scanner={"name": args.scanner} | optics,
-                       log=lambda line: print(line, flush=True))
-    print(f"calibrated on {result.stacks} sweeps ({result.images} images) in {result.fit_s:.0f} s: held-back sweeps "
-          f"MAE {result.held_back_mae_before_um:.2f} -> {result.held_back_mae_after_um:.2f} µm; model: {result.model_dir}")
-    return 0
+    key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
+    output = args.output or store.model_dir(*key)
+    scanner = {"name": args.scanner} | optics
+    failures = 0
+    try:
+        result = calibrate(stacks, output, args.model, scanner=scanner, log=print)
+        print(f"single-shot model calibrated on {result.stacks} sweeps ({result.images} images) in "
+              f"{result.fit_s:.0f} s: held-back sweeps MAE {result.held_back_mae_before_um:.2f} -> "
+              f"{result.held_back_mae_after_um:.2f} µm; model: {result.model_dir}")
+    except CalibrationError as error:
+        failures += 1
+        print(f"single-shot model not calibrated: {error}")
+    try:
+        pair_result = calibrate_two_shot(stacks, Path(output) / two_shot.MODEL_FILE, args.two_shot_model, scanner,
+                                         print)
+        print(f"two-shot model calibrated on {pair_result.pairs} pairs of {pair_result.stacks} sweeps in "
+              f"{pair_result.fit_s:.1f} s: held-back sweeps MAE {pair_result.held_back_mae_before_um:.2f} -> "
+              f"{pair_result.held_back_mae_after_um:.2f} µm; model: {pair_result.path}")
+    except CalibrationError as error:
+        failures += 1
+        print(f"two-shot model not calibrated: {error}")
+    return 1 if failures == 2 else 0
 
 
 def command_train_two_shot(args) -> int:
-    from wsi_autofocus.two_shot_training import PAIR_SPLITS, generate_pairs, train_two_shot
+    from wsi_autofocus.two_shot_training import PAIR_SPLITS, generate_pairs, pairs_are_current, train_two_shot
 
     splits = {}
     for split, sets in PAIR_SPLITS.items():
         parts = []
         for name, spec in sets.items():
             path = args.data_dir / f"{split}-{name}.npz"
-            if not path.exists():
+            if not pairs_are_current(path, spec):
                 print(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} {split} pairs into {path}",
                       flush=True)
                 generate_pairs(spec, path, workers=args.workers)
@@ -127,13 +144,18 @@ def command_eval_two_shot(args) -> int:
     spec = shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles)
     tiles = shift_evaluation.render_tiles(spec, args.cache_dir, workers=args.workers)
     refocuser = shift_evaluation.Refocuser(spec, args.cache_dir)
-    evaluation = shift_evaluation.two_shot_evaluation(model, tiles, refocuser, args.workers)
+    estimates = shift_evaluation.two_shot_estimates(model, tiles, refocuser, args.workers)
+    evaluation = shift_evaluation.two_shot_evaluation(tiles, estimates)
+    evaluation["calibration_under_held_out_imaging"] = shift_evaluation.two_shot_calibration_check(
+        args.model, shift_evaluation.CalibrationSpec(), tiles, refocuser, estimates, args.cache_dir)
     backend, _ = load_backend(args.backend, args.single_shot_model, threads=args.threads)
     estimator = FocusEstimator(backend, args.single_shot_model)
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
         spec, tiles, estimator, shift_evaluation.estimate_tiles(estimator, tiles), args.cache_dir, two_shot_model=model)
     print(shift_evaluation.format_two_shot(evaluation))
     print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
+    print(shift_evaluation.format_calibration(evaluation["calibration_under_held_out_imaging"],
+                                              shift_evaluation.TWO_SHOT_CALIBRATION_TITLE))
     if args.card:
         from wsi_autofocus.model_card import render_two_shot
 
@@ -199,7 +221,9 @@ def main(argv=None) -> int:
                            help="calibrated models, one per scanner, objective and camera (the autofocus node's "
                                 "calibration_root)")
     calibrate.add_argument("--model", type=Path, default=None, help="model to start from (default: the shipped one)")
-    calibrate.add_argument("--output", type=Path, help="write the model here instead of into the store")
+    calibrate.add_argument("--two-shot-model", type=Path, default=None,
+                           help="two-shot model to start from (default: the shipped one)")
+    calibrate.add_argument("--output", type=Path, help="write the models here instead of into the store")
     calibrate.set_defaults(run=command_calibrate)
     train_two_shot = commands.add_parser("train-two-shot", help="render exposure pairs, train the two-shot model")
     train_two_shot.add_argument("--data-dir", type=Path, default=Path("build/two-shot-data"))

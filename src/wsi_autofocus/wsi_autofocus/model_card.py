@@ -88,14 +88,8 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
     """Card lines for the evaluation under held-out imaging: the table, the pooled 20x figures against the
     targets, and self-calibration, all from the evaluation summary."""
     checks = shift_target_checks(shift["pooled_20x"]["held_out_imaging_real_content"])
-    calibrations = {"other specimens": calibration, "the slide itself": slide_calibration_results or {}}
-    for where, results in calibrations.items():
-        if not results:
-            checks.append((f"self-calibration on {where}: not in this evaluation (re-run `wsi-autofocus eval`)", False))
-            continue
-        after = [(name, result["after"]["mae_um"]) for name, result in results.items()]
-        checks.append((f"after self-calibration on {where} MAE {', '.join(f'{name} {mae:.2f}' for name, mae in after)} "
-                       f"µm (target ≤ {TARGET_CALIBRATED_MAE_UM})", all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after)))
+    calibrations = (("other specimens", calibration), ("the slide itself", slide_calibration_results))
+    checks += [calibration_target_check(where, results, "wsi-autofocus eval") for where, results in calibrations]
     met = [text for text, ok in checks if ok]
     missed = [text for text, ok in checks if not ok]
     scopes = "; ".join(f"`{scope.name}`: {scope.description}" for scope in heldout_imaging.HELD_OUT_SCOPES.values())
@@ -262,6 +256,16 @@ def shift_target_checks(pooled: dict) -> list[tuple[str, bool]]:
              pooled["confidently_wrong"] <= TARGET_SHIFT_CONFIDENTLY_WRONG)]
 
 
+def calibration_target_check(where: str, results: dict | None, command: str) -> tuple[str, bool]:
+    """The MAE after self-calibration under each held-out microscope (`calibrated_statistics` results by
+    name) against its target, as (statement, met)."""
+    if not results:
+        return f"self-calibration on {where}: not in this evaluation (re-run `{command}`)", False
+    after = [(name, result["after"]["mae_um"]) for name, result in results.items()]
+    return (f"after self-calibration on {where} MAE {', '.join(f'{name} {mae:.2f}' for name, mae in after)} "
+            f"µm (target ≤ {TARGET_CALIBRATED_MAE_UM})", all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after))
+
+
 def render_two_shot(model_path: Path, evaluation: dict) -> str:
     """The two-shot model's card, from its metadata and its evaluation under held-out imaging."""
     from wsi_autofocus import two_shot, two_shot_training
@@ -269,7 +273,9 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     model = two_shot.TwoShotModel.load(model_path)
     meta = model.metadata
     near, wide = (two_shot_training.PAIR_SPLITS["train"][name] for name in ("near", "wide"))
+    calibration = evaluation.get("calibration_under_held_out_imaging")
     checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
+    checks.append(calibration_target_check("other specimens", calibration, "wsi-autofocus eval-two-shot"))
     lines = [
         "# Model card: two-shot defocus",
         "",
@@ -285,9 +291,13 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         f"(`two_shot_training.PAIR_SPLITS`): steps {near.step_depths[0]:g}-{near.step_depths[1]:g} depths of focus "
         f"(a third of them) and {wide.step_depths[0]:g}-{wide.step_depths[1]:g} (log-uniform), defocus within "
         f"±{wide.max_defocus_um:g} µm; {wide.virtual_microscope_fraction:.0%} through the virtual microscope, the rest "
-        f"through microscopes drawn at random (`training_optics`), {wide.texture_fraction:.0%} of those showing "
-        "re-stained training textures. Specimens and textures split as the single-shot model's; the held-out "
-        "microscopes and the real images below are never seen.",
+        f"through microscopes drawn at random (`training_optics`; {wide.annular_fraction:.0%} of them with ring "
+        f"illumination, {wide.rim_weighted_fraction:.0%} with pupils brighter at the rim), {wide.texture_fraction:.0%} "
+        "of those showing re-stained training textures. Specimens and textures split as the single-shot model's; "
+        "the held-out microscopes and the real images below are never seen. Features: per band of spatial "
+        f"frequency ({len(two_shot.BAND_EDGES) - 1} bands from {two_shot.BAND_EDGES[0]:g} to "
+        f"{two_shot.BAND_EDGES[-1]:g} NA/λ, spaced by ratio below 0.3) the log power ratio of the two exposures, "
+        "their mean log power, whether the band is sampled.",
         f"- Gaussian negative log-likelihood, AdamW, early stopping on the validation pairs, {meta['train_s']:.0f} s "
         f"for the ensemble on 2 CPU cores; sigma scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
         "",
@@ -306,6 +316,18 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "",
         "```",
         shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]),
+        "```",
+        "",
+        "## Self-calibration (`wsi_autofocus.two_shot_calibration`, `wsi-autofocus calibrate`)",
+        "Every two images of a focus-map sweep 1-12 depths of focus apart are a labelled pair; each member's output "
+        "layer is refitted by ridge regression towards its trained weights (strength by leave-one-sweep-out), sigma's "
+        "temperature on the held-back third of the sweeps (never below the trained one). Nine sweeps of validation "
+        "specimens under each held-out microscope, judged on that microscope's 20x tiles above (other specimens and "
+        "real content):",
+        "",
+        "```",
+        shift_evaluation.format_calibration(calibration, shift_evaluation.TWO_SHOT_CALIBRATION_TITLE) if calibration
+        else "not in this evaluation",
         "```",
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),

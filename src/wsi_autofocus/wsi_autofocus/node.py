@@ -19,8 +19,8 @@ from rclpy.node import Node
 
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
-from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, with_second_exposure
-from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
+from wsi_autofocus.two_shot import TwoShotError, with_second_exposure
+from wsi_autofocus.two_shot_calibration import calibrate_two_shot
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
@@ -53,8 +53,7 @@ class AutofocusNode(Node):
         try:
             self.store = CalibrationStore(self.params["calibration_root"], self.params["scanner_name"])
             self.estimators = CalibratedEstimators(self.store, self.params["backend"], self.params["model_dir"] or None,
-                                                   self.params["threads"])
-            self.two_shot = TwoShotModel.load(self.params["two_shot_model"] or default_two_shot_path())
+                                                   self.params["threads"], self.params["two_shot_model"] or None)
         except (BackendUnavailableError, ValueError, OSError) as error:
             raise NodeConfigurationError(str(error)) from error
         self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
@@ -76,6 +75,10 @@ class AutofocusNode(Node):
     def _estimator(self, magnification: float, numerical_aperture: float, pixel_size_um: float):
         with self._models_lock:
             return self.estimators.for_optics(magnification, numerical_aperture, pixel_size_um)
+
+    def _two_shot(self, magnification: float, numerical_aperture: float, pixel_size_um: float):
+        with self._models_lock:
+            return self.estimators.two_shot_for(magnification, numerical_aperture, pixel_size_um)
 
     def _evaluate(self, tiles: list[Tile]) -> None:
         started = time.perf_counter()
@@ -131,7 +134,9 @@ class AutofocusNode(Node):
             image = decode_rgb(request.image)
             result = estimator.estimate(image, request.numerical_aperture, request.pixel_size_um)
             if request.image_above.width:
-                result = with_second_exposure(self.two_shot, result, image, decode_rgb(request.image_above),
+                two_shot = self._two_shot(request.objective_magnification, request.numerical_aperture,
+                                          request.pixel_size_um)
+                result = with_second_exposure(two_shot, result, image, decode_rgb(request.image_above),
                                               request.numerical_aperture, request.pixel_size_um,
                                               request.step_above_um)
         except (ImageConversionError, FocusInputError, TwoShotError) as error:
@@ -140,35 +145,62 @@ class AutofocusNode(Node):
         response.success = True
         _fill_estimate(response, result)
         response.exposures_used = 2 if request.image_above.width else 1
+        response.two_shot_model = str(two_shot.path) if request.image_above.width else ""
         response.inference_latency_ms = (time.perf_counter() - started) * 1e3
         return response
 
     def _calibrate(self, request, response):
-        """Fine-tune on a scan's focus-map sweeps (ROS-free core: `wsi_autofocus.calibration`); the new
-        model serves that objective's tiles from the next one on."""
-        # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
-        from wsi_autofocus.calibration import calibrate
-
+        """Calibrate both models on a scan's focus-map sweeps (ROS-free cores: `wsi_autofocus.calibration`,
+        `wsi_autofocus.two_shot_calibration`), each on its own; the new models serve that objective's tiles
+        and pairs from the next one on."""
+        started = time.monotonic()
         try:
             stacks, optics = stacks_from_scan(request.scan_dir)
-            directory = self.store.model_dir(optics["objective_magnification"], optics["numerical_aperture"],
-                                             optics["pixel_size_um"])
-            result = calibrate(stacks, directory, self.params["model_dir"] or None,
-                               scanner={"name": self.store.scanner} | optics)
         except (CalibrationError, OSError, ValueError, KeyError) as error:
             response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
             self.get_logger().error(response.error)
             return response
+        key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
+        scanner = {"name": self.store.scanner} | optics
+        errors = []
+        try:
+            self._calibrate_single_shot(stacks, key, scanner, response)
+        except (CalibrationError, OSError, ValueError) as error:
+            errors.append(f"single-shot model: {error}")
+        # After the single shot: its calibration replaces the directory both models live in.
+        try:
+            result = calibrate_two_shot(stacks, self.store.two_shot_path(*key), self.params["two_shot_model"] or None,
+                                        scanner)
+        except (CalibrationError, OSError, ValueError) as error:
+            errors.append(f"two-shot model: {error}")
+        else:
+            response.two_shot_model, response.two_shot_pairs = str(result.path), result.pairs
+            response.two_shot_held_back_mae_before_um = result.held_back_mae_before_um
+            response.two_shot_held_back_mae_after_um = result.held_back_mae_after_um
+            self.get_logger().info(f"calibrated {result.path} on {result.pairs} pairs of {result.stacks} sweeps: "
+                                   f"held-back MAE {result.held_back_mae_before_um:.2f} -> "
+                                   f"{result.held_back_mae_after_um:.2f} µm")
         with self._models_lock:
-            self.estimators.forget(result.model_dir)
-        response.success, response.model_dir = True, str(result.model_dir)
-        response.sweeps, response.images, response.fit_s = result.stacks, result.images, result.fit_s
+            self.estimators.forget(self.store.model_dir(*key))
+        response.success = bool(response.model_dir or response.two_shot_model)
+        response.fit_s = time.monotonic() - started
+        response.error = "; ".join(f"calibration from {request.scan_dir}: {error}" for error in errors)
+        if errors:
+            self.get_logger().error(response.error)
+        return response
+
+    def _calibrate_single_shot(self, stacks, key: tuple, scanner: dict, response) -> None:
+        # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
+        from wsi_autofocus.calibration import calibrate
+
+        result = calibrate(stacks, self.store.model_dir(*key), self.params["model_dir"] or None, scanner=scanner)
+        response.model_dir = str(result.model_dir)
+        response.sweeps, response.images = result.stacks, result.images
         response.held_back_mae_before_um = result.held_back_mae_before_um
         response.held_back_mae_after_um = result.held_back_mae_after_um
         self.get_logger().info(f"calibrated {result.model_dir} from {result.stacks} sweeps in {result.fit_s:.0f} s: "
                                f"held-back MAE {result.held_back_mae_before_um:.2f} -> "
                                f"{result.held_back_mae_after_um:.2f} µm")
-        return response
 
     def _diagnostics(self):
         with self._stats_lock:

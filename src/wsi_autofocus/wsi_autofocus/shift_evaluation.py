@@ -265,10 +265,9 @@ def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int 
             "compute_s": np.array(compute_s)}
 
 
-def two_shot_evaluation(model, tiles: dict, refocuser: "Refocuser", workers: int = 2) -> dict:
-    """The held-out imaging table for the two-shot model, and what its second exposure costs at 20x
-    beside the single shot: a z move of one step, a settle and an exposure."""
-    estimates = two_shot_estimates(model, tiles, refocuser, workers)
+def two_shot_evaluation(tiles: dict, estimates: dict) -> dict:
+    """The held-out imaging table of the two-shot model's `two_shot_estimates`, and what its second exposure
+    costs at 20x beside the single shot: a z move of one step, a settle and an exposure."""
     twenty = tiles["objective"] == DEFAULT_OBJECTIVE_MAGNIFICATION
     step_um = two_shot.default_step_um(float(np.median(tiles["numerical_aperture"][twenty])))
     return summarize(tiles, estimates) | {"cost_20x": {
@@ -555,11 +554,40 @@ def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, out
     return stats | {"fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
 
 
+def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: dict, refocuser: Refocuser,
+                               before: dict, work_dir: Path, log=print) -> dict:
+    """The two-shot model calibrated on each held-out microscope's sweeps (validation specimens) and judged
+    on that microscope's 20x tiles (test specimens and real content) with their second exposures; `before`
+    holds the uncalibrated model's `two_shot_estimates` of `tiles`. Statistics as `calibrated_statistics`."""
+    from wsi_autofocus.calibration_store import CalibrationError
+    from wsi_autofocus.two_shot_calibration import calibrate_two_shot
+
+    results = {}
+    for name, stacks in render_all_sweeps(spec, work_dir, log=log).items():
+        mask = (tiles["imaging"] == name) & (tiles["objective"] == spec.magnification)
+        started = time.monotonic()
+        try:
+            result = calibrate_two_shot(z_stacks(stacks), Path(work_dir) / f"two-shot-calibrated-{name}.npz",
+                                        model_path, scanner={"name": name, "objective": spec.magnification})
+        except CalibrationError as error:
+            after, refused = before, str(error)
+        else:
+            after, refused = two_shot_estimates(two_shot.TwoShotModel.load(result.path), tiles, refocuser), None
+        fit_s = result.fit_s if refused is None else time.monotonic() - started
+        results[name] = {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
+                         "fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
+        log(f"{name}: {describe_calibration(results[name])}")
+    return results
+
+
 def describe_calibration(result: dict) -> str:
     return (f"MAE {result['before']['mae_um']:.2f} -> {result['after']['mae_um']:.2f} µm ({result['fit_s']:.0f} s, "
             f"{result['sweeps']} sweeps{', refused: ' + result['refused'] if result['refused'] else ''})")
 
 
+TWO_SHOT_CALIBRATION_TITLE = ("two-shot self-calibration (20x): fitted on a held-out microscope's focus-map sweeps of "
+                              "validation specimens, tested on its tiles of the test specimens and real content with "
+                              "their second exposures")
 # Title of the calibration table where the sweeps come from other specimens than the tiles.
 OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscope's focus-map sweeps of validation "
                          "specimens, tested on its tiles of the test specimens and real content")

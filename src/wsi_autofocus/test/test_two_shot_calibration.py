@@ -1,0 +1,103 @@
+"""Self-calibration of the two-shot model: a scanner's focus-map sweeps in, a refitted model the node uses out."""
+import numpy as np
+import pytest
+
+from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_autofocus import heldout_imaging, two_shot_calibration
+from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, ZStack
+from wsi_autofocus.data import specimen_for_seed, tissue_points
+from wsi_autofocus.two_shot import TwoShotModel, default_step_um, depth_unit_um
+from wsi_autofocus.two_shot_calibration import calibrate_two_shot, sweep_pairs
+
+APERTURE, MAGNIFICATION = 0.75, 20.0
+# A focus map's sweep, shortened: coarse steps of 2 µm and fine ones of 0.5 µm around the start.
+SWEEP_OFFSETS_UM = np.unique(np.concatenate([np.arange(-8.0, 8.1, 2.0), np.arange(-1.5, 1.6, 0.5)]))
+
+
+def test_sweep_pairs_are_every_two_images_a_trained_step_apart_labelled_by_the_lower():
+    rng = np.random.default_rng(0)
+    z = np.array([3.0, -4.0, 0.0, 1.0, 10.0, 40.0])              # unsorted, as a sweep may be stored
+    stack = ZStack(rng.integers(0, 255, (len(z), 64, 64, 3), dtype=np.uint8), z, 0.325, APERTURE, best_focus_z_um=0.5)
+    pairs = sweep_pairs([stack, stack])
+    unit = depth_unit_um(APERTURE)
+    expected = [(low - 0.5) for low in np.sort(z) for high in np.sort(z)
+                if abs(low - 0.5) <= 20 and unit - 1e-6 <= high - low <= 12 * unit]
+    assert sorted(pairs["defocus_um"][pairs["group"] == 0]) == pytest.approx(sorted(expected))
+    assert np.bincount(pairs["group"]).tolist() == [len(expected)] * 2
+    steps_in_depths = pairs["features"][:, -2]
+    assert steps_in_depths.min() >= 1.0 - 1e-5 and steps_in_depths.max() <= 12.0 + 1e-5
+
+
+def _held_out_sweep(scope, seed: int, rng, tile_px: int = 192) -> ZStack:
+    microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
+    (x, y), = tissue_points(microscope, rng, 1)
+    start = rng.uniform(-1.0, 1.0)
+    images = np.stack([heldout_imaging.capture(scope, microscope.specimen, x, y, start + d, MAGNIFICATION, tile_px,
+                                               rng).image_rgb8 for d in SWEEP_OFFSETS_UM])
+    return ZStack(images, start + SWEEP_OFFSETS_UM, scope.pixel_size_um(MAGNIFICATION), APERTURE)
+
+
+@pytest.mark.slow
+def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope_and_the_node_picks_it(
+        tmp_path, mismatched_two_shot_model):
+    """Sweeps of validation specimens through a held-out microscope repair a model that reads distances
+    wrong; pairs of other fields of a test specimen through the same microscope are then read right, and
+    the store serves the calibrated model for that scanner's optics only."""
+    scope = heldout_imaging.HELD_OUT_SCOPES["abbe-gaussian"]
+    rng = np.random.default_rng(5)
+    wrong = mismatched_two_shot_model
+    stacks = [_held_out_sweep(scope, seed, rng) for seed in (100, 101, 102, 103, 104)]
+    store = CalibrationStore(tmp_path / "calibration", "bench-2")
+    pixel_um = scope.pixel_size_um(MAGNIFICATION)
+    result = calibrate_two_shot(stacks, store.two_shot_path(MAGNIFICATION, APERTURE, pixel_um), wrong,
+                                scanner={"name": "bench-2"})
+    assert result.held_back_mae_after_um < 0.5 * result.held_back_mae_before_um, result
+    assert result.pairs == len(sweep_pairs(stacks)["group"]) and result.ridge in two_shot_calibration.RIDGE_STRENGTHS
+    calibrated = TwoShotModel.load(result.path)
+    assert calibrated.metadata["calibration"]["scanner"] == {"name": "bench-2"}
+
+    microscope = VirtualMicroscope(specimen=specimen_for_seed(200), seed=200)
+    step = default_step_um(APERTURE)
+    truth = rng.uniform(-8.0, 8.0, 8)
+    pairs = [[heldout_imaging.capture(scope, microscope.specimen, x, y, d + dz, MAGNIFICATION, 256, rng).image_rgb8
+              for dz in (0.0, step)] for (x, y), d in zip(tissue_points(microscope, rng, len(truth)), truth)]
+
+    def mae(model):
+        return np.mean([abs(model.estimate(*pair, APERTURE, pixel_um, step).defocus_um - d)
+                        for pair, d in zip(pairs, truth)])
+
+    before, after = mae(TwoShotModel.load(wrong)), mae(calibrated)
+    assert after < 0.6 * before, (before, after)
+    estimators = CalibratedEstimators(store, "onnxruntime", base_two_shot_path=wrong)
+    assert estimators.two_shot_for(MAGNIFICATION, APERTURE, pixel_um).metadata.get("calibration")
+    assert estimators.two_shot_for(40.0, 0.95, 0.1625) is estimators.base_two_shot
+    assert estimators.two_shot_for(0.0, 0.0, 0.0) is estimators.base_two_shot       # optics unknown
+
+
+def _virtual_sweeps(seeds) -> list[ZStack]:
+    stacks = []
+    for seed in seeds:
+        microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
+        (x, y), = tissue_points(microscope, np.random.default_rng(seed), 1)
+        focal = float(microscope.focal_z_um(x, y))
+        images = np.stack([microscope.capture(x, y, focal + d, MAGNIFICATION, roi=(416, 416, 192, 192)).image_rgb8
+                           for d in SWEEP_OFFSETS_UM])
+        stacks.append(ZStack(images, focal + SWEEP_OFFSETS_UM, 0.325, APERTURE))
+    return stacks
+
+
+def test_a_two_shot_calibration_that_does_not_help_the_held_back_sweeps_is_refused(tmp_path, monkeypatch):
+    real_refit = two_shot_calibration.refit_outputs
+
+    def backwards(model, pairs, ridge):
+        fitted = real_refit(model, pairs, ridge)
+        for member in fitted.members:
+            fitted.arrays[f"m{member}_w_out"][:, 0] *= -3.0        # distance read backwards: worse on every sweep
+        return fitted
+
+    monkeypatch.setattr(two_shot_calibration, "refit_outputs", backwards)
+    with pytest.raises(CalibrationError, match="no better.*the model in use is kept"):
+        calibrate_two_shot(_virtual_sweeps((100, 101, 102)), tmp_path / "two_shot.npz")
+    assert not (tmp_path / "two_shot.npz").exists()
+    with pytest.raises(CalibrationError, match="at least 2"):
+        calibrate_two_shot(_virtual_sweeps((100,)), tmp_path / "two_shot.npz")
