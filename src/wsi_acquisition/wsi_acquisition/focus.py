@@ -1,14 +1,11 @@
 """How a scan acts on a single-shot defocus estimate: trust it, probe the side of focus, keep a correction.
 
-The focus measures these rules compare (sharpness, tissue, z-sweep peaks) are in `wsi_common.focus_metrics`.
+The focus measures these rules compare (sharpness, tissue, z-sweep peaks) and the tolerance they hold a
+tile to (`focus_tolerance_um`) are in `wsi_common.focus_metrics`.
 """
 import numpy as np
 
-
-def focus_tolerance_um(depth_of_field_um):
-    """How far from focus a tile may be left: half the depth of field, at least 1 µm. An estimate whose
-    one sigma is under it is trusted (`trusts_estimate`); a trusted estimate off by more is confidently wrong."""
-    return np.maximum(np.asarray(depth_of_field_um) / 2, 1.0)
+from wsi_common.focus_metrics import focus_tolerance_um
 
 
 def trusts_estimate(uncertainty_um: float, depth_of_field_um: float) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import (focus_action, focus_tolerance_um, keeps_correction, probe_step_um, side_from_probe,
+from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, side_from_probe,
                                    trusts_estimate, two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
@@ -29,7 +29,7 @@ from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import OBJECTIVES, SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
 from wsi_autofocus.evaluate import sweep_time_s
-from wsi_common.focus_metrics import brenner
+from wsi_common.focus_metrics import brenner, focus_tolerance_um
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 OWN_SIMULATOR = "own-simulator"

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
-from wsi_acquisition.focus import focus_tolerance_um
+from wsi_common.focus_metrics import focus_tolerance_um
 
 REFERENCE_WAVELENGTH_UM = 0.55
 # Edges of the spatial-frequency bands, in units of NA / lambda (the coherent cut-off is 1, the

@@ -1,4 +1,5 @@
-"""Classical focus measures: sharpness of an image, tissue content, and the peak of a z-sweep.
+"""Classical focus measures: sharpness of an image, tissue content, the peak of a z-sweep, and how far from
+focus a tile may be left.
 
 The scan builds its focus map with them, the autofocus reports them beside its estimate and picks its
 patches by tissue, the evaluation uses them as baselines. They live here rather than in wsi_acquisition
@@ -11,6 +12,13 @@ import numpy as np
 from scipy import ndimage
 
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def focus_tolerance_um(depth_of_field_um):
+    """How far from focus a tile may be left: half the depth of field, at least 1 µm. An estimate whose
+    one sigma is under it is trusted (`wsi_acquisition.focus.trusts_estimate`); a trusted estimate off by
+    more is confidently wrong."""
+    return np.maximum(np.asarray(depth_of_field_um) / 2, 1.0)
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
