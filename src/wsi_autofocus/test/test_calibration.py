@@ -10,7 +10,7 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
 from wsi_autofocus import heldout_imaging
-from wsi_autofocus.calibration import calibrate
+from wsi_autofocus.calibration import calibrate, calibrate_both
 from wsi_autofocus.calibration_store import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack,
                                              stacks_from_scan)
 from wsi_autofocus.data import specimen_for_seed, tissue_points
@@ -128,7 +128,7 @@ def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_
     assert estimators.for_optics(0.0, 0.0, 0.0) is estimators.base              # optics unknown: base model
 
 
-def test_a_calibration_that_does_not_help_the_held_back_stacks_is_refused(tmp_path, monkeypatch):
+def _stacks_the_single_shot_fit_makes_worse(monkeypatch) -> list[ZStack]:
     import wsi_autofocus.calibration as calibration
 
     def scrambled_fit(model, features, labels, steps, seed):
@@ -138,10 +138,24 @@ def test_a_calibration_that_does_not_help_the_held_back_stacks_is_refused(tmp_pa
         return head.eval()
 
     monkeypatch.setattr(calibration, "_fit_head", scrambled_fit)
-    stacks = [_virtual_stack(seed, np.arange(-6.0, 6.1, 1.5))[0] for seed in (100, 101, 102)]
+    return [_virtual_stack(seed, np.arange(-6.0, 6.1, 1.5))[0] for seed in (100, 101, 102)]
+
+
+def test_a_calibration_that_does_not_help_the_held_back_stacks_is_refused(tmp_path, monkeypatch):
+    stacks = _stacks_the_single_shot_fit_makes_worse(monkeypatch)
     with pytest.raises(CalibrationError, match="no better.*the model in use is kept"):
         calibrate(stacks, tmp_path / "calibrated")
     assert not (tmp_path / "calibrated").exists()
+
+
+def test_one_model_refused_leaves_the_other_calibrated(tmp_path, monkeypatch, mismatched_two_shot_model):
+    """As CalibrateAutofocus does it: the single-shot fit is refused, the two-shot one is kept beside it."""
+    stacks = _stacks_the_single_shot_fit_makes_worse(monkeypatch)
+    result = calibrate_both(stacks, tmp_path / "scanner", base_two_shot=mismatched_two_shot_model)
+    assert result.single_shot is None and len(result.errors) == 1
+    assert result.errors[0].startswith("single-shot model: ") and "no better" in result.errors[0]
+    assert result.two_shot.path == tmp_path / "scanner" / "two_shot.npz" and result.two_shot.path.exists()
+    assert not (tmp_path / "scanner" / "metadata.json").exists()
 
 
 def test_store_names_refuse_paths():

@@ -32,6 +32,8 @@ from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZSt
                                              stacks_with_focus)
 from wsi_autofocus.inference import default_model_dir, read_model_metadata
 from wsi_autofocus.patches import select_patches
+from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
+from wsi_autofocus.two_shot_calibration import TwoShotCalibrationResult, calibrate_two_shot
 from wsi_autofocus.training import (export, fit_uncertainty_calibration, focus_loss, load_checkpoint,
                                     save_checkpoint)
 
@@ -150,3 +152,32 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
                              time.monotonic() - started, before, after, tuple(skipped))
 
 
+
+
+@dataclass(frozen=True)
+class ScannerCalibration:
+    """Both focus models calibrated on one scanner's sweeps, each on its own: a result, or None and the
+    reason among `errors`."""
+    single_shot: CalibrationResult | None
+    two_shot: TwoShotCalibrationResult | None
+    errors: tuple[str, ...]
+
+
+def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path | None = None,
+                   base_two_shot: Path | None = None, scanner: dict | None = None,
+                   log=lambda line: None) -> ScannerCalibration:
+    """The single-shot model into `model_dir` (`calibrate`) and the two-shot model beside it
+    (`calibrate_two_shot`); one refused leaves the other. The single shot goes first: its calibration
+    replaces the directory both live in."""
+    errors = []
+    try:
+        single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log)
+    except CalibrationError as error:
+        single_shot = None
+        errors.append(f"single-shot model: {error}")
+    try:
+        two_shot = calibrate_two_shot(stacks, Path(model_dir) / TWO_SHOT_MODEL_FILE, base_two_shot, scanner, log)
+    except CalibrationError as error:
+        two_shot = None
+        errors.append(f"two-shot model: {error}")
+    return ScannerCalibration(single_shot, two_shot, tuple(errors))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_autofocus import data, shift_evaluation, slide_calibration, two_shot
+from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 from wsi_autofocus.two_shot import TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
@@ -90,34 +90,26 @@ def command_eval(args) -> int:
 
 def command_calibrate(args) -> int:
     """Both models on a scan's sweeps, each on its own (as the autofocus node's CalibrateAutofocus)."""
-    from wsi_autofocus.calibration import calibrate
-    from wsi_autofocus.calibration_store import CalibrationError, CalibrationStore, stacks_from_scan
-    from wsi_autofocus.two_shot_calibration import calibrate_two_shot
+    from wsi_autofocus.calibration import calibrate_both
+    from wsi_autofocus.calibration_store import CalibrationStore, stacks_from_scan
 
     stacks, optics = stacks_from_scan(args.scan)
-    store = CalibrationStore(args.store, args.scanner)
     key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
-    output = args.output or store.model_dir(*key)
-    scanner = {"name": args.scanner} | optics
-    failures = 0
-    try:
-        result = calibrate(stacks, output, args.model, scanner=scanner, log=print)
-        print(f"single-shot model calibrated on {result.stacks} sweeps ({result.images} images) in "
-              f"{result.fit_s:.0f} s: held-back sweeps MAE {result.held_back_mae_before_um:.2f} -> "
-              f"{result.held_back_mae_after_um:.2f} µm; model: {result.model_dir}")
-    except CalibrationError as error:
-        failures += 1
-        print(f"single-shot model not calibrated: {error}")
-    try:
-        pair_result = calibrate_two_shot(stacks, Path(output) / two_shot.MODEL_FILE, args.two_shot_model, scanner,
-                                         print)
-        print(f"two-shot model calibrated on {pair_result.pairs} pairs of {pair_result.stacks} sweeps in "
-              f"{pair_result.fit_s:.1f} s: held-back sweeps MAE {pair_result.held_back_mae_before_um:.2f} -> "
-              f"{pair_result.held_back_mae_after_um:.2f} µm; model: {pair_result.path}")
-    except CalibrationError as error:
-        failures += 1
-        print(f"two-shot model not calibrated: {error}")
-    return 1 if failures == 2 else 0
+    output = args.output or CalibrationStore(args.store, args.scanner).model_dir(*key)
+    result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print)
+    if result.single_shot is not None:
+        single = result.single_shot
+        print(f"single-shot model calibrated on {single.stacks} sweeps ({single.images} images) in "
+              f"{single.fit_s:.0f} s: held-back sweeps MAE {single.held_back_mae_before_um:.2f} -> "
+              f"{single.held_back_mae_after_um:.2f} µm; model: {single.model_dir}")
+    if result.two_shot is not None:
+        pair = result.two_shot
+        print(f"two-shot model calibrated on {pair.pairs} pairs of {pair.stacks} sweeps in {pair.fit_s:.1f} s: "
+              f"held-back sweeps MAE {pair.held_back_mae_before_um:.2f} -> {pair.held_back_mae_after_um:.2f} µm; "
+              f"model: {pair.path}")
+    for error in result.errors:
+        print(f"not calibrated: {error}")
+    return 0 if result.single_shot is not None or result.two_shot is not None else 1
 
 
 def command_train_two_shot(args) -> int:

@@ -20,7 +20,6 @@ from rclpy.node import Node
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
 from wsi_autofocus.two_shot import TwoShotError, with_second_exposure
-from wsi_autofocus.two_shot_calibration import calibrate_two_shot
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
@@ -150,57 +149,43 @@ class AutofocusNode(Node):
         return response
 
     def _calibrate(self, request, response):
-        """Calibrate both models on a scan's focus-map sweeps (ROS-free cores: `wsi_autofocus.calibration`,
-        `wsi_autofocus.two_shot_calibration`), each on its own; the new models serve that objective's tiles
-        and pairs from the next one on."""
+        """Calibrate both models on a scan's focus-map sweeps (ROS-free core: `calibration.calibrate_both`);
+        the new models serve that objective's tiles and pairs from the next one on."""
+        # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
+        from wsi_autofocus.calibration import calibrate_both
+
         started = time.monotonic()
         try:
             stacks, optics = stacks_from_scan(request.scan_dir)
+            key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
+            result = calibrate_both(stacks, self.store.model_dir(*key), self.params["model_dir"] or None,
+                                    self.params["two_shot_model"] or None, {"name": self.store.scanner} | optics)
         except (CalibrationError, OSError, ValueError, KeyError) as error:
             response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
             self.get_logger().error(response.error)
             return response
-        key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
-        scanner = {"name": self.store.scanner} | optics
-        errors = []
-        try:
-            self._calibrate_single_shot(stacks, key, scanner, response)
-        except (CalibrationError, OSError, ValueError) as error:
-            errors.append(f"single-shot model: {error}")
-        # After the single shot: its calibration replaces the directory both models live in.
-        try:
-            result = calibrate_two_shot(stacks, self.store.two_shot_path(*key), self.params["two_shot_model"] or None,
-                                        scanner)
-        except (CalibrationError, OSError, ValueError) as error:
-            errors.append(f"two-shot model: {error}")
-        else:
-            response.two_shot_model, response.two_shot_pairs = str(result.path), result.pairs
-            response.two_shot_held_back_mae_before_um = result.held_back_mae_before_um
-            response.two_shot_held_back_mae_after_um = result.held_back_mae_after_um
-            self.get_logger().info(f"calibrated {result.path} on {result.pairs} pairs of {result.stacks} sweeps: "
-                                   f"held-back MAE {result.held_back_mae_before_um:.2f} -> "
-                                   f"{result.held_back_mae_after_um:.2f} µm")
         with self._models_lock:
             self.estimators.forget(self.store.model_dir(*key))
-        response.success = bool(response.model_dir or response.two_shot_model)
+        single, pair = result.single_shot, result.two_shot
+        if single is not None:
+            response.model_dir, response.sweeps, response.images = str(single.model_dir), single.stacks, single.images
+            response.held_back_mae_before_um = single.held_back_mae_before_um
+            response.held_back_mae_after_um = single.held_back_mae_after_um
+            self._log_calibrated(single.model_dir, single.held_back_mae_before_um, single.held_back_mae_after_um)
+        if pair is not None:
+            response.two_shot_model, response.two_shot_pairs = str(pair.path), pair.pairs
+            response.two_shot_held_back_mae_before_um = pair.held_back_mae_before_um
+            response.two_shot_held_back_mae_after_um = pair.held_back_mae_after_um
+            self._log_calibrated(pair.path, pair.held_back_mae_before_um, pair.held_back_mae_after_um)
+        response.success = single is not None or pair is not None
         response.fit_s = time.monotonic() - started
-        response.error = "; ".join(f"calibration from {request.scan_dir}: {error}" for error in errors)
-        if errors:
+        response.error = "; ".join(f"calibration from {request.scan_dir}: {error}" for error in result.errors)
+        if result.errors:
             self.get_logger().error(response.error)
         return response
 
-    def _calibrate_single_shot(self, stacks, key: tuple, scanner: dict, response) -> None:
-        # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
-        from wsi_autofocus.calibration import calibrate
-
-        result = calibrate(stacks, self.store.model_dir(*key), self.params["model_dir"] or None, scanner=scanner)
-        response.model_dir = str(result.model_dir)
-        response.sweeps, response.images = result.stacks, result.images
-        response.held_back_mae_before_um = result.held_back_mae_before_um
-        response.held_back_mae_after_um = result.held_back_mae_after_um
-        self.get_logger().info(f"calibrated {result.model_dir} from {result.stacks} sweeps in {result.fit_s:.0f} s: "
-                               f"held-back MAE {result.held_back_mae_before_um:.2f} -> "
-                               f"{result.held_back_mae_after_um:.2f} µm")
+    def _log_calibrated(self, model, before_um: float, after_um: float) -> None:
+        self.get_logger().info(f"calibrated {model}: held-back MAE {before_um:.2f} -> {after_um:.2f} µm")
 
     def _diagnostics(self):
         with self._stats_lock:
