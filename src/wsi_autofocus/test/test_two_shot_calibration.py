@@ -101,3 +101,17 @@ def test_a_two_shot_calibration_that_does_not_help_the_held_back_sweeps_is_refus
     assert not (tmp_path / "two_shot.npz").exists()
     with pytest.raises(CalibrationError, match="at least 2"):
         calibrate_two_shot(_virtual_sweeps((100,)), tmp_path / "two_shot.npz")
+
+
+def test_sweeps_that_leave_nothing_to_judge_by_are_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    z = np.arange(-4.0, 4.1, 1.0)
+
+    def stack(focus_um):
+        return ZStack(rng.integers(0, 255, (len(z), 64, 64, 3), dtype=np.uint8), z, 0.325, APERTURE,
+                      best_focus_z_um=focus_um)
+
+    # The held-back sweep (the first) lies more than 20 µm from its focus: no pair of it is labelled.
+    with pytest.raises(CalibrationError, match="to judge by in 0; two and one are needed"):
+        calibrate_two_shot([stack(40.0), stack(0.0), stack(0.5)], tmp_path / "two_shot.npz")
+    assert not (tmp_path / "two_shot.npz").exists()

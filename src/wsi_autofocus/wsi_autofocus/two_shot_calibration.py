@@ -122,9 +122,10 @@ def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | No
     pairs = sweep_pairs(stacks)
     held_back = np.isin(pairs["group"], held_back_stacks(len(stacks)))
     fit, judge = _subset(pairs, ~held_back), _subset(pairs, held_back)
-    if len(np.unique(fit["group"])) < 2:
-        raise CalibrationError(f"{len(stacks)} usable z-stacks leave fewer than two to fit on beside the held-back "
-                               "ones; take more sweeps")
+    if len(np.unique(fit["group"])) < 2 or not held_back.any():
+        raise CalibrationError(f"{len(stacks)} usable z-stacks give pairs to fit on in "
+                               f"{len(np.unique(fit['group']))} and to judge by in "
+                               f"{len(np.unique(judge['group']))}; two and one are needed: take more sweeps")
     ridge = _choose_ridge(model, fit)
     trial = refit_outputs(model, fit, ridge)
     before, after = _mae_um(model, judge), _mae_um(trial, judge)
