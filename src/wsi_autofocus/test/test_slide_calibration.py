@@ -4,7 +4,8 @@ import pytest
 
 from wsi_autofocus import heldout_imaging, slide_calibration
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.shift_evaluation import PROCEDURAL
+from wsi_autofocus.shift_evaluation import PROCEDURAL, CalibrationSpec
+from wsi_autofocus.two_shot import default_step_um
 
 
 def _widest_pixel_um(spec):
@@ -40,3 +41,12 @@ def test_a_band_without_tissue_is_refused():
     specimen = RealImageSpecimen(EVALUATION_IMAGES["real-he"])
     with pytest.raises(ValueError, match="rows"):
         specimen.tissue_points(np.random.default_rng(0), 3, rows=(0.5, 0.5))
+
+
+def test_every_test_field_has_its_second_exposure_one_step_higher():
+    spec = slide_calibration.SlideCalibrationSpec(sweeps=CalibrationSpec(sweeps=2, tile_px=64), test_tiles=3,
+                                                  test_tile_px=96)
+    tiles = slide_calibration.render_slide(spec, "abbe-gaussian", "real-he")["tiles"]
+    assert tiles["images_above"].shape == tiles["images"].shape == (3, 96, 96, 3)
+    assert np.all(tiles["step_above_um"] == pytest.approx(default_step_um(0.75)))
+    assert not np.array_equal(tiles["images_above"], tiles["images"])

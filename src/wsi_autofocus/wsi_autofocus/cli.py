@@ -140,6 +140,8 @@ def command_eval_two_shot(args) -> int:
     evaluation = shift_evaluation.two_shot_evaluation(tiles, estimates)
     evaluation["calibration_under_held_out_imaging"] = shift_evaluation.two_shot_calibration_check(
         args.model, shift_evaluation.CalibrationSpec(), tiles, refocuser, estimates, args.cache_dir)
+    evaluation["calibration_on_the_slide"] = slide_calibration.two_shot_slide_calibration_check(
+        args.model, slide_calibration.SlideCalibrationSpec(), args.cache_dir)
     backend, _ = load_backend(args.backend, args.single_shot_model, threads=args.threads)
     estimator = FocusEstimator(backend, args.single_shot_model)
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
@@ -148,6 +150,8 @@ def command_eval_two_shot(args) -> int:
     print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
     print(shift_evaluation.format_calibration(evaluation["calibration_under_held_out_imaging"],
                                               shift_evaluation.TWO_SHOT_CALIBRATION_TITLE))
+    print(slide_calibration.format_slide_calibration(evaluation["calibration_on_the_slide"],
+                                                     slide_calibration.TWO_SHOT_TITLE))
     if args.card:
         from wsi_autofocus.model_card import render_two_shot
 

@@ -274,8 +274,10 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     meta = model.metadata
     near, wide = (two_shot_training.PAIR_SPLITS["train"][name] for name in ("near", "wide"))
     calibration = evaluation.get("calibration_under_held_out_imaging")
+    on_the_slide = evaluation.get("calibration_on_the_slide")
     checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
-    checks.append(calibration_target_check("other specimens", calibration, "wsi-autofocus eval-two-shot"))
+    checks += [calibration_target_check(where, results, "wsi-autofocus eval-two-shot")
+               for where, results in (("other specimens", calibration), ("the slide itself", on_the_slide))]
     lines = [
         "# Model card: two-shot defocus",
         "",
@@ -328,7 +330,13 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "```",
         shift_evaluation.format_calibration(calibration, shift_evaluation.TWO_SHOT_CALIBRATION_TITLE) if calibration
         else "not in this evaluation",
+        "",
+        slide_calibration.format_slide_calibration(on_the_slide, slide_calibration.TWO_SHOT_TITLE) if on_the_slide
+        else f"{slide_calibration.TWO_SHOT_TITLE}: not in this evaluation",
         "```",
+        "",
+        "On the slide itself is how a scan calibrates (`ScanSlide.calibrate_autofocus`: the focus map's sweeps of the "
+        "slide being scanned; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap).",
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),
         "- Targets not met: " + ("; ".join(text for text, ok in checks if not ok) or "none"),

@@ -244,25 +244,31 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def pair_estimates(model, images, images_above, numerical_apertures, pixel_sizes_um, steps_um) -> dict:
+    """The two-shot model's estimate for each image and its second exposure `steps_um` higher, and the
+    compute time of each."""
+    predicted, sigma, compute_s = [], [], []
+    for image, above, aperture, pixel, step in zip(images, images_above, numerical_apertures, pixel_sizes_um,
+                                                   steps_um):
+        started = time.perf_counter()
+        estimate = model.estimate(image, above, float(aperture), float(pixel), float(step))
+        compute_s.append(time.perf_counter() - started)
+        predicted.append(estimate.defocus_um)
+        sigma.append(estimate.uncertainty_um)
+    predicted = np.array(predicted)
+    return {"predicted_um": predicted, "uncertainty_um": np.array(sigma), "distance_um": np.abs(predicted),
+            "compute_s": np.array(compute_s)}
+
+
 def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int = 2) -> dict:
     """The two-shot model's estimate for every tile: the tile and a second exposure of its field one
     `two_shot.default_step_um` higher (imaged by the tile's own microscope, cached by `refocuser`)."""
     steps = [two_shot.default_step_um(float(aperture)) for aperture in tiles["numerical_aperture"]]
-    refocuser.prefetch([(index, float(true) + step) for index, (true, step) in enumerate(zip(tiles["true_um"], steps))],
-                       workers)
-    predicted, sigma, compute_s = [], [], []
-    for index, (image, step) in enumerate(zip(tiles["images"], steps)):
-        aperture, pixel = float(tiles["numerical_aperture"][index]), float(tiles["pixel_size_um"][index])
-        second = refocuser.image(index, float(tiles["true_um"][index]) + step)
-        started = time.perf_counter()
-        estimate = model.estimate(image, second, aperture, pixel, step)
-        compute_s.append(time.perf_counter() - started)
-        predicted.append(estimate.defocus_um)
-        sigma.append(estimate.uncertainty_um)
+    requests = [(index, float(true) + step) for index, (true, step) in enumerate(zip(tiles["true_um"], steps))]
+    refocuser.prefetch(requests, workers)
+    above = [refocuser.image(index, z) for index, z in requests]
     refocuser.save()
-    predicted = np.array(predicted)
-    return {"predicted_um": predicted, "uncertainty_um": np.array(sigma), "distance_um": np.abs(predicted),
-            "compute_s": np.array(compute_s)}
+    return pair_estimates(model, tiles["images"], above, tiles["numerical_aperture"], tiles["pixel_size_um"], steps)
 
 
 def two_shot_evaluation(tiles: dict, estimates: dict) -> dict:
@@ -554,28 +560,38 @@ def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, out
     return stats | {"fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
 
 
+def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, estimate, output: Path,
+                                   scanner: dict, mask: np.ndarray | None = None, before: dict | None = None) -> dict:
+    """`calibrate_two_shot` the model on `stacks` into `output`, and `cell_statistics` of `tiles` (in `mask`)
+    as `estimate(model)` reads them before (or `before`, already estimated) and after; a refused calibration
+    leaves the model in use. Statistics as `calibrated_statistics`."""
+    from wsi_autofocus.calibration_store import CalibrationError
+    from wsi_autofocus.two_shot_calibration import calibrate_two_shot
+
+    before = before if before is not None else estimate(two_shot.TwoShotModel.load(model_path))
+    started = time.monotonic()
+    try:
+        result = calibrate_two_shot(stacks, output, model_path, scanner=scanner)
+    except CalibrationError as error:
+        after, refused, fit_s = before, str(error), time.monotonic() - started
+    else:
+        after, refused, fit_s = estimate(two_shot.TwoShotModel.load(result.path)), None, result.fit_s
+    return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
+            "fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
+
+
 def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: dict, refocuser: Refocuser,
                                before: dict, work_dir: Path, log=print) -> dict:
     """The two-shot model calibrated on each held-out microscope's sweeps (validation specimens) and judged
     on that microscope's 20x tiles (test specimens and real content) with their second exposures; `before`
-    holds the uncalibrated model's `two_shot_estimates` of `tiles`. Statistics as `calibrated_statistics`."""
-    from wsi_autofocus.calibration_store import CalibrationError
-    from wsi_autofocus.two_shot_calibration import calibrate_two_shot
-
+    holds the uncalibrated model's `two_shot_estimates` of `tiles`."""
     results = {}
     for name, stacks in render_all_sweeps(spec, work_dir, log=log).items():
         mask = (tiles["imaging"] == name) & (tiles["objective"] == spec.magnification)
-        started = time.monotonic()
-        try:
-            result = calibrate_two_shot(z_stacks(stacks), Path(work_dir) / f"two-shot-calibrated-{name}.npz",
-                                        model_path, scanner={"name": name, "objective": spec.magnification})
-        except CalibrationError as error:
-            after, refused = before, str(error)
-        else:
-            after, refused = two_shot_estimates(two_shot.TwoShotModel.load(result.path), tiles, refocuser), None
-        fit_s = result.fit_s if refused is None else time.monotonic() - started
-        results[name] = {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
-                         "fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
+        results[name] = two_shot_calibrated_statistics(
+            model_path, z_stacks(stacks), tiles, lambda model: two_shot_estimates(model, tiles, refocuser),
+            Path(work_dir) / f"two-shot-calibrated-{name}.npz", {"name": name, "objective": spec.magnification},
+            mask, before)
         log(f"{name}: {describe_calibration(results[name])}")
     return results
 

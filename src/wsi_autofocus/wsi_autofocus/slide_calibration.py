@@ -19,11 +19,12 @@ import numpy as np
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
-from wsi_autofocus import heldout_imaging
+from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
 from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, calibrated_statistics, describe_calibration,
-                                            format_calibration, render_sweep, z_stacks)
+                                            format_calibration, pair_estimates, render_sweep,
+                                            two_shot_calibrated_statistics, z_stacks)
 
 SLIDES = (PROCEDURAL, "real-he")
 # Bands of a real image's height for the sweeps and for the test fields: the gap between them is wider
@@ -31,6 +32,7 @@ SLIDES = (PROCEDURAL, "real-he")
 SWEEP_ROWS, TEST_ROWS = (0.0, 0.4), (0.6, 1.0)
 TITLE = ("self-calibration on the slide itself (20x): fitted on a held-out microscope's focus-map sweeps of one "
          "slide, tested on other fields of that slide")
+TWO_SHOT_TITLE = TITLE.replace("self-calibration", "two-shot self-calibration") + " with their second exposures"
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
 
 
 def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dict:
-    """Sweeps and single-shot test tiles (defocus uniform over ±max_defocus_um) of one slide under one
-    held-out microscope at the sweeps' magnification."""
+    """Sweeps and test tiles (defocus uniform over ±max_defocus_um), each with a second exposure
+    `two_shot.default_step_um` higher, of one slide under one held-out microscope at the sweeps' magnification."""
     scope = heldout_imaging.HELD_OUT_SCOPES[scope_name]
     magnification = spec.sweeps.magnification
     rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)])
@@ -78,8 +80,13 @@ def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dic
     captures = [heldout_imaging.capture(scope, specimen, float(x), float(y), float(d), magnification, spec.test_tile_px, rng)
                 for (x, y), d in zip(test_points, defocus)]
     count = len(captures)
+    # Each test field once more, as a scan's second exposure: drawn after the rest, which stay as they were.
+    step_um = two_shot.default_step_um(scope.objective(magnification).numerical_aperture)
+    above = [heldout_imaging.capture(scope, specimen, float(x), float(y), float(d) + step_um, magnification,
+                                     spec.test_tile_px, rng).image_rgb8 for (x, y), d in zip(test_points, defocus)]
     return {"stacks": stacks,
-            "tiles": {"images": np.stack([c.image_rgb8 for c in captures]),
+            "tiles": {"images": np.stack([c.image_rgb8 for c in captures]), "images_above": np.stack(above),
+                      "step_above_um": np.full(count, step_um, np.float32),
                       "true_um": np.array([c.defocus_um for c in captures], np.float32),
                       "numerical_aperture": np.array([c.numerical_aperture for c in captures], np.float32),
                       "pixel_size_um": np.array([c.pixel_size_um for c in captures], np.float32),
@@ -136,5 +143,23 @@ def slide_calibration_check(model_dir: Path | None, spec: SlideCalibrationSpec, 
     return results
 
 
-def format_slide_calibration(results: dict) -> str:
-    return format_calibration(results, TITLE)
+def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpec, work_dir: Path, log=print) -> dict:
+    """`slide_calibration_check` for the two-shot model: each test field read from it and its second exposure."""
+    results = {}
+    for (scope, slide), rendered in render_all(spec, work_dir, log=log).items():
+        name, tiles = f"{scope} / {slide}", rendered["tiles"]
+
+        def estimate(model, tiles=tiles):
+            return pair_estimates(model, tiles["images"], tiles["images_above"], tiles["numerical_aperture"],
+                                  tiles["pixel_size_um"], tiles["step_above_um"])
+
+        results[name] = two_shot_calibrated_statistics(
+            model_path, z_stacks(rendered["stacks"]), tiles, estimate,
+            Path(work_dir) / f"two-shot-calibrated-{scope}-{slide}.npz",
+            {"name": scope, "objective": spec.sweeps.magnification})
+        log(f"{name}: {describe_calibration(results[name])}")
+    return results
+
+
+def format_slide_calibration(results: dict, title: str = TITLE) -> str:
+    return format_calibration(results, title)
