@@ -43,6 +43,7 @@ class SlideCalibrationSpec:
     max_defocus_um: float = 10.0
     slides: tuple[str, ...] = SLIDES
     seed: int = 31
+    second_exposure_depths: float = two_shot.DEFAULT_STEP_DEPTHS     # above each test field, for the two-shot model
 
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -70,7 +71,8 @@ def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
 
 def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dict:
     """Sweeps and test tiles (defocus uniform over ±max_defocus_um), each with a second exposure
-    `two_shot.default_step_um` higher, of one slide under one held-out microscope at the sweeps' magnification."""
+    `second_exposure_depths` depths of focus higher, of one slide under one held-out microscope at the sweeps'
+    magnification."""
     scope = heldout_imaging.HELD_OUT_SCOPES[scope_name]
     magnification = spec.sweeps.magnification
     rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)])
@@ -81,7 +83,7 @@ def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dic
                 for (x, y), d in zip(test_points, defocus)]
     count = len(captures)
     # Each test field once more, as a scan's second exposure: drawn after the rest, which stay as they were.
-    step_um = two_shot.default_step_um(scope.objective(magnification).numerical_aperture)
+    step_um = spec.second_exposure_depths * two_shot.depth_unit_um(scope.objective(magnification).numerical_aperture)
     above = [heldout_imaging.capture(scope, specimen, float(x), float(y), float(d) + step_um, magnification,
                                      spec.test_tile_px, rng).image_rgb8 for (x, y), d in zip(test_points, defocus)]
     return {"stacks": stacks,
