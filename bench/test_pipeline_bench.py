@@ -42,4 +42,10 @@ def test_pipeline_benchmark_replays_a_scan_through_the_nodes_without_loss(tmp_pa
         assert level0.shape[:2] == (run["mosaic"]["height_px"], run["mosaic"]["width_px"])
         assert level0.asarray().std() > 0
     assert {anchor["objective_magnification"] for anchor in result["anchors"]} == {20.0, 40.0}
-    assert "highest sustained" in done.stdout and "NanoZoomer" in done.stdout and "GT450" in done.stdout
+    # Whether 4 tiles/s is sustained depends on the machine's load at that moment (a benchmark's verdict, not
+    # the test's): the printed verdict must agree with the JSON and its rule, and the anchors stand beside it.
+    fraction = result["config"]["sustained_fraction"]
+    assert run["sustained"] == (run["pipeline_tiles_per_s"] >= fraction * run["offered_tiles_per_s"])
+    verdict = "highest sustained: 4 tiles/s" if run["sustained"] else "no rate was sustained"
+    assert (result["highest_sustained"] is not None) == run["sustained"] and verdict in done.stdout
+    assert "NanoZoomer" in done.stdout and "GT450" in done.stdout
