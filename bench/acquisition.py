@@ -54,7 +54,7 @@ ANCHORS = {20.0: ("Hamamatsu NanoZoomer S360", 156.0, "measured"), 40.0: ("Leica
 
 
 class RenderTimer:
-    """Wraps a backend; times every full-frame snap (a tile) separately from ROI snaps (focusing)."""
+    """Wraps a backend; times the render of every full frame (a tile), not of ROIs (focusing)."""
 
     def __init__(self, backend):
         self._backend = backend
@@ -63,12 +63,18 @@ class RenderTimer:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def snap(self, exposure_ms, gain=1.0, roi=None):
+    def expose(self, exposure_ms, gain=1.0, roi=None):
+        """Times a full frame from the end of its exposure to its read-out: the render (it overlaps the move
+        to the next tile)."""
+        read_out = self._backend.expose(exposure_ms, gain, roi=roi)
         started = time.perf_counter()
-        frame = self._backend.snap(exposure_ms, gain, roi=roi)
-        if roi is None:
-            self.tile_render_s.append(time.perf_counter() - started)
-        return frame
+
+        def timed_read_out():
+            frame = read_out()
+            if roi is None:
+                self.tile_render_s.append(time.perf_counter() - started)
+            return frame
+        return timed_read_out
 
 
 def plan_move_times_s(plan, dynamics: StageDynamics) -> list[float]:

@@ -19,7 +19,7 @@ import numpy as np
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
-from wsi_acquisition.hardware import Frame, SimulatedMicroscope
+from wsi_acquisition.hardware import Frame, ReadOut, SimulatedMicroscope
 from wsi_acquisition.microscope_node import PARAMETERS as MICROSCOPE_PARAMETERS
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.orchestrator_node import ScanOrchestratorNode
@@ -56,9 +56,9 @@ class ReplayMicroscope(SimulatedMicroscope):
         self.frame_interval_s = 1.0 / tiles_per_s if tiles_per_s > 0 else 0.0
         self._next_frame_s = 0.0
 
-    def snap(self, exposure_ms: float, gain: float = 1.0, roi=None) -> Frame:
+    def expose(self, exposure_ms: float, gain: float = 1.0, roi=None) -> ReadOut:
         if roi is not None:
-            return super().snap(exposure_ms, gain, roi)
+            return super().expose(exposure_ms, gain, roi)
         now = time.monotonic()
         if now < self._next_frame_s:
             time.sleep(self._next_frame_s - now)
@@ -67,8 +67,9 @@ class ReplayMicroscope(SimulatedMicroscope):
         row = round((y_um - self.grid.origin_y_um) / self.grid.step_y_um)
         col = round((x_um - self.grid.origin_x_um) / self.grid.step_x_um)
         rows, cols = self.tiles.shape[:2]
-        return Frame(self.tiles[row % rows, col % cols], self.pixel_size_um(), exposure_ms, gain, x_um, y_um, z_um,
-                     self.objective_magnification, self.numerical_aperture())
+        frame = Frame(self.tiles[row % rows, col % cols], self.pixel_size_um(), exposure_ms, gain, x_um, y_um, z_um,
+                      self.objective_magnification, self.numerical_aperture())
+        return lambda: frame
 
 
 def make_nodes() -> list[Node]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
+from wsi_acquisition.hardware import CameraError, SimulatedMicroscope, snap
 from wsi_acquisition.micromanager import (MicroManagerConfigError, MicroManagerMicroscope, load_micromanager,
                                           mm_image_to_rgb8, objectives_from_lists)
 from wsi_acquisition.microscope import VirtualMicroscope
@@ -62,13 +62,13 @@ def test_a_micromanager_snap_is_the_virtual_microscope_image_pixel_for_pixel():
     backend = simulated_micromanager(sim)
     backend.stage.start_move(43_100.0, 12_100.0, 2.0)
     wait_until_still(backend.stage)
-    frame = backend.snap(6.0, 1.5, roi=(40, 10, 64, 128))
+    frame = snap(backend, 6.0, 1.5, roi=(40, 10, 64, 128))
     reference = VirtualMicroscope(seed=0, camera=Camera(width_px=256, height_px=256)).capture(
         *sim.stage.true_position_um(), 20.0, exposure_ms=6.0, gain=1.5, roi=(40, 10, 64, 128))
     np.testing.assert_array_equal(frame.image_rgb8, reference.image_rgb8)   # BGRA order, ROI offset, gain
     assert frame.ground_truth_defocus_um == pytest.approx(reference.defocus_um)
     assert backend.core.getROI(CAMERA_LABEL) == [0, 0, 256, 256]           # ROI cleared after the snap
-    assert backend.snap(6.0).image_rgb8.shape == (256, 256, 3)
+    assert snap(backend, 6.0).image_rgb8.shape == (256, 256, 3)
 
 
 def test_objectives_switch_through_the_config_group():
@@ -99,9 +99,9 @@ def test_a_camera_failure_is_a_camera_error_with_the_device_message():
     backend = MicroManagerMicroscope(core, sim.stage.limits, {20.0: (0.75, 0.325)})
     camera.fault = "frame timeout after 500 ms"
     with pytest.raises(CameraError, match="SimCamera: snap failed: frame timeout after 500 ms"):
-        backend.snap(8.0)
+        snap(backend, 8.0)
     with pytest.raises(CameraError, match="not inside the 256x256 px sensor"):
-        backend.snap(8.0, roi=(200, 0, 100, 100))
+        snap(backend, 8.0, roi=(200, 0, 100, 100))
 
 
 def test_stage_limits_faults_and_stop():

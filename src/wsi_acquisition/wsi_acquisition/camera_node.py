@@ -7,7 +7,7 @@ from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CameraInfo, Image
 from std_srvs.srv import Trigger
 
-from wsi_acquisition.hardware import CameraError
+from wsi_acquisition.hardware import CameraError, snap
 from wsi_common.image import array_to_image
 from wsi_common.params import declare_parameters
 from wsi_common.topics import CAMERA_IMAGE, CAMERA_INFO, CAMERA_LIVE
@@ -47,7 +47,7 @@ class CameraNode(Node):
         return SetParametersResult(successful=True)
 
     def _snap_into(self, msg: Image) -> Image:
-        frame = self.backend.snap(self.params["exposure_ms"], self.params["gain"])
+        frame = snap(self.backend, self.params["exposure_ms"], self.params["gain"])
         array_to_image(frame.image_rgb8, "rgb8", msg)
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self.params["frame_id"]

@@ -5,8 +5,9 @@ stage node, the camera node and the scan orchestrator share one backend object i
 The simulated backend images the virtual slide at the stage's true position.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -37,6 +38,10 @@ class Frame:
     focal_z_um: float = math.nan
 
 
+# Calling it delivers the exposed image (or raises CameraError).
+ReadOut = Callable[[], Frame]
+
+
 class MicroscopeBackend(Protocol):
     stage: StageBackend
     objective_magnification: float
@@ -56,10 +61,12 @@ class MicroscopeBackend(Protocol):
     def sensor_size_px(self) -> tuple[int, int]:
         """(width, height) of a full frame."""
 
-    def snap(self, exposure_ms: float, gain: float = 1.0,
-             roi: tuple[int, int, int, int] | None = None) -> Frame:
+    def expose(self, exposure_ms: float, gain: float = 1.0,
+               roi: tuple[int, int, int, int] | None = None) -> ReadOut:
         """Expose one image at the stage's current position, optionally only the sensor region
-        roi=(row, col, height, width); raise CameraError on failure."""
+        roi=(row, col, height, width), and return its read-out. Once this returns the stage may move:
+        a scanner reads an image out while the stage heads for the next field. Read-outs are called in
+        the order of their exposures. Raise CameraError when the camera cannot expose."""
 
     def has_overview(self) -> bool:
         """Whether the scanner has a macro camera (answered without taking an image)."""
@@ -69,6 +76,12 @@ class MicroscopeBackend(Protocol):
 
     def close(self) -> None:
         """Release the hardware (stop the stage, let go of the devices); the backend is not used again."""
+
+
+def snap(backend: MicroscopeBackend, exposure_ms: float, gain: float = 1.0,
+         roi: tuple[int, int, int, int] | None = None) -> Frame:
+    """Expose one image and read it out before anything moves."""
+    return backend.expose(exposure_ms, gain, roi)()
 
 
 # The simulated scanner renders each image on two threads: a scanner's computer has at least two cores.
@@ -83,6 +96,8 @@ class SimulatedMicroscope:
         self.microscope = microscope
         self.stage = stage
         self.set_objective(objective_magnification)
+        # Rendering stands in for the camera's read-out: one image after the other, while the stage moves.
+        self._read_out = ThreadPoolExecutor(1, "camera-readout")
 
     @classmethod
     def create(cls, slide_seed: int = 0, specimen=None, stage_seed: int = 0, speedup: float = 1.0,
@@ -117,19 +132,29 @@ class SimulatedMicroscope:
     def sensor_size_px(self) -> tuple[int, int]:
         return self.microscope.camera.width_px, self.microscope.camera.height_px
 
-    def snap(self, exposure_ms: float, gain: float = 1.0,
-             roi: tuple[int, int, int, int] | None = None) -> Frame:
+    def expose(self, exposure_ms: float, gain: float = 1.0,
+               roi: tuple[int, int, int, int] | None = None) -> ReadOut:
         true_x, true_y, true_z = self.stage.true_position_um()
         measured = self.stage.position_um()
         try:
-            capture = self.microscope.capture(true_x, true_y, true_z, self.objective_magnification,
-                                              exposure_ms=exposure_ms, gain=gain, roi=roi)
+            self.microscope.check_roi(roi)
         except CaptureError as error:
             raise CameraError(str(error)) from error
-        return Frame(capture.image_rgb8, capture.pixel_size_um, exposure_ms, gain, *measured,
-                     capture.objective_magnification, capture.numerical_aperture,
-                     ground_truth_defocus_um=capture.defocus_um, true_x_um=true_x, true_y_um=true_y,
-                     true_z_um=true_z, focal_z_um=capture.focal_z_um)
+        self.stage.hold(exposure_ms / 1000.0)
+        magnification = self.objective_magnification
+        rendering = self._read_out.submit(self.microscope.capture, true_x, true_y, true_z, magnification,
+                                          exposure_ms=exposure_ms, gain=gain, roi=roi)
+
+        def read_out() -> Frame:
+            try:
+                capture = rendering.result()
+            except CaptureError as error:
+                raise CameraError(str(error)) from error
+            return Frame(capture.image_rgb8, capture.pixel_size_um, exposure_ms, gain, *measured,
+                         capture.objective_magnification, capture.numerical_aperture,
+                         ground_truth_defocus_um=capture.defocus_um, true_x_um=true_x, true_y_um=true_y,
+                         true_z_um=true_z, focal_z_um=capture.focal_z_um)
+        return read_out
 
     def has_overview(self) -> bool:
         return True
@@ -139,3 +164,4 @@ class SimulatedMicroscope:
 
     def close(self) -> None:
         self.stage.stop()
+        self._read_out.shutdown(wait=True)

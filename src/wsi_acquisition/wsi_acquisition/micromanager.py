@@ -18,7 +18,7 @@ import numpy as np
 from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.experimental.unicore import UniMMCore
 
-from wsi_acquisition.hardware import CameraError, Frame
+from wsi_acquisition.hardware import CameraError, Frame, ReadOut
 from wsi_acquisition.microscope import Overview
 from wsi_acquisition.optics import Objective, depth_of_field_um
 from wsi_acquisition.stage import StageDynamics, StageFault, StageLimits, trapezoid_duration_s
@@ -231,8 +231,9 @@ class MicroManagerMicroscope:
         return self._sensor_px
 
     # -- camera --------------------------------------------------------------------------------
-    def snap(self, exposure_ms: float, gain: float = 1.0,
-             roi: tuple[int, int, int, int] | None = None) -> Frame:
+    def expose(self, exposure_ms: float, gain: float = 1.0,
+               roi: tuple[int, int, int, int] | None = None) -> ReadOut:
+        # The camera is read out before this returns: Micro-Manager's ROI is cleared only after the image.
         core, camera = self.core, self.camera_label
         width, height = self._sensor_px
         if roi is not None:
@@ -268,8 +269,9 @@ class MicroManagerMicroscope:
                                   f"x={delivered_x}, y={delivered_y}, which does not contain the requested roi {roi}")
             image_rgb8 = np.ascontiguousarray(image_rgb8[top:top + roi_height, left:left + roi_width])
         truth = self._ground_truth() if self._ground_truth is not None else {}
-        return Frame(image_rgb8, self._pixel_size_um, float(exposure_ms), float(gain), *measured,
-                     self.objective_magnification, self.numerical_aperture(), **truth)
+        frame = Frame(image_rgb8, self._pixel_size_um, float(exposure_ms), float(gain), *measured,
+                      self.objective_magnification, self.numerical_aperture(), **truth)
+        return lambda: frame
 
     def has_overview(self) -> bool:
         return self._overview is not None

@@ -129,7 +129,7 @@ class VirtualMicroscope:
         curvature and vignetting as in the full frame), e.g. 256x256 patches for autofocus training."""
         objective = self.objective(magnification)
         camera = self.camera
-        row0, col0, height, width = self._check_roi(roi)
+        row0, col0, height, width = self.check_roi(roi)
         p = camera.specimen_pixel_size_um(objective)
         field_x = (col0 + np.arange(width) + 0.5 - camera.width_px / 2) * p
         field_y = (row0 + np.arange(height) + 0.5 - camera.height_px / 2) * p
@@ -174,8 +174,8 @@ class VirtualMicroscope:
         raw = expose(transmitted, overview_camera, exposure_ms, 1.0, rng)
         return Overview(image_rgb8=raw, pixel_size_um=float(pixel_size_um))
 
-    # -- internals ---------------------------------------------------------------------------------
-    def _check_roi(self, roi):
+    def check_roi(self, roi) -> tuple[int, int, int, int]:
+        """(row, col, height, width) of `roi` on the sensor (None: the full frame); CaptureError if it is not on it."""
         sensor_h, sensor_w = self.camera.height_px, self.camera.width_px
         if roi is None:
             return 0, 0, sensor_h, sensor_w
@@ -185,6 +185,7 @@ class VirtualMicroscope:
                                f"{sensor_h}x{sensor_w} px sensor")
         return row0, col0, height, width
 
+    # -- internals ---------------------------------------------------------------------------------
     def _sensor_defocus(self, x_um, y_um, z_um, objective) -> np.ndarray:
         """Defocus (µm, reference wavelength) over the whole sensor on a coarse grid: stage z minus the
         local focal z, plus field curvature (the objective's best-focus surface bends with field^2).

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -23,7 +24,7 @@ import tifffile
 
 from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, sharpness_gain, side_from_probe,
                                    two_shot_offset)
-from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend
+from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend, ReadOut
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
@@ -193,6 +194,10 @@ class ScanRunner:
         self._overview: dict | None = None
         self._journal_lines = 0
         self._recorded = (0, 0)         # the tiles and focus checks the manifest and its journal hold
+        self._stage_at: tuple[float, float, float] | None = None   # the last target reached; None: moving
+        # The stage heads for the next tile while the camera reads the last one out.
+        self._mover = ThreadPoolExecutor(1, "scan-stage")
+        self._moving: Future | None = None
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self) -> TilePlan:
@@ -232,13 +237,35 @@ class ScanRunner:
 
     # -- hardware with retries -----------------------------------------------------------------
     def _move(self, x_um: float, y_um: float, z_um: float) -> None:
-        """Move and wait. z is always approached from below: a downward move first goes past the
-        target by `z_approach_um`, so z backlash is taken up the same way on every tile."""
+        """Move and wait (after a move started in the background has ended)."""
+        self._wait_for_stage()
+        self._move_now(x_um, y_um, z_um)
+
+    def _move_later(self, x_um: float, y_um: float, z_um: float) -> None:
+        """Start moving in the background; the next move, or `_wait_for_stage`, waits for it."""
+        self._wait_for_stage()
+        self._moving = self._mover.submit(self._move_now, x_um, y_um, z_um)
+
+    def _wait_for_stage(self) -> None:
+        """Wait for a background move to end; its failure (a ScanError) is raised here."""
+        moving, self._moving = self._moving, None
+        if moving is not None:
+            moving.result()
+
+    def _move_now(self, x_um: float, y_um: float, z_um: float) -> None:
+        """z is always approached from below: a downward move first goes past the target by
+        `z_approach_um`, so z backlash is taken up the same way on every tile. A move to where the
+        stage already went is not made again."""
+        target = (x_um, y_um, z_um)
+        if target == self._stage_at:
+            return
+        self._stage_at = None
         z_now = self.backend.stage.position_um()[2]
         if z_um < z_now - 1e-6:
             z_min = self.backend.stage.limits.bounds("z")[0]
             self._move_once(x_um, y_um, max(z_um - self.z_approach_um, z_min))
         self._move_once(x_um, y_um, z_um)
+        self._stage_at = target
 
     def _move_once(self, x_um: float, y_um: float, z_um: float) -> None:
         stage = self.backend.stage
@@ -258,13 +285,43 @@ class ScanRunner:
                 if attempt == self.retries:
                     raise ScanError(ScanErrorCode.STAGE, f"stage failed {attempt + 1} times: {error}") from error
 
-    def _snap(self, roi=None) -> Frame:
+    def _exposure(self, roi=None, then_move_to: tuple[float, float, float] | None = None) -> ReadOut:
+        """Expose where the stage is (the camera retried when it fails); with `then_move_to` the stage
+        heads there as soon as the exposure ends, while the image is read out."""
         for attempt in range(self.retries + 1):
             try:
-                return self.backend.snap(self.request.exposure_ms, self.request.gain, roi=roi)
+                read_out = self.backend.expose(self.request.exposure_ms, self.request.gain, roi=roi)
+                break
             except CameraError as error:
                 if attempt == self.retries:
                     raise ScanError(ScanErrorCode.CAMERA, f"camera failed {attempt + 1} times: {error}") from error
+        if then_move_to is not None:
+            self._move_later(*then_move_to)
+        return read_out
+
+    def _read(self, read_out: ReadOut, position: tuple[float, float, float] | None, roi=None) -> Frame:
+        """The image of an exposure made at `position`; a failed read-out is exposed again there."""
+        for attempt in range(self.retries + 1):
+            try:
+                return read_out()
+            except CameraError as error:
+                if attempt == self.retries:
+                    raise ScanError(ScanErrorCode.CAMERA, f"camera failed {attempt + 1} times: {error}") from error
+                if position is not None:
+                    self._move(*position)
+                read_out = self._exposure(roi)
+
+    def _snap(self, roi=None, then_move_to: tuple[float, float, float] | None = None) -> Frame:
+        position = self._stage_at
+        return self._read(self._exposure(roi, then_move_to), position, roi)
+
+    def _sweep(self, x_um: float, y_um: float, z_values, roi) -> list[np.ndarray]:
+        """Images of (x, y) at each z in turn, each read out while the stage steps to the next z."""
+        exposures = []
+        for z in z_values:
+            self._move(x_um, y_um, z)
+            exposures.append(((x_um, y_um, z), self._exposure(roi)))
+        return [self._read(read_out, position, roi).image_rgb8 for position, read_out in exposures]
 
     # -- focus ---------------------------------------------------------------------------------
     def _centre_roi(self, size_px: int = 256):
@@ -289,10 +346,7 @@ class ScanRunner:
         for half_range, step in sweeps:
             offsets = np.arange(-half_range, half_range + 1e-9, step)
             zs = np.clip(best + offsets, z_min, z_max)
-            sweep = []
-            for z in zs:
-                self._move(x_um, y_um, float(z))
-                sweep.append(self._snap(roi).image_rgb8)
+            sweep = self._sweep(x_um, y_um, [float(z) for z in zs], roi)
             scores = np.array([brenner(image) for image in sweep])
             images += sweep
             z_values += [float(z) for z in zs]
@@ -395,10 +449,11 @@ class ScanRunner:
         self._recorded = (len(self.outcome.records), len(self.outcome.focus_checks))
 
     def _capture(self, sequence: int, row: int, col: int, x: float, y: float, map_z: float, offset: float,
-                 is_recapture: bool) -> tuple[TileRecord, Frame]:
+                 is_recapture: bool, then_move_to: tuple[float, float, float] | None = None
+                 ) -> tuple[TileRecord, Frame]:
         z = map_z + offset
         self._move(x, y, z)
-        frame = self._snap()
+        frame = self._snap(then_move_to=then_move_to)
         record = TileRecord(sequence, row, col, is_recapture, x, y, z, frame.measured_x_um, frame.measured_y_um,
                             frame.measured_z_um, map_z, offset, frame.pixel_size_um, frame.exposure_ms, frame.gain,
                             captured_s=self.clock() - self._started)
@@ -420,12 +475,20 @@ class ScanRunner:
         z_default = float(self.backend.stage.position_um()[2])
         acquisition_started = self.clock()
         total = len(plan.tiles)
+
+        def focus_map_z(tile) -> float:
+            return float(focus_map.z_um(tile.x_um, tile.y_um) if focus_map is not None else z_default)
+
         for done, tile in enumerate(plan.tiles):
             if self.should_cancel():
                 raise ScanError(ScanErrorCode.CANCELED, f"canceled after {done} of {total} tiles")
-            map_z = float(focus_map.z_um(tile.x_um, tile.y_um) if focus_map is not None else z_default)
-            record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um,
-                                          map_z, 0.0, False)
+            map_z = focus_map_z(tile)
+            # The stage heads for the next tile while this one is read out and judged; a correction of this
+            # one brings it back.
+            following = plan.tiles[done + 1] if done + 1 < total else None
+            record, frame = self._capture(
+                len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z, 0.0, False,
+                then_move_to=None if following is None else (following.x_um, following.y_um, focus_map_z(following)))
             self._emit(record, frame)
             if inline:
                 self._refocus(tile, map_z, record, frame)
@@ -552,6 +615,12 @@ class ScanRunner:
         return self.outcome
 
     def _finish(self, state: State) -> None:
+        if state != State.SUCCEEDED:
+            # The stage stops where a move started before the failure (or cancel) ends; the first error is
+            # the one to report, so a failure of that move is not raised over it.
+            with contextlib.suppress(ScanError):
+                self._wait_for_stage()
+        self._mover.shutdown()
         self.outcome.duration_s = self.clock() - self._started
         try:
             self._write_manifest(final=True)

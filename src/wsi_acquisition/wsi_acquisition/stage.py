@@ -225,6 +225,10 @@ class SimulatedStage:
             self._true_position_locked()
             return self._move is not None
 
+    def hold(self, duration_s: float) -> None:
+        """Wait `duration_s` of the stage's time (an exposure: the stage must not move meanwhile)."""
+        time.sleep(duration_s / self._speedup)
+
     def move_duration_s(self, x_um: float, y_um: float, z_um: float, speed_um_s: float = 0.0) -> float:
         """Duration of a move from the current position, without moving (for scan time estimates)."""
         start = np.array(self.true_position_um())

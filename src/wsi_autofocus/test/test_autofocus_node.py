@@ -116,7 +116,7 @@ def test_published_tiles_are_tagged_with_estimates(autofocus, ros_node):
 
 def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_nodes, ros_node, tiny_model,
                                                                            mismatched_two_shot_model, tmp_path):
-    from wsi_acquisition.hardware import SimulatedMicroscope
+    from wsi_acquisition.hardware import SimulatedMicroscope, snap
     from wsi_acquisition.optics import Camera
     from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
     from wsi_interfaces.srv import CalibrateAutofocus
@@ -143,7 +143,7 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     assert answer.two_shot_model == str(root / "bench-1" / "20x_na0.75_px0.325" / "two_shot.npz")
     assert Path(answer.two_shot_model).exists() and answer.two_shot_pairs > 100
     assert answer.two_shot_held_back_mae_after_um < answer.two_shot_held_back_mae_before_um
-    image = np.asarray(backend.snap(8.0).image_rgb8[:192, :192])
+    image = np.asarray(snap(backend, 8.0).image_rgb8[:192, :192])
     asked = EstimateFocus.Request(pixel_size_um=0.325, numerical_aperture=0.75, objective_magnification=20.0)
     array_to_image(image, "rgb8", asked.image)
     calibrated = call(ros_node, estimate, asked)

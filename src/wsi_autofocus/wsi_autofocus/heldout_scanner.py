@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from wsi_acquisition.hardware import CameraError, Frame
+from wsi_acquisition.hardware import CameraError, Frame, ReadOut
 from wsi_acquisition.stage import SimulatedStage, StageDynamics, StageLimits
 from wsi_autofocus import heldout_imaging
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
@@ -66,19 +66,23 @@ class HeldOutScanner:
     def sensor_size_px(self) -> tuple[int, int]:
         return self.sensor_px, self.sensor_px
 
-    def snap(self, exposure_ms: float, gain: float = 1.0, roi=None) -> Frame:
+    def expose(self, exposure_ms: float, gain: float = 1.0, roi=None) -> ReadOut:
         true_x, true_y, true_z = self.stage.true_position_um()
         measured = self.stage.position_um()
         size = self.sensor_px if roi is None else int(roi[2])
         if roi is not None and int(roi[2]) != int(roi[3]):
             raise CameraError(f"held-out scanner renders square regions; got roi {roi}")
+        self.stage.hold(exposure_ms / 1000.0)
         focal = float(self.focal_z_um(true_x, true_y))
-        capture = heldout_imaging.capture(self.scope, self.specimen, true_x, true_y, true_z - focal,
-                                          self.objective_magnification, size, self._rng)
-        return Frame(capture.image_rgb8, capture.pixel_size_um, exposure_ms, gain, *measured,
-                     self.objective_magnification, capture.numerical_aperture,
-                     ground_truth_defocus_um=true_z - focal, true_x_um=true_x, true_y_um=true_y, true_z_um=true_z,
-                     focal_z_um=focal)
+
+        def read_out() -> Frame:
+            capture = heldout_imaging.capture(self.scope, self.specimen, true_x, true_y, true_z - focal,
+                                              self.objective_magnification, size, self._rng)
+            return Frame(capture.image_rgb8, capture.pixel_size_um, exposure_ms, gain, *measured,
+                         self.objective_magnification, capture.numerical_aperture,
+                         ground_truth_defocus_um=true_z - focal, true_x_um=true_x, true_y_um=true_y,
+                         true_z_um=true_z, focal_z_um=focal)
+        return read_out
 
     def has_overview(self) -> bool:
         return False
