@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import fft, ndimage
@@ -134,17 +135,18 @@ class VirtualMicroscope:
         field_x = (col0 + np.arange(width) + 0.5 - camera.width_px / 2) * p
         field_y = (row0 + np.arange(height) + 0.5 - camera.height_px / 2) * p
 
+        capture_index = self._capture_count
+        self._capture_count += 1
+        rng = np.random.default_rng(
+            [self.seed & 0xFFFFFFFF, capture_index] if noise_seed is None else [noise_seed & 0xFFFFFFFF])
+        # The camera noise does not depend on the image: drawn on a render thread while the image is rendered.
+        noise = self._start(rng.standard_normal, (height, width, 3), dtype=np.float32)
         levels, weights = self._blur_plan(self._sensor_defocus(x_um, y_um, z_um, objective),
                                           objective, (row0, col0, height, width))
         transmitted = self._blurred_transmission(x_um + field_x[0] - p / 2, y_um + field_y[0] - p / 2,
                                                  width, height, p, objective, levels, weights)
         transmitted *= relative_illumination(field_x, field_y, objective, self.lamp_gradient)[..., None]
-
-        capture_index = self._capture_count
-        self._capture_count += 1
-        rng = np.random.default_rng(
-            [self.seed & 0xFFFFFFFF, capture_index] if noise_seed is None else [noise_seed & 0xFFFFFFFF])
-        raw = expose(transmitted, camera, exposure_ms, gain, rng)
+        raw = expose(transmitted, camera, exposure_ms, gain, noise())
         focal_z = float(self.focal_surface.z_um(x_um, y_um))
         return Capture(
             image_rgb8=to_rgb8(raw, camera.bit_depth), raw=raw, bit_depth=camera.bit_depth,
@@ -171,7 +173,8 @@ class VirtualMicroscope:
         overview_camera = Camera(width_px=width, height_px=height, bit_depth=8, full_well_e=10_000.0,
                                  read_noise_e=5.0, bright_field_e_per_ms=900.0)
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xFEED])
-        raw = expose(transmitted, overview_camera, exposure_ms, 1.0, rng)
+        raw = expose(transmitted, overview_camera, exposure_ms, 1.0, rng.standard_normal(transmitted.shape,
+                                                                                           dtype=np.float32))
         return Overview(image_rgb8=raw, pixel_size_um=float(pixel_size_um))
 
     def check_roi(self, roi) -> tuple[int, int, int, int]:
@@ -253,15 +256,20 @@ class VirtualMicroscope:
         # image, 12 bits at most, needs no more (the transfer functions are float32 tables too).
         channels = range(len(CHANNEL_WAVELENGTHS_UM))
 
-        def spectra(channel: int):
-            spectrum = fft.rfft2(transmission[channel], workers=1)
+        def spectrum(channel_and_kind: tuple[int, str]) -> np.ndarray | None:
+            channel, kind = channel_and_kind
+            if kind == "absorption":
+                return fft.rfft2(transmission[channel], workers=1)
             if not with_phase:
-                return spectrum, None
+                return None
             phase_rad = path_um * np.float32(2 * math.pi / CHANNEL_WAVELENGTHS_UM[channel])
             phase_rad *= transmission[channel]
-            return spectrum, fft.rfft2(phase_rad, workers=1)
+            return fft.rfft2(phase_rad, workers=1)
 
-        channel_spectra = self._map(spectra, channels)
+        # One task per transform, so that two threads share them evenly.
+        spectra = iter(self._map(spectrum, [(channel, kind) for channel in channels
+                                            for kind in ("absorption", "phase")]))
+        channel_spectra = list(zip(spectra, spectra))
 
         def blurred_level(channel_and_level: tuple[int, int]) -> np.ndarray:
             channel, level = channel_and_level
@@ -273,14 +281,16 @@ class VirtualMicroscope:
             return blurred
 
         # One task per channel and blur level: nine tasks share two threads evenly, three would not.
-        blurred = iter(self._map(blurred_level, [(channel, level) for channel in channels
-                                                 for level in range(len(levels))]))
-        for channel in channels:
-            accumulated = next(blurred)
-            for _ in levels[1:]:
-                accumulated += next(blurred)
+        blurred = self._map(blurred_level, [(channel, level) for channel in channels for level in range(len(levels))])
+
+        def accumulate(channel: int) -> None:
+            accumulated = blurred[channel * len(levels)]
+            for level in range(1, len(levels)):
+                accumulated += blurred[channel * len(levels) + level]
             # The weak-phase term is first order; it must not make light negative where phase is strong.
             np.maximum(accumulated, 0.0, out=result[..., channel])
+
+        self._map(accumulate, channels)
         return result
 
     def _transmission_and_path(self, x0_um, y0_um, width, height, p):
@@ -311,6 +321,13 @@ class VirtualMicroscope:
         self._map(render_band, range(0, height, band))
         self._region = ((x0_um, y0_um, p), transmission, path_um)
         return transmission, path_um
+
+    def _start(self, function, *args, **kwargs) -> Callable[[], object]:
+        """function(*args, **kwargs) started on a render thread; calling the result waits for its value."""
+        if self._pool is None:
+            value = function(*args, **kwargs)
+            return lambda: value
+        return self._pool.submit(function, *args, **kwargs).result
 
     def _map(self, function, items) -> list:
         """[function(item) for item in items], on the render threads; the first exception is raised."""

@@ -390,18 +390,18 @@ class FocalSurface:
 
 
 def expose(irradiance: np.ndarray, camera: Camera, exposure_ms: float, gain: float,
-           rng: np.random.Generator) -> np.ndarray:
+           noise: np.ndarray) -> np.ndarray:
     """Relative irradiance (1 = clear glass at the field centre) -> raw counts of the camera bit depth.
 
-    Shot noise uses the Gaussian limit of the Poisson law (variance = mean), accurate above ~20 e-,
-    which bright-field always is; electrons clip at full well, counts at the ADC range."""
+    noise: one standard normal float32 draw per value of `irradiance` (overwritten). Shot noise uses the
+    Gaussian limit of the Poisson law (variance = mean), accurate above ~20 e-, which bright-field always
+    is; electrons clip at full well, counts at the ADC range."""
     if not exposure_ms > 0:
         raise OpticsError(f"exposure_ms={exposure_ms}; expected > 0")
     if not gain > 0:
         raise OpticsError(f"gain={gain}; expected > 0")
     electrons = irradiance * np.float32(camera.bright_field_e_per_ms * exposure_ms)
     # In place from here on: every new frame-sized array costs page faults on top of its pass.
-    noise = rng.standard_normal(electrons.shape, dtype=np.float32)
     noise_sigma = electrons + np.float32(camera.read_noise_e ** 2)
     noise *= np.sqrt(noise_sigma, out=noise_sigma)
     electrons += noise
