@@ -10,8 +10,8 @@ of a 15x15 mm scan at 20x and 40x by the stage and camera timing model.
    microscope, optics and specimen modules read from git; "none" skips this), CPU time per tile, and
    wall time with this renderer's two threads (the microscope node's default).
 3. Projects a 15x15 mm scan (10 % overlap) with `wsi_acquisition.scan_timing`, every term shown:
-   stop-and-go as the scan runs now (the scan's focus points and z-sweeps; its tile terms are the
-   earlier 253 s projection at 20x), and the faster of stop-and-go and continuous strobed passes with
+   as the scan runs now (stop-and-go tiles, whose terms are the earlier 253 s projection at 20x; the
+   scan's focus points, each z-sweep a strobed z pass), and the faster of stop-and-go and continuous strobed passes with
    focus points set by tissue and field curvature, beside the NanoZoomer S360 (15x15 mm at 20x in
    156 s, measured) and the Aperio GT450 (15x15 mm at 40x in 32 s, claimed). Physical time only:
    camera transfer, processing and the simulator's rendering are not in it.
@@ -169,7 +169,7 @@ def anchor_tile_rates(sensor_px: int) -> list[dict]:
 
 def project(magnification: float, sensor_px: int, camera_timing: CameraTiming, recapture_fraction: float,
             z_at) -> dict:
-    """The 15x15 mm scan as the scan runs now (stop-and-go, its focus points and z-sweeps) and by the
+    """The 15x15 mm scan as the scan runs now (stop-and-go tiles, its focus points, strobed z-sweeps) and by the
     faster of stop-and-go and continuous passes with focus points set by tissue and field curvature."""
     objective, camera, plan = square_scan_plan(magnification, sensor_px)
     sweeps = focus_sweeps(depth_of_field_um(objective, camera.pixel_size_um))

@@ -181,8 +181,14 @@ class FlakyCamera:
         return getattr(self._backend, name)
 
     def expose(self, *args, **kwargs):
+        return self._flaky(self._backend.expose(*args, **kwargs))
+
+    def z_pass(self, *args, **kwargs):
+        return [(z, self._flaky(read_out)) for z, read_out in self._backend.z_pass(*args, **kwargs)]
+
+    def _flaky(self, read_out):
         self._count += 1
-        count, read_out = self._count, self._backend.expose(*args, **kwargs)
+        count = self._count
 
         def flaky_read_out():
             if self._failing(count):
@@ -227,6 +233,31 @@ class StageLog:
             self.events.append(("read", roi, (frame.true_x_um, frame.true_y_um)))
             return frame
         return logged_read_out
+
+
+def test_a_z_sweep_is_one_strobed_pass_whose_images_sit_where_stepping_would_put_them():
+    backend = small_microscope()
+    backend.set_objective(20.0)
+    stage, dynamics = backend.stage, backend.stage.dynamics
+    moves = []
+    start_move = stage.start_move
+
+    def logged_move(*args, **kwargs):
+        moves.append(kwargs.get("z_speed_um_s", 0.0))
+        return start_move(*args, **kwargs)
+    stage.start_move = logged_move
+    x_um, y_um = 43_200.0, 12_200.0
+    z_values = list(np.arange(-6.0, 6.01, 1.5))
+    passed = backend.z_pass(x_um, y_um, z_values, 8.0, roi=(64, 64, 128, 128))
+    assert [z for z, _ in passed] == z_values
+    # At most two moves to the start (from below) and the pass itself, at one z step per camera frame.
+    assert len(moves) <= 3 and moves[-1] == pytest.approx(1.5 * backend.frame_rate_hz)
+    frames = [read_out() for _, read_out in passed]
+    assert all(f.image_rgb8.shape == (128, 128, 3) for f in frames)
+    # A move to z from below leaves the carriage half the backlash short of it; the flashes see it there too.
+    stage_at = [f.true_z_um for f in frames]
+    np.testing.assert_allclose(stage_at, np.array(z_values) - dynamics.backlash_um / 2, atol=0.15)
+    assert not stage.is_moving()
 
 
 def test_the_stage_heads_for_the_next_tile_while_a_tile_is_read_out(tmp_path):

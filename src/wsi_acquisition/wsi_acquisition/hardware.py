@@ -5,6 +5,7 @@ stage node, the camera node and the scan orchestrator share one backend object i
 The simulated backend images the virtual slide at the stage's true position.
 """
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -12,7 +13,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from wsi_acquisition.microscope import CaptureError, Overview, VirtualMicroscope
-from wsi_acquisition.stage import SimulatedStage, StageBackend, StageDynamics, StageLimits
+from wsi_acquisition.scan_timing import SCMOS_FRAME_RATE_HZ
+from wsi_acquisition.stage import SimulatedStage, StageBackend, StageDynamics, StageLimits, trapezoid_time_s
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 
@@ -65,8 +67,15 @@ class MicroscopeBackend(Protocol):
                roi: tuple[int, int, int, int] | None = None) -> ReadOut:
         """Expose one image at the stage's current position, optionally only the sensor region
         roi=(row, col, height, width), and return its read-out. Once this returns the stage may move:
-        a scanner reads an image out while the stage heads for the next field. Read-outs are called in
-        the order of their exposures. Raise CameraError when the camera cannot expose."""
+        a scanner reads an image out while the stage heads for the next field. Each read-out is called
+        once. Raise CameraError when the camera cannot expose."""
+
+    def z_pass(self, x_um: float, y_um: float, z_values_um, exposure_ms: float, gain: float = 1.0,
+               roi: tuple[int, int, int, int] | None = None) -> list[tuple[float, ReadOut]] | None:
+        """Images of (x, y) at each of the ascending `z_values_um`, taken in one constant-speed z move with a
+        flash triggered as the stage passes each z (one camera frame per z at most), the stage still at the
+        end: (z, read-out) per image, z in the frame of commanded positions (where a move to it from
+        below puts the stage). None when the scanner has no position-triggered flash: the caller steps."""
 
     def has_overview(self) -> bool:
         """Whether the scanner has a macro camera (answered without taking an image)."""
@@ -98,6 +107,7 @@ class SimulatedMicroscope:
         self.set_objective(objective_magnification)
         # Rendering stands in for the camera's read-out: one image after the other, while the stage moves.
         self._read_out = ThreadPoolExecutor(1, "camera-readout")
+        self.frame_rate_hz = SCMOS_FRAME_RATE_HZ
 
     @classmethod
     def create(cls, slide_seed: int = 0, specimen=None, stage_seed: int = 0, speedup: float = 1.0,
@@ -134,23 +144,68 @@ class SimulatedMicroscope:
 
     def expose(self, exposure_ms: float, gain: float = 1.0,
                roi: tuple[int, int, int, int] | None = None) -> ReadOut:
-        true_x, true_y, true_z = self.stage.true_position_um()
-        measured = self.stage.position_um()
+        self._check_roi(roi)
+        read_out = self._read_out_at(self.stage.true_position_um(), self.stage.position_um(), exposure_ms, gain, roi)
+        self.stage.hold(exposure_ms / 1000.0)
+        return read_out
+
+    def z_pass(self, x_um: float, y_um: float, z_values_um, exposure_ms: float, gain: float = 1.0,
+               roi: tuple[int, int, int, int] | None = None) -> list[tuple[float, ReadOut]]:
+        """The flash is triggered by the z encoder: at each z the stage carriage is exactly where the encoder
+        threshold puts it, so each image is rendered at that pose (the stage moves in real time meanwhile)."""
+        z_values = [float(z) for z in z_values_um]
+        steps = np.diff(z_values)
+        if len(z_values) < 2 or not np.all(steps > 0):
+            raise CameraError(f"z pass over {z_values} µm; expected at least two ascending z values")
+        self._check_roi(roi)
+        stage, dynamics = self.stage, self.stage.dynamics
+        speed = min(dynamics.z_speed_um_s, float(steps.min()) * self.frame_rate_hz)
+        # Up to speed, and the backlash taken up, before the first image.
+        run_up = speed ** 2 / (2 * dynamics.z_accel_um_s2) + dynamics.backlash_um
+        z_min, z_max = stage.limits.bounds("z")
+        start, end = max(z_values[0] - run_up, z_min), min(z_values[-1] + run_up, z_max)
+        if stage.position_um()[2] > start:
+            self._move_and_wait(x_um, y_um, max(start - dynamics.backlash_um, z_min))
+        self._move_and_wait(x_um, y_um, start)
+        true_x, true_y, _ = stage.true_position_um()
+        measured_x, measured_y, measured_z = stage.position_um()
+        encoder_offset = start - measured_z       # commanded minus encoder z, having moved up
+        passing_started = time.monotonic()
+        stage.start_move(x_um, y_um, end, z_speed_um_s=speed)
+        frames = []
+        for z in z_values:
+            passes_s = trapezoid_time_s(z - start, end - start, speed, dynamics.z_accel_um_s2) / stage.speedup
+            time.sleep(max(0.0, passing_started + passes_s - time.monotonic()))
+            carriage_z = z - encoder_offset
+            frames.append((z, self._read_out_at((true_x, true_y, carriage_z), (measured_x, measured_y, carriage_z),
+                                                exposure_ms, gain, roi)))
+        while stage.is_moving():
+            time.sleep(0.001)
+        return frames
+
+    def _move_and_wait(self, x_um: float, y_um: float, z_um: float) -> None:
+        time.sleep(self.stage.start_move(x_um, y_um, z_um))
+        while self.stage.is_moving():
+            time.sleep(0.001)
+
+    def _check_roi(self, roi) -> None:
         try:
             self.microscope.check_roi(roi)
         except CaptureError as error:
             raise CameraError(str(error)) from error
-        self.stage.hold(exposure_ms / 1000.0)
-        magnification = self.objective_magnification
-        rendering = self._read_out.submit(self.microscope.capture, true_x, true_y, true_z, magnification,
-                                          exposure_ms=exposure_ms, gain=gain, roi=roi)
+
+    def _read_out_at(self, true_pose, measured_pose, exposure_ms: float, gain: float, roi) -> ReadOut:
+        """The read-out of an image exposed with the stage at `true_pose` (its encoders reading `measured_pose`)."""
+        true_x, true_y, true_z = true_pose
+        rendering = self._read_out.submit(self.microscope.capture, true_x, true_y, true_z,
+                                          self.objective_magnification, exposure_ms=exposure_ms, gain=gain, roi=roi)
 
         def read_out() -> Frame:
             try:
                 capture = rendering.result()
             except CaptureError as error:
                 raise CameraError(str(error)) from error
-            return Frame(capture.image_rgb8, capture.pixel_size_um, exposure_ms, gain, *measured,
+            return Frame(capture.image_rgb8, capture.pixel_size_um, exposure_ms, gain, *measured_pose,
                          capture.objective_magnification, capture.numerical_aperture,
                          ground_truth_defocus_um=capture.defocus_um, true_x_um=true_x, true_y_um=true_y,
                          true_z_um=true_z, focal_z_um=capture.focal_z_um)

@@ -273,6 +273,9 @@ class MicroManagerMicroscope:
                       self.objective_magnification, self.numerical_aperture(), **truth)
         return lambda: frame
 
+    def z_pass(self, x_um, y_um, z_values_um, exposure_ms, gain=1.0, roi=None) -> None:
+        return None     # position-triggered flashes need hardware triggering this backend does not set up
+
     def has_overview(self) -> bool:
         return self._overview is not None
 

@@ -316,11 +316,23 @@ class ScanRunner:
         return self._read(self._exposure(roi, then_move_to), position, roi)
 
     def _sweep(self, x_um: float, y_um: float, z_values, roi) -> list[np.ndarray]:
-        """Images of (x, y) at each z in turn, each read out while the stage steps to the next z."""
-        exposures = []
-        for z in z_values:
-            self._move(x_um, y_um, z)
-            exposures.append(((x_um, y_um, z), self._exposure(roi)))
+        """Images of (x, y) at each z: in one strobed z pass where the scanner can, else stepping z and
+        exposing at rest, each image read out while the stage steps on. A lost image is taken again at rest."""
+        self._wait_for_stage()
+        self._stage_at = None
+        try:
+            passed = self.backend.z_pass(x_um, y_um, z_values, self.request.exposure_ms, self.request.gain, roi)
+        except (StageFault, StageLimitError) as error:
+            raise ScanError(ScanErrorCode.STAGE, f"z pass at ({x_um:.1f}, {y_um:.1f}) µm failed: {error}") from error
+        except CameraError:
+            passed = None      # exposed at rest instead, with the camera's retries
+        if passed is not None:
+            exposures = [((x_um, y_um, z), read_out) for z, read_out in passed]
+        else:
+            exposures = []
+            for z in z_values:
+                self._move(x_um, y_um, z)
+                exposures.append(((x_um, y_um, z), self._exposure(roi)))
         return [self._read(read_out, position, roi).image_rgb8 for position, read_out in exposures]
 
     # -- focus ---------------------------------------------------------------------------------
@@ -476,19 +488,17 @@ class ScanRunner:
         acquisition_started = self.clock()
         total = len(plan.tiles)
 
-        def focus_map_z(tile) -> float:
-            return float(focus_map.z_um(tile.x_um, tile.y_um) if focus_map is not None else z_default)
-
-        for done, tile in enumerate(plan.tiles):
+        map_zs = [float(focus_map.z_um(tile.x_um, tile.y_um)) if focus_map is not None else z_default
+                  for tile in plan.tiles]
+        for done, (tile, map_z) in enumerate(zip(plan.tiles, map_zs)):
             if self.should_cancel():
                 raise ScanError(ScanErrorCode.CANCELED, f"canceled after {done} of {total} tiles")
-            map_z = focus_map_z(tile)
             # The stage heads for the next tile while this one is read out and judged; a correction of this
             # one brings it back.
-            following = plan.tiles[done + 1] if done + 1 < total else None
-            record, frame = self._capture(
-                len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z, 0.0, False,
-                then_move_to=None if following is None else (following.x_um, following.y_um, focus_map_z(following)))
+            following = (plan.tiles[done + 1].x_um, plan.tiles[done + 1].y_um, map_zs[done + 1]) \
+                if done + 1 < total else None
+            record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um,
+                                          map_z, 0.0, False, then_move_to=following)
             self._emit(record, frame)
             if inline:
                 self._refocus(tile, map_z, record, frame)

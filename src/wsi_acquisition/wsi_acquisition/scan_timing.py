@@ -15,9 +15,10 @@ Tiles of a serpentine `TilePlan` are taken in one of two ways:
   stops, steps along y and ramps up again; the ramp outlasts the settle of the y step.
 
 The focus map measures focus at points on the tissue with the scan's z-sweeps (`planning.focus_sweeps`):
-stop-and-go z steps with an exposure each, or one constant-speed z pass per sweep with a flash per camera
-frame. Re-captures are tiles the inline autofocus takes again: at once (stop-and-go: only z moves) or,
-after continuous passes, in one stop-and-go tour at the end.
+one constant-speed z pass per sweep with a flash per camera frame (as the simulated scanner takes them,
+`hardware.SimulatedMicroscope.z_pass`), or stop-and-go z steps with an exposure each. Re-captures are
+tiles the inline autofocus takes again: at once (stop-and-go: only z moves) or, after continuous passes,
+in one stop-and-go tour at the end.
 """
 from __future__ import annotations
 
@@ -45,10 +46,14 @@ class TimingError(ValueError):
     """A timing model input is out of range."""
 
 
+# Frames per second a 1024 x 1024, 12-bit sCMOS sensor reads out (the simulated camera's too).
+SCMOS_FRAME_RATE_HZ = 100.0
+
+
 @dataclass(frozen=True)
 class CameraTiming:
     exposure_ms: float              # continuous light: the exposure that gives a frame its photon dose
-    frame_rate_hz: float = 100.0    # frames per second the sensor reads out (1024 x 1024, 12 bit sCMOS)
+    frame_rate_hz: float = SCMOS_FRAME_RATE_HZ
     # A flash giving the same dose: 10^4 electrons per pixel and channel, a few mW on a 1024 x 1024
     # sensor for 4 µs, which LEDs overdriven in microsecond pulses deliver.
     strobe_pulse_us: float = 4.0
@@ -192,14 +197,16 @@ def recapture_tiles(plan: TilePlan, fraction: float) -> list[PlannedTile]:
 
 def scan_time(plan: TilePlan, strategy: str, objective: Objective, camera_pixel_um: float,
               dynamics: StageDynamics, camera: CameraTiming, z_at: Callable, focus_points: list[PlannedTile],
-              sweeps, recapture_fraction: float = 0.0, overlap_z: bool = True) -> ScanTime:
+              sweeps, recapture_fraction: float = 0.0, overlap_z: bool = True,
+              strobed_sweeps: bool = True) -> ScanTime:
     """Every term of a scan of `plan` by `strategy`, with focal z from z_at(x, y) (arrays) and the focus
-    map measured at `focus_points` with the z-sweeps `sweeps`. Re-captures correct z by one depth of field."""
+    map measured at `focus_points` with the z-sweeps `sweeps`, each a strobed z pass (as the simulated
+    scanner takes them) or, with `strobed_sweeps` False, stepped. Re-captures correct z by one depth of field."""
     if strategy not in STRATEGIES:
         raise TimingError(f"strategy {strategy!r}; expected one of {STRATEGIES}")
     xyz = _xyz(plan.tiles, z_at)
     recaptures = recapture_tiles(plan, recapture_fraction)
-    map_s = focus_map_s(focus_points, z_at, sweeps, dynamics, camera, continuous=strategy == "continuous")
+    map_s = focus_map_s(focus_points, z_at, sweeps, dynamics, camera, continuous=strobed_sweeps)
     if strategy == "stop-and-go":
         moves, settles, exposures = stop_and_go_s(xyz, dynamics, camera.exposure_ms, overlap_z)
         # Each re-capture follows its tile at once: a z correction, a settle, an exposure.

@@ -144,6 +144,22 @@ def trapezoid_fraction(t_s: float, distance_um: float, speed_um_s: float, accel_
     return covered / distance_um
 
 
+def trapezoid_time_s(covered_um: float, distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:
+    """Time after which a rest-to-rest trapezoidal move of `distance_um` has covered `covered_um`
+    (the inverse of `trapezoid_fraction`)."""
+    distance_um = abs(distance_um)
+    covered_um = min(max(covered_um, 0.0), distance_um)
+    peak_speed = min(speed_um_s, math.sqrt(distance_um * accel_um_s2))
+    ramp_s = peak_speed / accel_um_s2
+    ramp_um = 0.5 * accel_um_s2 * ramp_s ** 2
+    if covered_um <= ramp_um:
+        return math.sqrt(2.0 * covered_um / accel_um_s2)
+    if covered_um <= distance_um - ramp_um:
+        return ramp_s + (covered_um - ramp_um) / peak_speed
+    total = trapezoid_duration_s(distance_um, speed_um_s, accel_um_s2)
+    return total - math.sqrt(2.0 * (distance_um - covered_um) / accel_um_s2)
+
+
 class StageBackend(Protocol):
     """What the stage node needs from a stage, simulated or real. Positions in µm."""
 
@@ -167,6 +183,7 @@ class _Move:
     end_um: np.ndarray           # true end position (backlash and jitter included)
     started_s: float
     xy_speed_um_s: float
+    z_speed_um_s: float
     duration_s: float            # motion plus settle
 
 
@@ -207,7 +224,7 @@ class SimulatedStage:
         delta = move.end_um - move.start_um
         xy_fraction = trapezoid_fraction(elapsed, float(np.hypot(delta[0], delta[1])),
                                          move.xy_speed_um_s, dyn.xy_accel_um_s2)
-        z_fraction = trapezoid_fraction(elapsed, float(delta[2]), dyn.z_speed_um_s, dyn.z_accel_um_s2)
+        z_fraction = trapezoid_fraction(elapsed, float(delta[2]), move.z_speed_um_s, dyn.z_accel_um_s2)
         return move.start_um + delta * np.array([xy_fraction, xy_fraction, z_fraction])
 
     def true_position_um(self) -> tuple[float, float, float]:
@@ -225,6 +242,10 @@ class SimulatedStage:
             self._true_position_locked()
             return self._move is not None
 
+    @property
+    def speedup(self) -> float:
+        return self._speedup
+
     def hold(self, duration_s: float) -> None:
         """Wait `duration_s` of the stage's time (an exposure: the stage must not move meanwhile)."""
         time.sleep(duration_s / self._speedup)
@@ -232,7 +253,8 @@ class SimulatedStage:
     def move_duration_s(self, x_um: float, y_um: float, z_um: float, speed_um_s: float = 0.0) -> float:
         """Duration of a move from the current position, without moving (for scan time estimates)."""
         start = np.array(self.true_position_um())
-        return self._duration_s(np.array([x_um, y_um, z_um]) - start, self._xy_speed(speed_um_s))
+        return self._duration_s(np.array([x_um, y_um, z_um]) - start, self._xy_speed(speed_um_s),
+                                self.dynamics.z_speed_um_s)
 
     def _xy_speed(self, speed_um_s: float) -> float:
         if speed_um_s < 0:
@@ -240,18 +262,23 @@ class SimulatedStage:
         configured = self.dynamics.xy_speed_um_s
         return configured if speed_um_s == 0 else min(speed_um_s, configured)
 
-    def _duration_s(self, delta_um: np.ndarray, xy_speed_um_s: float) -> float:
+    def _duration_s(self, delta_um: np.ndarray, xy_speed_um_s: float, z_speed_um_s: float) -> float:
         dyn = self.dynamics
         xy = trapezoid_duration_s(float(np.hypot(delta_um[0], delta_um[1])), xy_speed_um_s, dyn.xy_accel_um_s2)
-        z = trapezoid_duration_s(float(delta_um[2]), dyn.z_speed_um_s, dyn.z_accel_um_s2)
+        z = trapezoid_duration_s(float(delta_um[2]), z_speed_um_s, dyn.z_accel_um_s2)
         moved = bool(np.any(np.abs(delta_um) > 0))
         return max(xy, z) + (dyn.settle_s if moved else 0.0)
 
-    def start_move(self, x_um: float, y_um: float, z_um: float, speed_um_s: float = 0.0) -> float:
+    def start_move(self, x_um: float, y_um: float, z_um: float, speed_um_s: float = 0.0,
+                   z_speed_um_s: float = 0.0) -> float:
+        """As `StageBackend.start_move`; `z_speed_um_s` (0 = configured) caps the z speed too."""
         if self.fault:
             raise StageFault(self.fault)
         self.limits.check(x_um, y_um, z_um)
         xy_speed = self._xy_speed(speed_um_s)
+        if not 0 <= z_speed_um_s < math.inf:
+            raise ValueError(f"z speed {z_speed_um_s} µm/s must be finite and >= 0 (0 = configured speed)")
+        z_speed = self.dynamics.z_speed_um_s if z_speed_um_s == 0 else min(z_speed_um_s, self.dynamics.z_speed_um_s)
         target = np.array([x_um, y_um, z_um], dtype=float)
         dyn = self.dynamics
         with self._lock:
@@ -264,8 +291,8 @@ class SimulatedStage:
             end = target - self._last_direction * dyn.backlash_um / 2
             jitter = self._rng.normal(0.0, [dyn.xy_jitter_um, dyn.xy_jitter_um, dyn.z_jitter_um])
             end = end + np.where(direction != 0, jitter, 0.0)
-            duration = self._duration_s(delta, xy_speed)
-            self._move = _Move(start, end, self._clock(), xy_speed, duration)
+            duration = self._duration_s(delta, xy_speed, z_speed)
+            self._move = _Move(start, end, self._clock(), xy_speed, z_speed, duration)
             return duration / self._speedup
 
     def stop(self) -> None:

@@ -84,6 +84,9 @@ class HeldOutScanner:
                          true_z_um=true_z, focal_z_um=focal)
         return read_out
 
+    def z_pass(self, x_um, y_um, z_values_um, exposure_ms, gain=1.0, roi=None) -> None:
+        return None     # steps z, as the scanner it reproduces (the evaluation's scans stay as they were)
+
     def has_overview(self) -> bool:
         return False
 
