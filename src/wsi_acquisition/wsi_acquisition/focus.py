@@ -7,6 +7,12 @@ import numpy as np
 
 from wsi_common.focus_metrics import focus_tolerance_um
 
+# Where a tile's z came from: the focus map; a correction by the autofocus kept because it is sharper than
+# the focus map's capture; the same after a second exposure told the side of focus from blur, or read
+# together with the tile by the two-shot model.
+FOCUS_MAP, AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT = FOCUS_SOURCES = (
+    "focus-map", "autofocus", "autofocus+probe", "autofocus+two-shot")
+
 
 def trusts_estimate(uncertainty_um: float, depth_of_field_um: float) -> bool:
     """Whether a scan acts on a single-shot defocus estimate: when its one-sigma uncertainty is below

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from wsi_acquisition.focus import FOCUS_MAP, FOCUS_SOURCES
 from wsi_common.scan_files import Manifest, RecordedPlan
 
 REPORT_DIR = "qc"
@@ -150,11 +151,11 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
         if check["kind"] == "correction":
             refused[(check["row"], check["col"])] = check
         probes += check["kind"] == "side-probe"
-    counts = {}
+    counts = dict.fromkeys(FOCUS_SOURCES, 0)
     rows = []
     for cell in sorted(final):
         tile = final[cell]
-        source = tile.get("focus_source", "focus-map")
+        source = tile.get("focus_source", FOCUS_MAP)
         counts[source] = counts.get(source, 0) + 1
         gain = tile.get("sharpness_gain")
         note = ""
@@ -165,7 +166,8 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
                  "" if tile.get("predicted_defocus_um") is None else f"{tile['predicted_defocus_um']:+.2f} ± {tile['predicted_uncertainty_um']:.2f}",
                  "" if gain is None else f"{gain:+.1%}", "" if truth is None else f"{truth:+.2f}", note]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    summary = {f"tiles focused by {source}": count for source, count in sorted(counts.items())}
+    # Every source, 0 where no tile used it: a robot reading summary.json finds the same keys in every scan.
+    summary = {f"tiles focused by {source}": count for source, count in counts.items()}
     summary["corrections refused (not sharper)"] = len(refused)
     summary["side probes"] = probes
     header = "".join(f"<th>{h}</th>" for h in ("row", "col", "focus source", "z (µm)", "autofocus estimate (µm)",

@@ -22,8 +22,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, sharpness_gain, side_from_probe,
-                                   two_shot_offset)
+from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, FOCUS_MAP, focus_action,
+                                   keeps_correction, probe_step_um, sharpness_gain, side_from_probe, two_shot_offset)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend, ReadOut
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
@@ -88,9 +88,7 @@ class TileRecord:
     predicted_defocus_um: float | None = None
     predicted_uncertainty_um: float | None = None
     ground_truth: dict | None = None       # simulation: true pose, focal z, defocus
-    # Where this image's z came from: "focus-map", or "autofocus" (a correction kept because it is sharper
-    # than the focus map's capture; "autofocus+probe" when a second exposure told the side of focus).
-    focus_source: str = "focus-map"
+    focus_source: str = FOCUS_MAP       # where this image's z came from: one of focus.FOCUS_SOURCES
     sharpness: float | None = None         # normalised Brenner gradient (`wsi_common.focus_metrics.brenner`)
     sharpness_gain: float | None = None    # a correction: its sharpness over the focus map capture's, - 1
 
@@ -521,7 +519,7 @@ class ScanRunner:
         action = focus_action(reply.defocus_um, reply.uncertainty_um, reply.distance_um,
                               reply.distance_uncertainty_um, depth_of_field_um)
         if action == "correct":
-            self._try_correction(tile, map_z, -reply.defocus_um, "autofocus", record)
+            self._try_correction(tile, map_z, -reply.defocus_um, AUTOFOCUS, record)
         elif action == "probe":
             decided = self._probe(tile, map_z, reply, record, frame, depth_of_field_um)
             if decided is not None:
@@ -545,7 +543,7 @@ class ScanRunner:
                                      depth_of_field_um)
             if offset is not None:
                 self._keep_focus_check(check, probe_frame)
-                return offset, "autofocus+two-shot"
+                return offset, AUTOFOCUS_TWO_SHOT
         probe = self.estimate_image(probe_frame) if self.estimate_image is not None else None
         above, posterior = side_from_probe(reply, probe, step, record.sharpness, check["sharpness"])
         check |= {"probe_distance_um": probe.distance_um if probe is not None else None,
@@ -553,7 +551,7 @@ class ScanRunner:
         self._keep_focus_check(check, probe_frame)
         if above is None:
             return None
-        return (-reply.distance_um if above else reply.distance_um), "autofocus+probe"
+        return (-reply.distance_um if above else reply.distance_um), AUTOFOCUS_PROBE
 
     def _try_correction(self, tile, map_z: float, offset_um: float, source: str, original: TileRecord) -> None:
         """Capture at the corrected z; publish it as the tile's re-capture only if it is sharper."""
