@@ -192,7 +192,7 @@ class ScanRunner:
         self._overview: dict | None = None
         self._journal_lines = 0
         self._recorded = (0, 0)         # the tiles and focus checks the manifest and its journal hold
-        self._stage_at: tuple[float, float, float] | None = None   # the last target reached; None: moving
+        self._stage_at: tuple[float, float, float] | None = None   # the last target reached; None: not known
         # The stage heads for the next tile while the camera reads the last one out.
         self._mover = ThreadPoolExecutor(1, "scan-stage")
         self._moving: Future | None = None
@@ -624,8 +624,8 @@ class ScanRunner:
 
     def _finish(self, state: State) -> None:
         if state != State.SUCCEEDED:
-            # The stage stops where a move started before the failure (or cancel) ends; the first error is
-            # the one to report, so a failure of that move is not raised over it.
+            # A move started before the failure (or the cancel) is let end, so that the stage is at rest; the
+            # first error is the one to report, so a failure of that move is not raised over it.
             with contextlib.suppress(ScanError):
                 self._wait_for_stage()
         self._mover.shutdown()

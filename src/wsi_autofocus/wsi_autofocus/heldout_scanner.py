@@ -85,7 +85,7 @@ class HeldOutScanner:
         return read_out
 
     def z_pass(self, x_um, y_um, z_values_um, exposure_ms, gain=1.0, roi=None) -> None:
-        return None     # steps z, as the scanner it reproduces (the evaluation's scans stay as they were)
+        return None     # no position-triggered flash: the scan steps z, as in the evaluations measured so far
 
     def has_overview(self) -> bool:
         return False
