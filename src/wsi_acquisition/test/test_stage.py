@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wsi_acquisition.stage import (Axes, MoveGoalError, SimulatedStage, StageDynamics, StageLimitError, StageLimits,
-                                   move_target, trapezoid_duration_s, trapezoid_fraction)
+                                   move_target, trapezoid_duration_s, trapezoid_fraction, trapezoid_time_s)
 
 
 class FakeClock:
@@ -29,6 +29,25 @@ def test_trapezoid_reaches_full_speed_on_long_moves_and_not_on_short_ones():
     assert trapezoid_fraction(halfway, 30_000, 30_000, 300_000) == pytest.approx(0.5)
     fractions = [trapezoid_fraction(t, 500, 30_000, 300_000) for t in np.linspace(0, 0.1, 50)]
     assert np.all(np.diff(fractions) >= 0) and fractions[-1] == 1.0
+
+
+@pytest.mark.parametrize("distance_um", [0.5, 60.0, 30_000.0])   # ramps only, and a stretch at full speed
+def test_the_time_a_move_takes_to_cover_a_distance_inverts_its_progress(distance_um):
+    total = trapezoid_duration_s(distance_um, 280.0, 50_000.0)
+    for t in np.linspace(0.0, total, 23):
+        covered = trapezoid_fraction(t, distance_um, 280.0, 50_000.0) * distance_um
+        assert trapezoid_time_s(covered, distance_um, 280.0, 50_000.0) == pytest.approx(t, abs=1e-9)
+
+
+def test_a_z_speed_cap_slows_the_z_axis_of_a_move():
+    clock = FakeClock()
+    stage = exact_stage(clock)
+    duration = stage.start_move(10_000.0, 10_000.0, 60.0, z_speed_um_s=280.0)
+    assert duration == pytest.approx(trapezoid_duration_s(60.0, 280.0, 50_000.0) + StageDynamics().settle_s)
+    clock.now = trapezoid_time_s(30.0, 60.0, 280.0, 50_000.0)
+    assert stage.position_um()[2] == pytest.approx(30.0, abs=1e-3)
+    with pytest.raises(ValueError, match="z speed -1"):
+        stage.start_move(10_000.0, 10_000.0, 0.0, z_speed_um_s=-1.0)
 
 
 def test_move_follows_the_clock_and_settles_at_the_target():
