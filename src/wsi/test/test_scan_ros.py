@@ -13,9 +13,11 @@ from wsi_common.action_caller import ActionCaller
 from wsi_common.image import image_to_array
 from wsi_common.service_caller import query
 from wsi_common.supervisor import NodeSpec
-from wsi_common.topics import CAMERA_IMAGE, CAMERA_LIVE, MOSAIC_STATUS, SCAN_PLAN, SCAN_SLIDE, TILES
+from wsi_common.topics import (CAMERA_IMAGE, CAMERA_LIVE, FOCUS_ESTIMATES, MOSAIC_STATUS, SCAN_PLAN, SCAN_SLIDE,
+                               TILES)
 from wsi_interfaces.action import ScanSlide
-from wsi_interfaces.msg import MosaicStatus, ScanStatus
+from wsi_interfaces.msg import FocusEstimate, MosaicStatus, ScanStatus
+from wsi_interfaces.srv import EstimateFocus
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -147,6 +149,49 @@ def test_cancel_or_a_lost_stitching_node_ends_the_wait_for_the_mosaic(small_scan
             assert status == GoalStatus.STATUS_ABORTED and result.error_code == ScanSlide.Result.ERROR_STITCHING
             assert "need a stitching node, and none is running" in result.error_message
         assert json.loads(Path(result.manifest_uri).read_text())["status"] == "complete"
+
+
+def test_a_side_probe_sends_the_tile_and_the_probe_as_a_pair_and_its_correction_must_be_sharper(small_scanner,
+                                                                                                 ros_node):
+    """The orchestrator's side probe through ROS: an autofocus stand-in in this process says of every tile
+    "4 µm from focus, side unknown", so the scan takes a probe 4 µm higher and asks estimate_focus about both
+    exposures; the stand-in reads the pair as 3 µm below focus. The focus map had the tiles in focus, so every
+    such correction is blurrier and refused: the tiles stay as the focus map took them."""
+    tiles, pairs = {}, []
+
+    def estimate_tile(tile):
+        tiles[tile.sequence] = image_to_array(tile.image)
+        estimates.publish(FocusEstimate(scan_id=tile.scan_id, sequence=tile.sequence, index=tile.index, valid=True,
+                                        defocus_um=4.0, uncertainty_um=5.0, distance_um=4.0,
+                                        distance_uncertainty_um=0.2, above_focus_probability=0.5))
+
+    def estimate_pair(request, response):
+        pairs.append((image_to_array(request.image), image_to_array(request.image_above), request.step_above_um))
+        response.success, response.exposures_used, response.two_shot_model = True, 2, "stand-in"
+        response.defocus_um, response.uncertainty_um, response.above_focus_probability = -3.0, 0.2, 0.01
+        response.distance_um, response.distance_uncertainty_um = 3.0, 0.2
+        return response
+
+    estimates = FOCUS_ESTIMATES.publisher(ros_node)
+    TILES.subscription(ros_node, estimate_tile)
+    ros_node.create_service(EstimateFocus, "estimate_focus", estimate_pair)
+    outcome = small_scanner.call(goal(SMALL_REGION_UM, scan_id="probes", skip_empty_tiles=False,
+                                      focus_strategy=ScanSlide.Goal.FOCUS_MAP_INLINE), timeout_s=300)
+    assert outcome.status == GoalStatus.STATUS_SUCCEEDED, outcome.result.error_message
+    manifest = json.loads(Path(outcome.result.manifest_uri).read_text())
+    planned = len(manifest["plan"]["tiles"])
+    probes = [check for check in manifest["focus_checks"] if check["kind"] == "side-probe"]
+    corrections = [check for check in manifest["focus_checks"] if check["kind"] == "correction"]
+    assert len(probes) == len(corrections) == len(pairs) == planned
+    for probe, (image, image_above, step_um) in zip(probes, pairs):
+        assert probe["step_um"] == step_um == 4.0 and probe["two_shot_defocus_um"] == -3.0
+        # The pair is the tile as published and its probe, the same field 4 µm higher.
+        tile = next(t for t in manifest["tiles"] if (t["row"], t["col"]) == (probe["row"], probe["col"]))
+        assert (tiles[tile["sequence"]] == image).all() and image_above.shape == image.shape
+        assert probe["ground_truth"]["z_um"] - tile["ground_truth"]["z_um"] == pytest.approx(4.0, abs=0.3)
+    assert all(c["offset_um"] == 3.0 and c["source"] == "autofocus+two-shot" and c["sharpness_gain"] < 0
+               for c in corrections)
+    assert manifest["refocus_count"] == 0 and all(t["focus_source"] == "focus-map" for t in manifest["tiles"])
 
 
 def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):
