@@ -75,9 +75,9 @@ def test_mosaic_follows_the_shared_contract(scan, stitched):
 
 
 def test_memory_stays_bounded_by_about_two_rows(scan, stitched):
-    _, _, in_memory = stitched
-    assert max(in_memory) <= 2 * scan.cols + 3
-    assert in_memory[-1] < scan.cols
+    stitcher, _, in_memory = stitched
+    assert max(in_memory) <= 2 * scan.cols + 4   # + 1: the last tile's chunks are written while the next registers
+    assert in_memory[-1] < max(in_memory) and stitcher.tiles_in_memory == 0
 
 
 def test_empty_glass_tile_falls_back_to_its_stage_position(scan, stitched):
@@ -153,7 +153,8 @@ def test_sharpness_blending_prefers_the_sharper_tile():
 def test_resume_after_interruption_continues_and_matches(scan, tiles, stitched, tmp_path):
     _, reference, _ = stitched
     path = tmp_path / "resumed.zarr"
-    interrupted, _, _ = _stitch(scan, tiles, path, stop_after=13)
+    interrupted, _, _ = _stitch(scan, tiles, path, stop_after=14)
+    interrupted._writers.shutdown(wait=True)   # the last tile's chunks reach the store but not the journal
     interrupted.journal.close()
     journal_path = interrupted.journal.path
     with open(journal_path, "a") as journal:

@@ -11,8 +11,10 @@ soon as its chunks are written.
 
 The work a tile brings runs on a few threads (numpy, scipy.fft, zstd and file writes release the GIL):
 its pairs are registered side by side, and the chunks it completes are composed and stored side by
-side. add_tile returns once they are stored and journaled, so the journal lists a chunk only once its
-pixels are in the store, and what it lists when add_tile returns does not depend on timing.
+side by writer threads while the next tile is registered. The next add_tile (or finish) waits for those
+writes before it starts its own and journals them, so the journal lists a chunk only once its pixels are
+in the store, at most one tile's chunks are in flight, and what the journal lists when add_tile returns
+does not depend on timing: every chunk completed by the tiles before the last one.
 
 Stage error: one parameter, the stage's specified repeatability (µm), bounds everything that depends
 on how wrong a reported stage pose can be (`StageErrorLimit`): the pairwise search, the placement
@@ -30,7 +32,7 @@ import json
 import math
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,7 +61,7 @@ NEIGHBOURS_8 = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, 
 # Zstandard level 1, not Zarr's default 3: on mosaic chunks 4-5x faster (1.4 against 6.4 ms per 512 px chunk
 # of the bench's specimen), files 1 % larger (2 % on scikit-image's immunohistochemistry photograph).
 MOSAIC_ZSTD_LEVEL = 1
-WORKER_THREADS = 2  # registering a tile's pairs and writing its chunks: the cores of the target machine
+WORKER_THREADS = 2  # registering a tile's pairs, and apart from them writing chunks: the cores of the target machine
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,9 @@ class MosaicStitcher:
         self._composed: set[tuple[int, int]] = set()
         self._ready: set[tuple[int, int]] = set()
         self._workers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="stitching")
+        # Writes have threads of their own, so that a tile's chunks are stored while the next tile registers.
+        self._writers = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="mosaic-writer")
+        self._writes: list[tuple[tuple[int, int], Future]] = []   # the last tile's chunk writes
         self._composer: ChunkComposer | None = None
         self._finished = False
         self._run = "new"
@@ -373,8 +378,9 @@ class MosaicStitcher:
         return image
 
     def add_tile(self, row: int, col: int, image: np.ndarray, stage_x_um: float, stage_y_um: float) -> int:
-        """Take one tile; returns the number of chunks written as a consequence. Raises BadTileError
-        (nothing changed) for a tile that cannot be used."""
+        """Take one tile; returns the number of chunks whose writes ended (and were journaled) in this call:
+        those the previous tile started. Raises BadTileError (nothing changed) for a tile that cannot be used,
+        and the error of a chunk that could not be stored (the chunk is written again with the next tile)."""
         image = self._check_tile(row, col, image, stage_x_um, stage_y_um)
         cell = (row, col)
         self._stage_px[cell] = self._to_mosaic_px(stage_x_um, stage_y_um)
@@ -515,31 +521,41 @@ class MosaicStitcher:
         self._gain = self._flat_field.gain(self.layout.tile_height_px, self.layout.tile_width_px)
         return True
 
-    def _compose_ready_chunks(self) -> int:
-        """Compose and store every ready chunk, side by side, and journal those stored; returns how many.
-        A chunk that could not be stored stays ready (the next call tries it again) and its error is raised."""
+    def _compose_ready_chunks(self, wait_for_writes: bool = False) -> int:
+        """Journal the chunk writes started before (waiting for them), then start composing and storing every
+        ready chunk, side by side; with wait_for_writes, wait for those too. Returns how many chunks were
+        journaled. A chunk that could not be stored becomes ready again (the next call tries it again) and its
+        error is raised."""
+        journaled = self._journal_writes()
         if not self._ready or not self._ensure_flat_field():
-            return 0
+            return journaled
         if self._composer is None:
             self._composer = ChunkComposer((self.layout.tile_height_px, self.layout.tile_width_px), self._gain,
                                            self.parameters.blending, self._feather_px)
-        chunks = sorted(self._ready)
-        writes = [self._workers.submit(self._write_chunk, chunk) for chunk in chunks]
-        wait(writes)
-        written = [chunk for chunk, write in zip(chunks, writes) if write.exception() is None]
-        self._ready.difference_update(written)
+        for chunk in sorted(self._ready):
+            tiles = [PlacedTile(self._images[cell], *self._top_left_px(cell), self._sharpness.get(cell))
+                     for cell in self._chunk_cells[chunk] if cell in self._images]
+            self._writes.append((chunk, self._writers.submit(self._write_chunk, chunk, tiles)))
+        self._ready.clear()
+        return journaled + (self._journal_writes() if wait_for_writes else 0)
+
+    def _journal_writes(self) -> int:
+        """Wait for the writes in flight, journal the chunks stored, make the others ready again and raise
+        the first error."""
+        writes, self._writes = self._writes, []
+        wait([write for _, write in writes])
+        written = [chunk for chunk, write in writes if write.exception() is None]
         self._composed.update(written)
+        self._ready.update(chunk for chunk, write in writes if write.exception() is not None)
         if written:
             self.journal.append({"type": "chunks", "indices": written})
-        for write in writes:
+        for _, write in writes:
             write.result()
         return len(written)
 
-    def _write_chunk(self, chunk):
+    def _write_chunk(self, chunk, tiles: list[PlacedTile]):
         y0, x0 = chunk[0] * CHUNK_PX, chunk[1] * CHUNK_PX
         height, width = min(CHUNK_PX, self.height_px - y0), min(CHUNK_PX, self.width_px - x0)
-        tiles = [PlacedTile(self._images[cell], *self._top_left_px(cell), self._sharpness.get(cell))
-                 for cell in self._chunk_cells[chunk] if cell in self._images]
         self._array[y0:y0 + height, x0:x0 + width, :] = self._composer.compose(y0, x0, height, width, tiles)
 
     def _top_left_px(self, cell) -> tuple[int, int]:
@@ -571,8 +587,9 @@ class MosaicStitcher:
         for key in self._registrations:
             if key[0] in self._frozen and key[1] in self._frozen:
                 self._finalise_edge(key, journal=True)
-        self._compose_ready_chunks()
+        self._compose_ready_chunks(wait_for_writes=True)
         self._workers.shutdown()
+        self._writers.shutdown()
         self._release_images()
         result = self._write_report()
         group = zarr.open_group(str(self.mosaic_path), mode="r+")
