@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
-from wsi_autofocus.inference import (BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
+from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
                                      default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import record_reproduction, render, target_statement
@@ -176,9 +176,12 @@ def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
 
 
 def test_available_backends_agree(tiny_model):
+    """Also on more patches than ONNX Runtime takes in one run (it runs them in slices)."""
     rng = np.random.default_rng(0)
-    patches, context = rng.random((5, 3, 64, 64), dtype=np.float32), rng.random((5, 3, 64, 64), dtype=np.float32)
-    optics = np.array([[0.75, 0.325], [0.3, 0.65], [0.95, 0.1625], [0.0, 0.0], [0.75, 0.325]], np.float32)
+    count = 2 * CPU_PATCHES_PER_RUN + 5
+    patches = rng.random((count, 3, 64, 64), dtype=np.float32)
+    context = rng.random((count, 3, 64, 64), dtype=np.float32)
+    optics = np.resize(np.array([[0.75, 0.325], [0.3, 0.65], [0.95, 0.1625], [0.0, 0.0]], np.float32), (count, 2))
     torch_backend, _ = load_backend("torch-cpu", tiny_model)
     onnx_backend, _ = load_backend("onnxruntime", tiny_model)
     np.testing.assert_allclose(onnx_backend.predict(patches, context, optics),
