@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
-from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError, aggregate,
-                                     default_model_dir, load_backend)
+from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError,
+                                     aggregate, default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import record_reproduction, render, target_statement
 from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS
