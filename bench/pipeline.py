@@ -8,9 +8,11 @@ back-pressure (the orchestrator's `max_buffer_mb`), scan status, manifest and ti
 mosaic and the OME-TIFF export the scan asks for.
 
 The tiles of a --cache-region-mm square in the tissue of the default slide are rendered once (not timed)
-and cached under build/bench/pipeline/. Each run replays a --region-mm square at one camera rate (tiles/s;
-a grid larger than the rendered one takes its tiles again, cyclically: --region-mm 15 is a 15 x 15 mm
-equivalent) with a new microscope process; the other nodes stay up, as on a scanner between slides.
+and cached under build/bench/pipeline/ (by default the whole 15 x 15 tile region, so that every tile meets
+the neighbours it overlaps: on a repeated tile the stitcher's pairs fail and are registered again on wider
+windows, 60 of 420 pairs with a 6 x 6 cache). Each run replays a --region-mm square at one camera rate
+(tiles/s; a grid larger than the rendered one takes its tiles again, cyclically: --region-mm 15 is a
+15 x 15 mm equivalent) with a new microscope process; the other nodes stay up, as on a scanner between slides.
 Per rate it reports how fast each part went, from the graph's own messages (tiles published: scan status;
 taken off the stitching node's buffer: mosaic status; estimated: focus estimates), tiles lost (published
 but never received by a consumer), the orchestrator's back-pressure stalls (/diagnostics), the time from
@@ -380,8 +382,9 @@ def parse_args():
                         choices=sorted(STANDARD_OBJECTIVES))
     parser.add_argument("--sensor-px", type=int, default=Camera().width_px, help="square tile edge, px")
     parser.add_argument("--slide", type=int, default=0, help="seed of the virtual slide the tiles are rendered from")
-    parser.add_argument("--cache-region-mm", type=float, default=1.8,
-                        help="side of the square whose tiles are rendered once (1.8: 6x6 tiles at 20x, 1024 px)")
+    parser.add_argument("--cache-region-mm", type=float, default=4.5,
+                        help="side of the square whose tiles are rendered once (4.5: 15x15 tiles at 20x, 1024 px, "
+                             "708 MB; 1.8: 6x6)")
     parser.add_argument("--region-mm", type=float, default=4.5,
                         help="side of the square each run scans (4.5: 15x15 tiles at 20x, 1024 px; 15: 15 x 15 mm)")
     parser.add_argument("--rates", default="4,6,8,12,16,24,32", help="camera rates to replay at, tiles/s, increasing")
