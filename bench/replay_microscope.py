@@ -8,8 +8,8 @@ the OME-TIFF. Only the camera differs: a full frame is the tile bench/pipeline.p
 the grid cell under the stage (a grid larger than the rendered one takes its tiles again, cyclically),
 read from the cache file into a new buffer as a camera delivers each frame (the process does not hold the
 cache in memory, which would count against the graph's), handed out no sooner than 1/tiles_per_s after the
-previous one; a crop for the focus map is rendered by the virtual microscope. bench/pipeline.py starts this process through the supervisor, in place of the
-microscope process of the graph.
+previous one; a crop for the focus map is rendered by the virtual microscope. bench/pipeline.py starts this
+process through the supervisor, in place of the microscope process of the graph.
 """
 import json
 import threading
