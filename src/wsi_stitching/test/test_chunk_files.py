@@ -4,7 +4,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from wsi_stitching.chunk_files import ChunkFiles
+from wsi_stitching.chunk_files import ChunkFileWriter
 from wsi_stitching.errors import StitchingError
 
 SHAPE, CHUNKS = (1100, 700, 3), (512, 512, 3)   # edge chunks on both axes
@@ -20,7 +20,7 @@ def test_chunks_read_back_through_zarr_as_its_own_writes(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, SHAPE, dtype=np.uint8)
     ours, theirs = _array(tmp_path / "ours.zarr"), _array(tmp_path / "theirs.zarr")
-    files = ChunkFiles(ours)
+    files = ChunkFileWriter(ours)
     for row in range(3):
         for col in range(2):
             block = image[row * 512:(row + 1) * 512, col * 512:(col + 1) * 512]
@@ -34,10 +34,10 @@ def test_chunks_read_back_through_zarr_as_its_own_writes(tmp_path):
 
 def test_a_chunk_not_written_reads_as_fill(tmp_path):
     array = _array(tmp_path / "partial.zarr")
-    ChunkFiles(array).write(0, 0, np.zeros((512, 512, 3), np.uint8))
+    ChunkFileWriter(array).write(0, 0, np.zeros((512, 512, 3), np.uint8))
     assert (array[600:, :] == 255).all() and (array[:512, :512] == 0).all()
 
 
 def test_arrays_stored_otherwise_are_refused(tmp_path):
     with pytest.raises(StitchingError, match="bytes then Zstandard"):
-        ChunkFiles(_array(tmp_path / "blosc.zarr", compressors=BloscCodec()))
+        ChunkFileWriter(_array(tmp_path / "blosc.zarr", compressors=BloscCodec()))

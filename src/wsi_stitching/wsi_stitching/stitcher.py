@@ -43,7 +43,7 @@ from wsi_common.scan_files import load_tile_image
 from wsi_common.tile_grid import Cell
 
 from .alignment import AlignmentParameters, Link, solve_positions
-from .chunk_files import ChunkFiles
+from .chunk_files import ChunkFileWriter
 from .compose import CHUNK_PX, FILL_VALUE, ChunkComposer, PlacedTile, check_blending, sharpness_map
 from .errors import BadTileError, DuplicateTileError, ResumeError, StitchingError
 from .flatfield import FlatField, estimate_flat_field, tile_thumbnail
@@ -312,12 +312,12 @@ class MosaicStitcher:
                 raise ResumeError(f"journal {self.journal.path} exists but mosaic {self.mosaic_path} is gone")
             self._replay(events[1:])
             self._run = "resumed"
-            self._chunk_files = ChunkFiles(zarr.open_group(str(self.mosaic_path), mode="r+")["image"])
+            self._chunk_files = ChunkFileWriter(zarr.open_group(str(self.mosaic_path), mode="r+")["image"])
             return
         group = zarr.open_group(str(self.mosaic_path), mode="w")
         # Every composed chunk is stored, even one that came out all fill colour (saturated glass): see
         # COMPOSED_TILES_KEY.
-        self._chunk_files = ChunkFiles(group.create_array(
+        self._chunk_files = ChunkFileWriter(group.create_array(
             "image", shape=(self.height_px, self.width_px, 3), chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8",
             fill_value=FILL_VALUE, compressors=ZstdCodec(level=MOSAIC_ZSTD_LEVEL)))
         group.attrs["wsi_mosaic"] = self._new_mosaic_attributes()
