@@ -18,7 +18,9 @@ taken off the stitching node's buffer: mosaic status; estimated: focus estimates
 but never received by a consumer), the orchestrator's back-pressure stalls (/diagnostics), the time from
 the last tile to the final mosaic and to the finished OME-TIFF (the scan's result, sent when the export
 has ended), the peak resident memory of every node process (sampled every RSS_PERIOD_S) and the CPU each
-used over the run, in cores (CPU seconds per second: what shares the machine's cores). A rate is
+used over the run, in cores (CPU seconds per second: what shares the machine's cores) and per tile published
+(which does not move with how the cores happened to be shared: the machine's cores divided by the graph's
+CPU per tile bound the rate it can carry). A rate is
 sustained when no tile is lost and every part kept at least SUSTAINED_FRACTION of it; the runs stop at the
 first rate that is not (--all-rates: run every rate). Beside the highest sustained rate: the tile data rates of the
 NanoZoomer S360 and Aperio GT450 scans (bench/acquisition.py ANCHORS) as tiles of this camera.
@@ -125,6 +127,7 @@ class ProcessUsage:
         self.total_peak_mb = 0.0
         self.total_peak_pss_mb = 0.0
         self.cpu_cores: dict[str, float] = {}
+        self.cpu_s: dict[str, float] = {}
         self._started_s = time.monotonic()
         self._cpu_started_s = {label: self._cpu_s(process) for label, process in self._processes.items()}
         self._trees: dict[str, list[psutil.Process]] = {}
@@ -178,8 +181,9 @@ class ProcessUsage:
         self._stopped.set()
         self._thread.join()
         elapsed_s = time.monotonic() - self._started_s
-        self.cpu_cores = {label: (self._cpu_s(process) - self._cpu_started_s[label]) / elapsed_s
-                          for label, process in self._processes.items()}
+        self.cpu_s = {label: self._cpu_s(process) - self._cpu_started_s[label]
+                      for label, process in self._processes.items()}
+        self.cpu_cores = {label: cpu_s / elapsed_s for label, cpu_s in self.cpu_s.items()}
 
 
 class ScanObserver:
@@ -328,6 +332,11 @@ def measurements(args, rate: float, scan_id: str, outcome, observer: ScanObserve
         return row
     result = outcome.result
     published, mosaic = result.tiles_captured, observer.mosaic
+    # CPU per tile does not depend on how the machine's cores were shared at the moment, which moves the
+    # rates from run to run; the cores divided by the graph's CPU per tile bound the rate the machine carries.
+    row["cpu_ms_per_tile"] = {label: cpu_s * 1e3 / max(published, 1) for label, cpu_s in usage.cpu_s.items()}
+    row["graph_cpu_ms_per_tile"] = sum(row["cpu_ms_per_tile"].values())
+    row["cpu_bound_tiles_per_s"] = (os.cpu_count() or 1) * 1e3 / max(row["graph_cpu_ms_per_tile"], 1e-9)
     rates = {"published": tiles_per_s(observer.published), "stitched": tiles_per_s(observer.stitched),
              "estimated": tiles_per_s(observer.estimate_counts())}
     pipeline = min(rates.values())
@@ -373,7 +382,11 @@ def table_row(row: dict) -> str:
             f"{row['last_tile_to_ome_tiff_s']:>10.1f} {memory:>28} {row['graph_peak_rss_mb']:>6.0f} "
             f"{row['graph_peak_pss_mb']:>6.0f}  "
             f"{'yes' if row['sustained'] else 'no'}\n{'CPU cores:':>24} "
-            + "  ".join(f"{label} {cores:.2f}" for label, cores in row["cpu_cores"].items()))
+            + "  ".join(f"{label} {cores:.2f}" for label, cores in row["cpu_cores"].items())
+            + f"\n{'CPU ms per tile:':>24} "
+            + "  ".join(f"{label} {ms:.0f}" for label, ms in row["cpu_ms_per_tile"].items())
+            + f"  graph {row['graph_cpu_ms_per_tile']:.0f}: {os.cpu_count()} cores carry at most "
+              f"{row['cpu_bound_tiles_per_s']:.1f} tiles/s")
 
 
 def parse_args():
