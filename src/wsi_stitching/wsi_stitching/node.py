@@ -13,7 +13,6 @@ all ended, beside the originals.
 """
 from pathlib import Path
 
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
@@ -191,7 +190,9 @@ class StitchingNode(Node):
 
 
 def main(args=None):
-    spin_node(StitchingNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=2))
+    # One executor thread: every callback only queues its message for the worker. A multi-threaded executor's
+    # dispatching took 7 ms of CPU per tile on the cores the stitching itself needs (3 ms with one thread).
+    spin_node(StitchingNode, args)
 
 
 if __name__ == "__main__":
