@@ -1,8 +1,11 @@
 """The evaluation's scan outcome runs the scan's own rules on held-out imaging: a confident, wrong
-estimate is tried, found not sharper and refused, so no tile ends further from focus."""
+estimate is tried, found not sharper and refused, so no tile ends further from focus. Its calibration tables
+say how far the sweeps' own focus lies from the evaluation's."""
 import numpy as np
+from scipy import ndimage
 
 from wsi_autofocus import shift_evaluation
+from wsi_autofocus.calibration_store import ZStack
 from wsi_autofocus.inference import TileEstimate
 
 CONFIDENT_DEFOCUS_UM = 5.0
@@ -33,3 +36,25 @@ def test_scan_outcome_refuses_corrections_that_are_not_sharper(tmp_path):
     # The re-imaged fields were cached: a second run renders nothing new and agrees.
     again = shift_evaluation.scan_outcome_table(spec, tiles, estimator, estimates, tmp_path)
     assert again == table
+
+
+def _sweep_sharpest_at(peak_um: float, rng) -> ZStack:
+    """A z-sweep of one textured field, blurred in proportion to the distance from peak_um."""
+    field = rng.uniform(40, 220, (64, 64, 3))
+    z = np.arange(-3.0, 3.01, 0.5)
+    images = np.stack([np.clip(ndimage.gaussian_filter(field, (0.2 + 1.5 * abs(value - peak_um),) * 2 + (0,)), 0, 255)
+                       for value in z]).astype(np.uint8)
+    return ZStack(images, z, 0.325, 0.75)
+
+
+def test_the_calibration_table_shows_how_far_the_sweeps_labels_lie_from_best_focus():
+    """Sweeps are labelled by their sharpness peak; the evaluation's best focus is z = 0 of each sweep."""
+    rng = np.random.default_rng(0)
+    offset = shift_evaluation.label_offset_um([_sweep_sharpest_at(0.4, rng), _sweep_sharpest_at(0.2, rng)])
+    assert abs(offset - 0.3) < 0.1
+    stats = {"mae_um": 0.5, "median_abs_error_um": 0.4, "sign_accuracy_beyond_1um": 1.0, "fraction_acted_on": 0.5,
+             "confidently_wrong": 0}
+    result = {"before": stats, "after": stats, "fit_s": 1.0, "sweeps": 2, "refused": None}
+    table = shift_evaluation.format_calibration({"scope": result | {"label_offset_um": offset}})
+    assert "labels off" in table and f"{offset:+.2f}" in table.splitlines()[-1]
+    assert "labels off" not in shift_evaluation.format_calibration({"scope": result})  # results from before the column

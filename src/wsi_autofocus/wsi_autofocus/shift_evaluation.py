@@ -26,6 +26,7 @@ from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
+from wsi_autofocus.calibration_store import CalibrationError, stacks_with_focus
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import OBJECTIVES, SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
 from wsi_autofocus.evaluate import sweep_time_s
@@ -557,7 +558,20 @@ def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, out
     for label, directory in (("before", model_dir), ("after", calibrated_dir)):
         estimator = FocusEstimator(load_backend(backend, directory)[0], directory)
         stats[label] = cell_statistics(tiles, estimate_tiles(estimator, tiles))
-    return stats | {"fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
+    return stats | {"fit_s": fit_s, "sweeps": len(stacks), "refused": refused,
+                    "label_offset_um": label_offset_um(stacks)}
+
+
+def label_offset_um(stacks: list) -> float:
+    """Mean over the sweeps a calibration uses (those with their focus inside, `stacks_with_focus`) of the best
+    focus it labels them with (the sweep's sharpness peak) minus the evaluation's best focus, which is z = 0 of
+    every sweep `render_sweep` makes; NaN when too few have a focus. A calibration learns its sweeps' focus, so
+    this offset stays in what it reads against the evaluation."""
+    try:
+        usable, _ = stacks_with_focus(stacks, log=lambda message: None)
+    except CalibrationError:
+        return float("nan")
+    return float(np.mean([stack.best_focus_z_um for stack in usable]))
 
 
 def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, estimate, output: Path,
@@ -565,7 +579,6 @@ def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, 
     """`calibrate_two_shot` the model on `stacks` into `output`, and `cell_statistics` of `tiles` (in `mask`)
     as `estimate(model)` reads them before (or `before`, already estimated) and after; a refused calibration
     leaves the model in use. Statistics as `calibrated_statistics`."""
-    from wsi_autofocus.calibration_store import CalibrationError
     from wsi_autofocus.two_shot_calibration import calibrate_two_shot
 
     before = before if before is not None else estimate(two_shot.TwoShotModel.load(model_path))
@@ -577,7 +590,7 @@ def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, 
     else:
         after, refused, fit_s = estimate(two_shot.TwoShotModel.load(result.path)), None, result.fit_s
     return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
-            "fit_s": fit_s, "sweeps": len(stacks), "refused": refused}
+            "fit_s": fit_s, "sweeps": len(stacks), "refused": refused, "label_offset_um": label_offset_um(stacks)}
 
 
 def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: dict, refocuser: Refocuser,
@@ -610,15 +623,20 @@ OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscop
 
 
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
-    """One row per calibration (`calibrated_statistics` results by name): before and after."""
+    """One row per calibration (`calibrated_statistics` results by name): before and after; "labels off": the
+    sweeps' sharpness peaks against the evaluation's best focus (`label_offset_um`), where results have it."""
     width = max(18, *(len(name) + 2 for name in results))
+    offsets = all("label_offset_um" in r for r in results.values())
     lines = [title,
-             f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  {'MAE before':>10}  {'MAE after':>9}  "
+             f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  " + (f"{'labels off':>10}  " if offsets else "")
+             + f"{'MAE before':>10}  {'MAE after':>9}  "
              f"{'median after':>12}  {'sign before':>11}  {'sign after':>10}  {'acted after':>11}  {'wrong before':>12}  "
              f"{'wrong after':>11}"]
     for name, r in results.items():
         before, after = r["before"], r["after"]
-        lines.append(f"{name:<{width}}{r['sweeps']:7d}{r['fit_s']:7.0f}  {before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
+        lines.append(f"{name:<{width}}{r['sweeps']:7d}{r['fit_s']:7.0f}  "
+                     + (f"{r['label_offset_um']:+10.2f}  " if offsets else "")
+                     + f"{before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
                      f"{after['median_abs_error_um']:12.2f}  {before['sign_accuracy_beyond_1um'] or 0:11.0%}  "
                      f"{after['sign_accuracy_beyond_1um'] or 0:10.0%}  {after['fraction_acted_on']:11.0%}  "
                      f"{before['confidently_wrong']:12d}  {after['confidently_wrong']:11d}"
