@@ -249,22 +249,22 @@ def test_two_tile_scan_is_composed_without_flat_field_estimate(scan, tiles, tmp_
 
 
 class _DiskFullOnce:
-    """The mosaic's chunk files, except that storing the first chunk fails once, as on a full disk."""
+    """The mosaic's chunk writer, except that storing the first chunk fails once, as on a full disk."""
 
-    def __init__(self, chunk_files, chunk):
-        self.chunk_files, self.chunk, self.failed = chunk_files, chunk, False
+    def __init__(self, chunk_writer, chunk):
+        self.chunk_writer, self.chunk, self.failed = chunk_writer, chunk, False
 
     def write(self, chunk_row, chunk_col, block):
         if (chunk_row, chunk_col) == self.chunk and not self.failed:
             self.failed = True
             raise OSError(28, "No space left on device")
-        self.chunk_files.write(chunk_row, chunk_col, block)
+        self.chunk_writer.write(chunk_row, chunk_col, block)
 
 
 def test_a_chunk_that_cannot_be_stored_is_reported_and_written_with_the_next_tile(scan, tiles, stitched, tmp_path):
     _, reference, _ = stitched
     stitcher = MosaicStitcher(scan.layout(), tmp_path / "full.zarr", StitchParameters(flat_field_min_tiles=12))
-    stitcher._chunk_files = _DiskFullOnce(stitcher._chunk_files, (0, 0))
+    stitcher._chunk_writer = _DiskFullOnce(stitcher._chunk_writer, (0, 0))
     failures = []
     for cell in scan.layout().cells:
         try:

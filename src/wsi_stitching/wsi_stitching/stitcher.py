@@ -312,12 +312,12 @@ class MosaicStitcher:
                 raise ResumeError(f"journal {self.journal.path} exists but mosaic {self.mosaic_path} is gone")
             self._replay(events[1:])
             self._run = "resumed"
-            self._chunk_files = ChunkFileWriter(zarr.open_group(str(self.mosaic_path), mode="r+")["image"])
+            self._chunk_writer = ChunkFileWriter(zarr.open_group(str(self.mosaic_path), mode="r+")["image"])
             return
         group = zarr.open_group(str(self.mosaic_path), mode="w")
         # Every composed chunk is stored, even one that came out all fill colour (saturated glass): see
         # COMPOSED_TILES_KEY.
-        self._chunk_files = ChunkFileWriter(group.create_array(
+        self._chunk_writer = ChunkFileWriter(group.create_array(
             "image", shape=(self.height_px, self.width_px, 3), chunks=(CHUNK_PX, CHUNK_PX, 3), dtype="uint8",
             fill_value=FILL_VALUE, compressors=ZstdCodec(level=MOSAIC_ZSTD_LEVEL)))
         group.attrs["wsi_mosaic"] = self._new_mosaic_attributes()
@@ -555,7 +555,7 @@ class MosaicStitcher:
     def _write_chunk(self, chunk, tiles: list[PlacedTile]):
         y0, x0 = chunk[0] * CHUNK_PX, chunk[1] * CHUNK_PX
         height, width = min(CHUNK_PX, self.height_px - y0), min(CHUNK_PX, self.width_px - x0)
-        self._chunk_files.write(*chunk, self._composer.compose(y0, x0, height, width, tiles))
+        self._chunk_writer.write(*chunk, self._composer.compose(y0, x0, height, width, tiles))
 
     def _top_left_px(self, cell) -> tuple[int, int]:
         """Where a tile is composed: its frozen position rounded to whole mosaic px."""
