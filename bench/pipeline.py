@@ -164,13 +164,14 @@ class ProcessUsage:
     def _run(self) -> None:
         pss_due = 0.0
         while True:
-            if time.monotonic() >= pss_due:
+            pss_now = time.monotonic() >= pss_due
+            if pss_now:
                 self._list_trees()
             now = {label: self._memory_mb(label, pss=False) for label in self._processes}
             for label, rss in now.items():
                 self.peak_mb[label] = max(self.peak_mb[label], rss)
             self.total_peak_mb = max(self.total_peak_mb, sum(now.values()))
-            if time.monotonic() >= pss_due:
+            if pss_now:
                 pss_due = time.monotonic() + PSS_PERIOD_S
                 self.total_peak_pss_mb = max(self.total_peak_pss_mb, sum(
                     self._memory_mb(label, pss=True) for label in self._processes))
