@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
 from wsi_acquisition.hardware import Frame, ReadOut, SimulatedMicroscope
@@ -25,6 +24,7 @@ from wsi_acquisition.microscope_node import PARAMETERS as MICROSCOPE_PARAMETERS
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.orchestrator_node import ScanOrchestratorNode
 from wsi_acquisition.planning import plan_tiles
+from wsi_common.executors import PoolExecutor
 from wsi_common.node_main import spin_nodes
 from wsi_common.params import declare_parameters
 
@@ -94,7 +94,7 @@ def make_nodes() -> list[Node]:
 
 def main(args=None):
     threads = MICROSCOPE_PARAMETERS["device_threads"][0]
-    spin_nodes(make_nodes, "replay_microscope", args, make_executor=lambda: MultiThreadedExecutor(num_threads=threads))
+    spin_nodes(make_nodes, "replay_microscope", args, make_executor=lambda: PoolExecutor(num_threads=threads))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State, Transition, TransitionEvent
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
+from wsi_common.executors import PoolExecutor
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.service_caller import ANSWER_WAIT_S, answered_by_another_thread, query
@@ -202,7 +202,7 @@ class LifecycleManager(Node):
 
 
 def main(args=None):
-    spin_node(LifecycleManager, args, make_executor=lambda: MultiThreadedExecutor(num_threads=4))
+    spin_node(LifecycleManager, args, make_executor=lambda: PoolExecutor(num_threads=4))
 
 
 if __name__ == "__main__":

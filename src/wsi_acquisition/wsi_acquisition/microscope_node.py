@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from rclpy.action import ActionServer
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rcl_interfaces.msg import SetParametersResult
 
@@ -34,6 +33,7 @@ from wsi_acquisition.specimen import ImageSpecimen, SpecimenError
 from wsi_acquisition.stage import StageFault, StageLimits
 from wsi_acquisition.stage_node import StageNode
 from wsi_common.diagnostics import ERROR, OK, WARN, DiagnosticsPublisher
+from wsi_common.executors import PoolExecutor
 from wsi_common.heap import keep_freed_memory
 from wsi_common.node_main import (CALLBACK_GRACE_S, NodeConfigurationError, cancel_executing_goals, destroy_node,
                                   spin_nodes)
@@ -139,7 +139,7 @@ class DeviceNodes:
 
     def __init__(self, nodes: list, threads: int):
         self.nodes = nodes
-        self._executor = MultiThreadedExecutor(num_threads=threads)
+        self._executor = PoolExecutor(num_threads=threads)
         for node in nodes:
             self._executor.add_node(node)
         threading.Thread(target=self._executor.spin, name="device-nodes", daemon=True).start()

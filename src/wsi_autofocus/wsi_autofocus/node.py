@@ -14,13 +14,13 @@ import threading
 import time
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
 from wsi_autofocus.two_shot import TwoShotError, with_second_exposure
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
+from wsi_common.executors import PoolExecutor
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
 from wsi_common.node_main import NodeConfigurationError, spin_node
 from wsi_common.params import declare_parameters
@@ -212,7 +212,7 @@ def _fill_estimate(msg, result) -> None:
 
 
 def main(args=None):
-    spin_node(AutofocusNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=2))
+    spin_node(AutofocusNode, args, make_executor=lambda: PoolExecutor(num_threads=2))
 
 
 if __name__ == "__main__":

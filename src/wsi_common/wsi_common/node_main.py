@@ -120,7 +120,7 @@ def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExe
         callbacks_done = True
         if executor is not None:
             cancel_executing_goals(nodes)
-            # A MultiThreadedExecutor's shutdown waits for the callbacks still running on its threads.
+            # A PoolExecutor's shutdown waits for the callbacks still running on its threads.
             stopping = threading.Thread(target=executor.shutdown, name="executor-shutdown", daemon=True)
             stopping.start()
             stopping.join(CALLBACK_GRACE_S)

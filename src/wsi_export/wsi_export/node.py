@@ -8,9 +8,9 @@ import time
 
 from rclpy.action import CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
+from wsi_common.executors import PoolExecutor
 from wsi_common.node_main import spin_node
 from wsi_common.params import declare_parameters
 from wsi_common.paths import OutsideRootError, resolve_under
@@ -140,7 +140,7 @@ class ExportNode(Node):
 
 
 def main(args=None):
-    spin_node(ExportNode, args, make_executor=lambda: MultiThreadedExecutor(num_threads=3))
+    spin_node(ExportNode, args, make_executor=lambda: PoolExecutor(num_threads=3))
 
 
 if __name__ == "__main__":
