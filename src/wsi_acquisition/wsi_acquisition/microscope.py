@@ -139,29 +139,14 @@ class VirtualMicroscope:
         self._capture_count += 1
         rng = np.random.default_rng(
             [self.seed & 0xFFFFFFFF, capture_index] if noise_seed is None else [noise_seed & 0xFFFFFFFF])
+        # The camera noise does not depend on the image: drawn on a render thread while the image is rendered.
+        noise = self._start(rng.standard_normal, (height, width, 3), dtype=np.float32)
         levels, weights = self._blur_plan(self._sensor_defocus(x_um, y_um, z_um, objective),
                                           objective, (row0, col0, height, width))
-        margin, padded_h, padded_w = self._padding(height, width, p, objective, levels)
-        transmission, path_um = self._transmission_and_path(x_um + field_x[0] - p / 2 - margin * p,
-                                                            y_um + field_y[0] - p / 2 - margin * p, padded_w,
-                                                            padded_h, p)
-        # The camera noise does not depend on the image: drawn on a render thread while the other transforms the
-        # specimen. Not before the specimen, whose bands the two threads share evenly: one would wait for the
-        # other (20x tile on two threads 131-133 -> 112-121 ms, with the read-out in bands below).
-        noise = self._start(rng.standard_normal, (height, width, 3), dtype=np.float32)
-        transmitted = self._blurred_transmission(transmission, path_um, margin, height, width, p, objective, levels,
-                                                 weights)
-        illumination = relative_illumination(field_x, field_y, objective, self.lamp_gradient)
-        camera_noise = noise()
-        raw = np.empty(transmitted.shape, camera.raw_dtype)
-
-        # The read-out in row bands on the render threads: pixel by pixel, so the same counts as in one pass.
-        def expose_band(rows: slice) -> None:
-            transmitted[rows] *= illumination[rows, :, None]
-            raw[rows] = expose(transmitted[rows], camera, exposure_ms, gain, camera_noise[rows])
-
-        band = -(-height // self.render_threads)
-        self._map(expose_band, [slice(first, first + band) for first in range(0, height, band)])
+        transmitted = self._blurred_transmission(x_um + field_x[0] - p / 2, y_um + field_y[0] - p / 2,
+                                                 width, height, p, objective, levels, weights)
+        transmitted *= relative_illumination(field_x, field_y, objective, self.lamp_gradient)[..., None]
+        raw = expose(transmitted, camera, exposure_ms, gain, noise())
         focal_z = float(self.focal_surface.z_um(x_um, y_um))
         return Capture(
             image_rgb8=to_rgb8(raw, camera.bit_depth), raw=raw, bit_depth=camera.bit_depth,
@@ -251,21 +236,16 @@ class VirtualMicroscope:
             return [used[0][0]], [None]
         return [level for level, _ in used], [weight for _, weight in used]
 
-    def _padding(self, height, width, p, objective, levels) -> tuple[int, int, int]:
-        """(margin, padded height, padded width) in px of the specimen region a height x width image at these
-        blur levels is rendered from: room for the widest blur, then sizes the FFTs are fast at."""
-        worst_defocus = max(abs(levels[0]), abs(levels[-1])) + max(abs(c) for c in objective.axial_chromatic_um)
+    def _blurred_transmission(self, left_um, top_um, width, height, p, objective, levels, weights):
+        chromatic = objective.axial_chromatic_um
+        worst_defocus = max(abs(levels[0]), abs(levels[-1])) + max(abs(c) for c in chromatic)
         margin_um = objective.geometric_blur_radius_um(worst_defocus) + 8.0 * max(
             CHANNEL_WAVELENGTHS_UM) / objective.numerical_aperture
         margin = min(math.ceil(margin_um / p) + 2, _MAX_MARGIN_PX)
-        return (margin, fft.next_fast_len(height + 2 * margin, real=True),
-                fft.next_fast_len(width + 2 * margin, real=True))
-
-    def _blurred_transmission(self, transmission, path_um, margin, height, width, p, objective, levels, weights):
-        """The image of the specimen region (`_transmission_and_path`, `_padding`) at each blur level, weighted
-        and summed: (height, width, 3) float32."""
-        chromatic = objective.axial_chromatic_um
-        padded_h, padded_w = path_um.shape
+        padded_h = fft.next_fast_len(height + 2 * margin, real=True)
+        padded_w = fft.next_fast_len(width + 2 * margin, real=True)
+        transmission, path_um = self._transmission_and_path(left_um - margin * p, top_um - margin * p,
+                                                             padded_w, padded_h, p)
         # Phase is invisible in incoherent light and for a specimen without optical path variation.
         with_phase = self.condenser_fill < 1.0 and bool(np.ptp(path_um) > 0)
 
