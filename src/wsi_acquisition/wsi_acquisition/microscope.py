@@ -145,11 +145,22 @@ class VirtualMicroscope:
                                           objective, (row0, col0, height, width))
         transmitted = self._blurred_transmission(x_um + field_x[0] - p / 2, y_um + field_y[0] - p / 2,
                                                  width, height, p, objective, levels, weights)
-        transmitted *= relative_illumination(field_x, field_y, objective, self.lamp_gradient)[..., None]
-        raw = expose(transmitted, camera, exposure_ms, gain, noise())
+        camera_noise = noise()
+        raw = np.empty(transmitted.shape, camera.raw_dtype)
+        image_rgb8 = np.empty(transmitted.shape, np.uint8)
+
+        # The read-out in row bands on the render threads: pixel by pixel, so the same counts as in one pass.
+        def read_out(rows: slice) -> None:
+            illumination = relative_illumination(field_x, field_y[rows], objective, self.lamp_gradient)
+            transmitted[rows] *= illumination[..., None]
+            raw[rows] = expose(transmitted[rows], camera, exposure_ms, gain, camera_noise[rows])
+            image_rgb8[rows] = to_rgb8(raw[rows], camera.bit_depth)
+
+        band = -(-height // self.render_threads)
+        self._map(read_out, [slice(first, first + band) for first in range(0, height, band)])
         focal_z = float(self.focal_surface.z_um(x_um, y_um))
         return Capture(
-            image_rgb8=to_rgb8(raw, camera.bit_depth), raw=raw, bit_depth=camera.bit_depth,
+            image_rgb8=image_rgb8, raw=raw, bit_depth=camera.bit_depth,
             pixel_size_um=p, stage_x_um=float(x_um), stage_y_um=float(y_um), stage_z_um=float(z_um),
             focal_z_um=focal_z, defocus_um=float(z_um) - focal_z,
             objective_magnification=objective.magnification,

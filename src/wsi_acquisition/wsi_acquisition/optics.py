@@ -130,6 +130,11 @@ class Camera:
     def max_adu(self) -> int:
         return (1 << self.bit_depth) - 1
 
+    @property
+    def raw_dtype(self) -> type:
+        """The type of the raw counts (`expose`)."""
+        return np.uint8 if self.bit_depth == 8 else np.uint16
+
     def specimen_pixel_size_um(self, objective: Objective) -> float:
         return self.pixel_size_um / objective.magnification
 
@@ -408,7 +413,7 @@ def expose(irradiance: np.ndarray, camera: Camera, exposure_ms: float, gain: flo
     np.clip(electrons, 0.0, camera.full_well_e, out=electrons)
     counts = np.multiply(electrons, np.float32(gain * camera.max_adu / camera.full_well_e), out=electrons)
     np.clip(np.rint(counts, out=counts), 0, camera.max_adu, out=counts)
-    return counts.astype(np.uint8 if camera.bit_depth == 8 else np.uint16)
+    return counts.astype(camera.raw_dtype)
 
 
 def to_rgb8(raw: np.ndarray, bit_depth: int) -> np.ndarray:
