@@ -328,16 +328,17 @@ class OtfGrid:
 
     def _half_grids(self, objective, wavelength_um, defocus_um, condenser_fill):
         index, fraction = self._table_position(objective.numerical_aperture / wavelength_um)
-        grids = []
-        for table in transfer_tables(objective, wavelength_um, defocus_um, condenser_fill):
-            # Beyond the last table frequency (the cutoff) the transfer is 0: one zero appended.
-            table = np.append(table, 0.0).astype(np.float32)
-            # table[i] + f (table[i + 1] - table[i]); np.take is twice as fast as fancy indexing here.
-            grid = np.take(np.diff(table), index)
-            grid *= fraction
-            grid += np.take(table, index)
-            grids.append(grid)
-        return grids
+        absorption, phase = transfer_tables(objective, wavelength_um, defocus_um, condenser_fill)
+        # Both tables as one complex table: one gather serves both (a complex64 times a float32 rounds as the
+        # float32 product does). Beyond the last table frequency (the cutoff) the transfer is 0: a zero appended.
+        table = np.zeros(len(absorption) + 1, np.complex64)
+        table.real[:-1], table.imag[:-1] = absorption, phase
+        # table[i] + f (table[i + 1] - table[i]); np.take is twice as fast as fancy indexing here.
+        grid = np.take(np.diff(table), index)
+        grid *= fraction
+        grid += np.take(table, index)
+        # Contiguous: the products with the spectra are slower on strided views.
+        return grid.real.copy(), grid.imag.copy()
 
     def _table_position(self, na_over_wavelength: float):
         if na_over_wavelength not in self._positions:
