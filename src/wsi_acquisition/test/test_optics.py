@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import (OTF_TABLE_FREQUENCIES, REFERENCE_WAVELENGTH_UM, STANDARD_OBJECTIVES,
-                                    Camera, OpticsError, best_focus_shift_um, depth_of_field_um,
+                                    Camera, OpticsError, OtfGrid, best_focus_shift_um, depth_of_field_um,
                                     diffraction_limited_mtf, radial_otf_table, transfer_tables)
 from wsi_acquisition.specimen import GLASS_OD, SyntheticSlide
 from wsi_common.focus_metrics import brenner
@@ -246,3 +246,20 @@ def test_condenser_fill_out_of_range_rejected():
         VirtualMicroscope(seed=5, condenser_fill=1.3)
     with pytest.raises(OpticsError, match="condenser_fill"):
         transfer_tables(STANDARD_OBJECTIVES[20.0], 0.53, 1.0, 0.0)
+
+
+def test_transfer_on_the_frequency_grid_interpolates_the_radial_tables():
+    """OtfGrid interpolates both tables in one pass: each grid value is the tables' linear interpolation at the
+    frequency's radius (0 beyond the cutoff), the negative rows mirroring the positive ones."""
+    objective, wavelength_um, pixel_um = STANDARD_OBJECTIVES[20.0], 0.53, 0.325
+    shape = (90, 72)
+    grid = OtfGrid(shape, pixel_um)
+    radius = np.hypot(np.fft.fftfreq(shape[0], pixel_um)[:, None], np.fft.rfftfreq(shape[1], pixel_um)[None, :])
+    table_frequency = OTF_TABLE_FREQUENCIES * objective.numerical_aperture / wavelength_um
+    for defocus_um in (0.0, 1.5, -4.0):
+        grids = grid.evaluate(objective, wavelength_um, defocus_um, 0.7)
+        for on_grid, table in zip(grids, transfer_tables(objective, wavelength_um, defocus_um, 0.7)):
+            expected = np.interp(radius, table_frequency, table, right=0.0)
+            assert on_grid.shape == radius.shape and on_grid.dtype == np.float32
+            assert np.abs(on_grid - expected).max() < 1e-5
+        assert np.abs(grids[1]).max() > 0.01 or defocus_um == 0.0    # the phase transfer is not left empty
