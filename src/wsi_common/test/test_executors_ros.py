@@ -32,11 +32,9 @@ class CountsPasses:
         self.executor_class = Counting
 
 
-def spin_in_thread(executor, node):
+def spin_in_thread(executor, node) -> None:
     executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=executor.spin, daemon=True).start()
 
 
 def passes_for_messages_to_a_busy_subscription(ros_node, executor_class) -> tuple[int, list[str]]:

@@ -25,9 +25,10 @@ _NO_WORK = (ConditionReachedException, ExternalShutdownException, ShutdownExcept
 
 
 class PoolExecutor(Executor):
-    """Runs callbacks in a pool of `num_threads` threads, as rclpy's MultiThreadedExecutor does, and skips the
-    callbacks already queued for a thread instead of queueing them again: the spin thread then waits for new
-    work. As there, a callback's exception stays in its task (rclpy prints it when the task is collected)."""
+    """Runs callbacks in a pool of `num_threads` threads, as rclpy's MultiThreadedExecutor does; a callback it
+    finds ready again while it is still queued for a thread is not queued again: the spin thread waits for
+    that callback to start. As there, a callback's exception stays in its task (rclpy prints it when the task
+    is collected)."""
 
     def __init__(self, num_threads: int, *, context=None, name: str = "executor"):
         super().__init__(context=context)
@@ -53,6 +54,7 @@ class PoolExecutor(Executor):
                 self._queued_changed.wait_for(lambda: task not in self._queued or self._is_shutdown,
                                               timeout=QUEUED_WAIT_S)
         self._runs.append(self._pool.submit(self._run, task))
+        # What fails here is _run itself, not a callback (see the class): raised from spin, as rclpy does.
         for run in [r for r in self._runs if r.done()]:
             self._runs.remove(run)
             run.result()
