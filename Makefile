@@ -42,7 +42,7 @@ train-autofocus: $(VENV)/.built
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
 
-# The two-shot model: renders its pairs (27 min in two processes on this machine), fits the ensemble
+# The two-shot model: renders its pairs (35 min in two processes on this machine), fits the ensemble
 # (1 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
 # exposures and focus-map sweeps rendered once).
 train-two-shot: $(VENV)/.built

@@ -1,10 +1,12 @@
 """Two-shot defocus: features that cancel the specimen, and the shipped model on a microscope and on
 real content it was never trained on."""
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from wsi_autofocus import data, heldout_imaging, training_optics, two_shot
+from wsi_autofocus import data, heldout_imaging, training_optics, two_shot, two_shot_training
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, pair_features
 
@@ -80,3 +82,22 @@ def test_shipped_model_reads_defocus_on_a_held_out_microscope_and_real_content()
         assert np.sign(estimate.defocus_um) == np.sign(defocus), (defocus, estimate)
         errors.append(abs(estimate.defocus_um - defocus))
     assert np.mean(errors) < 1.5, errors
+
+
+def test_every_split_holds_pairs_from_ring_lit_microscopes_only(monkeypatch):
+    """Ring illumination blurs like a wider disc, so the pairs must show it often enough to be told from
+    distance: each split's "ring" set images every pair through a random microscope with an annular condenser."""
+    drawn = []
+    sample_optics = training_optics.sample_optics
+
+    def recording(*args, **kwargs):
+        drawn.append(sample_optics(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(training_optics, "sample_optics", recording)
+    for split in ("train", "val"):
+        spec = two_shot_training.PAIR_SPLITS[split]["ring"]
+        small = dataclasses.replace(spec, pairs_per_specimen=6, pairs_per_microscope=2, field_px=64)
+        pairs = two_shot_training.render_specimen_pairs(small, spec.specimen_seeds[0])
+        assert (pairs["source"] > 0).all() and np.isfinite(pairs["features"]).all()
+    assert len(drawn) == 6 and all(0 < optics.condenser_inner_fill < optics.condenser_fill for optics in drawn)
