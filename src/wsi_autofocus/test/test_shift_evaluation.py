@@ -2,6 +2,7 @@
 estimate is tried, found not sharper and refused, so no tile ends further from focus. Its calibration tables
 say how far the sweeps' own focus lies from the evaluation's."""
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from wsi_autofocus import shift_evaluation
@@ -58,3 +59,18 @@ def test_the_calibration_table_shows_how_far_the_sweeps_labels_lie_from_best_foc
     table = shift_evaluation.format_calibration({"scope": result | {"label_offset_um": offset}})
     assert "labels off" in table and f"{offset:+.2f}" in table.splitlines()[-1]
     assert "labels off" not in shift_evaluation.format_calibration({"scope": result})  # results from before the column
+
+
+def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
+    """A calibration that learnt another focus reads every field off the same way: the MAE cannot tell that
+    from scatter, the mean signed error can."""
+    true = np.array([-4.0, -1.0, 2.0, 6.0])
+    tiles = {"true_um": true, "depth_of_field_um": np.full(4, 1.4)}
+    shifted = {"predicted_um": true + 0.3, "uncertainty_um": np.full(4, 0.5), "distance_um": np.abs(true + 0.3)}
+    scattered = shifted | {"predicted_um": true + np.array([0.3, -0.3, 0.3, -0.3])}
+    after, before = (shift_evaluation.cell_statistics(tiles, estimates) for estimates in (shifted, scattered))
+    assert after["mae_um"] == pytest.approx(before["mae_um"]) == pytest.approx(0.3)
+    assert after["bias_um"] == pytest.approx(0.3) and before["bias_um"] == pytest.approx(0.0, abs=1e-9)
+    table = shift_evaluation.format_calibration({"scope": {"before": before, "after": after, "fit_s": 1.0,
+                                                           "sweeps": 9, "refused": None}})
+    assert "bias after" in table and "+0.30" in table.splitlines()[-1]

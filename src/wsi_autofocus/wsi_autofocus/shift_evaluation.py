@@ -178,7 +178,8 @@ def estimate_tiles(estimator, tiles: dict, batch: int = 16) -> dict:
 
 def cell_statistics(tiles: dict, estimates: dict, mask: np.ndarray | None = None) -> dict:
     """The table's statistics over the tiles in `mask` (all by default); `distance_mae_um` is how far
-    from focus the tiles were read, whichever side (blur alone), beside the signed MAE."""
+    from focus the tiles were read, whichever side (blur alone), beside the signed MAE; `bias_um` the mean
+    signed error (a calibration that learnt a focus other than the evaluation's carries it here)."""
     mask = np.ones(len(tiles["true_um"]), bool) if mask is None else mask
     true, predicted, sigma = tiles["true_um"][mask], estimates["predicted_um"][mask], estimates["uncertainty_um"][mask]
     dof, distance = tiles["depth_of_field_um"][mask], estimates["distance_um"][mask]
@@ -186,6 +187,7 @@ def cell_statistics(tiles: dict, estimates: dict, mask: np.ndarray | None = None
     signed = np.abs(true) > 1.0
     acted = np.array([trusts_estimate(s, d) for s, d in zip(sigma, dof)], bool)
     return {"n": int(len(true)), "mae_um": float(error.mean()), "median_abs_error_um": float(np.median(error)),
+            "bias_um": float(np.mean(predicted - true)),
             "distance_mae_um": float(np.abs(distance - np.abs(true)).mean()),
             "p95_abs_error_um": float(np.percentile(error, 95)),
             "sign_accuracy_beyond_1um": float(np.mean(np.sign(predicted[signed]) == np.sign(true[signed])))
@@ -624,18 +626,21 @@ OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscop
 
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
     """One row per calibration (`calibrated_statistics` results by name): before and after; "labels off": the
-    sweeps' sharpness peaks against the evaluation's best focus (`label_offset_um`), where results have it."""
+    sweeps' sharpness peaks against the evaluation's best focus (`label_offset_um`), and "bias after": the mean
+    signed error after, where results have them."""
     width = max(18, *(len(name) + 2 for name in results))
     offsets = all("label_offset_um" in r for r in results.values())
+    biases = all("bias_um" in r["after"] for r in results.values())
     lines = [title,
              f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  " + (f"{'labels off':>10}  " if offsets else "")
-             + f"{'MAE before':>10}  {'MAE after':>9}  "
+             + (f"{'bias after':>10}  " if biases else "") + f"{'MAE before':>10}  {'MAE after':>9}  "
              f"{'median after':>12}  {'sign before':>11}  {'sign after':>10}  {'acted after':>11}  {'wrong before':>12}  "
              f"{'wrong after':>11}"]
     for name, r in results.items():
         before, after = r["before"], r["after"]
         lines.append(f"{name:<{width}}{r['sweeps']:7d}{r['fit_s']:7.0f}  "
                      + (f"{r['label_offset_um']:+10.2f}  " if offsets else "")
+                     + (f"{after['bias_um']:+10.2f}  " if biases else "")
                      + f"{before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
                      f"{after['median_abs_error_um']:12.2f}  {before['sign_accuracy_beyond_1um'] or 0:11.0%}  "
                      f"{after['sign_accuracy_beyond_1um'] or 0:10.0%}  {after['fraction_acted_on']:11.0%}  "
