@@ -1,6 +1,6 @@
 """The evaluation's scan outcome runs the scan's own rules on held-out imaging: a confident, wrong
 estimate is tried, found not sharper and refused, so no tile ends further from focus. Its calibration tables
-say how far the sweeps' own focus lies from the evaluation's."""
+say how far the sweeps' own focus lies from the evaluation's and how far a calibrated model reads off on average."""
 import numpy as np
 import pytest
 from scipy import ndimage
