@@ -156,8 +156,7 @@ class VirtualMicroscope:
             raw[rows] = expose(transmitted[rows], camera, exposure_ms, gain, camera_noise[rows])
             image_rgb8[rows] = to_rgb8(raw[rows], camera.bit_depth)
 
-        band = -(-height // self.render_threads)
-        self._map(read_out, [slice(first, first + band) for first in range(0, height, band)])
+        self._map(read_out, self._row_bands(height))
         focal_z = float(self.focal_surface.z_um(x_um, y_um))
         return Capture(
             image_rgb8=image_rgb8, raw=raw, bit_depth=camera.bit_depth,
@@ -322,17 +321,15 @@ class VirtualMicroscope:
                 return transmission[:, r:r + height, c:c + width], path_um[r:r + height, c:c + width]
         transmission = np.empty((3, height, width), dtype=np.float32)
         path_um = np.empty((height, width), dtype=np.float32)
-        band = max(_BAND_ROWS, math.ceil(height / self.render_threads / _BAND_ROWS) * _BAND_ROWS)
 
-        def render_band(first_row: int) -> None:
-            rows = slice(first_row, min(first_row + band, height))
+        def render_band(rows: slice) -> None:
             od, path_um[rows] = self.specimen.optical_density_and_path(
-                x0_um, y0_um + first_row * p, width, rows.stop - rows.start, p)
+                x0_um, y0_um + rows.start * p, width, rows.stop - rows.start, p)
             # Beer-Lambert, into contiguous channel planes: each FFT reads one plane without a copy.
             np.multiply(od.transpose(2, 0, 1), np.float32(-_LN10), out=transmission[:, rows])
             np.exp(transmission[:, rows], out=transmission[:, rows])
 
-        self._map(render_band, range(0, height, band))
+        self._map(render_band, self._row_bands(height, _BAND_ROWS))
         self._region = ((x0_um, y0_um, p), transmission, path_um)
         return transmission, path_um
 
@@ -342,6 +339,11 @@ class VirtualMicroscope:
             value = function(*args, **kwargs)
             return lambda: value
         return self._pool.submit(function, *args, **kwargs).result
+
+    def _row_bands(self, height: int, rows_multiple: int = 1) -> list[slice]:
+        """Rows 0..height in one band per render thread, each band a multiple of `rows_multiple` rows but the last."""
+        band = max(rows_multiple, math.ceil(height / self.render_threads / rows_multiple) * rows_multiple)
+        return [slice(first, min(first + band, height)) for first in range(0, height, band)]
 
     def _map(self, function, items) -> list:
         """[function(item) for item in items], on the render threads; the first exception is raised."""
