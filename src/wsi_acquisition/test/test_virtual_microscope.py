@@ -66,6 +66,32 @@ def test_render_threads_give_the_same_image_as_one(specimen):
             assert np.array_equal(threaded.capture(x_um, y_um, z_um, 20, noise_seed=5, roi=roi).raw, expected)
 
 
+class _SlideFailingOnce(SyntheticSlide):
+    """A specimen whose next render raises (a render-thread task failing mid-capture)."""
+    fail_next = False
+
+    def optical_density_and_path(self, *args):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("specimen store unreadable")
+        return super().optical_density_and_path(*args)
+
+
+def test_an_error_on_a_render_thread_reaches_the_caller_and_the_next_capture_is_whole():
+    """Render threads run a capture's tasks while later ones wait for them: a failing task fails the capture
+    with its own error (not a hang or an image from half the tasks), and the next capture is the image one
+    thread renders."""
+    camera = Camera(width_px=256, height_px=300)
+    failing = VirtualMicroscope(specimen=_SlideFailingOnce(seed=4), seed=4, camera=camera, render_threads=2)
+    reference = VirtualMicroscope(seed=4, camera=camera)
+    z_um = reference.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM) + 1.5
+    failing.specimen.fail_next = True
+    with pytest.raises(RuntimeError, match="specimen store unreadable"):
+        failing.capture(TISSUE_X_UM, TISSUE_Y_UM, z_um, 20, noise_seed=5)
+    expected = reference.capture(TISSUE_X_UM, TISSUE_Y_UM, z_um, 20, noise_seed=5).raw
+    assert np.array_equal(failing.capture(TISSUE_X_UM, TISSUE_Y_UM, z_um, 20, noise_seed=5).raw, expected)
+
+
 def test_noise_statistics_match_shot_plus_read_noise():
     camera = Camera(bit_depth=16, full_well_e=30_000.0, read_noise_e=8.0, bright_field_e_per_ms=1_000.0)
     microscope = VirtualMicroscope(seed=1, camera=camera)

@@ -6,6 +6,7 @@ commanded stage (x, y). Every capture carries its ground truth (true pose, focal
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,24 +140,52 @@ class VirtualMicroscope:
         self._capture_count += 1
         rng = np.random.default_rng(
             [self.seed & 0xFFFFFFFF, capture_index] if noise_seed is None else [noise_seed & 0xFFFFFFFF])
-        # The camera noise does not depend on the image: drawn on a render thread while the image is rendered.
-        noise = self._start(rng.standard_normal, (height, width, 3), dtype=np.float32)
-        levels, weights = self._blur_plan(self._sensor_defocus(x_um, y_um, z_um, objective),
-                                          objective, (row0, col0, height, width))
-        transmitted = self._blurred_transmission(x_um + field_x[0] - p / 2, y_um + field_y[0] - p / 2,
-                                                 width, height, p, objective, levels, weights)
-        camera_noise = noise()
-        raw = np.empty(transmitted.shape, camera.raw_dtype)
-        image_rgb8 = np.empty(transmitted.shape, np.uint8)
+        # Render-thread tasks, submitted in the order they depend on each other (`_submit`). The camera noise and
+        # what does not depend on the specimen come first: one thread draws them while the other renders the
+        # specimen (two threads rendering specimen bands at once slow each other down).
+        noise = self._submit(rng.standard_normal, (height, width, 3), dtype=np.float32)
+        levels, position = self._blur_plan(self._sensor_defocus(x_um, y_um, z_um, objective),
+                                           objective, (row0, col0, height, width))
+        margin = self._margin_px(objective, [level for level, _ in levels], p)
+        padded_shape = (fft.next_fast_len(height + 2 * margin, real=True),
+                        fft.next_fast_len(width + 2 * margin, real=True))
+        left_um, top_um = x_um + field_x[0] - p / 2, y_um + field_y[0] - p / 2
+        specimen = self._specimen_region(left_um - margin * p, top_um - margin * p, padded_shape, p)
+        illumination = self._submit(relative_illumination, field_x, field_y, objective, self.lamp_gradient)
+        weights = [self._submit(_level_weight, position, index) for _, index in levels] if position is not None \
+            else [None] * len(levels)
+        blurred = self._blurred_levels(specimen, padded_shape, margin, (height, width), p, objective,
+                                       [level for level, _ in levels])
+        irradiance = np.empty((height, width, 3), np.float32)
+        raw = np.empty((height, width, 3), camera.raw_dtype)
+        image_rgb8 = np.empty((height, width, 3), np.uint8)
+        bands = self._row_bands(height)
 
-        # The read-out in row bands on the render threads: pixel by pixel, so the same counts as in one pass.
-        def read_out(rows: slice) -> None:
-            illumination = relative_illumination(field_x, field_y[rows], objective, self.lamp_gradient)
-            transmitted[rows] *= illumination[..., None]
-            raw[rows] = expose(transmitted[rows], camera, exposure_ms, gain, camera_noise[rows])
+        # The blur levels' weighting and the read-out in row bands: pixel by pixel, so the same counts as in one
+        # pass. A channel is weighed as soon as its levels are blurred, while the next channel's are.
+        def weigh(channel: int, rows: slice) -> None:
+            plane = None
+            for weight, level_image in zip(weights, blurred[channel]):
+                image = level_image()[rows]
+                if weight is not None:
+                    image *= weight()[rows]
+                plane = image if plane is None else np.add(plane, image, out=plane)
+            # The weak-phase term is first order; it must not make light negative where phase is strong.
+            np.maximum(plane, 0.0, out=plane)
+            plane *= illumination()[rows]
+            irradiance[rows, :, channel] = plane
+
+        weighed = [[self._submit(weigh, channel, rows) for rows in bands] for channel in range(len(blurred))]
+
+        def read_out(band: int) -> None:
+            for channel_weighed in weighed:
+                channel_weighed[band]()
+            rows = bands[band]
+            raw[rows] = expose(irradiance[rows], camera, exposure_ms, gain, noise()[rows])
             image_rgb8[rows] = to_rgb8(raw[rows], camera.bit_depth)
 
-        self._map(read_out, self._row_bands(height))
+        for done in [self._submit(read_out, band) for band in range(len(bands))]:
+            done()
         focal_z = float(self.focal_surface.z_um(x_um, y_um))
         return Capture(
             image_rgb8=image_rgb8, raw=raw, bit_depth=camera.bit_depth,
@@ -212,16 +241,17 @@ class VirtualMicroscope:
         return z_um - focal + objective.field_curvature_shift_um(np.hypot(sample_x[None, :], sample_y[:, None]))
 
     def _blur_plan(self, sensor_defocus, objective, roi):
-        """Defocus levels to render for the ROI and each level's per-pixel weight (None: weight 1).
+        """Defocus levels to render for the ROI as (defocus µm, level index) and the ROI's position between the
+        levels ((height, width) float32 level index of each pixel; None: one level, weight 1).
 
-        Levels span the defocus range of the whole sensor, about DOF/3 apart (at most
-        max_blur_levels); pixels interpolate linearly between the two levels around their local
-        defocus. One level when the defocus varies by less than DOF/6 over the sensor; levels no ROI
-        pixel uses are not rendered."""
+        Levels span the defocus range of the whole sensor, about DOF/3 apart (at most max_blur_levels);
+        pixels interpolate linearly between the two levels around their local defocus (`_level_weight`).
+        One level when the defocus varies by less than DOF/6 over the sensor; levels no ROI pixel uses
+        are not rendered."""
         low, high = float(sensor_defocus.min()), float(sensor_defocus.max())
         step = depth_of_field_um(objective, self.camera.pixel_size_um) / 3
         if high - low <= step / 2:
-            return [0.5 * (low + high)], [None]
+            return [(0.5 * (low + high), 0)], None
         count = min(self.max_blur_levels, math.ceil((high - low) / step) + 1)
         levels = np.linspace(low, high, count)
         row0, col0, height, width = roi
@@ -233,92 +263,80 @@ class VirtualMicroscope:
         position /= np.float32(levels[1] - levels[0])
         np.clip(position, 0, count - 1, out=position)
         lowest, highest = position.min(), position.max()
-        used = []
-        for k in range(count):
-            if not (k - 1 < highest and lowest < k + 1):
-                continue
-            weight = np.abs(position - np.float32(k))
-            np.subtract(np.float32(1.0), weight, out=weight)
-            np.clip(weight, 0.0, 1.0, out=weight)
-            if weight.max() > 0:
-                used.append((float(levels[k]), weight))
+        used = [(float(levels[k]), k) for k in range(count) if k - 1 < highest and lowest < k + 1]
         if len(used) == 1:
-            return [used[0][0]], [None]
-        return [level for level, _ in used], [weight for _, weight in used]
+            return [used[0]], None
+        return used, position
 
-    def _blurred_transmission(self, left_um, top_um, width, height, p, objective, levels, weights):
-        chromatic = objective.axial_chromatic_um
-        worst_defocus = max(abs(levels[0]), abs(levels[-1])) + max(abs(c) for c in chromatic)
+    def _margin_px(self, objective, levels, p) -> int:
+        """Rendered border around the ROI (px) so that the blur of the farthest level does not wrap."""
+        worst_defocus = max(abs(levels[0]), abs(levels[-1])) + max(abs(c) for c in objective.axial_chromatic_um)
         margin_um = objective.geometric_blur_radius_um(worst_defocus) + 8.0 * max(
             CHANNEL_WAVELENGTHS_UM) / objective.numerical_aperture
-        margin = min(math.ceil(margin_um / p) + 2, _MAX_MARGIN_PX)
-        padded_h = fft.next_fast_len(height + 2 * margin, real=True)
-        padded_w = fft.next_fast_len(width + 2 * margin, real=True)
-        transmission, path_um = self._transmission_and_path(left_um - margin * p, top_um - margin * p,
-                                                             padded_w, padded_h, p)
-        # Phase is invisible in incoherent light and for a specimen without optical path variation.
-        with_phase = self.condenser_fill < 1.0 and bool(np.ptp(path_um) > 0)
+        return min(math.ceil(margin_um / p) + 2, _MAX_MARGIN_PX)
 
-        grid = self._otf_grid((padded_h, padded_w), p)
-        crop = (slice(margin, margin + height), slice(margin, margin + width))
-        result = np.empty((height, width, 3), dtype=np.float32)
-        # Everything stays float32 / complex64: single-precision FFTs take half the time, and the
-        # image, 12 bits at most, needs no more (the transfer functions are float32 tables too).
+    def _blurred_levels(self, specimen, padded_shape, margin, shape, p, objective, levels) -> list[list]:
+        """The specimen's image at each defocus level per colour channel, [channel][level] of render-thread
+        results: (height, width) float32 relative irradiance before illumination (the weak-phase term can make
+        it negative). `specimen`: the render-thread result of `_specimen_region` of padded_shape."""
+        chromatic = objective.axial_chromatic_um
+        grid = self._otf_grid(padded_shape, p)
+        rows, cols = (slice(margin, margin + length) for length in shape)
         channels = range(len(CHANNEL_WAVELENGTHS_UM))
 
-        def spectrum(channel_and_kind: tuple[int, str]) -> np.ndarray | None:
-            channel, kind = channel_and_kind
-            if kind == "absorption":
-                return fft.rfft2(transmission[channel], workers=1)
-            if not with_phase:
+        @functools.cache
+        def with_phase() -> bool:
+            # Phase is invisible in incoherent light and for a specimen without optical path variation.
+            return self.condenser_fill < 1.0 and bool(np.ptp(specimen()[1]) > 0)
+
+        # Everything stays float32 / complex64: single-precision FFTs take half the time, and the
+        # image, 12 bits at most, needs no more (the transfer functions are float32 tables too).
+        def absorption_spectrum(channel: int) -> np.ndarray:
+            return fft.rfft2(specimen()[0][channel], workers=1)
+
+        def phase_spectrum(channel: int) -> np.ndarray | None:
+            if not with_phase():
                 return None
+            transmission, path_um = specimen()
             phase_rad = path_um * np.float32(2 * math.pi / CHANNEL_WAVELENGTHS_UM[channel])
             phase_rad *= transmission[channel]
             return fft.rfft2(phase_rad, workers=1)
 
-        # One task per transform, so that two threads share them evenly.
-        spectra = iter(self._map(spectrum, [(channel, kind) for channel in channels
-                                            for kind in ("absorption", "phase")]))
-        channel_spectra = list(zip(spectra, spectra))
+        # The transfer functions need no specimen: their tasks go first, for the thread that is not rendering it.
+        transfers = [[self._submit(grid.transfer, objective, CHANNEL_WAVELENGTHS_UM[channel],
+                                   level + chromatic[channel], self.condenser_fill) for level in levels]
+                     for channel in channels]
+        # One task per transform and per channel and blur level, so that two threads share them evenly.
+        spectra = [(self._submit(absorption_spectrum, channel), self._submit(phase_spectrum, channel))
+                   for channel in channels]
 
-        def blurred_level(channel_and_level: tuple[int, int]) -> np.ndarray:
-            channel, level = channel_and_level
-            image_spectrum = grid.filter(*channel_spectra[channel], objective, CHANNEL_WAVELENGTHS_UM[channel],
-                                         levels[level] + chromatic[channel], self.condenser_fill)
+        def blurred_level(channel: int, transfer) -> np.ndarray:
+            absorption, phase = spectra[channel]
+            image_spectrum = grid.filter(absorption(), phase(), transfer())
             # In two steps, the second for the rows the sensor sees only: scipy's irfft2 of complex64 took twice
             # as long as the two transforms (11.1 against 5.0 ms at 1152 px, the same values to float32 rounding).
             columns = fft.ifft(image_spectrum, axis=0, workers=1, overwrite_x=True)
-            blurred = fft.irfft(columns[crop[0]], n=padded_w, axis=1, workers=1, overwrite_x=True)[:, crop[1]]
-            if weights[level] is not None:
-                blurred *= weights[level]
-            return blurred
+            return fft.irfft(columns[rows], n=padded_shape[1], axis=1, workers=1, overwrite_x=True)[:, cols]
 
-        # One task per channel and blur level: nine tasks share two threads evenly, three would not.
-        blurred = self._map(blurred_level, [(channel, level) for channel in channels for level in range(len(levels))])
+        return [[self._submit(blurred_level, channel, transfer) for transfer in transfers[channel]]
+                for channel in channels]
 
-        def accumulate(channel: int) -> None:
-            accumulated = blurred[channel * len(levels)]
-            for level in range(1, len(levels)):
-                accumulated += blurred[channel * len(levels) + level]
-            # The weak-phase term is first order; it must not make light negative where phase is strong.
-            np.maximum(accumulated, 0.0, out=result[..., channel])
-
-        self._map(accumulate, channels)
-        return result
-
-    def _transmission_and_path(self, x0_um, y0_um, width, height, p):
-        """Intensity transmission (channel planes, 3 x height x width) and optical path of a specimen region.
+    def _specimen_region(self, x0_um, y0_um, shape, p):
+        """The render-thread result (intensity transmission as channel planes, 3 x height x width; optical path,
+        height x width) of the specimen region of `shape` from (x0_um, y0_um).
 
         A z-sweep images one field at many z, each time with its own border for the blur: a region on
         the pixel grid of the previous one and inside it is cut from it instead of rendered again (it
         agrees with a fresh render to rounding: 1e-5 in optical density)."""
+        height, width = shape
         if self._region is not None:
             (x_cached, y_cached, p_cached), transmission, path_um = self._region
             col, row = (x0_um - x_cached) / p, (y0_um - y_cached) / p
             c, r = round(col), round(row)
             if (p == p_cached and abs(col - c) < 1e-6 and abs(row - r) < 1e-6 and c >= 0 and r >= 0
                     and c + width <= path_um.shape[1] and r + height <= path_um.shape[0]):
-                return transmission[:, r:r + height, c:c + width], path_um[r:r + height, c:c + width]
+                region = transmission[:, r:r + height, c:c + width], path_um[r:r + height, c:c + width]
+                return lambda: region
         transmission = np.empty((3, height, width), dtype=np.float32)
         path_um = np.empty((height, width), dtype=np.float32)
 
@@ -329,12 +347,22 @@ class VirtualMicroscope:
             np.multiply(od.transpose(2, 0, 1), np.float32(-_LN10), out=transmission[:, rows])
             np.exp(transmission[:, rows], out=transmission[:, rows])
 
-        self._map(render_band, self._row_bands(height, _BAND_ROWS))
-        self._region = ((x0_um, y0_um, p), transmission, path_um)
-        return transmission, path_um
+        bands = [self._submit(render_band, rows) for rows in self._row_bands(height, _BAND_ROWS)]
 
-    def _start(self, function, *args, **kwargs) -> Callable[[], object]:
-        """function(*args, **kwargs) started on a render thread; calling the result waits for its value."""
+        def rendered():
+            for band in bands:
+                band()
+            self._region = ((x0_um, y0_um, p), transmission, path_um)
+            return transmission, path_um
+
+        return rendered
+
+    def _submit(self, function, *args, **kwargs) -> Callable[[], object]:
+        """function(*args, **kwargs) on a render thread; calling the result waits for its value (or raises its
+        exception). Render threads take tasks in the order submitted, so a task may wait for the result of any
+        task submitted before it (that one has started): a capture submits its tasks in the order they depend
+        on each other and a thread done early takes the next task instead of waiting for a whole stage. With one
+        render thread the task runs at once."""
         if self._pool is None:
             value = function(*args, **kwargs)
             return lambda: value
@@ -345,12 +373,6 @@ class VirtualMicroscope:
         band = max(rows_multiple, math.ceil(height / self.render_threads / rows_multiple) * rows_multiple)
         return [slice(first, min(first + band, height)) for first in range(0, height, band)]
 
-    def _map(self, function, items) -> list:
-        """[function(item) for item in items], on the render threads; the first exception is raised."""
-        if self._pool is None:
-            return [function(item) for item in items]
-        return [done.result() for done in [self._pool.submit(function, item) for item in items]]
-
     def _otf_grid(self, shape, p) -> OtfGrid:
         key = (shape, p)
         if key not in self._otf_grids:
@@ -358,6 +380,14 @@ class VirtualMicroscope:
                 self._otf_grids.clear()
             self._otf_grids[key] = OtfGrid(shape, p)
         return self._otf_grids[key]
+
+
+def _level_weight(position: np.ndarray, level_index: int) -> np.ndarray:
+    """Weight of blur level `level_index` at pixels `position` (level index of each pixel, `_blur_plan`): linear
+    interpolation between the two levels around each pixel."""
+    weight = np.abs(position - np.float32(level_index))
+    np.subtract(np.float32(1.0), weight, out=weight)
+    return np.clip(weight, 0.0, 1.0, out=weight)
 
 
 def _interpolation_matrix(sample_count: int, pixel_count: int) -> np.ndarray:

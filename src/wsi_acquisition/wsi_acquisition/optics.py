@@ -306,13 +306,13 @@ class OtfGrid:
                  condenser_fill: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """(absorption, phase) transfer functions of `transfer_tables` on this grid, float32."""
         return tuple(np.concatenate([values for _, values in self._halves(half)])
-                     for half in self._half_grids(objective, wavelength_um, defocus_um, condenser_fill))
+                     for half in self.transfer(objective, wavelength_um, defocus_um, condenser_fill))
 
-    def filter(self, spectrum: np.ndarray, phase_spectrum: np.ndarray | None, objective: Objective,
-               wavelength_um: float, defocus_um: float, condenser_fill: float = 1.0) -> np.ndarray:
+    def filter(self, spectrum: np.ndarray, phase_spectrum: np.ndarray | None,
+               transfer: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Image spectrum: rfft2 `spectrum` times the absorption transfer, plus `phase_spectrum` times
-        the phase transfer (see `transfer_tables`) unless it is None."""
-        absorption, phase = self._half_grids(objective, wavelength_um, defocus_um, condenser_fill)
+        the phase transfer unless it is None; `transfer` from `transfer`."""
+        absorption, phase = transfer
         image = np.empty_like(spectrum)
         for (rows, absorption_rows), (_, phase_rows) in zip(self._halves(absorption), self._halves(phase)):
             np.multiply(spectrum[rows], absorption_rows, out=image[rows])
@@ -326,7 +326,10 @@ class OtfGrid:
         return ((slice(0, self._half_rows), half_grid),
                 (slice(self._half_rows, None), half_grid[mirrored:0:-1]))
 
-    def _half_grids(self, objective, wavelength_um, defocus_um, condenser_fill):
+    def transfer(self, objective: Objective, wavelength_um: float, defocus_um: float,
+                 condenser_fill: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(absorption, phase) transfer functions of `transfer_tables` on the first half of the grid's rows (the
+        rest mirror them), float32: what `filter` applies."""
         index, fraction = self._table_position(objective.numerical_aperture / wavelength_um)
         absorption, phase = transfer_tables(objective, wavelength_um, defocus_um, condenser_fill)
         # Both tables as one complex table: one gather serves both (a complex64 times a float32 rounds as the
