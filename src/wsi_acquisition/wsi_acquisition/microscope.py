@@ -161,9 +161,9 @@ class VirtualMicroscope:
         image_rgb8 = np.empty((height, width, 3), np.uint8)
         bands = self._row_bands(height)
 
-        # The blur levels' weighting and the read-out in row bands: pixel by pixel, so the same counts as in one
-        # pass. A channel is weighed as soon as its levels are blurred, while the next channel's are.
-        def weigh(channel: int, rows: slice) -> None:
+        # The blur levels' sum and the read-out in row bands: pixel by pixel, so the same counts as in one pass.
+        # A channel is summed as soon as its levels are blurred, while the next channel's are.
+        def combine(channel: int, rows: slice) -> None:
             plane = None
             for level_image in blurred[channel]:
                 image = level_image()[rows]
@@ -173,11 +173,11 @@ class VirtualMicroscope:
             plane *= illumination()[rows]
             irradiance[rows, :, channel] = plane
 
-        weighed = [[self._submit(weigh, channel, rows) for rows in bands] for channel in range(len(blurred))]
+        combined = [[self._submit(combine, channel, rows) for rows in bands] for channel in range(len(blurred))]
 
         def read_out(band: int) -> None:
-            for channel_weighed in weighed:
-                channel_weighed[band]()
+            for channel_combined in combined:
+                channel_combined[band]()
             rows = bands[band]
             raw[rows] = expose(irradiance[rows], camera, exposure_ms, gain, noise()[rows])
             image_rgb8[rows] = to_rgb8(raw[rows], camera.bit_depth)
