@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wsi_autofocus.calibration import CalibrationError, calibrate
 from wsi_autofocus.inference import default_model_dir
-from wsi_autofocus.shift_evaluation import CalibrationSpec, render_all_sweeps, z_stacks
+from wsi_autofocus.shift_evaluation import CalibrationSpec, imaging_condenser, render_all_sweeps, z_stacks
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_autofocus.two_shot_calibration import calibrate_two_shot
@@ -38,9 +38,10 @@ def main() -> int:
     args = parser.parse_args()
     spec = CalibrationSpec()
     sweeps = render_all_sweeps(spec, args.cache_dir)
-    models = {"single-shot": lambda stacks, work: calibrate(stacks, work, args.model),
-              "two-shot": lambda stacks, work: calibrate_two_shot(stacks, work / TWO_SHOT_MODEL_FILE,
-                                                                  args.two_shot_model)}
+    models = {"single-shot": lambda stacks, work, name: calibrate(stacks, work, args.model),
+              "two-shot": lambda stacks, work, name: calibrate_two_shot(stacks, work / TWO_SHOT_MODEL_FILE,
+                                                                        args.two_shot_model,
+                                                                        condenser=imaging_condenser(name))}
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name, stacks in sweeps.items():
@@ -50,7 +51,7 @@ def main() -> int:
                 row = {"microscope": name, "model": model, "sweeps": len(stacks),
                        "images": int(sum(len(s["images"]) for s in stacks))}
                 try:
-                    result = calibrate_model(z_stacks(stacks), Path(work) / name)
+                    result = calibrate_model(z_stacks(stacks), Path(work) / name, name)
                     row |= {"held_back_mae_before_um": result.held_back_mae_before_um,
                             "held_back_mae_after_um": result.held_back_mae_after_um, "refused": None}
                 except CalibrationError as error:

@@ -203,3 +203,18 @@ def test_colcon_installed_the_launch_file_and_the_node_executables(monkeypatch):
     assert (share / "launch" / "scan.launch.py").read_text() == LAUNCH_FILE.read_text()
     for spec in scan_graph(GraphConfig()):
         assert (prefix / "lib" / spec.package / spec.executable).exists(), spec
+
+
+def test_the_autofocus_knows_the_virtual_microscopes_condenser_and_a_scanner_declares_its_own():
+    from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL
+    import yaml
+
+    def autofocus_parameters(arguments):
+        spec, = [spec for spec in scan_graph(GraphConfig.from_strings(arguments)) if spec.name == "autofocus"]
+        return spec.parameters
+
+    assert autofocus_parameters({})["condenser_fill"] == DEFAULT_CONDENSER_FILL
+    assert "condenser_fill" not in autofocus_parameters({"sim": "false", "backend": "micromanager-sim",
+                                                         "params_file": str(EXAMPLE_PARAMS_FILE)})
+    example = yaml.safe_load(EXAMPLE_PARAMS_FILE.read_text())["/**/autofocus"]["ros__parameters"]
+    assert "condenser_fill" in example          # where a real scanner declares it

@@ -3,6 +3,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 
+from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL
 from wsi_common.supervisor import NodeSpec
 
 # Launch arguments: name -> (default as a string, description). Shared by the launch file and the CLI.
@@ -90,6 +91,14 @@ def _microscope_parameters(config: GraphConfig) -> dict:
     return parameters
 
 
+def _autofocus_parameters(config: GraphConfig) -> dict:
+    """The virtual microscope's condenser is known; a real scanner declares its own (params_file)."""
+    parameters = {"backend": config.autofocus_backend}
+    if config.hardware_backend() == "sim":
+        parameters["condenser_fill"] = DEFAULT_CONDENSER_FILL
+    return parameters
+
+
 def _parameter_files(config: GraphConfig) -> tuple[str, ...]:
     if not config.params_file:
         return ()
@@ -109,7 +118,7 @@ def scan_graph(config: GraphConfig) -> list[NodeSpec]:
                  sends_images=True),
         NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                  module="wsi_autofocus.node", namespace=namespace,
-                 parameters={"backend": config.autofocus_backend}, parameter_files=files),
+                 parameters=_autofocus_parameters(config), parameter_files=files),
         NodeSpec(name="stitching", package="wsi_stitching", executable="stitching_node",
                  module="wsi_stitching.node", namespace=namespace, parameters={"output_root": output},
                  parameter_files=files),

@@ -21,7 +21,8 @@ def _reply(result) -> FocusReply:
 def test_inline_autofocus_never_leaves_a_tile_worse_than_the_focus_map(tmp_path):
     specimen = RealImageSpecimen(EVALUATION_IMAGES["real-he"])
     (x, y), = specimen.tissue_points(np.random.default_rng(5), 1)
-    scanner = HeldOutScanner(heldout_imaging.HELD_OUT_SCOPES["abbe-annular"], specimen, sensor_px=256,
+    scope = heldout_imaging.HELD_OUT_SCOPES["abbe-annular"]
+    scanner = HeldOutScanner(scope, specimen, sensor_px=256,
                              centre_um=(x, y), warp_um=3.0,
                              tilt_um_per_mm=(20.0, -12.0))
     estimator = FocusEstimator(load_backend("onnxruntime")[0])
@@ -31,7 +32,8 @@ def test_inline_autofocus_never_leaves_a_tile_worse_than_the_focus_map(tmp_path)
         result = estimator.estimate(frame.image_rgb8, frame.numerical_aperture, frame.pixel_size_um)
         if frame_above is not None:
             result = with_second_exposure(pairs, result, frame.image_rgb8, frame_above.image_rgb8,
-                                          frame.numerical_aperture, frame.pixel_size_um, step_um)
+                                          frame.numerical_aperture, frame.pixel_size_um, step_um,
+                                          scope.illumination.declared_condenser())
         return _reply(result)
 
     field = scanner.field_of_view_um()[0]

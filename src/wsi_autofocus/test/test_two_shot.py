@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import data, heldout_imaging, training_optics, two_shot, two_shot_training
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, pair_features
@@ -78,7 +79,7 @@ def test_shipped_model_reads_defocus_on_a_held_out_microscope_and_real_content()
         first, second = (heldout_imaging.capture(scope, specimen, x, y, d, 20.0, 256, rng)
                          for d in (defocus, defocus + step))
         estimate = model.estimate(first.image_rgb8, second.image_rgb8, first.numerical_aperture,
-                                  first.pixel_size_um, step)
+                                  first.pixel_size_um, step, scope.illumination.declared_condenser())
         assert np.sign(estimate.defocus_um) == np.sign(defocus), (defocus, estimate)
         errors.append(abs(estimate.defocus_um - defocus))
     assert np.mean(errors) < 1.5, errors
@@ -101,3 +102,51 @@ def test_every_split_holds_pairs_from_ring_lit_microscopes_only(monkeypatch):
         pairs = two_shot_training.render_specimen_pairs(small, spec.specimen_seeds[0])
         assert (pairs["source"] > 0).all() and np.isfinite(pairs["features"]).all()
     assert len(drawn) == 6 and all(0 < optics.condenser_inner_fill < optics.condenser_fill for optics in drawn)
+
+
+def test_the_same_blur_under_a_wider_declared_condenser_is_read_as_less_defocus():
+    """A defocused absorber's blur is the shadow of the illumination cone: the shipped model reads a pair of
+    the virtual microscope farther from focus when told the condenser is narrower than it is, nearer when told
+    it is wider, and with the condenser not known somewhere in between."""
+    model = TwoShotModel.load(two_shot.default_model_path())
+    microscope = VirtualMicroscope(seed=3)
+    rng = np.random.default_rng(3)
+    step = two_shot.default_step_um(APERTURE)
+    for (x, y), defocus in zip(data.tissue_points(microscope, rng, 3), (-6.0, 5.0, 8.0)):
+        focal = microscope.focal_z_um(x, y)
+        first, second = (microscope.capture(x, y, focal + d, 20.0, roi=(384, 384, 256, 256)).image_rgb8
+                         for d in (defocus, defocus + step))
+        read = {fill: abs(model.estimate(first, second, APERTURE, PIXEL_UM, step, two_shot.Condenser(fill)).defocus_um)
+                for fill in (0.35, 0.95)}
+        unknown = abs(model.estimate(first, second, APERTURE, PIXEL_UM, step, two_shot.UNKNOWN_CONDENSER).defocus_um)
+        assert read[0.35] > unknown > read[0.95], (defocus, read, unknown)
+
+
+def test_a_condenser_is_a_disc_or_a_ring_inside_the_objective_aperture():
+    assert two_shot.Condenser(0.7).inner_fill == 0.0 and two_shot.UNKNOWN_CONDENSER.fill == 0.0
+    for fill, inner in ((1.2, 0.0), (0.5, 0.6), (0.0, 0.3), (-0.1, 0.0)):
+        with pytest.raises(TwoShotError, match="expected 0 <= inner < fill <= 1"):
+            two_shot.Condenser(fill, inner)
+    # Points sampling a uniform disc's area evenly: the equivalent disc is that disc; brighter at the centre: smaller.
+    radii = 0.6 * np.sqrt((np.arange(2000) + 0.5) / 2000)
+    assert two_shot.Condenser.equivalent_disc(radii, np.ones_like(radii)).fill == pytest.approx(0.6, abs=1e-3)
+    assert two_shot.Condenser.equivalent_disc(radii, np.exp(-(radii / 0.3) ** 2)).fill < 0.45
+
+
+def test_training_hides_the_condenser_of_a_share_of_the_pairs():
+    n = 4000
+    pairs = {"features": np.zeros((n, two_shot.FEATURE_COUNT), np.float32),
+             "condenser_fill": np.full(n, 0.8, np.float32), "condenser_inner_fill": np.full(n, 0.4, np.float32)}
+    inputs = two_shot_training.with_model_inputs(pairs, 0.25, 0)["features"]
+    assert inputs.shape == (n, two_shot.MODEL_INPUT_COUNT)
+    hidden = np.all(inputs[:, two_shot.FEATURE_COUNT:] == 0.0, axis=1)
+    assert abs(hidden.mean() - 0.25) < 0.03
+    assert np.all(inputs[~hidden, two_shot.FEATURE_COUNT:] == np.float32([0.8, 0.4]))
+
+
+def test_a_model_trained_without_the_condenser_input_is_refused_with_what_to_do(tmp_path):
+    model = TwoShotModel.load(two_shot.default_model_path())
+    model.arrays["mean"] = model.arrays["mean"][:two_shot.FEATURE_COUNT]
+    path = model.save(tmp_path / "old.npz")
+    with pytest.raises(TwoShotError, match=f"reads {two_shot.FEATURE_COUNT} inputs.*calibrate the scanner again"):
+        TwoShotModel.load(path)

@@ -6,7 +6,8 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import heldout_imaging, two_shot_calibration
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, ZStack
 from wsi_autofocus.data import specimen_for_seed, tissue_points
-from wsi_autofocus.two_shot import TwoShotModel, default_step_um, depth_unit_um
+from wsi_autofocus.two_shot import (FEATURE_COUNT, Condenser, TwoShotModel, default_step_um,
+                                    depth_unit_um)
 from wsi_autofocus.two_shot_calibration import calibrate_two_shot, sweep_pairs
 
 APERTURE, MAGNIFICATION = 0.75, 20.0
@@ -18,14 +19,15 @@ def test_sweep_pairs_are_every_two_images_a_trained_step_apart_labelled_by_the_l
     rng = np.random.default_rng(0)
     z = np.array([3.0, -4.0, 0.0, 1.0, 10.0, 40.0])              # unsorted, as a sweep may be stored
     stack = ZStack(rng.integers(0, 255, (len(z), 64, 64, 3), dtype=np.uint8), z, 0.325, APERTURE, best_focus_z_um=0.5)
-    pairs = sweep_pairs([stack, stack])
+    pairs = sweep_pairs([stack, stack], Condenser(0.6, 0.3))
     unit = depth_unit_um(APERTURE)
     expected = [(low - 0.5) for low in np.sort(z) for high in np.sort(z)
                 if abs(low - 0.5) <= 20 and unit - 1e-6 <= high - low <= 12 * unit]
     assert sorted(pairs["defocus_um"][pairs["group"] == 0]) == pytest.approx(sorted(expected))
     assert np.bincount(pairs["group"]).tolist() == [len(expected)] * 2
-    steps_in_depths = pairs["features"][:, -2]
+    steps_in_depths = pairs["features"][:, FEATURE_COUNT - 2]
     assert steps_in_depths.min() >= 1.0 - 1e-5 and steps_in_depths.max() <= 12.0 + 1e-5
+    assert np.all(pairs["features"][:, FEATURE_COUNT:] == np.float32([0.6, 0.3]))     # the declared condenser
 
 
 def _held_out_sweep(scope, seed: int, rng, tile_px: int = 192) -> ZStack:
@@ -49,10 +51,12 @@ def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope_and_the
     stacks = [_held_out_sweep(scope, seed, rng) for seed in (100, 101, 102, 103, 104)]
     store = CalibrationStore(tmp_path / "calibration", "bench-2")
     pixel_um = scope.pixel_size_um(MAGNIFICATION)
+    condenser = scope.illumination.declared_condenser()
     result = calibrate_two_shot(stacks, store.two_shot_path(MAGNIFICATION, APERTURE, pixel_um), wrong,
-                                scanner={"name": "bench-2"})
+                                scanner={"name": "bench-2"}, condenser=condenser)
     assert result.held_back_mae_after_um < 0.5 * result.held_back_mae_before_um, result
-    assert result.pairs == len(sweep_pairs(stacks)["group"]) and result.ridge in two_shot_calibration.RIDGE_STRENGTHS
+    assert result.pairs == len(sweep_pairs(stacks, condenser)["group"])
+    assert result.ridge in two_shot_calibration.RIDGE_STRENGTHS
     calibrated = TwoShotModel.load(result.path)
     assert calibrated.metadata["calibration"]["scanner"] == {"name": "bench-2"}
 
@@ -63,7 +67,7 @@ def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope_and_the
               for dz in (0.0, step)] for (x, y), d in zip(tissue_points(microscope, rng, len(truth)), truth)]
 
     def mae(model):
-        return np.mean([abs(model.estimate(*pair, APERTURE, pixel_um, step).defocus_um - d)
+        return np.mean([abs(model.estimate(*pair, APERTURE, pixel_um, step, condenser).defocus_um - d)
                         for pair, d in zip(pairs, truth)])
 
     before, after = mae(TwoShotModel.load(wrong)), mae(calibrated)

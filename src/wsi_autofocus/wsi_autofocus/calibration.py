@@ -33,6 +33,7 @@ from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZSt
 from wsi_autofocus.inference import default_model_dir, read_model_metadata
 from wsi_autofocus.patches import select_patches
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
+from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser
 from wsi_autofocus.two_shot_calibration import TwoShotCalibrationResult, calibrate_two_shot
 from wsi_autofocus.training import (export, fit_uncertainty_calibration, focus_loss, load_checkpoint,
                                     save_checkpoint)
@@ -165,10 +166,10 @@ class ScannerCalibration:
 
 def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path | None = None,
                    base_two_shot: Path | None = None, scanner: dict | None = None,
-                   log=lambda line: None) -> ScannerCalibration:
+                   log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER) -> ScannerCalibration:
     """The single-shot model into `model_dir` (`calibrate`) and the two-shot model beside it
-    (`calibrate_two_shot`); one refused leaves the other. The single shot goes first: its calibration
-    replaces the directory both live in."""
+    (`calibrate_two_shot`, under the scanner's declared `condenser`); one refused leaves the other. The single
+    shot goes first: its calibration replaces the directory both live in."""
     errors = []
     try:
         single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log)
@@ -176,7 +177,8 @@ def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path |
         single_shot = None
         errors.append(f"single-shot model: {error}")
     try:
-        two_shot = calibrate_two_shot(stacks, Path(model_dir) / TWO_SHOT_MODEL_FILE, base_two_shot, scanner, log)
+        two_shot = calibrate_two_shot(stacks, Path(model_dir) / TWO_SHOT_MODEL_FILE, base_two_shot, scanner, log,
+                                      condenser)
     except CalibrationError as error:
         two_shot = None
         errors.append(f"two-shot model: {error}")

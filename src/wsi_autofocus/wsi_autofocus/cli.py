@@ -23,7 +23,7 @@ import numpy as np
 
 from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
-from wsi_autofocus.two_shot import TwoShotModel
+from wsi_autofocus.two_shot import Condenser, TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 
 DEFAULT_DATA_DIR = Path("build/autofocus-data")
@@ -96,7 +96,8 @@ def command_calibrate(args) -> int:
     stacks, optics = stacks_from_scan(args.scan)
     key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
     output = args.output or CalibrationStore(args.store, args.scanner).model_dir(*key)
-    result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print)
+    result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print,
+                            Condenser(args.condenser_fill, args.condenser_inner_fill))
     if result.single_shot is not None:
         single = result.single_shot
         print(f"single-shot model calibrated on {single.stacks} sweeps ({single.images} images) in "
@@ -138,6 +139,8 @@ def command_eval_two_shot(args) -> int:
     refocuser = shift_evaluation.Refocuser(spec, args.cache_dir)
     estimates = shift_evaluation.two_shot_estimates(model, tiles, refocuser, args.workers)
     evaluation = shift_evaluation.two_shot_evaluation(tiles, estimates)
+    evaluation["condenser_not_known"] = shift_evaluation.two_shot_evaluation(
+        tiles, shift_evaluation.two_shot_estimates(model, tiles, refocuser, args.workers, condenser_known=False))
     evaluation["calibration_under_held_out_imaging"] = shift_evaluation.two_shot_calibration_check(
         args.model, shift_evaluation.CalibrationSpec(), tiles, refocuser, estimates, args.cache_dir)
     evaluation["calibration_on_the_slide"] = slide_calibration.two_shot_slide_calibration_check(
@@ -147,6 +150,7 @@ def command_eval_two_shot(args) -> int:
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
         spec, tiles, estimator, shift_evaluation.estimate_tiles(estimator, tiles), args.cache_dir, two_shot_model=model)
     print(shift_evaluation.format_two_shot(evaluation))
+    print(f"with the condenser not known:\n{shift_evaluation.format_two_shot(evaluation['condenser_not_known'])}")
     print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
     print(shift_evaluation.format_calibration(evaluation["calibration_under_held_out_imaging"],
                                               shift_evaluation.TWO_SHOT_CALIBRATION_TITLE))
@@ -220,6 +224,11 @@ def main(argv=None) -> int:
     calibrate.add_argument("--two-shot-model", type=Path, default=None,
                            help="two-shot model to start from (default: the shipped one)")
     calibrate.add_argument("--output", type=Path, help="write the models here instead of into the store")
+    calibrate.add_argument("--condenser-fill", type=float, default=0.0,
+                           help="the microscope's condenser aperture as a fraction of the objective NA, as the "
+                                "autofocus node's condenser_fill declares it (0: not known)")
+    calibrate.add_argument("--condenser-inner-fill", type=float, default=0.0,
+                           help="inner edge of a ring source, fraction of the objective NA (0: a disc)")
     calibrate.set_defaults(run=command_calibrate)
     train_two_shot = commands.add_parser("train-two-shot", help="render exposure pairs, train the two-shot model")
     train_two_shot.add_argument("--data-dir", type=Path, default=Path("build/two-shot-data"))

@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 from scipy import fft, ndimage
 
+from wsi_autofocus import two_shot
+
 _LN10 = math.log(10.0)
 _REFERENCE_WAVELENGTH_UM = 0.55
 # Source points are spread so that their image shifts at the current defocus lie about this many
@@ -77,6 +79,16 @@ class Illumination:
             raise HeldOutImagingError(f"illumination shape {self.shape!r}; expected disc, annulus or gaussian")
         if not 0 <= self.inner_fill < self.outer_fill <= 1:
             raise HeldOutImagingError(f"fills {self.inner_fill}..{self.outer_fill}; expected 0 <= inner < outer <= 1")
+
+    def declared_condenser(self) -> "two_shot.Condenser":
+        """The condenser as this microscope's user declares it to the two-shot model: a disc or a ring as it is,
+        a Gaussian-weighted source as the uniform disc of the same rms radius (`two_shot.Condenser`)."""
+        if self.shape == "annulus":
+            return two_shot.Condenser(self.outer_fill, self.inner_fill)
+        if self.shape == "disc":
+            return two_shot.Condenser(self.outer_fill)
+        points, weights = _source_points(self, 4096, np.random.default_rng(0))
+        return two_shot.Condenser.equivalent_disc(points[:, 0], weights)
 
 
 @dataclass(frozen=True)

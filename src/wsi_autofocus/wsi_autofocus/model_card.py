@@ -285,8 +285,11 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "from two exposures of it, the second a known step higher (`wsi_autofocus.two_shot`). The ratio of the two "
         "images' power spectra in bands of spatial frequency (units of NA/λ) cancels the specimen; an ensemble of "
         f"{meta['config']['members']} perceptrons ({meta['config']['layers']} hidden layers of "
-        f"{meta['config']['hidden']}) maps the ratios, the bands' power and the step (in depths of focus λ/NA²) to "
-        "the defocus in depths of focus; the members' spread joins their own variance.",
+        f"{meta['config']['hidden']}) maps the ratios, the bands' power, the step (in depths of focus λ/NA²) and the "
+        "condenser the scanner declares (`two_shot.Condenser`: the source's outer and inner edge as fractions of the "
+        "objective NA, or not known) to the defocus in depths of focus; the members' spread joins their own "
+        "variance. The condenser matters because a defocused absorber's blur is the shadow of the illumination "
+        "cone: the same blur is less defocus under a wider condenser.",
         "",
         "## Data and training (`make train-two-shot`)",
         f"- {meta['train_pairs']} training pairs, {meta['val_pairs']} validation pairs of {wide.field_px} px fields "
@@ -300,16 +303,28 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "the held-out microscopes and the real images below are never seen. Features: per band of spatial "
         f"frequency ({len(two_shot.BAND_EDGES) - 1} bands from {two_shot.BAND_EDGES[0]:g} to "
         f"{two_shot.BAND_EDGES[-1]:g} NA/λ, spaced by ratio below 0.3) the log power ratio of the two exposures, "
-        "their mean log power, whether the band is sampled.",
+        "their mean log power, whether the band is sampled. Each pair's condenser as drawn, hidden (not known) for "
+        f"{meta['config'].get('unknown_condenser_fraction', 0):.0%} of the pairs.",
         f"- Gaussian negative log-likelihood, AdamW, early stopping on the validation pairs, {meta['train_s']:.0f} s "
         f"for the ensemble on 2 CPU cores; sigma scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
         "",
         "## Microscopes and content it never trained on (`wsi-autofocus eval-two-shot`)",
         "The same tiles as the single-shot model's table (`wsi_autofocus.shift_evaluation`); the second exposure "
-        "is the same field imaged again by the same microscope one step higher.",
+        "is the same field imaged again by the same microscope one step higher. Each microscope declares its "
+        "condenser (`shift_evaluation.imaging_condenser`): the virtual microscope's disc, the held-out disc and "
+        "ring as they are, the Gaussian-weighted source as the uniform disc of the same rms radius; the next table "
+        "reads the same pairs with the condenser not known.",
         "",
         "```",
         shift_evaluation.format_two_shot(evaluation),
+        "```",
+        "",
+        "The same pairs with the condenser not known (`two_shot.UNKNOWN_CONDENSER`, as a scanner that does not "
+        "declare it):",
+        "",
+        "```",
+        shift_evaluation.format_two_shot(evaluation["condenser_not_known"]) if "condenser_not_known" in evaluation
+        else "not in this evaluation",
         "```",
         "",
         "A scan reads its side probes (`wsi_acquisition.focus`: a second exposure above a tile whose distance from "

@@ -18,7 +18,7 @@ from rclpy.node import Node
 
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
-from wsi_autofocus.two_shot import TwoShotError, with_second_exposure
+from wsi_autofocus.two_shot import Condenser, TwoShotError, with_second_exposure
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.executors import PoolExecutor
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
@@ -35,6 +35,9 @@ PARAMETERS = {
     "calibration_root": ("out/autofocus-calibration", "calibrated models, one per scanner, objective and camera"),
     "scanner_name": ("default", "this scanner's name in calibration_root"),
     "two_shot_model": ("", "two-shot model file (.npz) for EstimateFocus with image_above; empty = the shipped one"),
+    "condenser_fill": (0.0, "the microscope's condenser aperture (outer edge of a ring source) as a fraction of the "
+                            "objective NA, read by the two-shot model; 0 = not known"),
+    "condenser_inner_fill": (0.0, "inner edge of a ring source as a fraction of the objective NA; 0 for a disc"),
     "threads": (2, "CPU threads for inference"),
     "max_batch_tiles": (8, "most queued tiles evaluated in one batch"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
@@ -50,10 +53,11 @@ class AutofocusNode(Node):
         super().__init__("autofocus")
         self.params = declare_parameters(self, PARAMETERS)
         try:
+            self.condenser = Condenser(self.params["condenser_fill"], self.params["condenser_inner_fill"])
             self.store = CalibrationStore(self.params["calibration_root"], self.params["scanner_name"])
             self.estimators = CalibratedEstimators(self.store, self.params["backend"], self.params["model_dir"] or None,
                                                    self.params["threads"], self.params["two_shot_model"] or None)
-        except (BackendUnavailableError, ValueError, OSError) as error:
+        except (BackendUnavailableError, ValueError, OSError) as error:     # TwoShotError is a ValueError
             raise NodeConfigurationError(str(error)) from error
         self._worker = QueueWorker(self._evaluate, max_batch=self.params["max_batch_tiles"],
                                    size_of=lambda tile: len(tile.image.data))
@@ -137,7 +141,7 @@ class AutofocusNode(Node):
                                           request.pixel_size_um)
                 result = with_second_exposure(two_shot, result, image, decode_rgb(request.image_above),
                                               request.numerical_aperture, request.pixel_size_um,
-                                              request.step_above_um)
+                                              request.step_above_um, self.condenser)
         except (ImageConversionError, FocusInputError, TwoShotError) as error:
             response.success, response.error = False, str(error)
             return response
@@ -159,7 +163,8 @@ class AutofocusNode(Node):
             stacks, optics = stacks_from_scan(request.scan_dir)
             key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
             result = calibrate_both(stacks, self.store.model_dir(*key), self.params["model_dir"] or None,
-                                    self.params["two_shot_model"] or None, {"name": self.store.scanner} | optics)
+                                    self.params["two_shot_model"] or None, {"name": self.store.scanner} | optics,
+                                    condenser=self.condenser)
         except (CalibrationError, OSError, ValueError, KeyError) as error:
             response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
             self.get_logger().error(response.error)

@@ -24,7 +24,7 @@ import numpy as np
 from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, side_from_probe,
                                    trusts_estimate, two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
-from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
+from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.calibration_store import CalibrationError, stacks_with_focus
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
@@ -247,14 +247,22 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def pair_estimates(model, images, images_above, numerical_apertures, pixel_sizes_um, steps_um) -> dict:
-    """The two-shot model's estimate for each image and its second exposure `steps_um` higher, and the
-    compute time of each."""
+def imaging_condenser(imaging: str) -> two_shot.Condenser:
+    """The condenser a microscope of the evaluation declares to the two-shot model: the virtual microscope's, or
+    a held-out microscope's (`heldout_imaging.Illumination.declared_condenser`)."""
+    if imaging == OWN_SIMULATOR:
+        return two_shot.Condenser(DEFAULT_CONDENSER_FILL)
+    return heldout_imaging.HELD_OUT_SCOPES[imaging].illumination.declared_condenser()
+
+
+def pair_estimates(model, images, images_above, numerical_apertures, pixel_sizes_um, steps_um, condensers) -> dict:
+    """The two-shot model's estimate for each image and its second exposure `steps_um` higher under its
+    microscope's declared condenser, and the compute time of each."""
     predicted, sigma, compute_s = [], [], []
-    for image, above, aperture, pixel, step in zip(images, images_above, numerical_apertures, pixel_sizes_um,
-                                                   steps_um):
+    for image, above, aperture, pixel, step, condenser in zip(images, images_above, numerical_apertures,
+                                                              pixel_sizes_um, steps_um, condensers):
         started = time.perf_counter()
-        estimate = model.estimate(image, above, float(aperture), float(pixel), float(step))
+        estimate = model.estimate(image, above, float(aperture), float(pixel), float(step), condenser)
         compute_s.append(time.perf_counter() - started)
         predicted.append(estimate.defocus_um)
         sigma.append(estimate.uncertainty_um)
@@ -263,15 +271,19 @@ def pair_estimates(model, images, images_above, numerical_apertures, pixel_sizes
             "compute_s": np.array(compute_s)}
 
 
-def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int = 2) -> dict:
+def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int = 2,
+                       condenser_known: bool = True) -> dict:
     """The two-shot model's estimate for every tile: the tile and a second exposure of its field one
-    `two_shot.default_step_um` higher (imaged by the tile's own microscope, cached by `refocuser`)."""
+    `two_shot.default_step_um` higher (imaged by the tile's own microscope, cached by `refocuser`), under the
+    condenser its microscope declares (`imaging_condenser`) or with the condenser not known."""
     steps = [two_shot.default_step_um(float(aperture)) for aperture in tiles["numerical_aperture"]]
     requests = [(index, float(true) + step) for index, (true, step) in enumerate(zip(tiles["true_um"], steps))]
     refocuser.prefetch(requests, workers)
     above = [refocuser.image(index, z) for index, z in requests]
     refocuser.save()
-    return pair_estimates(model, tiles["images"], above, tiles["numerical_aperture"], tiles["pixel_size_um"], steps)
+    return pair_estimates(model, tiles["images"], above, tiles["numerical_aperture"], tiles["pixel_size_um"], steps,
+                          [imaging_condenser(imaging) if condenser_known else two_shot.UNKNOWN_CONDENSER
+                           for imaging in tiles["imaging"]])
 
 
 def two_shot_evaluation(tiles: dict, estimates: dict) -> dict:
@@ -373,7 +385,8 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
             step = probe_step_um(dof, estimate.distance_um)
             probe_image = refocuser.image(index, true + step)
             shots += 1
-            pair = (two_shot_model.estimate(tiles["images"][index], probe_image, *optics, step)
+            pair = (two_shot_model.estimate(tiles["images"][index], probe_image, *optics, step,
+                                            imaging_condenser(tiles["imaging"][index]))
                     if two_shot_model is not None else None)
             if pair is not None:
                 offset = two_shot_offset(pair.defocus_um, pair.uncertainty_um, pair.above_focus_probability, dof)
@@ -577,16 +590,17 @@ def label_offset_um(stacks: list) -> float:
 
 
 def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, estimate, output: Path,
-                                   scanner: dict, mask: np.ndarray | None = None, before: dict | None = None) -> dict:
-    """`calibrate_two_shot` the model on `stacks` into `output`, and `cell_statistics` of `tiles` (in `mask`)
-    as `estimate(model)` reads them before (or `before`, already estimated) and after; a refused calibration
-    leaves the model in use. Statistics as `calibrated_statistics`."""
+                                   scanner: dict, condenser: two_shot.Condenser, mask: np.ndarray | None = None,
+                                   before: dict | None = None) -> dict:
+    """`calibrate_two_shot` the model on `stacks` (under the microscope's declared `condenser`) into `output`,
+    and `cell_statistics` of `tiles` (in `mask`) as `estimate(model)` reads them before (or `before`, already
+    estimated) and after; a refused calibration leaves the model in use. Statistics as `calibrated_statistics`."""
     from wsi_autofocus.two_shot_calibration import calibrate_two_shot
 
     before = before if before is not None else estimate(two_shot.TwoShotModel.load(model_path))
     started = time.monotonic()
     try:
-        result = calibrate_two_shot(stacks, output, model_path, scanner=scanner)
+        result = calibrate_two_shot(stacks, output, model_path, scanner=scanner, condenser=condenser)
     except CalibrationError as error:
         after, refused, fit_s = before, str(error), time.monotonic() - started
     else:
@@ -606,7 +620,7 @@ def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: d
         results[name] = two_shot_calibrated_statistics(
             model_path, z_stacks(stacks), tiles, lambda model: two_shot_estimates(model, tiles, refocuser),
             Path(work_dir) / f"two-shot-calibrated-{name}.npz", {"name": name, "objective": spec.magnification},
-            mask, before)
+            imaging_condenser(name), mask, before)
         log(f"{name}: {describe_calibration(results[name])}")
     return results
 

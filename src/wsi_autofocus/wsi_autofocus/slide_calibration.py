@@ -23,7 +23,7 @@ from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
 from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, calibrated_statistics, describe_calibration,
-                                            format_calibration, pair_estimates, render_sweep,
+                                            format_calibration, imaging_condenser, pair_estimates, render_sweep,
                                             two_shot_calibrated_statistics, z_stacks)
 
 SLIDES = (PROCEDURAL, "real-he")
@@ -153,12 +153,13 @@ def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpe
 
         def estimate(model, tiles=tiles):
             return pair_estimates(model, tiles["images"], tiles["images_above"], tiles["numerical_aperture"],
-                                  tiles["pixel_size_um"], tiles["step_above_um"])
+                                  tiles["pixel_size_um"], tiles["step_above_um"],
+                                  [imaging_condenser(scope)] * len(tiles["images"]))
 
         results[name] = two_shot_calibrated_statistics(
             model_path, z_stacks(rendered["stacks"]), tiles, estimate,
             Path(work_dir) / f"two-shot-calibrated-{scope}-{slide}.npz",
-            {"name": scope, "objective": spec.sweeps.magnification})
+            {"name": scope, "objective": spec.sweeps.magnification}, imaging_condenser(scope))
         log(f"{name}: {describe_calibration(results[name])}")
     return results
 

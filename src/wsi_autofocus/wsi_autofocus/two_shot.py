@@ -6,9 +6,11 @@ specimen to the next. Two images of the same field at z and z + step share the s
 their spatial power spectra, band by band, is the ratio of the optics' transfer at the two defocus values,
 which depends on the defocus, the step and the optics, not on what lies on the slide. Frequencies are
 measured in units of NA / lambda and defocus in units of lambda / NA^2 (the depth of focus), in which
-the transfer of a defocused objective is nearly the same for every objective; an ensemble of small
-networks (`TwoShotModel`) maps the band ratios to the defocus and its uncertainty. It is trained on the
-training simulators only (`two_shot_training`); the two FFTs cost most of its few milliseconds per pair.
+the transfer of a defocused objective is nearly the same for every objective. How far the blur reaches
+for a given defocus is set by the illumination cone, so the scanner also declares its condenser
+(`Condenser`; or that it does not know it). An ensemble of small networks (`TwoShotModel`) maps the band
+ratios and the condenser to the defocus and its uncertainty. It is trained on the training simulators only
+(`two_shot_training`); the two FFTs cost most of its few milliseconds per pair.
 
 Conventions as everywhere in the project: defocus > 0 means the stage is above focus; the second
 exposure is taken `step_um` higher than the first (step > 0, as in all training pairs), and the
@@ -37,6 +39,8 @@ BAND_EDGES = np.concatenate([np.geomspace(0.02, 0.3, 8), np.linspace(0.3, 1.3, 1
 # The step a scan takes for the second exposure, in depths of focus (lambda / NA^2): about 2 µm at 20x/0.75.
 DEFAULT_STEP_DEPTHS = 2.0
 FEATURE_COUNT = 3 * (len(BAND_EDGES) - 1) + 2
+# The model reads the pair's features and the microscope's condenser (`model_inputs`).
+MODEL_INPUT_COUNT = FEATURE_COUNT + 2
 MODEL_FILE = "two_shot.npz"
 
 
@@ -112,6 +116,42 @@ def features_from_bands(first: tuple[np.ndarray, np.ndarray], second: tuple[np.n
 
 
 @dataclass(frozen=True)
+class Condenser:
+    """The illumination's source in the objective's back focal plane, as fractions of the objective NA: a disc
+    filling `fill` (the aperture diaphragm; `inner_fill` 0) or a ring from `inner_fill` to `fill`. The blur of a
+    defocused absorber is the shadow of the illumination cone, so the same blur means less defocus under a
+    wider condenser: a scanner that declares its condenser is read closer. A source that is not uniform
+    (diffused LED, Gaussian-weighted) is declared as the uniform disc of the same rms radius
+    (`equivalent_disc`). Fill 0: not known (`UNKNOWN_CONDENSER`); the model then reads as for any condenser
+    of its training microscopes."""
+    fill: float
+    inner_fill: float = 0.0
+
+    def __post_init__(self):
+        if (self.fill, self.inner_fill) != (0.0, 0.0) and not 0.0 <= self.inner_fill < self.fill <= 1.0:
+            raise TwoShotError(f"condenser fill {self.fill}, inner fill {self.inner_fill}; expected 0 <= inner < "
+                               f"fill <= 1 (fractions of the objective NA), or 0 and 0 when not known")
+
+    @classmethod
+    def equivalent_disc(cls, radii: np.ndarray, weights: np.ndarray) -> "Condenser":
+        """The uniform disc with the rms radius of a source of points at `radii` (fractions of the objective
+        NA, sampling the aperture's area evenly) of relative brightness `weights`."""
+        rms = math.sqrt(float(np.sum(weights * np.square(radii)) / np.sum(weights)))
+        return cls(min(1.0, math.sqrt(2.0) * rms))
+
+
+UNKNOWN_CONDENSER = Condenser(0.0)
+
+
+def model_inputs(features: np.ndarray, condenser_fill, condenser_inner_fill) -> np.ndarray:
+    """The model's input rows: `pair_features` rows and each pair's condenser (`Condenser` fields, scalars or
+    one per row; 0 and 0: not known)."""
+    features = np.atleast_2d(np.asarray(features, np.float32))
+    condenser = np.broadcast_to(np.asarray([condenser_fill, condenser_inner_fill], np.float32).T, (len(features), 2))
+    return np.concatenate([features, condenser], axis=1)
+
+
+@dataclass(frozen=True)
 class TwoShotEstimate:
     defocus_um: float           # of the first exposure; > 0: stage above focus
     uncertainty_um: float       # one sigma
@@ -122,7 +162,7 @@ class TwoShotEstimate:
 
 
 class TwoShotModel:
-    """An ensemble of small perceptrons over `pair_features`, in numpy. Member k's weights are
+    """An ensemble of small perceptrons over `model_inputs`, in numpy. Member k's weights are
     `m{k}_w0, m{k}_b0, ..., m{k}_w_out, m{k}_b_out`; they share the features' scaling (`mean`, `scale`).
     The ensemble's estimate is the members' mean; its variance adds their spread to their mean variance
     (members disagree on pairs unlike their training data), scaled by `sigma_temperature`. One .npz holds
@@ -147,6 +187,10 @@ class TwoShotModel:
         if edges is None or not np.allclose(edges, BAND_EDGES):
             raise TwoShotError(f"{path} was trained on frequency bands {edges}; this version computes "
                                f"{np.round(BAND_EDGES, 4).tolist()} (train it again: make train-two-shot)")
+        if arrays["mean"].shape[-1] != MODEL_INPUT_COUNT:
+            raise TwoShotError(f"{path} reads {arrays['mean'].shape[-1]} inputs; this version reads "
+                               f"{MODEL_INPUT_COUNT} (the pair's features and the condenser): train it again "
+                               f"(make train-two-shot), or calibrate the scanner again from the shipped model")
         return cls(arrays, metadata, path)
 
     def save(self, path: Path) -> Path:
@@ -189,9 +233,9 @@ class TwoShotModel:
         return means.mean(axis=0), np.sqrt(variance) * float(self.arrays.get("sigma_temperature", 1.0))
 
     def estimate(self, first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_aperture: float,
-                 pixel_size_um: float, step_um: float) -> TwoShotEstimate:
+                 pixel_size_um: float, step_um: float, condenser: Condenser) -> TwoShotEstimate:
         features = pair_features(first_rgb8, second_rgb8, numerical_aperture, pixel_size_um, step_um)
-        depths, sigma = self.predict_depths(features)
+        depths, sigma = self.predict_depths(model_inputs(features, condenser.fill, condenser.inner_fill))
         unit = depth_unit_um(numerical_aperture)
         return TwoShotEstimate(float(depths[0] * unit), float(sigma[0] * unit))
 
@@ -217,13 +261,13 @@ def sigma_temperature(model: TwoShotModel, pairs: dict) -> float:
 
 
 def with_second_exposure(model: TwoShotModel, single, image_rgb8: np.ndarray, image_above_rgb8: np.ndarray,
-                         numerical_aperture: float, pixel_size_um: float, step_um: float):
+                         numerical_aperture: float, pixel_size_um: float, step_um: float, condenser: Condenser):
     """A single-shot estimate of `image_rgb8` (any dataclass with the fields of `inference.FocusResult`)
     with its defocus, distance and side taken from both exposures instead."""
     if not (numerical_aperture > 0 and pixel_size_um > 0):
         raise TwoShotError("two exposures need the objective's NA and the pixel size; got NA "
                            f"{numerical_aperture}, pixel {pixel_size_um} µm")
-    pair = model.estimate(image_rgb8, image_above_rgb8, numerical_aperture, pixel_size_um, step_um)
+    pair = model.estimate(image_rgb8, image_above_rgb8, numerical_aperture, pixel_size_um, step_um, condenser)
     return dataclasses.replace(single, defocus_um=pair.defocus_um, uncertainty_um=pair.uncertainty_um,
                                distance_um=abs(pair.defocus_um), distance_uncertainty_um=pair.uncertainty_um,
                                above_focus_probability=pair.above_focus_probability)

@@ -9,12 +9,18 @@ leaving one fitted sweep out at a time; the uncertainty's temperature is refitte
 the fit (never below the trained model's), which also decide whether the calibration is kept at all. numpy only, in about a second:
 
     from wsi_autofocus.calibration_store import ZStack
+    from wsi_autofocus.two_shot import Condenser
     from wsi_autofocus.two_shot_calibration import calibrate_two_shot
-    result = calibrate_two_shot([ZStack(images, z_um, 0.325, 0.75), ...], Path("my-scanner/two_shot.npz"))
-    TwoShotModel.load(result.path)
+    result = calibrate_two_shot([ZStack(images, z_um, 0.325, 0.75), ...], Path("my-scanner/two_shot.npz"),
+                                condenser=Condenser(0.7))
+    TwoShotModel.load(result.path)     # estimates with the same condenser declared
+
+The calibration learns the microscope as declared: a scanner calibrated with its condenser declared (or not)
+is read with the same declaration.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +29,8 @@ import numpy as np
 
 from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZStack, check_stacks, held_back_stacks,
                                              stacks_with_focus)
-from wsi_autofocus.two_shot import (TwoShotModel, band_log_power, default_model_path, depth_unit_um,
-                                    features_from_bands, label_depths, sigma_temperature)
+from wsi_autofocus.two_shot import (UNKNOWN_CONDENSER, Condenser, TwoShotModel, band_log_power, default_model_path,
+                                    depth_unit_um, features_from_bands, label_depths, model_inputs, sigma_temperature)
 
 # Steps between the two images of a pair, in depths of focus: the range the model was trained on.
 STEP_DEPTHS = (1.0, 12.0)
@@ -45,9 +51,10 @@ class TwoShotCalibrationResult:
     skipped: tuple[str, ...] = ()          # sweeps left out, each with the reason
 
 
-def sweep_pairs(stacks: list[ZStack]) -> dict:
+def sweep_pairs(stacks: list[ZStack], condenser: Condenser) -> dict:
     """Every pair of images of each stack whose step lies in `STEP_DEPTHS` and whose lower image lies
-    within `MAX_LABEL_UM` of the stack's focus: features, the lower image's defocus (µm), NA, stack index."""
+    within `MAX_LABEL_UM` of the stack's focus: model inputs (with the microscope's `condenser`), the lower
+    image's defocus (µm), NA, stack index."""
     features, defocus, aperture, group = [], [], [], []
     for index, stack in enumerate(stacks):
         focus, unit = stack.focus_z_um(), depth_unit_um(stack.numerical_aperture)
@@ -68,7 +75,8 @@ def sweep_pairs(stacks: list[ZStack]) -> dict:
     if not features:
         raise CalibrationError(f"no two images of the z-stacks lie {STEP_DEPTHS[0]:g}-{STEP_DEPTHS[1]:g} depths of "
                                f"focus apart within ±{MAX_LABEL_UM} µm of focus")
-    return {"features": np.array(features), "defocus_um": np.array(defocus, np.float32),
+    return {"features": model_inputs(np.array(features), condenser.fill, condenser.inner_fill),
+            "defocus_um": np.array(defocus, np.float32),
             "numerical_aperture": np.array(aperture, np.float32), "group": np.array(group)}
 
 
@@ -108,8 +116,9 @@ def _choose_ridge(model: TwoShotModel, pairs: dict) -> float:
 
 
 def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | None = None, scanner: dict | None = None,
-                       log=lambda line: None) -> TwoShotCalibrationResult:
-    """Refit the base two-shot model on pairs from `stacks` and write it to `output` (a .npz file).
+                       log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER) -> TwoShotCalibrationResult:
+    """Refit the base two-shot model on pairs from `stacks` (imaged under `condenser` as the scanner declares it)
+    and write it to `output` (a .npz file).
 
     A third of the stacks (at least one) is held back from the fit: sigma's temperature is fitted on
     their pairs, and a fit that does not improve them raises `CalibrationError` and writes nothing. The
@@ -119,7 +128,7 @@ def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | No
     stacks, skipped = stacks_with_focus(stacks, log)
     base_path = Path(base_model) if base_model else default_model_path()
     model = TwoShotModel.load(base_path)
-    pairs = sweep_pairs(stacks)
+    pairs = sweep_pairs(stacks, condenser)
     held_back = np.isin(pairs["group"], held_back_stacks(len(stacks)))
     fit, judge = _subset(pairs, ~held_back), _subset(pairs, held_back)
     if len(np.unique(fit["group"])) < 2 or not held_back.any():
@@ -142,6 +151,7 @@ def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | No
     calibrated.metadata = model.metadata | {"sigma_temperature": temperature, "calibration": {
         "base_model": str(base_path), "stacks": len(stacks), "pairs": len(pairs["group"]), "ridge": ridge,
         "held_back_mae_before_um": before, "held_back_mae_after_um": after, "skipped_stacks": skipped,
+        "condenser": dataclasses.asdict(condenser),
         "created_unix_s": time.time(), "scanner": scanner or {}}}
     path = calibrated.save(output)
     return TwoShotCalibrationResult(path, len(stacks), len(pairs["group"]), time.monotonic() - started, ridge,

@@ -23,10 +23,14 @@ from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
 from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, randomised_stack, sample_fields, save_npz, specimen_for_seed,
                                 starmap_in_processes)
-from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, TwoShotModel, depth_unit_um, label_depths, pair_features,
-                                    sigma_temperature)
+from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, TwoShotModel, depth_unit_um, label_depths, model_inputs,
+                                    pair_features, sigma_temperature)
 
 SOURCES = ("virtual-microscope", "randomised-procedural", "randomised-texture")
+# What a pair file holds per pair: the features, the label and the optics that imaged the pair (the condenser as
+# the fraction of the objective NA its source fills, and the inner edge of a ring source, 0 for a disc).
+PAIR_COLUMNS = ("features", "defocus_um", "numerical_aperture", "condenser_fill", "condenser_inner_fill", "objective",
+                "source", "sparse")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
                       np.where(rng.random(n) < spec.texture_fraction, 2, 1))
     features = np.zeros((n, FEATURE_COUNT), np.float32)
     aperture = np.zeros(n, np.float32)
+    condenser = np.zeros((n, 2), np.float32)
     camera = microscope.camera
     side = spec.field_px
     roi = ((camera.height_px - side) // 2, (camera.width_px - side) // 2, side, side)
@@ -88,6 +93,7 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
         second = microscope.capture(x, y, focal + defocus[i] + step, objectives[i], exposure_ms=exposure, roi=roi)
         defocus[i] = first.defocus_um
         aperture[i] = first.numerical_aperture
+        condenser[i] = microscope.condenser_fill, 0.0
         features[i] = pair_features(first.image_rgb8, second.image_rgb8, first.numerical_aperture,
                                     first.pixel_size_um, step)
     textures = {}
@@ -109,15 +115,17 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
             first, second = randomised_stack(specimen, x, y, optics, focus_shift, (defocus[i], defocus[i] + step),
                                              side, rng)
             aperture[i] = optics.numerical_aperture
+            condenser[i] = optics.condenser_fill, optics.condenser_inner_fill
             objectives[i] = optics.magnification
             features[i] = pair_features(first, second, optics.numerical_aperture, optics.pixel_size_um, step)
     return {"features": features, "defocus_um": defocus.astype(np.float32), "numerical_aperture": aperture,
+            "condenser_fill": condenser[:, 0], "condenser_inner_fill": condenser[:, 1],
             "objective": objectives.astype(np.float32), "source": source.astype(np.int8), "sparse": sparse}
 
 
 def _description(spec: PairSpec) -> dict:
-    """What a pair file was rendered from, as its .json beside it records it."""
-    return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist()}))
+    """What a pair file was rendered from and what it holds, as its .json beside it records it."""
+    return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist(), "columns": list(PAIR_COLUMNS)}))
 
 
 def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
@@ -145,6 +153,9 @@ class TwoShotTrainingConfig:
     weight_decay: float = 1e-4
     patience: int = 40
     seed: int = 0
+    # Of the pairs, those shown with their condenser not known, so that a scanner that does not declare its
+    # condenser is read as well as before the model read it.
+    unknown_condenser_fraction: float = 0.5
 
 
 def _fit_member(x_train, y_train, x_val, y_val, config: TwoShotTrainingConfig, member: int, log) -> dict:
@@ -194,14 +205,24 @@ def _fit_member(x_train, y_train, x_val, y_val, config: TwoShotTrainingConfig, m
                      f"m{member}_b_out": linears[-1].bias.detach().numpy(), f"m{member}_nll": np.float32(best)}
 
 
+def with_model_inputs(pairs: dict, unknown_condenser_fraction: float, seed) -> dict:
+    """`pairs` (as a pair file holds them) whose `features` are the model's inputs: each pair's features and its
+    condenser, not known for a random `unknown_condenser_fraction` of them."""
+    unknown = np.random.default_rng(seed).random(len(pairs["features"])) < unknown_condenser_fraction
+    return pairs | {"features": model_inputs(pairs["features"], np.where(unknown, 0.0, pairs["condenser_fill"]),
+                                             np.where(unknown, 0.0, pairs["condenser_inner_fill"]))}
+
+
 def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoShotTrainingConfig(),
                    log=print) -> TwoShotModel:
-    """An ensemble of `config.members` perceptrons (seeds apart), its sigma scaled on the validation pairs
-    (`sigma_temperature`)."""
+    """An ensemble of `config.members` perceptrons (seeds apart) on pair files' pairs, its sigma scaled on the
+    validation pairs (`sigma_temperature`)."""
     import torch
 
     torch.set_num_threads(2)
     started = time.monotonic()
+    train, val = (with_model_inputs(pairs, config.unknown_condenser_fraction, [config.seed, salt])
+                  for pairs, salt in ((train, 0), (val, 1)))
     mean = train["features"].mean(axis=0)
     scale = np.maximum(train["features"].std(axis=0), 1e-3)
 
