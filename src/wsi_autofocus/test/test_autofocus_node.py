@@ -178,3 +178,11 @@ def test_a_node_that_only_estimates_never_loads_torch(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-2:] == ["onnxruntime", "[]"]
+
+
+def test_a_condenser_that_cannot_be_is_refused_at_start_with_the_reason():
+    done = subprocess.run([sys.executable, "-m", "wsi_autofocus.node", "--ros-args", "-p", "condenser_fill:=0.5",
+                           "-p", "condenser_inner_fill:=0.6"], env=node_environment(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "cannot start" in done.stderr and "condenser fill 0.5, inner fill 0.6" in done.stderr, done.stderr
