@@ -210,10 +210,12 @@ def test_camera_timeouts_are_retried(tmp_path):
 
 
 class StageLog:
-    """Wraps a backend; logs stage moves, exposures and read-outs in the order they happen."""
+    """Wraps a backend; logs stage moves, exposures and read-outs in the order they happen. A read-out takes at
+    least `read_out_s`, as a camera's transfer does: the scan's background move starts on another thread, and a
+    tiny simulated image could otherwise be read before that thread is scheduled, whatever the scan's order."""
 
-    def __init__(self, backend):
-        self._backend, self.events = backend, []
+    def __init__(self, backend, read_out_s: float = 0.05):
+        self._backend, self.events, self.read_out_s = backend, [], read_out_s
         start_move = backend.stage.start_move
 
         def logged_move(x_um, y_um, z_um, speed_um_s=0.0):
@@ -229,6 +231,7 @@ class StageLog:
         read_out = self._backend.expose(exposure_ms, gain, roi)
 
         def logged_read_out():
+            time.sleep(self.read_out_s)
             frame = read_out()
             self.events.append(("read", roi, (frame.true_x_um, frame.true_y_um)))
             return frame
