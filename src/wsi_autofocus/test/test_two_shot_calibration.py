@@ -119,3 +119,11 @@ def test_sweeps_that_leave_nothing_to_judge_by_are_refused(tmp_path):
     with pytest.raises(CalibrationError, match="to judge by in 0; two and one are needed"):
         calibrate_two_shot([stack(40.0), stack(0.0), stack(0.5)], tmp_path / "two_shot.npz")
     assert not (tmp_path / "two_shot.npz").exists()
+
+
+def test_the_command_line_refuses_an_impossible_condenser_before_reading_the_scan(tmp_path, capsys):
+    from wsi_autofocus import cli
+
+    code = cli.main(["calibrate", "--scan", str(tmp_path / "no-such-scan"), "--condenser-fill", "0.5",
+                     "--condenser-inner-fill", "0.6"])
+    assert code == 2 and "condenser fill 0.5, inner fill 0.6" in capsys.readouterr().err

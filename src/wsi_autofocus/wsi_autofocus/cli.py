@@ -23,7 +23,7 @@ import numpy as np
 
 from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
-from wsi_autofocus.two_shot import Condenser, TwoShotModel
+from wsi_autofocus.two_shot import Condenser, TwoShotError, TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 
 DEFAULT_DATA_DIR = Path("build/autofocus-data")
@@ -93,11 +93,16 @@ def command_calibrate(args) -> int:
     from wsi_autofocus.calibration import calibrate_both
     from wsi_autofocus.calibration_store import CalibrationStore, stacks_from_scan
 
+    try:
+        condenser = Condenser(args.condenser_fill, args.condenser_inner_fill)
+    except TwoShotError as error:
+        print(f"wsi-autofocus calibrate: {error}", file=sys.stderr)
+        return 2
     stacks, optics = stacks_from_scan(args.scan)
     key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
     output = args.output or CalibrationStore(args.store, args.scanner).model_dir(*key)
     result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print,
-                            Condenser(args.condenser_fill, args.condenser_inner_fill))
+                            condenser)
     if result.single_shot is not None:
         single = result.single_shot
         print(f"single-shot model calibrated on {single.stacks} sweeps ({single.images} images) in "
