@@ -155,9 +155,10 @@ def test_a_side_probe_sends_the_tile_and_the_probe_as_a_pair_and_its_correction_
                                                                                                  ros_node):
     """The orchestrator's side probe through ROS: an autofocus stand-in in this process says of every tile
     "4 µm from focus, side unknown", so the scan takes a probe 4 µm higher and asks estimate_focus about both
-    exposures; the stand-in reads the pair as 3 µm below focus. The focus map had the tiles in focus, so every
-    such correction is blurrier and refused: the tiles stay as the focus map took them."""
-    tiles, pairs = {}, []
+    exposures; the stand-in reads the pair as 3 µm below focus, and the corrected capture (asked about alone)
+    as in focus. The focus map had the tiles in focus, so every such correction is blurrier and refused: the
+    tiles stay as the focus map took them."""
+    tiles, pairs, corrected = {}, [], []
 
     def estimate_tile(tile):
         tiles[tile.sequence] = image_to_array(tile.image)
@@ -166,6 +167,12 @@ def test_a_side_probe_sends_the_tile_and_the_probe_as_a_pair_and_its_correction_
                                         distance_uncertainty_um=0.2, above_focus_probability=0.5))
 
     def estimate_pair(request, response):
+        if not request.image_above.data:
+            corrected.append(image_to_array(request.image))
+            response.success, response.exposures_used = True, 1
+            response.defocus_um, response.uncertainty_um, response.above_focus_probability = 0.0, 0.2, 0.5
+            response.distance_um, response.distance_uncertainty_um = 0.0, 0.2
+            return response
         pairs.append((image_to_array(request.image), image_to_array(request.image_above), request.step_above_um))
         response.success, response.exposures_used, response.two_shot_model = True, 2, "stand-in"
         response.defocus_um, response.uncertainty_um, response.above_focus_probability = -3.0, 0.2, 0.01
@@ -182,7 +189,7 @@ def test_a_side_probe_sends_the_tile_and_the_probe_as_a_pair_and_its_correction_
     planned = len(manifest["plan"]["tiles"])
     probes = [check for check in manifest["focus_checks"] if check["kind"] == "side-probe"]
     corrections = [check for check in manifest["focus_checks"] if check["kind"] == "correction"]
-    assert len(probes) == len(corrections) == len(pairs) == planned
+    assert len(probes) == len(corrections) == len(pairs) == len(corrected) == planned
     for probe, (image, image_above, step_um) in zip(probes, pairs):
         assert probe["step_um"] == step_um == 4.0 and probe["two_shot_defocus_um"] == -3.0
         # The pair is the tile as published and its probe, the same field 4 µm higher.

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import focus_action, probe_step_um, side_from_probe, trusts_estimate, two_shot_offset
+from wsi_acquisition.focus import (MIN_SHARPNESS_GAIN, bracketing_offset, focus_action, kept_capture, probe_step_um,
+                                   side_from_probe, trusts_estimate, two_shot_offset)
 from wsi_acquisition.scan import FocusReply
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_common.focus_metrics import SHARPNESS_METRICS, brenner, tissue_fraction
@@ -65,3 +66,20 @@ def test_two_exposures_move_the_stage_when_trusted_or_sure_of_the_side():
     assert two_shot_offset(-3.0, 1.5, 0.02, depth_of_field_um) == 3.0         # distance in doubt, side sure
     assert two_shot_offset(1.5, 2.0, 0.77, depth_of_field_um) is None         # neither
     assert two_shot_offset(0.5, 0.3, 0.95, depth_of_field_um) is None         # already within focus
+
+
+def test_a_correction_still_out_of_focus_brackets_focus_in_the_ratio_of_the_two_distances():
+    dof = 1.4
+    # Read twice too long on a microscope the model never saw: 4 µm above focus read as 8, the correction
+    # by -8 µm lands 4 µm below, read as 8 again. The two captures bracket focus half-way, whatever the factor.
+    assert bracketing_offset(-8.0, 8.0, 8.0, 1.0, dof) == pytest.approx(-4.0)
+    assert bracketing_offset(-8.0, 6.0, 2.0, 0.5, dof) == pytest.approx(-6.0)   # 6 µm, overshot by 2
+    # A correction whose capture may be in focus is left alone.
+    assert bracketing_offset(-8.0, 8.0, 1.0, 0.5, dof) is None
+
+
+def test_the_sharpest_correction_replaces_the_focus_maps_capture_only_if_measurably_sharper():
+    assert kept_capture(1.0, [1.5, 3.0]) == 1
+    assert kept_capture(1.0, [1.5, 0.4]) == 0
+    assert kept_capture(1.0, [1.0 + MIN_SHARPNESS_GAIN / 2, 0.9]) is None
+    assert kept_capture(1.0, []) is None

@@ -15,6 +15,7 @@ import tifffile
 from wsi_acquisition.focus import MIN_SHARPNESS_GAIN
 from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
+from wsi_acquisition.qc_report import write_qc_report
 from wsi_acquisition import scan
 from wsi_acquisition.scan import FocusReply, FocusStrategy, ScanError, ScanErrorCode, ScanRequest, ScanRunner, State
 from wsi_acquisition.scan_request import DEFAULTS, MAX_FOCUS_POINTS, ScannerSettings
@@ -99,6 +100,51 @@ def test_inline_estimates_recapture_tiles_beyond_half_the_depth_of_field(tmp_pat
         else:
             assert abs(record.ground_truth["defocus_um"]) <= half_dof + 0.3, cell
     assert len(rejected) < len(final) / 2
+
+
+def _scan_three_um_off_with(tmp_path, scan_id, estimate_focus, estimate_image):
+    """A scan with no focus map that starts 3 µm above the slide's focus: inline correction must pull the
+    tiles in. Returns the outcome and each cell's final record."""
+    backend = small_microscope()
+    runner = ScanRunner(backend, request(tmp_path, scan_id=scan_id, focus_strategy=FocusStrategy.MAP_INLINE,
+                                         focus_points=1),
+                        estimate_focus=estimate_focus, estimate_image=estimate_image)
+    runner.focus_map = lambda plan: None
+    backend.stage.start_move(*backend.stage.position_um()[:2], 3.0 + float(backend.microscope.focal_z_um(
+        REGION_UM[0], REGION_UM[1])))
+    outcome = runner.run()
+    return outcome, {(r.row, r.col): r for r in outcome.records}, backend.depth_of_field_um() / 2
+
+
+def test_a_correction_that_went_through_focus_brackets_it_with_one_more_capture(tmp_path):
+    """An autofocus that reads every distance twice too long, as the shipped model reads a ring-lit
+    microscope it never saw: its corrections land as far on the other side of focus. The corrected capture
+    still reads out of focus, so the scan takes one more where the two captures bracket focus."""
+    def twice_too_long(record, frame):
+        return FocusReply(2.0 * frame.ground_truth_defocus_um, 0.1)
+
+    def distance_twice_too_long(frame, frame_above=None, step_um=0.0):
+        distance = 2.0 * abs(frame.ground_truth_defocus_um)
+        return FocusReply(0.0, 10.0, distance, 0.1, 0.5)
+
+    outcome, final, half_dof = _scan_three_um_off_with(tmp_path, "bracketing", twice_too_long,
+                                                       distance_twice_too_long)
+    bracketed = [record for record in final.values() if record.bracketed_from_offset_um is not None]
+    assert len(bracketed) > len(final) / 2
+    for record in bracketed:
+        assert abs(record.ground_truth["defocus_um"]) <= half_dof + 0.3, (record.row, record.col)
+        # The correction went twice as far; its capture is kept beside the tile as a focus check.
+        assert record.bracketed_from_offset_um == pytest.approx(2 * record.applied_focus_offset_um, abs=0.3)
+        overshot = [c for c in outcome.focus_checks if (c["row"], c["col"]) == (record.row, record.col)]
+        assert [c["offset_um"] for c in overshot] == [record.bracketed_from_offset_um]
+        assert abs(overshot[0]["ground_truth"]["defocus_um"]) > 2.0
+    # The QC report says which tiles were bracketed and does not call their first correction refused.
+    summary = json.loads((write_qc_report(outcome.manifest_path).parent / "summary.json").read_text())
+    assert summary["corrections that went on to bracket focus"] >= len(bracketed)
+    assert summary["corrections refused (not sharper)"] == len(final) - outcome.refocus_count
+    # Without the corrected capture's own estimate the scan cannot see it overshot: the tiles stay ~3 µm off.
+    _, alone, _ = _scan_three_um_off_with(tmp_path, "no-bracketing", twice_too_long, None)
+    assert np.median([abs(r.ground_truth["defocus_um"]) for r in alone.values()]) > 2.0
 
 
 def test_a_correction_that_is_not_sharper_is_not_kept(tmp_path):

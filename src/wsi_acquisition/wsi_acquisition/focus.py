@@ -38,12 +38,15 @@ def focus_action(defocus_um: float, uncertainty_um: float, distance_um: float, d
     trusted (a second exposure one `probe_step_um` higher tells the side, `side_after_probe`); "keep"
     otherwise. Blur tells the distance on microscopes the model never saw far better than the side, so
     the probe, not the single shot, decides most moves there; a move is kept only if sharper."""
-    half = depth_of_field_um / 2
     if trusts_estimate(uncertainty_um, depth_of_field_um):
-        return "correct" if abs(defocus_um) > half else "keep"
-    if distance_um - distance_uncertainty_um > half:
-        return "probe"
-    return "keep"
+        return "correct" if abs(defocus_um) > depth_of_field_um / 2 else "keep"
+    return "probe" if surely_out_of_focus(distance_um, distance_uncertainty_um, depth_of_field_um) else "keep"
+
+
+def surely_out_of_focus(distance_um: float, distance_uncertainty_um: float, depth_of_field_um: float) -> bool:
+    """Whether an image's estimated distance from focus puts it beyond half the depth of field by more than
+    one sigma."""
+    return distance_um - distance_uncertainty_um > depth_of_field_um / 2
 
 
 def probe_step_um(depth_of_field_um: float, distance_um: float) -> float:
@@ -86,6 +89,32 @@ def side_decision(above_focus_probability: float) -> bool | None:
     if above_focus_probability <= 1 - SIDE_CERTAINTY:
         return False
     return None
+
+
+def bracketing_offset(offset_um: float, distance_um: float, corrected_distance_um: float,
+                      corrected_distance_uncertainty_um: float, depth_of_field_um: float) -> float | None:
+    """Where to look next when a correction by `offset_um` still reads surely out of focus: the z offset
+    (from the first capture) that divides the correction in the ratio of the two captures' estimated
+    distances from focus, or None when the correction may have landed in focus.
+
+    A correction of the right side but the wrong length went through focus (too long: the distance read on
+    a microscope the model never saw can be off by a factor of two or more) or stopped short of it. Through
+    focus, the two captures bracket it at distances in the ratio of their estimates, whatever factor both
+    estimates are off by, since both come from the same microscope and model. Short of focus, this point
+    lies between the two captures and is less sharp than the correction, which a scan then keeps
+    (`kept_capture`)."""
+    if not surely_out_of_focus(corrected_distance_um, corrected_distance_uncertainty_um, depth_of_field_um):
+        return None
+    return offset_um * distance_um / (distance_um + corrected_distance_um)
+
+
+def kept_capture(focus_map_sharpness: float, sharpnesses: list[float]) -> int | None:
+    """Which of a tile's corrected captures replaces the focus map's: the sharpest, if it is measurably
+    sharper than the focus map's (`keeps_correction`); None keeps the focus map's."""
+    if not sharpnesses:
+        return None
+    best = int(np.argmax(sharpnesses))
+    return best if keeps_correction(sharpnesses[best], focus_map_sharpness) else None
 
 
 def sharpness_gain(sharpness: float, reference_sharpness: float) -> float:

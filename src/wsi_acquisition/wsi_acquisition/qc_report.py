@@ -146,11 +146,13 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
     lost (one refused because it was not sharper); summary counts and an HTML table."""
     final = manifest.final_captures()
     refused = {}
-    probes = 0
+    probes = bracketed = 0
     for check in manifest.document.get("focus_checks") or []:
-        if check["kind"] == "correction":
-            refused[(check["row"], check["col"])] = check
+        cell = (check["row"], check["col"])
+        if check["kind"] == "correction" and final[cell].get("focus_source", FOCUS_MAP) == FOCUS_MAP:
+            refused.setdefault(cell, check)
         probes += check["kind"] == "side-probe"
+        bracketed += check.get("bracketed_from_offset_um") is not None
     counts = dict.fromkeys(FOCUS_SOURCES, 0)
     rows = []
     for cell in sorted(final):
@@ -159,6 +161,9 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
         counts[source] = counts.get(source, 0) + 1
         gain = tile.get("sharpness_gain")
         note = ""
+        if tile.get("bracketed_from_offset_um") is not None:
+            bracketed += 1
+            note = f"between the focus map's z and a correction by {tile['bracketed_from_offset_um']:+.2f} µm"
         if cell in refused:
             gain, note = refused[cell]["sharpness_gain"], f"correction by {refused[cell]['offset_um']:+.2f} µm refused: not sharper"
         truth = (tile.get("ground_truth") or {}).get("defocus_um")
@@ -170,6 +175,7 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
     summary = {f"tiles focused by {source}": count for source, count in counts.items()}
     summary["corrections refused (not sharper)"] = len(refused)
     summary["side probes"] = probes
+    summary["corrections that went on to bracket focus"] = bracketed
     header = "".join(f"<th>{h}</th>" for h in ("row", "col", "focus source", "z (µm)", "autofocus estimate (µm)",
                                                "sharpness gained", "true defocus (µm)", ""))
     return summary, f"<table class='tiles'><tr>{header}</tr>{''.join(rows)}</table>"

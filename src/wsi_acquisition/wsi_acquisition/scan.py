@@ -22,8 +22,9 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, FOCUS_MAP, focus_action,
-                                   keeps_correction, probe_step_um, sharpness_gain, side_from_probe, two_shot_offset)
+from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, FOCUS_MAP, bracketing_offset,
+                                   focus_action, kept_capture, probe_step_um, sharpness_gain, side_from_probe,
+                                   two_shot_offset)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend, ReadOut
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
@@ -91,6 +92,8 @@ class TileRecord:
     focus_source: str = FOCUS_MAP       # where this image's z came from: one of focus.FOCUS_SOURCES
     sharpness: float | None = None         # normalised Brenner gradient (`wsi_common.focus_metrics.brenner`)
     sharpness_gain: float | None = None    # a correction: its sharpness over the focus map capture's, - 1
+    # A capture where a correction and the focus map's capture bracket focus: that correction's z offset.
+    bracketed_from_offset_um: float | None = None
 
 
 @dataclass
@@ -519,11 +522,11 @@ class ScanRunner:
         action = focus_action(reply.defocus_um, reply.uncertainty_um, reply.distance_um,
                               reply.distance_uncertainty_um, depth_of_field_um)
         if action == "correct":
-            self._try_correction(tile, map_z, -reply.defocus_um, AUTOFOCUS, record)
+            self._try_correction(tile, map_z, -reply.defocus_um, AUTOFOCUS, record, reply, depth_of_field_um)
         elif action == "probe":
             decided = self._probe(tile, map_z, reply, record, frame, depth_of_field_um)
             if decided is not None:
-                self._try_correction(tile, map_z, *decided, record)
+                self._try_correction(tile, map_z, *decided, record, reply, depth_of_field_um)
 
     def _probe(self, tile, map_z: float, reply: FocusReply, record: TileRecord, frame: Frame,
                depth_of_field_um: float) -> tuple[float, str] | None:
@@ -553,21 +556,37 @@ class ScanRunner:
             return None
         return (-reply.distance_um if above else reply.distance_um), AUTOFOCUS_PROBE
 
-    def _try_correction(self, tile, map_z: float, offset_um: float, source: str, original: TileRecord) -> None:
-        """Capture at the corrected z; publish it as the tile's re-capture only if it is sharper."""
-        record, frame = self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
-                                      offset_um, True)
-        record.focus_source = source
-        record.sharpness_gain = sharpness_gain(record.sharpness, original.sharpness)
-        if keeps_correction(record.sharpness, original.sharpness):
-            self.outcome.refocus_count += 1
-            self._emit(record, frame)
-            return
-        check = {"kind": "correction", "row": tile.row, "col": tile.col, "z_um": record.commanded_z_um,
-                 "offset_um": offset_um, "source": source, "captured_s": record.captured_s,
-                 "sharpness": record.sharpness, "sharpness_gain": record.sharpness_gain,
-                 "ground_truth": record.ground_truth}
-        self._keep_focus_check(check, frame)
+    def _try_correction(self, tile, map_z: float, offset_um: float, source: str, original: TileRecord,
+                        reply: FocusReply, depth_of_field_um: float) -> None:
+        """Capture at the corrected z and, when that capture still reads surely out of focus, once more where
+        the two bracket focus (`focus.bracketing_offset`). The sharpest capture becomes the tile's re-capture
+        if it is measurably sharper than the focus map's (`focus.kept_capture`); the others are kept as focus
+        checks."""
+        captures = [self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
+                                  offset_um, True)]
+        corrected = self.estimate_image(captures[0][1]) if self.estimate_image is not None else None
+        if corrected is not None:
+            bracket = bracketing_offset(offset_um, reply.distance_um, corrected.distance_um,
+                                        corrected.distance_uncertainty_um, depth_of_field_um)
+            if bracket is not None:
+                captures.append(self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um,
+                                              map_z, bracket, True))
+                captures[-1][0].bracketed_from_offset_um = offset_um
+        for record, _ in captures:
+            record.focus_source = source
+            record.sharpness_gain = sharpness_gain(record.sharpness, original.sharpness)
+        kept = kept_capture(original.sharpness, [record.sharpness for record, _ in captures])
+        for index, (record, frame) in enumerate(captures):
+            if index == kept:
+                self.outcome.refocus_count += 1
+                self._emit(record, frame)
+                continue
+            check = {"kind": "correction", "row": tile.row, "col": tile.col, "z_um": record.commanded_z_um,
+                     "offset_um": record.applied_focus_offset_um, "source": source, "captured_s": record.captured_s,
+                     "sharpness": record.sharpness, "sharpness_gain": record.sharpness_gain,
+                     "bracketed_from_offset_um": record.bracketed_from_offset_um,
+                     "ground_truth": record.ground_truth}
+            self._keep_focus_check(check, frame)
 
     def _keep_focus_check(self, check: dict, frame: Frame) -> None:
         relative = f"focus_checks/{len(self.outcome.focus_checks):05d}_r{check['row']:04d}_c{check['col']:04d}_{check['kind']}.tif"
