@@ -10,14 +10,14 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
 from wsi_autofocus import heldout_imaging
-from wsi_autofocus.calibration import calibrate, calibrate_both
+from wsi_autofocus.calibration import calibrate, calibrate_both, uncertainty_scale_without_confident_errors
 from wsi_autofocus.calibration_store import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack,
                                              stacks_from_scan)
 from wsi_autofocus.data import specimen_for_seed, tissue_points
-from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
+from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, load_backend
 from wsi_autofocus.shift_evaluation import CalibrationSpec
 from wsi_autofocus.training import export, load_checkpoint, save_checkpoint
-from wsi_common.focus_metrics import brenner
+from wsi_common.focus_metrics import brenner, focus_tolerance_um
 
 
 def _virtual_stack(seed: int, z_offsets, roi_px: int = 256):
@@ -161,3 +161,21 @@ def test_one_model_refused_leaves_the_other_calibrated(tmp_path, monkeypatch, mi
 def test_store_names_refuse_paths():
     with pytest.raises(CalibrationError, match="scanner name"):
         CalibrationStore("/tmp/x", "../elsewhere")
+
+
+def test_the_calibrated_uncertainty_leaves_no_held_back_image_confidently_wrong():
+    """The fitted scale makes held-back errors one sigma on average; an image read 3 µm on the wrong side with
+    a sigma of 0.3 µm would still be acted on, so the scale rises until its sigma reaches the tolerance, and
+    images read right do not raise it."""
+    patches = 8
+    right = np.column_stack([np.full(patches, 2.0), np.full(patches, np.log(0.3 ** 2)), np.full(patches, 6.0)])
+    wrong = np.column_stack([np.full(patches, 3.0), np.full(patches, np.log(0.3 ** 2)), np.full(patches, 6.0)])
+    output, labels = np.vstack([right, wrong]), np.repeat([2.0, -3.0], patches)
+    images, apertures = np.repeat([0, 1], patches), np.array([0.75, 0.75])
+    fitted = {"uncertainty_scale": 1.2, "side_temperature": 1.0}
+    assert uncertainty_scale_without_confident_errors(output[:patches], labels[:patches], images[:patches],
+                                                      apertures, fitted) == 1.2
+    scale = uncertainty_scale_without_confident_errors(output, labels, images, apertures, fitted)
+    raised = aggregate(wrong[:, 0], wrong[:, 1] + 2 * np.log(scale), wrong[:, 2])
+    tolerance = focus_tolerance_um(0.55 / 0.75 ** 2)
+    assert raised.uncertainty_um >= tolerance and scale < 1.05 * tolerance / 0.3

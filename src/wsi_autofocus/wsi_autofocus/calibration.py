@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,13 +31,14 @@ import torch
 
 from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZStack, check_stacks, held_back_stacks,
                                              stacks_with_focus)
-from wsi_autofocus.inference import default_model_dir, read_model_metadata
+from wsi_autofocus.inference import aggregate, default_model_dir, read_model_metadata
 from wsi_autofocus.patches import select_patches
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
-from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser
+from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser, depth_unit_um
 from wsi_autofocus.two_shot_calibration import TwoShotCalibrationResult, calibrate_two_shot
 from wsi_autofocus.training import (export, fit_uncertainty_calibration, focus_loss, load_checkpoint,
                                     save_checkpoint)
+from wsi_common.focus_metrics import focus_tolerance_um
 
 PATCHES_PER_IMAGE = 4
 
@@ -53,14 +55,17 @@ class CalibrationResult:
 
 
 def _samples(model, stacks: list[ZStack], patch_px: int) -> dict:
-    """Frozen features of every patch of every image (with the 8 flips and turns of each), its label and stack."""
-    features, labels, groups = [], [], []
+    """Frozen features of every patch of every image (with the 8 flips and turns of each), its label, stack,
+    image (a number per image) and the objective's NA."""
+    features, labels, groups, images, apertures = [], [], [], [], []
     for index, stack in enumerate(stacks):
         focus = stack.focus_z_um()
         for image, z in zip(stack.images, stack.z_um):
             label = float(z) - focus
             if abs(label) > MAX_LABEL_UM:
                 continue
+            image_number = len(apertures)
+            apertures.append(stack.numerical_aperture)
             selection = select_patches(np.ascontiguousarray(image), patch_px, PATCHES_PER_IMAGE)
             patches, context = torch.from_numpy(selection.patches), torch.from_numpy(selection.context)
             optics = torch.tensor([[stack.numerical_aperture, stack.pixel_size_um]]).expand(len(patches), 2)
@@ -73,8 +78,9 @@ def _samples(model, stacks: list[ZStack], patch_px: int) -> dict:
                         features.append(torch.cat(model._views(*views, optics), dim=1))
                     labels += [label] * len(patches)
                     groups += [index] * len(patches)
+                    images += [image_number] * len(patches)
     return {"features": torch.cat(features), "labels": torch.tensor(labels, dtype=torch.float32),
-            "groups": np.array(groups)}
+            "groups": np.array(groups), "images": np.array(images), "numerical_apertures": np.array(apertures)}
 
 
 def _fit_head(model, features: torch.Tensor, labels: torch.Tensor, steps: int, seed: int):
@@ -104,6 +110,26 @@ def _signed_mae(output: torch.Tensor, labels: torch.Tensor) -> float:
     return float((signed - labels).abs().mean())
 
 
+def uncertainty_scale_without_confident_errors(output: np.ndarray, labels: np.ndarray, images: np.ndarray,
+                                                numerical_apertures: np.ndarray, temperatures: dict) -> float:
+    """The smallest uncertainty scale, at least the fitted one, at which no image is confidently wrong: its
+    estimate as a scan reads it (`inference.aggregate` over its patches) off by more than `focus_tolerance_um`
+    while its sigma is under that tolerance. The fitted scale makes errors one sigma on average and leaves a
+    tail that a scan would act on. Scaling the patches' sigma leaves each image's distance and side as they
+    are (the patches' relative weights do not change), so the scale a wrong image needs has a closed form."""
+    scale = temperatures["uncertainty_scale"]
+    for image in np.unique(images):
+        rows = images == image
+        estimate = aggregate(output[rows, 0], output[rows, 1], output[rows, 2] / temperatures["side_temperature"])
+        tolerance = focus_tolerance_um(depth_unit_um(numerical_apertures[image]))
+        if abs(estimate.defocus_um - labels[rows][0]) <= tolerance:
+            continue
+        model_variance = 1.0 / np.exp(-output[rows, 1].astype(np.float64)).mean()
+        other_variance = estimate.uncertainty_um ** 2 - model_variance
+        scale = max(scale, 1.01 * math.sqrt(max(tolerance ** 2 - other_variance, 0.0) / model_variance))
+    return float(scale)
+
+
 def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | None = None, steps: int = 600,
               seed: int = 0, scanner: dict | None = None, log=lambda line: None) -> CalibrationResult:
     """Fine-tune the base model's head on `stacks` and write a calibrated model directory to `output_dir`.
@@ -126,6 +152,13 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     trial = _fit_head(model, features[~held_back], labels[~held_back], steps, seed)
     held_out_output = _outputs(model, trial, features[held_back])
     temperatures = fit_uncertainty_calibration(held_out_output, labels[held_back])
+    fitted_scale = temperatures["uncertainty_scale"]
+    temperatures["uncertainty_scale"] = uncertainty_scale_without_confident_errors(
+        held_out_output.numpy(), labels[held_back].numpy(), samples["images"][held_back],
+        samples["numerical_apertures"], temperatures)
+    if temperatures["uncertainty_scale"] > fitted_scale:
+        log(f"uncertainty scale raised from {fitted_scale:.2f} to {temperatures['uncertainty_scale']:.2f}: "
+            "no held-back image may be confidently wrong")
     before = _signed_mae(_outputs(model, model.head, features[held_back]), labels[held_back])
     after = _signed_mae(held_out_output, labels[held_back])
     log(f"held-back stacks: MAE {before:.3f} µm before, {after:.3f} µm after; {temperatures}")
