@@ -1,6 +1,7 @@
 """Two-shot defocus: features that cancel the specimen, and the shipped model on a microscope and on
 real content it was never trained on."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from scipy import ndimage
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import data, heldout_imaging, training_optics, two_shot, two_shot_training
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
+from wsi_autofocus.model_card import render_two_shot
 from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, pair_features
 
 PIXEL_UM, APERTURE = 0.325, 0.75
@@ -150,3 +152,13 @@ def test_a_model_trained_without_the_condenser_input_is_refused_with_what_to_do(
     path = model.save(tmp_path / "old.npz")
     with pytest.raises(TwoShotError, match=f"reads {two_shot.FEATURE_COUNT} inputs.*calibrate the scanner again"):
         TwoShotModel.load(path)
+
+
+def test_the_shipped_two_shot_card_is_rendered_from_its_evaluation():
+    """MODEL_CARD.md is what `wsi-autofocus eval-two-shot --card` makes of the shipped evaluation.json, its
+    targets included: one that no tile of the scan outcome ends further from focus than the focus map left it."""
+    path = two_shot.default_model_path()
+    evaluation = json.loads((path.parent / "evaluation.json").read_text())
+    card = (path.parent / "MODEL_CARD.md").read_text()
+    assert card == render_two_shot(path, evaluation), "MODEL_CARD.md is stale: run wsi-autofocus eval-two-shot --card"
+    assert "left further from focus by the scan than by the focus map alone (target 0)" in card

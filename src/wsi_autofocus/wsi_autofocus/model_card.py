@@ -90,6 +90,7 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
     checks = shift_target_checks(shift["pooled_20x"]["held_out_imaging_real_content"])
     calibrations = (("other specimens", calibration), ("the slide itself", slide_calibration_results))
     checks += [calibration_target_check(where, results, "wsi-autofocus eval") for where, results in calibrations]
+    checks.append(scan_outcome_target_check(scan_outcome))
     met = [text for text, ok in checks if ok]
     missed = [text for text, ok in checks if not ok]
     scopes = "; ".join(f"`{scope.name}`: {scope.description}" for scope in heldout_imaging.HELD_OUT_SCOPES.values())
@@ -121,10 +122,13 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "a trusted estimate; for a tile surely out of focus whose side is in doubt, one more exposure as far "
         "above as the estimated distance, read together with the tile by the two-shot model (`two_shot`, its own "
         "card) when that is trusted or sure of the side, else its distance estimate or sharpness tells the side; "
-        "a correction kept only if sharper), re-imaging the field under the same "
-        "microscope. `map |d|` and `scan |d|` are "
+        "a correction whose capture still reads surely out of focus is followed by one more capture where the "
+        "two bracket focus, at the point dividing the correction in the ratio of their estimated distances; the "
+        "sharpest correction kept only if sharper than the focus map's capture), re-imaging the field under the "
+        "same microscope. `map |d|` and `scan |d|` are "
         "the mean distance from focus before and after; `in focus` the tiles within half the depth of field, "
         "before -> after; `worse` the tiles left further from focus than the focus map left them; "
+        "`bracketed` the tiles that took the bracketing capture; "
         "`shots/tile` the exposures per tile (1: the focus map's capture alone).",
         "",
         "```",
@@ -132,8 +136,8 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "```",
         *[f"- `{imaging}`: {o['tiles_worse']} tile(s) ended up to {o['worst_change_um']:.2f} µm further from this "
           "microscope's best focus (as the evaluation defines it) than the focus map left them, in images the "
-          "scan's sharpness measure (Brenner) found sharper: where aberrations move the sharpest image off "
-          "best focus, keep-if-sharper follows sharpness."
+          "scan's sharpness measure (Brenner) found sharper: keep-if-sharper follows sharpness, which need not "
+          "peak at that focus nor fall equally on both sides of it."
           for imaging, o in scan_outcome.items() if o["tiles_worse"]],
         "",
         *([f"- Targets met: {'; '.join(met)}."] if met else []),
@@ -266,6 +270,14 @@ def calibration_target_check(where: str, results: dict | None, command: str) -> 
             f"µm (target ≤ {TARGET_CALIBRATED_MAE_UM})", all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after))
 
 
+def scan_outcome_target_check(scan_outcome: dict) -> tuple[str, bool]:
+    """The scan with inline autofocus against focus-map-only on every microscope of the scan outcome table:
+    no tile may end further from focus, as (statement, met)."""
+    worse = sum(outcome["tiles_worse"] for outcome in scan_outcome.values())
+    return (f"{worse} tiles of {sum(outcome['n'] for outcome in scan_outcome.values())} left further from focus by "
+            "the scan than by the focus map alone (target 0)", worse == 0)
+
+
 def render_two_shot(model_path: Path, evaluation: dict) -> str:
     """The two-shot model's card, from its metadata and its evaluation under held-out imaging."""
     from wsi_autofocus import two_shot, two_shot_training
@@ -278,6 +290,7 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
     checks += [calibration_target_check(where, results, "wsi-autofocus eval-two-shot")
                for where, results in (("other specimens", calibration), ("the slide itself", on_the_slide))]
+    checks.append(scan_outcome_target_check(evaluation["scan_outcome_20x"]))
     lines = [
         "# Model card: two-shot defocus",
         "",
@@ -329,8 +342,11 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "",
         "A scan reads its side probes (`wsi_acquisition.focus`: a second exposure above a tile whose distance from "
         "focus the single shot knows but not the side) with this model and moves to the estimated focus when the "
-        "estimate is trusted or sure of the side (`focus.two_shot_offset`), keeping the new capture only if sharper. "
-        "What that makes of the same tiles (columns as in the single-shot card):",
+        "estimate is trusted or sure of the side (`focus.two_shot_offset`); a correction that still reads surely out "
+        "of focus went through focus or stopped short, and one more capture where the two bracket it "
+        "(`focus.bracketing_offset`) finds it when it went through (this model reads a ring-lit microscope's distances "
+        "long); the sharpest capture is kept only if sharper than the focus map's. What that makes of the same tiles "
+        "(columns as in the single-shot card):",
         "",
         "```",
         shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]),

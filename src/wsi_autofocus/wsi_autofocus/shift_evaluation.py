@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import (focus_action, keeps_correction, probe_step_um, side_from_probe,
+from wsi_acquisition.focus import (bracketing_offset, focus_action, kept_capture, probe_step_um, side_from_probe,
                                    trusts_estimate, two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, depth_of_field_um
@@ -368,10 +368,11 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
                   two_shot_model=None) -> dict:
     """For every tile in `mask`, taken at the focus map's z (its defocus), what the scan's inline
     autofocus does (`wsi_acquisition.focus`: act, or take a second exposure one probe step higher and act
-    on both exposures' estimate (`two_shot_model`) when trusted, else on the side it shows, or keep) and the
-    tile's defocus afterwards, a correction being kept only if sharper."""
+    on both exposures' estimate (`two_shot_model`) when trusted, else on the side it shows, or keep; a
+    correction still surely out of focus brackets focus with one more capture) and the tile's defocus
+    afterwards, the sharpest correction being kept only if sharper than the focus map's capture."""
     indices = np.flatnonzero(mask)
-    final, action, probe_side_right, exposures = [], [], [], []
+    final, action, probe_side_right, exposures, brackets = [], [], [], [], []
     for index in indices:
         estimate, true = estimates["tile_estimates"][index], float(tiles["true_um"][index])
         dof = float(tiles["depth_of_field_um"][index])
@@ -398,19 +399,29 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
                 if above is not None:
                     offset = -estimate.distance_um if above else estimate.distance_um
                     side_right = above == (true > 0)
-        after = true
+        after, bracketed = true, False
         if offset is not None:
-            shots += 1
-            if keeps_correction(brenner(refocuser.image(index, true + offset)), brenner(tiles["images"][index])):
-                after = true + offset
+            offsets = [offset]
+            corrected, = estimator.estimate_many([refocuser.image(index, true + offset)], [optics])
+            bracket = bracketing_offset(offset, estimate.distance_um, corrected.distance_um,
+                                        corrected.distance_uncertainty_um, dof)
+            if bracket is not None:
+                offsets.append(bracket)
+                bracketed = True
+            shots += len(offsets)
+            kept = kept_capture(brenner(tiles["images"][index]),
+                                [brenner(refocuser.image(index, true + step)) for step in offsets])
+            if kept is not None:
+                after = true + offsets[kept]
         final.append(after)
         action.append(chosen)
         probe_side_right.append(side_right)
         exposures.append(shots)
+        brackets.append(bracketed)
     return {"index": indices, "true_um": tiles["true_um"][indices], "final_um": np.array(final),
             "depth_of_field_um": tiles["depth_of_field_um"][indices],
             "action": np.array(action), "probe_side_right": np.array(probe_side_right, dtype=object),
-            "exposures": np.array(exposures)}
+            "exposures": np.array(exposures), "bracketed": np.array(brackets, bool)}
 
 
 def scan_outcome_statistics(outcomes: dict) -> dict:
@@ -429,6 +440,7 @@ def scan_outcome_statistics(outcomes: dict) -> dict:
             "corrections": int(np.sum(outcomes["action"] == "correct")),
             "side_probes": int(np.sum(outcomes["action"] == "probe")), "probes_decided": int(decided.sum()),
             "probes_decided_right": int(sum(bool(side) for side in outcomes["probe_side_right"][decided])),
+            "bracketed": int(outcomes["bracketed"].sum()),
             "exposures_per_tile": float(outcomes["exposures"].mean())}
 
 
@@ -451,12 +463,13 @@ def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_M
     lines = [f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
              "autofocus as the scan runs it, a correction kept only if sharper)",
              f"{'imaging':<16}{'n':>4} {'map |d|':>8} {'scan |d|':>9} {'in focus':>9} {'worse':>6} {'improved':>9} "
-             f"{'corrected':>10} {'probes':>7} {'decided':>8} {'right':>6} {'shots/tile':>11}"]
+             f"{'corrected':>10} {'probes':>7} {'decided':>8} {'right':>6} {'bracketed':>10} {'shots/tile':>11}"]
     for imaging, s in table.items():
         in_focus = f"{s['in_focus_focus_map']}->{s['in_focus_scan']}"
         lines.append(f"{imaging:<16}{s['n']:4d} {s['focus_map_mean_abs_um']:8.2f} {s['scan_mean_abs_um']:9.2f} "
                      f"{in_focus:>9} {s['tiles_worse']:6d} {s['tiles_improved']:9d} {s['corrections']:10d} {s['side_probes']:7d} "
-                     f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s['exposures_per_tile']:11.2f}")
+                     f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s.get('bracketed', 0):10d} "
+                     f"{s['exposures_per_tile']:11.2f}")
     return "\n".join(lines)
 
 
