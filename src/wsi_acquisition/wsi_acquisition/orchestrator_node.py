@@ -344,8 +344,8 @@ class ScanOrchestratorNode(Node):
         return _focus_reply(estimate) if estimate.valid else None
 
     def _estimate_untiled_image(self, frame, frame_above=None, step_above_um: float = 0.0) -> FocusReply | None:
-        """The autofocus node's estimate of an image that is not a tile, by its service: a side probe alone,
-        or a tile with the probe taken `step_above_um` higher (two exposures)."""
+        """The autofocus node's estimate of an image that is not a tile, by its service: a side probe or a
+        correction's capture alone, or a tile with the probe taken `step_above_um` higher (two exposures)."""
         if not self._estimate_image.service_is_ready():
             return None
         request = EstimateFocus.Request(pixel_size_um=frame.pixel_size_um, numerical_aperture=frame.numerical_aperture,

@@ -179,8 +179,8 @@ class ScanRunner:
         self.on_progress = on_progress
         self.should_cancel = should_cancel
         self.on_plan = on_plan
-        # An image that is not a tile (a side probe): estimate_image(frame), or with a second exposure of the
-        # same field step µm higher, estimate_image(frame, frame_above, step).
+        # An image that is not a tile (a side probe, a correction before it is kept): estimate_image(frame), or
+        # with a second exposure of the same field step µm higher, estimate_image(frame, frame_above, step).
         self.estimate_image = estimate_image
         self.calibrate_focus = calibrate_focus      # scan directory -> what the calibration reported
         self.retries = retries
