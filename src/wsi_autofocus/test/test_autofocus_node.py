@@ -12,6 +12,8 @@ from sensor_msgs.msg import Image
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus.inference import GPU_DEVICE_FILES
+from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL
+from wsi_autofocus.two_shot import Condenser, TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_common.image import array_to_image
 from wsi_common.ros_env import node_environment
@@ -180,9 +182,38 @@ def test_a_node_that_only_estimates_never_loads_torch(tmp_path):
     assert done.stdout.strip().splitlines()[-2:] == ["onnxruntime", "[]"]
 
 
-def test_a_condenser_that_cannot_be_is_refused_at_start_with_the_reason():
-    done = subprocess.run([sys.executable, "-m", "wsi_autofocus.node", "--ros-args", "-p", "condenser_fill:=0.5",
-                           "-p", "condenser_inner_fill:=0.6"], env=node_environment(), capture_output=True, text=True,
-                          timeout=120)
+@pytest.mark.parametrize("declared, reason", [
+    (("condenser_fill:=0.5", "condenser_inner_fill:=0.6"), "condenser fill 0.5, inner fill 0.6"),
+    (("condenser_fill:=0.5", "condenser_numerical_aperture:=0.4"), "declare one")])
+def test_a_condenser_that_cannot_be_is_refused_at_start_with_the_reason(declared, reason):
+    arguments = [item for parameter in declared for item in ("-p", parameter)]
+    done = subprocess.run([sys.executable, "-m", "wsi_autofocus.node", "--ros-args", *arguments],
+                          env=node_environment(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert "cannot start" in done.stderr and "condenser fill 0.5, inner fill 0.6" in done.stderr, done.stderr
+    assert "cannot start" in done.stderr and reason in done.stderr, done.stderr
+
+
+def test_a_condenser_declared_by_its_na_fills_each_objective_by_that_objectives_na(run_nodes, ros_node, tiny_model):
+    """One condenser setting for every objective: the pair of each objective is read with the fill its NA
+    gives, as the core reads it with that fill declared."""
+    condenser_na = DEFAULT_CONDENSER_FILL * 0.75
+    run_nodes([NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
+                        module="wsi_autofocus.node", parameters={"model_dir": str(tiny_model), "backend": "auto",
+                                                                 "condenser_numerical_aperture": condenser_na})])
+    client = ros_node.create_client(EstimateFocus, "estimate_focus")
+    assert client.wait_for_service(timeout_sec=30)
+    microscope, pairs = VirtualMicroscope(seed=200), TwoShotModel.load(default_two_shot_path())
+    x, y = 43_000.0, 12_500.0
+    for magnification in (20, 40):
+        first, above = (microscope.capture(x, y, microscope.focal_z_um(x, y) + z, magnification, roi=(256, 256, 384, 384))
+                        for z in (-3.0, -1.0))
+        request = EstimateFocus.Request(pixel_size_um=first.pixel_size_um, numerical_aperture=first.numerical_aperture,
+                                        step_above_um=2.0)
+        array_to_image(first.image_rgb8, "rgb8", request.image)
+        array_to_image(above.image_rgb8, "rgb8", request.image_above)
+        response = call(ros_node, client, request)
+        assert response.success, response.error
+        fill = Condenser(min(condenser_na / first.numerical_aperture, 1.0))
+        expected = pairs.estimate(first.image_rgb8, above.image_rgb8, first.numerical_aperture, first.pixel_size_um,
+                                  2.0, fill)
+        assert response.defocus_um == pytest.approx(expected.defocus_um, abs=1e-4), magnification

@@ -135,6 +135,26 @@ def test_a_condenser_is_a_disc_or_a_ring_inside_the_objective_aperture():
     assert two_shot.Condenser.equivalent_disc(radii, np.exp(-(radii / 0.3) ** 2)).fill < 0.45
 
 
+def test_a_condenser_declared_by_its_na_fills_less_of_a_higher_na_objective():
+    shared = two_shot.CondenserDeclaration(numerical_aperture=0.45)
+    assert shared.for_objective(0.75).fill == pytest.approx(0.6) and shared.for_objective(0.75).inner_fill == 0.0
+    assert shared.for_objective(0.95).fill == pytest.approx(0.45 / 0.95)
+    assert shared.for_objective(0.3) == two_shot.Condenser(1.0)      # beyond a low-NA objective's aperture
+    ring = two_shot.CondenserDeclaration(numerical_aperture=0.6, inner_numerical_aperture=0.3)
+    assert (ring.for_objective(0.75).fill, ring.for_objective(0.75).inner_fill) == pytest.approx((0.8, 0.4))
+    with pytest.raises(TwoShotError, match="dark field"):
+        ring.for_objective(0.25)
+    # Set per objective as a fraction of its NA, or not known: the same condenser under every objective.
+    assert two_shot.CondenserDeclaration(0.7).for_objective(0.95) == two_shot.Condenser(0.7)
+    assert two_shot.CondenserDeclaration().for_objective(0.75) == two_shot.UNKNOWN_CONDENSER
+    with pytest.raises(TwoShotError, match="declare one"):
+        two_shot.CondenserDeclaration(fill=0.7, numerical_aperture=0.5)
+    with pytest.raises(TwoShotError, match="expected 0 <= inner < NA"):
+        two_shot.CondenserDeclaration(numerical_aperture=0.3, inner_numerical_aperture=0.4)
+    with pytest.raises(TwoShotError, match="needs it"):
+        shared.for_objective(0.0)
+
+
 def test_training_hides_the_condenser_of_a_share_of_the_pairs():
     n = 4000
     pairs = {"features": np.zeros((n, two_shot.FEATURE_COUNT), np.float32),

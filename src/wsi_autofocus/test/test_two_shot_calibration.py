@@ -121,9 +121,11 @@ def test_sweeps_that_leave_nothing_to_judge_by_are_refused(tmp_path):
     assert not (tmp_path / "two_shot.npz").exists()
 
 
-def test_the_command_line_refuses_an_impossible_condenser_before_reading_the_scan(tmp_path, capsys):
+@pytest.mark.parametrize("declared, reason", [
+    (["--condenser-fill", "0.5", "--condenser-inner-fill", "0.6"], "condenser fill 0.5, inner fill 0.6"),
+    (["--condenser-fill", "0.5", "--condenser-na", "0.4"], "declare one")])
+def test_the_command_line_refuses_an_impossible_condenser_before_reading_the_scan(tmp_path, capsys, declared, reason):
     from wsi_autofocus import cli
 
-    code = cli.main(["calibrate", "--scan", str(tmp_path / "no-such-scan"), "--condenser-fill", "0.5",
-                     "--condenser-inner-fill", "0.6"])
-    assert code == 2 and "condenser fill 0.5, inner fill 0.6" in capsys.readouterr().err
+    code = cli.main(["calibrate", "--scan", str(tmp_path / "no-such-scan"), *declared])
+    assert code == 2 and reason in capsys.readouterr().err

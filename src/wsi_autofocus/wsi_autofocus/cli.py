@@ -23,7 +23,7 @@ import numpy as np
 
 from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
-from wsi_autofocus.two_shot import Condenser, TwoShotError, TwoShotModel
+from wsi_autofocus.two_shot import CondenserDeclaration, TwoShotError, TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 
 DEFAULT_DATA_DIR = Path("build/autofocus-data")
@@ -94,11 +94,13 @@ def command_calibrate(args) -> int:
     from wsi_autofocus.calibration_store import CalibrationStore, stacks_from_scan
 
     try:
-        condenser = Condenser(args.condenser_fill, args.condenser_inner_fill)
+        declaration = CondenserDeclaration(args.condenser_fill, args.condenser_inner_fill, args.condenser_na,
+                                           args.condenser_inner_na)
+        stacks, optics = stacks_from_scan(args.scan)
+        condenser = declaration.for_objective(optics["numerical_aperture"])
     except TwoShotError as error:
         print(f"wsi-autofocus calibrate: {error}", file=sys.stderr)
         return 2
-    stacks, optics = stacks_from_scan(args.scan)
     key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
     output = args.output or CalibrationStore(args.store, args.scanner).model_dir(*key)
     result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print,
@@ -234,6 +236,11 @@ def main(argv=None) -> int:
                                 "autofocus node's condenser_fill declares it (0: not known)")
     calibrate.add_argument("--condenser-inner-fill", type=float, default=0.0,
                            help="inner edge of a ring source, fraction of the objective NA (0: a disc)")
+    calibrate.add_argument("--condenser-na", type=float, default=0.0,
+                           help="instead of --condenser-fill: the condenser's NA, one setting for every objective, "
+                                "as the autofocus node's condenser_numerical_aperture declares it")
+    calibrate.add_argument("--condenser-inner-na", type=float, default=0.0,
+                           help="with --condenser-na: inner edge of a ring source as an NA (0: a disc)")
     calibrate.set_defaults(run=command_calibrate)
     train_two_shot = commands.add_parser("train-two-shot", help="render exposure pairs, train the two-shot model")
     train_two_shot.add_argument("--data-dir", type=Path, default=Path("build/two-shot-data"))

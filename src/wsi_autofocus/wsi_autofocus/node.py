@@ -18,7 +18,7 @@ from rclpy.node import Node
 
 from wsi_autofocus.calibration_store import CalibratedEstimators, CalibrationError, CalibrationStore, stacks_from_scan
 from wsi_autofocus.inference import BackendUnavailableError, FocusInputError
-from wsi_autofocus.two_shot import Condenser, TwoShotError, with_second_exposure
+from wsi_autofocus.two_shot import CondenserDeclaration, TwoShotError, with_second_exposure
 from wsi_common.diagnostics import DiagnosticsPublisher, worker_level
 from wsi_common.executors import PoolExecutor
 from wsi_common.image import ImageConversionError, image_to_array, to_rgb
@@ -38,6 +38,10 @@ PARAMETERS = {
     "condenser_fill": (0.0, "the microscope's condenser aperture (outer edge of a ring source) as a fraction of the "
                             "objective NA, read by the two-shot model; 0 = not known"),
     "condenser_inner_fill": (0.0, "inner edge of a ring source as a fraction of the objective NA; 0 for a disc"),
+    "condenser_numerical_aperture": (0.0, "instead of condenser_fill: the condenser's NA, one setting for every "
+                                          "objective (each objective's fill follows from its NA); 0 = not given"),
+    "condenser_inner_numerical_aperture": (0.0, "with condenser_numerical_aperture: a ring source's inner edge as an "
+                                                "NA; 0 for a disc"),
     "threads": (2, "CPU threads for inference"),
     "max_batch_tiles": (8, "most queued tiles evaluated in one batch"),
     "diagnostics_period_s": (2.0, "period of /diagnostics messages"),
@@ -53,7 +57,9 @@ class AutofocusNode(Node):
         super().__init__("autofocus")
         self.params = declare_parameters(self, PARAMETERS)
         try:
-            self.condenser = Condenser(self.params["condenser_fill"], self.params["condenser_inner_fill"])
+            self.condenser = CondenserDeclaration(
+                self.params["condenser_fill"], self.params["condenser_inner_fill"],
+                self.params["condenser_numerical_aperture"], self.params["condenser_inner_numerical_aperture"])
             self.store = CalibrationStore(self.params["calibration_root"], self.params["scanner_name"])
             self.estimators = CalibratedEstimators(self.store, self.params["backend"], self.params["model_dir"] or None,
                                                    self.params["threads"], self.params["two_shot_model"] or None)
@@ -141,7 +147,8 @@ class AutofocusNode(Node):
                                           request.pixel_size_um)
                 result = with_second_exposure(two_shot, result, image, decode_rgb(request.image_above),
                                               request.numerical_aperture, request.pixel_size_um,
-                                              request.step_above_um, self.condenser)
+                                              request.step_above_um,
+                                              self.condenser.for_objective(request.numerical_aperture))
         except (ImageConversionError, FocusInputError, TwoShotError) as error:
             response.success, response.error = False, str(error)
             return response
@@ -164,7 +171,7 @@ class AutofocusNode(Node):
             key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
             result = calibrate_both(stacks, self.store.model_dir(*key), self.params["model_dir"] or None,
                                     self.params["two_shot_model"] or None, {"name": self.store.scanner} | optics,
-                                    condenser=self.condenser)
+                                    condenser=self.condenser.for_objective(optics["numerical_aperture"]))
         except (CalibrationError, OSError, ValueError, KeyError) as error:
             response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
             self.get_logger().error(response.error)

@@ -143,6 +143,43 @@ class Condenser:
 UNKNOWN_CONDENSER = Condenser(0.0)
 
 
+@dataclass(frozen=True)
+class CondenserDeclaration:
+    """How a scanner declares its condenser, one way or the other: as fractions of whichever objective's NA
+    (`fill`, `inner_fill`: the aperture diaphragm set for each objective, as Köhler illumination has it), or by
+    the condenser's own NA (`numerical_aperture`, `inner_numerical_aperture`: one setting shared by the
+    objectives, which fills less of a higher-NA objective's aperture). All 0: not known."""
+    fill: float = 0.0
+    inner_fill: float = 0.0
+    numerical_aperture: float = 0.0
+    inner_numerical_aperture: float = 0.0
+
+    def __post_init__(self):
+        by_na = (self.numerical_aperture, self.inner_numerical_aperture) != (0.0, 0.0)
+        if by_na and (self.fill, self.inner_fill) != (0.0, 0.0):
+            raise TwoShotError(f"condenser declared both as fill {self.fill} (inner {self.inner_fill}) and as NA "
+                               f"{self.numerical_aperture} (inner {self.inner_numerical_aperture}); declare one")
+        if by_na and not 0.0 <= self.inner_numerical_aperture < self.numerical_aperture:
+            raise TwoShotError(f"condenser NA {self.numerical_aperture}, inner NA {self.inner_numerical_aperture}; "
+                               "expected 0 <= inner < NA")
+        if not by_na:
+            Condenser(self.fill, self.inner_fill)
+
+    def for_objective(self, numerical_aperture: float) -> Condenser:
+        """The condenser as the two-shot model reads it under an objective of `numerical_aperture`: a
+        condenser NA beyond the objective's fills its aperture."""
+        if (self.numerical_aperture, self.inner_numerical_aperture) == (0.0, 0.0):
+            return Condenser(self.fill, self.inner_fill)
+        if not numerical_aperture > 0:
+            raise TwoShotError(f"objective NA {numerical_aperture}: a condenser declared by its NA needs it")
+        inner = self.inner_numerical_aperture / numerical_aperture
+        if inner >= 1.0:
+            raise TwoShotError(f"a ring source from NA {self.inner_numerical_aperture} lies outside the NA "
+                               f"{numerical_aperture} objective's aperture: dark field, which the two-shot model "
+                               "does not read")
+        return Condenser(min(self.numerical_aperture / numerical_aperture, 1.0), inner)
+
+
 def model_inputs(features: np.ndarray, condenser_fill, condenser_inner_fill) -> np.ndarray:
     """The model's input rows: `pair_features` rows and each pair's condenser (`Condenser` fields, scalars or
     one per row; 0 and 0: not known)."""
