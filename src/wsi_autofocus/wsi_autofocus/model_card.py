@@ -284,7 +284,9 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
 
     model = two_shot.TwoShotModel.load(model_path)
     meta = model.metadata
-    near, wide, ring = (two_shot_training.PAIR_SPLITS["train"][name] for name in ("near", "wide", "ring"))
+    near, wide = (two_shot_training.PAIR_SPLITS["train"][name] for name in ("near", "wide"))
+    ring_pairs = sum(spec.pairs_per_specimen for name, spec in two_shot_training.PAIR_SPLITS["train"].items()
+                     if name.startswith("ring"))
     calibration = evaluation.get("calibration_under_held_out_imaging")
     on_the_slide = evaluation.get("calibration_on_the_slide")
     checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
@@ -311,7 +313,7 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         f"±{wide.max_defocus_um:g} µm; {wide.virtual_microscope_fraction:.0%} through the virtual microscope, the rest "
         f"through microscopes drawn at random (`training_optics`; {wide.annular_fraction:.0%} of them with ring "
         f"illumination, {wide.rim_weighted_fraction:.0%} with pupils brighter at the rim), {wide.texture_fraction:.0%} "
-        f"of those showing re-stained training textures; {ring.pairs_per_specimen} pairs per training specimen more "
+        f"of those showing re-stained training textures; {ring_pairs} pairs per training specimen more "
         "as the wide ones but every microscope ring-lit. Specimens and textures split as the single-shot model's; "
         "the held-out microscopes and the real images below are never seen. Features: per band of spatial "
         f"frequency ({len(two_shot.BAND_EDGES) - 1} bands from {two_shot.BAND_EDGES[0]:g} to "
