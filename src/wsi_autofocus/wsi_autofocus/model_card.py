@@ -346,9 +346,9 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "focus the single shot knows but not the side) with this model and moves to the estimated focus when the "
         "estimate is trusted or sure of the side (`focus.two_shot_offset`); a correction that still reads surely out "
         "of focus went through focus or stopped short, and one more capture where the two bracket it "
-        "(`focus.bracketing_offset`) finds it when it went through (this model reads a ring-lit microscope's distances "
-        "long); the sharpest capture is kept only if sharper than the focus map's. What that makes of the same tiles "
-        "(columns as in the single-shot card):",
+        "(`focus.bracketing_offset`) finds it when it went through (distances read on a microscope the models never "
+        "saw can be off by a factor); the sharpest capture is kept only if sharper than the focus map's. What that "
+        "makes of the same tiles (columns as in the single-shot card):",
         "",
         "```",
         shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]),

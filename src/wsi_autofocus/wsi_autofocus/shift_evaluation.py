@@ -468,7 +468,7 @@ def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_M
         in_focus = f"{s['in_focus_focus_map']}->{s['in_focus_scan']}"
         lines.append(f"{imaging:<16}{s['n']:4d} {s['focus_map_mean_abs_um']:8.2f} {s['scan_mean_abs_um']:9.2f} "
                      f"{in_focus:>9} {s['tiles_worse']:6d} {s['tiles_improved']:9d} {s['corrections']:10d} {s['side_probes']:7d} "
-                     f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s.get('bracketed', 0):10d} "
+                     f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s['bracketed']:10d} "
                      f"{s['exposures_per_tile']:11.2f}")
     return "\n".join(lines)
 
