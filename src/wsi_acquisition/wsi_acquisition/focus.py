@@ -108,6 +108,21 @@ def bracketing_offset(offset_um: float, distance_um: float, corrected_distance_u
     return offset_um * distance_um / (distance_um + corrected_distance_um)
 
 
+def correction_captures(offset_um: float, distance_um: float, depth_of_field_um: float, capture, estimate) -> list:
+    """A correction's captures as a scan takes them: `capture(offset_um)`, and, when `estimate` of that capture
+    (anything with distance_um and distance_uncertainty_um, or None) reads it surely out of focus, one more
+    where it and the first capture (`distance_um` from focus) bracket focus (`bracketing_offset`). Returns
+    (offset, capture) pairs; `kept_capture` chooses among them."""
+    captures = [(offset_um, capture(offset_um))]
+    corrected = estimate(captures[0][1])
+    if corrected is not None:
+        bracket = bracketing_offset(offset_um, distance_um, corrected.distance_um, corrected.distance_uncertainty_um,
+                                    depth_of_field_um)
+        if bracket is not None:
+            captures.append((bracket, capture(bracket)))
+    return captures
+
+
 def kept_capture(focus_map_sharpness: float, sharpnesses: list[float]) -> int | None:
     """Which of a tile's corrected captures replaces the focus map's: the sharpest, if it is measurably
     sharper than the focus map's (`keeps_correction`); None keeps the focus map's."""

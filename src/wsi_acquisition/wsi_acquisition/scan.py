@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, FOCUS_MAP, bracketing_offset,
+from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, FOCUS_MAP, correction_captures,
                                    focus_action, kept_capture, probe_step_um, sharpness_gain, side_from_probe,
                                    two_shot_offset)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend, ReadOut
@@ -559,22 +559,20 @@ class ScanRunner:
     def _try_correction(self, tile, map_z: float, offset_um: float, source: str, original: TileRecord,
                         reply: FocusReply, depth_of_field_um: float) -> None:
         """Capture at the corrected z and, when that capture still reads surely out of focus, once more where
-        the two bracket focus (`focus.bracketing_offset`). The sharpest capture becomes the tile's re-capture
+        the two bracket focus (`focus.correction_captures`). The sharpest capture becomes the tile's re-capture
         if it is measurably sharper than the focus map's (`focus.kept_capture`); the others are kept as focus
         checks."""
-        captures = [self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
-                                  offset_um, True)]
-        corrected = self.estimate_image(captures[0][1]) if self.estimate_image is not None else None
-        if corrected is not None:
-            bracket = bracketing_offset(offset_um, reply.distance_um, corrected.distance_um,
-                                        corrected.distance_uncertainty_um, depth_of_field_um)
-            if bracket is not None:
-                captures.append(self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um,
-                                              map_z, bracket, True))
-                captures[-1][0].bracketed_from_offset_um = offset_um
+        taken = correction_captures(
+            offset_um, reply.distance_um, depth_of_field_um,
+            lambda offset: self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
+                                         offset, True),
+            lambda taken: self.estimate_image(taken[1]) if self.estimate_image is not None else None)
+        captures = [capture for _, capture in taken]
         for record, _ in captures:
             record.focus_source = source
             record.sharpness_gain = sharpness_gain(record.sharpness, original.sharpness)
+        for record, _ in captures[1:]:
+            record.bracketed_from_offset_um = offset_um
         kept = kept_capture(original.sharpness, [record.sharpness for record, _ in captures])
         for index, (record, frame) in enumerate(captures):
             if index == kept:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import (bracketing_offset, focus_action, kept_capture, probe_step_um, side_from_probe,
+from wsi_acquisition.focus import (correction_captures, focus_action, kept_capture, probe_step_um, side_from_probe,
                                    trusts_estimate, two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, depth_of_field_um
@@ -399,25 +399,20 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
                 if above is not None:
                     offset = -estimate.distance_um if above else estimate.distance_um
                     side_right = above == (true > 0)
-        after, bracketed = true, False
+        after, taken = true, []
         if offset is not None:
-            offsets = [offset]
-            corrected, = estimator.estimate_many([refocuser.image(index, true + offset)], [optics])
-            bracket = bracketing_offset(offset, estimate.distance_um, corrected.distance_um,
-                                        corrected.distance_uncertainty_um, dof)
-            if bracket is not None:
-                offsets.append(bracket)
-                bracketed = True
-            shots += len(offsets)
-            kept = kept_capture(brenner(tiles["images"][index]),
-                                [brenner(refocuser.image(index, true + step)) for step in offsets])
+            taken = correction_captures(offset, estimate.distance_um, dof,
+                                        lambda step: refocuser.image(index, true + step),
+                                        lambda image: estimator.estimate_many([image], [optics])[0])
+            shots += len(taken)
+            kept = kept_capture(brenner(tiles["images"][index]), [brenner(image) for _, image in taken])
             if kept is not None:
-                after = true + offsets[kept]
+                after = true + taken[kept][0]
         final.append(after)
         action.append(chosen)
         probe_side_right.append(side_right)
         exposures.append(shots)
-        brackets.append(bracketed)
+        brackets.append(len(taken) > 1)
     return {"index": indices, "true_um": tiles["true_um"][indices], "final_um": np.array(final),
             "depth_of_field_um": tiles["depth_of_field_um"][indices],
             "action": np.array(action), "probe_side_right": np.array(probe_side_right, dtype=object),
