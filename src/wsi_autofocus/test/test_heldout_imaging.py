@@ -93,6 +93,18 @@ def test_astigmatism_makes_the_transfer_function_depend_on_direction():
     assert abs(along_x[0].real - along_y[0].real) > 0.05
 
 
+def test_the_transfer_on_an_images_frequency_grid_is_the_pointwise_interpolation():
+    optics = training_optics.TrainingOptics(20.0, 0.75, 6.5, 0.7, ((2, 2, 0.15),), 0.0, (0.61, 0.53, 0.465),
+                                            (0.0, 0.0, 0.0))
+    # Beyond the table's edge (the finest pixel reaches past it) both read 0.
+    fy, fx = np.fft.fftfreq(96, d=0.1), np.fft.rfftfreq(80, d=0.1)
+    for defocus_um in (0.0, 7.0):
+        transfer = training_optics.weak_object_transfer(optics, 0.53, defocus_um)
+        grid = transfer.on_grid(fy, fx)
+        assert grid.shape == (96, 41)
+        np.testing.assert_allclose(grid, transfer(fy[:, None], fx[None, :]), atol=1e-6)
+        assert np.abs(grid).max() > 0.5 and grid[48, 0] == 0
+
 def _held_out_sweep(specimen, x, y, defocus_values):
     rng = np.random.default_rng(3)
     return [heldout_imaging.capture(SCOPE, specimen, x, y, d, 20.0, 192, rng).image_rgb8 for d in defocus_values]

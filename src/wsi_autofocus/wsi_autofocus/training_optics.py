@@ -123,6 +123,24 @@ class WeakObjectTransfer:
         imaginary = ndimage.map_coordinates(self.table.imag, coordinates, order=1, mode="constant")
         return (real + 1j * imaginary).reshape(row.shape)
 
+    def on_grid(self, frequencies_y: np.ndarray, frequencies_x: np.ndarray) -> np.ndarray:
+        """W on the grid of 1-D frequency axes (cycles/µm), (len(y), len(x)): the same bilinear values as
+        `__call__`, interpolated one axis at a time, which an image's whole spectrum needs at a fraction of the
+        cost of interpolating every point."""
+        rows, row_low, row_high = self._axis_weights(frequencies_y)
+        cols, col_low, col_high = self._axis_weights(frequencies_x)
+        along_y = self.table[rows] * row_low[:, None] + self.table[rows + 1] * row_high[:, None]
+        return along_y[:, cols] * col_low + along_y[:, cols + 1] * col_high
+
+    def _axis_weights(self, frequencies: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Table index below each frequency and the weights of it and the next; 0 outside the table."""
+        size = self.table.shape[0]
+        position = np.ravel(frequencies) * self.samples_per_cutoff + size // 2
+        lower = np.clip(np.floor(position).astype(np.intp), 0, size - 2)
+        above = (position - lower).astype(np.float32)
+        inside = (position >= 0) & (position <= size - 1)
+        return lower, np.where(inside, 1 - above, 0).astype(np.float32), np.where(inside, above, 0).astype(np.float32)
+
 
 @functools.lru_cache(maxsize=8)
 def _pupil_grid(optics: TrainingOptics, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,10 +181,10 @@ def weak_object_transfer(optics: TrainingOptics, wavelength_um: float, defocus_u
 def transfer_functions(optics: TrainingOptics, wavelength_um: float, defocus_um: float,
                        shape: tuple[int, int], pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
     """(H_a, H_p) on the rfft2 grid of an image of `shape` (complex64)."""
-    fy = np.fft.fftfreq(shape[0], d=pixel_size_um)[:, None]
-    fx = np.fft.rfftfreq(shape[1], d=pixel_size_um)[None, :]
+    fy = np.fft.fftfreq(shape[0], d=pixel_size_um)
+    fx = np.fft.rfftfreq(shape[1], d=pixel_size_um)
     transfer = weak_object_transfer(optics, wavelength_um, defocus_um)
-    forward, backward = transfer(fy, fx), transfer(-fy, -fx)
+    forward, backward = transfer.on_grid(fy, fx), transfer.on_grid(-fy, -fx)
     absorption = 0.5 * (forward + np.conj(backward))
     phase = 1j * (forward - np.conj(backward))
     return absorption.astype(np.complex64), phase.astype(np.complex64)
