@@ -1,6 +1,8 @@
 """The evaluation's scan outcome runs the scan's own rules on held-out imaging: a confident, wrong
 estimate is tried, found not sharper and refused, so no tile ends further from focus. Its calibration tables
 say how far the sweeps' own focus lies from the evaluation's and how far a calibrated model reads off on average."""
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -8,6 +10,7 @@ from scipy import ndimage
 from wsi_autofocus import shift_evaluation
 from wsi_autofocus.calibration_store import ZStack
 from wsi_autofocus.inference import TileEstimate
+from wsi_common.focus_metrics import tissue_fraction
 
 CONFIDENT_DEFOCUS_UM = 5.0
 
@@ -37,6 +40,24 @@ def test_scan_outcome_refuses_corrections_that_are_not_sharper(tmp_path):
     # The re-imaged fields were cached: a second run renders nothing new and agrees.
     again = shift_evaluation.scan_outcome_table(spec, tiles, estimator, estimates, tmp_path)
     assert again == table
+
+
+@pytest.mark.slow
+def test_procedural_tiles_are_fields_that_show_tissue_in_focus():
+    """The overview's tissue mask admits bare glass inside a section's outline (three of this cell's fields
+    before), where no focus can be found: such fields are drawn again."""
+    spec = shift_evaluation.ShiftSpec()
+    in_focus = shift_evaluation._FieldCamera(spec, shift_evaluation.OWN_SIMULATOR, 40.0)
+
+    def field_tissue(min_fraction):
+        _, positions, _ = shift_evaluation._cell_layout(
+            dataclasses.replace(spec, min_field_tissue_fraction=min_fraction), shift_evaluation.PROCEDURAL,
+            "abbe-astigmatic", 40.0)
+        return np.array([tissue_fraction(in_focus.capture(specimen, x, y, 0.0, None).image_rgb8)
+                         for specimen, x, y in positions])
+
+    assert np.sum(field_tissue(0.0) < 0.01) >= 1
+    assert field_tissue(spec.min_field_tissue_fraction).min() >= spec.min_field_tissue_fraction
 
 
 def _sweep_sharpest_at(peak_um: float, rng) -> ZStack:

@@ -30,7 +30,7 @@ from wsi_autofocus.calibration_store import CalibrationError, stacks_with_focus
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import OBJECTIVES, SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
 from wsi_autofocus.evaluate import sweep_time_s
-from wsi_common.focus_metrics import brenner, focus_tolerance_um
+from wsi_common.focus_metrics import brenner, focus_tolerance_um, tissue_fraction
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 OWN_SIMULATOR = "own-simulator"
@@ -49,6 +49,9 @@ class ShiftSpec:
     content: tuple[str, ...] = CONTENT_SOURCES
     exposure_ms: float = 8.0
     seed: int = 11
+    # A procedural tile's field shows at least this much tissue in focus (`tissue_fraction`): the overview's tissue
+    # mask (40 µm pixels) also admits fields of bare glass inside a section's outline, where no focus is to be found.
+    min_field_tissue_fraction: float = 0.02
 
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -58,19 +61,31 @@ def _procedural_specimens():
     return [specimen_for_seed(seed) for seed in SPLITS["test"].specimen_seeds]
 
 
-def _positions(content: str, rng: np.random.Generator, count: int, specimens) -> list[tuple[object, float, float]]:
-    """(specimen, x, y) for `count` tiles on tissue of a content source."""
-    if content == PROCEDURAL:
-        chosen = rng.integers(0, len(specimens), count)
-        out = []
-        for index in range(len(specimens)):
-            picks = int((chosen == index).sum())
-            if picks:
-                scope = VirtualMicroscope(specimen=specimens[index], seed=SPLITS["test"].specimen_seeds[index])
-                out += [(specimens[index], float(x), float(y)) for x, y in tissue_points(scope, rng, picks)]
-        return out
-    specimen = RealImageSpecimen(EVALUATION_IMAGES[content])
-    return [(specimen, float(x), float(y)) for x, y in specimen.tissue_points(rng, count)]
+def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.random.Generator,
+               specimens) -> list[tuple[object, float, float]]:
+    """(specimen, x, y) for `spec.tiles_per_cell` tiles on tissue of a content source; a procedural tile's field
+    (imaged in focus by the virtual microscope) shows at least `spec.min_field_tissue_fraction` of tissue."""
+    if content != PROCEDURAL:
+        specimen = RealImageSpecimen(EVALUATION_IMAGES[content])
+        return [(specimen, float(x), float(y)) for x, y in specimen.tissue_points(rng, spec.tiles_per_cell)]
+    chosen = rng.integers(0, len(specimens), spec.tiles_per_cell)
+    in_focus = _FieldCamera(spec, OWN_SIMULATOR, magnification)
+    out = []
+    for index, specimen in enumerate(specimens):
+        picks, draws = int((chosen == index).sum()), 0
+        scope = VirtualMicroscope(specimen=specimen, seed=SPLITS["test"].specimen_seeds[index]) if picks else None
+        while picks:
+            if draws > 20 * spec.tiles_per_cell:
+                raise ValueError(f"test specimen {index}: {draws} fields drawn on its tissue mask, too few show "
+                                 f"{spec.min_field_tissue_fraction:.0%} tissue at {magnification:g}x")
+            fields = tissue_points(scope, rng, picks)
+            draws += picks
+            kept = [(specimen, float(x), float(y)) for x, y in fields
+                    if tissue_fraction(in_focus.capture(specimen, float(x), float(y), 0.0, rng).image_rgb8)
+                    >= spec.min_field_tissue_fraction]
+            out += kept
+            picks -= len(kept)
+    return out
 
 
 def _cells(spec: ShiftSpec) -> list[tuple[str, str, float]]:
@@ -83,7 +98,7 @@ def _cell_layout(spec: ShiftSpec, content: str, imaging: str, magnification: flo
     """The cell's random generator, tile positions and defocus: the same on every call."""
     rng = np.random.default_rng([spec.seed, CONTENT_SOURCES.index(content), IMAGING_MODELS.index(imaging),
                                  int(magnification)])
-    positions = _positions(content, rng, spec.tiles_per_cell, _procedural_specimens() if content == PROCEDURAL else None)
+    positions = _positions(spec, content, magnification, rng, _procedural_specimens() if content == PROCEDURAL else None)
     defocus = rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, spec.tiles_per_cell)
     return rng, positions, defocus
 
