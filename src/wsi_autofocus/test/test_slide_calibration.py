@@ -1,10 +1,13 @@
 """Calibration on the slide itself is judged on fields its sweeps never saw."""
+import dataclasses
+
 import numpy as np
 import pytest
 
+from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import heldout_imaging, slide_calibration
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.shift_evaluation import PROCEDURAL, CalibrationSpec
+from wsi_autofocus.shift_evaluation import PROCEDURAL, CalibrationSpec, in_focus_tissue_fraction
 from wsi_autofocus.two_shot import default_step_um
 
 
@@ -19,6 +22,22 @@ def test_procedural_test_fields_lie_clear_of_every_sweep_field():
     half_fields_um = (spec.test_tile_px + spec.sweeps.tile_px) / 2 * _widest_pixel_um(spec)
     gaps = np.abs(tests[:, None, :] - sweeps[None, :, :]).max(axis=2)
     assert gaps.min() > half_fields_um
+
+
+@pytest.mark.slow
+def test_procedural_test_fields_show_tissue_where_sweeps_may_not():
+    """The Gaussian-lit slide's fields: two test fields were bare glass before."""
+    spec = slide_calibration.SlideCalibrationSpec()
+
+    def fields_tissue(min_fraction):
+        specimen, _, tests = slide_calibration._fields(dataclasses.replace(spec, min_field_tissue_fraction=min_fraction),
+                                                       PROCEDURAL, np.random.default_rng([spec.seed, 2, 0]))
+        microscope = VirtualMicroscope(specimen=specimen, seed=0)
+        return np.array([in_focus_tissue_fraction(microscope, x, y, spec.sweeps.magnification, spec.test_tile_px)
+                         for x, y in tests])
+
+    assert np.sum(fields_tissue(0.0) < 0.01) >= 1
+    assert fields_tissue(spec.min_field_tissue_fraction).min() >= spec.min_field_tissue_fraction
 
 
 def _rows_in_image(specimen: RealImageSpecimen, points: np.ndarray) -> np.ndarray:

@@ -37,6 +37,9 @@ OWN_SIMULATOR = "own-simulator"
 IMAGING_MODELS = (OWN_SIMULATOR, *heldout_imaging.HELD_OUT_SCOPES)
 PROCEDURAL = "procedural-heldout"
 CONTENT_SOURCES = (PROCEDURAL, *EVALUATION_IMAGES)
+# A procedural test field shows at least this much tissue in focus (`tissue_fraction`): the overview's tissue mask
+# (40 µm pixels) also admits fields of bare glass inside a section's outline, where there is no focus to find.
+MIN_FIELD_TISSUE_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,7 @@ class ShiftSpec:
     content: tuple[str, ...] = CONTENT_SOURCES
     exposure_ms: float = 8.0
     seed: int = 11
-    # A procedural tile's field shows at least this much tissue in focus (`tissue_fraction`): the overview's tissue
-    # mask (40 µm pixels) also admits fields of bare glass inside a section's outline, where no focus is to be found.
-    min_field_tissue_fraction: float = 0.02
+    min_field_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION
 
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -69,7 +70,6 @@ def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.rand
         specimen = RealImageSpecimen(EVALUATION_IMAGES[content])
         return [(specimen, float(x), float(y)) for x, y in specimen.tissue_points(rng, spec.tiles_per_cell)]
     chosen = rng.integers(0, len(specimens), spec.tiles_per_cell)
-    in_focus = _FieldCamera(spec, OWN_SIMULATOR, magnification)
     out = []
     for index, specimen in enumerate(specimens):
         picks, draws = int((chosen == index).sum()), 0
@@ -81,11 +81,21 @@ def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.rand
             fields = tissue_points(scope, rng, picks)
             draws += picks
             kept = [(specimen, float(x), float(y)) for x, y in fields
-                    if tissue_fraction(in_focus.capture(specimen, float(x), float(y), 0.0, rng).image_rgb8)
+                    if in_focus_tissue_fraction(scope, float(x), float(y), magnification, spec.tile_px)
                     >= spec.min_field_tissue_fraction]
             out += kept
             picks -= len(kept)
     return out
+
+
+def in_focus_tissue_fraction(microscope: VirtualMicroscope, x_um: float, y_um: float, magnification: float,
+                             tile_px: int) -> float:
+    """`tissue_fraction` of the tile_px field at (x, y) imaged in focus by the virtual microscope: whether a
+    field shows tissue, whatever the microscope a test images it with."""
+    camera = microscope.camera
+    roi = ((camera.height_px - tile_px) // 2, (camera.width_px - tile_px) // 2, tile_px, tile_px)
+    capture = microscope.capture(x_um, y_um, float(microscope.focal_z_um(x_um, y_um)), magnification, roi=roi)
+    return tissue_fraction(capture.image_rgb8)
 
 
 def _cells(spec: ShiftSpec) -> list[tuple[str, str, float]]:

@@ -6,11 +6,13 @@ calibrates itself (`ScanSlide.calibrate_autofocus`) has sweeps of the very slide
 its stain, thickness and the relation of phase to absorption are the same. The sweep fields and the test
 fields never overlap: on a procedural specimen the test fields lie at least a field's width from every
 sweep field; on a real image (mirrored over the plane) sweeps take the top band of its height and tests
-the bottom band. The immunohistochemistry image is not used: one 20x field shows all of it.
+the bottom band; a procedural test field shows tissue in focus (`shift_evaluation.MIN_FIELD_TISSUE_FRACTION`).
+The immunohistochemistry image is not used: one 20x field shows all of it.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +24,9 @@ from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
-from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, calibrated_statistics, describe_calibration,
-                                            format_calibration, imaging_condenser, pair_estimates, render_sweep,
+from wsi_autofocus.shift_evaluation import (MIN_FIELD_TISSUE_FRACTION, PROCEDURAL, CalibrationSpec, calibrated_statistics,
+                                            describe_calibration, format_calibration, imaging_condenser,
+                                            in_focus_tissue_fraction, pair_estimates, render_sweep,
                                             two_shot_calibrated_statistics, z_stacks)
 
 SLIDES = (PROCEDURAL, "real-he")
@@ -44,6 +47,7 @@ class SlideCalibrationSpec:
     slides: tuple[str, ...] = SLIDES
     seed: int = 31
     second_exposure_depths: float = two_shot.DEFAULT_STEP_DEPTHS     # above each test field, for the two-shot model
+    min_field_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION      # of a procedural test field, in focus
 
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -61,9 +65,15 @@ def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
                        for scope in heldout_imaging.HELD_OUT_SCOPES.values())
         apart_um = (spec.test_tile_px + spec.sweeps.tile_px) * pixel_um
         distance = np.abs(candidates[count:, None, :] - sweep_points[None, :, :]).max(axis=2).min(axis=1)
-        test_points = candidates[count:][distance > apart_um][:spec.test_tiles]
+        # Sweeps are taken where the focus map would take them, glass or not; test fields show tissue.
+        showing_tissue = (point for point in candidates[count:][distance > apart_um]
+                          if in_focus_tissue_fraction(microscope, float(point[0]), float(point[1]),
+                                                      spec.sweeps.magnification, spec.test_tile_px)
+                          >= spec.min_field_tissue_fraction)
+        test_points = np.array(list(itertools.islice(showing_tissue, spec.test_tiles)))
         if len(test_points) < spec.test_tiles:
-            raise RuntimeError(f"{len(test_points)} of {spec.test_tiles} test fields of {slide} lie clear of its sweeps")
+            raise RuntimeError(f"{len(test_points)} of {spec.test_tiles} test fields of {slide} lie clear of its sweeps "
+                               "and show tissue")
         return microscope.specimen, sweep_points, test_points
     specimen = RealImageSpecimen(EVALUATION_IMAGES[slide])
     return specimen, specimen.tissue_points(rng, count, SWEEP_ROWS), specimen.tissue_points(rng, spec.test_tiles, TEST_ROWS)
