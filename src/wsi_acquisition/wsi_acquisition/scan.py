@@ -30,7 +30,7 @@ from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, Ti
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
-from wsi_common.focus_metrics import brenner, refine_peak
+from wsi_common.focus_metrics import MIN_FOCUS_PEAK_CONTRAST, brenner, peak_contrast, refine_peak
 from wsi_common.scan_files import JOURNAL_NAME, plan_record
 
 
@@ -170,7 +170,7 @@ class ScanRunner:
                  on_plan: Callable[[TilePlan], None] = lambda plan: None,
                  estimate_image: Callable[..., FocusReply | None] | None = None,
                  calibrate_focus: Callable[[Path], dict] | None = None,
-                 retries: int = 2, z_approach_um: float = 5.0, min_focus_contrast: float = 1.3,
+                 retries: int = 2, z_approach_um: float = 5.0, min_focus_contrast: float = MIN_FOCUS_PEAK_CONTRAST,
                  clock: Callable[[], float] = time.monotonic):
         self.backend = backend
         self.request = request
@@ -364,7 +364,7 @@ class ScanRunner:
             images += sweep
             z_values += [float(z) for z in zs]
             peak = int(np.argmax(scores))
-            if step == coarse_step and (scores[peak] < self.min_focus_contrast * np.median(scores)
+            if step == coarse_step and (peak_contrast(scores) < self.min_focus_contrast
                                         or peak in (0, len(scores) - 1)):
                 return None
             best = refine_peak(zs, scores)

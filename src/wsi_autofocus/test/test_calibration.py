@@ -49,6 +49,17 @@ def test_stacks_that_cannot_calibrate_are_refused_with_the_reason():
         calibrate([ZStack(stack.images[:3], stack.z_um[:3], 0.325, 0.75)] * 2, default_model_dir())
 
 
+def test_a_sweep_over_glass_whose_noise_peaks_inside_it_has_no_focus():
+    """Camera noise alone, a little stronger in the middle image: a sharpness peak inside the sweep, 1.1x its
+    median, which a scan's focus map would not call focus either."""
+    rng = np.random.default_rng(0)
+    noise = np.array([1.6 if index == 4 else 1.5 for index in range(9)])
+    images = np.clip(np.round(200 + noise[:, None, None, None] * rng.standard_normal((9, 128, 128, 3))), 0, 255)
+    glass = ZStack(images.astype(np.uint8), np.arange(-4.0, 4.5, 1.0), 0.325, 0.75)
+    with pytest.raises(CalibrationError, match=r"peaks at only 1\.\d\dx its median sharpness.*no clear focus"):
+        glass.focus_z_um()
+
+
 def _flip_side(model_dir, destination):
     """A deliberately mismatched model: the shipped one with its side of focus reversed."""
     model = load_checkpoint(model_dir / "model.pt")

@@ -84,6 +84,17 @@ def tissue_fraction(image: np.ndarray) -> float:
     return float(tissue_mask(image, step=TISSUE_SAMPLE_STEP).mean())
 
 
+# A z-sweep's sharpness peak stands at least this far above the sweep's median where the field has a focus to
+# find; glass, a hole or a fold give a flat sweep whose noise may peak anywhere.
+MIN_FOCUS_PEAK_CONTRAST = 1.3
+
+
+def peak_contrast(scores: np.ndarray) -> float:
+    """A z-sweep's highest sharpness over its median (`MIN_FOCUS_PEAK_CONTRAST`)."""
+    scores = np.asarray(scores, dtype=float)
+    return float(scores.max() / max(float(np.median(scores)), 1e-12))
+
+
 def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:
     """Peak of a sampled focus curve (z ascending, evenly spaced or not: a coarse and a fine sweep
     together), refined by a parabola through the best sample and its neighbours; the best sample
