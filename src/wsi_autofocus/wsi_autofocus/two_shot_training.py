@@ -68,10 +68,11 @@ def _pair_sets(split: str, near_pairs: int, wide_pairs: int, ring_pairs: int, se
 
 # The data sets of each split, one file each; a split is their union. The model's error falls with the number of
 # training pairs (validation pairs at 20x: three quarters of the first draw read 9 % worse, half 26 %), so the
-# training split adds a second draw of the same sets (other seeds) at 70 % of their size: as many pairs as
+# training split adds draws of the same sets (other seeds) at 70 % of their size: as many pairs as
 # `make train-two-shot` renders within an hour here.
-PAIR_SPLITS = {"train": _pair_sets("train", 300, 600, 150, seed=21) | _pair_sets("train", 210, 420, 105, seed=31,
-                                                                                  suffix="-2"),
+PAIR_SPLITS = {"train": _pair_sets("train", 300, 600, 150, seed=21)
+               | _pair_sets("train", 210, 420, 105, seed=31, suffix="-2")
+               | _pair_sets("train", 210, 420, 105, seed=41, suffix="-3"),
                "val": _pair_sets("val", 250, 250, 150, seed=22)}
 
 
