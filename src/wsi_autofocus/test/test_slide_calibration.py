@@ -30,8 +30,9 @@ def test_procedural_test_fields_show_tissue_where_sweeps_may_not():
     spec = slide_calibration.SlideCalibrationSpec()
 
     def fields_tissue(min_fraction):
-        specimen, _, tests = slide_calibration._fields(dataclasses.replace(spec, min_field_tissue_fraction=min_fraction),
-                                                       PROCEDURAL, np.random.default_rng([spec.seed, 2, 0]))
+        specimen, _, tests = slide_calibration._fields(
+            dataclasses.replace(spec, min_field_tissue_fraction=min_fraction), PROCEDURAL,
+            np.random.default_rng([spec.seed, 2, 0]))
         microscope = VirtualMicroscope(specimen=specimen, seed=0)
         return np.array([in_focus_tissue_fraction(microscope, x, y, spec.sweeps.magnification, spec.test_tile_px)
                          for x, y in tests])

@@ -52,10 +52,11 @@ class ZStack:
         if best in (0, len(z) - 1):
             raise CalibrationError(f"stack over z {z[0]:.1f}..{z[-1]:.1f} µm is sharpest at its end "
                                    f"({z[best]:.1f} µm): its focus is not inside the sweep")
-        if peak_contrast(scores) < MIN_FOCUS_PEAK_CONTRAST:
-            raise CalibrationError(f"stack over z {z[0]:.1f}..{z[-1]:.1f} µm peaks at only {peak_contrast(scores):.2f}x "
-                                   f"its median sharpness (at least {MIN_FOCUS_PEAK_CONTRAST} expected): no clear "
-                                   "focus, as over glass, a hole or a fold")
+        contrast = peak_contrast(scores)
+        if contrast < MIN_FOCUS_PEAK_CONTRAST:
+            raise CalibrationError(f"stack over z {z[0]:.1f}..{z[-1]:.1f} µm peaks at only {contrast:.2f}x its median "
+                                   f"sharpness (at least {MIN_FOCUS_PEAK_CONTRAST} expected): no clear focus, as over "
+                                   "glass, a hole or a fold")
         return refine_peak(z, scores)
 
 

@@ -108,7 +108,8 @@ def _cell_layout(spec: ShiftSpec, content: str, imaging: str, magnification: flo
     """The cell's random generator, tile positions and defocus: the same on every call."""
     rng = np.random.default_rng([spec.seed, CONTENT_SOURCES.index(content), IMAGING_MODELS.index(imaging),
                                  int(magnification)])
-    positions = _positions(spec, content, magnification, rng, _procedural_specimens() if content == PROCEDURAL else None)
+    specimens = _procedural_specimens() if content == PROCEDURAL else None
+    positions = _positions(spec, content, magnification, rng, specimens)
     defocus = rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, spec.tiles_per_cell)
     return rng, positions, defocus
 

@@ -24,9 +24,9 @@ from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
-from wsi_autofocus.shift_evaluation import (MIN_FIELD_TISSUE_FRACTION, PROCEDURAL, CalibrationSpec, calibrated_statistics,
-                                            describe_calibration, format_calibration, imaging_condenser,
-                                            in_focus_tissue_fraction, pair_estimates, render_sweep,
+from wsi_autofocus.shift_evaluation import (MIN_FIELD_TISSUE_FRACTION, PROCEDURAL, CalibrationSpec,
+                                            calibrated_statistics, describe_calibration, format_calibration,
+                                            imaging_condenser, in_focus_tissue_fraction, pair_estimates, render_sweep,
                                             two_shot_calibrated_statistics, z_stacks)
 
 SLIDES = (PROCEDURAL, "real-he")
@@ -72,8 +72,8 @@ def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
                           >= spec.min_field_tissue_fraction)
         test_points = np.array(list(itertools.islice(showing_tissue, spec.test_tiles)))
         if len(test_points) < spec.test_tiles:
-            raise RuntimeError(f"{len(test_points)} of {spec.test_tiles} test fields of {slide} lie clear of its sweeps "
-                               "and show tissue")
+            raise RuntimeError(f"{len(test_points)} of {spec.test_tiles} test fields of {slide} lie clear of its "
+                               "sweeps and show tissue")
         return microscope.specimen, sweep_points, test_points
     specimen = RealImageSpecimen(EVALUATION_IMAGES[slide])
     return specimen, specimen.tissue_points(rng, count, SWEEP_ROWS), specimen.tissue_points(rng, spec.test_tiles, TEST_ROWS)
