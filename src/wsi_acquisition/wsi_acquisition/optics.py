@@ -130,6 +130,10 @@ class Camera:
     def max_adu(self) -> int:
         return (1 << self.bit_depth) - 1
 
+    def centre_roi(self, size_px: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the size_px square at the sensor's centre: a capture's region of interest."""
+        return (self.height_px - size_px) // 2, (self.width_px - size_px) // 2, size_px, size_px
+
     @property
     def raw_dtype(self) -> type:
         """The type of the raw counts (`expose`)."""

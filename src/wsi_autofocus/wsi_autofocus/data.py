@@ -110,9 +110,8 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     exposures = rng.uniform(3.0, 10.0, n)     # glass from ~60 to ~210 of 255: no clipping
     randomised = rng.random(n) < spec.randomised_fraction
     texture = randomised & (rng.random(n) < spec.texture_fraction) & bool(spec.texture_images)
-    camera = microscope.camera
     p = context_px(spec.patch_px)
-    roi = ((camera.height_px - p) // 2, (camera.width_px - p) // 2, p, p)
+    roi = microscope.camera.centre_roi(p)
     fields = np.empty((n, p, p, 3), np.uint8)
     labels = np.empty(n, np.float32)
     numerical_aperture = np.empty(n, np.float32)

@@ -36,8 +36,7 @@ class EvaluationSpec:
 
 def render_tile(microscope: VirtualMicroscope, x, y, defocus_um, magnification, spec: EvaluationSpec):
     """A centred `spec.tile_px` square of the sensor at a known defocus from the true focal surface."""
-    camera = microscope.camera
-    roi = ((camera.height_px - spec.tile_px) // 2, (camera.width_px - spec.tile_px) // 2, spec.tile_px, spec.tile_px)
+    roi = microscope.camera.centre_roi(spec.tile_px)
     focal = float(microscope.focal_z_um(x, y))
     return microscope.capture(x, y, focal + defocus_um, magnification, exposure_ms=spec.exposure_ms, roi=roi)
 

@@ -92,9 +92,8 @@ def in_focus_tissue_fraction(microscope: VirtualMicroscope, x_um: float, y_um: f
                              tile_px: int) -> float:
     """`tissue_fraction` of the tile_px field at (x, y) imaged in focus by the virtual microscope: whether a
     field shows tissue, whatever the microscope a test images it with."""
-    camera = microscope.camera
-    roi = ((camera.height_px - tile_px) // 2, (camera.width_px - tile_px) // 2, tile_px, tile_px)
-    capture = microscope.capture(x_um, y_um, float(microscope.focal_z_um(x_um, y_um)), magnification, roi=roi)
+    capture = microscope.capture(x_um, y_um, float(microscope.focal_z_um(x_um, y_um)), magnification,
+                                 roi=microscope.camera.centre_roi(tile_px))
     return tissue_fraction(capture.image_rgb8)
 
 
@@ -132,9 +131,7 @@ class _FieldCamera:
             return heldout_imaging.capture(heldout_imaging.HELD_OUT_SCOPES[self.imaging], specimen, x, y, defocus_um,
                                            self.magnification, self.spec.tile_px, rng)
         microscope = self._microscope(specimen)
-        camera = microscope.camera
-        roi = ((camera.height_px - self.spec.tile_px) // 2, (camera.width_px - self.spec.tile_px) // 2,
-               self.spec.tile_px, self.spec.tile_px)
+        roi = microscope.camera.centre_roi(self.spec.tile_px)
         return microscope.capture(x, y, float(microscope.focal_z_um(x, y)) + defocus_um, self.magnification,
                                   exposure_ms=self.spec.exposure_ms, roi=roi)
 

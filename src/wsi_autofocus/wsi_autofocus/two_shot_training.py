@@ -89,9 +89,8 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
     features = np.zeros((n, FEATURE_COUNT), np.float32)
     aperture = np.zeros(n, np.float32)
     condenser = np.zeros((n, 2), np.float32)
-    camera = microscope.camera
     side = spec.field_px
-    roi = ((camera.height_px - side) // 2, (camera.width_px - side) // 2, side, side)
+    roi = microscope.camera.centre_roi(side)
     for i in np.flatnonzero(source == 0):
         x, y = points[i]
         focal = float(microscope.focal_z_um(x, y))
