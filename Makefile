@@ -42,8 +42,8 @@ train-autofocus: $(VENV)/.built
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
 
-# The two-shot model: renders its pairs (about 34 min in two processes on this machine), fits the ensemble
-# (3.5 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
+# The two-shot model: renders its pairs (35 min in two processes on this machine), fits the ensemble
+# (3 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
 # exposures and focus-map sweeps rendered once).
 train-two-shot: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
