@@ -30,7 +30,7 @@ from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, Ti
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
-from wsi_common.focus_metrics import MIN_FOCUS_PEAK_CONTRAST, brenner, peak_contrast, refine_peak
+from wsi_common.focus_metrics import MIN_FOCUS_PEAK_CONTRAST, brenner, refine_peak, unclear_peak
 from wsi_common.scan_files import JOURNAL_NAME, plan_record
 
 
@@ -363,9 +363,7 @@ class ScanRunner:
             scores = np.array([brenner(image) for image in sweep])
             images += sweep
             z_values += [float(z) for z in zs]
-            peak = int(np.argmax(scores))
-            if step == coarse_step and (peak_contrast(scores) < self.min_focus_contrast
-                                        or peak in (0, len(scores) - 1)):
+            if step == coarse_step and unclear_peak(zs, scores, self.min_focus_contrast) is not None:
                 return None
             best = refine_peak(zs, scores)
         self._save_sweep(x_um, y_um, float(best), images, z_values)

@@ -16,7 +16,7 @@ from wsi_autofocus.inference import default_model_dir
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
 from wsi_autofocus.two_shot import TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
-from wsi_common.focus_metrics import MIN_FOCUS_PEAK_CONTRAST, brenner, peak_contrast, refine_peak
+from wsi_common.focus_metrics import brenner, refine_peak, unclear_peak
 from wsi_common.scan_files import MANIFEST_NAME, Manifest
 
 
@@ -41,22 +41,16 @@ class ZStack:
     best_focus_z_um: float | None = None   # None: the sharpness peak of the images
 
     def focus_z_um(self) -> float:
-        """Best-focus z: given, or the refined Brenner peak of the stack (`refine_peak`), which must lie inside
-        the sweep and stand out of it as a scan's focus map requires (`MIN_FOCUS_PEAK_CONTRAST`)."""
+        """Best-focus z: given, or the refined Brenner peak of the stack (`refine_peak`), which must be a clear
+        peak by the rule of a scan's focus map (`unclear_peak`)."""
         if self.best_focus_z_um is not None:
             return float(self.best_focus_z_um)
         order = np.argsort(self.z_um)
         z = np.asarray(self.z_um, float)[order]
         scores = np.array([brenner(image) for image in self.images[order]])
-        best = int(np.argmax(scores))
-        if best in (0, len(z) - 1):
-            raise CalibrationError(f"stack over z {z[0]:.1f}..{z[-1]:.1f} µm is sharpest at its end "
-                                   f"({z[best]:.1f} µm): its focus is not inside the sweep")
-        contrast = peak_contrast(scores)
-        if contrast < MIN_FOCUS_PEAK_CONTRAST:
-            raise CalibrationError(f"stack over z {z[0]:.1f}..{z[-1]:.1f} µm peaks at only {contrast:.2f}x its median "
-                                   f"sharpness (at least {MIN_FOCUS_PEAK_CONTRAST} expected): no clear focus, as over "
-                                   "glass, a hole or a fold")
+        reason = unclear_peak(z, scores)
+        if reason is not None:
+            raise CalibrationError(reason)
         return refine_peak(z, scores)
 
 

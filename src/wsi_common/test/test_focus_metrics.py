@@ -3,7 +3,17 @@ wsi_acquisition/test/test_focus.py."""
 import numpy as np
 import pytest
 
-from wsi_common.focus_metrics import brenner, luminance, refine_peak, tissue_fraction
+from wsi_common.focus_metrics import brenner, luminance, refine_peak, tissue_fraction, unclear_peak
+
+
+def test_a_sweep_has_a_focus_when_its_peak_lies_inside_and_stands_out():
+    z = np.linspace(-5.0, 5.0, 11)
+    assert unclear_peak(z, 1.0 + 4.0 * np.exp(-z ** 2)) is None
+    assert "sharpest at its end" in unclear_peak(z, 1.0 + 4.0 * np.exp(-(z - 5.0) ** 2))
+    flat = np.ones_like(z)
+    flat[5] = 1.2
+    assert "peaks at only 1.20x its median" in unclear_peak(z, flat)
+    assert unclear_peak(z, flat, min_contrast=1.1) is None      # the scan's threshold is a parameter
 
 
 def test_refine_peak_finds_the_vertex_between_samples():

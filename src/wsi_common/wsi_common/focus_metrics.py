@@ -95,6 +95,21 @@ def peak_contrast(scores: np.ndarray) -> float:
     return float(scores.max() / max(float(np.median(scores)), 1e-12))
 
 
+def unclear_peak(z_um: np.ndarray, scores: np.ndarray, min_contrast: float = MIN_FOCUS_PEAK_CONTRAST) -> str | None:
+    """Why a z-sweep (z ascending, a sharpness per z) shows no focus to find, or None when it does: its sharpest
+    image must lie inside the sweep and stand at least `min_contrast` times above the sweep's median."""
+    z_um, scores = np.asarray(z_um, dtype=float), np.asarray(scores, dtype=float)
+    best = int(np.argmax(scores))
+    if best in (0, len(scores) - 1):
+        return (f"the sweep over z {z_um[0]:.1f}..{z_um[-1]:.1f} µm is sharpest at its end ({z_um[best]:.1f} µm): "
+                "its focus is not inside the sweep")
+    contrast = peak_contrast(scores)
+    if contrast < min_contrast:
+        return (f"the sweep over z {z_um[0]:.1f}..{z_um[-1]:.1f} µm peaks at only {contrast:.2f}x its median "
+                f"sharpness (at least {min_contrast} expected): no clear focus, as over glass, a hole or a fold")
+    return None
+
+
 def refine_peak(z_um: np.ndarray, scores: np.ndarray) -> float:
     """Peak of a sampled focus curve (z ascending, evenly spaced or not: a coarse and a fine sweep
     together), refined by a parabola through the best sample and its neighbours; the best sample
