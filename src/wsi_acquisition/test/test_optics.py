@@ -4,12 +4,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import (OTF_TABLE_FREQUENCIES, REFERENCE_WAVELENGTH_UM, STANDARD_OBJECTIVES,
                                     Camera, OpticsError, OtfGrid, best_focus_shift_um, depth_of_field_um,
-                                    diffraction_limited_mtf, radial_otf_table, transfer_tables)
+                                    diffraction_limited_mtf, radial_otf_table, standard_normal_float32,
+                                    transfer_tables)
 from wsi_acquisition.specimen import GLASS_OD, SyntheticSlide
 from wsi_common.focus_metrics import brenner
 
@@ -263,3 +264,17 @@ def test_transfer_on_the_frequency_grid_interpolates_the_radial_tables():
             assert on_grid.shape == radius.shape and on_grid.dtype == np.float32
             assert np.abs(on_grid - expected).max() < 1e-5
         assert np.abs(grids[1]).max() > 0.01 or defocus_um == 0.0    # the phase transfer is not left empty
+
+
+def test_the_camera_noise_draw_is_standard_normal_and_independent():
+    rng = np.random.default_rng(7)
+    noise = standard_normal_float32(rng, (301, 400, 3))        # an odd count: one Box-Muller pair is cut
+    assert noise.shape == (301, 400, 3) and noise.dtype == np.float32 and np.isfinite(noise).all()
+    values = noise.ravel().astype(np.float64)
+    assert abs(values.mean()) < 0.01 and abs(values.std() - 1.0) < 0.01
+    assert stats.kstest(values[::7], "norm").pvalue > 0.01
+    # The two draws of a pair (here the first and second halves) and neighbouring pixels are independent.
+    half = len(values) // 2
+    assert abs(np.corrcoef(values[:half] ** 2, values[half:2 * half] ** 2)[0, 1]) < 0.01
+    assert abs(np.corrcoef(values[:-1], values[1:])[0, 1]) < 0.01
+    assert not np.array_equal(standard_normal_float32(rng, (4, 4)), standard_normal_float32(rng, (4, 4)))

@@ -1,10 +1,12 @@
 """The renderer stays the same simulator: captures compared with raw counts stored by an earlier renderer.
 
-`data/render_reference.npz` holds 12-bit raw captures (fixed noise seed, so the camera noise is the same
-draw) of the cases below, written by the renderer of commit 80468c4 (before the renderer was made
-faster) with
+`data/render_reference.npz` holds 12-bit raw captures of the cases below (fixed noise seed), written by the
+renderer of commit 80468c4 (before the renderer was made faster) with that commit's version of this file:
 
     PYTHONPATH=<that commit's src/*> python src/wsi_acquisition/test/test_render_reference.py --write
+
+Its camera noise was numpy's standard normal draw; the renderer is given the same draw here
+(`camera_noise`), so what differs is the rendering alone.
 
 The shipped focus model and the autofocus evaluation were made on that renderer's images, so a later
 renderer may differ from it by floating-point rounding only. Rewrite the file only for a deliberate
@@ -43,9 +45,14 @@ CASES = {
 }
 
 
+def numpy_standard_normal(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """The camera noise draw of the reference renderer."""
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
 def render(name: str) -> np.ndarray:
     kwargs, x, y, defocus, magnification, roi = CASES[name]
-    microscope = VirtualMicroscope(seed=0, **kwargs)
+    microscope = VirtualMicroscope(seed=0, camera_noise=numpy_standard_normal, **kwargs)
     z = microscope.focal_z_um(x, y) + defocus
     return microscope.capture(x, y, z, magnification, roi=roi, noise_seed=NOISE_SEED).raw
 

@@ -18,7 +18,7 @@ from wsi_common.tile_grid import field_of_view_um
 
 from .optics import (CHANNEL_WAVELENGTHS_UM, DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, Camera,
                      FocalSurface, Objective, OtfGrid, check_condenser_fill, depth_of_field_um,
-                     expose, relative_illumination, to_rgb8)
+                     expose, relative_illumination, standard_normal_float32, to_rgb8)
 from .specimen import Specimen, SyntheticSlide
 
 _LN10 = math.log(10.0)
@@ -69,13 +69,15 @@ class VirtualMicroscope:
     the camera noise of capture number k is drawn from (seed, k) unless `noise_seed` is given.
 
     condenser_fill: condenser NA / objective NA (the aperture diaphragm), 0 < fill <= 1; below 1 the
-    specimen's phase shows as contrast when defocused, at 1 (incoherent) it never does."""
+    specimen's phase shows as contrast when defocused, at 1 (incoherent) it never does.
+    camera_noise(rng, shape): the standard normal float32 draw of a capture's camera noise."""
 
     def __init__(self, specimen: Specimen | None = None, seed: int = 0, camera: Camera | None = None,
                  objectives: dict[float, Objective] | None = None,
                  focal_surface: FocalSurface | None = None, max_blur_levels: int = 3,
                  lamp_gradient: tuple[float, float] = (0.02, -0.015),
-                 condenser_fill: float = DEFAULT_CONDENSER_FILL, render_threads: int = 1):
+                 condenser_fill: float = DEFAULT_CONDENSER_FILL, render_threads: int = 1,
+                 camera_noise: Callable[[np.random.Generator, tuple], np.ndarray] = standard_normal_float32):
         self.condenser_fill = check_condenser_fill(condenser_fill)
         self.seed = int(seed)
         self.specimen = SyntheticSlide(seed=seed) if specimen is None else specimen
@@ -95,6 +97,7 @@ class VirtualMicroscope:
         self._pool = ThreadPoolExecutor(render_threads, "render") if render_threads > 1 else None
         self.render_threads = render_threads
         self.lamp_gradient = lamp_gradient
+        self.camera_noise = camera_noise
         self._capture_count = 0
         self._otf_grids: dict[tuple, OtfGrid] = {}
         self._region = None       # the last specimen region rendered: ((x0, y0, pixel), transmission, path)
@@ -143,7 +146,7 @@ class VirtualMicroscope:
         # Render-thread tasks, submitted in the order they depend on each other (`_submit`). The camera noise and
         # what does not depend on the specimen come first: one thread draws them while the other renders the
         # specimen (two threads rendering specimen bands at once slow each other down).
-        noise = self._submit(rng.standard_normal, (height, width, 3), dtype=np.float32)
+        noise = self._submit(self.camera_noise, rng, (height, width, 3))
         levels, position = self._blur_plan(self._sensor_defocus(x_um, y_um, z_um, objective),
                                            objective, (row0, col0, height, width))
         margin = self._margin_px(objective, [level for level, _ in levels], p)
@@ -210,8 +213,7 @@ class VirtualMicroscope:
         overview_camera = Camera(width_px=width, height_px=height, bit_depth=8, full_well_e=10_000.0,
                                  read_noise_e=5.0, bright_field_e_per_ms=900.0)
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xFEED])
-        raw = expose(transmitted, overview_camera, exposure_ms, 1.0, rng.standard_normal(transmitted.shape,
-                                                                                           dtype=np.float32))
+        raw = expose(transmitted, overview_camera, exposure_ms, 1.0, self.camera_noise(rng, transmitted.shape))
         return Overview(image_rgb8=raw, pixel_size_um=float(pixel_size_um))
 
     def check_roi(self, roi) -> tuple[int, int, int, int]:
