@@ -44,15 +44,15 @@ def test_scan_outcome_refuses_corrections_that_are_not_sharper(tmp_path):
 
 @pytest.mark.slow
 def test_procedural_tiles_are_fields_that_show_tissue_in_focus():
-    """The overview's tissue mask admits bare glass inside a section's outline (three of this cell's fields
+    """The overview's tissue mask admits bare glass inside a section's outline (one of this cell's fields
     before), where no focus can be found: such fields are drawn again."""
     spec = shift_evaluation.ShiftSpec()
-    in_focus = shift_evaluation._FieldCamera(spec, shift_evaluation.OWN_SIMULATOR, 40.0)
+    in_focus = shift_evaluation._FieldCamera(spec, shift_evaluation.OWN_SIMULATOR, 20.0)
 
     def field_tissue(min_fraction):
         _, positions, _ = shift_evaluation._cell_layout(
             dataclasses.replace(spec, min_field_tissue_fraction=min_fraction), shift_evaluation.PROCEDURAL,
-            "abbe-astigmatic", 40.0)
+            shift_evaluation.OWN_SIMULATOR, 20.0)
         return np.array([tissue_fraction(in_focus.capture(specimen, x, y, 0.0, None).image_rgb8)
                          for specimen, x, y in positions])
 
