@@ -8,10 +8,12 @@ import pytest
 from scipy import ndimage
 
 from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.specimen import GLASS_OD, pixel_centres_um
 from wsi_autofocus import data, heldout_imaging, training_optics, two_shot, two_shot_training
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.model_card import render_two_shot
 from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, pair_features
+from wsi_common.focus_metrics import tissue_fraction
 
 PIXEL_UM, APERTURE = 0.325, 0.75
 RATIO_BANDS = slice(0, len(two_shot.BAND_EDGES) - 1)
@@ -42,6 +44,92 @@ def test_band_ratios_depend_on_the_blur_not_on_the_specimen():
     assert np.allclose(_ratios(coarse, (2.0, 1.0)), sharper_second, rtol=0.1, atol=0.05)
     # The same specimens blurred the other way round: the second exposure is the blurrier one.
     assert np.all(_ratios(fine, (1.0, 2.0))[1:] < 0) and np.all(sharper_second[1:] > 0)
+
+
+def _stained(texture: np.ndarray) -> np.ndarray:
+    """A pink-stained RGB field of `texture` (relative contrast around 0)."""
+    density = np.clip(0.4 + 0.15 * texture / texture.std(), 0.0, None)
+    rgb = 230.0 * np.exp(-density[..., None] * np.array([0.3, 1.2, 0.6]))
+    return np.round(rgb).astype(np.uint8)
+
+
+def test_a_field_is_read_where_its_tissue_is():
+    """The Hann window over the whole field leaves a corner almost unseen: a field whose tissue lies only in its
+    top-right corner is read through the half-size window over that corner, a field full of tissue whole."""
+    rng = np.random.default_rng(3)
+    full = _stained(_specimen("coarse", rng))
+    assert two_shot.field_window(full) == (slice(0, 256), slice(0, 256))
+    corner = np.full_like(full, 225)
+    corner[:72, -72:] = full[:72, -72:]
+    assert two_shot.field_window(corner) == (slice(0, 128), slice(128, 256))
+
+
+def test_a_sub_field_reads_stationary_content_as_the_whole_field_does():
+    """The band powers of a region are scaled by the windows' energies: the same texture gives the same mean
+    log powers, so the model reads a sub-field on the scale it was trained on."""
+    rng = np.random.default_rng(4)
+    image = _stained(_specimen("coarse", rng))
+    whole, valid = two_shot.band_log_power(image, APERTURE, PIXEL_UM)
+    part, _ = two_shot.band_log_power(image, APERTURE, PIXEL_UM, (slice(64, 192), slice(64, 192)))
+    # Unscaled, a window of a quarter of the area reads every band log10(4) = 0.6 lower. The sub-field is a
+    # sample of the texture, so each band scatters a little; the lowest hold a handful of frequencies at 128 px.
+    difference = (part - whole)[valid & (two_shot.BAND_EDGES[:-1] >= 0.06)]
+    assert abs(difference.mean()) < 0.1 and np.abs(difference).max() < 0.3, difference
+
+
+class _CornerOfTissue:
+    """`base` where x >= left_um and y < bottom_um (the corner of a section with straight edges), glass elsewhere."""
+
+    def __init__(self, base, left_um: float, bottom_um: float):
+        self.base, self.left_um, self.bottom_um = base, left_um, bottom_um
+        self.width_um, self.height_um = base.width_um, base.height_um
+
+    def tissue_bounds_um(self):
+        return self.base.tissue_bounds_um()
+
+    def optical_density(self, *region):
+        return self.optical_density_and_path(*region)[0]
+
+    def optical_density_and_path(self, x0_um, y0_um, width_px, height_px, pixel_size_um):
+        od, path = self.base.optical_density_and_path(x0_um, y0_um, width_px, height_px, pixel_size_um)
+        glass = ((pixel_centres_um(x0_um, width_px, pixel_size_um)[None, :] < self.left_um)
+                 | (pixel_centres_um(y0_um, height_px, pixel_size_um)[:, None] >= self.bottom_um))
+        return (np.where(glass[..., None], GLASS_OD, od).astype(np.float32),
+                np.where(glass, 0.0, path).astype(np.float32))
+
+
+@pytest.mark.slow
+def test_a_field_whose_tissue_lies_in_a_corner_is_read_through_a_window_on_it():
+    """Tissue only in the top-right 60 x 60 px of a 256 px field, imaged by the virtual microscope (validation
+    specimens): through the whole field's window the shipped model sees mostly glass and answers with a
+    sigma of several µm; through `field_window` it reads the defocus as on a field full of tissue."""
+    model = TwoShotModel.load(two_shot.default_model_path())
+    rng = np.random.default_rng(8)
+    errors = {"field window": [], "whole field": []}
+    for seed in (100, 101, 102, 103):
+        base = data.specimen_for_seed(seed)
+        full = VirtualMicroscope(specimen=base, seed=seed)
+        roi, pixel_um = full.camera.centre_roi(256), full.pixel_size_um(20.0)
+        # The densest of a few fields on the section, so that the corner holds tissue.
+        x, y = max(data.tissue_points(full, rng, 8), key=lambda point: tissue_fraction(
+            full.capture(*point, full.focal_z_um(*point), 20.0, roi=roi).image_rgb8))
+        corner = _CornerOfTissue(base, x + (128 - 60) * pixel_um, y - (128 - 60) * pixel_um)
+        microscope = VirtualMicroscope(specimen=corner, seed=seed, focal_surface=full.focal_surface)
+        aperture = microscope.objective(20.0).numerical_aperture
+        step, condenser = two_shot.default_step_um(aperture), two_shot.Condenser(microscope.condenser_fill)
+        for defocus in (-5.0, -3.0, -1.5, 1.5, 3.0, 5.0):
+            first, second = (microscope.capture(x, y, microscope.focal_z_um(x, y) + z, 20.0, roi=roi).image_rgb8
+                             for z in (defocus, defocus + step))
+            assert two_shot.field_window(first) == (slice(0, 128), slice(128, 256))
+            windowed = model.estimate(first, second, aperture, pixel_um, step, condenser).defocus_um
+            whole = two_shot.features_from_bands(two_shot.band_log_power(first, aperture, pixel_um),
+                                                 two_shot.band_log_power(second, aperture, pixel_um),
+                                                 aperture, pixel_um, step)
+            depths, _ = model.predict_depths(two_shot.model_inputs(whole, condenser.fill, condenser.inner_fill))
+            errors["field window"].append(abs(windowed - defocus))
+            errors["whole field"].append(abs(depths[0] * two_shot.depth_unit_um(aperture) - defocus))
+    mae = {name: float(np.mean(values)) for name, values in errors.items()}
+    assert mae["field window"] < 0.5 and mae["field window"] < 0.5 * mae["whole field"], mae
 
 
 def test_pairs_that_cannot_be_compared_are_refused_with_the_reason():

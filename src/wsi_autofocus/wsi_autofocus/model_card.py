@@ -292,6 +292,8 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     model = two_shot.TwoShotModel.load(model_path)
     meta = model.metadata
     near, wide = (two_shot_training.PAIR_SPLITS["train"][name] for name in ("near", "wide"))
+    windowed = ("its training pairs were read so too" if meta.get("sub_window") else
+                "its training pairs were read through the whole field's window, before the sub-fields")
     ring_pairs = sum(spec.pairs_per_specimen for name, spec in two_shot_training.PAIR_SPLITS["train"].items()
                      if name.startswith("ring"))
     calibration = evaluation.get("calibration_under_held_out_imaging")
@@ -326,7 +328,9 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "the held-out microscopes and the real images below are never seen. Features: per band of spatial "
         f"frequency ({len(two_shot.BAND_EDGES) - 1} bands from {two_shot.BAND_EDGES[0]:g} to "
         f"{two_shot.BAND_EDGES[-1]:g} NA/λ, spaced by ratio below 0.3) the log power ratio of the two exposures, "
-        "their mean log power, whether the band is sampled. Each pair's condenser as drawn, hidden (not known) for "
+        "their mean log power, whether the band is sampled, through a Hann window over the field or, where the "
+        "field's tissue lies off its centre, over the half-size sub-field that holds the most of it "
+        f"(`two_shot.field_window`; {windowed}). Each pair's condenser as drawn, hidden (not known) for "
         f"{meta['config'].get('unknown_condenser_fraction', 0):.0%} of the pairs.",
         f"- Gaussian negative log-likelihood, AdamW, early stopping on the validation pairs, {meta['train_s']:.0f} s "
         f"for the ensemble on 2 CPU cores; sigma scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft
 
-from wsi_common.focus_metrics import focus_tolerance_um
+from wsi_common.focus_metrics import TISSUE_SAMPLE_STEP, focus_tolerance_um, tissue_mask
 
 REFERENCE_WAVELENGTH_UM = 0.55
 # Edges of the spatial-frequency bands, in units of NA / lambda (the coherent cut-off is 1, the
@@ -42,6 +42,12 @@ FEATURE_COUNT = 3 * (len(BAND_EDGES) - 1) + 2
 # The model reads the pair's features and the microscope's condenser (`model_inputs`).
 MODEL_INPUT_COUNT = FEATURE_COUNT + 2
 MODEL_FILE = "two_shot.npz"
+# A field is read through a Hann window, which weighs its corners down to almost nothing: a field whose tissue
+# lies in a corner (a section's edge) showed mostly glass and camera noise. Such a field is read through a
+# window of this fraction of its size placed on a grid of SUB_WINDOW_POSITIONS x SUB_WINDOW_POSITIONS over it,
+# where that window holds more of the tissue's signal energy than the whole field's (`field_window`).
+SUB_WINDOW_FRACTION = 0.5
+SUB_WINDOW_POSITIONS = 5
 
 
 class TwoShotError(ValueError):
@@ -70,17 +76,58 @@ def _band_layout(shape: tuple[int, int], numerical_aperture: float, pixel_size_u
     counts = np.bincount(index[index >= 0], minlength=len(BAND_EDGES) - 1)
     nyquist = 0.5 / pixel_size_um * REFERENCE_WAVELENGTH_UM / numerical_aperture
     valid = (BAND_EDGES[1:] <= nyquist) & (counts > 0)
-    window = np.outer(np.hanning(height), np.hanning(width)).astype(np.float32)
-    return index, counts, valid, window
+    return index, counts, valid, _hann(height, width)
 
 
-def band_log_power(image_rgb8: np.ndarray, numerical_aperture: float, pixel_size_um: float):
-    """Mean log10 power of the image's relative contrast in each band, and which bands are valid."""
-    gray = np.asarray(image_rgb8, np.float32).mean(axis=2)
+@functools.lru_cache(maxsize=16)
+def _hann(height: int, width: int) -> np.ndarray:
+    return np.outer(np.hanning(height), np.hanning(width)).astype(np.float32)
+
+
+def _window_energy(height: int, width: int) -> float:
+    """Sum of the squared Hann window: the band powers of stationary content grow in proportion to it."""
+    return float((np.hanning(height) ** 2).sum() * (np.hanning(width) ** 2).sum())
+
+
+def field_window(image_rgb8: np.ndarray) -> tuple[slice, slice]:
+    """(rows, columns) of the field to read: the whole field, or the sub-field of `SUB_WINDOW_FRACTION` of its
+    size, at one of `SUB_WINDOW_POSITIONS` x `SUB_WINDOW_POSITIONS` places, whose Hann window holds more tissue
+    signal energy (the squared window summed over the pixels that show stain, `tissue_mask`)."""
+    height, width = np.shape(image_rgb8)[:2]
+    step = TISSUE_SAMPLE_STEP
+    tissue = tissue_mask(image_rgb8, step=step)
+
+    def energy(rows: slice, cols: slice) -> float:
+        window = _hann(rows.stop - rows.start, cols.stop - cols.start)[::step, ::step]
+        return float((window ** 2 * tissue[rows.start // step:, cols.start // step:][:window.shape[0],
+                                                                                      :window.shape[1]]).sum())
+
+    best = (slice(0, height), slice(0, width))
+    best_energy = energy(*best)
+    sub_height, sub_width = round(height * SUB_WINDOW_FRACTION), round(width * SUB_WINDOW_FRACTION)
+    # Sub-windows on the tissue sample grid, so that each reads the mask from its own first pixel.
+    for top in np.linspace(0, height - sub_height, SUB_WINDOW_POSITIONS) // step * step:
+        for left in np.linspace(0, width - sub_width, SUB_WINDOW_POSITIONS) // step * step:
+            region = (slice(int(top), int(top) + sub_height), slice(int(left), int(left) + sub_width))
+            region_energy = energy(*region)
+            if region_energy > best_energy:
+                best, best_energy = region, region_energy
+    return best
+
+
+def band_log_power(image_rgb8: np.ndarray, numerical_aperture: float, pixel_size_um: float,
+                   region: tuple[slice, slice] | None = None):
+    """Mean log10 power of the relative contrast of the image (or of its `region`, `field_window`) in each band,
+    and which bands are valid. A region's power is scaled by the windows' energy ratio, so that stationary
+    content has the same band powers in any region as in the whole image."""
+    height, width = np.shape(image_rgb8)[:2]
+    gray = np.asarray(image_rgb8 if region is None else image_rgb8[region], np.float32).mean(axis=2)
     contrast = gray / max(float(gray.mean()), 1.0) - 1.0
     index, counts, valid, window = _band_layout(contrast.shape, float(numerical_aperture), float(pixel_size_um))
     contrast = (contrast - contrast.mean()) * window
     power = np.abs(fft.rfft2(contrast, workers=1)) ** 2
+    if contrast.shape != (height, width):
+        power *= _window_energy(height, width) / _window_energy(*contrast.shape)
     inside = index >= 0
     sums = np.bincount(index[inside], weights=power[inside], minlength=len(counts))
     return np.log10(sums / np.maximum(counts, 1) + 1e-12), valid
@@ -88,11 +135,13 @@ def band_log_power(image_rgb8: np.ndarray, numerical_aperture: float, pixel_size
 
 def pair_features(first_rgb8: np.ndarray, second_rgb8: np.ndarray, numerical_aperture: float,
                   pixel_size_um: float, step_um: float) -> np.ndarray:
-    """The model's input for two exposures of one field, the second `step_um` above the first."""
+    """The model's input for two exposures of one field, the second `step_um` above the first, both read in the
+    first's `field_window`."""
     if np.shape(first_rgb8) != np.shape(second_rgb8):
         raise TwoShotError(f"the two exposures differ in shape: {np.shape(first_rgb8)} and {np.shape(second_rgb8)}")
-    first = band_log_power(first_rgb8, numerical_aperture, pixel_size_um)
-    second = band_log_power(second_rgb8, numerical_aperture, pixel_size_um)
+    region = field_window(first_rgb8)
+    first = band_log_power(first_rgb8, numerical_aperture, pixel_size_um, region)
+    second = band_log_power(second_rgb8, numerical_aperture, pixel_size_um, region)
     return features_from_bands(first, second, numerical_aperture, pixel_size_um, step_um)
 
 

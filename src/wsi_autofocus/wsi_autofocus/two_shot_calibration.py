@@ -30,7 +30,8 @@ import numpy as np
 from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZStack, check_stacks, held_back_stacks,
                                              stacks_with_focus)
 from wsi_autofocus.two_shot import (UNKNOWN_CONDENSER, Condenser, TwoShotModel, band_log_power, default_model_path,
-                                    depth_unit_um, features_from_bands, label_depths, model_inputs, sigma_temperature)
+                                    depth_unit_um, features_from_bands, field_window, label_depths, model_inputs,
+                                    sigma_temperature)
 
 # Steps between the two images of a pair, in depths of focus: the range the model was trained on.
 STEP_DEPTHS = (1.0, 12.0)
@@ -60,7 +61,10 @@ def sweep_pairs(stacks: list[ZStack], condenser: Condenser) -> dict:
         focus, unit = stack.focus_z_um(), depth_unit_um(stack.numerical_aperture)
         order = np.argsort(stack.z_um)
         z = np.asarray(stack.z_um, float)[order]
-        bands = [band_log_power(stack.images[k], stack.numerical_aperture, stack.pixel_size_um) for k in order]
+        # Every image of the stack is read in one region, the one the image nearest focus shows tissue in.
+        region = field_window(stack.images[order[int(np.argmin(np.abs(z - focus)))]])
+        bands = [band_log_power(stack.images[k], stack.numerical_aperture, stack.pixel_size_um, region)
+                 for k in order]
         for lower in range(len(z)):
             if abs(z[lower] - focus) > MAX_LABEL_UM:
                 continue

@@ -23,8 +23,8 @@ from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
 from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, randomised_stack, sample_fields, save_npz, specimen_for_seed,
                                 starmap_in_processes)
-from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, TwoShotModel, depth_unit_um, label_depths, model_inputs,
-                                    pair_features, sigma_temperature)
+from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS, TwoShotModel,
+                                    depth_unit_um, label_depths, model_inputs, pair_features, sigma_temperature)
 
 SOURCES = ("virtual-microscope", "randomised-procedural", "randomised-texture")
 # What a pair file holds per pair: the features, the label and the optics that imaged the pair (the condenser as
@@ -132,7 +132,8 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
 
 def _description(spec: PairSpec) -> dict:
     """What a pair file was rendered from and what it holds, as its .json beside it records it."""
-    return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist(), "columns": list(PAIR_COLUMNS)}))
+    return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist(), "columns": list(PAIR_COLUMNS),
+                                                 "sub_window": [SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS]}))
 
 
 def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
@@ -143,7 +144,8 @@ def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
 
 
 def pairs_are_current(path: Path, spec: PairSpec) -> bool:
-    """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands."""
+    """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands and field
+    windows (`two_shot.field_window`)."""
     description = Path(path).with_suffix(".json")
     return (Path(path).exists() and description.exists()
             and json.loads(description.read_text()) == _description(spec))
@@ -245,7 +247,8 @@ def train_two_shot(train: dict, val: dict, config: TwoShotTrainingConfig = TwoSh
     model = TwoShotModel(arrays, {})
     temperature = sigma_temperature(model, val)
     model.arrays["sigma_temperature"] = np.float32(temperature)
-    model.metadata = {"band_edges": BAND_EDGES.tolist(), "config": asdict(config),
+    model.metadata = {"band_edges": BAND_EDGES.tolist(), "sub_window": [SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS],
+                      "config": asdict(config),
                       "sigma_temperature": temperature, "train_pairs": len(x_train),
                       "val_pairs": len(x_val), "train_s": round(time.monotonic() - started, 1)}
     log(f"ensemble of {config.members}: sigma scaled by {temperature:.3f}")
