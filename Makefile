@@ -22,7 +22,7 @@ test: $(VENV)/.built
 	$(PY) -m pytest
 
 scan: $(VENV)/.built
-	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/wsi scan --output-dir out
+	$(VENV)/bin/wsi scan --output-dir out
 
 build: $(VENV)/.built
 

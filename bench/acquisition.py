@@ -1,7 +1,7 @@
 """Benchmark: simulated scan throughput, the renderer against an earlier one, and the projected time
 of a 15x15 mm scan at 20x and 40x by the stage and camera timing model.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/acquisition.py [--region-mm 2] [--objective 20]
+    .venv/bin/python bench/acquisition.py [--region-mm 2] [--objective 20]
         [--speedup 1] [--sensor-px 1024] [--focus none|map] [--reference-commit 80468c4]
 
 1. Runs a ScanRunner scan over a tissue region of the virtual slide (stage moves take their physical

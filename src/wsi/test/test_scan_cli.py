@@ -37,7 +37,7 @@ def test_report_gives_the_reason_and_what_was_kept():
 @pytest.mark.ros
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_scan_and_keeps_the_tiles(tmp_path):
-    env = node_environment() | {"OPENBLAS_NUM_THREADS": "1"}
+    env = node_environment()
     scan = subprocess.Popen(
         [sys.executable, "-m", "wsi.cli", "scan", "--region", "41000", "11000", "2000", "2000", "--focus", "none",
          "--sim-speedup", "5", "--output-dir", str(tmp_path), "--scan-id", "interrupted",

@@ -3,6 +3,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 from wsi_acquisition.microscope import CaptureError, VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera, OpticsError
@@ -90,6 +91,31 @@ def test_an_error_on_a_render_thread_reaches_the_caller_and_the_next_capture_is_
         failing.capture(TISSUE_X_UM, TISSUE_Y_UM, z_um, 20, noise_seed=5)
     expected = reference.capture(TISSUE_X_UM, TISSUE_Y_UM, z_um, 20, noise_seed=5).raw
     assert np.array_equal(failing.capture(TISSUE_X_UM, TISSUE_Y_UM, z_um, 20, noise_seed=5).raw, expected)
+
+
+class _SlideRecordingBlasThreads(SyntheticSlide):
+    """A specimen that records how many threads BLAS may use while it renders (its noise sums are BLAS products)."""
+
+    def __init__(self, seed):
+        super().__init__(seed=seed)
+        self.blas_threads = []
+
+    def optical_density_and_path(self, *args):
+        self.blas_threads += [pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                              if pool["user_api"] == "blas"]
+        return super().optical_density_and_path(*args)
+
+
+def test_a_capture_keeps_blas_on_one_thread_and_restores_it_after():
+    """Two render threads, each calling a BLAS that starts a thread per core, made a tile 1.8x slower: a capture
+    runs BLAS on one thread whatever the process set, and gives the process its setting back."""
+    slide = _SlideRecordingBlasThreads(seed=4)
+    scope = VirtualMicroscope(specimen=slide, seed=4, camera=Camera(width_px=256, height_px=256), render_threads=2)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        scope.capture(TISSUE_X_UM, TISSUE_Y_UM, scope.focal_z_um(TISSUE_X_UM, TISSUE_Y_UM), 20)
+        after = {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}
+    assert slide.blas_threads and set(slide.blas_threads) == {1}
+    assert after == {2}
 
 
 def test_noise_statistics_match_shot_plus_read_noise():
