@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from wsi_acquisition.microscope import VirtualMicroscope
-from wsi_autofocus.data import SPLITS, DatasetSpec, render_specimen
+from wsi_autofocus.data import (MIN_FIELD_TISSUE_FRACTION, SPLITS, DatasetSpec, fields_showing_tissue,
+                                in_focus_tissue_fraction, render_specimen, specimen_for_seed, tissue_points)
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
 from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError,
                                      aggregate, default_model_dir, load_backend)
@@ -416,3 +417,18 @@ def test_the_shipped_model_card_is_rendered_from_its_evaluation():
     on_the_slide = json.loads((shipped / "evaluation.json").read_text())["calibration_on_the_slide"]
     assert on_the_slide and all(f"\n{cell} " in card for cell in on_the_slide)
     assert "self-calibration on the slide itself: not in this evaluation" not in card
+
+
+def test_evaluation_fields_are_drawn_again_where_the_tissue_mask_shows_glass():
+    """The overview's tissue mask (40 µm pixels) admits bare glass inside a section's outline: 4 of 16 fields of
+    this specimen drawn on it show no tissue in focus. The evaluations' fields are drawn again until they do."""
+    microscope = VirtualMicroscope(specimen=specimen_for_seed(102), seed=102)
+    on_mask = tissue_points(microscope, np.random.default_rng(0), 16)
+    assert sum(in_focus_tissue_fraction(microscope, x, y, 20.0, 128) < MIN_FIELD_TISSUE_FRACTION
+               for x, y in on_mask) >= 2
+    fields = fields_showing_tissue(microscope, np.random.default_rng(0), 16, 20.0, 128)
+    assert fields.shape == (16, 2)
+    assert min(in_focus_tissue_fraction(microscope, x, y, 20.0, 128) for x, y in fields) >= MIN_FIELD_TISSUE_FRACTION
+    with pytest.raises(ValueError, match="show 101% tissue"):
+        fields_showing_tissue(microscope, np.random.default_rng(0), 1, 20.0, 128, min_tissue_fraction=1.01,
+                              max_draws_per_field=2)

@@ -7,7 +7,8 @@ import pytest
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import heldout_imaging, slide_calibration
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.shift_evaluation import PROCEDURAL, CalibrationSpec, in_focus_tissue_fraction
+from wsi_autofocus.data import in_focus_tissue_fraction
+from wsi_autofocus.shift_evaluation import PROCEDURAL, CalibrationSpec
 from wsi_autofocus.two_shot import default_step_um
 
 

@@ -25,8 +25,12 @@ from wsi_acquisition.planning import detect_tissue
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
 from wsi_autofocus.model_io import context_px
+from wsi_common.focus_metrics import tissue_fraction
 
 OBJECTIVES = (10.0, 20.0, 40.0)
+# An evaluation's field shows at least this much tissue in focus (`tissue_fraction`): the overview's tissue mask
+# (40 µm pixels) also admits fields of bare glass inside a section's outline, where there is no focus to find.
+MIN_FIELD_TISSUE_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,34 @@ def tissue_points(microscope: VirtualMicroscope, rng: np.random.Generator, count
     jitter = rng.uniform(-0.5, 0.5, size=(count, 2)) * overview.pixel_size_um
     return np.column_stack([overview.origin_x_um + (cols[pick] + 0.5) * overview.pixel_size_um,
                             overview.origin_y_um + (rows[pick] + 0.5) * overview.pixel_size_um]) + jitter
+
+
+def in_focus_tissue_fraction(microscope: VirtualMicroscope, x_um: float, y_um: float, magnification: float,
+                             tile_px: int) -> float:
+    """`tissue_fraction` of the tile_px field at (x, y) imaged in focus by the virtual microscope: whether a
+    field shows tissue, whatever the microscope a test images it with."""
+    capture = microscope.capture(x_um, y_um, float(microscope.focal_z_um(x_um, y_um)), magnification,
+                                 roi=microscope.camera.centre_roi(tile_px))
+    return tissue_fraction(capture.image_rgb8)
+
+
+def fields_showing_tissue(microscope: VirtualMicroscope, rng: np.random.Generator, count: int, magnification: float,
+                          tile_px: int, min_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION,
+                          max_draws_per_field: int = 20) -> np.ndarray:
+    """`count` (x, y) positions from `tissue_points` whose tile_px field shows at least `min_tissue_fraction` of
+    tissue in focus (`in_focus_tissue_fraction`), in the order drawn: positions are drawn again for the fields
+    that show glass until `count` are found (ValueError after `max_draws_per_field` x count draws)."""
+    kept, draws = [], 0
+    while len(kept) < count:
+        if draws > max_draws_per_field * count:
+            raise ValueError(f"{draws} fields drawn on the tissue mask, {len(kept)} of {count} show "
+                             f"{min_tissue_fraction:.0%} tissue at {magnification:g}x")
+        fields = tissue_points(microscope, rng, count - len(kept))
+        draws += len(fields)
+        kept += [(float(x), float(y)) for x, y in fields
+                 if in_focus_tissue_fraction(microscope, float(x), float(y), magnification, tile_px)
+                 >= min_tissue_fraction]
+    return np.array(kept, dtype=float).reshape(-1, 2)
 
 
 def sample_fields(spec, microscope: VirtualMicroscope, rng: np.random.Generator, count: int):

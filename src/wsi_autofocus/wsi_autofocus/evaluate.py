@@ -1,7 +1,8 @@
 """Held-out evaluation of single-shot autofocus against classical z-sweep baselines.
 
 Tiles are rendered by the virtual microscope from specimens never used in training, at known
-defocus. Our estimate uses one image per tile; each baseline sweeps z, scores every image with a
+defocus, on fields that show tissue in focus (`data.fields_showing_tissue`; near-empty fields are a
+check of their own). Our estimate uses one image per tile; each baseline sweeps z, scores every image with a
 sharpness measure and takes the refined peak.
 """
 import json
@@ -13,7 +14,7 @@ import numpy as np
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
-from wsi_autofocus.data import OBJECTIVES, SPLITS, specimen_for_seed, tissue_points
+from wsi_autofocus.data import OBJECTIVES, SPLITS, fields_showing_tissue, specimen_for_seed
 from wsi_acquisition.focus import trusts_estimate
 from wsi_autofocus.inference import FocusEstimator
 from wsi_common.focus_metrics import SHARPNESS_METRICS, refine_peak
@@ -70,7 +71,7 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
         microscope = VirtualMicroscope(specimen=specimen_for_seed(specimen_seed), seed=specimen_seed)
         count = spec.tiles_per_specimen_and_objective
         for magnification in OBJECTIVES:
-            points = tissue_points(microscope, rng, count)
+            points = fields_showing_tissue(microscope, rng, count, magnification, spec.tile_px)
             for (x, y), defocus in zip(points, rng.uniform(-20, 20, count)):
                 capture = render_tile(microscope, x, y, defocus, magnification, spec)
                 # Also as a caller that does not send the optics (EstimateFocus with NA and pixel size 0).
@@ -84,7 +85,7 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
             capture = render_tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
             records.append(_record(specimen_seed, microscope, capture, estimate_capture(estimator, capture),
                                    sparse=True))
-        for x, y in tissue_points(microscope, rng, spec.sweep_tiles_per_specimen):
+        for x, y in fields_showing_tissue(microscope, rng, spec.sweep_tiles_per_specimen, 20.0, spec.tile_px):
             sweeps.append(_sweep(microscope, x, y, float(rng.uniform(-10, 10)), spec))
         log(f"specimen {specimen_seed}: {len(records)} tiles, {len(sweeps)} sweeps")
     return {"spec": spec.__dict__, "split": split, "tiles": records, "sweeps": sweeps}

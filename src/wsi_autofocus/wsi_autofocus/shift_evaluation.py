@@ -28,18 +28,16 @@ from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, 
 from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.calibration_store import CalibrationError, stacks_with_focus
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.data import OBJECTIVES, SPLITS, save_npz, specimen_for_seed, starmap_in_processes, tissue_points
+from wsi_autofocus.data import (MIN_FIELD_TISSUE_FRACTION, OBJECTIVES, SPLITS, fields_showing_tissue, save_npz,
+                               specimen_for_seed, starmap_in_processes, tissue_points)
 from wsi_autofocus.evaluate import sweep_time_s
-from wsi_common.focus_metrics import brenner, focus_tolerance_um, tissue_fraction
+from wsi_common.focus_metrics import brenner, focus_tolerance_um
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 OWN_SIMULATOR = "own-simulator"
 IMAGING_MODELS = (OWN_SIMULATOR, *heldout_imaging.HELD_OUT_SCOPES)
 PROCEDURAL = "procedural-heldout"
 CONTENT_SOURCES = (PROCEDURAL, *EVALUATION_IMAGES)
-# A procedural test field shows at least this much tissue in focus (`tissue_fraction`): the overview's tissue mask
-# (40 µm pixels) also admits fields of bare glass inside a section's outline, where there is no focus to find.
-MIN_FIELD_TISSUE_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -72,29 +70,12 @@ def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.rand
     chosen = rng.integers(0, len(specimens), spec.tiles_per_cell)
     out = []
     for index, specimen in enumerate(specimens):
-        picks, draws = int((chosen == index).sum()), 0
-        scope = VirtualMicroscope(specimen=specimen, seed=SPLITS["test"].specimen_seeds[index]) if picks else None
-        while picks:
-            if draws > 20 * spec.tiles_per_cell:
-                raise ValueError(f"test specimen {index}: {draws} fields drawn on its tissue mask, too few show "
-                                 f"{spec.min_field_tissue_fraction:.0%} tissue at {magnification:g}x")
-            fields = tissue_points(scope, rng, picks)
-            draws += picks
-            kept = [(specimen, float(x), float(y)) for x, y in fields
-                    if in_focus_tissue_fraction(scope, float(x), float(y), magnification, spec.tile_px)
-                    >= spec.min_field_tissue_fraction]
-            out += kept
-            picks -= len(kept)
+        picks = int((chosen == index).sum())
+        if picks:
+            scope = VirtualMicroscope(specimen=specimen, seed=SPLITS["test"].specimen_seeds[index])
+            out += [(specimen, float(x), float(y)) for x, y in fields_showing_tissue(
+                scope, rng, picks, magnification, spec.tile_px, spec.min_field_tissue_fraction)]
     return out
-
-
-def in_focus_tissue_fraction(microscope: VirtualMicroscope, x_um: float, y_um: float, magnification: float,
-                             tile_px: int) -> float:
-    """`tissue_fraction` of the tile_px field at (x, y) imaged in focus by the virtual microscope: whether a
-    field shows tissue, whatever the microscope a test images it with."""
-    capture = microscope.capture(x_um, y_um, float(microscope.focal_z_um(x_um, y_um)), magnification,
-                                 roi=microscope.camera.centre_roi(tile_px))
-    return tissue_fraction(capture.image_rgb8)
 
 
 def _cells(spec: ShiftSpec) -> list[tuple[str, str, float]]:
