@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import shift_evaluation
 from wsi_autofocus.calibration_store import ZStack
 from wsi_autofocus.inference import TileEstimate
@@ -40,6 +41,33 @@ def test_scan_outcome_refuses_corrections_that_are_not_sharper(tmp_path):
     # The re-imaged fields were cached: a second run renders nothing new and agrees.
     again = shift_evaluation.scan_outcome_table(spec, tiles, estimator, estimates, tmp_path)
     assert again == table
+
+
+class _NumpyNoiseMicroscope(VirtualMicroscope):
+    """The virtual microscope with the camera-noise draw it had before (numpy's ziggurat): the same law, other
+    pixels, and other overview tissue masks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, camera_noise=lambda rng, shape: rng.standard_normal(shape, np.float32), **kwargs)
+
+
+def test_a_cache_of_another_renderers_images_is_not_read_as_this_ones(tmp_path, monkeypatch):
+    """Cached tiles are keyed by their spec and by what the renderers draw: after a renderer change the
+    evaluation renders its tiles again instead of reading the old ones."""
+    spec = shift_evaluation.ShiftSpec(tile_px=64, tiles_per_cell=2, objectives=(20.0,),
+                                      imaging=(shift_evaluation.OWN_SIMULATOR,), content=("real-he",))
+    tiles = shift_evaluation.render_tiles(spec, tmp_path, workers=1)
+    key = shift_evaluation.cache_key(spec)
+    assert shift_evaluation.cache_key(dataclasses.replace(spec)) == key
+    monkeypatch.setattr(shift_evaluation, "VirtualMicroscope", _NumpyNoiseMicroscope)
+    shift_evaluation.rendering_fingerprint.cache_clear()
+    try:
+        assert shift_evaluation.cache_key(spec) != key
+        other = shift_evaluation.render_tiles(spec, tmp_path, workers=1)
+    finally:
+        shift_evaluation.rendering_fingerprint.cache_clear()
+    assert len(list(tmp_path.glob("shift-tiles-*.npz"))) == 2
+    assert np.array_equal(other["true_um"], tiles["true_um"]) and not np.array_equal(other["images"], tiles["images"])
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ same images, and re-evaluating a model costs only its inference.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -52,8 +53,34 @@ class ShiftSpec:
     seed: int = 11
     min_field_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION
 
-    def cache_key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+@functools.cache
+def rendering_fingerprint() -> str:
+    """Digest of small images from every path the evaluation's cached images come from: the virtual microscope's
+    overview (fields are drawn on its tissue mask) and capture, and each held-out microscope imaging procedural and
+    real content. A spec does not say which renderer drew a cache (a faster camera-noise draw, say, moves both the
+    images and the fields drawn): a cache of another renderer's images is not read as this one's."""
+    procedural = specimen_for_seed(SPLITS["test"].specimen_seeds[0])
+    left, top, right, bottom = procedural.tissue_bounds_um()[0]
+    real = RealImageSpecimen(EVALUATION_IMAGES["real-he"])
+    fields = ((procedural, (left + right) / 2, (top + bottom) / 2),
+              (real, *real.tissue_points(np.random.default_rng(0), 1)[0]))
+    microscope = VirtualMicroscope(specimen=procedural, seed=0)
+    _, x, y = fields[0]
+    images = [microscope.capture_overview(pixel_size_um=1000.0).image_rgb8,
+              microscope.capture(x, y, microscope.focal_z_um(x, y) + 2.0, DEFAULT_OBJECTIVE_MAGNIFICATION,
+                                 roi=microscope.camera.centre_roi(32)).image_rgb8]
+    images += [heldout_imaging.capture(scope, specimen, x, y, 2.0, DEFAULT_OBJECTIVE_MAGNIFICATION, 32,
+                                       np.random.default_rng(0)).image_rgb8
+               for specimen, x, y in fields for scope in heldout_imaging.HELD_OUT_SCOPES.values()]
+    return hashlib.sha256(b"".join(image.tobytes() for image in images)).hexdigest()
+
+
+def cache_key(spec) -> str:
+    """Key of an evaluation cache file: the spec (a dataclass) its images were rendered for and the renderers that
+    drew them (`rendering_fingerprint`)."""
+    text = json.dumps(asdict(spec), sort_keys=True) + rendering_fingerprint()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _procedural_specimens():
@@ -146,7 +173,7 @@ def render_cell(args: tuple[ShiftSpec, str, str, float]) -> dict:
 
 def render_tiles(spec: ShiftSpec, cache_dir: Path, workers: int = 2, log=print) -> dict:
     """All cells' tiles, from the cache when this specification was rendered before."""
-    path = Path(cache_dir) / f"shift-tiles-{spec.cache_key()}.npz"
+    path = Path(cache_dir) / f"shift-tiles-{cache_key(spec)}.npz"
     if path.exists():
         with np.load(path) as data:
             return {key: data[key] for key in data.files}
@@ -320,7 +347,7 @@ class Refocuser:
 
     def __init__(self, spec: ShiftSpec, cache_dir: Path | None):
         self.spec = spec
-        self.path = Path(cache_dir) / f"refocus-{spec.cache_key()}.npz" if cache_dir is not None else None
+        self.path = Path(cache_dir) / f"refocus-{cache_key(spec)}.npz" if cache_dir is not None else None
         self._images = dict(np.load(self.path)) if self.path is not None and self.path.exists() else {}
         self._added = False
         self._cells: dict[int, tuple[list, _FieldCamera]] = {}
@@ -529,7 +556,7 @@ def z_stacks(stacks: list[dict]) -> list:
 
 def render_all_sweeps(spec: CalibrationSpec, cache_dir: Path, workers: int = 2, log=print) -> dict[str, list[dict]]:
     """Sweeps for every held-out microscope, from the cache when rendered before."""
-    path = Path(cache_dir) / f"calibration-sweeps-{hashlib.sha256(json.dumps(asdict(spec)).encode()).hexdigest()[:12]}.npz"
+    path = Path(cache_dir) / f"calibration-sweeps-{cache_key(spec)}.npz"
     names = list(heldout_imaging.HELD_OUT_SCOPES)
     if not path.exists():
         log(f"rendering {spec.sweeps} calibration sweeps for each of {names} into {path}")

@@ -11,10 +11,8 @@ The immunohistochemistry image is not used: one 20x field shows all of it.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import (MIN_FIELD_TISSUE_FRACTION, SPLITS, in_focus_tissue_fraction, save_npz,
                                specimen_for_seed, starmap_in_processes, tissue_points)
-from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, calibrated_statistics,
+from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, cache_key, calibrated_statistics,
                                             describe_calibration, format_calibration, imaging_condenser,
                                             pair_estimates, render_sweep, two_shot_calibrated_statistics, z_stacks)
 
@@ -48,9 +46,6 @@ class SlideCalibrationSpec:
     seed: int = 31
     second_exposure_depths: float = two_shot.DEFAULT_STEP_DEPTHS     # above each test field, for the two-shot model
     min_field_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION      # of a procedural test field, in focus
-
-    def cache_key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
@@ -127,7 +122,7 @@ def _unflatten(data) -> dict:
 
 def render_all(spec: SlideCalibrationSpec, cache_dir: Path, workers: int = 2, log=print) -> dict[tuple[str, str], dict]:
     """`render_slide` for every held-out microscope and slide, each from its cache file when rendered before."""
-    paths = {(scope, slide): Path(cache_dir) / f"slide-calibration-{spec.cache_key()}-{scope}-{slide}.npz"
+    paths = {(scope, slide): Path(cache_dir) / f"slide-calibration-{cache_key(spec)}-{scope}-{slide}.npz"
              for scope in heldout_imaging.HELD_OUT_SCOPES for slide in spec.slides}
     missing = [cell for cell, path in paths.items() if not path.exists()]
     if missing:
