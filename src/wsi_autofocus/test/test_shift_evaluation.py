@@ -123,3 +123,24 @@ def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
     table = shift_evaluation.format_calibration({"scope": {"before": before, "after": after, "fit_s": 1.0,
                                                            "sweeps": 9, "refused": None}})
     assert "bias after" in table and "+0.30" in table.splitlines()[-1]
+
+
+def test_the_calibration_table_shows_the_error_against_the_sweeps_own_focus():
+    """A calibration learns the focus its sweeps' sharpness peaks put (0.3 um above the evaluation's best focus
+    here): a model that reads every tile against that focus is 0.3 um off by the evaluation's definition and not
+    off at all by the sweeps'. The row says which of the two its error is."""
+    rng = np.random.default_rng(0)
+    stacks = [_sweep_sharpest_at(0.4, rng), _sweep_sharpest_at(0.2, rng)]
+    offset = shift_evaluation.label_offset_um(stacks)
+    true = np.array([-4.0, -1.0, 2.0, 6.0])
+    tiles = {"true_um": true, "depth_of_field_um": np.full(4, 1.4)}
+    learnt_sweeps_focus = {"predicted_um": true - offset, "uncertainty_um": np.full(4, 0.5),
+                           "distance_um": np.abs(true - offset)}
+    result = shift_evaluation.calibration_result(tiles, learnt_sweeps_focus, learnt_sweeps_focus, stacks, 1.0, None)
+    assert result["after"]["mae_um"] == pytest.approx(offset)
+    assert result["after_mae_sweeps_focus_um"] == pytest.approx(0.0, abs=1e-9)
+    table = shift_evaluation.format_calibration({"scope": result})
+    assert "MAE after, sweeps' focus" in table and table.splitlines()[-1].split()[7] == "0.00"
+    masked = shift_evaluation.calibration_result(tiles, learnt_sweeps_focus, learnt_sweeps_focus | {
+        "predicted_um": np.where(true > 0, true, true - offset)}, stacks, 1.0, None, mask=true > 0)
+    assert masked["after"]["n"] == 2 and masked["after_mae_sweeps_focus_um"] == pytest.approx(offset)

@@ -385,8 +385,11 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "slide being scanned; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap). \"labels off\" "
         "is where the sweeps' sharpness peaks (the focus a calibration learns) lie from the plane the evaluation calls "
         "best focus (maximum mean MTF over 0.2-1.0 NA/lambda), averaged over the sweeps; \"bias after\" is the "
-        "calibrated model's mean signed error on the test fields: where it is near the labels' offset, the calibration "
-        "learnt the sweeps' focus; where it is near 0, the offset did not carry over and the MAE is scatter.",
+        "calibrated model's mean signed error on the test fields: where it is near minus the labels' offset, the "
+        "calibration learnt the sweeps' focus; where it is near 0, the offset did not carry over and the MAE is "
+        "scatter. \"MAE after, sweeps' focus\" is the MAE after against the evaluation's best focus moved by the "
+        "labels' offset: the error left if best focus were where the sweeps' sharpness peaks put it (the targets are "
+        "judged against the evaluation's best focus).",
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),
         "- Targets not met: " + ("; ".join(text for text, ok in checks if not ok) or "none"),

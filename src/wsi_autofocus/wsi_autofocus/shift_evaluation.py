@@ -608,12 +608,22 @@ def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, out
     except CalibrationError as error:
         calibrated_dir, refused = model_dir, str(error)
     fit_s = time.monotonic() - started
-    stats = {}
-    for label, directory in (("before", model_dir), ("after", calibrated_dir)):
-        estimator = FocusEstimator(load_backend(backend, directory)[0], directory)
-        stats[label] = cell_statistics(tiles, estimate_tiles(estimator, tiles))
-    return stats | {"fit_s": fit_s, "sweeps": len(stacks), "refused": refused,
-                    "label_offset_um": label_offset_um(stacks)}
+    before, after = (estimate_tiles(FocusEstimator(load_backend(backend, directory)[0], directory), tiles)
+                     for directory in (model_dir, calibrated_dir))
+    return calibration_result(tiles, before, after, stacks, fit_s, refused)
+
+
+def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, fit_s: float, refused: str | None,
+                       mask: np.ndarray | None = None) -> dict:
+    """A calibration's row: `cell_statistics` of the tiles (in `mask`) before and after, the sweeps' `label_offset_um`,
+    and the MAE after against the evaluation's best focus moved by that offset (`after_mae_sweeps_focus_um`): what
+    the error would be if the evaluation called best focus where the sweeps' sharpness peaks put it."""
+    mask = np.ones(len(tiles["true_um"]), bool) if mask is None else mask
+    offset = label_offset_um(stacks)
+    sweeps_focus_error = after["predicted_um"][mask] - (tiles["true_um"][mask] - offset)
+    return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
+            "fit_s": fit_s, "sweeps": len(stacks), "refused": refused, "label_offset_um": offset,
+            "after_mae_sweeps_focus_um": float(np.mean(np.abs(sweeps_focus_error)))}
 
 
 def label_offset_um(stacks: list) -> float:
@@ -644,8 +654,7 @@ def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, 
         after, refused, fit_s = before, str(error), time.monotonic() - started
     else:
         after, refused, fit_s = estimate(two_shot.TwoShotModel.load(result.path)), None, result.fit_s
-    return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
-            "fit_s": fit_s, "sweeps": len(stacks), "refused": refused, "label_offset_um": label_offset_um(stacks)}
+    return calibration_result(tiles, before, after, stacks, fit_s, refused, mask)
 
 
 def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: dict, refocuser: Refocuser,
@@ -677,16 +686,22 @@ OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscop
                          "specimens, tested on its tiles of the test specimens and real content")
 
 
+SWEEPS_FOCUS_COLUMN = "MAE after, sweeps' focus"
+
+
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
-    """One row per calibration (`calibrated_statistics` results by name): before and after; "labels off": the
-    sweeps' sharpness peaks against the evaluation's best focus (`label_offset_um`), and "bias after": the mean
-    signed error after, where results have them."""
+    """One row per calibration (`calibration_result`s by name): before and after; "labels off": the sweeps' sharpness
+    peaks against the evaluation's best focus (`label_offset_um`), "bias after": the mean signed error after, and
+    "MAE after, sweeps' focus": the MAE after against best focus moved by the labels' offset, where results have
+    them (older results printed as they were)."""
     width = max(18, *(len(name) + 2 for name in results))
     offsets = all("label_offset_um" in r for r in results.values())
     biases = all("bias_um" in r["after"] for r in results.values())
+    sweeps_focus = all("after_mae_sweeps_focus_um" in r for r in results.values())
     lines = [title,
              f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  " + (f"{'labels off':>10}  " if offsets else "")
              + (f"{'bias after':>10}  " if biases else "") + f"{'MAE before':>10}  {'MAE after':>9}  "
+             + (f"{SWEEPS_FOCUS_COLUMN:>24}  " if sweeps_focus else "") +
              f"{'median after':>12}  {'sign before':>11}  {'sign after':>10}  {'acted after':>11}  {'wrong before':>12}  "
              f"{'wrong after':>11}"]
     for name, r in results.items():
@@ -695,6 +710,7 @@ def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str
                      + (f"{r['label_offset_um']:+10.2f}  " if offsets else "")
                      + (f"{after['bias_um']:+10.2f}  " if biases else "")
                      + f"{before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
+                     + (f"{r['after_mae_sweeps_focus_um']:24.2f}  " if sweeps_focus else "") +
                      f"{after['median_abs_error_um']:12.2f}  {before['sign_accuracy_beyond_1um'] or 0:11.0%}  "
                      f"{after['sign_accuracy_beyond_1um'] or 0:10.0%}  {after['fraction_acted_on']:11.0%}  "
                      f"{before['confidently_wrong']:12d}  {after['confidently_wrong']:11d}"
