@@ -10,11 +10,12 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
 from wsi_autofocus import heldout_imaging
-from wsi_autofocus.calibration import calibrate, calibrate_both, uncertainty_scale_without_confident_errors
+from wsi_autofocus.calibration import (calibrate, calibrate_both, no_sharper_than_base,
+                                      uncertainty_scale_without_confident_errors)
 from wsi_autofocus.calibration_store import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack,
                                              stacks_from_scan)
 from wsi_autofocus.data import specimen_for_seed, tissue_points
-from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, load_backend
+from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, load_backend, read_model_metadata
 from wsi_autofocus.shift_evaluation import CalibrationSpec
 from wsi_autofocus.training import export, load_checkpoint, save_checkpoint
 from wsi_common.focus_metrics import brenner, focus_tolerance_um
@@ -93,6 +94,8 @@ def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope(tmp_pat
 
     result = calibrate([stack(seed) for seed in (100, 101, 102, 103, 100, 101)], tmp_path / "calibrated", wrong)
     assert result.held_back_mae_after_um < 0.5 * result.held_back_mae_before_um
+    base, calibrated = (read_model_metadata(directory) for directory in (wrong, result.model_dir))
+    assert all(calibrated[name] >= base[name] for name in ("uncertainty_scale", "side_temperature"))
     microscope = VirtualMicroscope(specimen=specimen_for_seed(200), seed=200)
     tests = [(x, y, d) for (x, y), d in zip(tissue_points(microscope, rng, 12), rng.uniform(-8, 8, 12))]
     images = [heldout_imaging.capture(scope, microscope.specimen, x, y, d, 20.0, 256, rng).image_rgb8 for x, y, d in tests]
@@ -190,3 +193,13 @@ def test_the_calibrated_uncertainty_leaves_no_held_back_image_confidently_wrong(
     raised = aggregate(wrong[:, 0], wrong[:, 1] + 2 * np.log(scale), wrong[:, 2])
     tolerance = focus_tolerance_um(0.55 / 0.75 ** 2)
     assert raised.uncertainty_um >= tolerance and scale < 1.05 * tolerance / 0.3
+
+
+def test_a_calibration_makes_neither_the_distance_nor_the_side_more_certain_than_the_base_model():
+    """Temperatures fitted on a few held-back sweeps may come out sharper than training's (a side temperature of
+    0.70 against 1.25 on the astigmatic microscope): they are raised to the base model's, never lowered."""
+    base = {"uncertainty_scale": 1.28, "side_temperature": 1.25, "patch_px": 96}
+    assert no_sharper_than_base({"uncertainty_scale": 3.41, "side_temperature": 0.70}, base) == {
+        "uncertainty_scale": 3.41, "side_temperature": 1.25}
+    assert no_sharper_than_base({"uncertainty_scale": 1.0, "side_temperature": 1.39}, base) == {
+        "uncertainty_scale": 1.28, "side_temperature": 1.39}
