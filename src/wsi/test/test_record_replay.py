@@ -492,8 +492,14 @@ def test_recorder_node_writes_every_tile_with_type_and_qos(recorded):
 
 
 def run_play(*args, timeout_s=90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wsi.cli", "play", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout_s, env=node_environment())
+    try:
+        return subprocess.run([sys.executable, "-m", "wsi.cli", "play", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout_s, env=node_environment())
+    except subprocess.TimeoutExpired as expired:
+        # Its waits are bounded well under the timeout: what it printed says whether it hung before the replay
+        # or after it (in the middleware's shutdown).
+        pytest.fail(f"wsi play did not exit within {timeout_s} s; it printed: stdout {expired.stdout!r}, "
+                    f"stderr {expired.stderr!r}")
 
 
 @pytest.mark.ros
