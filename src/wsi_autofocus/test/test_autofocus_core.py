@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from wsi_acquisition.microscope import VirtualMicroscope
-from wsi_autofocus.data import (MIN_FIELD_TISSUE_FRACTION, SPLITS, DatasetSpec, fields_showing_tissue,
+from wsi_autofocus.data import (SPLITS, DatasetSpec, fields_showing_tissue,
                                 in_focus_tissue_fraction, render_specimen, specimen_for_seed, tissue_points)
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
 from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError,
@@ -19,7 +19,7 @@ from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, fit_uncertainty_calibration,
                                    focus_loss, train, training_loss, uncertainty_calibration)
-from wsi_common.focus_metrics import SHARPNESS_METRICS, brenner, tissue_fraction
+from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, SHARPNESS_METRICS, brenner, tissue_fraction
 
 
 TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm

@@ -1,5 +1,6 @@
 """Self-calibration: z-stacks of the user's microscope in, a calibrated model every backend loads out."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from wsi_autofocus import heldout_imaging
 from wsi_autofocus.calibration import (calibrate, calibrate_both, no_sharper_than_base,
                                       uncertainty_scale_without_confident_errors)
 from wsi_autofocus.calibration_store import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack,
-                                             stacks_from_scan)
+                                             stacks_from_scan, stacks_with_focus)
 from wsi_autofocus.data import specimen_for_seed, tissue_points
 from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, load_backend, read_model_metadata
 from wsi_autofocus.shift_evaluation import CalibrationSpec
@@ -44,7 +45,7 @@ def test_stacks_that_cannot_calibrate_are_refused_with_the_reason():
         stack.focus_z_um()
     with pytest.raises(CalibrationError, match="at least 2"):
         calibrate([stack], default_model_dir())
-    with pytest.raises(CalibrationError, match=r"0 of 2 z-stacks have their focus inside the sweep.*sharpest at its end"):
+    with pytest.raises(CalibrationError, match=r"0 of 2 z-stacks show tissue at a focus inside the sweep.*sharpest at its end"):
         calibrate([stack, stack], default_model_dir())
     with pytest.raises(CalibrationError, match="expected at least 5 of each"):
         calibrate([ZStack(stack.images[:3], stack.z_um[:3], 0.325, 0.75)] * 2, default_model_dir())
@@ -59,6 +60,22 @@ def test_a_sweep_over_glass_whose_noise_peaks_inside_it_has_no_focus():
     glass = ZStack(images.astype(np.uint8), np.arange(-4.0, 4.5, 1.0), 0.325, 0.75)
     with pytest.raises(CalibrationError, match=r"peaks at only 1\.\d\dx its median sharpness.*no clear focus"):
         glass.focus_z_um()
+
+
+def test_a_sweep_that_peaks_clearly_on_an_unstained_field_is_left_out_of_a_calibration():
+    """The same field in grey: as sharp a peak as the stained one, but no stain to call it tissue, as a field
+    of glass with dust or debris on it; its labels would teach the model nothing of defocus in tissue."""
+    stained, _ = _virtual_stack(100, np.arange(-4.0, 4.5, 1.0) + 0.3)
+    grey = np.repeat(np.round(stained.images @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=3)
+    unstained = ZStack(grey.astype(np.uint8), stained.z_um, 0.325, 0.75)
+    assert unstained.focus_z_um() == pytest.approx(stained.focus_z_um(), abs=0.2)
+
+    usable, skipped = stacks_with_focus([stained, unstained, stained], log=lambda message: None)
+
+    assert len(usable) == 2 and all(stack.tissue_fraction_at_focus() > 0.5 for stack in usable)
+    assert len(skipped) == 1 and re.match(r"stack 1: .*shows 0\.0% stained tissue.*a field of glass", skipped[0])
+    with pytest.raises(CalibrationError, match="1 of 2 z-stacks show tissue"):
+        stacks_with_focus([stained, unstained], log=lambda message: None)
 
 
 def _flip_side(model_dir, destination):

@@ -51,7 +51,7 @@ class CalibrationResult:
     fit_s: float
     held_back_mae_before_um: float      # shipped model on the held-back stacks' images
     held_back_mae_after_um: float       # calibrated head, fitted without them
-    skipped: tuple[str, ...] = ()        # stacks left out, each with the reason (no focus inside the sweep)
+    skipped: tuple[str, ...] = ()        # stacks left out, each with the reason (no focus inside the sweep, glass)
 
 
 def _samples(model, stacks: list[ZStack], patch_px: int) -> dict:

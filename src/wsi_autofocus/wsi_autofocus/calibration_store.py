@@ -16,7 +16,7 @@ from wsi_autofocus.inference import default_model_dir
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
 from wsi_autofocus.two_shot import TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
-from wsi_common.focus_metrics import brenner, refine_peak, unclear_peak
+from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, brenner, refine_peak, tissue_fraction, unclear_peak
 from wsi_common.scan_files import MANIFEST_NAME, Manifest
 
 
@@ -53,6 +53,10 @@ class ZStack:
             raise CalibrationError(reason)
         return refine_peak(z, scores)
 
+    def tissue_fraction_at_focus(self) -> float:
+        """`tissue_fraction` of the image nearest the stack's best focus."""
+        return tissue_fraction(self.images[int(np.argmin(np.abs(np.asarray(self.z_um, float) - self.focus_z_um())))])
+
 
 def check_stacks(stacks: list[ZStack]) -> None:
     """Raise `CalibrationError` naming the first stack that cannot be calibrated on, and why."""
@@ -71,18 +75,31 @@ def check_stacks(stacks: list[ZStack]) -> None:
                                    f"numerical_aperture={stack.numerical_aperture}; expected > 0 and 0 < NA < 1.6")
 
 
+def _with_focus_on_tissue(stack: ZStack) -> ZStack:
+    """`stack` with its best focus fixed; `CalibrationError` when it has none inside the sweep or its image there
+    shows less stained tissue than `MIN_FIELD_TISSUE_FRACTION`: a field of glass may still pass the peak rule on
+    dust and noise, and its labels teach the model nothing of this microscope's defocus (one such sweep made a
+    calibration's tiles worse)."""
+    focused = replace(stack, best_focus_z_um=stack.focus_z_um())
+    tissue = focused.tissue_fraction_at_focus()
+    if tissue < MIN_FIELD_TISSUE_FRACTION:
+        raise CalibrationError(f"its image at focus (z {focused.best_focus_z_um:.1f} µm) shows {tissue:.1%} stained "
+                               f"tissue, at least {MIN_FIELD_TISSUE_FRACTION:.0%} expected: a field of glass")
+    return focused
+
+
 def stacks_with_focus(stacks: list[ZStack], log) -> tuple[list[ZStack], list[str]]:
-    """The stacks whose best focus lies inside their sweep, that focus fixed; and why the others were left
-    out. A field of glass or a fold has no focus peak: one such sweep must not stop a calibration."""
+    """The stacks that show tissue at a best focus inside their sweep, that focus fixed; and why the others were
+    left out. A field of glass or a fold has no focus to learn: one such sweep must not stop a calibration."""
     usable, skipped = [], []
     for index, stack in enumerate(stacks):
         try:
-            usable.append(replace(stack, best_focus_z_um=stack.focus_z_um()))
+            usable.append(_with_focus_on_tissue(stack))
         except CalibrationError as error:
             skipped.append(f"stack {index}: {error}")
             log(f"left out {skipped[-1]}")
     if len(usable) < MIN_STACKS:
-        raise CalibrationError(f"{len(usable)} of {len(stacks)} z-stacks have their focus inside the sweep; "
+        raise CalibrationError(f"{len(usable)} of {len(stacks)} z-stacks show tissue at a focus inside the sweep; "
                                f"calibration needs at least {MIN_STACKS} ({'; '.join(skipped)})")
     return usable, skipped
 

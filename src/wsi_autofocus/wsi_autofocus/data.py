@@ -25,12 +25,9 @@ from wsi_acquisition.planning import detect_tissue
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
 from wsi_autofocus.model_io import context_px
-from wsi_common.focus_metrics import tissue_fraction
+from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, tissue_fraction
 
 OBJECTIVES = (10.0, 20.0, 40.0)
-# An evaluation's field shows at least this much tissue in focus (`tissue_fraction`): the overview's tissue mask
-# (40 µm pixels) also admits fields of bare glass inside a section's outline, where there is no focus to find.
-MIN_FIELD_TISSUE_FRACTION = 0.02
 
 
 @dataclass(frozen=True)

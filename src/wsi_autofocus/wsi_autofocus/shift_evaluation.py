@@ -29,10 +29,10 @@ from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, 
 from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.calibration_store import CalibrationError, stacks_with_focus
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.data import (MIN_FIELD_TISSUE_FRACTION, OBJECTIVES, SPLITS, fields_showing_tissue, save_npz,
-                               specimen_for_seed, starmap_in_processes, tissue_points)
+from wsi_autofocus.data import (OBJECTIVES, SPLITS, fields_showing_tissue, save_npz, specimen_for_seed,
+                               starmap_in_processes, tissue_points)
 from wsi_autofocus.evaluate import sweep_time_s
-from wsi_common.focus_metrics import brenner, focus_tolerance_um
+from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, brenner, focus_tolerance_um
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 
 OWN_SIMULATOR = "own-simulator"

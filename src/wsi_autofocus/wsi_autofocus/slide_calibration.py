@@ -6,7 +6,7 @@ calibrates itself (`ScanSlide.calibrate_autofocus`) has sweeps of the very slide
 its stain, thickness and the relation of phase to absorption are the same. The sweep fields and the test
 fields never overlap: on a procedural specimen the test fields lie at least a field's width from every
 sweep field; on a real image (mirrored over the plane) sweeps take the top band of its height and tests
-the bottom band; a procedural test field shows tissue in focus (`data.MIN_FIELD_TISSUE_FRACTION`).
+the bottom band; a procedural test field shows tissue in focus (`focus_metrics.MIN_FIELD_TISSUE_FRACTION`).
 The immunohistochemistry image is not used: one 20x field shows all of it.
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
-from wsi_autofocus.data import (MIN_FIELD_TISSUE_FRACTION, SPLITS, in_focus_tissue_fraction, save_npz,
-                               specimen_for_seed, starmap_in_processes, tissue_points)
+from wsi_autofocus.data import (SPLITS, in_focus_tissue_fraction, save_npz, specimen_for_seed, starmap_in_processes,
+                               tissue_points)
 from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, cache_key, calibrated_statistics,
                                             describe_calibration, format_calibration, imaging_condenser,
                                             pair_estimates, render_sweep, two_shot_calibrated_statistics, z_stacks)
+from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION
 
 SLIDES = (PROCEDURAL, "real-he")
 # Bands of a real image's height for the sweeps and for the test fields: the gap between them is wider

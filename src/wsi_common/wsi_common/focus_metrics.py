@@ -84,6 +84,11 @@ def tissue_fraction(image: np.ndarray) -> float:
     return float(tissue_mask(image, step=TISSUE_SAMPLE_STEP).mean())
 
 
+# A field shows at least this much tissue in focus (`tissue_fraction`) to have a focus to find or to learn from:
+# the overview's tissue mask (40 µm pixels) also admits fields of bare glass inside a section's outline.
+MIN_FIELD_TISSUE_FRACTION = 0.02
+
+
 # A z-sweep's sharpness peak stands at least this far above the sweep's median where the field has a focus to
 # find; glass, a hole or a fold give a flat sweep whose noise may peak anywhere.
 MIN_FOCUS_PEAK_CONTRAST = 1.3
