@@ -19,7 +19,7 @@ from wsi_autofocus.data import specimen_for_seed, tissue_points
 from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, load_backend, read_model_metadata
 from wsi_autofocus.shift_evaluation import CalibrationSpec
 from wsi_autofocus.training import export, load_checkpoint, save_checkpoint
-from wsi_common.focus_metrics import brenner, focus_tolerance_um
+from wsi_common.focus_metrics import brenner, focus_tolerance_um, tissue_fraction
 
 
 def _virtual_stack(seed: int, z_offsets, roi_px: int = 256):
@@ -63,17 +63,21 @@ def test_a_sweep_over_glass_whose_noise_peaks_inside_it_has_no_focus():
 
 
 def test_a_sweep_that_peaks_clearly_on_an_unstained_field_is_left_out_of_a_calibration():
-    """The same field in grey: as sharp a peak as the stained one, but no stain to call it tissue, as a field
-    of glass with dust or debris on it; its labels would teach the model nothing of defocus in tissue."""
+    """The same field without its stain, seen by a colour camera (each channel its own noise): as sharp a peak as
+    the stained one, as a field of glass with dust or debris on it, whose labels would teach the model nothing of
+    defocus in tissue. A monochrome camera's images (equal channels) show no stain to judge by: kept."""
     stained, _ = _virtual_stack(100, np.arange(-4.0, 4.5, 1.0) + 0.3)
-    grey = np.repeat(np.round(stained.images @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=3)
-    unstained = ZStack(grey.astype(np.uint8), stained.z_um, 0.325, 0.75)
+    grey = np.repeat(stained.images @ np.array([0.299, 0.587, 0.114]), 3)[..., None].reshape(stained.images.shape)
+    noise = np.random.default_rng(0).normal(0.0, 1.0, grey.shape)
+    unstained = ZStack(np.clip(np.round(grey + noise), 0, 255).astype(np.uint8), stained.z_um, 0.325, 0.75)
+    monochrome = ZStack(np.round(grey).astype(np.uint8), stained.z_um, 0.325, 0.75)
     assert unstained.focus_z_um() == pytest.approx(stained.focus_z_um(), abs=0.2)
 
-    usable, skipped = stacks_with_focus([stained, unstained, stained], log=lambda message: None)
+    usable, skipped = stacks_with_focus([stained, unstained, stained, monochrome], log=lambda message: None)
 
-    assert len(usable) == 2 and all(stack.tissue_fraction_at_focus() > 0.5 for stack in usable)
-    assert len(skipped) == 1 and re.match(r"stack 1: .*shows 0\.0% stained tissue.*a field of glass", skipped[0])
+    assert len(usable) == 3 and usable[2].images is monochrome.images
+    assert all(tissue_fraction(stack.image_at_focus()) > 0.5 for stack in usable[:2])
+    assert len(skipped) == 1 and re.match(r"stack 1: .*shows 0\.\d% stained tissue.*a field of glass", skipped[0])
     with pytest.raises(CalibrationError, match="1 of 2 z-stacks show tissue"):
         stacks_with_focus([stained, unstained], log=lambda message: None)
 

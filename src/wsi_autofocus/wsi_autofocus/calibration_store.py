@@ -53,9 +53,9 @@ class ZStack:
             raise CalibrationError(reason)
         return refine_peak(z, scores)
 
-    def tissue_fraction_at_focus(self) -> float:
-        """`tissue_fraction` of the image nearest the stack's best focus."""
-        return tissue_fraction(self.images[int(np.argmin(np.abs(np.asarray(self.z_um, float) - self.focus_z_um())))])
+    def image_at_focus(self) -> np.ndarray:
+        """The image nearest the stack's best focus."""
+        return self.images[int(np.argmin(np.abs(np.asarray(self.z_um, float) - self.focus_z_um())))]
 
 
 def check_stacks(stacks: list[ZStack]) -> None:
@@ -76,13 +76,16 @@ def check_stacks(stacks: list[ZStack]) -> None:
 
 
 def _with_focus_on_tissue(stack: ZStack) -> ZStack:
-    """`stack` with its best focus fixed; `CalibrationError` when it has none inside the sweep or its image there
-    shows less stained tissue than `MIN_FIELD_TISSUE_FRACTION`: a field of glass may still pass the peak rule on
-    dust and noise, and its labels teach the model nothing of this microscope's defocus (one such sweep made a
-    calibration's tiles worse)."""
+    """`stack` with its best focus fixed; `CalibrationError` when it has none inside the sweep or, from a colour
+    camera, its image there shows less stained tissue than `MIN_FIELD_TISSUE_FRACTION`: a field of glass may still
+    pass the peak rule on dust and noise, and its labels teach the model nothing of this microscope's defocus (one
+    such sweep made a calibration's tiles worse). A monochrome camera's images (equal channels) show no stain to
+    judge by."""
     focused = replace(stack, best_focus_z_um=stack.focus_z_um())
-    tissue = focused.tissue_fraction_at_focus()
-    if tissue < MIN_FIELD_TISSUE_FRACTION:
+    image = focused.image_at_focus()
+    monochrome = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
+    tissue = tissue_fraction(image)
+    if not monochrome and tissue < MIN_FIELD_TISSUE_FRACTION:
         raise CalibrationError(f"its image at focus (z {focused.best_focus_z_um:.1f} µm) shows {tissue:.1%} stained "
                                f"tissue, at least {MIN_FIELD_TISSUE_FRACTION:.0%} expected: a field of glass")
     return focused
