@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import json
 import os
@@ -371,6 +372,38 @@ def test_focus_points_without_a_clear_peak_are_replaced(tmp_path):
     ys = np.array([t.y_um for t in plan.tiles])
     error = focus_map.z_um(xs, ys) - backend.microscope.focal_z_um(xs, ys)
     assert np.ptp(error) < backend.depth_of_field_um()
+
+
+class StainlessCamera(FlakyCamera):
+    """Wraps a backend; its camera sees the field without stain: grey, each channel with its own noise as a colour
+    camera's (as over dust or debris on glass), or equal channels as a monochrome camera's."""
+
+    def __init__(self, backend, monochrome: bool):
+        super().__init__(backend, failing=lambda count: False)
+        self._monochrome, self._rng = monochrome, np.random.default_rng(0)
+
+    def _flaky(self, read_out):
+        def grey_read_out():
+            frame = read_out()
+            grey = np.repeat((frame.image_rgb8 @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
+            if not self._monochrome:
+                grey = grey + self._rng.normal(0.0, 1.0, grey.shape)
+            return dataclasses.replace(frame, image_rgb8=np.clip(np.round(grey), 0, 255).astype(np.uint8))
+        return grey_read_out
+
+
+def test_a_focus_point_whose_sharpness_peak_shows_no_stain_is_replaced(tmp_path):
+    """Dust on glass can peak as clearly as tissue, at a z that is not the section's: the focus map measures
+    another point instead. A monochrome camera shows no stain at all, so its peaks are taken as they are."""
+    backend = small_microscope()
+    backend.set_objective(20.0)
+    x_um, y_um = 43_250.0, 12_200.0
+    found = ScanRunner(backend, request(tmp_path)).find_focus(x_um, y_um, 0.0)
+    assert found == pytest.approx(float(backend.microscope.focal_z_um(x_um, y_um)), abs=backend.depth_of_field_um())
+    colour = ScanRunner(StainlessCamera(backend, monochrome=False), request(tmp_path, scan_id="s2"))
+    assert colour.find_focus(x_um, y_um, 0.0) is None and colour.outcome.focus_sweeps == []
+    monochrome = ScanRunner(StainlessCamera(backend, monochrome=True), request(tmp_path, scan_id="s3"))
+    assert monochrome.find_focus(x_um, y_um, 0.0) == pytest.approx(found, abs=0.5)
 
 
 class NoMacroCamera(FlakyCamera):

@@ -30,7 +30,7 @@ from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, Ti
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
 from wsi_acquisition.scan_request import FocusStrategy, ScanError, ScanErrorCode, ScanRequest
 from wsi_acquisition.stage import StageFault, StageLimitError
-from wsi_common.focus_metrics import MIN_FOCUS_PEAK_CONTRAST, brenner, refine_peak, unclear_peak
+from wsi_common.focus_metrics import MIN_FOCUS_PEAK_CONTRAST, brenner, refine_peak, unclear_peak, unstained_at_focus
 from wsi_common.scan_files import JOURNAL_NAME, plan_record
 
 
@@ -345,8 +345,9 @@ class ScanRunner:
     def find_focus(self, x_um: float, y_um: float, z_guess_um: float) -> float | None:
         """Best-focus z at (x, y): coarse then fine z-sweep of a central crop, Brenner sharpness.
 
-        None when the coarse sweep shows no clear peak (glass, a hole, a fold): such a point would
-        tilt the whole focus map, so the caller measures another one instead. A sweep that found focus
+        None when the coarse sweep shows no clear peak (glass, a hole, a fold) or its image at focus shows no
+        stained tissue (`unstained_at_focus`: dust or debris on glass): such a point would tilt the whole focus
+        map, so the caller measures another one instead. A sweep that found focus
         is kept (`outcome.focus_sweeps`, images on disk): it is labelled data for calibrating the autofocus.
         """
         roi = self._centre_roi()
@@ -366,6 +367,8 @@ class ScanRunner:
             if step == coarse_step and unclear_peak(zs, scores, self.min_focus_contrast) is not None:
                 return None
             best = refine_peak(zs, scores)
+        if unstained_at_focus(images[int(np.argmin(np.abs(np.array(z_values) - best)))]) is not None:
+            return None
         self._save_sweep(x_um, y_um, float(best), images, z_values)
         return float(best)
 

@@ -16,7 +16,7 @@ from wsi_autofocus.inference import default_model_dir
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
 from wsi_autofocus.two_shot import TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
-from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, brenner, refine_peak, tissue_fraction, unclear_peak
+from wsi_common.focus_metrics import brenner, refine_peak, unclear_peak, unstained_at_focus
 from wsi_common.scan_files import MANIFEST_NAME, Manifest
 
 
@@ -76,18 +76,13 @@ def check_stacks(stacks: list[ZStack]) -> None:
 
 
 def _with_focus_on_tissue(stack: ZStack) -> ZStack:
-    """`stack` with its best focus fixed; `CalibrationError` when it has none inside the sweep or, from a colour
-    camera, its image there shows less stained tissue than `MIN_FIELD_TISSUE_FRACTION`: a field of glass may still
-    pass the peak rule on dust and noise, and its labels teach the model nothing of this microscope's defocus (one
-    such sweep made a calibration's tiles worse). A monochrome camera's images (equal channels) show no stain to
-    judge by."""
+    """`stack` with its best focus fixed; `CalibrationError` when it has none inside the sweep or its image there
+    shows no tissue (`unstained_at_focus`): the labels of a field of glass teach the model nothing of this
+    microscope's defocus (one such sweep made a calibration's tiles worse)."""
     focused = replace(stack, best_focus_z_um=stack.focus_z_um())
-    image = focused.image_at_focus()
-    monochrome = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
-    tissue = tissue_fraction(image)
-    if not monochrome and tissue < MIN_FIELD_TISSUE_FRACTION:
-        raise CalibrationError(f"its image at focus (z {focused.best_focus_z_um:.1f} µm) shows {tissue:.1%} stained "
-                               f"tissue, at least {MIN_FIELD_TISSUE_FRACTION:.0%} expected: a field of glass")
+    reason = unstained_at_focus(focused.image_at_focus())
+    if reason is not None:
+        raise CalibrationError(f"{reason} (z {focused.best_focus_z_um:.1f} µm)")
     return focused
 
 

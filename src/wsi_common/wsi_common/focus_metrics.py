@@ -89,6 +89,20 @@ def tissue_fraction(image: np.ndarray) -> float:
 MIN_FIELD_TISSUE_FRACTION = 0.02
 
 
+def unstained_at_focus(image: np.ndarray, min_fraction: float = MIN_FIELD_TISSUE_FRACTION) -> str | None:
+    """Why a z-sweep's image at its sharpness peak shows no tissue to focus on, or None when it does or when a
+    monochrome camera took it (equal channels show no stain to judge by). Dust or debris on glass can peak
+    clearly enough for `unclear_peak`, at a z that is not the section's."""
+    rgb = np.asarray(image)
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return None
+    tissue = tissue_fraction(rgb)
+    if tissue < min_fraction:
+        return (f"its image at focus shows {tissue:.1%} stained tissue (at least {min_fraction:.0%} expected): "
+                "a field of glass, its sharpness peak dust or debris")
+    return None
+
+
 # A z-sweep's sharpness peak stands at least this far above the sweep's median where the field has a focus to
 # find; glass, a hole or a fold give a flat sweep whose noise may peak anywhere.
 MIN_FOCUS_PEAK_CONTRAST = 1.3
