@@ -110,6 +110,22 @@ def test_the_calibration_table_shows_how_far_the_sweeps_labels_lie_from_best_foc
     assert "labels off" not in shift_evaluation.format_calibration({"scope": result})  # results from before the column
 
 
+def test_the_calibration_table_counts_the_sweeps_a_calibration_left_out():
+    """A sweep of glass (no stain at its sharpness peak) is left out of a calibration, and of its labels' offset."""
+    rng = np.random.default_rng(0)
+    stained = [_sweep_sharpest_at(0.4, rng), _sweep_sharpest_at(0.2, rng)]
+    images = stained[0].images
+    grey = np.repeat(images.mean(axis=3, keepdims=True), 3, axis=3) + rng.normal(0, 1, images.shape)
+    glass = ZStack(np.clip(np.round(grey), 0, 255).astype(np.uint8), stained[0].z_um, 0.325, 0.75)
+    true = np.array([-4.0, 2.0])
+    tiles = {"true_um": true, "depth_of_field_um": np.full(2, 1.4)}
+    estimates = {"predicted_um": true, "uncertainty_um": np.full(2, 0.5), "distance_um": np.abs(true)}
+    result = shift_evaluation.calibration_result(tiles, estimates, estimates, stained + [glass], 1.0, None)
+    assert result["sweeps"] == 3 and result["sweeps_used"] == 2
+    assert result["label_offset_um"] == shift_evaluation.label_offset_um(stained)
+    assert shift_evaluation.format_calibration({"scope": result}).splitlines()[-1].split()[1] == "2/3"
+
+
 def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
     """A calibration that learnt another focus reads every field off the same way: the MAE cannot tell that
     from scatter, the mean signed error can."""

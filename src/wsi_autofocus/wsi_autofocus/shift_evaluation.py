@@ -622,20 +622,25 @@ def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, fit
     offset = label_offset_um(stacks)
     sweeps_focus_error = after["predicted_um"][mask] - (tiles["true_um"][mask] - offset)
     return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
-            "fit_s": fit_s, "sweeps": len(stacks), "refused": refused, "label_offset_um": offset,
-            "after_mae_sweeps_focus_um": float(np.mean(np.abs(sweeps_focus_error)))}
+            "fit_s": fit_s, "sweeps": len(stacks), "sweeps_used": len(_usable_stacks(stacks)), "refused": refused,
+            "label_offset_um": offset, "after_mae_sweeps_focus_um": float(np.mean(np.abs(sweeps_focus_error)))}
+
+
+def _usable_stacks(stacks: list) -> list:
+    """The sweeps a calibration uses (`stacks_with_focus`), their focus fixed; none when too few are usable."""
+    try:
+        return stacks_with_focus(stacks, log=lambda message: None)[0]
+    except CalibrationError:
+        return []
 
 
 def label_offset_um(stacks: list) -> float:
-    """Mean over the sweeps a calibration uses (those with their focus inside, `stacks_with_focus`) of the best
-    focus it labels them with (the sweep's sharpness peak) minus the evaluation's best focus, which is z = 0 of
-    every sweep `render_sweep` makes; NaN when too few have a focus. A calibration learns its sweeps' focus, so
-    this offset stays in what it reads against the evaluation."""
-    try:
-        usable, _ = stacks_with_focus(stacks, log=lambda message: None)
-    except CalibrationError:
-        return float("nan")
-    return float(np.mean([stack.best_focus_z_um for stack in usable]))
+    """Mean over the sweeps a calibration uses (`_usable_stacks`) of the best focus it labels them with (the sweep's
+    sharpness peak) minus the evaluation's best focus, which is z = 0 of every sweep `render_sweep` makes; NaN
+    when too few are usable. A calibration learns its sweeps' focus, so this offset stays in what it reads against
+    the evaluation."""
+    usable = _usable_stacks(stacks)
+    return float(np.mean([stack.best_focus_z_um for stack in usable])) if usable else float("nan")
 
 
 def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, estimate, output: Path,
@@ -706,7 +711,8 @@ def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str
              f"{'wrong after':>11}"]
     for name, r in results.items():
         before, after = r["before"], r["after"]
-        lines.append(f"{name:<{width}}{r['sweeps']:7d}{r['fit_s']:7.0f}  "
+        sweeps = f"{r['sweeps_used']}/{r['sweeps']}" if "sweeps_used" in r else str(r["sweeps"])
+        lines.append(f"{name:<{width}}{sweeps:>7}{r['fit_s']:7.0f}  "
                      + (f"{r['label_offset_um']:+10.2f}  " if offsets else "")
                      + (f"{after['bias_um']:+10.2f}  " if biases else "")
                      + f"{before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
