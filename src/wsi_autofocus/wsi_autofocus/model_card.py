@@ -115,7 +115,8 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "",
         "Calibrating on sweeps of the slide being scanned (as `ScanSlide.calibrate_autofocus` does from the scan's "
         "own focus map; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap) teaches the side "
-        "cue of that microscope on that tissue; sweeps of other specimens teach a cue that need not carry over.",
+        "cue of that microscope on that tissue; sweeps of other specimens teach a cue that need not carry over. "
+        + shift_evaluation.SWEEPS_USED_NOTE,
         "",
         "What a scan makes of these estimates (`scan_outcome_table`): each 20× tile is taken at its defocus as "
         "if the focus map had left it there, then the scan's own rules run (`wsi_acquisition.focus`: correct "
@@ -389,7 +390,7 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "calibration learnt the sweeps' focus; where it is near 0, the offset did not carry over and the MAE is "
         "scatter. \"MAE after, sweeps' focus\" is the MAE after against the evaluation's best focus moved by the "
         "labels' offset: the error left if best focus were where the sweeps' sharpness peaks put it (the targets are "
-        "judged against the evaluation's best focus).",
+        "judged against the evaluation's best focus). " + shift_evaluation.SWEEPS_USED_NOTE,
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),
         "- Targets not met: " + ("; ".join(text for text, ok in checks if not ok) or "none"),

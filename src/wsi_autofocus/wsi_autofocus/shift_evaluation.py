@@ -692,6 +692,10 @@ OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscop
 
 
 SWEEPS_FOCUS_COLUMN = "MAE after, sweeps' focus"
+# What a calibration table's "sweeps" column counts, for the cards.
+SWEEPS_USED_NOTE = ("\"sweeps\" counts those a calibration used of those taken: a sweep without a clear focus inside "
+                    "it, or whose image at focus shows under 2 % stained tissue on a colour camera (glass, dust), is "
+                    "left out (`calibration_store.stacks_with_focus`).")
 
 
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
