@@ -367,7 +367,7 @@ class ScanRunner:
             if step == coarse_step and unclear_peak(zs, scores, self.min_focus_contrast) is not None:
                 return None
             best = refine_peak(zs, scores)
-        if unstained_at_focus(images[int(np.argmin(np.abs(np.array(z_values) - best)))]) is not None:
+        if unstained_at_focus(images, z_values, best) is not None:
             return None
         self._save_sweep(x_um, y_um, float(best), images, z_values)
         return float(best)

@@ -53,10 +53,6 @@ class ZStack:
             raise CalibrationError(reason)
         return refine_peak(z, scores)
 
-    def image_at_focus(self) -> np.ndarray:
-        """The image nearest the stack's best focus."""
-        return self.images[int(np.argmin(np.abs(np.asarray(self.z_um, float) - self.focus_z_um())))]
-
 
 def check_stacks(stacks: list[ZStack]) -> None:
     """Raise `CalibrationError` naming the first stack that cannot be calibrated on, and why."""
@@ -80,7 +76,7 @@ def _with_focus_on_tissue(stack: ZStack) -> ZStack:
     shows no tissue (`unstained_at_focus`): the labels of a field of glass teach the model nothing of this
     microscope's defocus (one such sweep made a calibration's tiles worse)."""
     focused = replace(stack, best_focus_z_um=stack.focus_z_um())
-    reason = unstained_at_focus(focused.image_at_focus())
+    reason = unstained_at_focus(focused.images, focused.z_um, focused.best_focus_z_um)
     if reason is not None:
         raise CalibrationError(f"{reason} (z {focused.best_focus_z_um:.1f} µm)")
     return focused

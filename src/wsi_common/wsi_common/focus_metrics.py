@@ -89,11 +89,11 @@ def tissue_fraction(image: np.ndarray) -> float:
 MIN_FIELD_TISSUE_FRACTION = 0.02
 
 
-def unstained_at_focus(image: np.ndarray, min_fraction: float = MIN_FIELD_TISSUE_FRACTION) -> str | None:
-    """Why a z-sweep's image at its sharpness peak shows no tissue to focus on, or None when it does or when a
+def unstained_at_focus(images, z_um, focus_z_um: float, min_fraction: float = MIN_FIELD_TISSUE_FRACTION) -> str | None:
+    """Why a z-sweep's image nearest its focus shows no tissue to focus on, or None when it does or when a
     monochrome camera took it (equal channels show no stain to judge by). Dust or debris on glass can peak
     clearly enough for `unclear_peak`, at a z that is not the section's."""
-    rgb = np.asarray(image)
+    rgb = np.asarray(images[int(np.argmin(np.abs(np.asarray(z_um, dtype=float) - focus_z_um)))])
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
         return None
     tissue = tissue_fraction(rgb)
