@@ -619,10 +619,11 @@ def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, fit
     and the MAE after against the evaluation's best focus moved by that offset (`after_mae_sweeps_focus_um`): what
     the error would be if the evaluation called best focus where the sweeps' sharpness peaks put it."""
     mask = np.ones(len(tiles["true_um"]), bool) if mask is None else mask
-    offset = label_offset_um(stacks)
+    usable = _usable_stacks(stacks)
+    offset = label_offset_um(usable)       # their focus fixed: no sharpness peak is searched again
     sweeps_focus_error = after["predicted_um"][mask] - (tiles["true_um"][mask] - offset)
     return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
-            "fit_s": fit_s, "sweeps": len(stacks), "sweeps_used": len(_usable_stacks(stacks)), "refused": refused,
+            "fit_s": fit_s, "sweeps": len(stacks), "sweeps_used": len(usable), "refused": refused,
             "label_offset_um": offset, "after_mae_sweeps_focus_um": float(np.mean(np.abs(sweeps_focus_error)))}
 
 
