@@ -14,7 +14,7 @@ from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_tabl
 from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError,
                                      aggregate, default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
-from wsi_autofocus.model_card import record_reproduction, render, target_statement
+from wsi_autofocus.model_card import calibration_target_check, record_reproduction, render, target_statement
 from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, fit_uncertainty_calibration,
@@ -335,6 +335,17 @@ def test_model_card_says_whether_the_20x_target_is_met():
     missed = target_statement(summary(0.31, 0.55, 0.97))
     assert "not met" in missed and "MAE 0.310 µm within ±10 µm" in missed and "sign 97.0%" in missed
     assert "±20 µm" not in missed
+
+
+def test_the_calibration_target_is_judged_against_best_focus_and_shows_the_tiles_sweep_focus_beside():
+    """A calibration that reads every tile's own sweep focus to 0.2 µm still misses the target where that focus
+    lies off the evaluation's best focus: the card says both, and judges by the evaluation's."""
+    rows = {"scope-a": {"after": {"mae_um": 0.25}, "after_mae_tile_sweep_focus_um": 0.21},
+            "scope-b": {"after": {"mae_um": 0.45}, "after_mae_tile_sweep_focus_um": 0.22}}
+    text, met = calibration_target_check("the slide itself", rows, "wsi-autofocus eval")
+    assert not met and "scope-a 0.25, scope-b 0.45" in text and "own sweep focus 0.21, 0.22" in text
+    rows["scope-b"]["after"]["mae_um"] = 0.3
+    assert calibration_target_check("the slide itself", rows, "wsi-autofocus eval")[1]
 
 
 def test_model_card_reports_another_run_of_the_recipe(tmp_path):

@@ -141,22 +141,46 @@ def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
     assert "bias after" in table and "+0.30" in table.splitlines()[-1]
 
 
-def test_the_calibration_table_shows_the_error_against_the_sweeps_own_focus():
-    """A calibration learns the focus its sweeps' sharpness peaks put (0.3 um above the evaluation's best focus
-    here): a model that reads every tile against that focus is 0.3 um off by the evaluation's definition and not
-    off at all by the sweeps'. The row says which of the two its error is."""
-    rng = np.random.default_rng(0)
-    stacks = [_sweep_sharpest_at(0.4, rng), _sweep_sharpest_at(0.2, rng)]
-    offset = shift_evaluation.label_offset_um(stacks)
+def test_the_calibration_table_shows_the_error_against_each_tiles_own_sweep_focus():
+    """A calibration learns the focus sweeps find (their sharpness peaks), which may lie off the evaluation's best
+    focus by how the specimen images. A model that reads every tile against its own sweep's focus is off by the
+    evaluation's definition and not off at all by the sweeps'; tiles whose sweep shows no clear focus are left out
+    of that column."""
     true = np.array([-4.0, -1.0, 2.0, 6.0])
-    tiles = {"true_um": true, "depth_of_field_um": np.full(4, 1.4)}
-    learnt_sweeps_focus = {"predicted_um": true - offset, "uncertainty_um": np.full(4, 0.5),
-                           "distance_um": np.abs(true - offset)}
-    result = shift_evaluation.calibration_result(tiles, learnt_sweeps_focus, learnt_sweeps_focus, stacks, 1.0, None)
-    assert result["after"]["mae_um"] == pytest.approx(offset)
-    assert result["after_mae_sweeps_focus_um"] == pytest.approx(0.0, abs=1e-9)
-    table = shift_evaluation.format_calibration({"scope": result})
-    assert "MAE after, sweeps' focus" in table and table.splitlines()[-1].split()[7] == "0.00"
-    masked = shift_evaluation.calibration_result(tiles, learnt_sweeps_focus, learnt_sweeps_focus | {
-        "predicted_um": np.where(true > 0, true, true - offset)}, stacks, 1.0, None, mask=true > 0)
-    assert masked["after"]["n"] == 2 and masked["after_mae_sweeps_focus_um"] == pytest.approx(offset)
+    sweep_focus = np.array([0.4, 0.2, np.nan, 0.3])
+    tiles = {"true_um": true, "depth_of_field_um": np.full(4, 1.4), "sweep_focus_um": sweep_focus}
+    learnt = np.where(np.isfinite(sweep_focus), true - np.nan_to_num(sweep_focus), true - 1.0)
+    after = {"predicted_um": learnt, "uncertainty_um": np.full(4, 0.5), "distance_um": np.abs(learnt)}
+    stacks = [_sweep_sharpest_at(0.4, np.random.default_rng(0)), _sweep_sharpest_at(0.2, np.random.default_rng(1))]
+    result = shift_evaluation.calibration_result(tiles, after, after, stacks, 1.0, None)
+    assert result["after"]["mae_um"] == pytest.approx((0.4 + 0.2 + 1.0 + 0.3) / 4)
+    assert result["after_mae_tile_sweep_focus_um"] == pytest.approx(0.0, abs=1e-9)
+    assert result["tiles_focus_offset_um"] == pytest.approx(0.3) and result["tiles_with_sweep_focus"] == 3
+    header, row = shift_evaluation.format_calibration({"scope": result}).splitlines()[1:]
+    assert "tiles' focus off" in header and "MAE after, tile's sweep focus" in header
+    assert row.split()[4] == "+0.30" and row.split()[8] == "0.00"
+    masked = shift_evaluation.calibration_result(tiles, after, after, stacks, 1.0, None, mask=true > 0)
+    assert masked["tiles_with_sweep_focus"] == 1 and masked["tiles_focus_offset_um"] == pytest.approx(0.3)
+    unswept = {key: value for key, value in tiles.items() if key != "sweep_focus_um"}
+    assert "tiles' focus off" not in shift_evaluation.format_calibration(
+        {"scope": shift_evaluation.calibration_result(unswept, after, after, stacks, 1.0, None)})
+
+
+def test_each_calibration_tile_is_swept_about_the_evaluations_best_focus_once(tmp_path):
+    """The sweep of a tile's field is centred on best focus, not on the tile's defocus (up to 10 µm off): its
+    sharpness peak lies within a depth of field of best focus. Only tiles a calibration is judged on (held-out
+    imaging at the sweeps' magnification) are swept, and a second evaluation reads them from the cache."""
+    spec = shift_evaluation.ShiftSpec(tile_px=128, tiles_per_cell=2, objectives=(10.0, 20.0),
+                                      imaging=("own-simulator", "abbe-astigmatic"), content=("real-he",))
+    tiles = shift_evaluation.render_tiles(spec, tmp_path, workers=1)
+    sweep_spec = shift_evaluation.CalibrationSpec()
+    logged = []
+    swept = shift_evaluation.with_sweep_focus(spec, tiles, sweep_spec, tmp_path, workers=1, log=logged.append)
+    judged = (tiles["imaging"] == "abbe-astigmatic") & (tiles["objective"] == 20.0)
+    assert judged.sum() == 2 and len(logged) == 1
+    assert np.all(np.isnan(swept["sweep_focus_um"][~judged]))
+    assert np.all(np.abs(swept["sweep_focus_um"][judged]) < tiles["depth_of_field_um"][judged])
+    assert np.abs(tiles["true_um"][judged]).max() > 2 * tiles["depth_of_field_um"][judged].max()
+    again = shift_evaluation.with_sweep_focus(spec, tiles, sweep_spec, tmp_path, workers=1, log=logged.append)
+    assert len(logged) == 1
+    np.testing.assert_array_equal(again["sweep_focus_um"], swept["sweep_focus_um"])

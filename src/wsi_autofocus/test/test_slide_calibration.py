@@ -72,3 +72,21 @@ def test_every_test_field_has_its_second_exposure_one_step_higher():
     assert tiles["images_above"].shape == tiles["images"].shape == (3, 96, 96, 3)
     assert np.all(tiles["step_above_um"] == pytest.approx(default_step_um(0.75)))
     assert not np.array_equal(tiles["images_above"], tiles["images"])
+
+
+def test_each_test_field_is_swept_about_best_focus_once(tmp_path):
+    """A test field's own sweep (as a focus map would take it, centred on best focus whatever the field's defocus)
+    finds focus within a depth of field of best focus; a second evaluation reads it from the cache."""
+    spec = slide_calibration.SlideCalibrationSpec(sweeps=CalibrationSpec(sweeps=2, tile_px=64), test_tiles=3,
+                                                  test_tile_px=96)
+    cell = ("abbe-gaussian", "real-he")
+    rendered = {cell: slide_calibration.render_slide(spec, *cell)}
+    logged = []
+    swept = slide_calibration.with_sweep_focus(spec, rendered, tmp_path, workers=1, log=logged.append)
+    tiles = swept[cell]["tiles"]
+    assert tiles["sweep_focus_um"].shape == (3,) and len(logged) == 1
+    assert np.all(np.abs(tiles["sweep_focus_um"]) < tiles["depth_of_field_um"])
+    assert np.abs(tiles["true_um"]).max() > 2 * tiles["depth_of_field_um"].max()
+    again = slide_calibration.with_sweep_focus(spec, rendered, tmp_path, workers=1, log=logged.append)
+    assert len(logged) == 1
+    np.testing.assert_array_equal(again[cell]["tiles"]["sweep_focus_um"], tiles["sweep_focus_um"])

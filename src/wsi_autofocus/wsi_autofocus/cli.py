@@ -64,6 +64,8 @@ def command_eval(args) -> int:
         # Held-out microscopes and real content are test data too: never evaluated while tuning (--split val).
         shift_spec = shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles)
         tiles = shift_evaluation.render_tiles(shift_spec, args.cache_dir, workers=args.workers)
+        tiles = shift_evaluation.with_sweep_focus(shift_spec, tiles, shift_evaluation.CalibrationSpec(),
+                                                  args.cache_dir, args.workers)
         estimates = shift_evaluation.estimate_tiles(estimator, tiles)
         summary["shift"] = shift_evaluation.summarize(tiles, estimates)
         summary["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
@@ -143,6 +145,8 @@ def command_eval_two_shot(args) -> int:
     model = TwoShotModel.load(args.model)
     spec = shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles)
     tiles = shift_evaluation.render_tiles(spec, args.cache_dir, workers=args.workers)
+    tiles = shift_evaluation.with_sweep_focus(spec, tiles, shift_evaluation.CalibrationSpec(), args.cache_dir,
+                                              args.workers)
     refocuser = shift_evaluation.Refocuser(spec, args.cache_dir)
     estimates = shift_evaluation.two_shot_estimates(model, tiles, refocuser, args.workers)
     evaluation = shift_evaluation.two_shot_evaluation(tiles, estimates)

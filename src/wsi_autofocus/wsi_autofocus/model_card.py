@@ -116,7 +116,7 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "Calibrating on sweeps of the slide being scanned (as `ScanSlide.calibrate_autofocus` does from the scan's "
         "own focus map; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap) teaches the side "
         "cue of that microscope on that tissue; sweeps of other specimens teach a cue that need not carry over. "
-        + shift_evaluation.SWEEPS_USED_NOTE,
+        + shift_evaluation.CALIBRATION_COLUMNS_NOTE,
         "",
         "What a scan makes of these estimates (`scan_outcome_table`): each 20× tile is taken at its defocus as "
         "if the focus map had left it there, then the scan's own rules run (`wsi_acquisition.focus`: correct "
@@ -274,8 +274,13 @@ def calibration_target_check(where: str, results: dict | None, command: str) -> 
     if not results:
         return f"self-calibration on {where}: not in this evaluation (re-run `{command}`)", False
     after = [(name, result["after"]["mae_um"]) for name, result in results.items()]
+    against_sweeps = ""
+    if all("after_mae_tile_sweep_focus_um" in result for result in results.values()):
+        against_sweeps = "; against each tile's own sweep focus " + ", ".join(
+            f"{result['after_mae_tile_sweep_focus_um']:.2f}" for result in results.values())
     return (f"after self-calibration on {where} MAE {', '.join(f'{name} {mae:.2f}' for name, mae in after)} "
-            f"µm (target ≤ {TARGET_CALIBRATED_MAE_UM})", all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after))
+            f"µm (target ≤ {TARGET_CALIBRATED_MAE_UM}{against_sweeps})",
+            all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after))
 
 
 def scan_outcome_target_check(scan_outcome: dict) -> tuple[str, bool]:
@@ -383,14 +388,8 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "```",
         "",
         "On the slide itself is how a scan calibrates (`ScanSlide.calibrate_autofocus`: the focus map's sweeps of the "
-        "slide being scanned; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap). \"labels off\" "
-        "is where the sweeps' sharpness peaks (the focus a calibration learns) lie from the plane the evaluation calls "
-        "best focus (maximum mean MTF over 0.2-1.0 NA/lambda), averaged over the sweeps; \"bias after\" is the "
-        "calibrated model's mean signed error on the test fields: where it is near minus the labels' offset, the "
-        "calibration learnt the sweeps' focus; where it is near 0, the offset did not carry over and the MAE is "
-        "scatter. \"MAE after, sweeps' focus\" is the MAE after against the evaluation's best focus moved by the "
-        "labels' offset: the error left if best focus were where the sweeps' sharpness peaks put it (the targets are "
-        "judged against the evaluation's best focus). " + shift_evaluation.SWEEPS_USED_NOTE,
+        "slide being scanned; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap). "
+        + shift_evaluation.CALIBRATION_COLUMNS_NOTE,
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),
         "- Targets not met: " + ("; ".join(text for text, ok in checks if not ok) or "none"),

@@ -27,7 +27,7 @@ from wsi_acquisition.focus import (correction_captures, focus_action, kept_captu
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
-from wsi_autofocus.calibration_store import CalibrationError, stacks_with_focus
+from wsi_autofocus.calibration_store import CalibrationError, ZStack, stacks_with_focus
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import (OBJECTIVES, SPLITS, fields_showing_tissue, save_npz, specimen_for_seed,
                                starmap_in_processes, tissue_points)
@@ -549,9 +549,51 @@ def render_sweep(spec: CalibrationSpec, scope, specimen, x_um: float, y_um: floa
 
 def z_stacks(stacks: list[dict]) -> list:
     """Rendered sweeps as the calibration API takes them."""
-    from wsi_autofocus.calibration_store import ZStack
-
     return [ZStack(s["images"], s["z_um"], float(s["pixel_size_um"]), float(s["numerical_aperture"])) for s in stacks]
+
+
+def sweep_focus_um(images: np.ndarray, z_um: np.ndarray, pixel_size_um: float, numerical_aperture: float) -> float:
+    """The focus a focus-map sweep of one field finds, as a calibration labels its sweeps (`ZStack.focus_z_um`: the
+    refined Brenner peak, which must be clear); NaN where the sweep shows no clear focus."""
+    try:
+        return ZStack(images, np.asarray(z_um, float), pixel_size_um, numerical_aperture).focus_z_um()
+    except CalibrationError:
+        return float("nan")
+
+
+def _tiles_sweep_focus(spec: ShiftSpec, indices: list[int], pixel_sizes_um: list[float], apertures: list[float],
+                       z_um: np.ndarray) -> list[float]:
+    refocuser = Refocuser(spec, None)
+    return [sweep_focus_um(np.stack([refocuser.image(index, float(z)) for z in z_um]), z_um, pixel_size_um, aperture)
+            for index, pixel_size_um, aperture in zip(indices, pixel_sizes_um, apertures)]
+
+
+def with_sweep_focus(spec: ShiftSpec, tiles: dict, sweep_spec: CalibrationSpec, cache_dir: Path, workers: int = 2,
+                     log=print) -> dict:
+    """`tiles` with "sweep_focus_um": for each tile a calibration is judged on (held-out imaging at the sweeps'
+    magnification), where a sweep of its field (the shape of a focus-map sweep, `sweep_spec.z_offsets_um()` around
+    the evaluation's best focus) finds focus, from that best focus; NaN for the other tiles and where the sweep
+    shows no clear focus. A calibration can learn no other focus than its sweeps': this is the focus each tile's
+    own sweep would have taught. Kept in a cache file; the sweeps' images are not."""
+    mask = (tiles["imaging"] != OWN_SIMULATOR) & (tiles["objective"] == sweep_spec.magnification)
+    z_um = sweep_spec.z_offsets_um()
+    path = Path(cache_dir) / f"tile-sweep-focus-{cache_key(spec)}-{cache_key(sweep_spec)}.npz"
+    focus, measured = np.full(len(tiles["true_um"]), np.nan), np.zeros(len(tiles["true_um"]), bool)
+    if path.exists():
+        with np.load(path) as cached:
+            focus, measured = cached["sweep_focus_um"], cached["measured"]
+    missing = np.flatnonzero(mask & ~measured)
+    if len(missing):
+        log(f"sweeping the fields of {len(missing)} tiles ({len(z_um)} images each) into {path}")
+        by_cell: dict[int, list[int]] = {}
+        for index in missing:
+            by_cell.setdefault(int(index) // spec.tiles_per_cell, []).append(int(index))
+        jobs = [(spec, indices, [float(tiles["pixel_size_um"][i]) for i in indices],
+                 [float(tiles["numerical_aperture"][i]) for i in indices], z_um) for indices in by_cell.values()]
+        for indices, values in zip(by_cell.values(), starmap_in_processes(_tiles_sweep_focus, jobs, workers)):
+            focus[indices], measured[indices] = values, True
+        save_npz(path, {"sweep_focus_um": focus, "measured": measured})
+    return tiles | {"sweep_focus_um": np.where(mask, focus, np.nan)}
 
 
 def render_all_sweeps(spec: CalibrationSpec, cache_dir: Path, workers: int = 2, log=print) -> dict[str, list[dict]]:
@@ -615,16 +657,23 @@ def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, out
 
 def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, fit_s: float, refused: str | None,
                        mask: np.ndarray | None = None) -> dict:
-    """A calibration's row: `cell_statistics` of the tiles (in `mask`) before and after, the sweeps' `label_offset_um`,
-    and the MAE after against the evaluation's best focus moved by that offset (`after_mae_sweeps_focus_um`): what
-    the error would be if the evaluation called best focus where the sweeps' sharpness peaks put it."""
+    """A calibration's row: `cell_statistics` of the tiles (in `mask`) before and after, and the sweeps' `label_offset_um`.
+    Where the tiles hold the focus their own sweeps find ("sweep_focus_um", `with_sweep_focus`): their mean offset
+    from the evaluation's best focus (`tiles_focus_offset_um`, as the labels' for the calibration's sweeps) and the
+    MAE after against each tile's sweep focus (`after_mae_tile_sweep_focus_um`, over the tiles whose sweep shows a
+    clear focus): the error left of what a calibration from sweeps can learn."""
     mask = np.ones(len(tiles["true_um"]), bool) if mask is None else mask
     usable = _usable_stacks(stacks)
-    offset = label_offset_um(usable)       # their focus fixed: no sharpness peak is searched again
-    sweeps_focus_error = after["predicted_um"][mask] - (tiles["true_um"][mask] - offset)
-    return {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
-            "fit_s": fit_s, "sweeps": len(stacks), "sweeps_used": len(usable), "refused": refused,
-            "label_offset_um": offset, "after_mae_sweeps_focus_um": float(np.mean(np.abs(sweeps_focus_error)))}
+    result = {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
+              "fit_s": fit_s, "sweeps": len(stacks), "sweeps_used": len(usable), "refused": refused,
+              "label_offset_um": label_offset_um(usable)}   # their focus fixed: no sharpness peak is searched again
+    if "sweep_focus_um" in tiles:
+        focus = tiles["sweep_focus_um"][mask]
+        clear = np.isfinite(focus)
+        error = after["predicted_um"][mask][clear] - (tiles["true_um"][mask][clear] - focus[clear])
+        result |= {"tiles_focus_offset_um": float(np.mean(focus[clear])), "tiles_with_sweep_focus": int(clear.sum()),
+                   "after_mae_tile_sweep_focus_um": float(np.mean(np.abs(error)))}
+    return result
 
 
 def _usable_stacks(stacks: list) -> list:
@@ -692,26 +741,36 @@ OTHER_SPECIMENS_TITLE = ("self-calibration (20x): fitted on a held-out microscop
                          "specimens, tested on its tiles of the test specimens and real content")
 
 
-SWEEPS_FOCUS_COLUMN = "MAE after, sweeps' focus"
-# What a calibration table's "sweeps" column counts, for the cards.
-SWEEPS_USED_NOTE = ("\"sweeps\" counts those a calibration used of those taken: a sweep without a clear focus inside "
-                    "it, or whose image at focus shows under 2 % stained tissue on a colour camera (glass, dust), is "
-                    "left out (`calibration_store.stacks_with_focus`).")
+TILES_FOCUS_COLUMN = "tiles' focus off"
+TILE_SWEEP_COLUMN = "MAE after, tile's sweep focus"
+# What a calibration table's columns beyond the plain statistics say, for the cards.
+CALIBRATION_COLUMNS_NOTE = (
+    "\"labels off\" is where the calibration's sweeps' sharpness peaks (the focus a calibration learns) lie from the "
+    "plane the evaluation calls best focus (maximum mean MTF over 0.2-1.0 NA/lambda), averaged over the sweeps; "
+    f"\"{TILES_FOCUS_COLUMN}\" is the same for a focus-map-like sweep of each test tile's field about best focus "
+    "(`shift_evaluation.with_sweep_focus`). \"bias after\" is the calibrated model's mean signed error on the test "
+    f"tiles. \"{TILE_SWEEP_COLUMN}\" is the MAE after against the focus each test tile's own sweep finds (tiles "
+    "whose sweep shows a clear focus): the error left of what a calibration from sweeps can learn, and the kind of "
+    "reference (a z-stack's sharpest plane) single-shot results on real slides are reported against; the targets "
+    "are judged against the evaluation's best focus. \"sweeps\" counts those a calibration used of those taken: a "
+    "sweep without a clear focus inside it, or whose image at focus shows under 2 % stained tissue on a colour "
+    "camera (glass, dust), is left out (`calibration_store.stacks_with_focus`).")
 
 
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
     """One row per calibration (`calibration_result`s by name): before and after; "labels off": the sweeps' sharpness
-    peaks against the evaluation's best focus (`label_offset_um`), "bias after": the mean signed error after, and
-    "MAE after, sweeps' focus": the MAE after against best focus moved by the labels' offset, where results have
-    them (older results printed as they were)."""
+    peaks against the evaluation's best focus (`label_offset_um`), "tiles' focus off" the same for sweeps of the test
+    tiles' fields, "bias after": the mean signed error after, and "MAE after, tile's sweep focus": the MAE after
+    against the focus each tile's own sweep finds, where results have them (older results printed as they were)."""
     width = max(18, *(len(name) + 2 for name in results))
     offsets = all("label_offset_um" in r for r in results.values())
     biases = all("bias_um" in r["after"] for r in results.values())
-    sweeps_focus = all("after_mae_sweeps_focus_um" in r for r in results.values())
+    tile_sweeps = all("after_mae_tile_sweep_focus_um" in r for r in results.values())
     lines = [title,
              f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  " + (f"{'labels off':>10}  " if offsets else "")
+             + (f"{TILES_FOCUS_COLUMN:>16}  " if tile_sweeps else "")
              + (f"{'bias after':>10}  " if biases else "") + f"{'MAE before':>10}  {'MAE after':>9}  "
-             + (f"{SWEEPS_FOCUS_COLUMN:>24}  " if sweeps_focus else "") +
+             + (f"{TILE_SWEEP_COLUMN:>29}  " if tile_sweeps else "") +
              f"{'median after':>12}  {'sign before':>11}  {'sign after':>10}  {'acted after':>11}  {'wrong before':>12}  "
              f"{'wrong after':>11}"]
     for name, r in results.items():
@@ -719,9 +778,10 @@ def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str
         sweeps = f"{r['sweeps_used']}/{r['sweeps']}" if "sweeps_used" in r else str(r["sweeps"])
         lines.append(f"{name:<{width}}{sweeps:>7}{r['fit_s']:7.0f}  "
                      + (f"{r['label_offset_um']:+10.2f}  " if offsets else "")
+                     + (f"{r['tiles_focus_offset_um']:+16.2f}  " if tile_sweeps else "")
                      + (f"{after['bias_um']:+10.2f}  " if biases else "")
                      + f"{before['mae_um']:10.2f}  {after['mae_um']:9.2f}  "
-                     + (f"{r['after_mae_sweeps_focus_um']:24.2f}  " if sweeps_focus else "") +
+                     + (f"{r['after_mae_tile_sweep_focus_um']:29.2f}  " if tile_sweeps else "") +
                      f"{after['median_abs_error_um']:12.2f}  {before['sign_accuracy_beyond_1um'] or 0:11.0%}  "
                      f"{after['sign_accuracy_beyond_1um'] or 0:10.0%}  {after['fraction_acted_on']:11.0%}  "
                      f"{before['confidently_wrong']:12d}  {after['confidently_wrong']:11d}"

@@ -25,7 +25,8 @@ from wsi_autofocus.data import (SPLITS, in_focus_tissue_fraction, save_npz, spec
                                tissue_points)
 from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, cache_key, calibrated_statistics,
                                             describe_calibration, format_calibration, imaging_condenser,
-                                            pair_estimates, render_sweep, two_shot_calibrated_statistics, z_stacks)
+                                            pair_estimates, render_sweep, sweep_focus_um,
+                                            two_shot_calibrated_statistics, z_stacks)
 from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION
 
 SLIDES = (PROCEDURAL, "real-he")
@@ -75,14 +76,18 @@ def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
     return specimen, specimen.tissue_points(rng, count, SWEEP_ROWS), specimen.tissue_points(rng, spec.test_tiles, TEST_ROWS)
 
 
+def _slide_fields(spec: SlideCalibrationSpec, scope_name: str, slide: str):
+    """The held-out microscope, the slide's random generator after drawing its fields, and `_fields`."""
+    rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)])
+    return heldout_imaging.HELD_OUT_SCOPES[scope_name], rng, *_fields(spec, slide, rng)
+
+
 def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dict:
     """Sweeps and test tiles (defocus uniform over ±max_defocus_um), each with a second exposure
     `second_exposure_depths` depths of focus higher, of one slide under one held-out microscope at the sweeps'
     magnification."""
-    scope = heldout_imaging.HELD_OUT_SCOPES[scope_name]
+    scope, rng, specimen, sweep_points, test_points = _slide_fields(spec, scope_name, slide)
     magnification = spec.sweeps.magnification
-    rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)])
-    specimen, sweep_points, test_points = _fields(spec, slide, rng)
     stacks = [render_sweep(spec.sweeps, scope, specimen, float(x), float(y), rng) for x, y in sweep_points]
     defocus = rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, len(test_points))
     captures = [heldout_imaging.capture(scope, specimen, float(x), float(y), float(d), magnification, spec.test_tile_px, rng)
@@ -138,11 +143,47 @@ def render_all(spec: SlideCalibrationSpec, cache_dir: Path, workers: int = 2, lo
     return out
 
 
+def sweep_focus_of_test_fields(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> np.ndarray:
+    """Per test field of `render_slide`: where a focus-map-like sweep of it (`spec.sweeps.z_offsets_um()` around the
+    evaluation's best focus) finds focus (`shift_evaluation.sweep_focus_um`)."""
+    scope, _, specimen, _, test_points = _slide_fields(spec, scope_name, slide)
+    magnification, z_um = spec.sweeps.magnification, spec.sweeps.z_offsets_um()
+    optics = scope.pixel_size_um(magnification), scope.objective(magnification).numerical_aperture
+    focus = []
+    for index, (x, y) in enumerate(test_points):
+        rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name),
+                                     SLIDES.index(slide), index])
+        images = np.stack([heldout_imaging.capture(scope, specimen, float(x), float(y), float(z), magnification,
+                                                   spec.test_tile_px, rng).image_rgb8 for z in z_um])
+        focus.append(sweep_focus_um(images, z_um, *optics))
+    return np.array(focus)
+
+
+def with_sweep_focus(spec: SlideCalibrationSpec, rendered: dict[tuple[str, str], dict], cache_dir: Path,
+                     workers: int = 2, log=print) -> dict[tuple[str, str], dict]:
+    """`rendered` (from `render_all`) with each slide's test tiles holding their "sweep_focus_um"
+    (`sweep_focus_of_test_fields`), each from its cache file when measured before."""
+    paths = {cell: Path(cache_dir) / f"slide-test-sweep-focus-{cache_key(spec)}-{cell[0]}-{cell[1]}.npz"
+             for cell in rendered}
+    missing = [cell for cell, path in paths.items() if not path.exists()]
+    if missing:
+        log(f"sweeping the test fields of {len(missing)} (microscope, slide) pairs into {Path(cache_dir)}")
+        for cell, focus in zip(missing, starmap_in_processes(sweep_focus_of_test_fields,
+                                                             [(spec, *cell) for cell in missing], workers)):
+            save_npz(paths[cell], {"sweep_focus_um": focus})
+    out = {}
+    for cell, path in paths.items():
+        with np.load(path) as data:
+            out[cell] = rendered[cell] | {"tiles": rendered[cell]["tiles"] | {"sweep_focus_um": data["sweep_focus_um"]}}
+    return out
+
+
 def slide_calibration_check(model_dir: Path | None, spec: SlideCalibrationSpec, work_dir: Path,
                             backend: str = "onnxruntime", log=print) -> dict:
     """Per "microscope / slide": the test fields' statistics before and after calibrating on that slide's sweeps."""
     results = {}
-    for (scope, slide), rendered in render_all(spec, work_dir, log=log).items():
+    slides = with_sweep_focus(spec, render_all(spec, work_dir, log=log), work_dir, log=log)
+    for (scope, slide), rendered in slides.items():
         name = f"{scope} / {slide}"
         results[name] = calibrated_statistics(model_dir, z_stacks(rendered["stacks"]), rendered["tiles"],
                                               Path(work_dir) / f"calibrated-{scope}-{slide}",
@@ -154,7 +195,8 @@ def slide_calibration_check(model_dir: Path | None, spec: SlideCalibrationSpec, 
 def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpec, work_dir: Path, log=print) -> dict:
     """`slide_calibration_check` for the two-shot model: each test field read from it and its second exposure."""
     results = {}
-    for (scope, slide), rendered in render_all(spec, work_dir, log=log).items():
+    slides = with_sweep_focus(spec, render_all(spec, work_dir, log=log), work_dir, log=log)
+    for (scope, slide), rendered in slides.items():
         name, tiles = f"{scope} / {slide}", rendered["tiles"]
 
         def estimate(model, tiles=tiles):
