@@ -437,7 +437,14 @@ def python_module(*args) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout_s: float = 90) -> tuple[str, str]:
-    out, err = process.communicate(timeout=timeout_s)
+    """What the process printed once it exited; one still running after `timeout_s` is killed (a receiver left
+    spinning took a core from every later test) and the test fails with what it printed."""
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{process.args} did not exit in {timeout_s} s; it printed:\n{out}\n{err}")
     assert process.returncode == 0, err
     return out, err
 
