@@ -42,6 +42,14 @@ def test_tiles_cross_processes_intact():
     assert [t["crc32"] for t in received["tiles"]] == sent["crc32"]
 
 
+def test_a_probe_ends_at_once_on_sigterm():
+    receiver = probe("receive", "--duration", "60")
+    assert json.loads(receiver.stdout.readline()) == {"ready": True}
+    receiver.send_signal(signal.SIGTERM)
+    receiver.communicate(timeout=10)
+    assert receiver.returncode == -signal.SIGTERM
+
+
 @pytest.fixture
 def stage(run_nodes, ros_node):
     run_nodes(scan_graph(GraphConfig(sim_speedup=1.0)))

@@ -17,11 +17,11 @@ import numpy as np
 import rclpy
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 
 from wsi_common.image import array_to_image, image_to_array
 from wsi_common.topics import TILES
 from wsi_interfaces.msg import Tile
-
 
 
 def synthetic_tile(size_px: int, sequence: int) -> np.ndarray:
@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     receiver.add_argument("--checksums", action="store_true", help="CRC32 of every tile's pixels")
     receiver.set_defaults(run=receive)
     args = parser.parse_args(argv)
-    rclpy.init()
+    # Without rclpy's handlers SIGTERM ends the probe at once wherever it is: rclpy's handler only shuts the
+    # context down, which a probe stuck in the middleware never sees (one spun a core for 20 min of a CI run).
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         print(json.dumps(args.run(args)), flush=True)
     finally:
