@@ -14,7 +14,7 @@ import pytest
 from wsi_acquisition import optics as simulator_optics
 from wsi_autofocus import content, heldout_imaging, training_optics
 from wsi_autofocus.data import SPLITS
-from wsi_common.focus_metrics import brenner
+from wsi_common.focus_metrics import brenner, refine_peak
 
 SCOPE = heldout_imaging.HELD_OUT_SCOPES["abbe-astigmatic"]
 
@@ -118,6 +118,24 @@ def test_held_out_best_focus_is_where_the_image_is_sharpest_and_blur_grows_both_
     scores = np.array([brenner(image) for image in _held_out_sweep(specimen, x, y, defocus)])
     assert int(np.argmax(scores)) in (2, 3, 4)
     assert scores[0] < scores[1] < scores[3] and scores[6] < scores[5] < scores[3]
+
+
+@pytest.mark.slow
+def test_an_absorbing_specimen_is_sharpest_at_the_held_out_best_focus_and_its_phase_moves_that():
+    """The evaluation's best focus (the pupil's incoherent MTF) is where a sweep finds an absorbing specimen's focus;
+    the optical path the specimen's stain adds moves its sharpest image off it, which no sweep can see: why a
+    calibration's labels and the evaluation's truth differ by tenths of a µm (the cards' "labels off")."""
+    scope = heldout_imaging.HELD_OUT_SCOPES["abbe-gaussian"]
+    defocus = np.linspace(-1.0, 1.0, 9)
+    peaks = {}
+    for path_um_per_od in (0.0, 0.04):
+        specimen = content.RealImageSpecimen(content.EVALUATION_IMAGES["real-he"], path_um_per_od=path_um_per_od)
+        (x, y), = specimen.tissue_points(np.random.default_rng(5), 1)
+        rng = np.random.default_rng(3)
+        scores = [brenner(heldout_imaging.capture(scope, specimen, x, y, d, 20.0, 192, rng).image_rgb8) for d in defocus]
+        peaks[path_um_per_od] = refine_peak(defocus, np.array(scores))
+    assert abs(peaks[0.0]) < 0.06
+    assert peaks[0.04] - peaks[0.0] > 0.1
 
 
 def test_held_out_camera_is_a_bayer_sensor_with_its_own_response():
