@@ -341,6 +341,15 @@ def format_two_shot(evaluation: dict) -> str:
 # -- what a scan makes of the estimates ----------------------------------------------------------------
 
 
+def _by_cell(spec: ShiftSpec, items: list, tile_index) -> dict[int, list]:
+    """`items` grouped by the cell of their tile (`tile_index(item)`), in order: a cell's tiles share one
+    specimen and camera, so one job renders them."""
+    groups: dict[int, list] = {}
+    for item in items:
+        groups.setdefault(tile_index(item) // spec.tiles_per_cell, []).append(item)
+    return groups
+
+
 class Refocuser:
     """Images a tile's field of the shift evaluation again at another defocus, as a scan does for a side
     probe or a correction; images are kept in a cache file beside the tiles' (none without a cache_dir)."""
@@ -359,10 +368,8 @@ class Refocuser:
     def prefetch(self, requests: list[tuple[int, float]], workers: int = 2) -> None:
         """Render the (tile index, defocus) images not yet cached, a cell per job in `workers` processes:
         the same images `image` would render one by one."""
-        by_cell: dict[int, list[tuple[int, float]]] = {}
-        for index, defocus_um in requests:
-            if self._key(index, defocus_um) not in self._images:
-                by_cell.setdefault(index // self.spec.tiles_per_cell, []).append((index, defocus_um))
+        by_cell = _by_cell(self.spec, [request for request in requests if self._key(*request) not in self._images],
+                           lambda request: request[0])
         jobs = [(self.spec, cell_requests) for cell_requests in by_cell.values()]
         for cell_requests, images in zip(by_cell.values(), starmap_in_processes(_refocused_images, jobs, workers)):
             for (index, defocus_um), image in zip(cell_requests, images):
@@ -585,9 +592,7 @@ def with_sweep_focus(spec: ShiftSpec, tiles: dict, sweep_spec: CalibrationSpec, 
     missing = np.flatnonzero(mask & ~measured)
     if len(missing):
         log(f"sweeping the fields of {len(missing)} tiles ({len(z_um)} images each) into {path}")
-        by_cell: dict[int, list[int]] = {}
-        for index in missing:
-            by_cell.setdefault(int(index) // spec.tiles_per_cell, []).append(int(index))
+        by_cell = _by_cell(spec, [int(index) for index in missing], lambda index: index)
         jobs = [(spec, indices, [float(tiles["pixel_size_um"][i]) for i in indices],
                  [float(tiles["numerical_aperture"][i]) for i in indices], z_um) for indices in by_cell.values()]
         for indices, values in zip(by_cell.values(), starmap_in_processes(_tiles_sweep_focus, jobs, workers)):

@@ -76,9 +76,14 @@ def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
     return specimen, specimen.tissue_points(rng, count, SWEEP_ROWS), specimen.tissue_points(rng, spec.test_tiles, TEST_ROWS)
 
 
+def _slide_seed(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> list[int]:
+    """The seed of one (held-out microscope, slide) pair's random draws."""
+    return [spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)]
+
+
 def _slide_fields(spec: SlideCalibrationSpec, scope_name: str, slide: str):
     """The held-out microscope, the slide's random generator after drawing its fields, and `_fields`."""
-    rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name), SLIDES.index(slide)])
+    rng = np.random.default_rng(_slide_seed(spec, scope_name, slide))
     return heldout_imaging.HELD_OUT_SCOPES[scope_name], rng, *_fields(spec, slide, rng)
 
 
@@ -151,8 +156,7 @@ def sweep_focus_of_test_fields(spec: SlideCalibrationSpec, scope_name: str, slid
     optics = scope.pixel_size_um(magnification), scope.objective(magnification).numerical_aperture
     focus = []
     for index, (x, y) in enumerate(test_points):
-        rng = np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index(scope_name),
-                                     SLIDES.index(slide), index])
+        rng = np.random.default_rng([*_slide_seed(spec, scope_name, slide), index])
         images = np.stack([heldout_imaging.capture(scope, specimen, float(x), float(y), float(z), magnification,
                                                    spec.test_tile_px, rng).image_rgb8 for z in z_um])
         focus.append(sweep_focus_um(images, z_um, *optics))
