@@ -44,8 +44,8 @@ train-autofocus: $(VENV)/.built
 
 # The two-shot model: renders its pairs (35 min in two processes on this machine), fits the ensemble
 # (3 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
-# exposures, focus-map sweeps and a focus-map-like sweep of each 20x test field rendered once; the
-# sweeps of the test fields took 82 min here with other work running, 55 min for the whole evaluation without).
+# exposures, focus-map sweeps and a focus-map-like sweep of each 20x test field rendered once: from a cache
+# without the test fields' sweeps the whole evaluation took 55 min here).
 train-two-shot: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval-two-shot --card
