@@ -9,8 +9,9 @@ from scipy import ndimage
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import shift_evaluation
-from wsi_autofocus.calibration_store import ZStack
+from wsi_autofocus.calibration_store import ZStack, stacks_with_focus
 from wsi_autofocus.inference import TileEstimate
+from wsi_autofocus.two_shot import Condenser
 from wsi_common.focus_metrics import tissue_fraction
 
 CONFIDENT_DEFOCUS_UM = 5.0
@@ -97,17 +98,27 @@ def _sweep_sharpest_at(peak_um: float, rng) -> ZStack:
     return ZStack(images, z, 0.325, 0.75)
 
 
-def test_the_calibration_table_shows_how_far_the_sweeps_labels_lie_from_best_focus():
-    """Sweeps are labelled by their sharpness peak; the evaluation's best focus is z = 0 of each sweep."""
+CONDENSER = Condenser(0.7)
+
+
+def test_the_calibration_table_shows_how_far_the_sweeps_sharpest_images_and_labels_lie_from_best_focus():
+    """Sweeps are labelled from the specimen plane found about their sharpness peaks; the evaluation's best focus is
+    z = 0 of each sweep."""
     rng = np.random.default_rng(0)
-    offset = shift_evaluation.label_offset_um([_sweep_sharpest_at(0.4, rng), _sweep_sharpest_at(0.2, rng)])
-    assert abs(offset - 0.3) < 0.1
+    usable, _ = stacks_with_focus([_sweep_sharpest_at(0.4, rng), _sweep_sharpest_at(0.2, rng)], lambda message: None,
+                                  CONDENSER)
+    sharpest, labels = shift_evaluation.sharpest_offset_um(usable), shift_evaluation.label_offset_um(usable)
+    assert abs(sharpest - 0.3) < 0.1
+    assert labels == pytest.approx(np.mean([stack.best_focus_z_um for stack in usable]))
     stats = {"mae_um": 0.5, "median_abs_error_um": 0.4, "sign_accuracy_beyond_1um": 1.0, "fraction_acted_on": 0.5,
              "confidently_wrong": 0}
     result = {"before": stats, "after": stats, "fit_s": 1.0, "sweeps": 2, "refused": None}
-    table = shift_evaluation.format_calibration({"scope": result | {"label_offset_um": offset}})
-    assert "labels off" in table and f"{offset:+.2f}" in table.splitlines()[-1]
-    assert "labels off" not in shift_evaluation.format_calibration({"scope": result})  # results from before the column
+    table = shift_evaluation.format_calibration({"scope": result | {"label_offset_um": labels,
+                                                                    "sharpest_offset_um": sharpest}})
+    assert "sharpest off" in table and "labels off" in table
+    assert table.splitlines()[-1].split()[3:5] == [f"{sharpest:+.2f}", f"{labels:+.2f}"]
+    older = shift_evaluation.format_calibration({"scope": result})      # results from before the columns
+    assert "labels off" not in older and "sharpest off" not in older
 
 
 def test_the_calibration_table_counts_the_sweeps_a_calibration_left_out():
@@ -120,9 +131,10 @@ def test_the_calibration_table_counts_the_sweeps_a_calibration_left_out():
     true = np.array([-4.0, 2.0])
     tiles = {"true_um": true, "depth_of_field_um": np.full(2, 1.4)}
     estimates = {"predicted_um": true, "uncertainty_um": np.full(2, 0.5), "distance_um": np.abs(true)}
-    result = shift_evaluation.calibration_result(tiles, estimates, estimates, stained + [glass], 1.0, None)
+    result = shift_evaluation.calibration_result(tiles, estimates, estimates, stained + [glass], CONDENSER, 1.0, None)
     assert result["sweeps"] == 3 and result["sweeps_used"] == 2
-    assert result["label_offset_um"] == shift_evaluation.label_offset_um(stained)
+    assert result["label_offset_um"] == shift_evaluation.label_offset_um(
+        stacks_with_focus(stained, lambda message: None, CONDENSER)[0])
     assert shift_evaluation.format_calibration({"scope": result}).splitlines()[-1].split()[1] == "2/3"
 
 
@@ -142,28 +154,27 @@ def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
 
 
 def test_the_calibration_table_shows_the_error_against_each_tiles_own_sweep_focus():
-    """A calibration learns the focus sweeps find (their sharpness peaks), which may lie off the evaluation's best
-    focus by how the specimen images. A model that reads every tile against its own sweep's focus is off by the
-    evaluation's definition and not off at all by the sweeps'; tiles whose sweep shows no clear focus are left out
-    of that column."""
+    """The focus a sweep finds (its sharpness peak) may lie off the evaluation's best focus by how the specimen
+    images. A model that reads every tile against its own sweep's focus is off by the evaluation's definition and
+    not off at all by the sweeps'; tiles whose sweep shows no clear focus are left out of that column."""
     true = np.array([-4.0, -1.0, 2.0, 6.0])
     sweep_focus = np.array([0.4, 0.2, np.nan, 0.3])
     tiles = {"true_um": true, "depth_of_field_um": np.full(4, 1.4), "sweep_focus_um": sweep_focus}
     learnt = np.where(np.isfinite(sweep_focus), true - np.nan_to_num(sweep_focus), true - 1.0)
     after = {"predicted_um": learnt, "uncertainty_um": np.full(4, 0.5), "distance_um": np.abs(learnt)}
     stacks = [_sweep_sharpest_at(0.4, np.random.default_rng(0)), _sweep_sharpest_at(0.2, np.random.default_rng(1))]
-    result = shift_evaluation.calibration_result(tiles, after, after, stacks, 1.0, None)
+    result = shift_evaluation.calibration_result(tiles, after, after, stacks, CONDENSER, 1.0, None)
     assert result["after"]["mae_um"] == pytest.approx((0.4 + 0.2 + 1.0 + 0.3) / 4)
     assert result["after_mae_tile_sweep_focus_um"] == pytest.approx(0.0, abs=1e-9)
     assert result["tiles_focus_offset_um"] == pytest.approx(0.3) and result["tiles_with_sweep_focus"] == 3
     header, row = shift_evaluation.format_calibration({"scope": result}).splitlines()[1:]
     assert "tiles' focus off" in header and "MAE after, tile's sweep focus" in header
-    assert row.split()[4] == "+0.30" and row.split()[8] == "0.00"
-    masked = shift_evaluation.calibration_result(tiles, after, after, stacks, 1.0, None, mask=true > 0)
+    assert row.split()[5] == "+0.30" and row.split()[9] == "0.00"
+    masked = shift_evaluation.calibration_result(tiles, after, after, stacks, CONDENSER, 1.0, None, mask=true > 0)
     assert masked["tiles_with_sweep_focus"] == 1 and masked["tiles_focus_offset_um"] == pytest.approx(0.3)
     unswept = {key: value for key, value in tiles.items() if key != "sweep_focus_um"}
     assert "tiles' focus off" not in shift_evaluation.format_calibration(
-        {"scope": shift_evaluation.calibration_result(unswept, after, after, stacks, 1.0, None)})
+        {"scope": shift_evaluation.calibration_result(unswept, after, after, stacks, CONDENSER, 1.0, None)})
 
 
 def test_each_calibration_tile_is_swept_about_the_evaluations_best_focus_once(tmp_path):

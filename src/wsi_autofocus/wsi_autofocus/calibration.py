@@ -1,11 +1,12 @@
 """Self-calibration of the focus model on the user's microscope, from z-stacks it took itself.
 
-Every focus-map z-sweep is labelled data: each image's defocus is its z minus the sweep's best focus,
-found from the images' sharpness (`wsi_common.focus_metrics`). `calibrate` fine-tunes the shipped model's
-head on such stacks (the ResNet and spectral features stay frozen, so a few sweeps cannot undo what
-training taught and the fit takes seconds on a CPU), refits the uncertainty's temperatures on sweeps
-held back from the fit, and writes a complete model directory (checkpoint, ONNX, TorchScript,
-metadata) that every inference backend loads like the shipped one.
+Every focus-map z-sweep is labelled data: each image's defocus is its z minus the specimen plane, found from
+the images' sharpness (`wsi_common.focus_metrics`) and how the sharpness of each spatial frequency changes
+through focus (`specimen_plane`: a stain's phase puts the sharpest image off the specimen). `calibrate`
+fine-tunes the shipped model's head on such stacks (the ResNet and spectral features stay frozen, so a few
+sweeps cannot undo what training taught and the fit takes seconds on a CPU), refits the uncertainty's
+temperatures on sweeps held back from the fit, and writes a complete model directory (checkpoint, ONNX,
+TorchScript, metadata) that every inference backend loads like the shipped one.
 
     from wsi_autofocus.calibration import ZStack, calibrate
     stacks = [ZStack(images, z_um, pixel_size_um=0.325, numerical_aperture=0.75), ...]
@@ -140,15 +141,18 @@ def uncertainty_scale_without_confident_errors(output: np.ndarray, labels: np.nd
 
 
 def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | None = None, steps: int = 600,
-              seed: int = 0, scanner: dict | None = None, log=lambda line: None) -> CalibrationResult:
-    """Fine-tune the base model's head on `stacks` and write a calibrated model directory to `output_dir`.
+              seed: int = 0, scanner: dict | None = None, log=lambda line: None,
+              condenser: Condenser = UNKNOWN_CONDENSER) -> CalibrationResult:
+    """Fine-tune the base model's head on `stacks` (imaged under the scanner's declared `condenser`, which places
+    the specimen plane their labels count from: `stacks_with_focus`) and write a calibrated model directory to
+    `output_dir`.
 
     A third of the stacks (at least one) is held back while the uncertainty's temperatures are fitted
     and the before/after errors measured; the head is then refitted on every stack. A fit that does not
     improve the held-back stacks raises `CalibrationError` and writes nothing."""
     started = time.monotonic()
     check_stacks(stacks)
-    stacks, skipped = stacks_with_focus(stacks, log)
+    stacks, skipped = stacks_with_focus(stacks, log, condenser)
     base_model_dir = Path(base_model_dir) if base_model_dir else default_model_dir()
     metadata = read_model_metadata(base_model_dir)
     model = load_checkpoint(base_model_dir / "model.pt")
@@ -210,11 +214,11 @@ def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path |
                    base_two_shot: Path | None = None, scanner: dict | None = None,
                    log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER) -> ScannerCalibration:
     """The single-shot model into `model_dir` (`calibrate`) and the two-shot model beside it
-    (`calibrate_two_shot`, under the scanner's declared `condenser`); one refused leaves the other. The single
+    (`calibrate_two_shot`), both under the scanner's declared `condenser`; one refused leaves the other. The single
     shot goes first: its calibration replaces the directory both live in."""
     errors = []
     try:
-        single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log)
+        single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log, condenser=condenser)
     except CalibrationError as error:
         single_shot = None
         errors.append(f"single-shot model: {error}")

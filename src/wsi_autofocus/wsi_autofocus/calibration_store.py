@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from wsi_autofocus.inference import default_model_dir
+from wsi_autofocus.specimen_plane import plane_offset_um
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
-from wsi_autofocus.two_shot import TwoShotModel
+from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser, TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_common.focus_metrics import brenner, refine_peak, unclear_peak, unstained_at_focus
 from wsi_common.scan_files import MANIFEST_NAME, Manifest
@@ -38,7 +39,7 @@ class ZStack:
     z_um: np.ndarray                   # (N,)
     pixel_size_um: float
     numerical_aperture: float
-    best_focus_z_um: float | None = None   # None: the sharpness peak of the images
+    best_focus_z_um: float | None = None   # None: the sharpness peak; a calibration's labels: `stacks_with_focus`
 
     def focus_z_um(self) -> float:
         """Best-focus z: given, or the refined Brenner peak of the stack (`refine_peak`), which must be a clear
@@ -82,19 +83,30 @@ def _with_focus_on_tissue(stack: ZStack) -> ZStack:
     return focused
 
 
-def stacks_with_focus(stacks: list[ZStack], log) -> tuple[list[ZStack], list[str]]:
+def stacks_with_focus(stacks: list[ZStack], log, condenser: Condenser = UNKNOWN_CONDENSER
+                      ) -> tuple[list[ZStack], list[str]]:
     """The stacks that show tissue at a best focus inside their sweep, that focus fixed; and why the others were
-    left out. A field of glass or a fold has no focus to learn: one such sweep must not stop a calibration."""
-    usable, skipped = [], []
+    left out. A field of glass or a fold has no focus to learn: one such sweep must not stop a calibration.
+    A best focus the caller gave is kept. One found from the images' sharpness is moved to the specimen plane by
+    how far the sharpest images of these sweeps lie above it under the scanner's declared `condenser`
+    (`specimen_plane.plane_offset_um`): the plane the shipped models read defocus from."""
+    usable, focus_found, skipped = [], [], []
     for index, stack in enumerate(stacks):
         try:
             usable.append(_with_focus_on_tissue(stack))
         except CalibrationError as error:
             skipped.append(f"stack {index}: {error}")
             log(f"left out {skipped[-1]}")
+        else:
+            focus_found.append(stack.best_focus_z_um is None)
     if len(usable) < MIN_STACKS:
         raise CalibrationError(f"{len(usable)} of {len(stacks)} z-stacks show tissue at a focus inside the sweep; "
                                f"calibration needs at least {MIN_STACKS} ({'; '.join(skipped)})")
+    if any(focus_found):
+        offset = plane_offset_um([stack for stack, found in zip(usable, focus_found) if found], condenser)
+        log(f"the sweeps' sharpest images lie {offset:+.2f} µm from the specimen plane: labelled from the plane")
+        usable = [replace(stack, best_focus_z_um=stack.best_focus_z_um - offset) if found else stack
+                  for stack, found in zip(usable, focus_found)]
     return usable, skipped
 
 

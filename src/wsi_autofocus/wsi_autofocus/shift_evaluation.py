@@ -17,7 +17,7 @@ import hashlib
 import json
 import multiprocessing
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -637,41 +637,43 @@ def calibration_check(model_dir: Path | None, spec: CalibrationSpec, tiles: dict
         mask = (tiles["imaging"] == name) & (tiles["objective"] == spec.magnification)
         results[name] = calibrated_statistics(model_dir, z_stacks(stacks), {key: value[mask] for key, value in tiles.items()},
                                               Path(work_dir) / f"calibrated-{name}", {"name": name, "objective": spec.magnification},
-                                              backend)
+                                              imaging_condenser(name), backend)
         log(f"{name}: {describe_calibration(results[name])}")
     return results
 
 
 def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, output_dir: Path, scanner: dict,
-                          backend: str = "onnxruntime") -> dict:
-    """`calibrate` the model on `stacks` into `output_dir`, and `cell_statistics` of `tiles` with the model
-    before and after; a refused calibration leaves the model in use, so "after" is then "before"."""
+                          condenser: two_shot.Condenser, backend: str = "onnxruntime") -> dict:
+    """`calibrate` the model on `stacks` (under the microscope's declared `condenser`) into `output_dir`, and
+    `cell_statistics` of `tiles` with the model before and after; a refused calibration leaves the model in use,
+    so "after" is then "before"."""
     from wsi_autofocus.calibration import CalibrationError, calibrate
     from wsi_autofocus.inference import FocusEstimator, load_backend
 
     started = time.monotonic()
     try:
-        calibrated_dir, refused = calibrate(stacks, output_dir, model_dir, scanner=scanner).model_dir, None
+        calibrated_dir, refused = calibrate(stacks, output_dir, model_dir, scanner=scanner,
+                                            condenser=condenser).model_dir, None
     except CalibrationError as error:
         calibrated_dir, refused = model_dir, str(error)
     fit_s = time.monotonic() - started
     before, after = (estimate_tiles(FocusEstimator(load_backend(backend, directory)[0], directory), tiles)
                      for directory in (model_dir, calibrated_dir))
-    return calibration_result(tiles, before, after, stacks, fit_s, refused)
+    return calibration_result(tiles, before, after, stacks, condenser, fit_s, refused)
 
 
-def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, fit_s: float, refused: str | None,
-                       mask: np.ndarray | None = None) -> dict:
+def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, condenser: two_shot.Condenser,
+                       fit_s: float, refused: str | None, mask: np.ndarray | None = None) -> dict:
     """A calibration's row: `cell_statistics` of the tiles (in `mask`) before and after, and the sweeps' `label_offset_um`.
     Where the tiles hold the focus their own sweeps find ("sweep_focus_um", `with_sweep_focus`): their mean offset
     from the evaluation's best focus (`tiles_focus_offset_um`, as the labels' for the calibration's sweeps) and the
     MAE after against each tile's sweep focus (`after_mae_tile_sweep_focus_um`, over the tiles whose sweep shows a
     clear focus): the error left of what a calibration from sweeps can learn."""
     mask = np.ones(len(tiles["true_um"]), bool) if mask is None else mask
-    usable = _usable_stacks(stacks)
+    usable = _usable_stacks(stacks, condenser)
     result = {"before": cell_statistics(tiles, before, mask), "after": cell_statistics(tiles, after, mask),
               "fit_s": fit_s, "sweeps": len(stacks), "sweeps_used": len(usable), "refused": refused,
-              "label_offset_um": label_offset_um(usable)}   # their focus fixed: no sharpness peak is searched again
+              "label_offset_um": label_offset_um(usable), "sharpest_offset_um": sharpest_offset_um(usable)}
     if "sweep_focus_um" in tiles:
         focus = tiles["sweep_focus_um"][mask]
         clear = np.isfinite(focus)
@@ -681,21 +683,27 @@ def calibration_result(tiles: dict, before: dict, after: dict, stacks: list, fit
     return result
 
 
-def _usable_stacks(stacks: list) -> list:
-    """The sweeps a calibration uses (`stacks_with_focus`), their focus fixed; none when too few are usable."""
+def _usable_stacks(stacks: list, condenser: two_shot.Condenser) -> list:
+    """The sweeps a calibration under `condenser` uses (`stacks_with_focus`), their focus fixed; none when too
+    few are usable."""
     try:
-        return stacks_with_focus(stacks, log=lambda message: None)[0]
+        return stacks_with_focus(stacks, lambda message: None, condenser)[0]
     except CalibrationError:
         return []
 
 
-def label_offset_um(stacks: list) -> float:
-    """Mean over the sweeps a calibration uses (`_usable_stacks`) of the best focus it labels them with (the sweep's
-    sharpness peak) minus the evaluation's best focus, which is z = 0 of every sweep `render_sweep` makes; NaN
-    when too few are usable. A calibration learns its sweeps' focus, so this offset stays in what it reads against
-    the evaluation."""
-    usable = _usable_stacks(stacks)
+def label_offset_um(usable: list) -> float:
+    """Mean over the sweeps a calibration uses (`_usable_stacks`) of the best focus it labels them with (the specimen
+    plane `stacks_with_focus` places) minus the evaluation's best focus, which is z = 0 of every sweep `render_sweep`
+    makes; NaN when too few are usable. A calibration learns its labels, so this offset stays in what it reads
+    against the evaluation."""
     return float(np.mean([stack.best_focus_z_um for stack in usable])) if usable else float("nan")
+
+
+def sharpest_offset_um(usable: list) -> float:
+    """The same as `label_offset_um` for the sweeps' sharpest images (their Brenner peaks)."""
+    return (float(np.mean([replace(stack, best_focus_z_um=None).focus_z_um() for stack in usable])) if usable
+            else float("nan"))
 
 
 def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, estimate, output: Path,
@@ -714,7 +722,7 @@ def two_shot_calibrated_statistics(model_path: Path, stacks: list, tiles: dict, 
         after, refused, fit_s = before, str(error), time.monotonic() - started
     else:
         after, refused, fit_s = estimate(two_shot.TwoShotModel.load(result.path)), None, result.fit_s
-    return calibration_result(tiles, before, after, stacks, fit_s, refused, mask)
+    return calibration_result(tiles, before, after, stacks, condenser, fit_s, refused, mask)
 
 
 def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: dict, refocuser: Refocuser,
@@ -750,15 +758,17 @@ TILES_FOCUS_COLUMN = "tiles' focus off"
 TILE_SWEEP_COLUMN = "MAE after, tile's sweep focus"
 # What a calibration table's columns beyond the plain statistics say, for the cards.
 CALIBRATION_COLUMNS_NOTE = (
-    "\"labels off\" is where the calibration's sweeps' sharpness peaks (the focus a calibration learns) lie from the "
-    "plane the evaluation calls best focus (maximum mean MTF over 0.2-1.0 NA/lambda), averaged over the sweeps; "
-    f"\"{TILES_FOCUS_COLUMN}\" is the same for a focus-map-like sweep of each test tile's field about best focus "
-    "(`shift_evaluation.with_sweep_focus`). Both lie off best focus because of the specimen, and differ with its "
-    "content: a sweep of a specimen that only absorbs peaks at best focus; the optical path a stain adds moves the "
-    "sharpest image off the specimen's plane, by an amount set by the specimen and the microscope that no sweep can "
-    "see (`test_heldout_imaging`). \"bias after\" is the calibrated model's mean signed error on the test "
-    f"tiles. \"{TILE_SWEEP_COLUMN}\" is the MAE after against the focus each test tile's own sweep finds (tiles "
-    "whose sweep shows a clear focus): the error left of what a calibration from sweeps can learn, and the kind of "
+    "\"sharpest off\" is where the calibration's sweeps' sharpest images (their sharpness peaks) lie from the plane "
+    "the evaluation calls best focus (maximum mean MTF over 0.2-1.0 NA/lambda), averaged over the sweeps; "
+    "\"labels off\" the same for the focus the calibration labels them from: the specimen plane, which a fit of the "
+    "weak-object transfer's through-focus band powers finds in each sweep under the declared condenser "
+    "(`specimen_plane`; the sharpest images are moved by the median over the sweeps of how far they lie from it). "
+    "A specimen that only absorbs is sharpest at best focus; the optical path a stain adds moves its sharpest image "
+    "off its plane, by an amount set by the specimen and the microscope (`test_heldout_imaging`), which the fit "
+    f"undoes in part (`test_specimen_plane`). \"{TILES_FOCUS_COLUMN}\" is \"sharpest off\" for a focus-map-like "
+    "sweep of each test tile's field about best focus (`shift_evaluation.with_sweep_focus`). \"bias after\" is the "
+    f"calibrated model's mean signed error on the test tiles. \"{TILE_SWEEP_COLUMN}\" is the MAE after against "
+    "the sharpest image of each test tile's own sweep (tiles whose sweep shows a clear focus): the kind of "
     "reference (a z-stack's sharpest plane) single-shot results on real slides are reported against; the targets "
     "are judged against the evaluation's best focus. \"sweeps\" counts those a calibration used of those taken: a "
     "sweep without a clear focus inside it, or whose image at focus shows under 2 % stained tissue on a colour "
@@ -766,16 +776,18 @@ CALIBRATION_COLUMNS_NOTE = (
 
 
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
-    """One row per calibration (`calibration_result`s by name): before and after; "labels off": the sweeps' sharpness
-    peaks against the evaluation's best focus (`label_offset_um`), "tiles' focus off" the same for sweeps of the test
-    tiles' fields, "bias after": the mean signed error after, and "MAE after, tile's sweep focus": the MAE after
+    """One row per calibration (`calibration_result`s by name): before and after; "sharpest off": the sweeps' sharpness
+    peaks against the evaluation's best focus (`sharpest_offset_um`), "labels off": the focus they are labelled from
+    (`label_offset_um`), "tiles' focus off" the sharpness peaks of sweeps of the test tiles' fields, "bias after": the mean signed error after, and "MAE after, tile's sweep focus": the MAE after
     against the focus each tile's own sweep finds, where results have them (older results printed as they were)."""
     width = max(18, *(len(name) + 2 for name in results))
     offsets = all("label_offset_um" in r for r in results.values())
+    sharpest = all("sharpest_offset_um" in r for r in results.values())
     biases = all("bias_um" in r["after"] for r in results.values())
     tile_sweeps = all("after_mae_tile_sweep_focus_um" in r for r in results.values())
     lines = [title,
-             f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  " + (f"{'labels off':>10}  " if offsets else "")
+             f"{'calibrated on':<{width}}{'sweeps':>7}{'fit s':>7}  " + (f"{'sharpest off':>12}  " if sharpest else "")
+             + (f"{'labels off':>10}  " if offsets else "")
              + (f"{TILES_FOCUS_COLUMN:>16}  " if tile_sweeps else "")
              + (f"{'bias after':>10}  " if biases else "") + f"{'MAE before':>10}  {'MAE after':>9}  "
              + (f"{TILE_SWEEP_COLUMN:>29}  " if tile_sweeps else "") +
@@ -785,6 +797,7 @@ def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str
         before, after = r["before"], r["after"]
         sweeps = f"{r['sweeps_used']}/{r['sweeps']}" if "sweeps_used" in r else str(r["sweeps"])
         lines.append(f"{name:<{width}}{sweeps:>7}{r['fit_s']:7.0f}  "
+                     + (f"{r['sharpest_offset_um']:+12.2f}  " if sharpest else "")
                      + (f"{r['label_offset_um']:+10.2f}  " if offsets else "")
                      + (f"{r['tiles_focus_offset_um']:+16.2f}  " if tile_sweeps else "")
                      + (f"{after['bias_um']:+10.2f}  " if biases else "")

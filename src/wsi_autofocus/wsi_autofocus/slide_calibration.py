@@ -191,7 +191,8 @@ def slide_calibration_check(model_dir: Path | None, spec: SlideCalibrationSpec, 
         name = f"{scope} / {slide}"
         results[name] = calibrated_statistics(model_dir, z_stacks(rendered["stacks"]), rendered["tiles"],
                                               Path(work_dir) / f"calibrated-{scope}-{slide}",
-                                              {"name": scope, "objective": spec.sweeps.magnification}, backend)
+                                              {"name": scope, "objective": spec.sweeps.magnification},
+                                              imaging_condenser(scope), backend)
         log(f"{name}: {describe_calibration(results[name])}")
     return results
 

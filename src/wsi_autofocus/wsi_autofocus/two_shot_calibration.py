@@ -1,12 +1,13 @@
 """Self-calibration of the two-shot model on the user's microscope, from the z-sweeps its focus map took.
 
-Any two images of one sweep are a labelled pair: the lower image's defocus is its z minus the sweep's best
-focus, the step is their z difference; nine sweeps of ~20 images give several hundred pairs. The ensemble's
-hidden layers stay as trained; each member's defocus output (one linear layer over its last hidden layer)
-is refitted by ridge regression pulled towards the trained weights, so a few sweeps correct how this
-microscope's optics map onto defocus rather than teach a new model. The ridge strength is chosen by
-leaving one fitted sweep out at a time; the uncertainty's temperature is refitted on sweeps held back from
-the fit (never below the trained model's), which also decide whether the calibration is kept at all. numpy only, in about a second:
+Any two images of one sweep are a labelled pair: the lower image's defocus is its z minus the sweep's specimen
+plane (`calibration_store.stacks_with_focus`), the step is their z difference; nine sweeps of ~20 images give
+several hundred pairs. The ensemble's hidden layers stay as trained; each member's defocus output (one linear
+layer over its last hidden layer) is refitted by ridge regression pulled towards the trained weights, so a few
+sweeps correct how this microscope's optics map onto defocus rather than teach a new model. The ridge strength
+is chosen by leaving one fitted sweep out at a time; the uncertainty's temperature is refitted on sweeps held
+back from the fit (never below the trained model's), which also decide whether the calibration is kept at all.
+numpy only, in a few seconds:
 
     from wsi_autofocus.calibration_store import ZStack
     from wsi_autofocus.two_shot import Condenser
@@ -129,7 +130,7 @@ def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | No
     kept model is then refitted on every stack with the same ridge strength."""
     started = time.monotonic()
     check_stacks(stacks)
-    stacks, skipped = stacks_with_focus(stacks, log)
+    stacks, skipped = stacks_with_focus(stacks, log, condenser)
     base_path = Path(base_model) if base_model else default_model_path()
     model = TwoShotModel.load(base_path)
     pairs = sweep_pairs(stacks, condenser)
