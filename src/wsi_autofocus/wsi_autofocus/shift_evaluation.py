@@ -776,10 +776,11 @@ CALIBRATION_COLUMNS_NOTE = (
 
 
 def format_calibration(results: dict, title: str = OTHER_SPECIMENS_TITLE) -> str:
-    """One row per calibration (`calibration_result`s by name): before and after; "sharpest off": the sweeps' sharpness
-    peaks against the evaluation's best focus (`sharpest_offset_um`), "labels off": the focus they are labelled from
-    (`label_offset_um`), "tiles' focus off" the sharpness peaks of sweeps of the test tiles' fields, "bias after": the mean signed error after, and "MAE after, tile's sweep focus": the MAE after
-    against the focus each tile's own sweep finds, where results have them (older results printed as they were)."""
+    """One row per calibration (`calibration_result`s by name): before and after; "sharpest off": the sweeps'
+    sharpness peaks against the evaluation's best focus (`sharpest_offset_um`), "labels off": the focus they are
+    labelled from (`label_offset_um`), "tiles' focus off" the sharpness peaks of sweeps of the test tiles' fields,
+    "bias after": the mean signed error after, and "MAE after, tile's sweep focus": the MAE after against the focus
+    each tile's own sweep finds, where results have them (older results printed as they were)."""
     width = max(18, *(len(name) + 2 for name in results))
     offsets = all("label_offset_um" in r for r in results.values())
     sharpest = all("sharpest_offset_um" in r for r in results.values())
