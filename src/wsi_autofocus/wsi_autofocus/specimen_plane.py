@@ -63,8 +63,7 @@ def _transfer_terms(numerical_aperture: float, fill: float, inner_fill: float) -
     for row, defocus in enumerate(defocus_um):
         transfer = training_optics.weak_object_transfer(optics, REFERENCE_WAVELENGTH_UM, float(defocus))
         forward, backward = transfer(fy, fx), transfer(-fy, -fx)
-        absorption = 0.5 * (forward + np.conj(backward))
-        phase = 1j * (forward - np.conj(backward))
+        absorption, phase = training_optics.absorption_and_phase_transfer(forward, backward)
         terms[0, row] = np.mean(np.abs(absorption) ** 2, axis=(1, 2))
         terms[1, row] = np.mean(np.real(absorption * np.conj(phase)), axis=(1, 2))
         terms[2, row] = np.mean(np.abs(phase) ** 2, axis=(1, 2))

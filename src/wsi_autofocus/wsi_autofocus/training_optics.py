@@ -178,6 +178,11 @@ def weak_object_transfer(optics: TrainingOptics, wavelength_um: float, defocus_u
     return WeakObjectTransfer(correlation, radius * wavelength_um / na)
 
 
+def absorption_and_phase_transfer(forward: np.ndarray, backward: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H_a, H_p) of a weak object from W at frequencies f (`forward`) and -f (`backward`)."""
+    return 0.5 * (forward + np.conj(backward)), 1j * (forward - np.conj(backward))
+
+
 def transfer_functions(optics: TrainingOptics, wavelength_um: float, defocus_um: float,
                        shape: tuple[int, int], pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
     """(H_a, H_p) on the rfft2 grid of an image of `shape` (complex64)."""
@@ -185,8 +190,7 @@ def transfer_functions(optics: TrainingOptics, wavelength_um: float, defocus_um:
     fx = np.fft.rfftfreq(shape[1], d=pixel_size_um)
     transfer = weak_object_transfer(optics, wavelength_um, defocus_um)
     forward, backward = transfer.on_grid(fy, fx), transfer.on_grid(-fy, -fx)
-    absorption = 0.5 * (forward + np.conj(backward))
-    phase = 1j * (forward - np.conj(backward))
+    absorption, phase = absorption_and_phase_transfer(forward, backward)
     return absorption.astype(np.complex64), phase.astype(np.complex64)
 
 
@@ -207,7 +211,7 @@ def best_focus_shift_um(optics: TrainingOptics) -> float:
     for shift in shifts:
         transfer = weak_object_transfer(optics, wavelength, shift)
         forward, backward = transfer(fy, fx), transfer(-fy, -fx)
-        values.append(float(np.real(0.5 * (forward + np.conj(backward))).mean()))
+        values.append(float(np.real(absorption_and_phase_transfer(forward, backward)[0]).mean()))
     best = int(np.clip(np.argmax(values), 1, len(shifts) - 2))
     left, centre, right = values[best - 1:best + 2]
     curvature = left - 2 * centre + right
