@@ -16,9 +16,14 @@ def _widest_pixel_um(spec):
     return max(scope.pixel_size_um(spec.sweeps.magnification) for scope in heldout_imaging.HELD_OUT_SCOPES.values())
 
 
+def _pixel_um(spec, scope_name: str) -> float:
+    return heldout_imaging.HELD_OUT_SCOPES[scope_name].pixel_size_um(spec.sweeps.magnification)
+
+
 def test_procedural_test_fields_lie_clear_of_every_sweep_field():
     spec = slide_calibration.SlideCalibrationSpec()
-    _, sweeps, tests = slide_calibration._fields(spec, PROCEDURAL, np.random.default_rng(0))
+    _, sweeps, tests = slide_calibration._fields(spec, PROCEDURAL, np.random.default_rng(0),
+                                                 _pixel_um(spec, "abbe-astigmatic"))
     assert len(sweeps) == spec.sweeps.sweeps and len(tests) == spec.test_tiles
     half_fields_um = (spec.test_tile_px + spec.sweeps.tile_px) / 2 * _widest_pixel_um(spec)
     gaps = np.abs(tests[:, None, :] - sweeps[None, :, :]).max(axis=2)
@@ -26,21 +31,30 @@ def test_procedural_test_fields_lie_clear_of_every_sweep_field():
 
 
 @pytest.mark.slow
-def test_procedural_test_fields_show_tissue_where_sweeps_may_not():
-    """The astigmatic microscope's procedural slide: two of its test fields are bare glass without the rule."""
+def test_procedural_test_fields_show_tissue_to_the_microscope_that_images_them():
+    """Test fields are drawn again until their field shows tissue in focus, over the area the microscope that
+    images them sees: the Gaussian-lit microscope's 0.225 µm pixels see less of the slide than the virtual
+    microscope's 0.325 µm, and one of its test fields checked over the virtual microscope's field was bare glass."""
     spec = slide_calibration.SlideCalibrationSpec()
+    magnification, pixel_um = spec.sweeps.magnification, _pixel_um(spec, "abbe-gaussian")
+    seed = [spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index("abbe-gaussian"),
+            slide_calibration.SLIDES.index(PROCEDURAL)]
 
-    def fields_tissue(min_fraction):
+    def tissue_seen(min_fraction: float, checked_pixel_um: float) -> np.ndarray:
+        """Tissue each test field shows to the Gaussian-lit microscope, the fields drawn with a check over the
+        field of `checked_pixel_um` pixels."""
         specimen, _, tests = slide_calibration._fields(
             dataclasses.replace(spec, min_field_tissue_fraction=min_fraction), PROCEDURAL,
-            np.random.default_rng([spec.seed, list(heldout_imaging.HELD_OUT_SCOPES).index("abbe-astigmatic"),
-                                   slide_calibration.SLIDES.index(PROCEDURAL)]))
+            np.random.default_rng(seed), checked_pixel_um)
         microscope = VirtualMicroscope(specimen=specimen, seed=0)
-        return np.array([in_focus_tissue_fraction(microscope, x, y, spec.sweeps.magnification, spec.test_tile_px)
+        return np.array([in_focus_tissue_fraction(microscope, x, y, magnification, spec.test_tile_px, pixel_um)
                          for x, y in tests])
 
-    assert np.sum(fields_tissue(0.0) < 0.01) >= 1
-    assert fields_tissue(spec.min_field_tissue_fraction).min() >= spec.min_field_tissue_fraction
+    virtual_pixel_um = VirtualMicroscope(seed=0).pixel_size_um(magnification)
+    assert pixel_um < virtual_pixel_um
+    assert np.sum(tissue_seen(0.0, pixel_um) < 0.01) >= 1
+    assert tissue_seen(spec.min_field_tissue_fraction, virtual_pixel_um).min() < 0.01
+    assert tissue_seen(spec.min_field_tissue_fraction, pixel_um).min() >= spec.min_field_tissue_fraction
 
 
 def _rows_in_image(specimen: RealImageSpecimen, points: np.ndarray) -> np.ndarray:
@@ -52,7 +66,8 @@ def _rows_in_image(specimen: RealImageSpecimen, points: np.ndarray) -> np.ndarra
 
 def test_real_image_sweeps_and_tests_come_from_bands_a_field_apart():
     spec = slide_calibration.SlideCalibrationSpec()
-    specimen, sweeps, tests = slide_calibration._fields(spec, "real-he", np.random.default_rng(0))
+    specimen, sweeps, tests = slide_calibration._fields(spec, "real-he", np.random.default_rng(0),
+                                                        _pixel_um(spec, "abbe-astigmatic"))
     sweep_rows, test_rows = _rows_in_image(specimen, sweeps), _rows_in_image(specimen, tests)
     assert sweep_rows.max() < slide_calibration.SWEEP_ROWS[1] and test_rows.min() >= slide_calibration.TEST_ROWS[0]
     gap_um = (test_rows.min() - sweep_rows.max()) * specimen._image_um[0]

@@ -85,20 +85,25 @@ def tissue_points(microscope: VirtualMicroscope, rng: np.random.Generator, count
 
 
 def in_focus_tissue_fraction(microscope: VirtualMicroscope, x_um: float, y_um: float, magnification: float,
-                             tile_px: int) -> float:
+                             tile_px: int, pixel_size_um: float | None = None) -> float:
     """`tissue_fraction` of the tile_px field at (x, y) imaged in focus by the virtual microscope: whether a
-    field shows tissue, whatever the microscope a test images it with."""
+    field shows tissue, whatever the microscope a test images it with. `pixel_size_um`: the pixel (at the
+    specimen) of the microscope whose tile_px field is meant (default: the virtual microscope's); its field's area
+    is the one checked, since a finer pixel sees less of the slide around (x, y)."""
+    side = tile_px if pixel_size_um is None else max(1, round(tile_px * pixel_size_um
+                                                               / microscope.pixel_size_um(magnification)))
     capture = microscope.capture(x_um, y_um, float(microscope.focal_z_um(x_um, y_um)), magnification,
-                                 roi=microscope.camera.centre_roi(tile_px))
+                                 roi=microscope.camera.centre_roi(side))
     return tissue_fraction(capture.image_rgb8)
 
 
 def fields_showing_tissue(microscope: VirtualMicroscope, rng: np.random.Generator, count: int, magnification: float,
                           tile_px: int, min_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION,
-                          max_draws_per_field: int = 20) -> np.ndarray:
-    """`count` (x, y) positions from `tissue_points` whose tile_px field shows at least `min_tissue_fraction` of
-    tissue in focus (`in_focus_tissue_fraction`), in the order drawn: positions are drawn again for the fields
-    that show glass until `count` are found (ValueError after `max_draws_per_field` x count draws)."""
+                          max_draws_per_field: int = 20, pixel_size_um: float | None = None) -> np.ndarray:
+    """`count` (x, y) positions from `tissue_points` whose tile_px field (of a microscope with `pixel_size_um`,
+    `in_focus_tissue_fraction`) shows at least `min_tissue_fraction` of tissue in focus, in the order drawn:
+    positions are drawn again for the fields that show glass until `count` are found (ValueError after
+    `max_draws_per_field` x count draws)."""
     kept, draws = [], 0
     while len(kept) < count:
         if draws > max_draws_per_field * count:
@@ -107,7 +112,7 @@ def fields_showing_tissue(microscope: VirtualMicroscope, rng: np.random.Generato
         fields = tissue_points(microscope, rng, count - len(kept))
         draws += len(fields)
         kept += [(float(x), float(y)) for x, y in fields
-                 if in_focus_tissue_fraction(microscope, float(x), float(y), magnification, tile_px)
+                 if in_focus_tissue_fraction(microscope, float(x), float(y), magnification, tile_px, pixel_size_um)
                  >= min_tissue_fraction]
     return np.array(kept, dtype=float).reshape(-1, 2)
 

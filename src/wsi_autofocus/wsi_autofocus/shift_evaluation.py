@@ -76,10 +76,16 @@ def rendering_fingerprint() -> str:
     return hashlib.sha256(b"".join(image.tobytes() for image in images)).hexdigest()
 
 
+# How the test fields are drawn beyond what a spec says, in a cache file's key: a procedural test field shows tissue
+# over the area its own microscope images (`data.in_focus_tissue_fraction`). Caches of fields checked over the
+# virtual microscope's wider field, which a finer-pixelled held-out camera could see as bare glass, are not read.
+FIELD_RULE = "tissue over the imaging microscope's own field"
+
+
 def cache_key(spec) -> str:
-    """Key of an evaluation cache file: the spec (a dataclass) its images were rendered for and the renderers that
-    drew them (`rendering_fingerprint`)."""
-    text = json.dumps(asdict(spec), sort_keys=True) + rendering_fingerprint()
+    """Key of an evaluation cache file: the spec (a dataclass) its images were rendered for, the renderers that
+    drew them (`rendering_fingerprint`) and how its fields were drawn (`FIELD_RULE`)."""
+    text = json.dumps(asdict(spec), sort_keys=True) + rendering_fingerprint() + FIELD_RULE
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -87,10 +93,11 @@ def _procedural_specimens():
     return [specimen_for_seed(seed) for seed in SPLITS["test"].specimen_seeds]
 
 
-def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.random.Generator,
-               specimens) -> list[tuple[object, float, float]]:
+def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.random.Generator, specimens,
+               pixel_size_um: float | None) -> list[tuple[object, float, float]]:
     """(specimen, x, y) for `spec.tiles_per_cell` tiles on tissue of a content source; a procedural tile's field
-    (imaged in focus by the virtual microscope) shows at least `spec.min_field_tissue_fraction` of tissue."""
+    (the area a microscope with `pixel_size_um` images, None: the virtual microscope's, imaged in focus by the
+    virtual microscope) shows at least `spec.min_field_tissue_fraction` of tissue."""
     if content != PROCEDURAL:
         specimen = RealImageSpecimen(EVALUATION_IMAGES[content])
         return [(specimen, float(x), float(y)) for x, y in specimen.tissue_points(rng, spec.tiles_per_cell)]
@@ -101,7 +108,8 @@ def _positions(spec: ShiftSpec, content: str, magnification: float, rng: np.rand
         if picks:
             scope = VirtualMicroscope(specimen=specimen, seed=SPLITS["test"].specimen_seeds[index])
             out += [(specimen, float(x), float(y)) for x, y in fields_showing_tissue(
-                scope, rng, picks, magnification, spec.tile_px, spec.min_field_tissue_fraction)]
+                scope, rng, picks, magnification, spec.tile_px, spec.min_field_tissue_fraction,
+                pixel_size_um=pixel_size_um)]
     return out
 
 
@@ -116,7 +124,9 @@ def _cell_layout(spec: ShiftSpec, content: str, imaging: str, magnification: flo
     rng = np.random.default_rng([spec.seed, CONTENT_SOURCES.index(content), IMAGING_MODELS.index(imaging),
                                  int(magnification)])
     specimens = _procedural_specimens() if content == PROCEDURAL else None
-    positions = _positions(spec, content, magnification, rng, specimens)
+    pixel_um = (None if imaging == OWN_SIMULATOR
+                else heldout_imaging.HELD_OUT_SCOPES[imaging].pixel_size_um(magnification))
+    positions = _positions(spec, content, magnification, rng, specimens, pixel_um)
     defocus = rng.uniform(-spec.max_defocus_um, spec.max_defocus_um, spec.tiles_per_cell)
     return rng, positions, defocus
 

@@ -50,22 +50,23 @@ class SlideCalibrationSpec:
     min_field_tissue_fraction: float = MIN_FIELD_TISSUE_FRACTION      # of a procedural test field, in focus
 
 
-def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator):
-    """The slide's specimen, its sweep positions and its test positions (x, y µm), never overlapping."""
+def _fields(spec: SlideCalibrationSpec, slide: str, rng: np.random.Generator, pixel_size_um: float):
+    """The slide's specimen, its sweep positions and its test positions (x, y µm), never overlapping; a
+    procedural test field shows tissue over the area a microscope with `pixel_size_um` images."""
     count = spec.sweeps.sweeps
     if slide == PROCEDURAL:
         seed = SPLITS["test"].specimen_seeds[0]
         microscope = VirtualMicroscope(specimen=specimen_for_seed(seed), seed=seed)
         candidates = tissue_points(microscope, rng, 20 * (count + spec.test_tiles))
         sweep_points = candidates[:count]
-        pixel_um = max(scope.pixel_size_um(spec.sweeps.magnification)
-                       for scope in heldout_imaging.HELD_OUT_SCOPES.values())
-        apart_um = (spec.test_tile_px + spec.sweeps.tile_px) * pixel_um
+        widest_pixel_um = max(scope.pixel_size_um(spec.sweeps.magnification)
+                              for scope in heldout_imaging.HELD_OUT_SCOPES.values())
+        apart_um = (spec.test_tile_px + spec.sweeps.tile_px) * widest_pixel_um
         distance = np.abs(candidates[count:, None, :] - sweep_points[None, :, :]).max(axis=2).min(axis=1)
         # Sweeps are taken where the focus map would take them, glass or not; test fields show tissue.
         showing_tissue = (point for point in candidates[count:][distance > apart_um]
                           if in_focus_tissue_fraction(microscope, float(point[0]), float(point[1]),
-                                                      spec.sweeps.magnification, spec.test_tile_px)
+                                                      spec.sweeps.magnification, spec.test_tile_px, pixel_size_um)
                           >= spec.min_field_tissue_fraction)
         test_points = np.array(list(itertools.islice(showing_tissue, spec.test_tiles)))
         if len(test_points) < spec.test_tiles:
@@ -84,7 +85,8 @@ def _slide_seed(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> list
 def _slide_fields(spec: SlideCalibrationSpec, scope_name: str, slide: str):
     """The held-out microscope, the slide's random generator after drawing its fields, and `_fields`."""
     rng = np.random.default_rng(_slide_seed(spec, scope_name, slide))
-    return heldout_imaging.HELD_OUT_SCOPES[scope_name], rng, *_fields(spec, slide, rng)
+    scope = heldout_imaging.HELD_OUT_SCOPES[scope_name]
+    return scope, rng, *_fields(spec, slide, rng, scope.pixel_size_um(spec.sweeps.magnification))
 
 
 def render_slide(spec: SlideCalibrationSpec, scope_name: str, slide: str) -> dict:
