@@ -19,7 +19,7 @@ from wsi_common.tile_grid import field_of_view_um
 
 from .optics import (CHANNEL_WAVELENGTHS_UM, DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, Camera,
                      FocalSurface, Objective, OtfGrid, check_condenser_fill, depth_of_field_um,
-                     expose, relative_illumination, standard_normal_float32, to_rgb8)
+                     expose, relative_illumination, standard_normal_float32, to_rgb8, weak_phase)
 from .specimen import Specimen, SyntheticSlide
 
 _LN10 = math.log(10.0)
@@ -308,9 +308,7 @@ class VirtualMicroscope:
             if not with_phase():
                 return None
             transmission, path_um = specimen()
-            phase_rad = path_um * np.float32(2 * math.pi / CHANNEL_WAVELENGTHS_UM[channel])
-            phase_rad *= transmission[channel]
-            return fft.rfft2(phase_rad, workers=1)
+            return fft.rfft2(weak_phase(transmission[channel], path_um, CHANNEL_WAVELENGTHS_UM[channel]), workers=1)
 
         # The transfer functions need no specimen: their tasks go first, for the thread that is not rendering it.
         transfers = [[self._submit(grid.transfer, objective, CHANNEL_WAVELENGTHS_UM[channel],

@@ -11,7 +11,7 @@ bilinear demosaicing, optional JPEG.
 Method: partially coherent Köhler imaging in the weak-object approximation, for a 2-D pupil. The
 weak-object transfer function W(f) = sum_u S(u) P*(u) P(u + f) / sum_u S |P|^2 is one FFT
 correlation of the pupil with its condenser-limited copy on a pupil grid fine enough for the
-defocus phase; the image spectrum is H_a(f) F(T) + H_p(f) F(T phi) with
+defocus phase; the image spectrum is H_a(f) F(T) + H_p(f) F(sqrt(T) phi) with
 H_a = (W(f) + W*(-f)) / 2 and H_p = i (W(f) - W*(-f)) (both Hermitian: the image is real), T the
 intensity transmission and phi the specimen phase. For a rotationally symmetric pupil these reduce
 to the virtual microscope's Re W and -2 Im W (`wsi_acquisition.optics.transfer_tables`).
@@ -30,8 +30,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 from scipy import fft, ndimage
+from wsi_acquisition.optics import weak_phase
 
 _LN10 = math.log(10.0)
+# Named in what data rendered through these optics records, so that data drawn alike but imaged by an earlier
+# version (the phase weighted by T, before sqrt(T)) is not taken for this version's.
+RENDERING_VERSION = "weak object, phase term sqrt(T) phi"
 # Objective classes the data is drawn for: (magnification, NA range).
 NA_RANGES = {10.0: (0.25, 0.45), 20.0: (0.5, 0.8), 40.0: (0.75, 0.95)}
 CAMERA_PIXEL_UM_RANGE = (3.45, 6.5)
@@ -237,8 +241,7 @@ def image_irradiance(optics: TrainingOptics, od: np.ndarray, opd_um: np.ndarray,
         absorption, phase = transfer_functions(optics, wavelength, paraxial, shape, optics.pixel_size_um)
         spectrum = fft.rfft2(transmission[..., channel], workers=1) * absorption
         if np.ptp(opd_um) > 0:
-            spectrum += fft.rfft2(transmission[..., channel] * opd_um * np.float32(2 * math.pi / wavelength),
-                                  workers=1) * phase
+            spectrum += fft.rfft2(weak_phase(transmission[..., channel], opd_um, wavelength), workers=1) * phase
         image[..., channel] = np.maximum(fft.irfft2(spectrum, s=shape, workers=1), 0.0)
     return image
 

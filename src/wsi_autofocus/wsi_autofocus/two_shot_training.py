@@ -133,7 +133,8 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
 def _description(spec: PairSpec) -> dict:
     """What a pair file was rendered from and what it holds, as its .json beside it records it."""
     return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist(), "columns": list(PAIR_COLUMNS),
-                                                 "sub_window": [SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS]}))
+                                                 "sub_window": [SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS],
+                                                 "rendering": training_optics.RENDERING_VERSION}))
 
 
 def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
@@ -144,8 +145,8 @@ def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
 
 
 def pairs_are_current(path: Path, spec: PairSpec) -> bool:
-    """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands and field
-    windows (`two_shot.field_window`)."""
+    """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands, field
+    windows (`two_shot.field_window`) and image formation."""
     description = Path(path).with_suffix(".json")
     return (Path(path).exists() and description.exists()
             and json.loads(description.read_text()) == _description(spec))
