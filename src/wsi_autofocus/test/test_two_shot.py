@@ -194,6 +194,24 @@ def test_every_split_holds_pairs_from_ring_lit_microscopes_only(monkeypatch):
     assert len(drawn) == 6 and all(0 < optics.condenser_inner_fill < optics.condenser_fill for optics in drawn)
 
 
+def test_data_rendered_by_an_earlier_image_formation_is_rendered_again(tmp_path):
+    """A pair file or a training split records what rendered it: one imaged before a change of the image formation
+    (here: the phase weighted by T, as before sqrt(T)) is not taken for this version's data."""
+    spec = dataclasses.replace(two_shot_training.PAIR_SPLITS["val"]["near"], specimen_seeds=(
+        two_shot_training.PAIR_SPLITS["val"]["near"].specimen_seeds[0],), pairs_per_specimen=2, field_px=64)
+    path = two_shot_training.generate_pairs(spec, tmp_path / "near.npz", workers=1)
+    assert two_shot_training.pairs_are_current(path, spec)
+    assert not two_shot_training.pairs_are_current(path, dataclasses.replace(spec, seed=spec.seed + 1))
+    recorded = json.loads(path.with_suffix(".json").read_text())
+    data.write_description(path, recorded | {"rendering": "weak object, phase term T phi"})
+    assert not two_shot_training.pairs_are_current(path, spec)
+    split = data.SPLITS["val"]
+    data.write_description(path, data.description(split))
+    assert data.is_current(path, data.description(split))
+    data.write_description(path, data.description(split) | {"rendering": "weak object, phase term T phi"})
+    assert not data.is_current(path, data.description(split))
+
+
 def test_the_same_blur_under_a_wider_declared_condenser_is_read_as_less_defocus():
     """A defocused absorber's blur is the shadow of the illumination cone: the shipped model reads a pair of
     the virtual microscope farther from focus when told the condenser is narrower than it is, nearer when told

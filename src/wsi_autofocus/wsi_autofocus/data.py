@@ -236,11 +236,27 @@ def starmap_in_processes(function, jobs: list[tuple], workers: int) -> list:
     return [function(*job) for job in jobs]
 
 
+def description(spec, **extra) -> dict:
+    """What a data file was rendered from, as the .json beside it records it: its spec (a dataclass), the
+    version of the image formation that rendered it (`training_optics.RENDERING_VERSION`) and `extra`."""
+    return json.loads(json.dumps(asdict(spec) | extra | {"rendering": training_optics.RENDERING_VERSION}))
+
+
+def write_description(output: Path, recorded: dict) -> None:
+    Path(output).with_suffix(".json").write_text(json.dumps(recorded, indent=1))
+
+
+def is_current(path: Path, recorded: dict) -> bool:
+    """Whether the data file at `path` exists and its .json records `recorded` (what this version would render)."""
+    record = Path(path).with_suffix(".json")
+    return Path(path).exists() and record.exists() and json.loads(record.read_text()) == recorded
+
+
 def generate(spec: DatasetSpec, output: Path, workers: int = 2) -> Path:
     """Render a split into one .npz (uint8 fields + labels + metadata) and return its path."""
     parts = starmap_in_processes(render_specimen, [((spec, seed),) for seed in spec.specimen_seeds], workers)
     save_npz(output, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
-    output.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=1))
+    write_description(output, description(spec))
     return output
 
 

@@ -11,7 +11,6 @@ the data set of a few thousand pairs is a few megabytes and renders in minutes.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,8 +20,8 @@ import numpy as np
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
-from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, randomised_stack, sample_fields, save_npz, specimen_for_seed,
-                                starmap_in_processes)
+from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, description, is_current, randomised_stack, sample_fields,
+                                save_npz, specimen_for_seed, starmap_in_processes, write_description)
 from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS, TwoShotModel,
                                     depth_unit_um, label_depths, model_inputs, pair_features, sigma_temperature)
 
@@ -132,24 +131,21 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
 
 def _description(spec: PairSpec) -> dict:
     """What a pair file was rendered from and what it holds, as its .json beside it records it."""
-    return json.loads(json.dumps(asdict(spec) | {"band_edges": BAND_EDGES.tolist(), "columns": list(PAIR_COLUMNS),
-                                                 "sub_window": [SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS],
-                                                 "rendering": training_optics.RENDERING_VERSION}))
+    return description(spec, band_edges=BAND_EDGES.tolist(), columns=list(PAIR_COLUMNS),
+                       sub_window=[SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS])
 
 
 def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
     parts = starmap_in_processes(render_specimen_pairs, [(spec, seed) for seed in spec.specimen_seeds], workers)
     save_npz(output, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
-    Path(output).with_suffix(".json").write_text(json.dumps(_description(spec), indent=1))
+    write_description(output, _description(spec))
     return Path(output)
 
 
 def pairs_are_current(path: Path, spec: PairSpec) -> bool:
     """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands, field
     windows (`two_shot.field_window`) and image formation."""
-    description = Path(path).with_suffix(".json")
-    return (Path(path).exists() and description.exists()
-            and json.loads(description.read_text()) == _description(spec))
+    return is_current(path, _description(spec))
 
 
 @dataclass(frozen=True)
