@@ -42,7 +42,7 @@ train-autofocus: $(VENV)/.built
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
 
-# The two-shot model: renders its pairs (35 min in two processes on this machine), fits the ensemble
+# The two-shot model: renders its pairs (39 min in two processes on this machine on 2026-12-06), fits the ensemble
 # (3 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
 # exposures, focus-map sweeps and a focus-map-like sweep of each 20x test field rendered once: from a cache
 # without the test fields' sweeps the whole evaluation took 55 min here).
