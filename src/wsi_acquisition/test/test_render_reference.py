@@ -1,7 +1,9 @@
 """The renderer stays the same simulator: captures compared with raw counts stored by an earlier renderer.
 
-`data/render_reference.npz` holds 12-bit raw captures of the cases below (fixed noise seed), written by the
-renderer of commit 80468c4 (before the renderer was made faster) with that commit's version of this file:
+`data/render_reference.npz` holds 12-bit raw captures of the cases below (fixed noise seed), written again
+by the renderer of commit adfad59 (the phase term sqrt(T) phi instead of T phi: a deliberate change of the
+optics; first written by commit 80468c4's renderer, before it was made faster) with that commit's version of
+this file:
 
     PYTHONPATH=<that commit's src/*> python src/wsi_acquisition/test/test_render_reference.py --write
 
