@@ -16,10 +16,11 @@ import numpy as np
 import threadpoolctl
 from scipy import fft, ndimage
 from wsi_common.tile_grid import field_of_view_um
+from wsi_common.weak_object import weak_phase
 
 from .optics import (CHANNEL_WAVELENGTHS_UM, DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, Camera,
                      FocalSurface, Objective, OtfGrid, check_condenser_fill, depth_of_field_um,
-                     expose, relative_illumination, standard_normal_float32, to_rgb8, weak_phase)
+                     expose, relative_illumination, standard_normal_float32, to_rgb8)
 from .specimen import Specimen, SyntheticSlide
 
 _LN10 = math.log(10.0)

@@ -201,7 +201,7 @@ def transfer_tables(objective: Objective, wavelength_um: float, defocus_um: floa
 
     For a specimen of intensity transmission T and phase phi (radians), the image intensity relative
     to clear glass is  F^-1[absorption * F(T)] + F^-1[phase * F(sqrt(T) phi)]  (weak-object approximation
-    for the phase, `weak_phase`; exact for absorption when condenser_fill = 1). absorption = Re WOTF, 1 at zero
+    for the phase, `wsi_common.weak_object.weak_phase`; exact for absorption when condenser_fill = 1). absorption = Re WOTF, 1 at zero
     frequency; phase = -2 Im WOTF, 0 at zero frequency and odd in defocus. Defocus as in
     `radial_otf_table`: the best-focus plane of this illumination is defocus 0.
     """
@@ -209,14 +209,6 @@ def transfer_tables(objective: Objective, wavelength_um: float, defocus_um: floa
     shift = best_focus_shift_um(objective, wavelength_um, fill)
     wotf = _weak_object_transfer(objective, wavelength_um, defocus_um + shift, fill)
     return wotf.real.copy(), -2.0 * wotf.imag
-
-
-def weak_phase(transmission: np.ndarray, path_um: np.ndarray, wavelength_um: float) -> np.ndarray:
-    """The specimen term the phase transfer function images: sqrt(T) phi, the imaginary part, to first order in
-    the phase phi = 2 pi path / wavelength, of the transmitted amplitude sqrt(T) exp(i phi) (T: intensity
-    transmission). Weighting phi by T instead under-weights the phase of densely stained tissue and can turn its
-    contrast against the stain's."""
-    return np.sqrt(transmission) * (path_um * np.float32(2 * math.pi / wavelength_um))
 
 
 def check_condenser_fill(condenser_fill: float) -> float:

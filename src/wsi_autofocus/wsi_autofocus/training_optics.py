@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 from scipy import fft, ndimage
-from wsi_acquisition.optics import weak_phase
+from wsi_common.weak_object import weak_phase
 
 _LN10 = math.log(10.0)
 # Named in what data rendered through these optics records, so that data drawn alike but imaged by an earlier
