@@ -201,8 +201,8 @@ def transfer_tables(objective: Objective, wavelength_um: float, defocus_um: floa
 
     For a specimen of intensity transmission T and phase phi (radians), the image intensity relative
     to clear glass is  F^-1[absorption * F(T)] + F^-1[phase * F(sqrt(T) phi)]  (weak-object approximation
-    for the phase, `wsi_common.weak_object.weak_phase`; exact for absorption when condenser_fill = 1). absorption = Re WOTF, 1 at zero
-    frequency; phase = -2 Im WOTF, 0 at zero frequency and odd in defocus. Defocus as in
+    for the phase, `wsi_common.weak_object.weak_phase`; exact for absorption when condenser_fill = 1).
+    absorption = Re WOTF, 1 at zero frequency; phase = -2 Im WOTF, 0 at zero frequency and odd in defocus. Defocus as in
     `radial_otf_table`: the best-focus plane of this illumination is defocus 0.
     """
     fill = check_condenser_fill(condenser_fill)
