@@ -188,12 +188,18 @@ def test_a_calibration_that_does_not_help_the_held_back_stacks_is_refused(tmp_pa
 
 
 def test_one_model_refused_leaves_the_other_calibrated(tmp_path, monkeypatch, mismatched_two_shot_model):
-    """As CalibrateAutofocus does it: the single-shot fit is refused, the two-shot one is kept beside it."""
+    """As CalibrateAutofocus does it: the single-shot fit is refused, the two-shot one is kept beside it. The
+    specimen plane is found once for both, and a sweep left out is recorded with the model that was kept."""
     stacks = _stacks_the_single_shot_fit_makes_worse(monkeypatch)
-    result = calibrate_both(stacks, tmp_path / "scanner", base_two_shot=mismatched_two_shot_model)
+    below_focus = ZStack(stacks[0].images[:5], stacks[0].z_um[:5], 0.325, 0.75)         # -6 to 0 µm
+    lines = []
+    result = calibrate_both(stacks + [below_focus], tmp_path / "scanner", base_two_shot=mismatched_two_shot_model,
+                            log=lines.append)
+    assert sum("labelled from the plane" in line for line in lines) == 1
     assert result.single_shot is None and len(result.errors) == 1
     assert result.errors[0].startswith("single-shot model: ") and "no better" in result.errors[0]
     assert result.two_shot.path == tmp_path / "scanner" / "two_shot.npz" and result.two_shot.path.exists()
+    assert len(result.two_shot.skipped) == 1 and result.two_shot.skipped[0].startswith("stack 3: ")
     assert not (tmp_path / "scanner" / "metadata.json").exists()
 
 

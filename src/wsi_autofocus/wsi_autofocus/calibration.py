@@ -142,17 +142,19 @@ def uncertainty_scale_without_confident_errors(output: np.ndarray, labels: np.nd
 
 def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | None = None, steps: int = 600,
               seed: int = 0, scanner: dict | None = None, log=lambda line: None,
-              condenser: Condenser = UNKNOWN_CONDENSER) -> CalibrationResult:
+              condenser: Condenser = UNKNOWN_CONDENSER, left_out: tuple[str, ...] = ()) -> CalibrationResult:
     """Fine-tune the base model's head on `stacks` (imaged under the scanner's declared `condenser`, which places
     the specimen plane their labels count from: `stacks_with_focus`) and write a calibrated model directory to
     `output_dir`.
 
     A third of the stacks (at least one) is held back while the uncertainty's temperatures are fitted
     and the before/after errors measured; the head is then refitted on every stack. A fit that does not
-    improve the held-back stacks raises `CalibrationError` and writes nothing."""
+    improve the held-back stacks raises `CalibrationError` and writes nothing. `left_out`: why stacks were left
+    out before these (`calibrate_both`), recorded with the ones left out here."""
     started = time.monotonic()
     check_stacks(stacks)
     stacks, skipped = stacks_with_focus(stacks, log, condenser)
+    skipped = [*left_out, *skipped]
     base_model_dir = Path(base_model_dir) if base_model_dir else default_model_dir()
     metadata = read_model_metadata(base_model_dir)
     model = load_checkpoint(base_model_dir / "model.pt")
@@ -215,16 +217,24 @@ def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path |
                    log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER) -> ScannerCalibration:
     """The single-shot model into `model_dir` (`calibrate`) and the two-shot model beside it
     (`calibrate_two_shot`), both under the scanner's declared `condenser`; one refused leaves the other. The single
-    shot goes first: its calibration replaces the directory both live in."""
+    shot goes first: its calibration replaces the directory both live in. The stacks' specimen plane is found
+    once for both (`stacks_with_focus`: seconds of a calibration's minute)."""
+    try:
+        check_stacks(stacks)
+        stacks, left_out = stacks_with_focus(stacks, log, condenser)
+    except CalibrationError as error:
+        return ScannerCalibration(None, None, (f"single-shot model: {error}", f"two-shot model: {error}"))
+    left_out = tuple(left_out)
     errors = []
     try:
-        single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log, condenser=condenser)
+        single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log, condenser=condenser,
+                                left_out=left_out)
     except CalibrationError as error:
         single_shot = None
         errors.append(f"single-shot model: {error}")
     try:
         two_shot = calibrate_two_shot(stacks, Path(model_dir) / TWO_SHOT_MODEL_FILE, base_two_shot, scanner, log,
-                                      condenser)
+                                      condenser, left_out)
     except CalibrationError as error:
         two_shot = None
         errors.append(f"two-shot model: {error}")

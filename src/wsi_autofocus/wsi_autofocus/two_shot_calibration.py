@@ -121,16 +121,19 @@ def _choose_ridge(model: TwoShotModel, pairs: dict) -> float:
 
 
 def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | None = None, scanner: dict | None = None,
-                       log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER) -> TwoShotCalibrationResult:
+                       log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER,
+                       left_out: tuple[str, ...] = ()) -> TwoShotCalibrationResult:
     """Refit the base two-shot model on pairs from `stacks` (imaged under `condenser` as the scanner declares it)
     and write it to `output` (a .npz file).
 
     A third of the stacks (at least one) is held back from the fit: sigma's temperature is fitted on
     their pairs, and a fit that does not improve them raises `CalibrationError` and writes nothing. The
-    kept model is then refitted on every stack with the same ridge strength."""
+    kept model is then refitted on every stack with the same ridge strength. `left_out`: why stacks were left out
+    before these (`calibration.calibrate_both`), recorded with the ones left out here."""
     started = time.monotonic()
     check_stacks(stacks)
     stacks, skipped = stacks_with_focus(stacks, log, condenser)
+    skipped = [*left_out, *skipped]
     base_path = Path(base_model) if base_model else default_model_path()
     model = TwoShotModel.load(base_path)
     pairs = sweep_pairs(stacks, condenser)
