@@ -45,7 +45,8 @@ train-autofocus: $(VENV)/.built
 # The two-shot model: renders its pairs (39 min in two processes on this machine on 2026-12-06), fits the ensemble
 # (3 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
 # exposures, focus-map sweeps and a focus-map-like sweep of each 20x test field rendered once: from a cache
-# without the test fields' sweeps the whole evaluation took 55 min here).
+# without the test fields' sweeps the whole evaluation took 55 min here, from the one `train-autofocus`
+# leaves 9 min).
 train-two-shot: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
 	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval-two-shot --card

@@ -10,9 +10,8 @@ this file:
 Its camera noise was numpy's standard normal draw; the renderer is given the same draw here
 (`camera_noise`), so what differs is the rendering alone.
 
-The focus models and the autofocus evaluation are made on that renderer's images (the shipped two-shot model
-still on those of the renderer before the sqrt(T) change, until its retraining is evaluated), so a later
-renderer may differ from it by floating-point rounding only. Rewrite the file only for a deliberate
+The focus models and the autofocus evaluation are made on that renderer's images, so a later renderer may
+differ from it by floating-point rounding only. Rewrite the file only for a deliberate
 change of the optics or the specimen, together with retraining the focus model.
 """
 import sys

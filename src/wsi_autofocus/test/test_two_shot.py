@@ -11,6 +11,7 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.specimen import GLASS_OD, pixel_centres_um
 from wsi_autofocus import data, heldout_imaging, training_optics, two_shot, two_shot_training
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
+from wsi_autofocus.inference import default_model_dir
 from wsi_autofocus.model_card import render_two_shot
 from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, pair_features
 from wsi_common.focus_metrics import tissue_fraction
@@ -290,3 +291,13 @@ def test_the_shipped_two_shot_card_is_rendered_from_its_evaluation():
     assert card == render_two_shot(path, evaluation), "MODEL_CARD.md is stale: run wsi-autofocus eval-two-shot --card"
     assert "left further from focus by the scan than by the focus map alone (target 0)" in card
     assert "own simulator, held-out specimens MAE" in card
+
+
+def test_both_cards_show_the_scan_outcome_of_the_shipped_pair():
+    """A scan uses both models, so both evaluations measure its outcome with the pair shipped together: retraining
+    either model means evaluating the other again (`wsi-autofocus eval`, `eval-two-shot --card`)."""
+    single_shot = json.loads((default_model_dir() / "evaluation.json").read_text())["scan_outcome_20x"]
+    pair = json.loads((two_shot.default_model_path().parent / "evaluation.json").read_text())["scan_outcome_20x"]
+    assert single_shot.keys() == pair.keys()
+    for imaging, outcome in pair.items():
+        assert single_shot[imaging] == pytest.approx(outcome), f"{imaging}: evaluate the model not retrained again"
