@@ -9,9 +9,9 @@ cache, not timed) with `calibrate_both`, under the microscope's declared condens
 fit then tries every condenser of the training microscopes), as the autofocus node's CalibrateAutofocus and
 `wsi-autofocus calibrate` do, and reports per microscope the wall time of the whole
 calibration (the sweeps' specimen plane, found once; single shot: feature extraction, fit, temperatures, refit,
-ONNX/TorchScript export; two shots: band spectra of every image, pairs, ridge strength by leave-one-sweep-out,
-refit) and per model the held-back sweeps' MAE before and after, or why it was refused. Prints a table and writes
-bench/results/calibration.json.
+ONNX/TorchScript export; two shots: band spectra of every image, pairs, fine-tuning on two thirds of the sweeps,
+then on all) and per model the held-back sweeps' MAE before and after, or why it was refused. Prints a table and
+writes bench/results/calibration.json.
 """
 import argparse
 import json

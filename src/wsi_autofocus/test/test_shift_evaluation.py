@@ -153,6 +153,29 @@ def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
     assert "bias after" in table and "+0.30" in table.splitlines()[-1]
 
 
+def test_the_pooled_rows_show_a_distance_read_long_far_from_focus_per_distance_bin():
+    """A model right near focus that reads far fields 30 % too far, on either side: the pooled MAE mixes both;
+    per bin of true distance the far bins show it, with its sign."""
+    true = np.array([-0.5, 0.8, -2.0, 2.5, -4.0, 5.0, -7.0, 9.0, 10.0])
+    far = np.abs(true) > 3.0
+    predicted = np.where(far, 1.3 * true, true)
+    count = len(true)
+    tiles = {"true_um": true, "depth_of_field_um": np.full(count, 1.4), "objective": np.full(count, 20.0),
+             "content": np.array(["real-he"] * count), "imaging": np.array(["abbe-annular"] * count)}
+    summary = shift_evaluation.summarize(tiles, {"predicted_um": predicted, "uncertainty_um": np.full(count, 5.0),
+                                                 "distance_um": np.abs(predicted)})
+    bins = summary["pooled_20x"]["held_out_imaging_real_content"]["by_distance"]
+    assert [b["n"] for b in bins] == [2, 2, 2, 3]                 # 10 µm lies in the last bin
+    assert [b["distance_bias_um"] for b in bins] == pytest.approx([0.0, 0.0, 0.3 * 4.5, 0.3 * 26 / 3])
+    assert [b["mae_um"] for b in bins] == pytest.approx([0.0, 0.0, 0.3 * 4.5, 0.3 * 26 / 3])
+    reversed_far = {"predicted_um": np.where(far, 0.7 * true, true), "uncertainty_um": np.full(count, 5.0),
+                    "distance_um": np.abs(np.where(far, 0.7 * true, true))}
+    short = shift_evaluation.summarize(tiles, reversed_far)["pooled_20x"]["held_out_imaging_real_content"]
+    assert short["by_distance"][3]["distance_bias_um"] == pytest.approx(-0.3 * 26 / 3)
+    table = shift_evaluation.format_table(summary)
+    assert "2.60 / +2.60" in table.splitlines()[-1] and "6-10 µm" in table
+
+
 def test_the_calibration_table_shows_the_error_against_each_tiles_own_sweep_focus():
     """The focus a sweep finds (its sharpness peak) may lie off the evaluation's best focus by how the specimen
     images. A model that reads every tile against its own sweep's focus is off by the evaluation's definition and

@@ -7,8 +7,8 @@ from wsi_autofocus import heldout_imaging, two_shot_calibration
 from wsi_autofocus.calibration_store import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack,
                                              stacks_with_focus)
 from wsi_autofocus.data import specimen_for_seed, tissue_points
-from wsi_autofocus.two_shot import (FEATURE_COUNT, Condenser, TwoShotModel, default_step_um,
-                                    depth_unit_um)
+from wsi_autofocus.two_shot import (FEATURE_COUNT, MODEL_INPUT_COUNT, Condenser, TwoShotModel, default_model_path,
+                                    default_step_um, depth_unit_um)
 from wsi_autofocus.two_shot_calibration import calibrate_two_shot, sweep_pairs
 
 APERTURE, MAGNIFICATION = 0.75, 20.0
@@ -29,6 +29,35 @@ def test_sweep_pairs_are_every_two_images_a_trained_step_apart_labelled_by_the_l
     steps_in_depths = pairs["features"][:, FEATURE_COUNT - 2]
     assert steps_in_depths.min() >= 1.0 - 1e-5 and steps_in_depths.max() <= 12.0 + 1e-5
     assert np.all(pairs["features"][:, FEATURE_COUNT:] == np.float32([0.6, 0.3]))     # the declared condenser
+
+
+def test_fine_tuning_fits_the_last_hidden_layer_and_the_defocus_output_only():
+    model = TwoShotModel.load(default_model_path())
+    rng = np.random.default_rng(3)
+    features = model.arrays["mean"] + model.arrays["scale"] * rng.normal(size=(300, MODEL_INPUT_COUNT))
+    trained_depths, _ = model.predict_depths(features)
+    # A microscope whose defocus the model reads 30 % long and 0.5 depths of focus high.
+    pairs = {"features": features.astype(np.float32), "numerical_aperture": np.full(300, APERTURE, np.float32),
+             "defocus_um": ((trained_depths / 1.3 - 0.5) * depth_unit_um(APERTURE)).astype(np.float32)}
+    tuned = two_shot_calibration.fine_tune(model, pairs)
+
+    def error(m):
+        return np.mean(np.abs(m.predict_depths(features)[0] - (trained_depths / 1.3 - 0.5)))
+
+    assert error(tuned) < 0.3 * error(model), (error(model), error(tuned))
+    last = model.hidden_layer_count(model.members[0]) - 1
+    for key, trained in model.arrays.items():
+        member, _, name = key.partition("_")
+        if name in (f"w{last}", f"b{last}"):
+            assert not np.array_equal(tuned.arrays[key], trained), key
+        elif name in ("w_out", "b_out"):
+            assert not np.array_equal(tuned.arrays[key][..., 0], trained[..., 0]), key
+            np.testing.assert_array_equal(tuned.arrays[key][..., 1], trained[..., 1])     # the log variance's
+        else:
+            np.testing.assert_array_equal(tuned.arrays[key], trained, err_msg=key)
+    # Pulled hard enough towards the trained weights, it keeps them.
+    held = two_shot_calibration.fine_tune(model, pairs, penalty=1e4, steps=50)
+    assert error(held) == pytest.approx(error(model), rel=0.02)
 
 
 def _held_out_sweep(scope, seed: int, rng, tile_px: int = 192) -> ZStack:
@@ -60,8 +89,8 @@ def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope_and_the
     usable, skipped = stacks_with_focus(stacks, log=lambda message: None)
     assert list(result.skipped) == skipped
     assert result.pairs == len(sweep_pairs(usable, condenser)["group"])
-    assert result.ridge in two_shot_calibration.RIDGE_STRENGTHS
     calibrated = TwoShotModel.load(result.path)
+    assert calibrated.metadata["calibration"]["fine_tune"]["penalty"] == two_shot_calibration.FINE_TUNE_PENALTY
     assert calibrated.metadata["calibration"]["scanner"] == {"name": "bench-2"}
 
     microscope = VirtualMicroscope(specimen=specimen_for_seed(200), seed=200)
@@ -95,15 +124,15 @@ def _virtual_sweeps(seeds) -> list[ZStack]:
 
 
 def test_a_two_shot_calibration_that_does_not_help_the_held_back_sweeps_is_refused(tmp_path, monkeypatch):
-    real_refit = two_shot_calibration.refit_outputs
+    real_fine_tune = two_shot_calibration.fine_tune
 
-    def backwards(model, pairs, ridge):
-        fitted = real_refit(model, pairs, ridge)
+    def backwards(model, pairs):
+        fitted = real_fine_tune(model, pairs)
         for member in fitted.members:
             fitted.arrays[f"m{member}_w_out"][:, 0] *= -3.0        # distance read backwards: worse on every sweep
         return fitted
 
-    monkeypatch.setattr(two_shot_calibration, "refit_outputs", backwards)
+    monkeypatch.setattr(two_shot_calibration, "fine_tune", backwards)
     with pytest.raises(CalibrationError, match="no better.*the model in use is kept"):
         calibrate_two_shot(_virtual_sweeps((100, 101, 102)), tmp_path / "two_shot.npz")
     assert not (tmp_path / "two_shot.npz").exists()

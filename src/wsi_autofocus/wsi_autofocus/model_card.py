@@ -373,9 +373,10 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "```",
         "",
         "## Self-calibration (`wsi_autofocus.two_shot_calibration`, `wsi-autofocus calibrate`)",
-        "Every two images of a focus-map sweep 1-12 depths of focus apart are a labelled pair; each member's output "
-        "layer is refitted by ridge regression towards its trained weights (strength by leave-one-sweep-out), sigma's "
-        "temperature on the held-back third of the sweeps (never below the trained one). Nine sweeps of validation "
+        "Every two images of a focus-map sweep 1-12 depths of focus apart are a labelled pair; each member's last "
+        "hidden layer and defocus output are fine-tuned on them, pulled towards the trained weights "
+        "(`two_shot_calibration.fine_tune`), sigma's temperature on the held-back third of the sweeps (never below "
+        "the trained one). Nine sweeps of validation "
         "specimens under each held-out microscope, judged on that microscope's 20x tiles above (other specimens and "
         "real content):",
         "",

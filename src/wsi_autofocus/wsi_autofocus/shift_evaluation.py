@@ -238,6 +238,27 @@ def cell_statistics(tiles: dict, estimates: dict, mask: np.ndarray | None = None
             "confidently_wrong": int(np.sum(acted & (error > focus_tolerance_um(dof))))}
 
 
+# The pooled rows are also given per bin of true distance from focus: on a microscope a model never saw it can
+# read the distance right near focus and long or short far from it.
+DISTANCE_BINS_UM = ((0.0, 1.0), (1.0, 3.0), (3.0, 6.0), (6.0, 10.0))
+
+
+def by_distance(tiles: dict, estimates: dict, mask: np.ndarray) -> list[dict]:
+    """Per bin of true |defocus| (`DISTANCE_BINS_UM`, each bin's upper edge included) of the tiles in `mask`: how
+    many, their MAE and their mean |estimate| - |defocus| (`distance_bias_um` > 0: read farther from focus than
+    they are)."""
+    distance = np.abs(tiles["true_um"])
+    bins = []
+    for low, high in DISTANCE_BINS_UM:
+        inside = mask & (distance > low) & (distance <= high)
+        error = estimates["predicted_um"][inside] - tiles["true_um"][inside]
+        bins.append({"from_um": low, "to_um": high, "n": int(inside.sum()),
+                     "mae_um": float(np.abs(error).mean()) if inside.any() else None,
+                     "distance_bias_um": float(np.mean(np.abs(estimates["predicted_um"][inside]) - distance[inside]))
+                     if inside.any() else None})
+    return bins
+
+
 def summarize(tiles: dict, estimates: dict) -> dict:
     """Per (content, imaging, objective) cell, and pooled over the held-out imaging models x real content
     at 20x (the issue's headline numbers)."""
@@ -251,7 +272,8 @@ def summarize(tiles: dict, estimates: dict) -> dict:
                       **cell_statistics(tiles, estimates, mask)})
 
     def pooled(mask) -> dict:
-        return cell_statistics(tiles, estimates, mask) if mask.any() else {"n": 0}
+        return (cell_statistics(tiles, estimates, mask) | {"by_distance": by_distance(tiles, estimates, mask)}
+                if mask.any() else {"n": 0})
 
     held_out = tiles["imaging"] != OWN_SIMULATOR
     twenty = tiles["objective"] == DEFAULT_OBJECTIVE_MAGNIFICATION
@@ -285,6 +307,16 @@ def format_table(summary: dict) -> str:
                          f"sign {s['sign_accuracy_beyond_1um'] or 0:.0%}  "
                          f"acted on {s['fraction_acted_on']:.0%} (MAE {s['mae_acted_on_um'] or 0:.2f})  "
                          f"confidently wrong {s['confidently_wrong']}")
+    lines += ["", "20x pooled, by true distance from focus: MAE µm / mean |estimate| - |d| µm (> 0: read as farther "
+                  "from focus than it is)",
+              f"{'':<48}" + "".join(f"{f'{low:g}-{high:g} µm':>15}" for low, high in DISTANCE_BINS_UM)]
+
+    def distance_bin(b: dict) -> str:
+        return f"{b['mae_um']:.2f} / {b['distance_bias_um']:+.2f}" if b["n"] else "–"
+
+    for name, s in summary["pooled_20x"].items():
+        if s["n"]:
+            lines.append(f"{name.replace('_', ' '):<48}" + "".join(f"{distance_bin(b):>15}" for b in s["by_distance"]))
     return "\n".join(lines)
 
 

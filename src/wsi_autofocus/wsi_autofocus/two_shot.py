@@ -290,23 +290,26 @@ class TwoShotModel:
         self.path = path
         return path
 
-    def last_hidden(self, features: np.ndarray) -> list[np.ndarray]:
-        """Each member's last hidden layer for rows of features: what its linear output layer reads."""
+    def hidden_layer_count(self, member: int) -> int:
+        return sum(1 for key in self.arrays if key.startswith(f"m{member}_w") and key[len(f"m{member}_w"):].isdigit())
+
+    def hidden(self, features: np.ndarray, layers_left_out: int = 0) -> list[np.ndarray]:
+        """Each member's hidden activations for rows of features: its last hidden layer (what its linear output
+        layer reads), or with `layers_left_out` > 0 the layer that many before it (what the next layer reads)."""
         a = self.arrays
         scaled = (np.atleast_2d(features) - a["mean"]) / a["scale"]
         layers = []
         for member in self.members:
-            hidden, layer = scaled, 0
-            while f"m{member}_w{layer}" in a:
+            hidden = scaled
+            for layer in range(self.hidden_layer_count(member) - layers_left_out):
                 hidden = np.maximum(hidden @ a[f"m{member}_w{layer}"] + a[f"m{member}_b{layer}"], 0.0)
-                layer += 1
             layers.append(hidden)
         return layers
 
     def member_outputs(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(members, rows) defocus and log variance in depths of focus, before the temperature."""
         means, log_variances = [], []
-        for member, hidden in zip(self.members, self.last_hidden(features)):
+        for member, hidden in zip(self.members, self.hidden(features)):
             output = hidden @ self.arrays[f"m{member}_w_out"] + self.arrays[f"m{member}_b_out"]
             means.append(output[:, 0])
             log_variances.append(output[:, 1])
