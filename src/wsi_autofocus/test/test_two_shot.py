@@ -2,6 +2,7 @@
 real content it was never trained on."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from scipy import ndimage
 
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.specimen import GLASS_OD, pixel_centres_um
-from wsi_autofocus import data, heldout_imaging, training_optics, two_shot, two_shot_training
+from wsi_autofocus import data, heldout_imaging, shift_evaluation, training_optics, two_shot, two_shot_training
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.inference import default_model_dir
 from wsi_autofocus.model_card import render_two_shot
@@ -293,11 +294,21 @@ def test_the_shipped_two_shot_card_is_rendered_from_its_evaluation():
     assert "own simulator, held-out specimens MAE" in card
 
 
-def test_both_cards_show_the_scan_outcome_of_the_shipped_pair():
-    """A scan uses both models, so both evaluations measure its outcome with the pair shipped together: retraining
-    either model means evaluating the other again (`wsi-autofocus eval`, `eval-two-shot --card`)."""
-    single_shot = json.loads((default_model_dir() / "evaluation.json").read_text())["scan_outcome_20x"]
-    pair = json.loads((two_shot.default_model_path().parent / "evaluation.json").read_text())["scan_outcome_20x"]
-    assert single_shot.keys() == pair.keys()
-    for imaging, outcome in pair.items():
-        assert single_shot[imaging] == pytest.approx(outcome), f"{imaging}: evaluate the model not retrained again"
+def test_the_scan_outcome_is_measured_with_the_shipped_pair_and_shown_only_for_it(tmp_path):
+    """A scan uses both models: its outcome has one home, the two-shot evaluation, which records the pair it was
+    measured with. Both shipped models are that pair; a single-shot model it was not measured with gets no table on
+    its card, but the command that measures it."""
+    from wsi_autofocus.model_card import render, shipped_scan_outcome
+
+    evaluation = json.loads((two_shot.default_model_path().parent / "evaluation.json").read_text())
+    assert evaluation["scan_outcome_models"] == shift_evaluation.scan_outcome_models(
+        default_model_dir(), two_shot.default_model_path()), "run wsi-autofocus eval-two-shot --card, then card"
+    assert shipped_scan_outcome(default_model_dir()) == evaluation["scan_outcome_20x"]
+    retrained = tmp_path / "retrained"
+    shutil.copytree(default_model_dir(), retrained)
+    with open(retrained / "model.pt", "ab") as checkpoint:
+        checkpoint.write(b"\0")
+    assert shipped_scan_outcome(retrained) is None
+    card = render(retrained)
+    assert f"wsi-autofocus eval-two-shot --card --single-shot-model {retrained}" in card
+    assert "scan outcome not measured with this model" in card.split("Targets not met")[1]

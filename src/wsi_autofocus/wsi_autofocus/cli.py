@@ -10,7 +10,8 @@
                                                    store it for that scanner, objective and camera
     wsi-autofocus train-two-shot [--data-dir D] [--output F]
                                                    render exposure pairs and train the two-shot model
-    wsi-autofocus eval-two-shot [--model F]        the held-out imaging table for two exposures a step apart
+    wsi-autofocus eval-two-shot [--model F]        the held-out imaging table for two exposures a step apart, and
+                                                   what a scan makes of both models' estimates (scan outcome)
     wsi-autofocus card [--model M] [--reproduction R]  write MODEL_CARD.md from the model's metadata and
                                                    evaluation (R: another run of the recipe, recorded beside it)
 """
@@ -68,9 +69,6 @@ def command_eval(args) -> int:
                                                   args.cache_dir, args.workers)
         estimates = shift_evaluation.estimate_tiles(estimator, tiles)
         summary["shift"] = shift_evaluation.summarize(tiles, estimates)
-        summary["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
-            shift_spec, tiles, estimator, estimates, args.cache_dir,
-            two_shot_model=TwoShotModel.load(args.two_shot_model))
         summary["calibration_under_held_out_imaging"] = shift_evaluation.calibration_check(
             args.model, shift_evaluation.CalibrationSpec(), tiles, args.cache_dir, args.backend)
         summary["calibration_on_the_slide"] = slide_calibration.slide_calibration_check(
@@ -81,7 +79,6 @@ def command_eval(args) -> int:
     if "shift" in summary:
         print()
         print(shift_evaluation.format_table(summary["shift"]))
-        print(shift_evaluation.format_scan_outcomes(summary["scan_outcome_20x"]))
         print(shift_evaluation.format_calibration(summary["calibration_under_held_out_imaging"]))
         print(slide_calibration.format_slide_calibration(summary["calibration_on_the_slide"]))
     print(f"report: {report}; plots: {', '.join(map(str, plots))}")
@@ -160,6 +157,7 @@ def command_eval_two_shot(args) -> int:
     estimator = FocusEstimator(backend, args.single_shot_model)
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
         spec, tiles, estimator, shift_evaluation.estimate_tiles(estimator, tiles), args.cache_dir, two_shot_model=model)
+    evaluation["scan_outcome_models"] = shift_evaluation.scan_outcome_models(args.single_shot_model, args.model)
     print(shift_evaluation.format_two_shot(evaluation))
     print(f"with the condenser not known:\n{shift_evaluation.format_two_shot(evaluation['condenser_not_known'])}")
     print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
@@ -222,8 +220,6 @@ def main(argv=None) -> int:
     evaluate.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"),
                           help="rendered held-out tiles and sweeps, reused by later evaluations")
     evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.add_argument("--two-shot-model", type=Path, default=default_two_shot_path(),
-                          help="the model a scan reads its side probes with (two exposures)")
     evaluate.set_defaults(run=command_eval)
     calibrate = commands.add_parser("calibrate", help="fine-tune on a scan's focus-map sweeps")
     calibrate.add_argument("--scan", type=Path, required=True, help="scan directory (with manifest.json)")
@@ -257,7 +253,8 @@ def main(argv=None) -> int:
     eval_two_shot.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"))
     eval_two_shot.add_argument("--workers", type=int, default=2)
     eval_two_shot.add_argument("--single-shot-model", type=Path, default=default_model_dir(),
-                               help="the single-shot model whose side probes the scan outcome table reads")
+                               help="the single-shot model of the scan outcome table (the table's one home: both "
+                                    "cards show it)")
     eval_two_shot.add_argument("--backend", default="onnxruntime")
     eval_two_shot.add_argument("--threads", type=int, default=2)
     eval_two_shot.add_argument("--card", action="store_true",

@@ -84,13 +84,31 @@ def reproduction_statement(record: dict, shipped_best_val_loss: float) -> str:
             f"{ten['sign_accuracy_beyond_1um']:.1%}; {verdict}.")
 
 
-def shift_statement(shift: dict, calibration: dict, slide_calibration_results: dict | None, scan_outcome: dict) -> list[str]:
+def shipped_scan_outcome(single_shot_model_dir: Path) -> dict | None:
+    """The scan outcome table, from its one home (the shipped two-shot model's evaluation, `wsi-autofocus
+    eval-two-shot`), when it was measured with this single-shot model (its checkpoint) and the shipped two-shot
+    model; else None."""
+    from wsi_autofocus.two_shot import default_model_path
+
+    path = default_model_path()
+    evaluation = json.loads((path.parent / "evaluation.json").read_text())
+    if (not (Path(single_shot_model_dir) / "model.pt").exists() or evaluation.get("scan_outcome_models")
+            != shift_evaluation.scan_outcome_models(single_shot_model_dir, path)):
+        return None
+    return evaluation["scan_outcome_20x"]
+
+
+def shift_statement(shift: dict, calibration: dict, slide_calibration_results: dict | None,
+                    scan_outcome: dict | None, model_dir: Path) -> list[str]:
     """Card lines for the evaluation under held-out imaging: the table, the pooled 20x figures against the
-    targets, and self-calibration, all from the evaluation summary."""
+    targets, and self-calibration, all from the evaluation summary; the scan outcome (`shipped_scan_outcome`)
+    where it was measured with this model."""
     checks = shift_target_checks(shift["pooled_20x"]["held_out_imaging_real_content"])
     calibrations = (("other specimens", calibration), ("the slide itself", slide_calibration_results))
     checks += [calibration_target_check(where, results, "wsi-autofocus eval") for where, results in calibrations]
-    checks.append(scan_outcome_target_check(scan_outcome))
+    remeasure = f"wsi-autofocus eval-two-shot --card --single-shot-model {model_dir}"
+    checks.append(scan_outcome_target_check(scan_outcome) if scan_outcome is not None else
+                  (f"scan outcome not measured with this model (`{remeasure}`)", False))
     met = [text for text, ok in checks if ok]
     missed = [text for text, ok in checks if not ok]
     scopes = "; ".join(f"`{scope.name}`: {scope.description}" for scope in heldout_imaging.HELD_OUT_SCOPES.values())
@@ -118,7 +136,8 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "cue of that microscope on that tissue; sweeps of other specimens teach a cue that need not carry over. "
         + shift_evaluation.CALIBRATION_COLUMNS_NOTE,
         "",
-        "What a scan makes of these estimates (`scan_outcome_table`): each 20× tile is taken at its defocus as "
+        "What a scan makes of these estimates (`scan_outcome_table`, measured by `wsi-autofocus eval-two-shot` with "
+        "this model and the shipped two-shot model): each 20× tile is taken at its defocus as "
         "if the focus map had left it there, then the scan's own rules run (`wsi_acquisition.focus`: correct "
         "a trusted estimate; for a tile surely out of focus whose side is in doubt, one more exposure as far "
         "above as the estimated distance, read together with the tile by the two-shot model (`two_shot`, its own "
@@ -133,13 +152,14 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "`shots/tile` the exposures per tile (1: the focus map's capture alone).",
         "",
         "```",
-        shift_evaluation.format_scan_outcomes(scan_outcome),
+        shift_evaluation.format_scan_outcomes(scan_outcome) if scan_outcome is not None else
+        f"not measured with this model and the shipped two-shot model: {remeasure}",
         "```",
         *[f"- `{imaging}`: {o['tiles_worse']} tile(s) ended up to {o['worst_change_um']:.2f} µm further from this "
           "microscope's best focus (as the evaluation defines it) than the focus map left them, in images the "
           "scan's sharpness measure (Brenner) found sharper: keep-if-sharper follows sharpness, which need not "
           "peak at that focus nor fall equally on both sides of it."
-          for imaging, o in scan_outcome.items() if o["tiles_worse"]],
+          for imaging, o in (scan_outcome or {}).items() if o["tiles_worse"]],
         "",
         *([f"- Targets met: {'; '.join(met)}."] if met else []),
         *([f"- Targets not met: {'; '.join(missed)}."] if missed else []),
@@ -246,7 +266,7 @@ def render(model_dir: Path) -> str:
         target_statement(summary),
         "",
         *shift_statement(summary["shift"], summary["calibration_under_held_out_imaging"],
-                         summary.get("calibration_on_the_slide"), summary["scan_outcome_20x"]),
+                         summary.get("calibration_on_the_slide"), shipped_scan_outcome(model_dir), model_dir),
     ]
     return "\n".join(lines) + "\n"
 

@@ -534,6 +534,19 @@ def scan_outcome_table(spec: ShiftSpec, tiles: dict, estimator, estimates: dict,
     return table
 
 
+def scan_outcome_models(single_shot_model_dir: Path, two_shot_model_path: Path) -> dict:
+    """Which pair of models a scan outcome table was measured with: the sha256 of the single-shot checkpoint
+    (`model.pt`, which every backend's files are exported from) and of the two-shot model file. The table has one
+    home, the two-shot evaluation (`wsi-autofocus eval-two-shot`); the single-shot card shows it only for the model
+    it was measured with."""
+    def sha256(path: Path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    two_shot_file = Path(two_shot_model_path)
+    two_shot_file = two_shot_file / two_shot.MODEL_FILE if two_shot_file.is_dir() else two_shot_file
+    return {"single_shot": sha256(Path(single_shot_model_dir) / "model.pt"), "two_shot": sha256(two_shot_file)}
+
+
 def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION) -> str:
     lines = [f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
              "autofocus as the scan runs it, a correction kept only if sharper)",
