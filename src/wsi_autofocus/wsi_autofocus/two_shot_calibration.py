@@ -6,7 +6,7 @@ about a thousand pairs. Each member's last hidden layer and its defocus output a
 (`fine_tune`), pulled towards the trained weights, so a few sweeps correct how this microscope's optics map
 onto defocus rather than teach a new model; the layers before stay as trained. The uncertainty's temperature is
 refitted on sweeps held back from the fit (never below the trained model's), which also decide whether the
-calibration is kept at all. numpy only, in about ten seconds on 2 cores:
+calibration is kept at all. numpy only, in a few seconds on 2 cores:
 
     from wsi_autofocus.calibration_store import ZStack
     from wsi_autofocus.two_shot import Condenser
