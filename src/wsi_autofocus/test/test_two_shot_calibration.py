@@ -47,7 +47,7 @@ def test_fine_tuning_fits_the_last_hidden_layer_and_the_defocus_output_only():
     assert error(tuned) < 0.3 * error(model), (error(model), error(tuned))
     last = model.hidden_layer_count(model.members[0]) - 1
     for key, trained in model.arrays.items():
-        member, _, name = key.partition("_")
+        name = key.partition("_")[2]
         if name in (f"w{last}", f"b{last}"):
             assert not np.array_equal(tuned.arrays[key], trained), key
         elif name in ("w_out", "b_out"):
