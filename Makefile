@@ -30,6 +30,10 @@ bench: $(VENV)/.built
 	$(PY) bench/transport.py
 	$(PY) bench/autofocus.py
 
+# The training targets write the shipped models and their cards into the source tree, so they run the packages
+# from it: the installed copies' default model paths lie inside $(VENV), where `make build` would overwrite them.
+SOURCE_PY := PYTHONPATH=$$(ls -d $(CURDIR)/src/*/ | tr '\n' ':') $(PY)
+
 # Reproduces the shipped focus model's recipe: render the data, train 20 epochs (the time cap only stops
 # a far slower machine: the epoch count, not the machine's load, sets the schedule), export, evaluate on
 # held-out specimens, held-out microscopes and real images, measure what a scan makes of it with the two-shot
@@ -37,22 +41,22 @@ bench: $(VENV)/.built
 # but not bitwise deterministic: the card's "Run to run" line shows how far two runs differ.
 # Run `make build` after it to install the new model.
 train-autofocus: $(VENV)/.built
-	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
-	$(TRAIN_MALLOC) $(PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --epochs 20 --time-budget 4200
-	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
+	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
+	$(TRAIN_MALLOC) $(SOURCE_PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --epochs 20 --time-budget 4200
+	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
 	    --summary-json $(MODEL_DIR)/evaluation.json
-	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval-two-shot --card --single-shot-model $(MODEL_DIR)
-	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
+	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli eval-two-shot --card --single-shot-model $(MODEL_DIR)
+	$(SOURCE_PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
 
-# The two-shot model: renders its pairs (39 min in two processes on this machine on 2026-12-06), fits the ensemble
+# The two-shot model: renders its pairs (39-55 min in two processes on this machine on 2026-12-06), fits the ensemble
 # (3 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
 # exposures, focus-map sweeps and a focus-map-like sweep of each 20x test field rendered once: from a cache
 # without the test fields' sweeps the whole evaluation took 55 min here, from the one `train-autofocus`
 # leaves 9 min), with what a scan makes of the new pair (the scan outcome), which the single-shot card shows too.
 train-two-shot: $(VENV)/.built
-	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
-	OPENBLAS_NUM_THREADS=1 $(PY) -m wsi_autofocus.cli eval-two-shot --card
-	$(PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
+	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
+	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli eval-two-shot --card
+	$(SOURCE_PY) -m wsi_autofocus.cli card --model $(MODEL_DIR)
 
 $(VENV)/.installed: requirements/ros-pypi.txt requirements/python.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
