@@ -49,6 +49,7 @@ class PairSpec:
     pairs_per_microscope: int = 8
     annular_fraction: float = 0.3         # of the random microscopes: ring illumination
     rim_weighted_fraction: float = 0.3    # of the random microscopes: pupils brighter at the rim
+    sub_window_fraction: float = SUB_WINDOW_FRACTION    # `two_shot.field_window`
 
 
 def _pair_sets(split: str, near_pairs: int, wide_pairs: int, ring_pairs: int, seed: int,
@@ -101,7 +102,7 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
         aperture[i] = first.numerical_aperture
         condenser[i] = microscope.condenser_fill, 0.0
         features[i] = pair_features(first.image_rgb8, second.image_rgb8, first.numerical_aperture,
-                                    first.pixel_size_um, step)
+                                    first.pixel_size_um, step, spec.sub_window_fraction)
     textures = {}
     randomised = np.flatnonzero(source > 0)
     for group_start in range(0, len(randomised), spec.pairs_per_microscope):
@@ -123,7 +124,8 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
             aperture[i] = optics.numerical_aperture
             condenser[i] = optics.condenser_fill, optics.condenser_inner_fill
             objectives[i] = optics.magnification
-            features[i] = pair_features(first, second, optics.numerical_aperture, optics.pixel_size_um, step)
+            features[i] = pair_features(first, second, optics.numerical_aperture, optics.pixel_size_um, step,
+                                        spec.sub_window_fraction)
     return {"features": features, "defocus_um": defocus.astype(np.float32), "numerical_aperture": aperture,
             "condenser_fill": condenser[:, 0], "condenser_inner_fill": condenser[:, 1],
             "objective": objectives.astype(np.float32), "source": source.astype(np.int8), "sparse": sparse}
@@ -132,7 +134,7 @@ def render_specimen_pairs(spec: PairSpec, specimen_seed: int) -> dict:
 def _description(spec: PairSpec) -> dict:
     """What a pair file was rendered from and what it holds, as its .json beside it records it."""
     return description(spec, band_edges=BAND_EDGES.tolist(), columns=list(PAIR_COLUMNS),
-                       sub_window=[SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS])
+                       sub_window_positions=SUB_WINDOW_POSITIONS)
 
 
 def generate_pairs(spec: PairSpec, output: Path, workers: int = 2) -> Path:
