@@ -356,8 +356,8 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         f"{two_shot.BAND_EDGES[-1]:g} NA/λ, spaced by ratio below 0.3) the log power ratio of the two exposures, "
         "their mean log power, whether the band is sampled, through a Hann window over the field or, where the "
         f"field's tissue lies off its centre, over the sub-field {two_shot.SUB_WINDOW_FRACTION:.0%} of its width "
-        f"that holds the most of it (`two_shot.field_window`; {windowed}). Each pair's condenser as drawn, hidden (not known) for "
-        f"{meta['config'].get('unknown_condenser_fraction', 0):.0%} of the pairs.",
+        f"that holds the most of it (`two_shot.field_window`; {windowed}). Each pair's condenser as drawn, hidden "
+        f"(not known) for {meta['config'].get('unknown_condenser_fraction', 0):.0%} of the pairs.",
         f"- Gaussian negative log-likelihood, AdamW, early stopping on the validation pairs, {meta['train_s']:.0f} s "
         f"for the ensemble on 2 CPU cores; sigma scaled by {meta['sigma_temperature']:.2f} on the validation pairs.",
         "",

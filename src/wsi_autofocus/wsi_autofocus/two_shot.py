@@ -45,10 +45,10 @@ MODEL_FILE = "two_shot.npz"
 # A field is read through a Hann window, which weighs its corners down to almost nothing: a field whose tissue
 # lies in a corner (a section's edge) showed mostly glass and camera noise. Such a field is read through a
 # window of this fraction of its size placed on a grid of SUB_WINDOW_POSITIONS x SUB_WINDOW_POSITIONS over it,
-# where that window holds more of the tissue's signal energy than the whole field's (`field_window`). A third of
-# the field's width reads the validation pairs whose reading it changes better than half of it, and a quarter
-# worse (`bench/two_shot_field_window.py` with the model trained on half-width sub-fields: MAE 1.76 / 2.40 / 3.65 µm
-# over those pairs, 96 of 2014 within 10 µm).
+# where that window holds more of the tissue's signal energy than the whole field's (`field_window`). About a
+# third of the field's width reads the validation pairs whose reading it changes better than half of it, and a
+# quarter worse (`bench/two_shot_field_window.py` with the model trained on half-width sub-fields: MAE 1.76 / 2.40 /
+# 3.65 µm over those pairs, 96 of 2014 within 10 µm).
 SUB_WINDOW_FRACTION = 0.35
 SUB_WINDOW_POSITIONS = 5
 
@@ -94,7 +94,8 @@ def _window_energy(height: int, width: int) -> float:
 
 def field_window(image_rgb8: np.ndarray, fraction: float = SUB_WINDOW_FRACTION) -> tuple[slice, slice]:
     """(rows, columns) of the field to read: the whole field, or the sub-field of `fraction` of its size, at one of
-    `SUB_WINDOW_POSITIONS` x `SUB_WINDOW_POSITIONS` places, whose Hann window holds more tissue signal energy (the squared window summed over the pixels that show stain, `tissue_mask`)."""
+    `SUB_WINDOW_POSITIONS` x `SUB_WINDOW_POSITIONS` places, whose Hann window holds more tissue signal energy (the
+    squared window summed over the pixels that show stain, `tissue_mask`)."""
     height, width = np.shape(image_rgb8)[:2]
     step = TISSUE_SAMPLE_STEP
     tissue = tissue_mask(image_rgb8, step=step)
