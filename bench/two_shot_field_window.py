@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_autofocus import data
 from wsi_autofocus.two_shot import (SUB_WINDOW_FRACTION, TwoShotModel, default_model_path, depth_unit_um, label_depths,
                                     model_inputs)
-from wsi_autofocus.two_shot_training import PAIR_SPLITS, generate_pairs, pairs_are_current
+from wsi_autofocus.two_shot_training import PAIR_SPLITS, split_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_DEFOCUS_UM = 10.0
@@ -28,16 +27,8 @@ CANDIDATE_FRACTIONS = (0.5, 0.35, 0.25)
 
 
 def validation_pairs(fraction: float, data_dir: Path, workers: int) -> dict:
-    parts = []
-    for name, spec in PAIR_SPLITS["val"].items():
-        spec = replace(spec, sub_window_fraction=fraction)
-        path = data_dir / f"{fraction:g}" / f"val-{name}.npz"
-        if not pairs_are_current(path, spec):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            print(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} pairs into {path}", flush=True)
-            generate_pairs(spec, path, workers=workers)
-        parts.append(data.load(path))
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    sets = {name: replace(spec, sub_window_fraction=fraction) for name, spec in PAIR_SPLITS["val"].items()}
+    return split_pairs(sets, data_dir / f"{fraction:g}", "val", workers, log=lambda line: print(line, flush=True))
 
 
 def absolute_errors_um(model: TwoShotModel, pairs: dict) -> np.ndarray:

@@ -20,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from wsi_autofocus import data, shift_evaluation, slide_calibration
 from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
 from wsi_autofocus.two_shot import CondenserDeclaration, TwoShotError, TwoShotModel
@@ -120,19 +118,10 @@ def command_calibrate(args) -> int:
 
 
 def command_train_two_shot(args) -> int:
-    from wsi_autofocus.two_shot_training import PAIR_SPLITS, generate_pairs, pairs_are_current, train_two_shot
+    from wsi_autofocus.two_shot_training import PAIR_SPLITS, split_pairs, train_two_shot
 
-    splits = {}
-    for split, sets in PAIR_SPLITS.items():
-        parts = []
-        for name, spec in sets.items():
-            path = args.data_dir / f"{split}-{name}.npz"
-            if not pairs_are_current(path, spec):
-                print(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} {split} pairs into {path}",
-                      flush=True)
-                generate_pairs(spec, path, workers=args.workers)
-            parts.append(data.load(path))
-        splits[split] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    splits = {split: split_pairs(sets, args.data_dir, split, args.workers, log=lambda line: print(line, flush=True))
+              for split, sets in PAIR_SPLITS.items()}
     model = train_two_shot(splits["train"], splits["val"], log=lambda line: print(line, flush=True))
     print(f"wrote {model.save(args.output)}")
     return 0

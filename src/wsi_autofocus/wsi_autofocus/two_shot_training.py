@@ -20,8 +20,8 @@ import numpy as np
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
-from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, description, is_current, randomised_stack, sample_fields,
-                                save_npz, specimen_for_seed, starmap_in_processes, write_description)
+from wsi_autofocus.data import (SPLITS, TEXTURE_SPLITS, description, is_current, load, randomised_stack,
+                                sample_fields, save_npz, specimen_for_seed, starmap_in_processes, write_description)
 from wsi_autofocus.two_shot import (BAND_EDGES, FEATURE_COUNT, SUB_WINDOW_FRACTION, SUB_WINDOW_POSITIONS, TwoShotModel,
                                     depth_unit_um, label_depths, model_inputs, pair_features, sigma_temperature)
 
@@ -148,6 +148,20 @@ def pairs_are_current(path: Path, spec: PairSpec) -> bool:
     """Whether the pair file at `path` exists and was rendered from `spec` over this version's bands, field
     windows (`two_shot.field_window`) and image formation."""
     return is_current(path, _description(spec))
+
+
+def split_pairs(sets: dict[str, PairSpec], directory: Path, split: str, workers: int = 2, log=print) -> dict:
+    """The pairs of one split (`PAIR_SPLITS[split]`, or variants of its sets), each set's file `<split>-<name>.npz`
+    in `directory` rendered first where it is missing or stale (`pairs_are_current`), joined."""
+    parts = []
+    for name, spec in sets.items():
+        path = Path(directory) / f"{split}-{name}.npz"
+        if not pairs_are_current(path, spec):
+            log(f"rendering {spec.pairs_per_specimen * len(spec.specimen_seeds)} {split} pairs into {path}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            generate_pairs(spec, path, workers=workers)
+        parts.append(load(path))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 @dataclass(frozen=True)
