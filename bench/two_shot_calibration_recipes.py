@@ -5,10 +5,13 @@
 For each of the evaluation's nine calibrations (`wsi-autofocus eval-two-shot`: nine sweeps of validation specimens
 under each held-out microscope, and nine sweeps of each slide under each; rendered once into the evaluation's cache),
 splits the sweeps as `calibrate_two_shot` does (a third held back), fits on the rest by each recipe, and reports the
-held-back sweeps' MAE: the criterion `two_shot_calibration`'s recipe was chosen by, never the tiles the cards judge
-the calibration on. The anchor is the recipe before `fine_tune`: each member's defocus output alone refitted by ridge
-regression towards the trained weights, its strength chosen by leaving one fitted sweep out at a time. Prints a table
-and writes bench/results/two_shot_calibration_recipes.json.
+held-back sweeps' MAE (each pair read once, through its field window, as a scan reads): the criterion
+`two_shot_calibration`'s recipe was chosen by, never the tiles the cards judge the calibration on. Recipes differ in
+the fit (`fine_tune`'s steps, learning rate, penalty) and in the pairs it reads: through the field window only, or
+also through corner sub-fields of a fraction of the field (`sweep_pairs`). The anchor is the recipe before
+`fine_tune`: each member's defocus output alone refitted by ridge regression towards the trained weights, its
+strength chosen by leaving one fitted sweep out at a time. Prints a table and writes
+bench/results/two_shot_calibration_recipes.json.
 """
 import argparse
 import json
@@ -22,14 +25,16 @@ from wsi_autofocus import slide_calibration
 from wsi_autofocus.calibration_store import held_back_stacks, stacks_with_focus
 from wsi_autofocus.shift_evaluation import CalibrationSpec, imaging_condenser, render_all_sweeps, z_stacks
 from wsi_autofocus.two_shot import TwoShotModel, default_model_path, label_depths
-from wsi_autofocus.two_shot_calibration import (FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FINE_TUNE_STEPS, _mae_um,
-                                                 _subset, fine_tune, sweep_pairs)
+from wsi_autofocus.two_shot_calibration import (FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FINE_TUNE_STEPS,
+                                                 FIT_SUB_FIELD_FRACTION, _mae_um, _subset, fine_tune, sweep_pairs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RIDGE_STRENGTHS = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
-# Penalties at the shipped steps and learning rate, then steps and learning rates at the shipped penalty.
+# With the shipped sub-fields: penalties at the shipped steps and learning rate, then steps and learning rates at
+# the shipped penalty. Then the shipped fit on other sub-fields, and on the field windows alone.
 PENALTIES = (5e-5, 5e-4, 5e-3)
-STEPS_AND_RATES = ((150, 1e-2), (300, 1e-2), (300, 1e-3), (1000, 1e-3), (3000, 1e-3))
+STEPS_AND_RATES = ((150, 1e-2), (300, 1e-2), (300, 1e-3), (1000, 1e-3))
+SUB_FIELD_FRACTIONS = (0.5, 0.6, 0.8, None)
 
 
 def refit_outputs(model: TwoShotModel, pairs: dict, ridge: float) -> TwoShotModel:
@@ -72,23 +77,30 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "two_shot_calibration_recipes.json")
     args = parser.parse_args()
     model = TwoShotModel.load(args.model)
-    recipes = {"output layer, ridge (anchor)": ridge_by_leaving_sweeps_out}
-    grid = ([(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, penalty) for penalty in PENALTIES]
-            + [(steps, rate, FINE_TUNE_PENALTY) for steps, rate in STEPS_AND_RATES])
-    for steps, rate, penalty in grid:
-        recipes[f"fine-tune {steps} steps at {rate:g}, penalty {penalty:g}"] = (
-            lambda m, pairs, steps=steps, rate=rate, penalty=penalty: fine_tune(m, pairs, penalty, steps, rate))
+    # recipe -> (sub-field fraction of the pairs it fits, refit)
+    recipes = {"output layer, ridge (anchor)": (None, ridge_by_leaving_sweeps_out)}
+    grid = ([(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, penalty, FIT_SUB_FIELD_FRACTION) for penalty in PENALTIES]
+            + [(steps, rate, FINE_TUNE_PENALTY, FIT_SUB_FIELD_FRACTION) for steps, rate in STEPS_AND_RATES]
+            + [(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, fraction)
+               for fraction in SUB_FIELD_FRACTIONS])
+    for steps, rate, penalty, fraction in grid:
+        pairs_read = f"sub-fields {fraction:g}" if fraction else "field window only"
+        recipes[f"fine-tune {steps} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
+            fraction, lambda m, pairs, steps=steps, rate=rate, penalty=penalty: fine_tune(m, pairs, penalty, steps, rate))
     held_back_mae, fit_s = {recipe: {} for recipe in recipes}, {recipe: [] for recipe in recipes}
     names = []
     for name, (stacks, condenser) in calibrations(args.cache_dir).items():
         names.append(name)
         usable, _ = stacks_with_focus(stacks, lambda line: None, condenser)
-        pairs = sweep_pairs(usable, condenser)
-        held_back = np.isin(pairs["group"], held_back_stacks(len(usable)))
-        fit, judge = _subset(pairs, ~held_back), _subset(pairs, held_back)
-        for recipe, refit in recipes.items():
+        held_back_groups = held_back_stacks(len(usable))
+        by_fraction = {fraction: sweep_pairs(usable, condenser, fraction)
+                       for fraction in dict.fromkeys(fraction for fraction, _ in recipes.values())}
+        judge_pairs = by_fraction[None]
+        judge = _subset(judge_pairs, np.isin(judge_pairs["group"], held_back_groups))
+        for recipe, (fraction, refit) in recipes.items():
+            pairs = by_fraction[fraction]
             started = time.monotonic()
-            fitted = refit(model, fit)
+            fitted = refit(model, _subset(pairs, ~np.isin(pairs["group"], held_back_groups)))
             fit_s[recipe].append(time.monotonic() - started)
             held_back_mae[recipe][name] = _mae_um(fitted, judge)
         print(f"{name}: done", file=sys.stderr, flush=True)
@@ -96,10 +108,10 @@ def main() -> int:
              .replace("procedural-heldout", "proc").replace("astigmatic", "astig") for name in names]
     print(f"two-shot calibration recipes: held-back sweeps' MAE (µm) of each of the evaluation's calibrations, "
           f"model {args.model}")
-    print(f"{'recipe':<44}" + "".join(f"{label:>16}" for label in short) + f"{'sum':>8}{'fit s':>7}")
+    print(f"{'recipe':<64}" + "".join(f"{label:>16}" for label in short) + f"{'sum':>8}{'fit s':>7}")
     for recipe in recipes:
         values = [held_back_mae[recipe][name] for name in names]
-        print(f"{recipe:<44}" + "".join(f"{value:>16.3f}" for value in values)
+        print(f"{recipe:<64}" + "".join(f"{value:>16.3f}" for value in values)
               + f"{sum(values):>8.3f}{np.median(fit_s[recipe]):>7.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"model": str(args.model), "held_back_mae_um": held_back_mae,

@@ -29,6 +29,29 @@ def test_sweep_pairs_are_every_two_images_a_trained_step_apart_labelled_by_the_l
     steps_in_depths = pairs["features"][:, FEATURE_COUNT - 2]
     assert steps_in_depths.min() >= 1.0 - 1e-5 and steps_in_depths.max() <= 12.0 + 1e-5
     assert np.all(pairs["features"][:, FEATURE_COUNT:] == np.float32([0.6, 0.3]))     # the declared condenser
+    assert not pairs["sub_field"].any()
+
+
+def test_sweep_pairs_read_a_field_again_in_its_corners_and_a_sparse_field_only_where_its_tissue_lies():
+    rng = np.random.default_rng(1)
+    z = np.arange(-6.0, 6.1, 1.5)
+    tissue = np.full((len(z), 96, 96, 3), 235, np.uint8)
+    tissue[:, :, :, :2] = rng.integers(60, 200, (len(z), 96, 96, 2), dtype=np.uint8)     # stained everywhere
+    sparse = np.full_like(tissue, 235)
+    sparse[:, :24, -24:, :2] = tissue[:, :24, -24:, :2]                                  # in one corner only
+    stacks = [ZStack(images, z, 0.325, APERTURE, best_focus_z_um=0.0) for images in (tissue, sparse)]
+    whole = sweep_pairs(stacks, Condenser(0.7))
+    read = sweep_pairs(stacks, Condenser(0.7), two_shot_calibration.FIT_SUB_FIELD_FRACTION)
+    per_stack = np.bincount(whole["group"])
+    assert np.bincount(read["group"]).tolist() == [5 * per_stack[0], per_stack[1]]
+    assert np.flatnonzero(read["sub_field"]).size == 4 * per_stack[0]
+    # Each corner reads the field window's pairs again: the same labels and steps, other content.
+    first = whole["group"] == 0
+    for corner in np.split(read["features"][read["sub_field"]], 4):
+        np.testing.assert_array_equal(corner[:, FEATURE_COUNT - 2:], whole["features"][first][:, FEATURE_COUNT - 2:])
+        assert not np.allclose(corner[:, :FEATURE_COUNT - 2], whole["features"][first][:, :FEATURE_COUNT - 2])
+    np.testing.assert_array_equal(np.split(read["defocus_um"][read["sub_field"]], 4)[2], whole["defocus_um"][first])
+    np.testing.assert_array_equal(read["features"][~read["sub_field"]], whole["features"])
 
 
 def test_fine_tuning_fits_the_last_hidden_layer_and_the_defocus_output_only():
@@ -88,9 +111,11 @@ def test_calibration_repairs_a_mismatched_model_on_a_held_out_microscope_and_the
     # A sweep drawn over glass has no focus and is left out, as a scan's calibration leaves it out.
     usable, skipped = stacks_with_focus(stacks, log=lambda message: None)
     assert list(result.skipped) == skipped
-    assert result.pairs == len(sweep_pairs(usable, condenser)["group"])
+    assert result.pairs == len(sweep_pairs(usable, condenser, two_shot_calibration.FIT_SUB_FIELD_FRACTION)["group"])
     calibrated = TwoShotModel.load(result.path)
     assert calibrated.metadata["calibration"]["fine_tune"]["penalty"] == two_shot_calibration.FINE_TUNE_PENALTY
+    assert (calibrated.metadata["calibration"]["fine_tune"]["sub_field_fraction"]
+            == two_shot_calibration.FIT_SUB_FIELD_FRACTION)
     assert calibrated.metadata["calibration"]["scanner"] == {"name": "bench-2"}
 
     microscope = VirtualMicroscope(specimen=specimen_for_seed(200), seed=200)
