@@ -86,7 +86,8 @@ def main() -> int:
     for steps, rate, penalty, fraction in grid:
         pairs_read = f"sub-fields {fraction:g}" if fraction else "field window only"
         recipes[f"fine-tune {steps} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
-            fraction, lambda m, pairs, steps=steps, rate=rate, penalty=penalty: fine_tune(m, pairs, penalty, steps, rate))
+            fraction,
+            lambda m, pairs, steps=steps, rate=rate, penalty=penalty: fine_tune(m, pairs, penalty, steps, rate))
     held_back_mae, fit_s = {recipe: {} for recipe in recipes}, {recipe: [] for recipe in recipes}
     names = []
     for name, (stacks, condenser) in calibrations(args.cache_dir).items():

@@ -7,7 +7,7 @@ about a thousand pairs, and the fit reads each pair again through four corner su
 (`fine_tune`), pulled towards the trained weights, so a few sweeps correct how this microscope's optics map
 onto defocus rather than teach a new model; the layers before stay as trained. The uncertainty's temperature is
 refitted on sweeps held back from the fit (never below the trained model's), which also decide whether the
-calibration is kept at all. numpy only, in a few seconds on 2 cores:
+calibration is kept at all. numpy only, in under half a minute on 2 cores (the evaluation's: 15-21 s from nine sweeps):
 
     from wsi_autofocus.calibration_store import ZStack
     from wsi_autofocus.two_shot import Condenser
