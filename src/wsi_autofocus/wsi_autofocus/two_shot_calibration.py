@@ -92,21 +92,18 @@ def sweep_pairs(stacks: list[ZStack], condenser: Condenser, sub_field_fraction: 
         # Every image of the stack is read in one region, the one the image nearest focus shows tissue in (and,
         # when that is the whole field, in its corners: `_readings`).
         region = field_window(stack.images[order[int(np.argmin(np.abs(z - focus)))]])
+        lowers_uppers = [(lower, upper) for lower in range(len(z)) if abs(z[lower] - focus) <= MAX_LABEL_UM
+                         for upper in range(lower + 1, len(z))
+                         if STEP_DEPTHS[0] * unit - 1e-6 <= z[upper] - z[lower] <= STEP_DEPTHS[1] * unit]
         for reading, read_region in enumerate(_readings(stack.images.shape[1:3], region, sub_field_fraction)):
             bands = [band_log_power(stack.images[k], stack.numerical_aperture, stack.pixel_size_um, read_region)
                      for k in order]
-            for lower in range(len(z)):
-                if abs(z[lower] - focus) > MAX_LABEL_UM:
-                    continue
-                for upper in range(lower + 1, len(z)):
-                    step = z[upper] - z[lower]
-                    if STEP_DEPTHS[0] * unit - 1e-6 <= step <= STEP_DEPTHS[1] * unit:
-                        features.append(features_from_bands(bands[lower], bands[upper], stack.numerical_aperture,
-                                                            stack.pixel_size_um, step))
-                        defocus.append(z[lower] - focus)
-                        aperture.append(stack.numerical_aperture)
-                        group.append(index)
-                        sub_field.append(reading > 0)
+            features += [features_from_bands(bands[lower], bands[upper], stack.numerical_aperture, stack.pixel_size_um,
+                                             z[upper] - z[lower]) for lower, upper in lowers_uppers]
+            defocus += [z[lower] - focus for lower, _ in lowers_uppers]
+            aperture += [stack.numerical_aperture] * len(lowers_uppers)
+            group += [index] * len(lowers_uppers)
+            sub_field += [reading > 0] * len(lowers_uppers)
     if not features:
         raise CalibrationError(f"no two images of the z-stacks lie {STEP_DEPTHS[0]:g}-{STEP_DEPTHS[1]:g} depths of "
                                f"focus apart within ±{MAX_LABEL_UM} µm of focus")
