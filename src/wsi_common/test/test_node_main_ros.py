@@ -1,6 +1,7 @@
 """A node process that stops cleanly leaves nothing of its DDS participant behind: Fast DDS's shared-memory
 segments in /dev/shm (128 MiB each with the large-image profile) outlive a process that exits without
-deleting its participant, and fill the machine's memory one stopped node at a time."""
+deleting its participant, and fill the machine's memory one stopped node at a time. One that cannot stop says
+where it is stuck and exits before launch would kill it."""
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from wsi_common.node_main import STOP_DEADLINE_S
 from wsi_common.ros_env import node_environment
 
 pytestmark = pytest.mark.ros
@@ -43,6 +45,33 @@ class Managed(LifecycleNode):
 spin_node(Managed)
 """
 
+# A node whose teardown never returns, as one waiting on a device that does not answer.
+NODE_STUCK_ON_DESTROY = """
+import time
+from rclpy.node import Node
+from wsi_common.node_main import spin_node
+
+
+class StuckOnDestroy(Node):
+    def __init__(self):
+        super().__init__("stuck_on_destroy")
+        print("spinning", flush=True)
+
+    def destroy_node(self):
+        time.sleep(3600)
+
+
+spin_node(StuckOnDestroy)
+"""
+
+
+def start_node(tmp_path: Path, node_script: str) -> subprocess.Popen:
+    (tmp_path / "stopping_node.py").write_text(node_script)
+    env = node_environment()
+    env["PYTHONPATH"] = f"{tmp_path}:{env.get('PYTHONPATH', '')}"
+    return subprocess.Popen([sys.executable, "-m", "wsi_common.run_node", "stopping_node", "--ros-args"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
 
 def fast_dds_segments() -> set[str]:
     return {str(path) for path in Path("/dev/shm").glob("fastdds_*")}
@@ -60,12 +89,8 @@ def participant_segments(pid: int, existing: set[str]) -> set[str]:
 
 @pytest.mark.parametrize("node_script", [NODE_WITH_ACTIONS, LIFECYCLE_NODE], ids=["actions", "lifecycle"])
 def test_a_stopped_node_removes_its_shared_memory(tmp_path, node_script):
-    (tmp_path / "stopping_node.py").write_text(node_script)
-    env = node_environment()
-    env["PYTHONPATH"] = f"{tmp_path}:{env.get('PYTHONPATH', '')}"
     existing = fast_dds_segments()
-    process = subprocess.Popen([sys.executable, "-m", "wsi_common.run_node", "stopping_node", "--ros-args"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_node(tmp_path, node_script)
     try:
         deadline = time.monotonic() + 60
         while not (files := participant_segments(process.pid, existing)) and time.monotonic() < deadline:
@@ -78,3 +103,20 @@ def test_a_stopped_node_removes_its_shared_memory(tmp_path, node_script):
     finally:
         process.kill()
     assert sorted(f for f in files if Path(f).exists()) == []
+
+
+def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills_it(tmp_path):
+    process = start_node(tmp_path, NODE_STUCK_ON_DESTROY)
+    try:
+        assert process.stdout.readline().strip() == "spinning", process.stdout.read()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        exit_code = process.wait(timeout=30)
+        seconds = time.monotonic() - stopped
+        output = process.stdout.read()
+    finally:
+        process.kill()
+    assert exit_code == 1, output
+    assert STOP_DEADLINE_S <= seconds < 5.0, output        # launch sends SIGTERM at 5 s, SIGKILL at 10 s
+    assert 'in destroy_node' in output and "stopping_node.py" in output, output

@@ -5,8 +5,10 @@ the whole process group (launch and every node), launch then sends each node a S
 SIGTERM 5 s later if it is still running. Whichever of these signals arrives first, and whenever the
 others arrive, the node stops the same way: the executor stops, goals being executed are cancelled
 (a scan keeps the tiles it captured, as on a client's cancel), the callbacks still running finish,
-the nodes are destroyed (a recorder closes its bag), the context is shut down, exit code 0.
+the nodes are destroyed (a recorder closes its bag), the context is shut down, exit code 0. A process that
+has not exited `STOP_DEADLINE_S` after the first signal prints every thread's stack and exits with code 1.
 """
+import faulthandler
 import os
 import signal
 import socket
@@ -26,6 +28,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # after its current tile). Beyond it the process exits without them: launch escalates to SIGTERM at
 # 5 s and SIGKILL at 10 s, and a node should be gone well before.
 CALLBACK_GRACE_S = 1.5
+# A process still running this long after the first stop signal is stuck (it would stop in well under 2 s):
+# it prints every thread's stack, so the hang can be found, and exits with code 1 before launch's SIGKILL.
+STOP_DEADLINE_S = 4.0
 
 
 class NodeConfigurationError(ValueError):
@@ -65,6 +70,7 @@ class StopSignals:
     def _wait(self) -> None:
         while not any(signum in STOP_SIGNALS for signum in self._receiver.recv(64)):
             pass
+        faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
         self.future.set_result(True)
 
 
