@@ -28,9 +28,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # after its current tile). Beyond it the process exits without them: launch escalates to SIGTERM at
 # 5 s and SIGKILL at 10 s, and a node should be gone well before.
 CALLBACK_GRACE_S = 1.5
-# A process still running this long after the first stop signal is stuck (it would stop in well under 2 s):
-# it prints every thread's stack, so the hang can be found, and exits with code 1 before launch's SIGKILL.
-STOP_DEADLINE_S = 4.0
+# A process still running this long after the first stop signal is stuck (nodes stop in well under 2 s; a
+# recorder with a full write queue on a slow disk may take seconds): it prints every thread's stack, so the hang
+# can be found, and exits with code 1 before launch's SIGKILL would end it without a word.
+STOP_DEADLINE_S = 8.0
 
 
 class NodeConfigurationError(ValueError):
