@@ -89,6 +89,33 @@ class BlockedInRcl(Node):
 spin_node(BlockedInRcl)
 """
 
+# A node that blocks in rclpy for a while (a subscription's destruction) before it has released what it holds, as
+# the recorder destroys its subscriptions before it closes its bag: that is waited for.
+NODE_SLOW_BEFORE_RELEASE = """
+import functools
+import time
+
+from rclpy.node import Node
+from std_msgs.msg import String
+from wsi_common.node_main import spin_node
+
+
+class SlowBeforeRelease(Node):
+    def __init__(self):
+        super().__init__("slow_before_release")
+        self.subscription = self.create_subscription(String, "chatter", print, 1)
+        print("spinning", flush=True)
+
+    def destroy_node(self):
+        self.subscription.destroy = functools.partial(time.sleep, 3.0)
+        self.destroy_subscription(self.subscription)
+        print("released what the node holds", flush=True)
+        super().destroy_node()
+
+
+spin_node(SlowBeforeRelease)
+"""
+
 
 def start_node(tmp_path: Path, node_script: str) -> subprocess.Popen:
     (tmp_path / "stopping_node.py").write_text(node_script)
@@ -150,6 +177,13 @@ def test_a_node_blocked_in_rcl_teardown_exits_without_it_once_it_has_released_wh
     assert "released what the node holds" in output, output
     assert "ROS's teardown is blocked below" in output and "rclpy" in output, output
     assert "Traceback" not in output, output
+
+
+def test_a_node_slow_in_rclpy_before_it_has_released_what_it_holds_is_waited_for(tmp_path):
+    exit_code, seconds, output = stop_when_spinning(start_node(tmp_path, NODE_SLOW_BEFORE_RELEASE))
+    assert exit_code == 0, output
+    assert seconds >= 3.0, output
+    assert "released what the node holds" in output and "teardown is blocked" not in output, output
 
 
 def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills_it(tmp_path):

@@ -36,7 +36,7 @@ CALLBACK_GRACE_S = 1.5
 STOP_DEADLINE_S = 8.0
 # rcl's teardown of a node can block below rclpy, in DDS, while the graph's other processes exit (seen in about
 # one in 80 stops of the whole graph: Node.destroy_node's last call, rcl_node_fini in Fast DDS). What the node
-# held is closed by then; a main thread on one line of rclpy this long is taken as blocked there.
+# held is closed by then; a main thread on one line of rclpy's teardown this long is taken as blocked there.
 ROS_TEARDOWN_GRACE_S = 1.0
 
 
@@ -111,16 +111,33 @@ def destroy_node(node) -> None:
         state_machine.destroy_when_not_in_use()
 
 
+def _in_ros_teardown(frame, rclpy_dir: str) -> bool:
+    """Whether `frame` (a thread's innermost) is rclpy's code under its own teardown: Node.destroy_node, which a
+    node's override calls once it has closed what the node holds, or the context's shutdown."""
+    def in_rclpy(code) -> bool:
+        return code.co_filename.startswith(rclpy_dir)
+
+    if frame is None or not in_rclpy(frame.f_code):
+        return False
+    while frame is not None:
+        code = frame.f_code
+        if in_rclpy(code) and (code.co_name == "try_shutdown"
+                               or (code.co_name, os.path.basename(code.co_filename)) == ("destroy_node", "node.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _exit_if_ros_teardown_blocks(thread_id: int, name: str, exit_code: int) -> None:
-    """End the process with `exit_code` when the thread `thread_id` stays on one line of rclpy for
-    `ROS_TEARDOWN_GRACE_S`: blocked in rcl or DDS below it, which no Python code can interrupt."""
+    """End the process with `exit_code` when the thread `thread_id` stays on one line of ROS's own teardown
+    (`_in_ros_teardown`) for `ROS_TEARDOWN_GRACE_S`: blocked in rcl or DDS below it, which no Python code can
+    interrupt."""
     rclpy_dir = os.path.dirname(rclpy.__file__) + os.sep
     blocked_at, since = None, time.monotonic()
     while True:
         time.sleep(0.05)
         frame = sys._current_frames().get(thread_id)
-        at = (frame.f_code.co_filename, frame.f_lineno) if frame and frame.f_code.co_filename.startswith(rclpy_dir) \
-            else None
+        at = (frame.f_code.co_filename, frame.f_lineno) if _in_ros_teardown(frame, rclpy_dir) else None
         if at != blocked_at:
             blocked_at, since = at, time.monotonic()
         elif at is not None and time.monotonic() - since >= ROS_TEARDOWN_GRACE_S:
