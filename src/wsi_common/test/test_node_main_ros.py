@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi_common.node_main import ROS_TEARDOWN_GRACE_S, STOP_DEADLINE_S
+from wsi_common.node_main import STOP_DEADLINE_S
 from wsi_common.ros_env import node_environment
 
 pytestmark = pytest.mark.ros
@@ -64,58 +64,6 @@ class StuckOnDestroy(Node):
 spin_node(StuckOnDestroy)
 """
 
-# A node whose teardown blocks below rclpy, where Fast DDS once blocked rcl_node_fini: the node handle's destruction
-# is a C call that never returns (what rclpy calls last in Node.destroy_node).
-NODE_BLOCKED_IN_RCL = """
-import functools
-import time
-from types import SimpleNamespace
-
-from rclpy.node import Node
-from wsi_common.node_main import spin_node
-
-
-class BlockedInRcl(Node):
-    def __init__(self):
-        super().__init__("blocked_in_rcl")
-        print("spinning", flush=True)
-
-    def destroy_node(self):
-        print("released what the node holds", flush=True)
-        self._Node__node = SimpleNamespace(destroy_when_not_in_use=functools.partial(time.sleep, 3600))
-        super().destroy_node()
-
-
-spin_node(BlockedInRcl)
-"""
-
-# A node that blocks in rclpy for a while (a subscription's destruction) before it has released what it holds, as
-# the recorder destroys its subscriptions before it closes its bag: that is waited for.
-NODE_SLOW_BEFORE_RELEASE = """
-import functools
-import time
-
-from rclpy.node import Node
-from std_msgs.msg import String
-from wsi_common.node_main import spin_node
-
-
-class SlowBeforeRelease(Node):
-    def __init__(self):
-        super().__init__("slow_before_release")
-        self.subscription = self.create_subscription(String, "chatter", print, 1)
-        print("spinning", flush=True)
-
-    def destroy_node(self):
-        self.subscription.destroy = functools.partial(time.sleep, 3.0)
-        self.destroy_subscription(self.subscription)
-        print("released what the node holds", flush=True)
-        super().destroy_node()
-
-
-spin_node(SlowBeforeRelease)
-"""
-
 
 def start_node(tmp_path: Path, node_script: str) -> subprocess.Popen:
     (tmp_path / "stopping_node.py").write_text(node_script)
@@ -157,37 +105,18 @@ def test_a_stopped_node_removes_its_shared_memory(tmp_path, node_script):
     assert sorted(f for f in files if Path(f).exists()) == []
 
 
-def stop_when_spinning(process: subprocess.Popen) -> tuple[int, float, str]:
-    """Send SIGINT once the node spins; its exit code, seconds to exit and output."""
+def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills_it(tmp_path):
+    process = start_node(tmp_path, NODE_STUCK_ON_DESTROY)
     try:
         assert process.stdout.readline().strip() == "spinning", process.stdout.read()
         time.sleep(1.0)
         process.send_signal(signal.SIGINT)
         stopped = time.monotonic()
         exit_code = process.wait(timeout=30)
-        return exit_code, time.monotonic() - stopped, process.stdout.read()
+        seconds = time.monotonic() - stopped
+        output = process.stdout.read()
     finally:
         process.kill()
-
-
-def test_a_node_blocked_in_rcl_teardown_exits_without_it_once_it_has_released_what_it_holds(tmp_path):
-    exit_code, seconds, output = stop_when_spinning(start_node(tmp_path, NODE_BLOCKED_IN_RCL))
-    assert exit_code == 0, output
-    assert ROS_TEARDOWN_GRACE_S <= seconds < 2.0, output      # within the 2 s every node stops in
-    assert "released what the node holds" in output, output
-    assert "ROS's teardown is blocked below" in output and "rclpy" in output, output
-    assert "Traceback" not in output, output
-
-
-def test_a_node_slow_in_rclpy_before_it_has_released_what_it_holds_is_waited_for(tmp_path):
-    exit_code, seconds, output = stop_when_spinning(start_node(tmp_path, NODE_SLOW_BEFORE_RELEASE))
-    assert exit_code == 0, output
-    assert seconds >= 3.0, output
-    assert "released what the node holds" in output and "teardown is blocked" not in output, output
-
-
-def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills_it(tmp_path):
-    exit_code, seconds, output = stop_when_spinning(start_node(tmp_path, NODE_STUCK_ON_DESTROY))
     assert exit_code == 1, output
     assert STOP_DEADLINE_S <= seconds < 10.0, output        # launch sends SIGKILL at 10 s
     assert 'in destroy_node' in output and "stopping_node.py" in output, output

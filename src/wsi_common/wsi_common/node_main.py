@@ -5,9 +5,8 @@ the whole process group (launch and every node), launch then sends each node a S
 SIGTERM 5 s later if it is still running. Whichever of these signals arrives first, and whenever the
 others arrive, the node stops the same way: the executor stops, goals being executed are cancelled
 (a scan keeps the tiles it captured, as on a client's cancel), the callbacks still running finish,
-the nodes are destroyed (a recorder closes its bag), the context is shut down, exit code 0. A teardown blocked
-in rcl or DDS is left after `ROS_TEARDOWN_GRACE_S`; a process that has not exited `STOP_DEADLINE_S` after the
-first signal prints every thread's stack and exits with code 1.
+the nodes are destroyed (a recorder closes its bag), the context is shut down, exit code 0. A process that
+has not exited `STOP_DEADLINE_S` after the first signal prints every thread's stack and exits with code 1.
 """
 import faulthandler
 import os
@@ -15,7 +14,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 import rclpy
 from action_msgs.msg import GoalStatus
@@ -34,10 +32,6 @@ CALLBACK_GRACE_S = 1.5
 # recorder with a full write queue on a slow disk may take seconds): it prints every thread's stack, so the hang
 # can be found, and exits with code 1 before launch's SIGKILL would end it without a word.
 STOP_DEADLINE_S = 8.0
-# rcl's teardown of a node can block below rclpy, in DDS, while the graph's other processes exit (seen in about
-# one in 80 stops of the whole graph: Node.destroy_node's last call, rcl_node_fini in Fast DDS). What the node
-# held is closed by then; a main thread on one line of rclpy's teardown this long is taken as blocked there.
-ROS_TEARDOWN_GRACE_S = 1.0
 
 
 class NodeConfigurationError(ValueError):
@@ -111,42 +105,6 @@ def destroy_node(node) -> None:
         state_machine.destroy_when_not_in_use()
 
 
-def _in_ros_teardown(frame, rclpy_dir: str) -> bool:
-    """Whether `frame` (a thread's innermost) is rclpy's code under its own teardown: Node.destroy_node, which a
-    node's override calls once it has closed what the node holds, or the context's shutdown."""
-    def in_rclpy(code) -> bool:
-        return code.co_filename.startswith(rclpy_dir)
-
-    if frame is None or not in_rclpy(frame.f_code):
-        return False
-    while frame is not None:
-        code = frame.f_code
-        if in_rclpy(code) and (code.co_name == "try_shutdown"
-                               or (code.co_name, os.path.basename(code.co_filename)) == ("destroy_node", "node.py")):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _exit_if_ros_teardown_blocks(thread_id: int, name: str, exit_code: int) -> None:
-    """End the process with `exit_code` when the thread `thread_id` stays on one line of ROS's own teardown
-    (`_in_ros_teardown`) for `ROS_TEARDOWN_GRACE_S`: blocked in rcl or DDS below it, which no Python code can
-    interrupt."""
-    rclpy_dir = os.path.dirname(rclpy.__file__) + os.sep
-    blocked_at, since = None, time.monotonic()
-    while True:
-        time.sleep(0.05)
-        frame = sys._current_frames().get(thread_id)
-        at = (frame.f_code.co_filename, frame.f_lineno) if _in_ros_teardown(frame, rclpy_dir) else None
-        if at != blocked_at:
-            blocked_at, since = at, time.monotonic()
-        elif at is not None and time.monotonic() - since >= ROS_TEARDOWN_GRACE_S:
-            print(f"{name}: ROS's teardown is blocked below {at[0]}:{at[1]} (rcl or DDS) for {ROS_TEARDOWN_GRACE_S} s; "
-                  f"exiting without it (what the node held is closed; its DDS shared memory may stay in /dev/shm)",
-                  file=sys.stderr, flush=True)
-            os._exit(exit_code)
-
-
 def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExecutor) -> None:
     """Run the nodes `make_nodes()` creates until SIGINT/SIGTERM; exit 0, or 2 with a one-line reason
     if they cannot start. A stop signal that arrives while the nodes are created stops them as soon
@@ -175,8 +133,6 @@ def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExe
             stopping.join(CALLBACK_GRACE_S)
             callbacks_done = not stopping.is_alive()
         if callbacks_done:
-            threading.Thread(target=_exit_if_ros_teardown_blocks, args=(threading.get_ident(), name, exit_code),
-                             name="ros-teardown-watch", daemon=True).start()
             for node in reversed(nodes):
                 destroy_node(node)
             rclpy.try_shutdown()
