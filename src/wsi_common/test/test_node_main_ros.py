@@ -119,4 +119,4 @@ def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills
         process.kill()
     assert exit_code == 1, output
     assert STOP_DEADLINE_S <= seconds < 10.0, output        # launch sends SIGKILL at 10 s
-    assert 'in destroy_node' in output and "stopping_node.py" in output, output
+    assert "in destroy_node" in output and "stopping_node.py" in output, output
