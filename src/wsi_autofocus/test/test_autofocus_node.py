@@ -35,8 +35,9 @@ def autofocus(run_nodes, ros_node, tiny_model):
 
 
 def call(node, client, request, answer_wait_s: float = ANSWER_WAIT_S):
-    """The answer; asked again when it is lost (a calibration is asked again only after `answer_wait_s`)."""
-    answer = query(client, request, 60.0, node=node, answer_wait_s=answer_wait_s)
+    """The answer within 60 s, or within `answer_wait_s` if longer; asked again when it is lost (a calibration is
+    asked again only after `answer_wait_s`)."""
+    answer = query(client, request, max(60.0, answer_wait_s), node=node, answer_wait_s=answer_wait_s)
     assert answer is not None, f"{client.srv_name} did not answer"
     return answer
 
@@ -138,7 +139,8 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     assert calibrate.wait_for_service(timeout_sec=30) and estimate.wait_for_service(timeout_sec=30)
     refused = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(tmp_path / "nowhere")))
     assert not refused.success and "nowhere" in refused.error
-    answer = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(scan_dir)), answer_wait_s=60.0)
+    # 20 s on this machine; more than 60 s once on the CI machine. Its time is bench/calibration.py's to measure.
+    answer = call(ros_node, calibrate, CalibrateAutofocus.Request(scan_dir=str(scan_dir)), answer_wait_s=240.0)
     assert answer.success and not answer.error, answer.error
     assert answer.model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and answer.sweeps == 3
     # The two-shot model is calibrated beside it, on every pair of sweep images a trained step apart.
