@@ -24,13 +24,12 @@ def ros_node():
     import rclpy
     from rclpy.node import Node
 
-    from wsi_common.node_main import destroy_node
+    from wsi_common.node_main import end_ros
 
     rclpy.init()
     node = Node("wsi_test_client")
     yield node
-    destroy_node(node)      # with the action clients a test made, which would keep the DDS participant alive
-    rclpy.try_shutdown()
+    end_ros([node], "test client")   # with the action clients a test made, which would keep the participant alive
 
 
 @pytest.fixture

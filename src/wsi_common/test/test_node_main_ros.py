@@ -2,9 +2,11 @@
 segments in /dev/shm (128 MiB each with the large-image profile) outlive a process that exits without
 deleting its participant, and fill the machine's memory one stopped node at a time. One that cannot stop says
 where it is stuck and exits before launch would kill it."""
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,3 +122,139 @@ def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills
     assert exit_code == 1, output
     assert STOP_DEADLINE_S <= seconds < 10.0, output        # launch sends SIGKILL at 10 s
     assert "in destroy_node" in output and "stopping_node.py" in output, output
+
+
+# Ends its ROS use when a file appears: with end_ros, or with rclpy's own destroy_node and shutdown.
+PARTICIPANT_SUBJECT = """
+import sys
+import time
+from pathlib import Path
+
+import rclpy
+from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
+from std_msgs.msg import Empty
+
+from wsi_common.node_main import end_ros
+
+rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+node = Node("teardown_subject")
+node.create_subscription(Empty, "/teardown_probe", lambda message: None, 10)
+print("ready", flush=True)
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+if sys.argv[2] == "end_ros":
+    end_ros([node], "subject")
+else:
+    node.destroy_node()
+    rclpy.try_shutdown()
+print("stopped", flush=True)
+"""
+JOINING_PARTICIPANT = """
+import time
+import rclpy
+rclpy.init()
+rclpy.create_node("joining")
+time.sleep(60)
+"""
+
+
+class Gdb:
+    """gdb attached to a process in non-stop mode: a thread that hits a breakpoint waits, the others run."""
+
+    def __init__(self, pid: int):
+        self.process = subprocess.Popen(["gdb", "-q", "-nx"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.output = queue.Queue()
+        self.transcript = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+        self.send("set pagination off", "set confirm off", "set non-stop on", f"attach {pid}")
+        # Each thread but the main one is reported as it stops; one resumed before its report stays stopped.
+        for _ in range(threads - 1):
+            self.wait_for(" stopped.")
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.transcript.append(line)
+            self.output.put(line)
+
+    def send(self, *commands: str) -> None:
+        self.process.stdin.write("".join(f"{command}\n" for command in commands))
+        self.process.stdin.flush()
+
+    def wait_for(self, text: str, timeout_s: float = 60) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.output.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"gdb never printed {text!r}; it printed:\n{''.join(self.transcript[-40:])}")
+
+    def settle(self) -> None:
+        """Wait until gdb has read every command sent so far (an attach reports each thread it stopped)."""
+        self.send("echo settled\\n")
+        self.wait_for("settled")
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.mark.parametrize("teardown, stops", [("end_ros", True), ("rclpy", False)],
+                         ids=["end_ros stops", "rclpy alone spins forever"])
+def test_a_participant_deleted_while_a_discovery_callback_runs(tmp_path, teardown, stops):
+    """Fast DDS 3.2.3 livelocks when a discovery callback runs as the process detaches its participant's listener
+    (wsi_common.fastdds_teardown). gdb makes that moment certain: it stops the main thread where the listener is
+    about to be detached (end_ros's own call; rmw's, within rclpy's node destruction), then a receive thread in
+    rmw's discovery callback (another participant joining), lets the main thread run 2 s while the callback
+    waits, then lets it end. end_ros must stop; rclpy alone must not, or the test did not make the moment happen
+    (and a Fast DDS without the bug would let end_ros's workaround go)."""
+    (tmp_path / "subject.py").write_text(PARTICIPANT_SUBJECT)
+    trigger = tmp_path / "stop"
+    existing = fast_dds_segments()
+    subject = subprocess.Popen([sys.executable, str(tmp_path / "subject.py"), str(trigger), teardown],
+                               env=node_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    gdb = joining = None
+    try:
+        assert subject.stdout.readline().strip() == "ready", subject.stdout.read()
+        gdb = Gdb(subject.pid)
+        gdb.send("break eprosima::fastdds::dds::DomainParticipant::set_listener",
+                 "break rmw_fastrtps_shared_cpp::destroy_participant")
+        gdb.settle()
+        gdb.send("continue -a &")
+        gdb.wait_for("Continuing.")
+        trigger.touch()
+        assert "Thread 1 " in gdb.wait_for("hit Breakpoint")
+        gdb.send("delete", "break ParticipantListener::on_participant_discovery",
+                 "break ParticipantListener::on_data_reader_discovery",
+                 "break ParticipantListener::on_data_writer_discovery")
+        gdb.settle()
+        joining = subprocess.Popen([sys.executable, "-c", JOINING_PARTICIPANT], env=node_environment())
+        assert "ParticipantListener::on_" in gdb.wait_for("hit Breakpoint")
+        gdb.send("thread 1", "continue &")
+        time.sleep(2.0)
+        gdb.send("delete", "continue -a &", "detach")
+        gdb.settle()
+        try:
+            subject.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            spinning = participant_segments(subject.pid, existing)
+            subject.kill()
+            subject.wait()
+            for segment in spinning:        # a killed participant's shared memory stays unless removed
+                Path(segment).unlink(missing_ok=True)
+        output = subject.stdout.read()
+    finally:
+        for process in (subject, joining):
+            if process is not None:
+                process.kill()
+        if gdb is not None:
+            gdb.close()
+    if stops:
+        assert subject.returncode == 0 and "stopped" in output and "may hang" not in output, output
+    else:
+        assert subject.returncode == -signal.SIGKILL, output

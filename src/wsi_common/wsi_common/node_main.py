@@ -23,6 +23,8 @@ from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 
+from wsi_common.fastdds_teardown import DETACH_TIMEOUT_S, detach_discovery_listener
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long callbacks still running after the stop signal may take to finish (a cancelled scan ends
 # after its current tile). Beyond it the process exits without them: launch escalates to SIGTERM at
@@ -105,6 +107,17 @@ def destroy_node(node) -> None:
         state_machine.destroy_when_not_in_use()
 
 
+def end_ros(nodes, name: str) -> None:
+    """The process's last use of ROS: destroy `nodes` (as destroy_node does) and shut the context down. The DDS
+    participant goes with the last node; its discovery listener is detached first (wsi_common.fastdds_teardown)."""
+    if nodes and not detach_discovery_listener(nodes[0]):
+        print(f"{name}: a discovery callback was still running {DETACH_TIMEOUT_S} s into the middleware's "
+              f"teardown; stopping may hang", file=sys.stderr)
+    for node in reversed(nodes):
+        destroy_node(node)
+    rclpy.try_shutdown()
+
+
 def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExecutor) -> None:
     """Run the nodes `make_nodes()` creates until SIGINT/SIGTERM; exit 0, or 2 with a one-line reason
     if they cannot start. A stop signal that arrives while the nodes are created stops them as soon
@@ -133,9 +146,7 @@ def spin_nodes(make_nodes, name: str, args=None, make_executor=SingleThreadedExe
             stopping.join(CALLBACK_GRACE_S)
             callbacks_done = not stopping.is_alive()
         if callbacks_done:
-            for node in reversed(nodes):
-                destroy_node(node)
-            rclpy.try_shutdown()
+            end_ros(nodes, name)
         else:
             # Destroying a node under a running callback would make that callback fail with a traceback.
             print(f"{name}: a callback was still running {CALLBACK_GRACE_S} s after the stop signal "
