@@ -547,16 +547,19 @@ def test_replay_reaches_a_subscriber_that_was_running_before_the_player(bag, til
     """The player's participant joins the graph just before the replay; the subscriber already there is
     found by discovery (0.3-3 s) and matched before the first tile, which would otherwise be lost."""
     import rclpy
+    from rclpy.node import Node
     from rclpy.signals import SignalHandlerOptions
 
     from wsi.player import play
+    from wsi_common.node_main import end_ros
 
     receiver = receive_tiles(len(tiles))
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)   # as `wsi play` does
+    node = Node("player")
     try:
-        report = play(bag, rate=0, topics=["/tiles"])
+        report = play(node, bag, rate=0, topics=["/tiles"])
     finally:
-        rclpy.try_shutdown()
+        end_ros([node], "player")
     assert report.subscribers == {"/tiles": 1}
     received = last_json(finish(receiver)[0])
     assert [t["sequence"] for t in received["tiles"]] == list(range(len(tiles)))
@@ -586,7 +589,7 @@ def test_a_subscriber_that_is_never_matched_ends_the_wait_with_the_reason(bag, r
         depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     started = time.monotonic()
     with pytest.raises(NoSubscriberError, match=r"waited 2 s .* matched only \{'/tiles': '0 of 1'\} .*QoS"):
-        play(bag, rate=0, topics=["/tiles"], wait_timeout_s=2)
+        play(ros_node, bag, rate=0, topics=["/tiles"], wait_timeout_s=2)
     assert time.monotonic() - started < 10
 
 

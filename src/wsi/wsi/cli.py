@@ -12,11 +12,13 @@ import time
 from contextlib import nullcontext
 
 import rclpy
+from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 from wsi import player, scan_display
 from wsi.client import ScannerClient, ScannerUnavailable, TaskOutcome, TaskResult, scan_goal
 from wsi.graph import LAUNCH_ARGUMENTS, GraphConfig, scan_graph
+from wsi_common.node_main import end_ros
 from wsi_common.supervisor import NodeDiedError, Supervisor
 from wsi_interfaces.action import MoveStage, ScanSlide
 
@@ -91,8 +93,7 @@ def smoke_round_trip(namespace: str, timeout_s: float) -> list[str]:
                                    f"error code {refused.error_code}")
         checks.append(f"goal outside the stage limits refused: {refused.error_message}")
     finally:
-        scanner.destroy_node()
-        rclpy.try_shutdown()
+        end_ros([scanner], "wsi smoke")
     return checks
 
 
@@ -150,8 +151,7 @@ def run_scan(args: argparse.Namespace) -> int:
         print(f"wsi scan: {error}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        scanner.destroy_node()
-        rclpy.try_shutdown()
+        end_ros([scanner], "wsi scan")
     for line in scan_display.report(outcome):
         print(f"wsi scan: {line}")
     return scan_display.exit_code(outcome)
@@ -162,8 +162,9 @@ def run_play(args: argparse.Namespace) -> int:
         print(f"wsi play: waiting {min(player.DISCOVERY_S, args.wait_timeout):g} s for the subscribers already "
               f"running to be discovered (--wait-for-subscribers 0: do not wait)", file=sys.stderr)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    node = Node("wsi_player")
     try:
-        report = player.play(args.bag, rate=args.rate, topics=args.topics, loop=args.loop,
+        report = player.play(node, args.bag, rate=args.rate, topics=args.topics, loop=args.loop,
                              wait_for_subscribers=args.wait_for_subscribers, wait_timeout_s=args.wait_timeout)
     except KeyboardInterrupt:
         return EXIT_FAILED
@@ -171,7 +172,7 @@ def run_play(args: argparse.Namespace) -> int:
         print(f"wsi play: {error}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        rclpy.try_shutdown()
+        end_ros([node], "wsi play")
     counts = ", ".join(f"{topic}: {count}" for topic, count in report.published.items())
     stopped = " (stopped by Ctrl-C)" if report.interrupted else ""
     print(f"wsi play: published {report.total} messages in {report.seconds:.2f} s{stopped} ({counts})")

@@ -9,8 +9,7 @@ read its result (the style of nav2_simple_commander's BasicNavigator).
     outcome = scanner.result()                   # TaskOutcome: status, error_code, error_message, result
     if outcome.status is TaskResult.SUCCEEDED:
         print(outcome.result.output_uris)
-    scanner.destroy_node()
-    rclpy.shutdown()
+    end_ros([scanner], "robot")                  # wsi_common.node_main: destroy, shut down, no DDS hang
 
 `scan`, `export` and `move_stage` send a goal and return once the scanner has answered it: True when it
 runs it. A goal the scanner cannot run ends at once FAILED, with its `error_code` (ERROR_INVALID_GOAL,

@@ -89,10 +89,10 @@ def _wait_for_discovered_subscribers(node: Node, publishers: dict, timeout_s: fl
         time.sleep(0.05)
 
 
-def play(bag_path, rate: float = 1.0, topics: list[str] | None = None, loop: bool = False,
-         wait_for_subscribers: int | None = None, wait_timeout_s: float = 30.0, ack_timeout_s: float = 10.0,
-         node_name: str = "wsi_player") -> PlayReport:
-    """Publish the bag's messages; return what was published.
+def play(node: Node, bag_path, rate: float = 1.0, topics: list[str] | None = None, loop: bool = False,
+         wait_for_subscribers: int | None = None, wait_timeout_s: float = 30.0,
+         ack_timeout_s: float = 10.0) -> PlayReport:
+    """Publish the bag's messages through publishers of `node`; return what was published.
 
     Before the first message, wait (at most wait_timeout_s) until every replayed topic is matched with
     wait_for_subscribers subscribers; None: with the subscribers discovery finds on the graph; 0: do not
@@ -103,11 +103,10 @@ def play(bag_path, rate: float = 1.0, topics: list[str] | None = None, loop: boo
     reader = BagReader(bag_path)
     selected = select_topics(reader, topics)
     report = PlayReport(published={name: 0 for name in selected})
-    node = Node(node_name)
+    publishers = {name: node.create_publisher(message_class(topic.msgtype), name,
+                                              qos_from_bag(topic.offered_qos, EVENT_QOS))
+                  for name, topic in selected.items()}
     try:
-        publishers = {name: node.create_publisher(message_class(topic.msgtype), name,
-                                                  qos_from_bag(topic.offered_qos, EVENT_QOS))
-                      for name, topic in selected.items()}
         if wait_for_subscribers is None:
             _wait_for_discovered_subscribers(node, publishers, wait_timeout_s)
         else:
@@ -127,7 +126,8 @@ def play(bag_path, rate: float = 1.0, topics: list[str] | None = None, loop: boo
             report.unacknowledged = [topic for topic, publisher in publishers.items()
                                      if not publisher.wait_for_all_acked(acked)]
     finally:
-        node.destroy_node()
+        for publisher in publishers.values():
+            node.destroy_publisher(publisher)
     return report
 
 

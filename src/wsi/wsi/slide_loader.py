@@ -24,6 +24,7 @@ import rclpy
 from rclpy.signals import SignalHandlerOptions
 
 from wsi.client import ScannerClient, ScannerUnavailable, TaskResult, scan_goal
+from wsi_common.node_main import end_ros
 from wsi_interfaces.action import ScanSlide
 
 RETRYABLE = (ScanSlide.Result.ERROR_STAGE, ScanSlide.Result.ERROR_CAMERA)
@@ -157,8 +158,7 @@ def main(argv=None) -> int:
         print(f"slide loader: {error}", file=sys.stderr)
         return 1
     finally:
-        scanner.destroy_node()
-        rclpy.try_shutdown()
+        end_ros([scanner], "slide loader")
         if args.report:
             args.report.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
     return 0 if outcomes and all(o.status == "scanned" for o in outcomes) else 1

@@ -20,6 +20,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 from wsi_common.image import array_to_image, image_to_array
+from wsi_common.node_main import end_ros
 from wsi_common.topics import TILES
 from wsi_interfaces.msg import Tile
 
@@ -73,7 +74,7 @@ def send(args) -> dict:
             time.sleep(max(0.0, started + sent * period - time.monotonic()))
     publisher.wait_for_all_acked(rclpy.duration.Duration(seconds=args.ack_timeout))
     elapsed = time.monotonic() - started
-    node.destroy_node()
+    end_ros([node], "tile_probe send")
     return {"sent": sent, "refused": refused, "seconds": elapsed, "crc32": crcs}
 
 
@@ -98,7 +99,7 @@ def receive(args) -> dict:
         rclpy.spin_once(node, timeout_sec=0.05)
         if arrivals and time.monotonic() - arrivals[-1]["arrived_s"] > args.idle_timeout:
             break
-    node.destroy_node()
+    end_ros([node], "tile_probe receive")
     return summarize(arrivals, per_tile=args.checksums)
 
 
