@@ -54,6 +54,7 @@ from wsi_acquisition import microscope, optics, specimen
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import STANDARD_OBJECTIVES, Camera
 from wsi_common.backpressure import MB
+from wsi_common.node_main import end_ros
 from wsi_common.objective import DEFAULT_OBJECTIVE_MAGNIFICATION
 from wsi_common.supervisor import Supervisor
 from wsi_common.topics import DIAGNOSTICS, EXPORT_SLIDE, FOCUS_ESTIMATES, MOSAIC_STATUS, SCAN_STATUS, TILES
@@ -459,9 +460,8 @@ def main() -> int:
                 if not rows[-1].get("sustained") and not args.all_rates:
                     break
         finally:
-            client.destroy_node()
+            end_ros([client], "pipeline bench")
             consumers.stop()
-            rclpy.try_shutdown()
             if temporary:
                 shutil.rmtree(temporary, ignore_errors=True)
     sustained = [row for row in rows if row.get("sustained")]
