@@ -258,3 +258,15 @@ def test_a_participant_deleted_while_a_discovery_callback_runs(tmp_path, teardow
         assert subject.returncode == 0 and "stopped" in output and "may hang" not in output, output
     else:
         assert subject.returncode == -signal.SIGKILL, output
+
+
+def test_end_ros_after_the_context_was_shut_down(tmp_path):
+    """rclpy's own Ctrl-C handler shuts the context down, which destroys its nodes; a script's `finally: end_ros`
+    then has no participant to detach (reading the destroyed node's handle would crash the process)."""
+    script = tmp_path / "shut_down_first.py"
+    script.write_text("import rclpy\nfrom rclpy.node import Node\nfrom wsi_common.node_main import end_ros\n"
+                      "rclpy.init()\nnode = Node('shut_down_first')\nrclpy.shutdown()\n"
+                      "end_ros([node], 'script')\nprint('ended', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], env=node_environment(), capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "ended"), done.stderr

@@ -18,6 +18,7 @@ loaded.
 import ctypes
 from functools import cache
 
+from rclpy.exceptions import InvalidHandle
 from rclpy.node import Node
 from rclpy.utilities import get_rmw_implementation_identifier
 
@@ -47,10 +48,15 @@ def detach_discovery_listener(node: Node, timeout_s: int = DETACH_TIMEOUT_S) -> 
     """Detach the discovery listener of the DDS participant that `node` belongs to (the process's, shared by
     all its nodes in one context), waiting up to `timeout_s` for a callback running in it to end. Call it
     just before the participant is deleted (the context's last node destroyed): the process's graph no
-    longer follows discovery once it returns. True once detached, or when the middleware is not Fast DDS."""
-    if get_rmw_implementation_identifier() != FASTDDS_RMW:
+    longer follows discovery once it returns. True once detached, and when there is nothing to detach: the
+    middleware is not Fast DDS, or the node is already destroyed (its context shut down, which destroys it)."""
+    if get_rmw_implementation_identifier() != FASTDDS_RMW or not node.context.ok():
         return True
     rmw_handle = _function(*_RMW_HANDLE, ctypes.c_void_p, ctypes.c_void_p)
     participant = _function(*_PARTICIPANT, ctypes.c_void_p, ctypes.c_void_p)
     set_listener = _function(*_SET_LISTENER, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long)
-    return set_listener(participant(rmw_handle(node.handle.pointer)), None, timeout_s) == _RETCODE_OK
+    try:
+        with node.handle:       # the node cannot be destroyed while its rcl handle is used
+            return set_listener(participant(rmw_handle(node.handle.pointer)), None, timeout_s) == _RETCODE_OK
+    except InvalidHandle:
+        return True
