@@ -23,7 +23,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 
-from wsi_common.fastdds_teardown import DETACH_TIMEOUT_S, detach_discovery_listener
+from wsi_common.fastdds_teardown import DetachError, detach_discovery_listener
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long callbacks still running after the stop signal may take to finish (a cancelled scan ends
@@ -110,9 +110,11 @@ def destroy_node(node) -> None:
 def end_ros(nodes, name: str) -> None:
     """The process's last use of ROS: destroy `nodes` (as destroy_node does) and shut the context down. The DDS
     participant goes with the last node; its discovery listener is detached first (wsi_common.fastdds_teardown)."""
-    if nodes and not detach_discovery_listener(nodes[0]):
-        print(f"{name}: a discovery callback was still running {DETACH_TIMEOUT_S} s into the middleware's "
-              f"teardown; stopping may hang", file=sys.stderr)
+    try:
+        if nodes:
+            detach_discovery_listener(nodes[0])
+    except DetachError as error:
+        print(f"{name}: DDS discovery not detached before the teardown, which may hang: {error}", file=sys.stderr)
     for node in reversed(nodes):
         destroy_node(node)
     rclpy.try_shutdown()
