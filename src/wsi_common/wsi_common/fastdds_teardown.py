@@ -46,7 +46,7 @@ def _function(library: str, symbol: str, restype, *argtypes):
         function = getattr(ctypes.CDLL(library), symbol)
     except (OSError, AttributeError) as error:
         raise DetachError(f"{symbol} is not in the loaded {library} ({error}); the detach knows the libraries of "
-                          f"the ros-fastdds 3.2.3 and ros-rmw-fastrtps-cpp 9.3.3 wheels") from error
+                          f"the ros-fastdds and ros-rmw-fastrtps-cpp wheels pinned in constraints.txt") from error
     function.restype = restype
     function.argtypes = argtypes
     return function

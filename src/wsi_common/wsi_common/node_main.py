@@ -110,11 +110,12 @@ def destroy_node(node) -> None:
 def end_ros(nodes, name: str) -> None:
     """The process's last use of ROS: destroy `nodes` (as destroy_node does) and shut the context down. The DDS
     participant goes with the last node; its discovery listener is detached first (wsi_common.fastdds_teardown)."""
-    try:
-        if nodes:
+    if nodes:
+        try:
             detach_discovery_listener(nodes[0])
-    except DetachError as error:
-        print(f"{name}: DDS discovery not detached before the teardown, which may hang: {error}", file=sys.stderr)
+        except DetachError as error:
+            print(f"{name}: DDS discovery not detached before the teardown, which may hang: {error}",
+                  file=sys.stderr)
     for node in reversed(nodes):
         destroy_node(node)
     rclpy.try_shutdown()
