@@ -260,28 +260,28 @@ def test_a_participant_deleted_while_a_discovery_callback_runs(tmp_path, teardow
         assert subject.returncode == -signal.SIGKILL, output
 
 
+def end_ros_in_a_script(tmp_path: Path, before: str, after_init: str) -> subprocess.CompletedProcess:
+    """Run a script that makes a node, ends ROS with end_ros and prints 'ended'; `before` runs after the imports,
+    `after_init` once the node exists."""
+    script = tmp_path / "end_ros_script.py"
+    script.write_text(f"import rclpy\nfrom rclpy.node import Node\nfrom wsi_common.node_main import end_ros\n"
+                      f"{before}\nrclpy.init()\nnode = Node('end_ros_script')\n{after_init}\n"
+                      f"end_ros([node], 'script')\nprint('ended', flush=True)\n")
+    return subprocess.run([sys.executable, str(script)], env=node_environment(), capture_output=True, text=True,
+                          timeout=60)
+
+
 def test_end_ros_after_the_context_was_shut_down(tmp_path):
     """rclpy's own Ctrl-C handler shuts the context down, which destroys its nodes; a script's `finally: end_ros`
     then has no participant to detach (reading the destroyed node's handle would crash the process)."""
-    script = tmp_path / "shut_down_first.py"
-    script.write_text("import rclpy\nfrom rclpy.node import Node\nfrom wsi_common.node_main import end_ros\n"
-                      "rclpy.init()\nnode = Node('shut_down_first')\nrclpy.shutdown()\n"
-                      "end_ros([node], 'script')\nprint('ended', flush=True)\n")
-    done = subprocess.run([sys.executable, str(script)], env=node_environment(), capture_output=True, text=True,
-                          timeout=60)
+    done = end_ros_in_a_script(tmp_path, "", "rclpy.shutdown()")
     assert (done.returncode, done.stdout.strip()) == (0, "ended"), done.stderr
 
 
 def test_end_ros_says_so_when_it_cannot_detach_and_stops_all_the_same(tmp_path):
     """Another Fast DDS build (ROS 2 from apt on a Jetson) may lack the symbol the detach calls."""
-    script = tmp_path / "other_fastdds.py"
-    script.write_text("import rclpy\nfrom rclpy.node import Node\nfrom wsi_common import fastdds_teardown\n"
-                      "from wsi_common.node_main import end_ros\n"
-                      "fastdds_teardown._SET_LISTENER = ('libfastdds.so.3.2', 'set_listener_of_another_build')\n"
-                      "rclpy.init()\nnode = Node('other_fastdds')\nend_ros([node], 'script')\n"
-                      "print('ended', flush=True)\n")
-    done = subprocess.run([sys.executable, str(script)], env=node_environment(), capture_output=True, text=True,
-                          timeout=60)
+    done = end_ros_in_a_script(tmp_path, "from wsi_common import fastdds_teardown\nfastdds_teardown._SET_LISTENER = "
+                                         "('libfastdds.so.3.2', 'set_listener_of_another_build')", "")
     assert (done.returncode, done.stdout.strip()) == (0, "ended"), done.stderr
     assert "script: DDS discovery not detached before the teardown, which may hang: set_listener_of_another_build " \
            "is not in the loaded libfastdds.so.3.2" in done.stderr, done.stderr

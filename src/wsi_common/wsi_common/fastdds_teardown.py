@@ -58,7 +58,7 @@ def detach_discovery_listener(node: Node, timeout_s: int = DETACH_TIMEOUT_S) -> 
     just before the participant is deleted (the context's last node destroyed): the process's graph no
     longer follows discovery once it returns. Nothing to detach when the middleware is not Fast DDS or the node
     is already destroyed (its context shut down, which destroys it). Raises DetachError."""
-    if get_rmw_implementation_identifier() != FASTDDS_RMW or not node.context.ok():
+    if get_rmw_implementation_identifier() != FASTDDS_RMW:
         return
     rmw_handle = _function(*_RMW_HANDLE, ctypes.c_void_p, ctypes.c_void_p)
     participant = _function(*_PARTICIPANT, ctypes.c_void_p, ctypes.c_void_p)
