@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from wsi_common.fastdds_teardown import fast_dds_segments, participant_segments
 from wsi_common.ros_env import node_environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,14 +57,8 @@ def worker(teardown: str) -> None:
     print(json.dumps({"teardown_s": time.monotonic() - started}), flush=True)
 
 
-def shared_memory_of(pid: int) -> set[Path]:
-    """The Fast DDS segments a process maps, but for the port files every participant shares."""
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return {Path(line.split()[-1]) for line in maps
-            if "/dev/shm/fastdds_" in line and "fastdds_port" not in line}
-
-
 def run_round(teardown: str, processes: int, rng: random.Random) -> dict:
+    existing = fast_dds_segments()      # other participants' on this machine stay
     workers = [subprocess.Popen([sys.executable, __file__, "--worker", teardown], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True,
                                 env=node_environment(sends_images=index % 2 == 0))
@@ -81,11 +76,11 @@ def run_round(teardown: str, processes: int, rng: random.Random) -> dict:
             teardown_s.append(json.loads(process.stdout.read().splitlines()[-1])["teardown_s"])
         except subprocess.TimeoutExpired:
             hung += 1
-            leftovers = shared_memory_of(process.pid)
+            leftovers = participant_segments(process.pid, existing)
             process.kill()
             process.wait()
             for segment in leftovers:
-                segment.unlink(missing_ok=True)
+                Path(segment).unlink(missing_ok=True)
     return {"hung": hung, "teardown_s": teardown_s}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from wsi_common.fastdds_teardown import fast_dds_segments, participant_segments
 from wsi_common.node_main import STOP_DEADLINE_S
 from wsi_common.ros_env import node_environment
 
@@ -73,20 +74,6 @@ def start_node(tmp_path: Path, node_script: str) -> subprocess.Popen:
     env["PYTHONPATH"] = f"{tmp_path}:{env.get('PYTHONPATH', '')}"
     return subprocess.Popen([sys.executable, "-m", "wsi_common.run_node", "stopping_node", "--ros-args"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def fast_dds_segments() -> set[str]:
-    return {str(path) for path in Path("/dev/shm").glob("fastdds_*")}
-
-
-def participant_segments(pid: int, existing: set[str]) -> set[str]:
-    """The Fast DDS segments in /dev/shm that the process's participant owns: those it maps that were not
-    there before it started (it also maps the segments of other participants on the machine, to write to
-    them). The port files (fastdds_port<N>, 52 kB) are not among them: every participant on the port shares
-    one, and Fast DDS keeps it while any process of the domain may still use it."""
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    mapped = {line.split()[-1] for line in maps if "/dev/shm/fastdds_" in line}
-    return {path for path in mapped - existing if not Path(path).name.startswith("fastdds_port")}
 
 
 @pytest.mark.parametrize("node_script", [NODE_WITH_ACTIONS, LIFECYCLE_NODE], ids=["actions", "lifecycle"])
