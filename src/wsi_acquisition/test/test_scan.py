@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -186,6 +187,72 @@ def test_cancel_keeps_what_was_captured(tmp_path):
     assert all((tmp_path / "s1" / t["image"]).exists() for t in manifest["tiles"])
 
 
+CALIBRATED = {"success": True, "error": "", "model_dir": "/store/bench-1/20x_na0.75_px0.325"}
+
+
+class Calibrator:
+    """The autofocus's calibration as a scan calls it: records the focus-map sweeps the manifest lists at
+    the time (each sweep's images on disk) and answers `answer`."""
+
+    def __init__(self, answer: dict, events: list):
+        self.answer, self.events = answer, events
+
+    def __call__(self, scan_dir: Path) -> dict:
+        sweeps = json.loads((scan_dir / "manifest.json").read_text())["focus_map"]["sweeps"]
+        self.events.append(("calibration", [tifffile.imread(scan_dir / sweep["images"]).shape[0] for sweep in sweeps]))
+        return self.answer
+
+
+@pytest.mark.parametrize("answer", [CALIBRATED, {"success": False, "error": "no clear focus in 2 of 3 sweeps"}])
+def test_a_scan_calibrates_the_autofocus_on_its_sweeps_before_its_first_tile(tmp_path, answer):
+    events = []
+    outcome = ScanRunner(small_microscope(), request(tmp_path, calibrate_autofocus=True),
+                         publish_tile=lambda record, frame: events.append("tile"),
+                         calibrate_focus=Calibrator(answer, events)).run()
+    sweep_lengths = [len(sweep["z_um"]) for sweep in outcome.focus_sweeps]
+    assert len(sweep_lengths) == 5 and min(sweep_lengths) > 10
+    # One calibration, on every sweep, before the first tile; a failed one leaves the scan going on.
+    assert events == [("calibration", sweep_lengths)] + ["tile"] * len(outcome.plan.tiles)
+    manifest = json.loads(outcome.manifest_path.read_text())
+    assert manifest["status"] == "complete" and manifest["autofocus_calibration"] == answer
+
+
+def test_a_calibration_only_scan_ends_after_the_calibration_without_a_tile(tmp_path):
+    events, progress = [], []
+    backend = small_microscope()
+    outcome = ScanRunner(backend, request(tmp_path, calibration_only=True),
+                         publish_tile=lambda record, frame: events.append("tile"),
+                         on_progress=lambda p: progress.append(p.state),
+                         calibrate_focus=Calibrator(CALIBRATED, events)).run()
+    assert events == [("calibration", [len(sweep["z_um"]) for sweep in outcome.focus_sweeps])]
+    assert outcome.records == [] and len(outcome.plan.tiles) >= 20
+    assert progress[-3:] == [State.FOCUS_MAP, State.CALIBRATING, State.SUCCEEDED]
+    manifest = json.loads(outcome.manifest_path.read_text())
+    assert manifest["status"] == "complete" and manifest["tiles"] == [] and manifest["autofocus_calibration"] == CALIBRATED
+    assert not any((outcome.scan_dir / "tiles").iterdir())
+
+
+@pytest.mark.parametrize("answer, cancel, code, message", [
+    ({"success": False, "error": "no clear focus in 2 of 3 sweeps"}, False, ScanErrorCode.CALIBRATION,
+     r"the autofocus was not calibrated \(the models in use are kept\): no clear focus in 2 of 3 sweeps"),
+    (None, False, ScanErrorCode.CALIBRATION, "no autofocus is connected to this scan to calibrate"),
+    ({"success": False, "error": "the scan was cancelled before the calibration answered"}, True,
+     ScanErrorCode.CANCELED, "canceled during the autofocus calibration"),
+])
+def test_a_calibration_only_scan_whose_calibration_is_not_made_fails_with_the_reason(tmp_path, answer, cancel, code,
+                                                                                      message):
+    events = []
+    runner = ScanRunner(small_microscope(), request(tmp_path, calibration_only=True),
+                        calibrate_focus=answer and Calibrator(answer, events),
+                        should_cancel=lambda: cancel and bool(events))     # cancelled while it calibrates
+    with pytest.raises(ScanError, match=message) as raised:
+        runner.run()
+    assert raised.value.code == code
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["status"] == ("canceled" if cancel else "failed") and manifest["tiles"] == []
+    assert len(manifest["focus_map"]["sweeps"]) == 5 and manifest["autofocus_calibration"]["success"] is False
+
+
 KILLED_SCAN = """
 import os, signal, sys
 from pathlib import Path
@@ -339,6 +406,10 @@ def test_the_stage_heads_for_the_next_tile_while_a_tile_is_read_out(tmp_path):
      f"focus_points 1000000; expected 0 \\(automatic\\) to {MAX_FOCUS_POINTS}"),
     (dict(focus_strategy=FocusStrategy.NONE, calibrate_autofocus=True), ScanErrorCode.INVALID_GOAL,
      "with FOCUS_NONE there are none"),
+    (dict(focus_strategy=FocusStrategy.NONE, calibration_only=True), ScanErrorCode.INVALID_GOAL,
+     "with FOCUS_NONE there are none"),
+    (dict(calibration_only=True, output_formats=("ome-tiff",)), ScanErrorCode.INVALID_GOAL,
+     r"output formats \['ome-tiff'\] with calibration_only, which captures no tiles"),
     (dict(scan_id="../s1"), ScanErrorCode.INVALID_GOAL, "scan_id '../s1' must be"),
     (dict(output_formats=("ome-tiff", "png")), ScanErrorCode.INVALID_GOAL, "output formats"),
     (dict(region_um=(3_000.0, 3_000.0, 400.0, 400.0), skip_empty_tiles=True), ScanErrorCode.NO_TISSUE,
@@ -426,7 +497,7 @@ def goal(**changes):
     values = dict(scan_id="", auto_detect_tissue=False, region_x_um=0.0, region_y_um=0.0, region_width_um=0.0,
                   region_height_um=0.0, objective_magnification=0.0, pixel_size_um=0.0, overlap_fraction=0.0,
                   focus_strategy=0, focus_points=0, skip_empty_tiles=False, calibrate_autofocus=False,
-                  output_dir="", output_formats=[])
+                  calibration_only=False, output_dir="", output_formats=[])
     return SimpleNamespace(**(values | changes))
 
 

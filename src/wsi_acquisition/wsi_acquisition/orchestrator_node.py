@@ -202,6 +202,10 @@ class ScanOrchestratorNode(Node):
             result.scanned_area_mm2 = len({(r.row, r.col) for r in outcome.records}) * fov_w * fov_h / 1e6
         result.tiles_captured = len(outcome.records)
         result.refocus_count = outcome.refocus_count
+        if outcome.autofocus_calibration is not None:
+            calibration = outcome.autofocus_calibration
+            result.calibration_model_dir = calibration["model_dir"] if calibration["success"] else ""
+            result.calibration_error = calibration["error"]
         if code == ScanErrorCode.NONE and request.output_formats:
             goal_handle.publish_feedback(ScanSlide.Feedback(state=int(State.FINISHING), tiles_done=result.tiles_planned,
                                                             tiles_total=result.tiles_planned))
@@ -370,7 +374,7 @@ class ScanOrchestratorNode(Node):
             return {"success": False, "error": "the scan was cancelled before the calibration answered"
                     if should_cancel() else f"no answer within {self.params['calibration_timeout_s']:.0f} s"}
         if not response.success:
-            self.get_logger().warning(f"autofocus calibration failed, scanning with the model as it was: {response.error}")
+            self.get_logger().warning(f"autofocus calibration failed, the models in use are kept: {response.error}")
         return {"success": response.success, "error": response.error, "model_dir": response.model_dir,
                 "sweeps": response.sweeps, "images": response.images, "fit_s": response.fit_s,
                 "held_back_mae_before_um": response.held_back_mae_before_um,

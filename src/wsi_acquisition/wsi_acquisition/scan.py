@@ -45,6 +45,7 @@ class State(enum.IntEnum):
     SUCCEEDED = 6
     CANCELED = 7
     FAILED = 8
+    CALIBRATING = 9
 
 
 @dataclass(frozen=True)
@@ -620,12 +621,13 @@ class ScanRunner:
             except NoTissueError as error:
                 raise ScanError(ScanErrorCode.NO_TISSUE, str(error)) from error
             self._write_manifest()
-            if self.request.calibrate_autofocus and self.calibrate_focus is not None and self.outcome.focus_sweeps:
-                # The autofocus reads the sweeps from the manifest just written; a failed calibration leaves
-                # the autofocus as it was, and says why in the manifest.
-                self.outcome.autofocus_calibration = self.calibrate_focus(self.scan_dir)
+            if self.request.calibrates_autofocus:
+                self.outcome.autofocus_calibration = self._calibrate_autofocus()
                 self._write_manifest()
-            self.acquire(self.outcome.plan, focus)
+            if self.request.calibration_only:
+                self._end_after_calibration()
+            else:
+                self.acquire(self.outcome.plan, focus)
         except ScanError as error:
             self._status = "canceled" if error.code == ScanErrorCode.CANCELED else "failed"
             self._error = str(error)
@@ -639,6 +641,26 @@ class ScanRunner:
         self._status = "complete"
         self._finish(State.SUCCEEDED)
         return self.outcome
+
+    def _calibrate_autofocus(self) -> dict:
+        """What the autofocus reported of its calibration on the sweeps of the manifest just written (the
+        manifest records it); one that could not be made leaves the autofocus as it was, and says why."""
+        if self.calibrate_focus is None:
+            return {"success": False, "error": "no autofocus is connected to this scan to calibrate"}
+        if not self.outcome.focus_sweeps:
+            return {"success": False, "error": "the focus map kept no z-sweep to calibrate on: none of its points "
+                                               "found a focus on tissue"}
+        self._report(State.CALIBRATING)
+        return self.calibrate_focus(self.scan_dir)
+
+    def _end_after_calibration(self) -> None:
+        """A calibration-only scan ends here, with the calibration's outcome as its own."""
+        if self.should_cancel():
+            raise ScanError(ScanErrorCode.CANCELED, "canceled during the autofocus calibration")
+        calibration = self.outcome.autofocus_calibration
+        if not calibration["success"]:
+            raise ScanError(ScanErrorCode.CALIBRATION, f"the autofocus was not calibrated (the models in use are "
+                                                       f"kept): {calibration['error']}")
 
     def _finish(self, state: State) -> None:
         if state != State.SUCCEEDED:

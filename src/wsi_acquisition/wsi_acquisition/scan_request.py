@@ -29,6 +29,7 @@ class ScanErrorCode(enum.IntEnum):
     CANCELED = 8
     INTERNAL = 9
     BUSY = 10
+    CALIBRATION = 11
 
 
 class ScanError(RuntimeError):
@@ -88,7 +89,12 @@ class ScanRequest:
     gain: float = DEFAULTS["gain"]
     save_tiles: bool = DEFAULTS["save_tiles"]
     calibrate_autofocus: bool = False      # fine-tune the autofocus on this scan's focus map before the tiles
+    calibration_only: bool = False         # calibrate (as above, whether asked or not) and end: no tiles
     output_formats: tuple[str, ...] = ()   # exported after the scan; empty: tiles and manifest only
+
+    @property
+    def calibrates_autofocus(self) -> bool:
+        return self.calibrate_autofocus or self.calibration_only
 
     @property
     def scan_dir(self) -> Path:
@@ -126,7 +132,8 @@ class ScanRequest:
             region_um=region, objective_magnification=goal.objective_magnification or settings.default_objective,
             overlap_fraction=goal.overlap_fraction or DEFAULTS["overlap_fraction"],
             focus_strategy=FocusStrategy(goal.focus_strategy), focus_points=goal.focus_points,
-            skip_empty_tiles=goal.skip_empty_tiles, calibrate_autofocus=goal.calibrate_autofocus,
+            skip_empty_tiles=goal.skip_empty_tiles,
+            calibrate_autofocus=goal.calibrate_autofocus, calibration_only=goal.calibration_only,
             exposure_ms=settings.exposure_ms, gain=settings.gain, save_tiles=settings.save_tiles,
             output_formats=tuple(goal.output_formats))
         request.validate(backend)
@@ -150,9 +157,12 @@ class ScanRequest:
         if not 0 <= self.focus_points <= MAX_FOCUS_POINTS:
             raise _invalid(f"focus_points {self.focus_points}; expected 0 (automatic) to {MAX_FOCUS_POINTS}: "
                            "each point is a z-sweep of some 40 exposures")
-        if self.calibrate_autofocus and self.focus_strategy == FocusStrategy.NONE:
-            raise _invalid("calibrate_autofocus learns from the focus map's z-sweeps; with FOCUS_NONE there are "
+        if self.calibrates_autofocus and self.focus_strategy == FocusStrategy.NONE:
+            raise _invalid("an autofocus calibration learns from the focus map's z-sweeps; with FOCUS_NONE there are "
                            "none: choose FOCUS_MAP or FOCUS_MAP_INLINE")
+        if self.calibration_only and self.output_formats:
+            raise _invalid(f"output formats {list(self.output_formats)} with calibration_only, which captures no "
+                           "tiles to export; give none")
         if self.region_um is not None:
             self._validate_region(backend.stage.limits)
         elif not backend.has_overview():
