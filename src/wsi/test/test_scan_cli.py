@@ -34,6 +34,26 @@ def test_report_gives_the_reason_and_what_was_kept():
     assert [exit_code(o) for o in (failed, rejected, canceled)] == [1, 1, 130]
 
 
+def test_report_says_where_the_autofocus_calibration_went_or_why_it_was_not_made():
+    calibrated = ScanSlide.Result(scan_id="c1", tiles_planned=16, duration_s=42.0, calibration_model_dir="store/20x")
+    assert report(TaskOutcome(TaskResult.SUCCEEDED, 0, "", calibrated)) == [
+        "scan c1 calibrated the autofocus in 00:42 (no tiles were asked for)",
+        "autofocus calibrated for this scanner and objective: store/20x"]
+    calibrated.calibration_error = "two-shot model: the held-back sweeps were no better"
+    assert report(TaskOutcome(TaskResult.SUCCEEDED, 0, "", calibrated))[2] == (
+        "not every focus model was calibrated (the others were kept): two-shot model: the held-back sweeps were no "
+        "better")
+    scanned = ScanSlide.Result(scan_id="s2", tiles_captured=16, calibration_error="no clear focus")
+    assert report(TaskOutcome(TaskResult.SUCCEEDED, 0, "", scanned))[1] == (
+        "autofocus not calibrated, the models in use were kept: no clear focus")
+    failed = ScanSlide.Result(scan_id="c2", error_code=ScanSlide.Result.ERROR_CALIBRATION,
+                              error_message="the autofocus was not calibrated: no clear focus",
+                              calibration_error="no clear focus")
+    assert report(TaskOutcome(TaskResult.FAILED, failed.error_code, failed.error_message, failed)) == [
+        "scan c2 did not finish (calibration): the autofocus was not calibrated: no clear focus",
+        "0 tiles were captured and kept"]
+
+
 @pytest.mark.ros
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_scan_and_keeps_the_tiles(tmp_path):

@@ -140,7 +140,8 @@ def follow_scan(scanner: ScannerClient, goal: ScanSlide.Goal, graph: Supervisor 
 def run_scan(args: argparse.Namespace) -> int:
     config = _graph_config(args)
     goal = scan_goal(args.scan_id, None if args.auto else args.region, args.objective, FOCUS_STRATEGIES[args.focus],
-                     args.formats, calibrate_autofocus=args.calibrate_autofocus)
+                     [] if args.calibration_only else args.formats, calibrate_autofocus=args.calibrate_autofocus,
+                     calibration_only=args.calibration_only, focus_points=args.focus_points)
     graph = None if args.attach else Supervisor(scan_graph(config), log=args.node_log)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)   # Ctrl-C must reach us as KeyboardInterrupt
     scanner = ScannerClient(config.namespace, "wsi_scan", server_timeout_s=args.timeout)
@@ -211,9 +212,14 @@ def main(argv=None) -> int:
                       help="objective magnification (10, 20, 40; default: the scanner's default objective)")
     scan.add_argument("--focus", choices=sorted(FOCUS_STRATEGIES), default="map-inline")
     scan.add_argument("--scan-id", default="", help="name of the scan (default: from the time)")
+    scan.add_argument("--focus-points", type=int, default=0,
+                      help="z-sweeps the focus map takes (0: automatic, about one per 9 tiles; at most 100)")
     scan.add_argument("--calibrate-autofocus", action="store_true",
                       help="fine-tune the autofocus on this scan's focus map before the tiles (kept for this "
                            "scanner and objective: later scans use it)")
+    scan.add_argument("--calibration-only", action="store_true",
+                      help="calibrate the autofocus on the focus map's sweeps of the region, as "
+                           "--calibrate-autofocus does, and stop: no tiles, no exports (a scanner's calibration)")
     scan.add_argument("--formats", nargs="*", default=["ome-tiff", "ome-zarr"],
                       help="exports of the stitched mosaic: ome-tiff, ome-zarr, dicom (default: ome-tiff ome-zarr; "
                            "none: tiles and manifest only)")

@@ -65,13 +65,15 @@ class ScannerUnavailable(RuntimeError):
 
 def scan_goal(scan_id: str = "", region_um: tuple[float, float, float, float] | None = None,
               objective_magnification: float = 0.0, focus_strategy: int = ScanSlide.Goal.FOCUS_MAP_INLINE,
-              output_formats=(), skip_empty_tiles: bool = True, calibrate_autofocus: bool = False) -> ScanSlide.Goal:
+              output_formats=(), skip_empty_tiles: bool = True, calibrate_autofocus: bool = False,
+              calibration_only: bool = False, focus_points: int = 0) -> ScanSlide.Goal:
     """A ScanSlide goal: the region (x, y, width, height) in stage µm, or the tissue the overview photo shows
-    when `region_um` is None. 0 for the objective: the scanner's default one."""
+    when `region_um` is None. 0 for the objective: the scanner's default one; 0 focus points: as many as the
+    region needs."""
     goal = ScanSlide.Goal(scan_id=scan_id, auto_detect_tissue=region_um is None,
                           objective_magnification=float(objective_magnification), focus_strategy=focus_strategy,
-                          skip_empty_tiles=skip_empty_tiles, output_formats=list(output_formats),
-                          calibrate_autofocus=calibrate_autofocus)
+                          focus_points=focus_points, skip_empty_tiles=skip_empty_tiles, output_formats=list(output_formats),
+                          calibrate_autofocus=calibrate_autofocus, calibration_only=calibration_only)
     if region_um is not None:
         goal.region_x_um, goal.region_y_um, goal.region_width_um, goal.region_height_um = map(float, region_um)
     return goal

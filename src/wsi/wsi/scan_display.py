@@ -63,7 +63,10 @@ def report(outcome: TaskOutcome) -> list[str]:
     if outcome.status is TaskResult.REJECTED:
         return [f"the scan was not run: {outcome.error_message}"]
     lines = []
-    if outcome.status is TaskResult.SUCCEEDED:
+    if outcome.status is TaskResult.SUCCEEDED and result.tiles_captured == 0 and result.calibration_model_dir:
+        lines.append(f"scan {result.scan_id} calibrated the autofocus in {format_duration(result.duration_s)} "
+                     f"(no tiles were asked for)")
+    elif outcome.status is TaskResult.SUCCEEDED:
         lines.append(f"scan {result.scan_id} finished in {format_duration(result.duration_s)}: "
                      f"{result.tiles_captured} tiles ({result.tiles_skipped_empty} empty positions skipped, "
                      f"{result.refocus_count} refocused), {result.scanned_area_mm2:.1f} mm²")
@@ -71,6 +74,12 @@ def report(outcome: TaskOutcome) -> list[str]:
         reason = ERROR_NAMES.get(outcome.error_code, str(outcome.error_code))
         lines.append(f"scan {result.scan_id or '(none)'} did not finish ({reason}): {outcome.error_message}")
         lines.append(f"{result.tiles_captured} tiles were captured and kept")
+    if result.calibration_model_dir:
+        lines.append(f"autofocus calibrated for this scanner and objective: {result.calibration_model_dir}")
+    if result.calibration_error and result.calibration_model_dir:
+        lines.append(f"not every focus model was calibrated (the others were kept): {result.calibration_error}")
+    elif result.calibration_error and outcome.error_code != ScanSlide.Result.ERROR_CALIBRATION:
+        lines.append(f"autofocus not calibrated, the models in use were kept: {result.calibration_error}")
     if result.manifest_uri:
         lines.append(f"manifest: {result.manifest_uri}")
     if result.mosaic_uri:
