@@ -208,6 +208,14 @@ def test_store_names_refuse_paths():
         CalibrationStore("/tmp/x", "../elsewhere")
 
 
+def test_a_store_under_a_relative_root_names_its_models_by_where_they_are(tmp_path, monkeypatch):
+    """The node's default root is relative; a scan's result and manifest name the models for a reader
+    elsewhere (another working directory, another process)."""
+    monkeypatch.chdir(tmp_path)
+    assert CalibrationStore("out/calibration", "s1").model_dir(20.0, 0.75, 0.325) == (
+        tmp_path / "out" / "calibration" / "s1" / "20x_na0.75_px0.325")
+
+
 def test_the_calibrated_uncertainty_leaves_no_held_back_image_confidently_wrong():
     """The fitted scale makes held-back errors one sigma on average; an image read 3 µm on the wrong side with
     a sigma of 0.3 µm would still be acted on, so the scale rises until its sigma reaches the tolerance, and

@@ -126,7 +126,7 @@ class CalibrationStore:
     def __init__(self, root: Path, scanner: str = "default"):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", scanner):
             raise CalibrationError(f"scanner name {scanner!r}; expected letters, digits, '.', '_' or '-'")
-        self.root = Path(root)
+        self.root = Path(root).absolute()    # answers name where the models are, whatever the cwd
         self.scanner = scanner
 
     def model_dir(self, magnification: float, numerical_aperture: float, pixel_size_um: float) -> Path:
