@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from wsi.cli import _formats
 from wsi.client import TaskOutcome, TaskResult
 from wsi.scan_display import exit_code, format_duration, progress_line, report
 from wsi_interfaces.action import ScanSlide
@@ -52,6 +53,12 @@ def test_report_says_where_the_autofocus_calibration_went_or_why_it_was_not_made
     assert report(TaskOutcome(TaskResult.FAILED, failed.error_code, failed.error_message, failed)) == [
         "scan c2 did not finish (calibration): the autofocus was not calibrated: no clear focus",
         "0 tiles were captured and kept"]
+
+
+def test_wsi_scan_exports_both_pyramids_by_default_nothing_for_a_calibration_and_what_it_is_told():
+    assert _formats(SimpleNamespace(formats=None, calibration_only=False)) == ["ome-tiff", "ome-zarr"]
+    assert _formats(SimpleNamespace(formats=None, calibration_only=True)) == []
+    assert _formats(SimpleNamespace(formats=["ome-tiff"], calibration_only=True)) == ["ome-tiff"]
 
 
 @pytest.mark.ros

@@ -250,7 +250,8 @@ def test_a_calibration_only_goal_without_an_autofocus_node_fails_with_the_reason
     assert result.error_code == ScanSlide.Result.ERROR_CALIBRATION and result.tiles_captured == 0
     assert result.error_message == ("the autofocus was not calibrated (the models in use are kept): no autofocus "
                                     "node offers calibrate_autofocus")
-    assert result.calibration_error == "no autofocus node offers calibrate_autofocus" and not result.calibration_model_dir
+    assert result.calibration_error == "no autofocus node offers calibrate_autofocus"
+    assert not result.calibration_model_dir
 
 
 def test_cancel_mid_scan_ends_cleanly_and_keeps_the_tiles(scanner, ros_node):

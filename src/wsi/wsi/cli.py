@@ -137,10 +137,18 @@ def follow_scan(scanner: ScannerClient, goal: ScanSlide.Goal, graph: Supervisor 
     return scanner.result()
 
 
+def _formats(args: argparse.Namespace) -> list[str]:
+    """The exports asked for; by default both pyramids, or none for a calibration (which takes no tiles: the
+    scanner refuses a calibration-only goal with formats, and says so)."""
+    if args.formats is not None:
+        return args.formats
+    return [] if args.calibration_only else list(DEFAULT_FORMATS)
+
+
 def run_scan(args: argparse.Namespace) -> int:
     config = _graph_config(args)
     goal = scan_goal(args.scan_id, None if args.auto else args.region, args.objective, FOCUS_STRATEGIES[args.focus],
-                     [] if args.calibration_only else args.formats, calibrate_autofocus=args.calibrate_autofocus,
+                     _formats(args), calibrate_autofocus=args.calibrate_autofocus,
                      calibration_only=args.calibration_only, focus_points=args.focus_points)
     graph = None if args.attach else Supervisor(scan_graph(config), log=args.node_log)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)   # Ctrl-C must reach us as KeyboardInterrupt
@@ -190,6 +198,7 @@ def run_play(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DEFAULT_FORMATS = ("ome-tiff", "ome-zarr")
 FOCUS_STRATEGIES = {"none": ScanSlide.Goal.FOCUS_NONE, "map": ScanSlide.Goal.FOCUS_MAP,
                     "map-inline": ScanSlide.Goal.FOCUS_MAP_INLINE}
 
@@ -220,9 +229,9 @@ def main(argv=None) -> int:
     scan.add_argument("--calibration-only", action="store_true",
                       help="calibrate the autofocus on the focus map's sweeps of the region, as "
                            "--calibrate-autofocus does, and stop: no tiles, no exports (a scanner's calibration)")
-    scan.add_argument("--formats", nargs="*", default=["ome-tiff", "ome-zarr"],
-                      help="exports of the stitched mosaic: ome-tiff, ome-zarr, dicom (default: ome-tiff ome-zarr; "
-                           "none: tiles and manifest only)")
+    scan.add_argument("--formats", nargs="*", default=None,
+                      help="exports of the stitched mosaic: ome-tiff, ome-zarr, dicom (default: ome-tiff ome-zarr, "
+                           "with --calibration-only none; none: tiles and manifest only)")
     scan.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the graph to answer")
     scan.add_argument("--node-log", type=argparse.FileType("a"), default=sys.stderr,
                       help="where the nodes' own log lines go (default: stderr)")

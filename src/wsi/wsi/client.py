@@ -72,8 +72,9 @@ def scan_goal(scan_id: str = "", region_um: tuple[float, float, float, float] | 
     region needs."""
     goal = ScanSlide.Goal(scan_id=scan_id, auto_detect_tissue=region_um is None,
                           objective_magnification=float(objective_magnification), focus_strategy=focus_strategy,
-                          focus_points=focus_points, skip_empty_tiles=skip_empty_tiles, output_formats=list(output_formats),
-                          calibrate_autofocus=calibrate_autofocus, calibration_only=calibration_only)
+                          focus_points=focus_points, skip_empty_tiles=skip_empty_tiles,
+                          output_formats=list(output_formats), calibrate_autofocus=calibrate_autofocus,
+                          calibration_only=calibration_only)
     if region_um is not None:
         goal.region_x_um, goal.region_y_um, goal.region_width_um, goal.region_height_um = map(float, region_um)
     return goal
