@@ -219,15 +219,16 @@ def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_sc
                                qc_report=False), MANAGER, autofocus])
     scanner = ActionCaller(ros_node, SCAN_SLIDE)
     scanner.wait_for_server(timeout_s=30)
-    estimates = []
+    estimates, plans = [], []
     FOCUS_ESTIMATES.subscription(ros_node, estimates.append)
+    SCAN_PLAN.subscription(ros_node, plans.append)       # what a stitching node opens a mosaic for
     # The calibration's time is bench/calibration.py's to measure; more than 60 s once on the CI machine.
     calibrating = scanner.call(goal(SMALL_TISSUE_REGION_UM, scan_id="calibrate", focus_points=3,
                                     calibration_only=True), timeout_s=400)
     result = calibrating.result
     assert calibrating.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
     assert result.calibration_model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and not result.calibration_error
-    assert result.tiles_planned == 16 and result.tiles_captured == 0 and estimates == []
+    assert result.tiles_planned == 16 and result.tiles_captured == 0 and estimates == [] and plans == []
     manifest = json.loads(Path(result.manifest_uri).read_text())
     assert manifest["status"] == "complete" and manifest["tiles"] == [] and len(manifest["focus_map"]["sweeps"]) == 3
     calibration = manifest["autofocus_calibration"]
@@ -239,6 +240,7 @@ def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_sc
     assert scanned.result.tiles_captured == 16 and not scanned.result.calibration_model_dir
     spin_until(ros_node, lambda: len({e.sequence for e in estimates if e.scan_id == "after"}) == 16, timeout_s=30)
     assert {e.model_dir for e in estimates if e.scan_id == "after"} == {result.calibration_model_dir}
+    assert [plan.scan_id for plan in plans] == ["after"]
     assert all(e.model_id.endswith("+calibrated") for e in estimates)
 
 

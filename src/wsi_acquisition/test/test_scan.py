@@ -222,6 +222,7 @@ def test_a_calibration_only_scan_ends_after_the_calibration_without_a_tile(tmp_p
     backend = small_microscope()
     outcome = ScanRunner(backend, request(tmp_path, calibration_only=True),
                          publish_tile=lambda record, frame: events.append("tile"),
+                         on_plan=lambda plan: events.append("plan"),       # no tiles to announce to a stitcher
                          on_progress=lambda p: progress.append(p.state),
                          calibrate_focus=Calibrator(CALIBRATED, events)).run()
     assert events == [("calibration", [len(sweep["z_um"]) for sweep in outcome.focus_sweeps])]

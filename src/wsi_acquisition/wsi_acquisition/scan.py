@@ -615,7 +615,8 @@ class ScanRunner:
             self.backend.set_objective(self.request.objective_magnification)
             try:
                 self.outcome.plan = self.plan()
-                self.on_plan(self.outcome.plan)
+                if not self.request.calibration_only:   # the plan announces tiles to come (a stitcher opens a mosaic)
+                    self.on_plan(self.outcome.plan)
                 self._report(State.PLANNING, tiles_total=len(self.outcome.plan.tiles))
                 focus = self.focus_map(self.outcome.plan)
             except NoTissueError as error:
