@@ -192,7 +192,7 @@ class AutofocusNode(Node):
         response.success = single is not None or pair is not None
         response.fit_s = time.monotonic() - started
         response.error = "; ".join(f"calibration from {request.scan_dir}: {error}" for error in result.errors)
-        if result.errors:   # one model not calibrated while the other was: the node goes on, as it was for that one
+        if result.errors:   # a warning when the other model was calibrated: the node serves both all the same
             (self.get_logger().warning if response.success else self.get_logger().error)(response.error)
         return response
 
