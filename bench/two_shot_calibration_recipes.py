@@ -7,8 +7,8 @@ under each held-out microscope, and nine sweeps of each slide under each; render
 splits the sweeps as `calibrate_two_shot` does (a third held back), fits on the rest by each recipe, and reports the
 held-back sweeps' MAE (each pair read once, through its field window, as a scan reads): the criterion
 `two_shot_calibration`'s recipe was chosen by, never the tiles the cards judge the calibration on. Recipes differ in
-the fit (`fine_tune`'s steps, learning rate, penalty) and in the pairs it reads: through the field window only, or
-also through corner sub-fields of a fraction of the field (`sweep_pairs`). The anchor is the recipe before
+the fit (`fine_tune`'s steps, learning rate, penalty, how many of the last hidden layers it fits) and in the pairs it
+reads: through the field window only, or also through corner sub-fields of a fraction of the field (`sweep_pairs`). The anchor is the recipe before
 `fine_tune`: each member's defocus output alone refitted by ridge regression towards the trained weights, its
 strength chosen by leaving one fitted sweep out at a time. Prints a table and writes
 bench/results/two_shot_calibration_recipes.json.
@@ -25,16 +25,19 @@ from wsi_autofocus import slide_calibration
 from wsi_autofocus.calibration_store import held_back_stacks, stacks_with_focus
 from wsi_autofocus.shift_evaluation import CalibrationSpec, imaging_condenser, render_all_sweeps, z_stacks
 from wsi_autofocus.two_shot import TwoShotModel, default_model_path, label_depths
-from wsi_autofocus.two_shot_calibration import (FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FINE_TUNE_STEPS,
-                                                 FIT_SUB_FIELD_FRACTION, _mae_um, _subset, fine_tune, sweep_pairs)
+from wsi_autofocus.two_shot_calibration import (FINE_TUNE_LAYERS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY,
+                                                 FINE_TUNE_STEPS, FIT_SUB_FIELD_FRACTION, _mae_um, _subset, fine_tune,
+                                                 sweep_pairs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RIDGE_STRENGTHS = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
-# With the shipped sub-fields: penalties at the shipped steps and learning rate, then steps and learning rates at
-# the shipped penalty. Then the shipped fit on other sub-fields, and on the field windows alone.
+# With the shipped sub-fields and layers: penalties at the shipped steps and learning rate, then steps and learning
+# rates at the shipped penalty. Then the shipped fit on other sub-fields, on the field windows alone, and of other
+# numbers of hidden layers.
 PENALTIES = (5e-5, 5e-4, 5e-3)
 STEPS_AND_RATES = ((150, 1e-2), (300, 1e-2), (300, 1e-3), (1000, 1e-3))
 SUB_FIELD_FRACTIONS = (0.5, 0.6, 0.8, None)
+LAYERS = (1, 3)
 
 
 def refit_outputs(model: TwoShotModel, pairs: dict, ridge: float) -> TwoShotModel:
@@ -79,15 +82,16 @@ def main() -> int:
     model = TwoShotModel.load(args.model)
     # recipe -> (sub-field fraction of the pairs it fits, refit)
     recipes = {"output layer, ridge (anchor)": (None, ridge_by_leaving_sweeps_out)}
-    grid = ([(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, penalty, FIT_SUB_FIELD_FRACTION) for penalty in PENALTIES]
-            + [(steps, rate, FINE_TUNE_PENALTY, FIT_SUB_FIELD_FRACTION) for steps, rate in STEPS_AND_RATES]
-            + [(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, fraction)
-               for fraction in SUB_FIELD_FRACTIONS])
-    for steps, rate, penalty, fraction in grid:
+    shipped = (FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FIT_SUB_FIELD_FRACTION, FINE_TUNE_LAYERS)
+    grid = ([shipped[:2] + (penalty,) + shipped[3:] for penalty in PENALTIES]
+            + [(steps, rate) + shipped[2:] for steps, rate in STEPS_AND_RATES]
+            + [shipped[:3] + (fraction, FINE_TUNE_LAYERS) for fraction in SUB_FIELD_FRACTIONS]
+            + [shipped[:4] + (layers,) for layers in LAYERS])
+    for steps, rate, penalty, fraction, layers in grid:
         pairs_read = f"sub-fields {fraction:g}" if fraction else "field window only"
-        recipes[f"fine-tune {steps} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
-            fraction,
-            lambda m, pairs, steps=steps, rate=rate, penalty=penalty: fine_tune(m, pairs, penalty, steps, rate))
+        recipes[f"{layers} layers, {steps} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
+            fraction, lambda m, pairs, steps=steps, rate=rate, penalty=penalty, layers=layers: fine_tune(
+                m, pairs, penalty, steps, rate, layers))
     held_back_mae, fit_s = {recipe: {} for recipe in recipes}, {recipe: [] for recipe in recipes}
     names = []
     for name, (stacks, condenser) in calibrations(args.cache_dir).items():
