@@ -47,9 +47,9 @@ STEP_DEPTHS = (1.0, 12.0)
 # sub-fields: 2.349 µm against 2.336 for the best (1000 steps) and 2.737 for the output layer alone. Fitted on the
 # corner sub-fields too (below): 2.03 µm, 2.00 at penalty 5e-5 and 1.98 for 1000 steps (3.6 times the time).
 # FINE_TUNE_LAYERS, the last hidden layers fitted (the layer before stays as trained): two, 1.875 µm at penalty
-# 5e-4, better than the last layer alone (2.033) on all nine calibrations; three 1.823. With two, penalties 5e-5 /
-# 5e-4 / 5e-3 read 1.821 / 1.875 / 1.917 µm, and 1000 steps at 1e-3 1.776 (3.4 times the time: over a minute
-# for both models).
+# 5e-4, better than the last layer alone (2.033) on all nine calibrations; three 1.823. With two, penalties 5e-5
+# (kept) / 5e-4 / 5e-3 read 1.821 / 1.875 / 1.917 µm, and 1000 steps at 1e-3 1.776 (3.4 times the time: over a
+# minute for both models).
 FINE_TUNE_STEPS = 300
 FINE_TUNE_PENALTY = 5e-5
 FINE_TUNE_LEARNING_RATE = 3e-3
