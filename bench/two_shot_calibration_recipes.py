@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,15 @@ PENALTIES = (5e-5, 5e-4, 5e-3)
 STEPS_AND_RATES = ((150, 1e-2), (300, 1e-2), (300, 1e-3), (1000, 1e-3))
 SUB_FIELD_FRACTIONS = (0.5, 0.6, 0.8, None)
 LAYERS = (1, 3)
+
+
+class FineTune(NamedTuple):
+    """A `fine_tune` recipe and the sub-field fraction of the pairs it fits (None: the field windows only)."""
+    steps: int
+    rate: float
+    penalty: float
+    fraction: float | None
+    layers: int
 
 
 def refit_outputs(model: TwoShotModel, pairs: dict, ridge: float) -> TwoShotModel:
@@ -82,11 +92,12 @@ def main() -> int:
     model = TwoShotModel.load(args.model)
     # recipe -> (sub-field fraction of the pairs it fits, refit)
     recipes = {"output layer, ridge (anchor)": (None, ridge_by_leaving_sweeps_out)}
-    shipped = (FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FIT_SUB_FIELD_FRACTION, FINE_TUNE_LAYERS)
-    grid = ([shipped[:2] + (penalty,) + shipped[3:] for penalty in PENALTIES]
-            + [(steps, rate) + shipped[2:] for steps, rate in STEPS_AND_RATES]
-            + [shipped[:3] + (fraction, FINE_TUNE_LAYERS) for fraction in SUB_FIELD_FRACTIONS]
-            + [shipped[:4] + (layers,) for layers in LAYERS])
+    shipped = FineTune(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FIT_SUB_FIELD_FRACTION,
+                       FINE_TUNE_LAYERS)
+    grid = ([shipped._replace(penalty=penalty) for penalty in PENALTIES]
+            + [shipped._replace(steps=steps, rate=rate) for steps, rate in STEPS_AND_RATES]
+            + [shipped._replace(fraction=fraction) for fraction in SUB_FIELD_FRACTIONS]
+            + [shipped._replace(layers=layers) for layers in LAYERS])
     for steps, rate, penalty, fraction, layers in grid:
         pairs_read = f"sub-fields {fraction:g}" if fraction else "field window only"
         recipes[f"{layers} layers, {steps} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
