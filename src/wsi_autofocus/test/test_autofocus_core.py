@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from wsi_acquisition.microscope import VirtualMicroscope
+from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL
 from wsi_autofocus.data import (SPLITS, DatasetSpec, fields_showing_tissue,
                                 in_focus_tissue_fraction, render_specimen, specimen_for_seed, tissue_points)
 from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_table, run_evaluation, summarize
@@ -15,14 +16,14 @@ from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableErro
                                      aggregate, default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
 from wsi_autofocus.model_card import calibration_target_check, record_reproduction, render, target_statement
-from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS
+from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, fit_uncertainty_calibration,
-                                   focus_loss, train, training_loss, uncertainty_calibration)
+                                   focus_loss, optics_columns, train, training_loss, uncertainty_calibration)
 from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, SHARPNESS_METRICS, brenner, tissue_fraction
 
 
-TWENTY_X = torch.tensor([[0.75, 0.325]])        # NA, pixel size µm
+TWENTY_X = torch.tensor([[0.75, 0.325, 0.7, 0.0]])        # NA, pixel size µm, condenser fill and inner fill
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -133,7 +134,7 @@ def test_augmentation_keeps_labels_and_focus_ordering():
     roi = (416, 416, 192, 192)
     sharp = microscope.capture(x, y, focal, 20, roi=roi, noise_seed=1).image_rgb8
     blurred = microscope.capture(x, y, focal + 3, 20, roi=roi, noise_seed=1).image_rgb8
-    optics = np.array([[0.75, 0.325]] * 2)
+    optics = np.array([[0.75, 0.325, 0.7, 0.0]] * 2)
     dataset = InlineFocusDataset(np.stack([sharp, blurred]), optics, np.array([0.0, 3.0]), 96, augment=True, seed=4)
     seen_optics = set()
     to_image = lambda t: (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)  # noqa: E731
@@ -144,12 +145,13 @@ def test_augmentation_keeps_labels_and_focus_ordering():
         seen_optics.add(tuple(np.round(sharp_optics.numpy().astype(float), 3)))
         assert brenner(to_image(sharp_patch)) > brenner(to_image(blurred_patch))
         assert brenner(to_image(sharp_context)) > brenner(to_image(blurred_context))
-    assert seen_optics == {(0.75, 0.325), (0.0, 0.0)}   # optics mostly given, sometimes "unknown"
+    # Optics mostly given, sometimes "unknown", and sometimes all but the condenser.
+    assert seen_optics == {(0.75, 0.325, 0.7, 0.0), (0.0, 0.0, 0.0, 0.0), (0.75, 0.325, 0.0, 0.0)}
 
 
 def test_dataset_crops_the_patch_from_its_context_anywhere_in_training_and_centred_otherwise():
     fields = np.random.default_rng(1).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
-    args = (fields, np.array([[0.75, 0.325]]), np.array([1.0]), 64)
+    args = (fields, TWENTY_X.numpy(), np.array([1.0]), 64)
     patch, context, _, _ = InlineFocusDataset(*args, augment=False)[0]
     field = torch.from_numpy(fields[0].transpose(2, 0, 1) / np.float32(255))
     assert torch.equal(patch, field[:, 32:96, 32:96])
@@ -166,7 +168,7 @@ def test_dataset_crops_the_patch_from_its_context_anywhere_in_training_and_centr
         offsets.update(tuple(offset) for offset in found)
     assert len(offsets) > 10
     with pytest.raises(ValueError, match="a 96 px model expects 192 px fields"):
-        InlineFocusDataset(fields, np.array([[0.75, 0.325]]), np.array([1.0]), 96, augment=False)
+        InlineFocusDataset(fields, TWENTY_X.numpy(), np.array([1.0]), 96, augment=False)
 
 
 def test_training_exports_checkpoint_onnx_and_torchscript(tiny_model):
@@ -182,7 +184,8 @@ def test_available_backends_agree(tiny_model):
     count = 2 * CPU_PATCHES_PER_RUN + 5
     patches = rng.random((count, 3, 64, 64), dtype=np.float32)
     context = rng.random((count, 3, 64, 64), dtype=np.float32)
-    optics = np.resize(np.array([[0.75, 0.325], [0.3, 0.65], [0.95, 0.1625], [0.0, 0.0]], np.float32), (count, 2))
+    optics = np.resize(np.array([[0.75, 0.325, 0.7, 0.0], [0.3, 0.65, 0.0, 0.0], [0.95, 0.1625, 0.8, 0.5],
+                                 [0.0, 0.0, 0.0, 0.0]], np.float32), (count, len(OPTICS_FEATURES)))
     torch_backend, _ = load_backend("torch-cpu", tiny_model)
     onnx_backend, _ = load_backend("onnxruntime", tiny_model)
     np.testing.assert_allclose(onnx_backend.predict(patches, context, optics),
@@ -203,22 +206,40 @@ def test_missing_model_and_unknown_backend_are_clear_errors(tmp_path, tiny_model
         load_backend("cuda", tiny_model)
 
 
-def test_an_onnx_export_with_other_inputs_is_refused_and_auto_falls_back(tiny_model, tmp_path):
-    model_dir = tmp_path / "model"
+class MeanOfEveryInput(torch.nn.Module):
+    def forward(self, patches, context, optics):
+        return torch.stack([patches.mean(dim=(1, 2, 3)), context.mean(dim=(1, 2, 3)) + optics.sum(dim=1)], dim=1)
+
+
+def _export_with_inputs(tiny_model, model_dir, example):
     shutil.copytree(tiny_model, model_dir)
-
-    class MeanOfEveryInput(torch.nn.Module):
-        def forward(self, patches, context, optics):
-            return torch.stack([patches.mean(dim=(1, 2, 3)), context.mean(dim=(1, 2, 3)) + optics.sum(dim=1)], dim=1)
-
-    full_field = (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 128, 128), TWENTY_X)    # the context before averaging
-    torch.onnx.export(MeanOfEveryInput(), full_field, model_dir / "model.onnx", input_names=list(MODEL_INPUTS),
+    torch.onnx.export(MeanOfEveryInput(), example, model_dir / "model.onnx", input_names=list(MODEL_INPUTS),
                       dynamic_axes={name: {0: "batch"} for name in MODEL_INPUTS},
                       opset_version=17, dynamo=False)
+    return model_dir
+
+
+def test_an_onnx_export_with_other_inputs_is_refused_and_auto_falls_back(tiny_model, tmp_path):
+    full_field = (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 128, 128), TWENTY_X)    # the context before averaging
+    model_dir = _export_with_inputs(tiny_model, tmp_path / "model", full_field)
     with pytest.raises(BackendUnavailableError, match=r"'context': \[3, 128, 128\].*re-export it from its model.pt"):
         load_backend("onnxruntime", model_dir)
     backend, skipped = load_backend("auto", model_dir)
     assert backend.name == "torch-cpu" and any("re-export" in reason for reason in skipped)
+
+
+def test_a_model_not_told_the_condenser_is_refused_with_what_to_do(tiny_model, tmp_path):
+    """Version 5 models took (NA, pixel size) only; a scanner's calibration made from one says to calibrate
+    again instead of failing on a matrix shape."""
+    na_and_pixel = (torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), TWENTY_X[:, :2])
+    model_dir = _export_with_inputs(tiny_model, tmp_path / "model", na_and_pixel)
+    with pytest.raises(BackendUnavailableError, match="takes 2 optics columns, expected 4.*calibrate again"):
+        load_backend("onnxruntime", model_dir)
+    checkpoint = torch.load(model_dir / "model.pt", weights_only=False)
+    checkpoint["metadata"]["version"] = "5"
+    torch.save(checkpoint, model_dir / "model.pt")
+    with pytest.raises(BackendUnavailableError, match="is focus model version 5.*calibrate again"):
+        load_backend("torch-cpu", model_dir)
 
 
 def test_estimator_refuses_images_it_cannot_evaluate(tiny_model):
@@ -310,6 +331,21 @@ def tiny_sets():
             render_specimen((DatasetSpec((101,), 16, patch_px=64, seed=2), 101)))
 
 
+def test_rendered_samples_record_the_condenser_they_were_imaged_under():
+    """The model is told the condenser (`OPTICS_FEATURES`), so every sample records its own: the virtual
+    microscope's, or the one drawn for its randomised microscope (a ring source with its inner edge)."""
+    spec = DatasetSpec((3,), 24, patch_px=64, seed=4, randomised_fraction=0.5, samples_per_microscope=4)
+    samples = render_specimen((spec, 3))
+    own, randomised = samples["source"] == 0, samples["source"] == 1
+    assert own.any() and randomised.any()
+    assert np.all(samples["condenser_fill"][own] == np.float32(DEFAULT_CONDENSER_FILL))
+    assert np.all(samples["condenser_inner_fill"][own] == 0.0)
+    drawn = samples["condenser_fill"][randomised]
+    assert np.all((drawn >= 0.3) & (drawn <= 1.0)) and len(np.unique(drawn)) > 1
+    assert np.all(samples["condenser_inner_fill"][randomised] < drawn)
+    assert optics_columns(samples).shape == (24, len(OPTICS_FEATURES))
+
+
 def test_training_ends_on_a_low_learning_rate(tiny_sets, tmp_path):
     config = TrainingConfig(epochs=4, batch_size=16, patch_px=64, anneal_fraction=0.5, early_stopping_patience=10)
     history = train(*tiny_sets, config, tmp_path, log=lambda line: None)["history"]
@@ -393,7 +429,8 @@ def test_error_statistics_report_the_median_beside_an_outlier_driven_mae():
 def test_summary_reports_the_estimates_a_scan_would_act_on():
     def tile(true, predicted, sigma, sparse=False, tissue=0.5):
         return {"specimen": 200, "objective": 20.0, "sparse": sparse, "depth_of_field_um": 2.0, "true_um": true,
-                "predicted_um": predicted, "predicted_optics_unknown_um": predicted, "uncertainty_um": sigma,
+                "predicted_um": predicted, "predicted_optics_unknown_um": predicted,
+                "predicted_condenser_unknown_um": predicted, "uncertainty_um": sigma,
                 "tissue_fraction": tissue, "latency_ms": 1.0}
     tiles = [tile(2.0, 2.1, 0.3), tile(-3.0, -3.2, 0.5), tile(6.0, 1.0, 4.0), tile(15.0, 12.0, 0.8),
              tile(4.0, 0.0, 9.0, sparse=True, tissue=0.01)]

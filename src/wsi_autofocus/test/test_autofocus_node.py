@@ -11,9 +11,9 @@ import rclpy
 from sensor_msgs.msg import Image
 
 from wsi_acquisition.microscope import VirtualMicroscope
-from wsi_autofocus.inference import GPU_DEVICE_FILES
+from wsi_autofocus.inference import GPU_DEVICE_FILES, FocusEstimator, load_backend
 from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL
-from wsi_autofocus.two_shot import Condenser, TwoShotModel
+from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser, TwoShotModel
 from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 from wsi_common.image import array_to_image
 from wsi_common.ros_env import node_environment
@@ -196,8 +196,8 @@ def test_a_condenser_that_cannot_be_is_refused_at_start_with_the_reason(declared
 
 
 def test_a_condenser_declared_by_its_na_fills_each_objective_by_that_objectives_na(run_nodes, ros_node, tiny_model):
-    """One condenser setting for every objective: the pair of each objective is read with the fill its NA
-    gives, as the core reads it with that fill declared."""
+    """One condenser setting for every objective: the single exposure and the pair of each objective are read
+    with the fill its NA gives, as the core reads them with that fill declared."""
     condenser_na = DEFAULT_CONDENSER_FILL * 0.75
     run_nodes([NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                         module="wsi_autofocus.node", parameters={"model_dir": str(tiny_model), "backend": "auto",
@@ -205,6 +205,7 @@ def test_a_condenser_declared_by_its_na_fills_each_objective_by_that_objectives_
     client = ros_node.create_client(EstimateFocus, "estimate_focus")
     assert client.wait_for_service(timeout_sec=30)
     microscope, pairs = VirtualMicroscope(seed=200), TwoShotModel.load(default_two_shot_path())
+    estimator = FocusEstimator(load_backend("onnxruntime", tiny_model)[0], tiny_model)
     x, y = 43_000.0, 12_500.0
     for magnification in (20, 40):
         first, above = (microscope.capture(x, y, microscope.focal_z_um(x, y) + z, magnification, roi=(256, 256, 384, 384))
@@ -213,9 +214,17 @@ def test_a_condenser_declared_by_its_na_fills_each_objective_by_that_objectives_
                                         step_above_um=2.0)
         array_to_image(first.image_rgb8, "rgb8", request.image)
         array_to_image(above.image_rgb8, "rgb8", request.image_above)
+        fill = Condenser(min(condenser_na / first.numerical_aperture, 1.0))
+        single = EstimateFocus.Request(pixel_size_um=first.pixel_size_um, numerical_aperture=first.numerical_aperture)
+        single.image = request.image
+        response = call(ros_node, client, single)
+        assert response.success, response.error
+        declared, undeclared = (estimator.estimate(first.image_rgb8, first.numerical_aperture, first.pixel_size_um,
+                                                   condenser) for condenser in (fill, UNKNOWN_CONDENSER))
+        assert response.defocus_um == pytest.approx(declared.defocus_um, abs=1e-4), magnification
+        assert abs(declared.defocus_um - undeclared.defocus_um) > 1e-3
         response = call(ros_node, client, request)
         assert response.success, response.error
-        fill = Condenser(min(condenser_na / first.numerical_aperture, 1.0))
         expected = pairs.estimate(first.image_rgb8, above.image_rgb8, first.numerical_aperture, first.pixel_size_um,
                                   2.0, fill)
         assert response.defocus_um == pytest.approx(expected.defocus_um, abs=1e-4), magnification

@@ -27,13 +27,13 @@ def test_inline_autofocus_never_leaves_a_tile_worse_than_the_focus_map(tmp_path)
                              tilt_um_per_mm=(20.0, -12.0))
     estimator = FocusEstimator(load_backend("onnxruntime")[0])
     pairs = TwoShotModel.load(default_model_path())
+    condenser = scope.illumination.declared_condenser()
 
     def estimate(frame, frame_above=None, step_um=0.0):
-        result = estimator.estimate(frame.image_rgb8, frame.numerical_aperture, frame.pixel_size_um)
+        result = estimator.estimate(frame.image_rgb8, frame.numerical_aperture, frame.pixel_size_um, condenser)
         if frame_above is not None:
             result = with_second_exposure(pairs, result, frame.image_rgb8, frame_above.image_rgb8,
-                                          frame.numerical_aperture, frame.pixel_size_um, step_um,
-                                          scope.illumination.declared_condenser())
+                                          frame.numerical_aperture, frame.pixel_size_um, step_um, condenser)
         return _reply(result)
 
     field = scanner.field_of_view_um()[0]

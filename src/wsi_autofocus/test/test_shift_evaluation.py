@@ -18,10 +18,30 @@ CONFIDENT_DEFOCUS_UM = 5.0
 
 
 class ConfidentlyAbove:
-    """Says every image is 5 µm above focus, sure of it to 0.1 µm, whatever the image shows."""
+    """Says every image is 5 µm above focus, sure of it to 0.1 µm, whatever the image shows; keeps the
+    condensers it was told."""
 
-    def estimate_many(self, images, optics):
+    def __init__(self):
+        self.condensers = []
+
+    def estimate_many(self, images, optics, condensers=None):
+        self.condensers += condensers
         return [TileEstimate(CONFIDENT_DEFOCUS_UM, 0.1, CONFIDENT_DEFOCUS_UM, 0.1, 1.0) for _ in images]
+
+
+def test_tiles_are_estimated_under_the_condenser_their_microscope_declares():
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    tiles = {"images": images, "numerical_aperture": np.full(3, 0.75), "pixel_size_um": np.full(3, 0.325),
+             "imaging": np.array(["own-simulator", "abbe-annular", "abbe-gaussian"])}
+    estimator = ConfidentlyAbove()
+    shift_evaluation.estimate_tiles(estimator, tiles)
+    assert estimator.condensers == [shift_evaluation.imaging_condenser(name) for name in tiles["imaging"]]
+    assert estimator.condensers[1].inner_fill > 0                    # the annular microscope's ring
+    # Tiles of one microscope (a slide's calibration check) need not name it.
+    one_microscope = ConfidentlyAbove()
+    shift_evaluation.estimate_tiles(one_microscope, {key: tiles[key] for key in tiles if key != "imaging"},
+                                    condenser=Condenser(0.6))
+    assert one_microscope.condensers == [Condenser(0.6)] * 3
 
 
 def test_scan_outcome_refuses_corrections_that_are_not_sharper(tmp_path):

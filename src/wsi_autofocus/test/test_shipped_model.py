@@ -16,16 +16,17 @@ from wsi_common.focus_metrics import focus_tolerance_um
 pytestmark = pytest.mark.slow
 
 SPEC = EvaluationSpec()
-# Bounds over what the shipped model (v5) measured on this test's 72 tiles (fields that show tissue in focus,
-# `data.fields_showing_tissue` as the evaluation draws them): median |error| 0.12 µm, distance MAE 0.18 µm, sign
-# right for every tile beyond 1 µm, every error within 2 sigma; the side is known (p >= SIDE_CERTAINTY either
-# way) for 38 % of the tiles and right on all of them. The scan acts on a single shot only where it trusts the
-# signed estimate (17 % here, MAE 0.15 µm, none off by more than the focus tolerance); elsewhere it takes a side
-# probe. The full held-out tables are `wsi-autofocus eval` (MODEL_CARD.md).
+# Bounds over what the shipped model (v6, told the virtual microscope's condenser) measured on this test's 72 tiles
+# (fields that show tissue in focus, `data.fields_showing_tissue` as the evaluation draws them): median |error|
+# 0.16 µm, distance MAE 0.23 µm, sign right for every tile beyond 1 µm, every error within 2 sigma; the side is known
+# (p >= SIDE_CERTAINTY either way) for 60 % of the tiles and right on all of them. The scan acts on a single shot
+# only where it trusts the signed estimate (29 % here, MAE 0.28 µm, the largest error 0.59 µm, under the focus
+# tolerance of 1 µm; v5 trusted 17 % at 0.15 µm); elsewhere it takes a side probe. The full held-out tables are
+# `wsi-autofocus eval` (MODEL_CARD.md).
 FIELDS_PER_SPECIMEN = 24
 MAX_MEDIAN_ERROR_UM = 0.25
 MAX_DISTANCE_MAE_UM = 0.35
-MAX_TRUSTED_MAE_UM = 0.25
+MAX_TRUSTED_MAE_UM = 0.35
 MIN_SIGN_ACCURACY = 0.95
 MIN_SIDE_KNOWN_FRACTION = 0.25
 EMPTY_TO_TISSUE_SIGMA = 2.0
@@ -54,7 +55,7 @@ def test_single_shot_defocus_on_held_out_specimens(estimator, held_out):
                                     rng.uniform(-8.0, 8.0, count)):
             capture = render_tile(microscope, x, y, defocus, 20.0, SPEC)
             true.append(capture.defocus_um)
-            results.append(estimate_capture(estimator, capture))
+            results.append(estimate_capture(estimator, microscope, capture))
     true = np.array(true)
     predicted, sigma = np.array([r.defocus_um for r in results]), np.array([r.uncertainty_um for r in results])
     distance, above = np.array([r.distance_um for r in results]), np.array([r.above_focus_probability for r in results])
@@ -77,10 +78,11 @@ def test_near_empty_fields_are_reported_as_uncertain(estimator, held_out):
     for seed, microscope in held_out:
         rng = np.random.default_rng([18, seed])
         for x, y in tissue_points(microscope, rng, 4):
-            tissue_sigma.append(estimate_capture(estimator, render_tile(microscope, x, y, 2.0, 20.0, SPEC)).uncertainty_um)
+            tissue_sigma.append(estimate_capture(estimator, microscope,
+                                                 render_tile(microscope, x, y, 2.0, 20.0, SPEC)).uncertainty_um)
         for _ in range(4):     # bare glass beside the section
             x, y = 0.05 * microscope.specimen.width_um, rng.uniform(0.2, 0.8) * microscope.specimen.height_um
-            result = estimate_capture(estimator, render_tile(microscope, x, y, 2.0, 20.0, SPEC))
+            result = estimate_capture(estimator, microscope, render_tile(microscope, x, y, 2.0, 20.0, SPEC))
             assert result.tissue_fraction < 0.05
             empty_sigma.append(result.uncertainty_um)
     assert np.median(empty_sigma) > EMPTY_TO_TISSUE_SIGMA * np.median(tissue_sigma)

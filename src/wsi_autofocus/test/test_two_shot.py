@@ -272,6 +272,10 @@ def test_a_condenser_declared_by_its_na_fills_less_of_a_higher_na_objective():
         two_shot.CondenserDeclaration(numerical_aperture=0.3, inner_numerical_aperture=0.4)
     with pytest.raises(TwoShotError, match="needs it"):
         shared.for_objective(0.0)
+    # The single-shot model still reads a tile sent without its NA: as with the condenser not known.
+    assert shared.for_objective_if_known(0.0) == two_shot.UNKNOWN_CONDENSER
+    assert shared.for_objective_if_known(0.75) == shared.for_objective(0.75)
+    assert two_shot.CondenserDeclaration(0.7).for_objective_if_known(0.0) == two_shot.Condenser(0.7)
 
 
 def test_training_hides_the_condenser_of_a_share_of_the_pairs():

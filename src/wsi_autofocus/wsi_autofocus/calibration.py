@@ -55,9 +55,9 @@ class CalibrationResult:
     skipped: tuple[str, ...] = ()        # stacks left out, each with the reason (no focus inside the sweep, glass)
 
 
-def _samples(model, stacks: list[ZStack], patch_px: int) -> dict:
-    """Frozen features of every patch of every image (with the 8 flips and turns of each), its label, stack,
-    image (a number per image) and the objective's NA."""
+def _samples(model, stacks: list[ZStack], patch_px: int, condenser: Condenser) -> dict:
+    """Frozen features of every patch of every image (with the 8 flips and turns of each; the optics with the
+    scanner's declared `condenser`), its label, stack, image (a number per image) and the objective's NA."""
     features, labels, groups, images, apertures = [], [], [], [], []
     for index, stack in enumerate(stacks):
         focus = stack.focus_z_um()
@@ -69,7 +69,8 @@ def _samples(model, stacks: list[ZStack], patch_px: int) -> dict:
             apertures.append(stack.numerical_aperture)
             selection = select_patches(np.ascontiguousarray(image), patch_px, PATCHES_PER_IMAGE)
             patches, context = torch.from_numpy(selection.patches), torch.from_numpy(selection.context)
-            optics = torch.tensor([[stack.numerical_aperture, stack.pixel_size_um]]).expand(len(patches), 2)
+            optics = torch.tensor([[stack.numerical_aperture, stack.pixel_size_um, condenser.fill,
+                                    condenser.inner_fill]]).expand(len(patches), -1)
             for turn in range(4):
                 for flip in (False, True):
                     views = [torch.rot90(v, turn, dims=(2, 3)) for v in (patches, context)]
@@ -159,7 +160,7 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     metadata = read_model_metadata(base_model_dir)
     model = load_checkpoint(base_model_dir / "model.pt")
     torch.set_num_threads(2)
-    samples = _samples(model, stacks, int(metadata["patch_px"]))
+    samples = _samples(model, stacks, int(metadata["patch_px"]), condenser)
     if not len(samples["labels"]):
         raise CalibrationError(f"no image of the stacks lies within ±{MAX_LABEL_UM} µm of its best focus")
     held_back = np.isin(samples["groups"], held_back_stacks(len(stacks)))

@@ -31,7 +31,7 @@ DEFAULT_DATA_DIR = Path("build/autofocus-data")
 def command_generate(args) -> int:
     for split in args.splits:
         path = args.data_dir / f"{split}.npz"
-        if data.is_current(path, data.description(data.SPLITS[split])) and not args.force:
+        if data.is_current(path, data.split_description(data.SPLITS[split])) and not args.force:
             print(f"{path} is current (use --force to render again)")
             continue
         data.generate(data.SPLITS[split], path, workers=args.workers)

@@ -24,7 +24,7 @@ from wsi_acquisition.specimen import SyntheticSlide, TissueSection
 from wsi_acquisition.planning import detect_tissue
 from wsi_autofocus import training_optics
 from wsi_autofocus.content import TRAINING_IMAGES, RestainedTexture
-from wsi_autofocus.model_io import context_px
+from wsi_autofocus.model_io import OPTICS_FEATURES, context_px
 from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, tissue_fraction
 
 OBJECTIVES = (10.0, 20.0, 40.0)
@@ -150,6 +150,8 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
     labels = np.empty(n, np.float32)
     numerical_aperture = np.empty(n, np.float32)
     pixel_size_um = np.empty(n, np.float32)
+    condenser_fill = np.empty(n, np.float32)
+    condenser_inner_fill = np.zeros(n, np.float32)
     for i in np.flatnonzero(~randomised):
         x, y = points[i]
         focal = float(microscope.focal_z_um(x, y))
@@ -157,6 +159,7 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
         fields[i] = capture.image_rgb8
         labels[i] = capture.defocus_um
         numerical_aperture[i], pixel_size_um[i] = capture.numerical_aperture, capture.pixel_size_um
+        condenser_fill[i] = microscope.condenser_fill
     textures = {}
     chosen = np.flatnonzero(randomised)
     for group_start in range(0, len(chosen), spec.samples_per_microscope):
@@ -177,8 +180,10 @@ def render_specimen(args: tuple[DatasetSpec, int]) -> dict:
             fields[i] = randomised_field(specimen, x, y, optics, focus_shift, defocus[i], p, rng)
             labels[i] = defocus[i]
             numerical_aperture[i], pixel_size_um[i] = optics.numerical_aperture, optics.pixel_size_um
+            condenser_fill[i], condenser_inner_fill[i] = optics.condenser_fill, optics.condenser_inner_fill
     return {"fields": fields, "defocus_um": labels, "numerical_aperture": numerical_aperture,
-            "pixel_size_um": pixel_size_um, "objective": objectives.astype(np.float32),
+            "pixel_size_um": pixel_size_um, "condenser_fill": condenser_fill,
+            "condenser_inner_fill": condenser_inner_fill, "objective": objectives.astype(np.float32),
             "specimen": np.full(n, specimen_seed, np.int32), "sparse": sparse,
             "exposure_ms": exposures.astype(np.float32),
             "source": np.where(texture, 2, np.where(randomised, 1, 0)).astype(np.int8)}
@@ -242,6 +247,12 @@ def description(spec, **extra) -> dict:
     return json.loads(json.dumps(asdict(spec) | extra | {"rendering": training_optics.RENDERING_VERSION}))
 
 
+def split_description(spec: DatasetSpec) -> dict:
+    """`description` of a split's data file: its optics columns too, so data rendered before a column was
+    recorded is not taken for current."""
+    return description(spec, optics_columns=list(OPTICS_FEATURES))
+
+
 def write_description(output: Path, recorded: dict) -> None:
     Path(output).with_suffix(".json").write_text(json.dumps(recorded, indent=1))
 
@@ -256,7 +267,7 @@ def generate(spec: DatasetSpec, output: Path, workers: int = 2) -> Path:
     """Render a split into one .npz (uint8 fields + labels + metadata) and return its path."""
     parts = starmap_in_processes(render_specimen, [((spec, seed),) for seed in spec.specimen_seeds], workers)
     save_npz(output, {key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
-    write_description(output, description(spec))
+    write_description(output, split_description(spec))
     return output
 
 

@@ -17,6 +17,7 @@ from wsi_acquisition.stage import StageDynamics, trapezoid_duration_s
 from wsi_autofocus.data import OBJECTIVES, SPLITS, fields_showing_tissue, specimen_for_seed
 from wsi_acquisition.focus import trusts_estimate
 from wsi_autofocus.inference import FocusEstimator
+from wsi_autofocus.two_shot import Condenser
 from wsi_common.focus_metrics import SHARPNESS_METRICS, refine_peak
 
 DEFOCUS_BIN_EDGES_UM = (-20, -15, -10, -6, -3, -1, 1, 3, 6, 10, 15, 20)
@@ -48,9 +49,11 @@ def sweep_time_s(images: int, step_um: float, exposure_ms: float, dynamics: Stag
     return images * (step_s + exposure_ms / 1e3)
 
 
-def estimate_capture(estimator: FocusEstimator, capture):
-    """The estimate for a simulated capture, with the optics the capture was taken with."""
-    return estimator.estimate(capture.image_rgb8, capture.numerical_aperture, capture.pixel_size_um)
+def estimate_capture(estimator: FocusEstimator, microscope: VirtualMicroscope, capture):
+    """The estimate for a simulated capture, with the optics the capture was taken with and the microscope's
+    condenser, as the bring-up graph declares it to the autofocus node."""
+    return estimator.estimate(capture.image_rgb8, capture.numerical_aperture, capture.pixel_size_um,
+                              Condenser(microscope.condenser_fill))
 
 
 def _record(specimen_seed: int, microscope: VirtualMicroscope, capture, result, sparse: bool) -> dict:
@@ -74,16 +77,20 @@ def run_evaluation(estimator: FocusEstimator, spec: EvaluationSpec = EvaluationS
             points = fields_showing_tissue(microscope, rng, count, magnification, spec.tile_px)
             for (x, y), defocus in zip(points, rng.uniform(-20, 20, count)):
                 capture = render_tile(microscope, x, y, defocus, magnification, spec)
-                # Also as a caller that does not send the optics (EstimateFocus with NA and pixel size 0).
+                # Also as a caller that does not send the optics (EstimateFocus with NA and pixel size 0), and
+                # as a scanner that declares no condenser.
                 blind = estimator.estimate(capture.image_rgb8)
-                records.append(_record(specimen_seed, microscope, capture, estimate_capture(estimator, capture),
-                                       sparse=False)
-                               | {"predicted_optics_unknown_um": blind.defocus_um})
+                no_condenser = estimator.estimate(capture.image_rgb8, capture.numerical_aperture,
+                                                  capture.pixel_size_um)
+                records.append(_record(specimen_seed, microscope, capture,
+                                       estimate_capture(estimator, microscope, capture), sparse=False)
+                               | {"predicted_optics_unknown_um": blind.defocus_um,
+                                  "predicted_condenser_unknown_um": no_condenser.defocus_um})
         # Near-empty fields: positions off the tissue section, on bare glass or its ragged edge.
         for _ in range(spec.sparse_tiles_per_specimen):
             x, y = rng.uniform(0.03, 0.2) * microscope.specimen.width_um, rng.uniform(0.1, 0.9) * microscope.specimen.height_um
             capture = render_tile(microscope, x, y, rng.uniform(-10, 10), 20.0, spec)
-            records.append(_record(specimen_seed, microscope, capture, estimate_capture(estimator, capture),
+            records.append(_record(specimen_seed, microscope, capture, estimate_capture(estimator, microscope, capture),
                                    sparse=True))
         for x, y in fields_showing_tissue(microscope, rng, spec.sweep_tiles_per_specimen, 20.0, spec.tile_px):
             sweeps.append(_sweep(microscope, x, y, float(rng.uniform(-10, 10)), spec))
@@ -186,6 +193,8 @@ def summarize(evaluation: dict, estimator_backend: str) -> dict:
         "20x_within_20um_trusted_by_scan": acted_on(within(twenty, 20)),
         "20x_within_10um_optics_unknown": error_statistics(
             [t | {"predicted_um": t["predicted_optics_unknown_um"]} for t in within(twenty, 10)]),
+        "20x_within_10um_condenser_unknown": error_statistics(
+            [t | {"predicted_um": t["predicted_condenser_unknown_um"]} for t in within(twenty, 10)]),
         "by_objective": by_objective, "20x_by_defocus_bin": bins,
         "sparse_fields": {"n": len(sparse), "n_below_5pct_tissue": len(sparse_low),
                           "median_uncertainty_um": float(np.median([t["uncertainty_um"] for t in sparse_low]))
@@ -256,6 +265,9 @@ def format_table(summary: dict) -> str:
     blind = summary["20x_within_10um_optics_unknown"]
     lines.append(f"single shot, NA and pixel size not given: 20x within 10 µm MAE {blind['mae_um']:.3f} µm, "
                  f"sign>1µm {blind['sign_accuracy_beyond_1um']:.3f}")
+    no_condenser = summary["20x_within_10um_condenser_unknown"]
+    lines.append(f"single shot, condenser not declared: 20x within 10 µm MAE {no_condenser['mae_um']:.3f} µm, "
+                 f"sign>1µm {no_condenser['sign_accuracy_beyond_1um']:.3f}")
     for name in ("10", "20"):
         trusted = summary[f"20x_within_{name}um_trusted_by_scan"]
         if trusted["n"]:

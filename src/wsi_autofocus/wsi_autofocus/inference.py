@@ -15,6 +15,7 @@ import numpy as np
 
 from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES, context_px
 from wsi_autofocus.patches import select_patches
+from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser
 from wsi_common.focus_metrics import brenner
 
 BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
@@ -98,6 +99,12 @@ class OnnxRuntimeBackend:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         found = {model_input.name: model_input.shape[1:] for model_input in self.session.get_inputs()}
         expected = dict(zip(MODEL_INPUTS, ([3, patch_px, patch_px], [3, patch_px, patch_px], [len(OPTICS_FEATURES)])))
+        if found["optics"] != expected["optics"]:
+            # Focus models before version 6 were not told the condenser.
+            raise BackendUnavailableError(
+                f"onnxruntime: {path} takes {found['optics'][0]} optics columns, expected {len(OPTICS_FEATURES)} "
+                f"{OPTICS_FEATURES}: it was trained by an older version: train a new one (make train-autofocus), "
+                "or calibrate again from the shipped model")
         if found != expected:
             # Exports made before the context input was averaged down take the full field (2 * patch_px).
             raise BackendUnavailableError(
@@ -226,19 +233,25 @@ class FocusEstimator:
                                   "in the specimen plane")
         return float(numerical_aperture), float(pixel_size_um)
 
-    def estimate(self, image: np.ndarray, numerical_aperture: float = 0.0, pixel_size_um: float = 0.0) -> FocusResult:
+    def estimate(self, image: np.ndarray, numerical_aperture: float = 0.0, pixel_size_um: float = 0.0,
+                 condenser: Condenser = UNKNOWN_CONDENSER) -> FocusResult:
         """Defocus of one tile. numerical_aperture, pixel_size_um: the objective's NA and the image's
-        pixel size in the specimen plane; 0 = unknown (less accurate: the model then has to tell the
-        objective from the image)."""
-        return self.estimate_many([image], [(numerical_aperture, pixel_size_um)])[0]
+        pixel size in the specimen plane; condenser: the illumination as the scanner declares it; 0 =
+        unknown (less accurate: the model then has to tell the optics from the image)."""
+        return self.estimate_many([image], [(numerical_aperture, pixel_size_um)], [condenser])[0]
 
-    def estimate_many(self, images: list[np.ndarray], optics: list[tuple[float, float]]) -> list[FocusResult]:
+    def estimate_many(self, images: list[np.ndarray], optics: list[tuple[float, float]],
+                      condensers: list[Condenser] | None = None) -> list[FocusResult]:
         """Estimates for several tiles with one backend call (batching when the node falls behind).
-        optics: (numerical_aperture, pixel_size_um) per image, 0 = unknown."""
-        if len(optics) != len(images):
-            raise FocusInputError(f"{len(images)} images but {len(optics)} (NA, pixel size) pairs")
+        optics: (numerical_aperture, pixel_size_um) per image, condensers: one per image (None: not known
+        for any); 0 = unknown."""
+        condensers = [UNKNOWN_CONDENSER] * len(images) if condensers is None else condensers
+        if not len(optics) == len(condensers) == len(images):
+            raise FocusInputError(f"{len(images)} images but {len(optics)} (NA, pixel size) pairs and "
+                                  f"{len(condensers)} condensers")
         started = time.perf_counter()
-        optics = [self.check_optics(*pair) for pair in optics]
+        optics = [self.check_optics(*pair) + (condenser.fill, condenser.inner_fill)
+                  for pair, condenser in zip(optics, condensers)]
         images = [self.check_image(image) for image in images]
         selections = [select_patches(image, self.patch_px, self.patches_per_tile) for image in images]
         optics_rows = np.concatenate([np.tile(np.array(pair, np.float32), (len(selection.patches), 1))

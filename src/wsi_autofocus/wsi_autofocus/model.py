@@ -121,8 +121,9 @@ class FocusRegressor(nn.Module):
 
     Inputs: `patches`, float (N, 3, P, P), RGB in [0, 1], P = patch_px; `context`, float (N, 3, P, P):
     the field of context_px(P) px around each patch (the patch lies anywhere inside it), averaged
-    down CONTEXT_FACTOR times (`wsi_autofocus.patches.downsampled_fields`); `optics`, float (N, 2):
-    the objective's numerical aperture and the image pixel size in µm (OPTICS_FEATURES), 0 where unknown.
+    down CONTEXT_FACTOR times (`wsi_autofocus.patches.downsampled_fields`); `optics`, float (N, 4):
+    the objective's numerical aperture, the image pixel size in µm and the condenser's outer and inner
+    fill (OPTICS_FEATURES), 0 where unknown.
 
     Near focus the defocus lives in the finest detail of the patch, which the ResNet and the patch's
     spectrum read. Far from focus the blur disc is as wide as the patch (at 20x/0.75 a 96 px patch
@@ -133,7 +134,8 @@ class FocusRegressor(nn.Module):
     step 1.45x slower and, in equal training time, read 20x validation tiles less well (MAE within
     ±20 µm 0.68 against 0.57 µm, measured). The same blur means 2.7x less defocus at 40x/0.95 than
     at 20x/0.75 and the same pixels cover a different field, so the head is conditioned on the
-    optics; training drops them now and then so that "unknown" (0) still gets an answer. Every view
+    optics; and the blur of an absorber is the shadow of the illumination cone, so on the condenser
+    too. Training drops them now and then so that "unknown" (0) still gets an answer. Every view
     is divided by its own mean inside the network, so exposure does not shift the answer and the
     exported ONNX/TorchScript models take raw [0, 1] pixels.
     """

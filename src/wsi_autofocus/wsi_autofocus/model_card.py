@@ -8,7 +8,8 @@ from wsi_autofocus import heldout_imaging, shift_evaluation, slide_calibration
 from wsi_autofocus.content import EVALUATION_IMAGES, TRAINING_IMAGES
 from wsi_autofocus.data import DENSITY_SCALE_RANGE, NO_PHASE_FRACTION, PHASE_SCALE_RANGE
 from wsi_autofocus.evaluate import format_table
-from wsi_autofocus.model_io import CONTEXT_FACTOR, MODEL_OUTPUTS, context_px
+from wsi_autofocus.model_io import (CONTEXT_FACTOR, MODEL_OUTPUTS, UNKNOWN_CONDENSER_FRACTION, UNKNOWN_OPTICS_FRACTION,
+                                   context_px)
 from wsi_autofocus.two_shot_calibration import FINE_TUNE_LAYERS, FIT_SUB_FIELD_FRACTION
 
 
@@ -120,7 +121,8 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         f"apodisation, Bayer sensors with demosaicing, Poisson noise), three microscopes: {scopes}. "
         f"Real content: {', '.join(f'`{name}`' for name in EVALUATION_IMAGES)} (real bright-field images from "
         "pinned wheels), used as specimens only here. Neither is used in training or in tuning on `--split val`. "
-        "Each tile is estimated as the autofocus node does it (the tile's NA and pixel size); `acted` is the share "
+        "Each tile is estimated as the autofocus node does it (the tile's NA and pixel size, the condenser its "
+        "microscope declares: `shift_evaluation.imaging_condenser`); `acted` is the share "
         "a scan would act on, `wrong` those of them off by more than max(1 µm, half the depth of field).",
         "",
         "```",
@@ -191,7 +193,8 @@ def render(model_dir: Path) -> str:
         f"- Architecture: `{metadata['architecture']}` (plain torch.nn ResNet, `wsi_autofocus.model`). Inputs: "
         f"a {patch_px}×{patch_px} px RGB patch in [0, 1], the {field_px}×{field_px} px field around it averaged "
         f"down {CONTEXT_FACTOR}× to {field_px // CONTEXT_FACTOR}×{field_px // CONTEXT_FACTOR} px, and the "
-        "optics (objective NA, pixel size µm; 0 = unknown). The ResNet reads the patch; radially averaged log power "
+        "optics (objective NA, pixel size µm, the condenser's outer and inner fill as fractions of the NA as the "
+        "scanner declares it; 0 = unknown). The ResNet reads the patch; radially averaged log power "
         "spectra of the patch and of the field join it in the head. "
         f"Output columns: {', '.join(f'`{name}`' for name in MODEL_OUTPUTS)}.",
         f"- Per tile: the {metadata['patches_per_tile']} most tissue-rich patches, inverse-variance weighted median, "
@@ -222,7 +225,9 @@ def render(model_dir: Path) -> str:
         f"tissue ({len(TRAINING_IMAGES)} images: scikit-image's photographs and StarDist's H&E crop, "
         f"{len(val.texture_images)} of them kept for validation).",
         "- Augmentation that keeps the focus ordering: flips, 90° rotations, exposure, per-channel gain, mild contrast. "
-        "No blur or sharpening. 15 % of samples are shown with unknown optics (0, 0).",
+        f"No blur or sharpening. {UNKNOWN_OPTICS_FRACTION:.0%} of samples are shown with unknown optics (all 0), "
+        f"{UNKNOWN_CONDENSER_FRACTION:.0%} with the condenser not declared (its fills 0); the others with the "
+        "condenser each field was imaged under.",
         "",
         "## Training",
         "- Reproduce: `make train-autofocus` (renders the data, trains, exports, evaluates, writes this card).",
@@ -243,7 +248,10 @@ def render(model_dir: Path) -> str:
         f"20×/0.75, |defocus| ≤ 10 µm: MAE {twenty['mae_um']:.3f} µm (95 % bootstrap interval over the tiles "
         f"{twenty['mae_ci95_um'][0]:.2f}–{twenty['mae_ci95_um'][1]:.2f} µm; "
         f"median {twenty['median_abs_error_um']:.3f} µm), RMSE {twenty['rmse_um']:.3f} µm, "
-        f"p95 {twenty['p95_abs_error_um']:.3f} µm, sign correct {twenty['sign_accuracy_beyond_1um']:.1%} for |defocus| > 1 µm.",
+        f"p95 {twenty['p95_abs_error_um']:.3f} µm, sign correct {twenty['sign_accuracy_beyond_1um']:.1%} "
+        "for |defocus| > 1 µm; "
+        "the virtual microscope's condenser declared, as the bring-up graph declares it to the autofocus node "
+        "(not declared: the line below the table).",
         "",
         f"A scan moves the stage only on estimates it trusts (`wsi_acquisition.focus.trusts_estimate`): within "
         f"±10 µm that is {trusted['fraction_of_tiles']:.0%} of the 20× tiles, with MAE {trusted['mae_um']:.3f} µm. "

@@ -36,7 +36,7 @@ PARAMETERS = {
     "scanner_name": ("default", "this scanner's name in calibration_root"),
     "two_shot_model": ("", "two-shot model file (.npz) for EstimateFocus with image_above; empty = the shipped one"),
     "condenser_fill": (0.0, "the microscope's condenser aperture (outer edge of a ring source) as a fraction of the "
-                            "objective NA, read by the two-shot model; 0 = not known"),
+                            "objective NA, read by both focus models; 0 = not known"),
     "condenser_inner_fill": (0.0, "inner edge of a ring source as a fraction of the objective NA; 0 for a disc"),
     "condenser_numerical_aperture": (0.0, "instead of condenser_fill: the condenser's NA, one setting for every "
                                           "objective (each objective's fill follows from its NA); 0 = not given"),
@@ -91,22 +91,24 @@ class AutofocusNode(Node):
 
     def _evaluate(self, tiles: list[Tile]) -> None:
         started = time.perf_counter()
-        groups: dict[int, tuple[object, list, list]] = {}
+        groups: dict[int, tuple[object, list, list, list]] = {}
         for tile in tiles:
             estimator = self._estimator(tile.objective_magnification, tile.numerical_aperture, tile.pixel_size_um)
             try:
                 image = estimator.check_image(decode_rgb(tile.image))
                 estimator.check_optics(tile.numerical_aperture, tile.pixel_size_um)
-            except (ImageConversionError, FocusInputError) as error:
+                condenser = self.condenser.for_objective_if_known(tile.numerical_aperture)
+            except (ImageConversionError, FocusInputError, TwoShotError) as error:
                 self._publish(tile, estimator, error=str(error))
                 continue
-            _, images, good = groups.setdefault(id(estimator), (estimator, [], []))
+            _, images, condensers, good = groups.setdefault(id(estimator), (estimator, [], [], []))
             images.append(image)
+            condensers.append(condenser)
             good.append(tile)
-        for estimator, images, good in groups.values():
+        for estimator, images, condensers, good in groups.values():
             optics = [(tile.numerical_aperture, tile.pixel_size_um) for tile in good]
             try:
-                results = estimator.estimate_many(images, optics)
+                results = estimator.estimate_many(images, optics, condensers)
             except Exception as error:
                 # Each tile not yet answered gets its reason once; re-raised, the worker counts the
                 # failure and /diagnostics turns to ERROR.
@@ -141,7 +143,8 @@ class AutofocusNode(Node):
         started = time.perf_counter()
         try:
             image = decode_rgb(request.image)
-            result = estimator.estimate(image, request.numerical_aperture, request.pixel_size_um)
+            result = estimator.estimate(image, request.numerical_aperture, request.pixel_size_um,
+                                        self.condenser.for_objective_if_known(request.numerical_aperture))
             if request.image_above.width:
                 two_shot = self._two_shot(request.objective_magnification, request.numerical_aperture,
                                           request.pixel_size_um)

@@ -203,15 +203,19 @@ def render_tiles(spec: ShiftSpec, cache_dir: Path, workers: int = 2, log=print) 
     return tiles
 
 
-def estimate_tiles(estimator, tiles: dict, batch: int = 16) -> dict:
+def estimate_tiles(estimator, tiles: dict, batch: int = 16, condenser: two_shot.Condenser | None = None) -> dict:
     """The estimator's defocus and uncertainty for every tile, called as the autofocus node calls it
-    (with the tile's objective NA and pixel size)."""
+    (with the tile's objective NA and pixel size, and the condenser its microscope declares: `condenser` for
+    tiles of one microscope, else each tile's `imaging_condenser`)."""
     results = []
+    condensers = ([condenser] * len(tiles["images"]) if condenser is not None
+                  else [imaging_condenser(imaging) for imaging in tiles["imaging"]])
     for start in range(0, len(tiles["images"]), batch):
         stop = start + batch
         results += estimator.estimate_many(list(tiles["images"][start:stop]),
                                            list(zip(tiles["numerical_aperture"][start:stop].tolist(),
-                                                    tiles["pixel_size_um"][start:stop].tolist())))
+                                                    tiles["pixel_size_um"][start:stop].tolist())),
+                                           condensers[start:stop])
     return {"predicted_um": np.array([r.defocus_um for r in results]),
             "uncertainty_um": np.array([r.uncertainty_um for r in results]),
             "distance_um": np.array([r.distance_um for r in results]), "tile_estimates": results}
@@ -457,6 +461,7 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
         estimate, true = estimates["tile_estimates"][index], float(tiles["true_um"][index])
         dof = float(tiles["depth_of_field_um"][index])
         optics = (float(tiles["numerical_aperture"][index]), float(tiles["pixel_size_um"][index]))
+        condenser = imaging_condenser(tiles["imaging"][index])
         chosen = focus_action(estimate.defocus_um, estimate.uncertainty_um, estimate.distance_um,
                               estimate.distance_uncertainty_um, dof)
         offset, shots, side_right = None, 1, None
@@ -466,15 +471,14 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
             step = probe_step_um(dof, estimate.distance_um)
             probe_image = refocuser.image(index, true + step)
             shots += 1
-            pair = (two_shot_model.estimate(tiles["images"][index], probe_image, *optics, step,
-                                            imaging_condenser(tiles["imaging"][index]))
+            pair = (two_shot_model.estimate(tiles["images"][index], probe_image, *optics, step, condenser)
                     if two_shot_model is not None else None)
             if pair is not None:
                 offset = two_shot_offset(pair.defocus_um, pair.uncertainty_um, pair.above_focus_probability, dof)
             if offset is not None:
                 side_right = (pair.defocus_um > 0) == (true > 0)
             else:
-                probe, = estimator.estimate_many([probe_image], [optics])
+                probe, = estimator.estimate_many([probe_image], [optics], [condenser])
                 above, _ = side_from_probe(estimate, probe, step, brenner(tiles["images"][index]), brenner(probe_image))
                 if above is not None:
                     offset = -estimate.distance_um if above else estimate.distance_um
@@ -483,7 +487,7 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
         if offset is not None:
             taken = correction_captures(offset, estimate.distance_um, dof,
                                         lambda step: refocuser.image(index, true + step),
-                                        lambda image: estimator.estimate_many([image], [optics])[0])
+                                        lambda image: estimator.estimate_many([image], [optics], [condenser])[0])
             shots += len(taken)
             kept = kept_capture(brenner(tiles["images"][index]), [brenner(image) for _, image in taken])
             if kept is not None:
@@ -712,8 +716,8 @@ def calibrated_statistics(model_dir: Path | None, stacks: list, tiles: dict, out
     except CalibrationError as error:
         calibrated_dir, refused = model_dir, str(error)
     fit_s = time.monotonic() - started
-    before, after = (estimate_tiles(FocusEstimator(load_backend(backend, directory)[0], directory), tiles)
-                     for directory in (model_dir, calibrated_dir))
+    before, after = (estimate_tiles(FocusEstimator(load_backend(backend, directory)[0], directory), tiles,
+                                    condenser=condenser) for directory in (model_dir, calibrated_dir))
     return calibration_result(tiles, before, after, stacks, condenser, fit_s, refused)
 
 

@@ -11,14 +11,15 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from wsi_autofocus.model import Architecture, FocusRegressor, build_model
-from wsi_autofocus.model_io import CONTEXT_FACTOR, MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES, context_px
+from wsi_autofocus.model_io import (CONDENSER_COLUMNS, CONTEXT_FACTOR, MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES,
+                                   UNKNOWN_CONDENSER_FRACTION, UNKNOWN_OPTICS_FRACTION, context_px)
 
 MODEL_NAME = "focus_resnet_small"
-MODEL_VERSION = "5"
+MODEL_VERSION = "6"
 
 
 class InlineFocusDataset(Dataset):
-    """Rendered fields, their optics (NA, pixel size µm) and signed defocus labels (µm), served as
+    """Rendered fields, their optics (`OPTICS_FEATURES`) and signed defocus labels (µm), served as
     (patch, context, optics, label) with augmentations that keep the focus ordering.
 
     The patch view is a `patch_px` crop of the field, centred for evaluation and anywhere in the
@@ -28,7 +29,8 @@ class InlineFocusDataset(Dataset):
     and 90° rotations, intensity (exposure), per-channel gain (stain colour) and a mild contrast
     jitter around the field mean: none of them blur or sharpen, so the label stays true. A fraction
     `unknown_optics_fraction` of augmented samples has its optics set to 0 (unknown), as a caller
-    that does not know its objective sends them.
+    that does not know its objective sends them, and a further `unknown_condenser_fraction` only their
+    condenser, as a scanner that declares none sends it.
 
     Indexed by an int it gives one sample; by a sequence of ints (a `BatchSampler` with
     `DataLoader(batch_size=None)`) a whole batch, augmented with tensor operations: per sample in
@@ -36,7 +38,8 @@ class InlineFocusDataset(Dataset):
     """
 
     def __init__(self, fields: np.ndarray, optics: np.ndarray, defocus_um: np.ndarray, patch_px: int,
-                 augment: bool, seed: int = 0, unknown_optics_fraction: float = 0.15):
+                 augment: bool, seed: int = 0, unknown_optics_fraction: float = UNKNOWN_OPTICS_FRACTION,
+                 unknown_condenser_fraction: float = UNKNOWN_CONDENSER_FRACTION):
         if not len(fields) == len(optics) == len(defocus_um):
             raise ValueError(f"{len(fields)} fields, {len(optics)} optics rows and {len(defocus_um)} labels; "
                              "expected one of each per sample")
@@ -47,6 +50,7 @@ class InlineFocusDataset(Dataset):
         self.patch_px = patch_px
         self.optics = optics.astype(np.float32)
         self.unknown_optics_fraction = unknown_optics_fraction
+        self.unknown_condenser_fraction = unknown_condenser_fraction
         self.defocus_um = defocus_um.astype(np.float32)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
@@ -84,13 +88,17 @@ class InlineFocusDataset(Dataset):
         gain = torch.from_numpy((rng.uniform(0.8, 1.2, (count, 1, 1, 1)) *
                                  rng.uniform(0.93, 1.07, (count, 3, 1, 1))).astype(np.float32))
         augmented = ((turned - mean) * contrast + mean).mul_(gain).clamp_(0.0, 1.0)
-        unknown = torch.from_numpy(rng.random(count) < self.unknown_optics_fraction)
-        optics = torch.where(unknown[:, None], torch.zeros_like(optics), optics)
+        draw = rng.random(count)
+        condenser_columns = np.zeros(len(OPTICS_FEATURES), bool)
+        condenser_columns[CONDENSER_COLUMNS] = True
+        condenser_unknown = draw < self.unknown_optics_fraction + self.unknown_condenser_fraction
+        zeroed = (draw < self.unknown_optics_fraction)[:, None] | (condenser_unknown[:, None] & condenser_columns)
+        optics = torch.where(torch.from_numpy(zeroed), torch.zeros_like(optics), optics)
         return augmented, optics, rng.integers(0, margin + 1, size=(count, 2))
 
 
 def optics_columns(data: dict) -> np.ndarray:
-    """(N, 2) model optics input of a rendered data set (`wsi_autofocus.model_io.OPTICS_FEATURES`)."""
+    """(N, len(OPTICS_FEATURES)) model optics input of a rendered data set (`wsi_autofocus.model_io`)."""
     return np.column_stack([data[name] for name in OPTICS_FEATURES]).astype(np.float32)
 
 
@@ -234,8 +242,9 @@ def load_checkpoint(path: Path) -> FocusRegressor:
     version = str(checkpoint.get("metadata", {}).get("version", "0"))
     if not version.isdigit() or int(version) < int(MODEL_VERSION):
         raise IncompatibleModelError(f"{path} is focus model version {version}; this version reads version "
-                                     f"{MODEL_VERSION} models ({', '.join(MODEL_OUTPUTS)}): train a new one "
-                                     "(make train-autofocus)")
+                                     f"{MODEL_VERSION} models (optics {', '.join(OPTICS_FEATURES)}; outputs "
+                                     f"{', '.join(MODEL_OUTPUTS)}): train a new one (make train-autofocus), or "
+                                     "calibrate again from the shipped model")
     arch = checkpoint["architecture"]
     model = FocusRegressor(Architecture(arch["name"], tuple(arch["blocks_per_stage"]), tuple(arch["widths"]),
                                         arch["stem_width"]), checkpoint["patch_px"], checkpoint["defocus_scale_um"])
@@ -319,7 +328,7 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
 def model_example_inputs(patch_px: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     """One sample of each model input (MODEL_INPUTS), for tracing and TensorRT conversion."""
     return (torch.rand(1, 3, patch_px, patch_px, device=device), torch.rand(1, 3, patch_px, patch_px, device=device),
-            torch.tensor([[0.75, 0.325]], device=device))
+            torch.tensor([[0.75, 0.325, 0.7, 0.0]], device=device))
 
 
 def export(model: FocusRegressor, output_dir: Path, patch_px: int) -> None:

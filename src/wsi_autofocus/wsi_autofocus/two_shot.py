@@ -231,6 +231,12 @@ class CondenserDeclaration:
                                "does not read")
         return Condenser(min(self.numerical_aperture / numerical_aperture, 1.0), inner)
 
+    def for_objective_if_known(self, numerical_aperture: float) -> Condenser:
+        """`for_objective`, or not known (`UNKNOWN_CONDENSER`) when a condenser declared by its NA meets an
+        objective whose NA is not known (0): the single-shot model still reads a tile sent without its optics."""
+        by_na = (self.numerical_aperture, self.inner_numerical_aperture) != (0.0, 0.0)
+        return UNKNOWN_CONDENSER if by_na and numerical_aperture == 0.0 else self.for_objective(numerical_aperture)
+
 
 def model_inputs(features: np.ndarray, condenser_fill, condenser_inner_fill) -> np.ndarray:
     """The model's input rows: `pair_features` rows and each pair's condenser (`Condenser` fields, scalars or
