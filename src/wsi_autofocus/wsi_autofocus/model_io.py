@@ -10,7 +10,7 @@ MODEL_OUTPUTS = ("distance_um", "distance_log_variance", "above_focus_logit")
 # Columns of the optics input: the objective's NA and the pixel size, which every Tile and EstimateFocus request
 # carries, and the condenser the scanner declares (`two_shot.Condenser`: fractions of the objective NA); 0 = unknown.
 OPTICS_FEATURES = ("numerical_aperture", "pixel_size_um", "condenser_fill", "condenser_inner_fill")
-CONDENSER_COLUMNS = slice(2, 4)
+CONDENSER_COLUMNS = slice(OPTICS_FEATURES.index("condenser_fill"), OPTICS_FEATURES.index("condenser_inner_fill") + 1)
 # Shares of training samples shown as a caller that sends no optics (all columns 0) and, besides those, as a
 # scanner that declares no condenser (its columns 0), so that "unknown" still gets an answer.
 UNKNOWN_OPTICS_FRACTION = 0.15
