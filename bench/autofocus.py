@@ -21,7 +21,9 @@ import numpy as np
 
 from wsi_autofocus.inference import (BACKENDS, BackendUnavailableError, FocusEstimator, default_model_dir,
                                      load_backend, read_model_metadata)
+from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL
 from wsi_autofocus.model_io import context_px
+from wsi_autofocus.two_shot import Condenser
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TILE_INTERVAL_S = 0.1       # 10 tiles/s
@@ -40,18 +42,20 @@ def timed_ms(function, repeats: int) -> list[float]:
 def bench_backend(backend, estimator: FocusEstimator, patch_px: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     row = {"backend": backend.name}
-    optics = np.array([[0.75, 0.325]], np.float32)               # 20x/0.75, 6.5 µm camera pixels
+    # 20x/0.75, 6.5 µm camera pixels, the virtual microscope's condenser declared, as the bring-up graph runs it
+    optics = (0.75, 0.325, Condenser(DEFAULT_CONDENSER_FILL))
+    optics_row = np.array([FocusEstimator.optics_row(*optics)], np.float32)
 
     def model_inputs(batch: int):
         pixels = rng.random((2, batch, 3, patch_px, patch_px), dtype=np.float32)    # patches, averaged-down context
-        return pixels[0], pixels[1], np.repeat(optics, batch, axis=0)
+        return pixels[0], pixels[1], np.repeat(optics_row, batch, axis=0)
 
     single = model_inputs(1)
     times = timed_ms(lambda: backend.predict(*single), repeats)
     row["patch_b1_ms_median"] = statistics.median(times)
     row["patch_b1_ms_p95"] = float(np.percentile(times, 95))
     image256 = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    times = timed_ms(lambda: estimator.estimate(image256, *optics[0]), repeats)
+    times = timed_ms(lambda: estimator.estimate(image256, *optics), repeats)
     row["image256_ms_median"] = statistics.median(times)
     row["image256_ms_p95"] = float(np.percentile(times, 95))
     for batch in (8, 32):
@@ -59,12 +63,12 @@ def bench_backend(backend, estimator: FocusEstimator, patch_px: int, repeats: in
         times = timed_ms(lambda: backend.predict(*inputs), max(3, repeats // batch * 4))
         row[f"b{batch}_patches_per_s"] = batch / (statistics.median(times) / 1e3)
     tile = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
-    times = timed_ms(lambda: estimator.estimate(tile, *optics[0]), max(5, repeats // 5))
+    times = timed_ms(lambda: estimator.estimate(tile, *optics), max(5, repeats // 5))
     row["tile_estimate_ms_median"] = statistics.median(times)
     cpu_started = time.process_time()
     tiles = max(5, repeats // 5)
     for _ in range(tiles):
-        estimator.estimate(tile, *optics[0])
+        estimator.estimate(tile, *optics)
         time.sleep(TILE_INTERVAL_S)
     row["tile_estimate_cpu_ms"] = (time.process_time() - cpu_started) / tiles * 1e3
     row["patches_per_tile"] = estimator.patches_per_tile

@@ -233,6 +233,12 @@ class FocusEstimator:
                                   "in the specimen plane")
         return float(numerical_aperture), float(pixel_size_um)
 
+    @classmethod
+    def optics_row(cls, numerical_aperture: float, pixel_size_um: float,
+                   condenser: Condenser = UNKNOWN_CONDENSER) -> tuple[float, ...]:
+        """The model's optics input (`OPTICS_FEATURES`) for a tile taken with these optics."""
+        return cls.check_optics(numerical_aperture, pixel_size_um) + (condenser.fill, condenser.inner_fill)
+
     def estimate(self, image: np.ndarray, numerical_aperture: float = 0.0, pixel_size_um: float = 0.0,
                  condenser: Condenser = UNKNOWN_CONDENSER) -> FocusResult:
         """Defocus of one tile. numerical_aperture, pixel_size_um: the objective's NA and the image's
@@ -250,8 +256,7 @@ class FocusEstimator:
             raise FocusInputError(f"{len(images)} images but {len(optics)} (NA, pixel size) pairs and "
                                   f"{len(condensers)} condensers")
         started = time.perf_counter()
-        optics = [self.check_optics(*pair) + (condenser.fill, condenser.inner_fill)
-                  for pair, condenser in zip(optics, condensers)]
+        optics = [self.optics_row(*pair, condenser) for pair, condenser in zip(optics, condensers)]
         images = [self.check_image(image) for image in images]
         selections = [select_patches(image, self.patch_px, self.patches_per_tile) for image in images]
         optics_rows = np.concatenate([np.tile(np.array(pair, np.float32), (len(selection.patches), 1))
