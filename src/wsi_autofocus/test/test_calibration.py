@@ -11,14 +11,16 @@ from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
 from wsi_autofocus import heldout_imaging
-from wsi_autofocus.calibration import (calibrate, calibrate_both, no_sharper_than_base,
+from wsi_autofocus.calibration import (PATCHES_PER_IMAGE, _samples, calibrate, calibrate_both, no_sharper_than_base,
                                       uncertainty_scale_without_confident_errors)
 from wsi_autofocus.calibration_store import (CalibratedEstimators, CalibrationError, CalibrationStore, ZStack,
                                              stacks_from_scan, stacks_with_focus)
 from wsi_autofocus.data import specimen_for_seed, tissue_points
 from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, load_backend, read_model_metadata
+from wsi_autofocus.patches import select_patches
 from wsi_autofocus.shift_evaluation import CalibrationSpec
 from wsi_autofocus.training import export, load_checkpoint, save_checkpoint
+from wsi_autofocus.two_shot import Condenser
 from wsi_common.focus_metrics import brenner, focus_tolerance_um, tissue_fraction
 
 
@@ -81,6 +83,27 @@ def test_a_sweep_that_peaks_clearly_on_an_unstained_field_is_left_out_of_a_calib
     assert len(skipped) == 1 and re.match(r"stack 1: .*shows 0\.\d% stained tissue.*a field of glass", skipped[0])
     with pytest.raises(CalibrationError, match="1 of 2 z-stacks show tissue"):
         stacks_with_focus([stained, unstained], log=lambda message: None)
+
+
+def test_a_calibration_reads_every_image_in_its_eight_flips_and_turns_under_the_declared_condenser():
+    model = load_checkpoint(default_model_dir() / "model.pt").eval()
+    patch_px = int(read_model_metadata(default_model_dir())["patch_px"])
+    stack = ZStack(_virtual_stack(3, [-2.0, 0.0])[0].images, np.array([-2.0, 0.0]), 0.325, 0.75, best_focus_z_um=0.0)
+    condenser = Condenser(0.6, 0.2)
+    samples = _samples(model, [stack], patch_px, condenser)
+    for number, (image, label) in enumerate(zip(stack.images, (-2.0, 0.0))):
+        selection = select_patches(image, patch_px, PATCHES_PER_IMAGE)
+        optics = torch.tensor([[0.75, 0.325, 0.6, 0.2]]).expand(len(selection.patches), -1)
+        expected = []
+        for turn in range(4):
+            for flip in (False, True):
+                views = [torch.rot90(torch.from_numpy(v), turn, dims=(2, 3))
+                         for v in (selection.patches, selection.context)]
+                with torch.inference_mode():
+                    expected.append(torch.cat(model._views(*[v.flip(3) if flip else v for v in views], optics), 1))
+        rows = samples["images"] == number
+        torch.testing.assert_close(samples["features"][rows], torch.cat(expected), rtol=1e-4, atol=1e-4)
+        assert np.all(samples["labels"][rows].numpy() == label) and np.all(samples["groups"][rows] == 0)
 
 
 def _flip_side(model_dir, destination):

@@ -71,16 +71,18 @@ def _samples(model, stacks: list[ZStack], patch_px: int, condenser: Condenser) -
             patches, context = torch.from_numpy(selection.patches), torch.from_numpy(selection.context)
             optics = torch.tensor([[stack.numerical_aperture, stack.pixel_size_um, condenser.fill,
                                     condenser.inner_fill]]).expand(len(patches), -1)
-            for turn in range(4):
-                for flip in (False, True):
-                    views = [torch.rot90(v, turn, dims=(2, 3)) for v in (patches, context)]
-                    if flip:
-                        views = [v.flip(3) for v in views]
-                    with torch.inference_mode():
-                        features.append(torch.cat(model._views(*views, optics), dim=1))
-                    labels += [label] * len(patches)
-                    groups += [index] * len(patches)
-                    images += [image_number] * len(patches)
+            # One model call for all eight views of the image: per view, the calls were too small to keep both
+            # cores busy (the features are the same: the model runs in eval mode).
+            turned = [(torch.rot90(patches, turn, dims=(2, 3)), torch.rot90(context, turn, dims=(2, 3)))
+                      for turn in range(4)]
+            views = [view for pair in turned for view in (pair, (pair[0].flip(3), pair[1].flip(3)))]
+            with torch.inference_mode():
+                features.append(torch.cat(model._views(torch.cat([patch for patch, _ in views]),
+                                                       torch.cat([around for _, around in views]),
+                                                       optics.repeat(len(views), 1)), dim=1))
+            labels += [label] * (len(patches) * len(views))
+            groups += [index] * (len(patches) * len(views))
+            images += [image_number] * (len(patches) * len(views))
     return {"features": torch.cat(features), "labels": torch.tensor(labels, dtype=torch.float32),
             "groups": np.array(groups), "images": np.array(images), "numerical_apertures": np.array(apertures)}
 

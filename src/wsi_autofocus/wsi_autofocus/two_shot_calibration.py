@@ -160,7 +160,8 @@ def fine_tune(model: TwoShotModel, pairs: dict, penalty: float = FINE_TUNE_PENAL
             for layer in reversed(range(layers)):
                 d_before = d_hidden * (before_relu[layer] > 0)
                 error[:0] = [activations[layer].T @ d_before, d_before.sum(axis=0)]
-                d_hidden = d_before @ parameters[2 * layer].T
+                if layer > 0:   # the first tuned layer's inputs are fixed: no gradient flows past them
+                    d_hidden = d_before @ parameters[2 * layer].T
             return [g + 2.0 * penalty * (p - t) for g, p, t in zip(error, parameters, trained)]
 
         fitted = _adam(trained, gradient, steps, learning_rate)
