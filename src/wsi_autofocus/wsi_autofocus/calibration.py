@@ -32,7 +32,7 @@ import torch
 
 from wsi_autofocus.calibration_store import (MAX_LABEL_UM, CalibrationError, ZStack, check_stacks, held_back_stacks,
                                              stacks_with_focus)
-from wsi_autofocus.inference import aggregate, default_model_dir, read_model_metadata
+from wsi_autofocus.inference import FocusEstimator, aggregate, default_model_dir, read_model_metadata
 from wsi_autofocus.patches import select_patches
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
 from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser, depth_unit_um
@@ -69,8 +69,8 @@ def _samples(model, stacks: list[ZStack], patch_px: int, condenser: Condenser) -
             apertures.append(stack.numerical_aperture)
             selection = select_patches(np.ascontiguousarray(image), patch_px, PATCHES_PER_IMAGE)
             patches, context = torch.from_numpy(selection.patches), torch.from_numpy(selection.context)
-            optics = torch.tensor([[stack.numerical_aperture, stack.pixel_size_um, condenser.fill,
-                                    condenser.inner_fill]]).expand(len(patches), -1)
+            optics = torch.tensor([FocusEstimator.optics_row(stack.numerical_aperture, stack.pixel_size_um,
+                                                             condenser)]).expand(len(patches), -1)
             # One model call for all eight views of the image: per view, the calls were too small to keep both
             # cores busy (the features are the same: the model runs in eval mode).
             turned = [(torch.rot90(patches, turn, dims=(2, 3)), torch.rot90(context, turn, dims=(2, 3)))
