@@ -206,21 +206,25 @@ class CondenserDeclaration:
     numerical_aperture: float = 0.0
     inner_numerical_aperture: float = 0.0
 
+    @property
+    def by_numerical_aperture(self) -> bool:
+        """Whether the condenser is declared by its own NA (else by fractions of each objective's, or not at all)."""
+        return (self.numerical_aperture, self.inner_numerical_aperture) != (0.0, 0.0)
+
     def __post_init__(self):
-        by_na = (self.numerical_aperture, self.inner_numerical_aperture) != (0.0, 0.0)
-        if by_na and (self.fill, self.inner_fill) != (0.0, 0.0):
+        if self.by_numerical_aperture and (self.fill, self.inner_fill) != (0.0, 0.0):
             raise TwoShotError(f"condenser declared both as fill {self.fill} (inner {self.inner_fill}) and as NA "
                                f"{self.numerical_aperture} (inner {self.inner_numerical_aperture}); declare one")
-        if by_na and not 0.0 <= self.inner_numerical_aperture < self.numerical_aperture:
+        if self.by_numerical_aperture and not 0.0 <= self.inner_numerical_aperture < self.numerical_aperture:
             raise TwoShotError(f"condenser NA {self.numerical_aperture}, inner NA {self.inner_numerical_aperture}; "
                                "expected 0 <= inner < NA")
-        if not by_na:
+        if not self.by_numerical_aperture:
             Condenser(self.fill, self.inner_fill)
 
     def for_objective(self, numerical_aperture: float) -> Condenser:
         """The condenser as the two-shot model reads it under an objective of `numerical_aperture`: a
         condenser NA beyond the objective's fills its aperture."""
-        if (self.numerical_aperture, self.inner_numerical_aperture) == (0.0, 0.0):
+        if not self.by_numerical_aperture:
             return Condenser(self.fill, self.inner_fill)
         if not numerical_aperture > 0:
             raise TwoShotError(f"objective NA {numerical_aperture}: a condenser declared by its NA needs it")
@@ -234,8 +238,9 @@ class CondenserDeclaration:
     def for_objective_if_known(self, numerical_aperture: float) -> Condenser:
         """`for_objective`, or not known (`UNKNOWN_CONDENSER`) when a condenser declared by its NA meets an
         objective whose NA is not known (0): the single-shot model still reads a tile sent without its optics."""
-        by_na = (self.numerical_aperture, self.inner_numerical_aperture) != (0.0, 0.0)
-        return UNKNOWN_CONDENSER if by_na and numerical_aperture == 0.0 else self.for_objective(numerical_aperture)
+        if self.by_numerical_aperture and numerical_aperture == 0.0:
+            return UNKNOWN_CONDENSER
+        return self.for_objective(numerical_aperture)
 
 
 def model_inputs(features: np.ndarray, condenser_fill, condenser_inner_fill) -> np.ndarray:
