@@ -19,7 +19,8 @@ from wsi_autofocus.model_card import calibration_target_check, record_reproducti
 from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, fit_uncertainty_calibration,
-                                   focus_loss, optics_columns, train, training_loss, uncertainty_calibration)
+                                   focus_loss, load_checkpoint, optics_columns, seed_everything, train, training_loss,
+                                   uncertainty_calibration)
 from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION, SHARPNESS_METRICS, brenner, tissue_fraction
 
 
@@ -353,6 +354,21 @@ def test_training_ends_on_a_low_learning_rate(tiny_sets, tmp_path):
     assert len(rates) == 4 and rates[0] == config.learning_rate
     assert all(later <= earlier for earlier, later in zip(rates, rates[1:]))
     assert rates[-1] < 0.3 * config.learning_rate
+
+
+def test_the_model_kept_is_the_moving_average_of_the_trained_weights(tiny_sets, tmp_path):
+    """The average starts at the weights after the first step, which moves none by more than the learning rate
+    (Adam): a decay of nearly 1 keeps it there however far training goes on; a decay of 0 keeps the trained weights."""
+    def largest_change_of_a_weight(decay: float) -> float:
+        config = TrainingConfig(epochs=4, batch_size=16, patch_px=64, anneal_fraction=0.0, weight_average_decay=decay)
+        seed_everything(config.seed)
+        initial = dict(build_model(config.architecture, config.patch_px).named_parameters())
+        train(*tiny_sets, config, tmp_path / str(decay), log=lambda line: None)
+        kept = dict(load_checkpoint(tmp_path / str(decay) / "model.pt").named_parameters())
+        return max(float((kept[name] - initial[name]).abs().max()) / config.learning_rate for name in initial)
+
+    assert largest_change_of_a_weight(1.0 - 1e-9) < 1.01
+    assert largest_change_of_a_weight(0.0) > 3.0
 
 
 def test_training_starts_no_epoch_that_would_overrun_the_time_budget(tiny_sets, tmp_path):

@@ -238,7 +238,10 @@ def render(model_dir: Path) -> str:
         f"- AdamW (lr {training['learning_rate']}, weight decay {training['weight_decay']}), ReduceLROnPlateau "
         f"with a linear decay to 2 % over the last {training.get('anneal_fraction', 0):.0%} of the run, "
         f"early stopping (patience {training['early_stopping_patience']}), batch {training['batch_size']}, "
-        f"seed {training['seed']}, {training['threads']} CPU threads.",
+        f"seed {training['seed']}, {training['threads']} CPU threads."
+        + (f" The model judged each epoch, kept and exported is the exponential moving average of the weights and the "
+           f"batch norms' statistics (decay {training['weight_average_decay']} per step)."
+           if training.get("weight_average_decay") else ""),
         f"- {len(history)} epochs in {history[-1]['elapsed_s'] / 60:.0f} min; best epoch {best['epoch']} "
         f"(validation MAE {best['val_mae_um']:.3f} µm on patches).",
         *([reproduction_statement(json.loads((model_dir / REPRODUCTION_FILE).read_text()), metadata["best_val_loss"])]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from wsi_autofocus.model import Architecture, FocusRegressor, build_model
@@ -164,6 +165,9 @@ class TrainingConfig:
     # otherwise ends at a high learning rate, mid-plateau.
     anneal_fraction: float = 0.35
     loss_beta: float = 0.5               # `focus_loss`
+    # The model judged, kept and exported is an exponential moving average of the trained weights (and of the batch
+    # norms' statistics) with this decay per step; 0 keeps the trained weights themselves.
+    weight_average_decay: float = 0.998
     threads: int = 2
     seed: int = 0
     patch_px: int = 96
@@ -258,6 +262,9 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
     torch.set_num_threads(config.threads)
     # NHWC convolutions are ~1.6x faster than NCHW in oneDNN on a CPU (measured, forward + backward).
     model = build_model(config.architecture, config.patch_px).to(memory_format=torch.channels_last)
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.weight_average_decay), use_buffers=True)
+                if config.weight_average_decay else None)
+    judged = averaged.module if averaged else model
     train_set = InlineFocusDataset(train_data["fields"], optics_columns(train_data), train_data["defocus_um"],
                                    config.patch_px, augment=True, seed=config.seed)
     val_set = InlineFocusDataset(val_data["fields"], optics_columns(val_data), val_data["defocus_um"],
@@ -295,8 +302,10 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
             loss = training_loss(output, target, config.loss_beta)
             loss.backward()
             optimizer.step()
+            if averaged:
+                averaged.update_parameters(model)
         epoch_s = time.monotonic() - epoch_started
-        val_loss, val_mae = evaluate_loss(model, val_loader, config.loss_beta)
+        val_loss, val_mae = evaluate_loss(judged, val_loader, config.loss_beta)
         # The plateau schedule sees and changes its own learning rate, not the annealed one.
         for group, plateau_lr in zip(optimizer.param_groups, plateau_lrs):
             group["lr"] = plateau_lr
@@ -309,7 +318,7 @@ def train(train_data: dict, val_data: dict, config: TrainingConfig, output_dir: 
             f"{time.monotonic() - started:6.0f} s")
         if val_loss < best_loss - 1e-4:
             best_loss, epochs_without_gain = val_loss, 0
-            save_checkpoint(model, output_dir / "model.pt", metadata | {"epoch": epoch, "val_mae_um": val_mae})
+            save_checkpoint(judged, output_dir / "model.pt", metadata | {"epoch": epoch, "val_mae_um": val_mae})
         else:
             epochs_without_gain += 1
         if epochs_without_gain >= config.early_stopping_patience:
