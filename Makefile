@@ -34,7 +34,7 @@ bench: $(VENV)/.built
 # from it: the installed copies' default model paths lie inside $(VENV), where `make build` would overwrite them.
 SOURCE_PY := PYTHONPATH=$$(ls -d $(CURDIR)/src/*/ | tr '\n' ':') $(PY)
 
-# Reproduces the shipped focus model's recipe: render the data, train 20 epochs (the time cap only stops
+# Reproduces the shipped focus model's recipe: render the data, train 28 epochs (the time cap only stops
 # a far slower machine: the epoch count, not the machine's load, sets the schedule), export, evaluate on
 # held-out specimens, held-out microscopes and real images, measure what a scan makes of it with the two-shot
 # model (the scan outcome, kept with the two-shot evaluation), write both model cards. Training is seeded
@@ -42,7 +42,7 @@ SOURCE_PY := PYTHONPATH=$$(ls -d $(CURDIR)/src/*/ | tr '\n' ':') $(PY)
 # Run `make build` after it to install the new model.
 train-autofocus: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli generate --data-dir $(AUTOFOCUS_DATA) --splits train val
-	$(TRAIN_MALLOC) $(SOURCE_PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --epochs 20 --time-budget 4200
+	$(TRAIN_MALLOC) $(SOURCE_PY) -m wsi_autofocus.cli train --data-dir $(AUTOFOCUS_DATA) --output $(MODEL_DIR) --epochs 28 --time-budget 4200
 	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli eval --model $(MODEL_DIR) --output build/autofocus-eval \
 	    --summary-json $(MODEL_DIR)/evaluation.json
 	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli eval-two-shot --card --single-shot-model $(MODEL_DIR)
