@@ -1,5 +1,5 @@
-"""Training the focus regressor: dataset with focus-preserving augmentation, AdamW + ReduceLROnPlateau,
-early stopping, seeded; checkpoints and ONNX / TorchScript export."""
+"""Training the focus regressor: dataset with focus-preserving augmentation, AdamW + ReduceLROnPlateau, a moving
+average of the weights, early stopping, seeded; checkpoints and ONNX / TorchScript export."""
 import json
 import time
 from dataclasses import asdict, dataclass
