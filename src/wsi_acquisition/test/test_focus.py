@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from wsi_acquisition.focus import (MIN_SHARPNESS_GAIN, bracketing_offset, focus_action, kept_capture, probe_step_um,
-                                   side_from_probe, trusts_estimate, two_shot_offset)
+from wsi_acquisition.focus import (BRACKET, CORRECTION, MIN_SHARPNESS_GAIN, OTHER_WAY, bracketing_offset,
+                                   correction_captures, focus_action, kept_capture, probe_step_um, side_from_probe,
+                                   trusts_estimate, two_shot_offset)
 from wsi_acquisition.scan import FocusReply
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_common.focus_metrics import SHARPNESS_METRICS, brenner, tissue_fraction
@@ -76,6 +77,31 @@ def test_a_correction_still_out_of_focus_brackets_focus_in_the_ratio_of_the_two_
     assert bracketing_offset(-8.0, 6.0, 2.0, 0.5, dof) == pytest.approx(-6.0)   # 6 µm, overshot by 2
     # A correction whose capture may be in focus is left alone.
     assert bracketing_offset(-8.0, 8.0, 1.0, 0.5, dof) is None
+
+
+def _captures_of_a_tile(defocus_um: float, offset_um: float, estimate_distance=None) -> list:
+    """`correction_captures` of a tile `defocus_um` from focus corrected by `offset_um`: a capture is its defocus,
+    sharper nearer focus; `estimate_distance(defocus)` reads a capture's distance (None: no estimate)."""
+    def sharpness(defocus):
+        return 1.0 / (1.0 + defocus ** 2)
+
+    def estimate(defocus):
+        return None if estimate_distance is None else FocusReply(0.0, 5.0, estimate_distance(defocus), 0.2)
+
+    return correction_captures(offset_um, abs(defocus_um), 1.4, lambda offset: defocus_um + offset, estimate,
+                               sharpness, sharpness(defocus_um))
+
+
+def test_a_correction_that_lost_sharpness_is_tried_the_same_distance_the_other_way():
+    # 3 µm above focus, told below: the move up by 3 µm blurs the tile, so the scan tries 3 µm down.
+    assert _captures_of_a_tile(3.0, 3.0) == [(CORRECTION, 3.0, 6.0), (OTHER_WAY, -3.0, 0.0)]
+    # The right way needs nothing more, nor does a correction that fell short but still gained sharpness.
+    assert _captures_of_a_tile(3.0, -3.0) == [(CORRECTION, -3.0, 0.0)]
+    assert _captures_of_a_tile(3.0, -1.5) == [(CORRECTION, -1.5, 1.5)]
+    # Through focus and twice as far: the bracketing capture finds focus, so the other way is not tried.
+    assert _captures_of_a_tile(3.0, -9.0, abs) == [(CORRECTION, -9.0, -6.0), (BRACKET, -3.0, 0.0)]
+    # A wrong way read as out of focus brackets on the wrong side too; then the other way.
+    assert [kind for kind, _, _ in _captures_of_a_tile(3.0, 3.0, abs)] == [CORRECTION, BRACKET, OTHER_WAY]
 
 
 def test_the_sharpest_correction_replaces_the_focus_maps_capture_only_if_measurably_sharper():

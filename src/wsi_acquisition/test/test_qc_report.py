@@ -41,7 +41,9 @@ def test_qc_report_shows_grid_focus_registration_and_timing(tmp_path):
     assert sum(sources.values()) == len(outcome.plan.tiles)
     assert summary["tiles focused by autofocus"] == outcome.refocus_count > 0
     assert summary["tiles focused by autofocus+two-shot"] == 0      # every source listed, also where none used it
-    assert summary["corrections refused (not sharper)"] == len(outcome.focus_checks)
+    assert summary["corrections refused (not sharper)"] == len({(c["row"], c["col"]) for c in outcome.focus_checks})
+    assert summary["corrections tried the other way (they lost sharpness)"] == sum(
+        c["other_way_from_offset_um"] is not None for c in outcome.focus_checks)
 
 
 def test_qc_report_lists_every_tile_the_stitcher_flagged_or_left_on_its_stage_pose(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_acquisition.focus import MIN_SHARPNESS_GAIN
+from wsi_acquisition.focus import FOCUS_MAP, MIN_SHARPNESS_GAIN
 from wsi_acquisition.hardware import CameraError, SimulatedMicroscope
 from wsi_acquisition.optics import Camera
 from wsi_acquisition.qc_report import write_qc_report
@@ -118,6 +118,31 @@ def _scan_three_um_off_with(tmp_path, scan_id, estimate_focus, estimate_image):
     return outcome, {(r.row, r.col): r for r in outcome.records}, backend.depth_of_field_um() / 2
 
 
+def test_a_correction_the_wrong_way_is_tried_the_other_way_and_kept_only_then(tmp_path):
+    """An autofocus sure of the wrong side, as a microscope the model never saw can fool it: each correction
+    moves the tile 3 µm further from focus and loses sharpness, so the scan tries the same move the other way,
+    which lands in focus and becomes the tile; the wrong move stays beside it as a focus check. A field of
+    glass loses no sharpness either way: it keeps the focus map's capture."""
+    def wrong_side(record, frame):
+        return FocusReply(-frame.ground_truth_defocus_um, 0.1)
+
+    outcome, final, half_dof = _scan_three_um_off_with(tmp_path, "other-way", wrong_side, None)
+    turned = 0
+    for record in final.values():
+        wrong, *other_way = [c for c in outcome.focus_checks if (c["row"], c["col"]) == (record.row, record.col)]
+        assert wrong["offset_um"] > 2.0 and abs(wrong["ground_truth"]["defocus_um"]) > 4.0
+        if wrong["sharpness_gain"] > -MIN_SHARPNESS_GAIN:
+            assert record.focus_source == FOCUS_MAP and record.other_way_from_offset_um is None
+            continue
+        turned += 1
+        assert abs(record.ground_truth["defocus_um"]) <= half_dof + 0.3, (record.row, record.col)
+        assert record.other_way_from_offset_um == wrong["offset_um"] == pytest.approx(-record.applied_focus_offset_um)
+        assert other_way == []
+    assert turned > len(final) * 3 / 4
+    summary = json.loads((write_qc_report(outcome.manifest_path).parent / "summary.json").read_text())
+    assert summary["corrections tried the other way (they lost sharpness)"] == turned == outcome.refocus_count
+
+
 def test_a_correction_that_went_through_focus_brackets_it_with_one_more_capture(tmp_path):
     """An autofocus that reads every distance twice too long, as the shipped model reads a ring-lit
     microscope it never saw: its corrections land as far on the other side of focus. The corrected capture
@@ -166,7 +191,11 @@ def test_a_correction_that_is_not_sharper_is_not_kept(tmp_path):
     assert outcome.refocus_count == 0 and not any(r.is_recapture for r in outcome.records)
     assert all(r.focus_source == "focus-map" for r in outcome.records)
     checks = [c for c in outcome.focus_checks if c["kind"] == "correction"]
-    assert len(checks) == len(first)                     # every tile tried, every try refused ...
+    # Every tile tried, and tried the other way where the first try lost sharpness; every try refused ...
+    first_tries = [c for c in checks if c["other_way_from_offset_um"] is None]
+    other_way = [c for c in checks if c["other_way_from_offset_um"] is not None]
+    assert len(first_tries) == len(first)
+    assert len(other_way) == sum(c["sharpness_gain"] <= -MIN_SHARPNESS_GAIN for c in first_tries) > len(first) / 2
     assert all(c["sharpness_gain"] < MIN_SHARPNESS_GAIN for c in checks)  # ... because it was not sharper
     assert np.median([c["sharpness_gain"] for c in checks]) < -0.2
     manifest = json.loads(outcome.manifest_path.read_text())

@@ -108,18 +108,31 @@ def bracketing_offset(offset_um: float, distance_um: float, corrected_distance_u
     return offset_um * distance_um / (distance_um + corrected_distance_um)
 
 
-def correction_captures(offset_um: float, distance_um: float, depth_of_field_um: float, capture, estimate) -> list:
-    """A correction's captures as a scan takes them: `capture(offset_um)`, and, when `estimate` of that capture
+# What each capture of a correction is (`correction_captures`): the correction itself; one more where it and the
+# focus map's capture bracket focus; the same move the other way, after the correction lost sharpness.
+CORRECTION, BRACKET, OTHER_WAY = "correction", "bracket", "other-way"
+
+
+def correction_captures(offset_um: float, distance_um: float, depth_of_field_um: float, capture, estimate, sharpness,
+                        focus_map_sharpness: float) -> list:
+    """A correction's captures as a scan takes them: `capture(offset_um)`; when `estimate` of that capture
     (anything with distance_um and distance_uncertainty_um, or None) reads it surely out of focus, one more
-    where it and the first capture (`distance_um` from focus) bracket focus (`bracketing_offset`). Returns
-    (offset, capture) pairs; `kept_capture` chooses among them."""
-    captures = [(offset_um, capture(offset_um))]
-    corrected = estimate(captures[0][1])
+    where it and the first capture (`distance_um` from focus) bracket focus (`bracketing_offset`); and when
+    neither would be kept (`kept_capture`) and the correction's capture is measurably less sharp than the focus
+    map's (`sharpness` of a capture against `focus_map_sharpness`), the same move the other way: a move that
+    blurred the tile went away from focus, the side it was told was wrong. Returns (kind, offset, capture)
+    triples, kind one of `CORRECTION`, `BRACKET`, `OTHER_WAY`; `kept_capture` chooses among them."""
+    captures = [(CORRECTION, offset_um, capture(offset_um))]
+    corrected = estimate(captures[0][2])
     if corrected is not None:
         bracket = bracketing_offset(offset_um, distance_um, corrected.distance_um, corrected.distance_uncertainty_um,
                                     depth_of_field_um)
         if bracket is not None:
-            captures.append((bracket, capture(bracket)))
+            captures.append((BRACKET, bracket, capture(bracket)))
+    sharpnesses = [sharpness(taken) for _, _, taken in captures]
+    moved_away = sharpness_gain(sharpnesses[0], focus_map_sharpness) <= -MIN_SHARPNESS_GAIN
+    if moved_away and kept_capture(focus_map_sharpness, sharpnesses) is None:
+        captures.append((OTHER_WAY, -offset_um, capture(-offset_um)))
     return captures
 
 

@@ -146,13 +146,14 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
     lost (one refused because it was not sharper); summary counts and an HTML table."""
     final = manifest.final_captures()
     refused = {}
-    probes = bracketed = 0
+    probes = bracketed = other_way = 0
     for check in manifest.document.get("focus_checks") or []:
         cell = (check["row"], check["col"])
         if check["kind"] == "correction" and final[cell].get("focus_source", FOCUS_MAP) == FOCUS_MAP:
             refused.setdefault(cell, check)
         probes += check["kind"] == "side-probe"
         bracketed += check.get("bracketed_from_offset_um") is not None
+        other_way += check.get("other_way_from_offset_um") is not None
     counts = dict.fromkeys(FOCUS_SOURCES, 0)
     rows = []
     for cell in sorted(final):
@@ -164,6 +165,9 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
         if tile.get("bracketed_from_offset_um") is not None:
             bracketed += 1
             note = f"between the focus map's z and a correction by {tile['bracketed_from_offset_um']:+.2f} µm"
+        if tile.get("other_way_from_offset_um") is not None:
+            other_way += 1
+            note = f"the other way after a correction by {tile['other_way_from_offset_um']:+.2f} µm lost sharpness"
         if cell in refused:
             gain, note = refused[cell]["sharpness_gain"], f"correction by {refused[cell]['offset_um']:+.2f} µm refused: not sharper"
         truth = (tile.get("ground_truth") or {}).get("defocus_um")
@@ -176,6 +180,7 @@ def _focus_sources(manifest: Manifest) -> tuple[dict, str]:
     summary["corrections refused (not sharper)"] = len(refused)
     summary["side probes"] = probes
     summary["corrections that went on to bracket focus"] = bracketed
+    summary["corrections tried the other way (they lost sharpness)"] = other_way
     header = "".join(f"<th>{h}</th>" for h in ("row", "col", "focus source", "z (µm)", "autofocus estimate (µm)",
                                                "sharpness gained", "true defocus (µm)", ""))
     return summary, f"<table class='tiles'><tr>{header}</tr>{''.join(rows)}</table>"

@@ -22,9 +22,9 @@ from typing import BinaryIO, Callable
 import numpy as np
 import tifffile
 
-from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, FOCUS_MAP, correction_captures,
-                                   focus_action, kept_capture, probe_step_um, sharpness_gain, side_from_probe,
-                                   two_shot_offset)
+from wsi_acquisition.focus import (AUTOFOCUS, AUTOFOCUS_PROBE, AUTOFOCUS_TWO_SHOT, BRACKET, FOCUS_MAP, OTHER_WAY,
+                                   correction_captures, focus_action, kept_capture, probe_step_um, sharpness_gain,
+                                   side_from_probe, two_shot_offset)
 from wsi_acquisition.hardware import CameraError, Frame, MicroscopeBackend, ReadOut
 from wsi_acquisition.planning import (FocusMap, NoTissueError, PlanningError, TilePlan, choose_focus_points,
                                       default_focus_point_count, detect_tissue, focus_sweeps, plan_tiles)
@@ -95,6 +95,8 @@ class TileRecord:
     sharpness_gain: float | None = None    # a correction: its sharpness over the focus map capture's, - 1
     # A capture where a correction and the focus map's capture bracket focus: that correction's z offset.
     bracketed_from_offset_um: float | None = None
+    # A capture the same distance the other way after a correction lost sharpness: that correction's z offset.
+    other_way_from_offset_um: float | None = None
 
 
 @dataclass
@@ -560,23 +562,25 @@ class ScanRunner:
 
     def _try_correction(self, tile, map_z: float, offset_um: float, source: str, original: TileRecord,
                         reply: FocusReply, depth_of_field_um: float) -> None:
-        """Capture at the corrected z and, when that capture still reads surely out of focus, once more where
-        the two bracket focus (`focus.correction_captures`). The sharpest capture becomes the tile's re-capture
-        if it is measurably sharper than the focus map's (`focus.kept_capture`); the others are kept as focus
-        checks."""
+        """Capture at the corrected z; when that capture still reads surely out of focus, once more where the
+        two bracket focus; when it lost sharpness, once more the same distance the other way
+        (`focus.correction_captures`). The sharpest capture becomes the tile's re-capture if it is measurably
+        sharper than the focus map's (`focus.kept_capture`); the others are kept as focus checks."""
         taken = correction_captures(
             offset_um, reply.distance_um, depth_of_field_um,
             lambda offset: self._capture(len(self.outcome.records), tile.row, tile.col, tile.x_um, tile.y_um, map_z,
                                          offset, True),
-            lambda taken: self.estimate_image(taken[1]) if self.estimate_image is not None else None)
-        captures = [capture for _, capture in taken]
-        for record, _ in captures:
+            lambda taken: self.estimate_image(taken[1]) if self.estimate_image is not None else None,
+            lambda taken: taken[0].sharpness, original.sharpness)
+        records = []
+        for kind, _, (record, frame) in taken:
             record.focus_source = source
             record.sharpness_gain = sharpness_gain(record.sharpness, original.sharpness)
-        for record, _ in captures[1:]:
-            record.bracketed_from_offset_um = offset_um
-        kept = kept_capture(original.sharpness, [record.sharpness for record, _ in captures])
-        for index, (record, frame) in enumerate(captures):
+            record.bracketed_from_offset_um = offset_um if kind == BRACKET else None
+            record.other_way_from_offset_um = offset_um if kind == OTHER_WAY else None
+            records.append((record, frame))
+        kept = kept_capture(original.sharpness, [record.sharpness for record, _ in records])
+        for index, (record, frame) in enumerate(records):
             if index == kept:
                 self.outcome.refocus_count += 1
                 self._emit(record, frame)
@@ -585,6 +589,7 @@ class ScanRunner:
                      "offset_um": record.applied_focus_offset_um, "source": source, "captured_s": record.captured_s,
                      "sharpness": record.sharpness, "sharpness_gain": record.sharpness_gain,
                      "bracketed_from_offset_um": record.bracketed_from_offset_um,
+                     "other_way_from_offset_um": record.other_way_from_offset_um,
                      "ground_truth": record.ground_truth}
             self._keep_focus_check(check, frame)
 

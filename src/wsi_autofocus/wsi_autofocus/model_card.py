@@ -146,12 +146,14 @@ def shift_statement(shift: dict, calibration: dict, slide_calibration_results: d
         "above as the estimated distance, read together with the tile by the two-shot model (`two_shot`, its own "
         "card) when that is trusted or sure of the side, else its distance estimate or sharpness tells the side; "
         "a correction whose capture still reads surely out of focus is followed by one more capture where the "
-        "two bracket focus, at the point dividing the correction in the ratio of their estimated distances; the "
+        "two bracket focus, at the point dividing the correction in the ratio of their estimated distances, and one "
+        "whose capture lost sharpness by one more the same distance the other way; the "
         "sharpest correction kept only if sharper than the focus map's capture), re-imaging the field under the "
         "same microscope. `map |d|` and `scan |d|` are "
         "the mean distance from focus before and after; `in focus` the tiles within half the depth of field, "
         "before -> after; `worse` the tiles left further from focus than the focus map left them; "
-        "`bracketed` the tiles that took the bracketing capture; "
+        "`bracketed` the tiles that took the bracketing capture, `other way` those whose correction was tried the "
+        "other way; "
         "`shots/tile` the exposures per tile (1: the focus map's capture alone).",
         "",
         "```",
@@ -397,8 +399,9 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "estimate is trusted or sure of the side (`focus.two_shot_offset`); a correction that still reads surely out "
         "of focus went through focus or stopped short, and one more capture where the two bracket it "
         "(`focus.bracketing_offset`) finds it when it went through (distances read on a microscope the models never "
-        "saw can be off by a factor); the sharpest capture is kept only if sharper than the focus map's. What that "
-        "makes of the same tiles (columns as in the single-shot card):",
+        "saw can be off by a factor); a correction whose capture lost sharpness went the wrong way and is tried the "
+        "other way (`focus.correction_captures`); the sharpest capture is kept only if sharper than the focus map's. "
+        "What that makes of the same tiles (columns as in the single-shot card):",
         "",
         "```",
         shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]),

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_acquisition.focus import (correction_captures, focus_action, kept_capture, probe_step_um, side_from_probe,
-                                   trusts_estimate, two_shot_offset)
+from wsi_acquisition.focus import (BRACKET, OTHER_WAY, correction_captures, focus_action, kept_capture, probe_step_um,
+                                   side_from_probe, trusts_estimate, two_shot_offset)
 from wsi_acquisition.microscope import VirtualMicroscope
 from wsi_acquisition.optics import DEFAULT_CONDENSER_FILL, STANDARD_OBJECTIVES, depth_of_field_um
 from wsi_autofocus import heldout_imaging, two_shot
@@ -453,10 +453,11 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
     """For every tile in `mask`, taken at the focus map's z (its defocus), what the scan's inline
     autofocus does (`wsi_acquisition.focus`: act, or take a second exposure one probe step higher and act
     on both exposures' estimate (`two_shot_model`) when trusted, else on the side it shows, or keep; a
-    correction still surely out of focus brackets focus with one more capture) and the tile's defocus
-    afterwards, the sharpest correction being kept only if sharper than the focus map's capture."""
+    correction still surely out of focus brackets focus with one more capture, one that lost sharpness is
+    tried the other way) and the tile's defocus afterwards, the sharpest correction being kept only if sharper
+    than the focus map's capture."""
     indices = np.flatnonzero(mask)
-    final, action, probe_side_right, exposures, brackets = [], [], [], [], []
+    final, action, probe_side_right, exposures, kinds = [], [], [], [], []
     for index in indices:
         estimate, true = estimates["tile_estimates"][index], float(tiles["true_um"][index])
         dof = float(tiles["depth_of_field_um"][index])
@@ -485,28 +486,32 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
                     side_right = above == (true > 0)
         after, taken = true, []
         if offset is not None:
+            focus_map_sharpness = brenner(tiles["images"][index])
             taken = correction_captures(offset, estimate.distance_um, dof,
                                         lambda step: refocuser.image(index, true + step),
-                                        lambda image: estimator.estimate_many([image], [optics], [condenser])[0])
+                                        lambda image: estimator.estimate_many([image], [optics], [condenser])[0],
+                                        brenner, focus_map_sharpness)
             shots += len(taken)
-            kept = kept_capture(brenner(tiles["images"][index]), [brenner(image) for _, image in taken])
+            kept = kept_capture(focus_map_sharpness, [brenner(image) for _, _, image in taken])
             if kept is not None:
-                after = true + taken[kept][0]
+                after = true + taken[kept][1]
         final.append(after)
         action.append(chosen)
         probe_side_right.append(side_right)
         exposures.append(shots)
-        brackets.append(len(taken) > 1)
+        kinds.append({kind for kind, _, _ in taken})
     return {"index": indices, "true_um": tiles["true_um"][indices], "final_um": np.array(final),
             "depth_of_field_um": tiles["depth_of_field_um"][indices],
             "action": np.array(action), "probe_side_right": np.array(probe_side_right, dtype=object),
-            "exposures": np.array(exposures), "bracketed": np.array(brackets, bool)}
+            "exposures": np.array(exposures),
+            "bracketed": np.array([BRACKET in taken for taken in kinds], bool),
+            "other_way": np.array([OTHER_WAY in taken for taken in kinds], bool)}
 
 
 def scan_outcome_statistics(outcomes: dict) -> dict:
     """Focus-map-only against the scan's inline autofocus: mean |defocus| before and after, tiles made
     worse, tiles within half the depth of field before and after, side probes and how often they
-    decided right."""
+    decided right, corrections that bracketed focus or were tried the other way."""
     before, after = np.abs(outcomes["true_um"]), np.abs(outcomes["final_um"])
     half_dof = outcomes["depth_of_field_um"] / 2
     decided = np.array([side is not None for side in outcomes["probe_side_right"]], bool)
@@ -519,7 +524,7 @@ def scan_outcome_statistics(outcomes: dict) -> dict:
             "corrections": int(np.sum(outcomes["action"] == "correct")),
             "side_probes": int(np.sum(outcomes["action"] == "probe")), "probes_decided": int(decided.sum()),
             "probes_decided_right": int(sum(bool(side) for side in outcomes["probe_side_right"][decided])),
-            "bracketed": int(outcomes["bracketed"].sum()),
+            "bracketed": int(outcomes["bracketed"].sum()), "other_way": int(outcomes["other_way"].sum()),
             "exposures_per_tile": float(outcomes["exposures"].mean())}
 
 
@@ -555,13 +560,14 @@ def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_M
     lines = [f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
              "autofocus as the scan runs it, a correction kept only if sharper)",
              f"{'imaging':<16}{'n':>4} {'map |d|':>8} {'scan |d|':>9} {'in focus':>9} {'worse':>6} {'improved':>9} "
-             f"{'corrected':>10} {'probes':>7} {'decided':>8} {'right':>6} {'bracketed':>10} {'shots/tile':>11}"]
+             f"{'corrected':>10} {'probes':>7} {'decided':>8} {'right':>6} {'bracketed':>10} {'other way':>10} "
+             f"{'shots/tile':>11}"]
     for imaging, s in table.items():
         in_focus = f"{s['in_focus_focus_map']}->{s['in_focus_scan']}"
         lines.append(f"{imaging:<16}{s['n']:4d} {s['focus_map_mean_abs_um']:8.2f} {s['scan_mean_abs_um']:9.2f} "
                      f"{in_focus:>9} {s['tiles_worse']:6d} {s['tiles_improved']:9d} {s['corrections']:10d} {s['side_probes']:7d} "
                      f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s['bracketed']:10d} "
-                     f"{s['exposures_per_tile']:11.2f}")
+                     f"{s['other_way']:10d} {s['exposures_per_tile']:11.2f}")
     return "\n".join(lines)
 
 
