@@ -204,8 +204,6 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
                              time.monotonic() - started, before, after, tuple(skipped))
 
 
-
-
 @dataclass(frozen=True)
 class ScannerCalibration:
     """Both focus models calibrated on one scanner's sweeps, each on its own: a result, or None and the
