@@ -7,7 +7,8 @@ under each held-out microscope, and nine sweeps of each slide under each; render
 splits the sweeps as `calibrate_two_shot` does (a third held back), fits on the rest by each recipe, and reports the
 held-back sweeps' MAE (each pair read once, through its field window, as a scan reads): the criterion
 `two_shot_calibration`'s recipe was chosen by, never the tiles the cards judge the calibration on. Recipes differ in
-the fit (`fine_tune`'s steps, learning rate, penalty, how many of the last hidden layers it fits) and in the pairs it
+the fit (`fine_tune`'s steps, pairs per step, learning rate, penalty, how many of the last hidden layers it fits) and
+in the pairs it
 reads: through the field window only, or also through corner sub-fields of a fraction of the field (`sweep_pairs`).
 The anchor is the recipe before `fine_tune`: each member's defocus output alone refitted by ridge regression towards
 the trained weights, its strength chosen by leaving one fitted sweep out at a time. Prints a table and writes
@@ -26,17 +27,19 @@ from wsi_autofocus import slide_calibration
 from wsi_autofocus.calibration_store import held_back_stacks, stacks_with_focus
 from wsi_autofocus.shift_evaluation import CalibrationSpec, imaging_condenser, render_all_sweeps, z_stacks
 from wsi_autofocus.two_shot import TwoShotModel, default_model_path, label_depths
-from wsi_autofocus.two_shot_calibration import (FINE_TUNE_LAYERS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY,
-                                                 FINE_TUNE_STEPS, FIT_SUB_FIELD_FRACTION, _mae_um, _subset, fine_tune,
-                                                 sweep_pairs)
+from wsi_autofocus.two_shot_calibration import (FINE_TUNE_BATCH, FINE_TUNE_LAYERS, FINE_TUNE_LEARNING_RATE,
+                                                 FINE_TUNE_PENALTY, FINE_TUNE_STEPS, FIT_SUB_FIELD_FRACTION, _mae_um,
+                                                 _subset, fine_tune, sweep_pairs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RIDGE_STRENGTHS = (1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 # With the shipped sub-fields and layers: penalties at the shipped steps and learning rate, then steps and learning
-# rates at the shipped penalty. Then the shipped fit on other sub-fields, on the field windows alone, and of other
-# numbers of hidden layers.
+# rates at the shipped penalty, then steps and pairs per step (EVERY_PAIR: all of them). Then the shipped fit on other
+# sub-fields, on the field windows alone, and of other numbers of hidden layers.
 PENALTIES = (5e-5, 5e-4, 5e-3)
-STEPS_AND_RATES = ((150, 1e-2), (300, 1e-2), (300, 1e-3), (1000, 1e-3))
+STEPS_AND_RATES = ((300, 1e-2), (600, 1e-3), (1000, 1e-3))
+EVERY_PAIR = 1 << 30
+STEPS_AND_BATCHES = ((300, EVERY_PAIR), (300, 512), (600, 512), (600, 256))
 SUB_FIELD_FRACTIONS = (0.5, 0.6, 0.8, None)
 LAYERS = (1, 3)
 
@@ -44,6 +47,7 @@ LAYERS = (1, 3)
 class FineTune(NamedTuple):
     """A `fine_tune` recipe and the sub-field fraction of the pairs it fits (None: the field windows only)."""
     steps: int
+    batch: int
     rate: float
     penalty: float
     fraction: float | None
@@ -92,17 +96,19 @@ def main() -> int:
     model = TwoShotModel.load(args.model)
     # recipe -> (sub-field fraction of the pairs it fits, refit)
     recipes = {"output layer, ridge (anchor)": (None, ridge_by_leaving_sweeps_out)}
-    shipped = FineTune(FINE_TUNE_STEPS, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY, FIT_SUB_FIELD_FRACTION,
-                       FINE_TUNE_LAYERS)
+    shipped = FineTune(FINE_TUNE_STEPS, FINE_TUNE_BATCH, FINE_TUNE_LEARNING_RATE, FINE_TUNE_PENALTY,
+                       FIT_SUB_FIELD_FRACTION, FINE_TUNE_LAYERS)
     grid = ([shipped._replace(penalty=penalty) for penalty in PENALTIES]
             + [shipped._replace(steps=steps, rate=rate) for steps, rate in STEPS_AND_RATES]
+            + [shipped._replace(steps=steps, batch=batch) for steps, batch in STEPS_AND_BATCHES]
             + [shipped._replace(fraction=fraction) for fraction in SUB_FIELD_FRACTIONS]
             + [shipped._replace(layers=layers) for layers in LAYERS])
-    for steps, rate, penalty, fraction, layers in grid:
+    for steps, batch, rate, penalty, fraction, layers in grid:
         pairs_read = f"sub-fields {fraction:g}" if fraction else "field window only"
-        recipes[f"{layers} layers, {steps} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
-            fraction, lambda m, pairs, steps=steps, rate=rate, penalty=penalty, layers=layers: fine_tune(
-                m, pairs, penalty, steps, rate, layers))
+        per_step = "every pair" if batch == EVERY_PAIR else f"{batch} pairs"
+        recipes[f"{layers} layers, {steps} of {per_step} at {rate:g}, penalty {penalty:g}, {pairs_read}"] = (
+            fraction, lambda m, pairs, steps=steps, batch=batch, rate=rate, penalty=penalty, layers=layers: fine_tune(
+                m, pairs, penalty, steps, rate, layers, batch))
     held_back_mae, fit_s = {recipe: {} for recipe in recipes}, {recipe: [] for recipe in recipes}
     names = []
     for name, (stacks, condenser) in calibrations(args.cache_dir).items():
@@ -124,10 +130,10 @@ def main() -> int:
              .replace("procedural-heldout", "proc").replace("astigmatic", "astig") for name in names]
     print(f"two-shot calibration recipes: held-back sweeps' MAE (µm) of each of the evaluation's calibrations, "
           f"model {args.model}")
-    print(f"{'recipe':<64}" + "".join(f"{label:>16}" for label in short) + f"{'sum':>8}{'fit s':>7}")
+    print(f"{'recipe':<76}" + "".join(f"{label:>16}" for label in short) + f"{'sum':>8}{'fit s':>7}")
     for recipe in recipes:
         values = [held_back_mae[recipe][name] for name in names]
-        print(f"{recipe:<64}" + "".join(f"{value:>16.3f}" for value in values)
+        print(f"{recipe:<76}" + "".join(f"{value:>16.3f}" for value in values)
               + f"{sum(values):>8.3f}{np.median(fit_s[recipe]):>7.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"model": str(args.model), "held_back_mae_um": held_back_mae,

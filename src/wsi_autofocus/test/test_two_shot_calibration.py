@@ -84,6 +84,13 @@ def test_fine_tuning_fits_the_last_hidden_layers_and_the_defocus_output_only():
     # rate at first, whatever pulls it: the full run of steps lets the pull settle them back).
     held = two_shot_calibration.fine_tune(model, pairs, penalty=1e6)
     assert error(held) == pytest.approx(error(model), rel=0.02)
+    # Each step reads a random draw of the pairs: the same draws fit the same model, so a calibration repeats.
+    again, repeated = (two_shot_calibration.fine_tune(model, pairs, batch=100, seed=0) for _ in range(2))
+    for key in tuned.arrays:
+        np.testing.assert_array_equal(again.arrays[key], repeated.arrays[key], err_msg=key)
+    redrawn = two_shot_calibration.fine_tune(model, pairs, batch=100, seed=1)
+    assert not np.array_equal(redrawn.arrays["m0_w_out"], again.arrays["m0_w_out"])
+    assert error(redrawn) < 0.3 * error(model)
 
 
 def _held_out_sweep(scope, seed: int, rng, tile_px: int = 192) -> ZStack:

@@ -10,7 +10,7 @@ from wsi_autofocus.data import DENSITY_SCALE_RANGE, NO_PHASE_FRACTION, PHASE_SCA
 from wsi_autofocus.evaluate import format_table
 from wsi_autofocus.model_io import (CONTEXT_FACTOR, MODEL_OUTPUTS, UNKNOWN_CONDENSER_FRACTION, UNKNOWN_OPTICS_FRACTION,
                                    context_px)
-from wsi_autofocus.two_shot_calibration import FINE_TUNE_LAYERS, FIT_SUB_FIELD_FRACTION
+from wsi_autofocus.two_shot_calibration import FINE_TUNE_BATCH, FINE_TUNE_LAYERS, FIT_SUB_FIELD_FRACTION
 
 
 # The project's accuracy target at 20x/0.75 on held-out specimens (MAE µm within ±10 and ±20 µm, sign).
@@ -411,8 +411,8 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "Every two images of a focus-map sweep 1-12 depths of focus apart are a labelled pair, read through the "
         "field window and, for the fit, again through the field's four corner sub-fields of "
         f"{FIT_SUB_FIELD_FRACTION:.0%} of its size (`two_shot_calibration.FIT_SUB_FIELD_FRACTION`); each "
-        f"member's last {FINE_TUNE_LAYERS} hidden layers and defocus output are fine-tuned on them, pulled towards the "
-        "trained weights "
+        f"member's last {FINE_TUNE_LAYERS} hidden layers and defocus output are fine-tuned on them, each step on "
+        f"{FINE_TUNE_BATCH} pairs drawn at random, pulled towards the trained weights "
         "(`two_shot_calibration.fine_tune`), sigma's temperature on the held-back third of the sweeps, read through "
         "the field window only (never below the trained one). Nine sweeps of validation "
         "specimens under each held-out microscope, judged on that microscope's 20x tiles above (other specimens and "
