@@ -8,8 +8,8 @@ splits the sweeps as `calibrate_two_shot` does (a third held back), fits on the 
 held-back sweeps' MAE (each pair read once, through its field window, as a scan reads): the criterion
 `two_shot_calibration`'s recipe was chosen by, never the tiles the cards judge the calibration on. Recipes differ in
 the fit (`fine_tune`'s steps, pairs per step, learning rate, penalty, how many of the last hidden layers it fits) and
-in the pairs it
-reads: through the field window only, or also through corner sub-fields of a fraction of the field (`sweep_pairs`).
+in the pairs it reads: through the field window only, or also through corner sub-fields of a fraction of the field
+(`sweep_pairs`).
 The anchor is the recipe before `fine_tune`: each member's defocus output alone refitted by ridge regression towards
 the trained weights, its strength chosen by leaving one fitted sweep out at a time. Prints a table and writes
 bench/results/two_shot_calibration_recipes.json.
