@@ -448,6 +448,10 @@ def _refocused_images(spec: ShiftSpec, requests: list[tuple[int, float]]) -> lis
     return [refocuser.image(index, defocus_um) for index, defocus_um in requests]
 
 
+def _with_sharpness(image: np.ndarray) -> tuple[np.ndarray, float]:
+    return image, brenner(image)
+
+
 def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser, mask: np.ndarray,
                   two_shot_model=None) -> dict:
     """For every tile in `mask`, taken at the focus map's z (its defocus), what the scan's inline
@@ -463,6 +467,7 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
         dof = float(tiles["depth_of_field_um"][index])
         optics = (float(tiles["numerical_aperture"][index]), float(tiles["pixel_size_um"][index]))
         condenser = imaging_condenser(tiles["imaging"][index])
+        focus_map_sharpness = brenner(tiles["images"][index])
         chosen = focus_action(estimate.defocus_um, estimate.uncertainty_um, estimate.distance_um,
                               estimate.distance_uncertainty_um, dof)
         offset, shots, side_right = None, 1, None
@@ -480,19 +485,19 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
                 side_right = (pair.defocus_um > 0) == (true > 0)
             else:
                 probe, = estimator.estimate_many([probe_image], [optics], [condenser])
-                above, _ = side_from_probe(estimate, probe, step, brenner(tiles["images"][index]), brenner(probe_image))
+                above, _ = side_from_probe(estimate, probe, step, focus_map_sharpness, brenner(probe_image))
                 if above is not None:
                     offset = -estimate.distance_um if above else estimate.distance_um
                     side_right = above == (true > 0)
         after, taken = true, []
         if offset is not None:
-            focus_map_sharpness = brenner(tiles["images"][index])
+            # Each capture is (image, its sharpness), measured once, as a scan's capture carries its record's.
             taken = correction_captures(offset, estimate.distance_um, dof,
-                                        lambda step: refocuser.image(index, true + step),
-                                        lambda image: estimator.estimate_many([image], [optics], [condenser])[0],
-                                        brenner, focus_map_sharpness)
+                                        lambda step: _with_sharpness(refocuser.image(index, true + step)),
+                                        lambda taken: estimator.estimate_many([taken[0]], [optics], [condenser])[0],
+                                        lambda taken: taken[1], focus_map_sharpness)
             shots += len(taken)
-            kept = kept_capture(focus_map_sharpness, [brenner(image) for _, _, image in taken])
+            kept = kept_capture(focus_map_sharpness, [sharpness for _, _, (_, sharpness) in taken])
             if kept is not None:
                 after = true + taken[kept][1]
         final.append(after)
