@@ -1,0 +1,82 @@
+"""Benchmark: what a scanner calibrated on one slide's sweeps makes of tiles of other specimens.
+
+    .venv/bin/python bench/calibrated_scan_outcome.py [--model DIR] [--two-shot-model FILE]
+                                                      [--cache-dir build/autofocus-eval-cache]
+
+A scanner keeps its calibration (`CalibrationStore`) and uses it for every later slide, so a calibration from one
+slide's focus map (`ScanSlide.calibrate_autofocus`, `wsi-autofocus calibrate`) steers the scans of the next
+slides. Per held-out microscope this calibrates both focus models on its nine focus-map-like sweeps of validation
+specimens with `calibrate_both` (as the autofocus node does), then runs the scan's inline autofocus
+(`shift_evaluation.scan_outcomes`, the two-shot card's scan outcome) over that microscope's 20x tiles of the test
+specimens and real content three times: with the shipped models, with the calibrated two-shot model beside the
+shipped single-shot one, and with both calibrated (what the node serves after `calibrate_both`; a refused
+calibration leaves the shipped model). Prints the scan outcome table per microscope and writes
+bench/results/calibrated_scan_outcome.json. The tiles, sweeps and re-imaged fields come from the evaluation's
+cache (rendered into it when missing: about an hour on 2 cores).
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from wsi_autofocus.calibration import calibrate_both
+from wsi_autofocus.inference import FocusEstimator, default_model_dir, load_backend
+from wsi_autofocus.shift_evaluation import (CalibrationSpec, Refocuser, ShiftSpec, estimate_tiles, format_scan_outcomes,
+                                            imaging_condenser, render_all_sweeps, render_tiles, scan_outcome_statistics,
+                                            scan_outcomes, z_stacks)
+from wsi_autofocus.two_shot import TwoShotModel
+from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def outcome(single_shot_dir: Path, two_shot_path: Path, tiles: dict, refocuser: Refocuser, mask: np.ndarray) -> dict:
+    estimator = FocusEstimator(load_backend("onnxruntime", single_shot_dir, threads=2)[0], single_shot_dir)
+    return scan_outcome_statistics(scan_outcomes(estimator, tiles, estimate_tiles(estimator, tiles), refocuser, mask,
+                                                 TwoShotModel.load(two_shot_path)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument("--two-shot-model", type=Path, default=default_two_shot_path())
+    parser.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"))
+    parser.add_argument("--output", type=Path, default=RESULTS / "calibrated_scan_outcome.json")
+    args = parser.parse_args()
+    spec, calibration_spec = ShiftSpec(), CalibrationSpec()
+    tiles = render_tiles(spec, args.cache_dir)
+    sweeps = render_all_sweeps(calibration_spec, args.cache_dir)
+    refocuser = Refocuser(spec, args.cache_dir)
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            for name, stacks in sweeps.items():
+                calibrated = calibrate_both(z_stacks(stacks), Path(work) / name, args.model, args.two_shot_model,
+                                            condenser=imaging_condenser(name))
+                single_shot = calibrated.single_shot.model_dir if calibrated.single_shot else args.model
+                two_shot = calibrated.two_shot.path if calibrated.two_shot else args.two_shot_model
+                mask = (tiles["imaging"] == name) & (tiles["objective"] == calibration_spec.magnification)
+                results[name] = {
+                    "refused": list(calibrated.errors),
+                    "outcomes": {"shipped models": outcome(args.model, args.two_shot_model, tiles, refocuser, mask),
+                                 "two-shot calib.": outcome(args.model, two_shot, tiles, refocuser, mask),
+                                 "both calibrated": outcome(single_shot, two_shot, tiles, refocuser, mask)}}
+    finally:
+        refocuser.save()
+    print("scan outcome of a scanner calibrated on other specimens (nine sweeps of validation specimens under each "
+          "held-out microscope; its 20x tiles of test specimens and real content)")
+    for name, result in results.items():
+        print(f"\n{name}" + "".join(f"\n  calibration refused: {reason}" for reason in result["refused"]))
+        print(format_scan_outcomes(result["outcomes"], calibration_spec.magnification))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"single_shot_model": str(args.model), "two_shot_model": str(args.two_shot_model),
+                                       "results": results}, indent=2))
+    print(f"written {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
