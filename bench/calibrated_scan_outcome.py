@@ -33,9 +33,16 @@ from wsi_autofocus.two_shot import default_model_path as default_two_shot_path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def outcome(single_shot_dir: Path, two_shot_path: Path, tiles: dict, refocuser: Refocuser, mask: np.ndarray) -> dict:
-    estimator = FocusEstimator(load_backend("onnxruntime", single_shot_dir, threads=2)[0], single_shot_dir)
-    return scan_outcome_statistics(scan_outcomes(estimator, tiles, estimate_tiles(estimator, tiles), refocuser, mask,
+def single_shot(model_dir: Path, tiles: dict) -> tuple[FocusEstimator, dict]:
+    """The single-shot model of `model_dir` and its estimates of `tiles`."""
+    estimator = FocusEstimator(load_backend("onnxruntime", model_dir, threads=2)[0], model_dir)
+    return estimator, estimate_tiles(estimator, tiles)
+
+
+def outcome(single_shot_model: tuple[FocusEstimator, dict], two_shot_path: Path, tiles: dict, refocuser: Refocuser,
+            mask: np.ndarray) -> dict:
+    estimator, estimates = single_shot_model
+    return scan_outcome_statistics(scan_outcomes(estimator, tiles, estimates, refocuser, mask,
                                                  TwoShotModel.load(two_shot_path)))
 
 
@@ -50,20 +57,22 @@ def main() -> int:
     tiles = render_tiles(spec, args.cache_dir)
     sweeps = render_all_sweeps(calibration_spec, args.cache_dir)
     refocuser = Refocuser(spec, args.cache_dir)
+    shipped = single_shot(args.model, tiles)
     results = {}
     try:
         with tempfile.TemporaryDirectory() as work:
             for name, stacks in sweeps.items():
                 calibrated = calibrate_both(z_stacks(stacks), Path(work) / name, args.model, args.two_shot_model,
                                             condenser=imaging_condenser(name))
-                single_shot = calibrated.single_shot.model_dir if calibrated.single_shot else args.model
+                calibrated_single_shot = (single_shot(calibrated.single_shot.model_dir, tiles) if calibrated.single_shot
+                                          else shipped)
                 two_shot = calibrated.two_shot.path if calibrated.two_shot else args.two_shot_model
                 mask = (tiles["imaging"] == name) & (tiles["objective"] == calibration_spec.magnification)
                 results[name] = {
                     "refused": list(calibrated.errors),
-                    "outcomes": {"shipped models": outcome(args.model, args.two_shot_model, tiles, refocuser, mask),
-                                 "two-shot calib.": outcome(args.model, two_shot, tiles, refocuser, mask),
-                                 "both calibrated": outcome(single_shot, two_shot, tiles, refocuser, mask)}}
+                    "outcomes": {"shipped models": outcome(shipped, args.two_shot_model, tiles, refocuser, mask),
+                                 "two-shot calib.": outcome(shipped, two_shot, tiles, refocuser, mask),
+                                 "both calibrated": outcome(calibrated_single_shot, two_shot, tiles, refocuser, mask)}}
     finally:
         refocuser.save()
     print("scan outcome of a scanner calibrated on other specimens (nine sweeps of validation specimens under each "
