@@ -9,8 +9,9 @@ slides. Per held-out microscope this calibrates both focus models on its nine fo
 specimens with `calibrate_both` (as the autofocus node does), then runs the scan's inline autofocus
 (`shift_evaluation.scan_outcomes`, the two-shot card's scan outcome) over that microscope's 20x tiles of the test
 specimens and real content three times: with the shipped models, with the calibrated two-shot model beside the
-shipped single-shot one, and with both calibrated (what the node serves after `calibrate_both`; a refused
-calibration leaves the shipped model). Prints the scan outcome table per microscope and writes
+shipped single-shot one (what the node serves a later scan: a single-shot calibration serves only the scan it was
+fitted on, `CalibratedEstimators`), and with both calibrated (what it served before; a refused calibration leaves
+the shipped model). Prints the scan outcome table per microscope and writes
 bench/results/calibrated_scan_outcome.json. The tiles, sweeps and re-imaged fields come from the evaluation's
 cache (rendered into it when missing: about an hour on 2 cores).
 """

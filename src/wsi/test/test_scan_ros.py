@@ -210,11 +210,13 @@ def test_a_side_probe_sends_the_tile_and_the_probe_as_a_pair_and_its_correction_
     assert manifest["refocus_count"] == 0 and all(t["focus_source"] == "focus-map" for t in manifest["tiles"])
 
 
-def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_scan_with_the_calibration(
+def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_scans_pairs_with_the_calibration(
         run_nodes, ros_node, tmp_path, tiny_model, mismatched_two_shot_model):
     """How a lab calibrates a scanner: a calibration-only goal takes the focus map's sweeps of a region, the
     autofocus node fine-tunes both models on them and stores them for this scanner and objective, and no tile is
-    taken; the next scan's tiles are read by the calibrated models without being asked."""
+    taken; the next scan's pairs (its side probes) are read by the calibrated two-shot model without being asked.
+    Its tiles are read by the base single-shot model: a single-shot calibration learns the slide it was fitted on
+    and serves only that scan."""
     root = tmp_path / "calibration"
     autofocus = NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                          module="wsi_autofocus.node",
@@ -225,9 +227,10 @@ def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_sc
                                qc_report=False), MANAGER, autofocus])
     scanner = ActionCaller(ros_node, SCAN_SLIDE)
     scanner.wait_for_server(timeout_s=30)
-    estimates, plans = [], []
+    estimates, plans, tiles = [], [], []
     FOCUS_ESTIMATES.subscription(ros_node, estimates.append)
     SCAN_PLAN.subscription(ros_node, plans.append)       # what a stitching node opens a mosaic for
+    TILES.subscription(ros_node, tiles.append)
     # The calibration's time is bench/calibration.py's to measure; more than 60 s once on the CI machine.
     calibrating = scanner.call(goal(SMALL_TISSUE_REGION_UM, scan_id="calibrate", focus_points=3,
                                     calibration_only=True), timeout_s=400)
@@ -245,9 +248,15 @@ def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_sc
     assert scanned.status == GoalStatus.STATUS_SUCCEEDED, scanned.result.error_message
     assert scanned.result.tiles_captured == 16 and not scanned.result.calibration_model_dir
     spin_until(ros_node, lambda: len({e.sequence for e in estimates if e.scan_id == "after"}) == 16, timeout_s=30)
-    assert {e.model_dir for e in estimates if e.scan_id == "after"} == {result.calibration_model_dir}
+    assert {e.model_dir for e in estimates if e.scan_id == "after"} == {str(tiny_model)}
     assert [plan.scan_id for plan in plans] == ["after"]
-    assert all(e.model_id.endswith("+calibrated") for e in estimates)
+    pair = EstimateFocus.Request(pixel_size_um=0.325, numerical_aperture=0.75, objective_magnification=20.0,
+                                 step_above_um=2.0, scan_id="after")
+    pair.image = pair.image_above = next(tile.image for tile in tiles if tile.scan_id == "after")
+    answer = query(ros_node.create_client(EstimateFocus, "estimate_focus"), pair, 30.0, node=ros_node)
+    assert answer.success, answer.error
+    assert answer.two_shot_model == str(Path(result.calibration_model_dir) / "two_shot.npz")
+    assert answer.model_dir == str(tiny_model)
 
 
 def test_a_calibration_only_goal_without_an_autofocus_node_fails_with_the_reason(small_scanner):

@@ -9,6 +9,7 @@ The goal's rules (scan_request) and what follows the tiles (scan_outputs) are RO
 them. Every goal is accepted; one that cannot be run ends at once, aborted with ERROR_INVALID_GOAL or
 ERROR_BUSY and the reason in error_message, so that the caller learns why.
 """
+import functools
 import threading
 import time
 from pathlib import Path
@@ -178,7 +179,8 @@ class ScanOrchestratorNode(Node):
                             on_progress=lambda p: self._progress(goal_handle, request.scan_id, p),
                             should_cancel=should_cancel,
                             on_plan=lambda plan: self._publish_plan(request, plan, runner),
-                            estimate_image=self._estimate_untiled_image if inline else None,
+                            estimate_image=functools.partial(self._estimate_untiled_image, request.scan_id)
+                            if inline else None,
                             calibrate_focus=lambda scan_dir: self._calibrate_autofocus(scan_dir, should_cancel))
         code, message = ScanErrorCode.NONE, ""
         with self._estimate_arrived:
@@ -347,13 +349,15 @@ class ScanOrchestratorNode(Node):
             return None
         return _focus_reply(estimate) if estimate.valid else None
 
-    def _estimate_untiled_image(self, frame, frame_above=None, step_above_um: float = 0.0) -> FocusReply | None:
-        """The autofocus node's estimate of an image that is not a tile, by its service: a side probe or a
-        correction's capture alone, or a tile with the probe taken `step_above_um` higher (two exposures)."""
+    def _estimate_untiled_image(self, scan_id: str, frame, frame_above=None,
+                                step_above_um: float = 0.0) -> FocusReply | None:
+        """The autofocus node's estimate of an image of scan `scan_id` that is not a tile, by its service: a side
+        probe or a correction's capture alone, or a tile with the probe taken `step_above_um` higher (two
+        exposures)."""
         if not self._estimate_image.service_is_ready():
             return None
         request = EstimateFocus.Request(pixel_size_um=frame.pixel_size_um, numerical_aperture=frame.numerical_aperture,
-                                        objective_magnification=frame.objective_magnification)
+                                        objective_magnification=frame.objective_magnification, scan_id=scan_id)
         array_to_image(frame.image_rgb8, "rgb8", request.image)
         if frame_above is not None:
             array_to_image(frame_above.image_rgb8, "rgb8", request.image_above)

@@ -119,6 +119,8 @@ def test_published_tiles_are_tagged_with_estimates(autofocus, ros_node):
 
 def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_nodes, ros_node, tiny_model,
                                                                            mismatched_two_shot_model, tmp_path):
+    """The single-shot model calibrated on a scan's sweeps reads that scan's images, the two-shot model calibrated
+    beside it the pairs of every scan with that objective."""
     from wsi_acquisition.hardware import SimulatedMicroscope, snap
     from wsi_acquisition.optics import Camera
     from wsi_acquisition.scan import FocusStrategy, ScanRequest, ScanRunner
@@ -148,13 +150,18 @@ def test_calibration_from_a_scans_sweeps_serves_that_objective_from_then_on(run_
     assert Path(answer.two_shot_model).exists() and answer.two_shot_pairs > 100
     assert answer.two_shot_held_back_mae_after_um < answer.two_shot_held_back_mae_before_um
     image = np.asarray(snap(backend, 8.0).image_rgb8[:192, :192])
-    asked = EstimateFocus.Request(pixel_size_um=0.325, numerical_aperture=0.75, objective_magnification=20.0)
+    asked = EstimateFocus.Request(pixel_size_um=0.325, numerical_aperture=0.75, objective_magnification=20.0,
+                                  scan_id="sweeps")
     array_to_image(image, "rgb8", asked.image)
     calibrated = call(ros_node, estimate, asked)
     assert calibrated.success and calibrated.model_id.endswith("+calibrated") and calibrated.model_dir == answer.model_dir
     asked.step_above_um = 2.0
     array_to_image(image, "rgb8", asked.image_above)
     assert call(ros_node, estimate, asked).two_shot_model == answer.two_shot_model
+    for other_scan in ("next-slide", ""):
+        asked.scan_id = other_scan
+        other = call(ros_node, estimate, asked)
+        assert other.model_dir == str(tiny_model) and other.two_shot_model == answer.two_shot_model
     asked.objective_magnification = 40.0                     # no calibration for 40x: the base models answer
     base = call(ros_node, estimate, asked)
     assert base.model_dir == str(tiny_model) and base.two_shot_model == str(mismatched_two_shot_model)

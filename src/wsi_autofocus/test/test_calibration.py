@@ -161,8 +161,8 @@ def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_
     request = ScanRequest(scan_id="cal", output_dir=tmp_path, region_um=(43_000.0, 12_000.0, 300.0, 250.0),
                           focus_strategy=FocusStrategy.MAP, focus_points=4, skip_empty_tiles=False)
     outcome = ScanRunner(backend, request).run()
-    stacks, optics = stacks_from_scan(outcome.scan_dir)
-    assert len(stacks) == len(outcome.focus_sweeps) >= 2
+    stacks, optics, scan_id = stacks_from_scan(outcome.scan_dir)
+    assert len(stacks) == len(outcome.focus_sweeps) >= 2 and scan_id == "cal"
     assert optics == {"objective_magnification": 20.0, "numerical_aperture": 0.75, "pixel_size_um": 0.325}
     store = CalibrationStore(tmp_path / "calibration", "bench-scope-1")
     directory = store.model_dir(20.0, 0.75, 0.325)
@@ -173,7 +173,7 @@ def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_
     # The flipped model, not the shipped one: whether the shipped model still has something to learn from four
     # sweeps of the virtual microscope is not what this test is about; a calibration that helps is.
     wrong = _flip_side(default_model_dir(), tmp_path / "wrong")
-    result = calibrate(stacks + [no_peak], directory, wrong, scanner={"name": "bench-scope-1"})
+    result = calibrate(stacks + [no_peak], directory, wrong, scanner={"name": "bench-scope-1"}, scan_id=scan_id)
     assert result.stacks == len(stacks) and len(result.skipped) == 1
     assert result.skipped[0].startswith(f"stack {len(stacks)}: ") and "sharpest at its end" in result.skipped[0]
     assert result.model_dir == directory and store.find(20.0, 0.75, 0.325) == directory
@@ -185,9 +185,12 @@ def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_
                for name in ("onnxruntime", "torch-cpu")]
     assert answers[0].defocus_um == pytest.approx(answers[1].defocus_um, abs=0.05)
     estimators = CalibratedEstimators(store, "onnxruntime")
-    assert estimators.for_optics(20.0, 0.75, 0.325).model_id.endswith("+calibrated")
-    assert estimators.for_optics(40.0, 0.95, 0.1625) is estimators.base
-    assert estimators.for_optics(0.0, 0.0, 0.0) is estimators.base              # optics unknown: base model
+    assert estimators.for_optics(20.0, 0.75, 0.325, "cal").model_id.endswith("+calibrated")
+    # A single-shot calibration serves the scan whose sweeps it was fitted on, not the next slide's.
+    assert estimators.for_optics(20.0, 0.75, 0.325, "next-slide") is estimators.base
+    assert estimators.for_optics(20.0, 0.75, 0.325) is estimators.base
+    assert estimators.for_optics(40.0, 0.95, 0.1625, "cal") is estimators.base
+    assert estimators.for_optics(0.0, 0.0, 0.0, "cal") is estimators.base       # optics unknown: base model
 
 
 def _stacks_the_single_shot_fit_makes_worse(monkeypatch) -> list[ZStack]:

@@ -145,7 +145,8 @@ def uncertainty_scale_without_confident_errors(output: np.ndarray, labels: np.nd
 
 def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | None = None, steps: int = 600,
               seed: int = 0, scanner: dict | None = None, log=lambda line: None,
-              condenser: Condenser = UNKNOWN_CONDENSER, left_out: tuple[str, ...] = ()) -> CalibrationResult:
+              condenser: Condenser = UNKNOWN_CONDENSER, left_out: tuple[str, ...] = (),
+              scan_id: str = "") -> CalibrationResult:
     """Fine-tune the base model's head on `stacks` (imaged under the scanner's declared `condenser`, which places
     the specimen plane their labels count from: `stacks_with_focus`) and write a calibrated model directory to
     `output_dir`.
@@ -153,7 +154,8 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
     A third of the stacks (at least one) is held back while the uncertainty's temperatures are fitted
     and the before/after errors measured; the head is then refitted on every stack. A fit that does not
     improve the held-back stacks raises `CalibrationError` and writes nothing. `left_out`: why stacks were left
-    out before these (`calibrate_both`), recorded with the ones left out here."""
+    out before these (`calibrate_both`), recorded with the ones left out here. `scan_id`: the scan whose sweeps
+    these are, recorded as the only one a `CalibrationStore` serves the model to (`CalibratedEstimators`)."""
     started = time.monotonic()
     check_stacks(stacks)
     stacks, skipped = stacks_with_focus(stacks, log, condenser)
@@ -193,7 +195,8 @@ def calibrate(stacks: list[ZStack], output_dir: Path, base_model_dir: Path | Non
                         "base_model_dir": str(base_model_dir), "stacks": len(stacks),
                         "images": int(sum(len(s.images) for s in stacks)),
                         "held_back_mae_before_um": before, "held_back_mae_after_um": after,
-                        "skipped_stacks": skipped, "created_unix_s": time.time(), "scanner": scanner or {}}}
+                        "skipped_stacks": skipped, "created_unix_s": time.time(), "scanner": scanner or {},
+                        "scan_id": scan_id}}
     save_checkpoint(model, staging / "model.pt", calibrated)
     export(model, staging, int(metadata["patch_px"]))
     (staging / "metadata.json").write_text(json.dumps(calibrated, indent=1))
@@ -215,11 +218,12 @@ class ScannerCalibration:
 
 def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path | None = None,
                    base_two_shot: Path | None = None, scanner: dict | None = None,
-                   log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER) -> ScannerCalibration:
-    """The single-shot model into `model_dir` (`calibrate`) and the two-shot model beside it
-    (`calibrate_two_shot`), both under the scanner's declared `condenser`; one refused leaves the other. The single
-    shot goes first: its calibration replaces the directory both live in. The stacks' specimen plane is found
-    once for both (`stacks_with_focus`: seconds of a calibration's minute)."""
+                   log=lambda line: None, condenser: Condenser = UNKNOWN_CONDENSER,
+                   scan_id: str = "") -> ScannerCalibration:
+    """The single-shot model into `model_dir` (`calibrate`, for the scan `scan_id` the sweeps come from) and the
+    two-shot model beside it (`calibrate_two_shot`), both under the scanner's declared `condenser`; one refused
+    leaves the other. The single shot goes first: its calibration replaces the directory both live in. The stacks'
+    specimen plane is found once for both (`stacks_with_focus`: seconds of a calibration's minute)."""
     try:
         check_stacks(stacks)
         stacks, left_out = stacks_with_focus(stacks, log, condenser)
@@ -229,7 +233,7 @@ def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path |
     errors = []
     try:
         single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log, condenser=condenser,
-                                left_out=left_out)
+                                left_out=left_out, scan_id=scan_id)
     except CalibrationError as error:
         single_shot = None
         errors.append(f"single-shot model: {error}")

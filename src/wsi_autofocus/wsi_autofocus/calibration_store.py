@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_autofocus.inference import default_model_dir
+from wsi_autofocus.inference import default_model_dir, read_model_metadata
 from wsi_autofocus.specimen_plane import plane_offset_um
 from wsi_autofocus.two_shot import MODEL_FILE as TWO_SHOT_MODEL_FILE
 from wsi_autofocus.two_shot import UNKNOWN_CONDENSER, Condenser, TwoShotModel
@@ -146,9 +146,9 @@ class CalibrationStore:
         return path if path.exists() else None
 
 
-def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict]:
-    """The focus-map sweeps a scan kept on disk (its manifest's "focus_map"), as z-stacks, and the
-    scan's optics (magnification, NA, pixel size)."""
+def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict, str]:
+    """The focus-map sweeps a scan kept on disk (its manifest's "focus_map"), as z-stacks, the scan's optics
+    (magnification, NA, pixel size) and its scan id."""
     import tifffile
 
     manifest = Manifest.read(Path(scan_dir) / MANIFEST_NAME)
@@ -162,12 +162,17 @@ def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict]:
                      document["pixel_size_um"], document["numerical_aperture"], sweep["best_z_um"])
               for sweep in sweeps]
     optics = {key: document[key] for key in ("objective_magnification", "numerical_aperture", "pixel_size_um")}
-    return stacks, optics
+    return stacks, optics, document["scan_id"]
 
 
 class CalibratedEstimators:
-    """The estimator for each tile's optics, and the two-shot model for each pair's: this scanner's
-    calibrated model where the store has one, the base model otherwise. Loaded once per model; `forget`
+    """The estimator for each tile's optics and scan, and the two-shot model for each pair's optics: this
+    scanner's calibrated model where the store has one, the base model otherwise. A calibrated single-shot model
+    serves only the scan whose sweeps it was fitted on: it learns the side cue of that slide's tissue, which need
+    not carry over to the next slide's (`bench/calibrated_scan_outcome.py`: with both models fitted on one slide's
+    sweeps, a scan of other specimens under a ring-lit microscope left its tiles 0.67 µm from focus, with the
+    calibrated two-shot model beside the shipped single-shot one 0.50). The two-shot model reads the optics, not
+    the specimen, and serves every scan. Loaded once per model; `forget`
     drops a directory's models after a new calibration."""
 
     def __init__(self, store: CalibrationStore, backend_name: str = "auto", base_model_dir: Path | None = None,
@@ -181,18 +186,27 @@ class CalibratedEstimators:
         self._load = lambda directory: FocusEstimator(load_backend(backend_name, directory, threads)[0], directory)
         self.base = self._load(self.base_model_dir)
         self._calibrated: dict[Path, object] = {}
+        self._fitted_on_scan: dict[Path, str] = {}
         self.base_two_shot = TwoShotModel.load(base_two_shot_path or default_two_shot_path())
         self._calibrated_two_shot: dict[Path, TwoShotModel] = {}
 
-    def model_dir_for(self, magnification: float, numerical_aperture: float, pixel_size_um: float) -> Path:
+    def model_dir_for(self, magnification: float, numerical_aperture: float, pixel_size_um: float,
+                      scan_id: str) -> Path:
         if magnification > 0 and numerical_aperture > 0 and pixel_size_um > 0:
             found = self.store.find(magnification, numerical_aperture, pixel_size_um)
-            if found is not None:
+            if found is not None and scan_id and self._scan_fitted_on(found) == scan_id:
                 return found
         return self.base_model_dir
 
-    def for_optics(self, magnification: float, numerical_aperture: float, pixel_size_um: float):
-        directory = self.model_dir_for(magnification, numerical_aperture, pixel_size_um)
+    def _scan_fitted_on(self, model_dir: Path) -> str:
+        if model_dir not in self._fitted_on_scan:
+            calibration = read_model_metadata(model_dir).get("calibration") or {}
+            self._fitted_on_scan[model_dir] = calibration.get("scan_id", "")
+        return self._fitted_on_scan[model_dir]
+
+    def for_optics(self, magnification: float, numerical_aperture: float, pixel_size_um: float, scan_id: str = ""):
+        """The estimator for a tile of `scan_id` (empty: of no scan) under these optics."""
+        directory = self.model_dir_for(magnification, numerical_aperture, pixel_size_um, scan_id)
         if directory == self.base_model_dir:
             return self.base
         if directory not in self._calibrated:
@@ -210,4 +224,5 @@ class CalibratedEstimators:
 
     def forget(self, model_dir: Path) -> None:
         self._calibrated.pop(Path(model_dir), None)
+        self._fitted_on_scan.pop(Path(model_dir), None)
         self._calibrated_two_shot.pop(Path(model_dir) / TWO_SHOT_MODEL_FILE, None)

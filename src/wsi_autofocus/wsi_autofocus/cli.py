@@ -93,7 +93,7 @@ def command_calibrate(args) -> int:
     try:
         declaration = CondenserDeclaration(args.condenser_fill, args.condenser_inner_fill, args.condenser_na,
                                            args.condenser_inner_na)
-        stacks, optics = stacks_from_scan(args.scan)
+        stacks, optics, scan_id = stacks_from_scan(args.scan)
         condenser = declaration.for_objective(optics["numerical_aperture"])
     except TwoShotError as error:
         print(f"wsi-autofocus calibrate: {error}", file=sys.stderr)
@@ -101,17 +101,18 @@ def command_calibrate(args) -> int:
     key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
     output = args.output or CalibrationStore(args.store, args.scanner).model_dir(*key)
     result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print,
-                            condenser)
+                            condenser, scan_id)
     if result.single_shot is not None:
         single = result.single_shot
         print(f"single-shot model calibrated on {single.stacks} sweeps ({single.images} images) in "
               f"{single.fit_s:.0f} s: held-back sweeps MAE {single.held_back_mae_before_um:.2f} -> "
-              f"{single.held_back_mae_after_um:.2f} µm; model: {single.model_dir}")
+              f"{single.held_back_mae_after_um:.2f} µm; model: {single.model_dir} (the autofocus node serves it to "
+              f"scan {scan_id}'s tiles only: a slide's side cue need not carry over to the next slide)")
     if result.two_shot is not None:
         pair = result.two_shot
         print(f"two-shot model calibrated on {pair.pairs} pairs of {pair.stacks} sweeps in {pair.fit_s:.1f} s: "
               f"held-back sweeps MAE {pair.held_back_mae_before_um:.2f} -> {pair.held_back_mae_after_um:.2f} µm; "
-              f"model: {pair.path}")
+              f"model: {pair.path} (served to every scan with these optics)")
     for error in result.errors:
         print(f"not calibrated: {error}")
     return 0 if result.single_shot is not None or result.two_shot is not None else 1

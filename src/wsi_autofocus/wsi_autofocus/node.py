@@ -7,8 +7,9 @@ request whose image cannot be evaluated gets an invalid estimate / failed respon
 a crash.
 
 Each tile is estimated by this scanner's calibrated model for the tile's objective and camera pixel
-when one is stored under `calibration_root` (`wsi_autofocus.calibration_store.CalibrationStore`), by the base
-model otherwise; CalibrateAutofocus makes such a model from a scan's focus-map sweeps.
+when one is stored under `calibration_root` (`wsi_autofocus.calibration_store.CalibrationStore`) and was fitted on
+the tile's scan, by the base model otherwise; each pair by the calibrated two-shot model of its optics whatever
+the scan (`CalibratedEstimators`). CalibrateAutofocus makes both from a scan's focus-map sweeps.
 """
 import threading
 import time
@@ -81,9 +82,9 @@ class AutofocusNode(Node):
         base = self.estimators.base
         self.get_logger().info(f"autofocus ready: {base.model_id} on {base.backend.name}")
 
-    def _estimator(self, magnification: float, numerical_aperture: float, pixel_size_um: float):
+    def _estimator(self, magnification: float, numerical_aperture: float, pixel_size_um: float, scan_id: str):
         with self._models_lock:
-            return self.estimators.for_optics(magnification, numerical_aperture, pixel_size_um)
+            return self.estimators.for_optics(magnification, numerical_aperture, pixel_size_um, scan_id)
 
     def _two_shot(self, magnification: float, numerical_aperture: float, pixel_size_um: float):
         with self._models_lock:
@@ -93,7 +94,8 @@ class AutofocusNode(Node):
         started = time.perf_counter()
         groups: dict[int, tuple[object, list, list, list]] = {}
         for tile in tiles:
-            estimator = self._estimator(tile.objective_magnification, tile.numerical_aperture, tile.pixel_size_um)
+            estimator = self._estimator(tile.objective_magnification, tile.numerical_aperture, tile.pixel_size_um,
+                                        tile.scan_id)
             try:
                 image = estimator.check_image(decode_rgb(tile.image))
                 estimator.check_optics(tile.numerical_aperture, tile.pixel_size_um)
@@ -137,7 +139,8 @@ class AutofocusNode(Node):
         self._estimates.publish(msg)
 
     def _serve(self, request, response):
-        estimator = self._estimator(request.objective_magnification, request.numerical_aperture, request.pixel_size_um)
+        estimator = self._estimator(request.objective_magnification, request.numerical_aperture, request.pixel_size_um,
+                                    request.scan_id)
         response.model_id, response.backend = estimator.model_id, estimator.backend.name
         response.model_dir = str(estimator.model_dir)
         started = time.perf_counter()
@@ -164,17 +167,19 @@ class AutofocusNode(Node):
 
     def _calibrate(self, request, response):
         """Calibrate both models on a scan's focus-map sweeps (ROS-free core: `calibration.calibrate_both`);
-        the new models serve that objective's tiles and pairs from the next one on."""
+        from the next tile on the new single-shot model serves that scan's tiles of that objective, the new two-shot
+        model that objective's pairs of every scan."""
         # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
         from wsi_autofocus.calibration import calibrate_both
 
         started = time.monotonic()
         try:
-            stacks, optics = stacks_from_scan(request.scan_dir)
+            stacks, optics, scan_id = stacks_from_scan(request.scan_dir)
             key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
             result = calibrate_both(stacks, self.store.model_dir(*key), self.params["model_dir"] or None,
                                     self.params["two_shot_model"] or None, {"name": self.store.scanner} | optics,
-                                    condenser=self.condenser.for_objective(optics["numerical_aperture"]))
+                                    condenser=self.condenser.for_objective(optics["numerical_aperture"]),
+                                    scan_id=scan_id)
         except (CalibrationError, OSError, ValueError, KeyError) as error:
             response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
             self.get_logger().error(response.error)
