@@ -221,3 +221,24 @@ def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpe
 
 def format_slide_calibration(results: dict, title: str = TITLE) -> str:
     return format_calibration(results, title)
+
+
+class SlideRefocuser:
+    """Images a test field of one slide again at another defocus under its held-out microscope, as a scan does for a
+    side probe or a correction (`shift_evaluation.scan_outcomes` reads it as the shift evaluation's `Refocuser`);
+    each image is rendered once."""
+
+    def __init__(self, spec: SlideCalibrationSpec, scope_name: str, slide: str):
+        self.spec = spec
+        self.scope, _, self.specimen, _, self.test_points = _slide_fields(spec, scope_name, slide)
+        self._images: dict[tuple[int, float], np.ndarray] = {}
+
+    def image(self, index: int, defocus_um: float) -> np.ndarray:
+        key = (index, round(defocus_um, 3))
+        if key not in self._images:
+            x, y = self.test_points[index]
+            rng = np.random.default_rng([self.spec.seed, index, int(round(abs(key[1]) * 1000)), int(key[1] < 0)])
+            self._images[key] = heldout_imaging.capture(self.scope, self.specimen, float(x), float(y), key[1],
+                                                        self.spec.sweeps.magnification, self.spec.test_tile_px,
+                                                        rng).image_rgb8
+        return self._images[key]
