@@ -172,8 +172,8 @@ class CalibratedEstimators:
     not carry over to the next slide's (`bench/calibrated_scan_outcome.py`: with both models fitted on one slide's
     sweeps, a scan of other specimens under a ring-lit microscope left its tiles 0.67 µm from focus, with the
     calibrated two-shot model beside the shipped single-shot one 0.50). The two-shot model reads the optics, not
-    the specimen, and serves every scan. Loaded once per model; `forget`
-    drops a directory's models after a new calibration."""
+    the specimen, and serves every scan. Loaded once per model; `forget` drops a directory's models after a new
+    calibration."""
 
     def __init__(self, store: CalibrationStore, backend_name: str = "auto", base_model_dir: Path | None = None,
                  threads: int = 2, base_two_shot_path: Path | None = None):

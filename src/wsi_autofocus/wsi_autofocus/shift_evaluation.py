@@ -396,6 +396,12 @@ def _by_cell(spec: ShiftSpec, items: list, tile_index) -> dict[int, list]:
     return groups
 
 
+def refocus_rng(seed: int, index: int, defocus_um: float) -> np.random.Generator:
+    """The camera-noise draw of field `index` imaged again at `defocus_um`: one per field and defocus (to the nm),
+    so a field re-imaged twice at one defocus gives the same image."""
+    return np.random.default_rng([seed, index, int(round(abs(defocus_um) * 1000)), int(defocus_um < 0)])
+
+
 class Refocuser:
     """Images a tile's field of the shift evaluation again at another defocus, as a scan does for a side
     probe or a correction; images are kept in a cache file beside the tiles' (none without a cache_dir)."""
@@ -432,7 +438,7 @@ class Refocuser:
                 self._cells[cell] = positions, _FieldCamera(self.spec, imaging, magnification)
             positions, camera = self._cells[cell]
             specimen, x, y = positions[within]
-            rng = np.random.default_rng([self.spec.seed, index, int(round(abs(defocus_um) * 1000)), int(defocus_um < 0)])
+            rng = refocus_rng(self.spec.seed, index, defocus_um)
             self._images[key] = camera.capture(specimen, x, y, round(defocus_um, 3), rng).image_rgb8
             self._added = True
         return self._images[key]

@@ -25,7 +25,7 @@ from wsi_autofocus.data import (SPLITS, in_focus_tissue_fraction, save_npz, spec
                                tissue_points)
 from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, cache_key, calibrated_statistics,
                                             describe_calibration, format_calibration, imaging_condenser,
-                                            pair_estimates, render_sweep, sweep_focus_um,
+                                            pair_estimates, refocus_rng, render_sweep, sweep_focus_um,
                                             two_shot_calibrated_statistics, z_stacks)
 from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION
 
@@ -237,7 +237,7 @@ class SlideRefocuser:
         key = (index, round(defocus_um, 3))
         if key not in self._images:
             x, y = self.test_points[index]
-            rng = np.random.default_rng([self.spec.seed, index, int(round(abs(key[1]) * 1000)), int(key[1] < 0)])
+            rng = refocus_rng(self.spec.seed, index, key[1])
             self._images[key] = heldout_imaging.capture(self.scope, self.specimen, float(x), float(y), key[1],
                                                         self.spec.sweeps.magnification, self.spec.test_tile_px,
                                                         rng).image_rgb8
