@@ -213,10 +213,10 @@ def test_a_side_probe_sends_the_tile_and_the_probe_as_a_pair_and_its_correction_
 def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_scans_pairs_with_the_calibration(
         run_nodes, ros_node, tmp_path, tiny_model, mismatched_two_shot_model):
     """How a lab calibrates a scanner: a calibration-only goal takes the focus map's sweeps of a region, the
-    autofocus node fine-tunes both models on them and stores them for this scanner and objective, and no tile is
-    taken; the next scan's pairs (its side probes) are read by the calibrated two-shot model without being asked.
+    autofocus node fine-tunes the two-shot model on them and stores it for this scanner and objective, and no tile
+    is taken; the next scan's pairs (its side probes) are read by the calibrated two-shot model without being asked.
     Its tiles are read by the base single-shot model: a single-shot calibration learns the slide it was fitted on
-    and serves only that scan."""
+    and serves only that scan's tiles, so a goal without tiles does not fit one."""
     root = tmp_path / "calibration"
     autofocus = NodeSpec(name="autofocus", package="wsi_autofocus", executable="autofocus_node",
                          module="wsi_autofocus.node",
@@ -236,12 +236,16 @@ def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_sc
                                     calibration_only=True), timeout_s=400)
     result = calibrating.result
     assert calibrating.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
-    assert result.calibration_model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and not result.calibration_error
+    assert result.calibration_model_dir == str(root / "bench-1" / "20x_na0.75_px0.325")
+    # No tile of this goal is left for a single-shot calibration to serve: only the two-shot model is fitted.
+    assert "single-shot model: not fitted: no tiles of scan 'calibrate' follow" in result.calibration_error
+    assert not (Path(result.calibration_model_dir) / "metadata.json").exists()
     assert result.tiles_planned == 16 and result.tiles_captured == 0 and estimates == [] and plans == []
     manifest = json.loads(Path(result.manifest_uri).read_text())
     assert manifest["status"] == "complete" and manifest["tiles"] == [] and len(manifest["focus_map"]["sweeps"]) == 3
+    assert manifest["calibration_only"]
     calibration = manifest["autofocus_calibration"]
-    assert calibration["success"] and calibration["sweeps"] == 3
+    assert calibration["success"] and calibration["sweeps"] == 3 and calibration["model_dir"] == ""
     assert calibration["two_shot_held_back_mae_after_um"] < calibration["two_shot_held_back_mae_before_um"]
     scanned = scanner.call(goal(SMALL_TISSUE_REGION_UM, scan_id="after", focus_points=3, skip_empty_tiles=False,
                                 focus_strategy=ScanSlide.Goal.FOCUS_MAP_INLINE), timeout_s=400)

@@ -206,7 +206,9 @@ class ScanOrchestratorNode(Node):
         result.refocus_count = outcome.refocus_count
         if outcome.autofocus_calibration is not None:
             calibration = outcome.autofocus_calibration
-            result.calibration_model_dir = calibration["model_dir"] if calibration["success"] else ""
+            # The store's directory of both models; a calibration-only goal's holds the two-shot model alone.
+            result.calibration_model_dir = (calibration["model_dir"] or str(Path(calibration["two_shot_model"]).parent)
+                                            if calibration["success"] else "")
             result.calibration_error = calibration["error"]
         if code == ScanErrorCode.NONE and request.output_formats:
             goal_handle.publish_feedback(ScanSlide.Feedback(state=int(State.FINISHING), tiles_done=result.tiles_planned,

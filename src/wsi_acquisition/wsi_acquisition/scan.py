@@ -425,6 +425,7 @@ class ScanRunner:
             "numerical_aperture": self.backend.numerical_aperture(), "pixel_size_um": self.backend.pixel_size_um(),
             "tile_width_px": width, "tile_height_px": height, "overlap_fraction": request.overlap_fraction,
             "exposure_ms": request.exposure_ms, "focus_strategy": request.focus_strategy.name.lower(),
+            "calibration_only": request.calibration_only,
             "started_unix_s": time.time() - (self.clock() - self._started),
             "duration_s": self.clock() - self._started, "refocus_count": self.outcome.refocus_count,
             "overview": self._overview,

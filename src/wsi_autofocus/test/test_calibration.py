@@ -161,9 +161,16 @@ def test_a_scan_keeps_its_sweeps_and_calibrates_from_them_for_every_backend(tmp_
     request = ScanRequest(scan_id="cal", output_dir=tmp_path, region_um=(43_000.0, 12_000.0, 300.0, 250.0),
                           focus_strategy=FocusStrategy.MAP, focus_points=4, skip_empty_tiles=False)
     outcome = ScanRunner(backend, request).run()
-    stacks, optics, scan_id = stacks_from_scan(outcome.scan_dir)
+    stacks, optics, scan_id, tiles_follow = stacks_from_scan(outcome.scan_dir)
     assert len(stacks) == len(outcome.focus_sweeps) >= 2 and scan_id == "cal"
     assert optics == {"objective_magnification": 20.0, "numerical_aperture": 0.75, "pixel_size_um": 0.325}
+    assert not tiles_follow                                  # the scan is complete: no tile is left to read
+    manifest_path = outcome.scan_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for status, calibration_only, follow in (("running", False, True), ("running", True, False),
+                                             ("failed", False, False)):
+        manifest_path.write_text(json.dumps(manifest | {"status": status, "calibration_only": calibration_only}))
+        assert stacks_from_scan(outcome.scan_dir).tiles_follow == follow, (status, calibration_only)
     store = CalibrationStore(tmp_path / "calibration", "bench-scope-1")
     directory = store.model_dir(20.0, 0.75, 0.325)
     # A sweep over glass or a fold has no focus peak inside it: left out with the reason, not fatal.
@@ -226,6 +233,18 @@ def test_one_model_refused_leaves_the_other_calibrated(tmp_path, monkeypatch, mi
     assert result.errors[0].startswith("single-shot model: ") and "no better" in result.errors[0]
     assert result.two_shot.path == tmp_path / "scanner" / "two_shot.npz" and result.two_shot.path.exists()
     assert len(result.two_shot.skipped) == 1 and result.two_shot.skipped[0].startswith("stack 3: ")
+    assert not (tmp_path / "scanner" / "metadata.json").exists()
+
+
+def test_no_single_shot_model_is_fitted_when_no_tiles_of_the_scan_follow(tmp_path, mismatched_two_shot_model):
+    """A calibration-only goal or a finished scan: a single-shot calibration would serve no scan's tiles."""
+    stacks = [_virtual_stack(seed, np.arange(-6.0, 6.1, 1.5))[0] for seed in (100, 101, 102)]
+    result = calibrate_both(stacks, tmp_path / "scanner", base_two_shot=mismatched_two_shot_model, scan_id="robot-7",
+                            tiles_follow=False)
+    assert result.single_shot is None and result.errors == (
+        "single-shot model: not fitted: no tiles of scan 'robot-7' follow its sweeps, and a single-shot calibration "
+        "serves only the tiles of the scan it was fitted on",)
+    assert result.two_shot.path == tmp_path / "scanner" / "two_shot.npz" and result.two_shot.path.exists()
     assert not (tmp_path / "scanner" / "metadata.json").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -146,9 +147,19 @@ class CalibrationStore:
         return path if path.exists() else None
 
 
-def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict, str]:
-    """The focus-map sweeps a scan kept on disk (its manifest's "focus_map"), as z-stacks, the scan's optics
-    (magnification, NA, pixel size) and its scan id."""
+class ScanSweeps(NamedTuple):
+    """What a scan's manifest gives a calibration: its focus-map sweeps, optics and scan id, and whether tiles of
+    the scan are still to be read (`tiles_follow`): only then does a single-shot calibration serve anything."""
+    stacks: list[ZStack]
+    optics: dict                # objective_magnification, numerical_aperture, pixel_size_um
+    scan_id: str
+    tiles_follow: bool          # the scan is running and takes tiles after its calibration
+
+
+def stacks_from_scan(scan_dir: Path) -> ScanSweeps:
+    """The focus-map sweeps a scan kept on disk (its manifest's "focus_map"), as z-stacks, with the scan's optics,
+    id, and whether its tiles follow: the manifest says the scan is running and not calibration-only (a scan that
+    was killed still says running)."""
     import tifffile
 
     manifest = Manifest.read(Path(scan_dir) / MANIFEST_NAME)
@@ -162,7 +173,8 @@ def stacks_from_scan(scan_dir: Path) -> tuple[list[ZStack], dict, str]:
                      document["pixel_size_um"], document["numerical_aperture"], sweep["best_z_um"])
               for sweep in sweeps]
     optics = {key: document[key] for key in ("objective_magnification", "numerical_aperture", "pixel_size_um")}
-    return stacks, optics, document["scan_id"]
+    tiles_follow = document.get("status") == "running" and not document.get("calibration_only", False)
+    return ScanSweeps(stacks, optics, document["scan_id"], tiles_follow)
 
 
 class CalibratedEstimators:

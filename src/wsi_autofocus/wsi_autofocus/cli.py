@@ -6,8 +6,9 @@
                                                    over content sources x held-out microscopes x objectives;
                                                    self-calibration under each held-out microscope
     wsi-autofocus calibrate --scan SCAN_DIR [--scanner NAME] [--store DIR]
-                                                   fine-tune the model on a scan's focus-map sweeps and
-                                                   store it for that scanner, objective and camera
+                                                   fine-tune the models on a scan's focus-map sweeps and
+                                                   store them for that scanner, objective and camera (the
+                                                   single-shot model only while that scan's tiles are to come)
     wsi-autofocus train-two-shot [--data-dir D] [--output F]
                                                    render exposure pairs and train the two-shot model
     wsi-autofocus eval-two-shot [--model F]        the held-out imaging table for two exposures a step apart, and
@@ -93,15 +94,17 @@ def command_calibrate(args) -> int:
     try:
         declaration = CondenserDeclaration(args.condenser_fill, args.condenser_inner_fill, args.condenser_na,
                                            args.condenser_inner_na)
-        stacks, optics, scan_id = stacks_from_scan(args.scan)
-        condenser = declaration.for_objective(optics["numerical_aperture"])
+        sweeps = stacks_from_scan(args.scan)
+        condenser = declaration.for_objective(sweeps.optics["numerical_aperture"])
     except TwoShotError as error:
         print(f"wsi-autofocus calibrate: {error}", file=sys.stderr)
         return 2
+    optics, scan_id = sweeps.optics, sweeps.scan_id
     key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
     output = args.output or CalibrationStore(args.store, args.scanner).model_dir(*key)
-    result = calibrate_both(stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics, print,
-                            condenser, scan_id)
+    # Into the store a single-shot model serves only its own scan's tiles; one asked for by --output is the user's.
+    result = calibrate_both(sweeps.stacks, output, args.model, args.two_shot_model, {"name": args.scanner} | optics,
+                            print, condenser, scan_id, tiles_follow=sweeps.tiles_follow or args.output is not None)
     if result.single_shot is not None:
         single = result.single_shot
         print(f"single-shot model calibrated on {single.stacks} sweeps ({single.images} images) in "
@@ -220,7 +223,8 @@ def main(argv=None) -> int:
     calibrate.add_argument("--model", type=Path, default=None, help="model to start from (default: the shipped one)")
     calibrate.add_argument("--two-shot-model", type=Path, default=None,
                            help="two-shot model to start from (default: the shipped one)")
-    calibrate.add_argument("--output", type=Path, help="write the models here instead of into the store")
+    calibrate.add_argument("--output", type=Path, help="write the models here instead of into the store (both, "
+                                                        "whether or not the scan's tiles are still to come)")
     calibrate.add_argument("--condenser-fill", type=float, default=0.0,
                            help="the microscope's condenser aperture as a fraction of the objective NA, as the "
                                 "autofocus node's condenser_fill declares it (0: not known)")

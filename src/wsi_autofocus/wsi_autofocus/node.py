@@ -168,18 +168,20 @@ class AutofocusNode(Node):
     def _calibrate(self, request, response):
         """Calibrate both models on a scan's focus-map sweeps (ROS-free core: `calibration.calibrate_both`);
         from the next tile on the new single-shot model serves that scan's tiles of that objective, the new two-shot
-        model that objective's pairs of every scan."""
+        model that objective's pairs of every scan. The single-shot model is fitted only when tiles of the scan
+        follow (`stacks_from_scan`)."""
         # Fitting needs torch (about 200 MB resident); a node that only estimates never loads it.
         from wsi_autofocus.calibration import calibrate_both
 
         started = time.monotonic()
         try:
-            stacks, optics, scan_id = stacks_from_scan(request.scan_dir)
+            sweeps = stacks_from_scan(request.scan_dir)
+            optics = sweeps.optics
             key = (optics["objective_magnification"], optics["numerical_aperture"], optics["pixel_size_um"])
-            result = calibrate_both(stacks, self.store.model_dir(*key), self.params["model_dir"] or None,
+            result = calibrate_both(sweeps.stacks, self.store.model_dir(*key), self.params["model_dir"] or None,
                                     self.params["two_shot_model"] or None, {"name": self.store.scanner} | optics,
                                     condenser=self.condenser.for_objective(optics["numerical_aperture"]),
-                                    scan_id=scan_id)
+                                    scan_id=sweeps.scan_id, tiles_follow=sweeps.tiles_follow)
         except (CalibrationError, OSError, ValueError, KeyError) as error:
             response.success, response.error = False, f"calibration from {request.scan_dir} failed: {error}"
             self.get_logger().error(response.error)
@@ -187,8 +189,11 @@ class AutofocusNode(Node):
         with self._models_lock:
             self.estimators.forget(self.store.model_dir(*key))
         single, pair = result.single_shot, result.two_shot
+        used = single or pair
+        if used is not None:
+            response.sweeps, response.images = used.stacks, used.images
         if single is not None:
-            response.model_dir, response.sweeps, response.images = str(single.model_dir), single.stacks, single.images
+            response.model_dir = str(single.model_dir)
             response.held_back_mae_before_um = single.held_back_mae_before_um
             response.held_back_mae_after_um = single.held_back_mae_after_um
             self._log_calibrated(single.model_dir, single.held_back_mae_before_um, single.held_back_mae_after_um)

@@ -72,6 +72,7 @@ FIT_SUB_FIELD_FRACTION = 0.7
 class TwoShotCalibrationResult:
     path: Path
     stacks: int
+    images: int                           # in those stacks
     pairs: int
     fit_s: float
     held_back_mae_before_um: float        # the model before calibration, on pairs of the held-back sweeps
@@ -232,5 +233,5 @@ def calibrate_two_shot(stacks: list[ZStack], output: Path, base_model: Path | No
         "condenser": dataclasses.asdict(condenser),
         "created_unix_s": time.time(), "scanner": scanner or {}}}
     path = calibrated.save(output)
-    return TwoShotCalibrationResult(path, len(stacks), len(pairs["group"]), time.monotonic() - started, before,
-                                    after, tuple(skipped))
+    return TwoShotCalibrationResult(path, len(stacks), int(sum(len(stack.images) for stack in stacks)),
+                                    len(pairs["group"]), time.monotonic() - started, before, after, tuple(skipped))
