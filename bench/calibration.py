@@ -10,8 +10,9 @@ fit then tries every condenser of the training microscopes), as the autofocus no
 `wsi-autofocus calibrate` do, and reports per microscope the wall time of the whole
 calibration (the sweeps' specimen plane, found once; single shot: feature extraction, fit, temperatures, refit,
 ONNX/TorchScript export; two shots: band spectra of every image, pairs, fine-tuning on two thirds of the sweeps,
-then on all) and per model the held-back sweeps' MAE before and after, or why it was refused. Prints a table and
-writes bench/results/calibration.json.
+then on all) and per model the held-back sweeps' MAE before and after, or why it was refused; and the wall time of
+the same calibration when no tiles of the scan follow (a calibration-only goal, a finished scan: the two-shot model
+alone, `calibrate_both(tiles_follow=False)`). Prints a table and writes bench/results/calibration.json.
 """
 import argparse
 import json
@@ -51,20 +52,28 @@ def main() -> int:
                                     condenser=UNKNOWN_CONDENSER if args.condenser_not_declared
                                     else imaging_condenser(name))
             elapsed = time.monotonic() - started
+            started = time.monotonic()
+            calibrate_both(z_stacks(stacks), Path(work) / f"{name}-no-tiles", args.model, args.two_shot_model,
+                           condenser=UNKNOWN_CONDENSER if args.condenser_not_declared else imaging_condenser(name),
+                           tiles_follow=False)
+            elapsed_no_tiles = time.monotonic() - started
             held_back = {model: [calibrated.held_back_mae_before_um, calibrated.held_back_mae_after_um]
                          for model, calibrated in (("single-shot", result.single_shot), ("two-shot", result.two_shot))
                          if calibrated is not None}
             rows.append({"microscope": name, "sweeps": len(stacks),
                          "images": int(sum(len(sweep["images"]) for sweep in stacks)), "fit_s": elapsed,
+                         "fit_s_no_tiles_follow": elapsed_no_tiles,
                          "load_1min": load_before, "held_back_mae_before_after_um": held_back,
                          "refused": list(result.errors)})
     print(f"self-calibration of both models on {os.cpu_count()} cores, models {args.model} and {args.two_shot_model} "
           f"(target <= {TARGET_FIT_S:.0f} s)")
-    print(f"{'microscope':<18}{'sweeps':>7}{'images':>7}{'fit s':>8}{'load':>6}  held-back MAE before -> after")
+    print(f"{'microscope':<18}{'sweeps':>7}{'images':>7}{'fit s':>8}{'no tiles s':>11}{'load':>6}  "
+          "held-back MAE before -> after")
     for r in rows:
         outcomes = [f"{model} {before:.2f} -> {after:.2f} µm"
                     for model, (before, after) in r["held_back_mae_before_after_um"].items()]
-        print(f"{r['microscope']:<18}{r['sweeps']:>7}{r['images']:>7}{r['fit_s']:>8.1f}{r['load_1min']:>6.1f}  "
+        print(f"{r['microscope']:<18}{r['sweeps']:>7}{r['images']:>7}{r['fit_s']:>8.1f}"
+              f"{r['fit_s_no_tiles_follow']:>11.1f}{r['load_1min']:>6.1f}  "
               + "; ".join(outcomes + [f"refused: {reason}" for reason in r["refused"]]))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     summary = {"target_fit_s": TARGET_FIT_S, "condenser_declared": not args.condenser_not_declared, "results": rows}
