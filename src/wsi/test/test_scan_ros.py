@@ -236,9 +236,8 @@ def test_a_scanner_calibrated_from_a_slide_without_scanning_it_reads_the_next_sc
                                     calibration_only=True), timeout_s=400)
     result = calibrating.result
     assert calibrating.status == GoalStatus.STATUS_SUCCEEDED, result.error_message
-    assert result.calibration_model_dir == str(root / "bench-1" / "20x_na0.75_px0.325")
+    assert result.calibration_model_dir == str(root / "bench-1" / "20x_na0.75_px0.325") and not result.calibration_error
     # No tile of this goal is left for a single-shot calibration to serve: only the two-shot model is fitted.
-    assert "single-shot model: not fitted: no tiles of scan 'calibrate' follow" in result.calibration_error
     assert not (Path(result.calibration_model_dir) / "metadata.json").exists()
     assert result.tiles_planned == 16 and result.tiles_captured == 0 and estimates == [] and plans == []
     manifest = json.loads(Path(result.manifest_uri).read_text())

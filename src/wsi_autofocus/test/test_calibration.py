@@ -241,9 +241,9 @@ def test_no_single_shot_model_is_fitted_when_no_tiles_of_the_scan_follow(tmp_pat
     stacks = [_virtual_stack(seed, np.arange(-6.0, 6.1, 1.5))[0] for seed in (100, 101, 102)]
     result = calibrate_both(stacks, tmp_path / "scanner", base_two_shot=mismatched_two_shot_model, scan_id="robot-7",
                             tiles_follow=False)
-    assert result.single_shot is None and result.errors == (
-        "single-shot model: not fitted: no tiles of scan 'robot-7' follow its sweeps, and a single-shot calibration "
-        "serves only the tiles of the scan it was fitted on",)
+    assert result.single_shot is None and result.errors == () and result.not_fitted == (
+        "single-shot model not fitted: no tiles of scan 'robot-7' follow its sweeps, and a single-shot calibration "
+        "serves only the tiles of the scan it was fitted on")
     assert result.two_shot.path == tmp_path / "scanner" / "two_shot.npz" and result.two_shot.path.exists()
     assert not (tmp_path / "scanner" / "metadata.json").exists()
 

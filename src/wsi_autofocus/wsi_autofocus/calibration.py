@@ -214,6 +214,7 @@ class ScannerCalibration:
     single_shot: CalibrationResult | None
     two_shot: TwoShotCalibrationResult | None
     errors: tuple[str, ...]
+    not_fitted: str = ""        # why the single-shot model was not fitted at all (not a failure: none was wanted)
 
 
 def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path | None = None,
@@ -226,19 +227,20 @@ def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path |
     specimen plane is found once for both (`stacks_with_focus`: seconds of a calibration's minute).
 
     Without `tiles_follow` (no tiles of that scan are still to be read: a calibration-only goal, a finished scan)
-    the single-shot model is not fitted, and `errors` says why: it would serve no scan (`CalibratedEstimators`),
+    the single-shot model is not fitted, and `not_fitted` says why: it would serve no scan (`CalibratedEstimators`),
     and its fit is about half the calibration's time."""
+    not_fitted = "" if tiles_follow else (f"single-shot model not fitted: no tiles of scan {scan_id!r} follow its "
+                                          "sweeps, and a single-shot calibration serves only the tiles of the scan "
+                                          "it was fitted on")
     try:
         check_stacks(stacks)
         stacks, left_out = stacks_with_focus(stacks, log, condenser)
     except CalibrationError as error:
-        return ScannerCalibration(None, None, (f"single-shot model: {error}", f"two-shot model: {error}"))
+        models = ("single-shot", "two-shot") if tiles_follow else ("two-shot",)
+        return ScannerCalibration(None, None, tuple(f"{model} model: {error}" for model in models), not_fitted)
     left_out = tuple(left_out)
     errors, single_shot = [], None
-    if not tiles_follow:
-        errors.append(f"single-shot model: not fitted: no tiles of scan {scan_id!r} follow its sweeps, and a "
-                      "single-shot calibration serves only the tiles of the scan it was fitted on")
-    else:
+    if tiles_follow:
         try:
             single_shot = calibrate(stacks, model_dir, base_model_dir, scanner=scanner, log=log, condenser=condenser,
                                     left_out=left_out, scan_id=scan_id)
@@ -250,4 +252,4 @@ def calibrate_both(stacks: list[ZStack], model_dir: Path, base_model_dir: Path |
     except CalibrationError as error:
         two_shot = None
         errors.append(f"two-shot model: {error}")
-    return ScannerCalibration(single_shot, two_shot, tuple(errors))
+    return ScannerCalibration(single_shot, two_shot, tuple(errors), not_fitted)

@@ -116,6 +116,8 @@ def command_calibrate(args) -> int:
         print(f"two-shot model calibrated on {pair.pairs} pairs of {pair.stacks} sweeps in {pair.fit_s:.1f} s: "
               f"held-back sweeps MAE {pair.held_back_mae_before_um:.2f} -> {pair.held_back_mae_after_um:.2f} µm; "
               f"model: {pair.path} (served to every scan with these optics)")
+    if result.not_fitted:
+        print(result.not_fitted)
     for error in result.errors:
         print(f"not calibrated: {error}")
     return 0 if result.single_shot is not None or result.two_shot is not None else 1

@@ -189,6 +189,8 @@ class AutofocusNode(Node):
         with self._models_lock:
             self.estimators.forget(self.store.model_dir(*key))
         single, pair = result.single_shot, result.two_shot
+        if result.not_fitted:
+            self.get_logger().info(f"calibration from {request.scan_dir}: {result.not_fitted}")
         used = single or pair
         if used is not None:
             response.sweeps, response.images = used.stacks, used.images
