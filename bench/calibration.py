@@ -46,16 +46,15 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name, stacks in sweeps.items():
+            condenser = UNKNOWN_CONDENSER if args.condenser_not_declared else imaging_condenser(name)
             load_before = os.getloadavg()[0]
             started = time.monotonic()
             result = calibrate_both(z_stacks(stacks), Path(work) / name, args.model, args.two_shot_model,
-                                    condenser=UNKNOWN_CONDENSER if args.condenser_not_declared
-                                    else imaging_condenser(name))
+                                    condenser=condenser)
             elapsed = time.monotonic() - started
             started = time.monotonic()
             calibrate_both(z_stacks(stacks), Path(work) / f"{name}-no-tiles", args.model, args.two_shot_model,
-                           condenser=UNKNOWN_CONDENSER if args.condenser_not_declared else imaging_condenser(name),
-                           tiles_follow=False)
+                           condenser=condenser, tiles_follow=False)
             elapsed_no_tiles = time.monotonic() - started
             held_back = {model: [calibrated.held_back_mae_before_um, calibrated.held_back_mae_after_um]
                          for model, calibrated in (("single-shot", result.single_shot), ("two-shot", result.two_shot))
