@@ -309,6 +309,24 @@ def test_the_shipped_two_shot_card_is_rendered_from_its_evaluation():
     assert "own simulator, held-out specimens MAE" in card
 
 
+def test_the_scan_outcome_on_the_slide_itself_is_judged_for_each_pair_of_models():
+    """The card's "never worse" target on the slide itself holds for the models a scan that calibrates itself
+    uses only if no slide left a tile further from focus, and is judged apart for the shipped pair."""
+    from wsi_autofocus.model_card import self_calibrated_scan_outcome_checks
+
+    def outcomes(shipped_worse: int, calibrated_worse: int) -> dict:
+        return {"refused": [], "outcomes": {"shipped models": {"n": 30, "tiles_worse": shipped_worse},
+                                           "both calibrated": {"n": 30, "tiles_worse": calibrated_worse}}}
+
+    checks = self_calibrated_scan_outcome_checks({"scope-a / slide-1": outcomes(1, 0),
+                                                  "scope-b / slide-2": outcomes(0, 2)})
+    assert checks == [("on the slide itself with shipped models: 1 tiles of 60 left further from focus by the scan "
+                       "than by the focus map alone (target 0)", False),
+                      ("on the slide itself with both calibrated: 2 tiles of 60 left further from focus by the scan "
+                       "than by the focus map alone (target 0)", False)]
+    assert all(met for _, met in self_calibrated_scan_outcome_checks({"scope-a / slide-1": outcomes(0, 0)}))
+
+
 def test_the_scan_outcome_is_measured_with_the_shipped_pair_and_shown_only_for_it(tmp_path):
     """A scan uses both models: its outcome has one home, the two-shot evaluation, which records the pair it was
     measured with. Both shipped models are that pair; a single-shot model it was not measured with gets no table on

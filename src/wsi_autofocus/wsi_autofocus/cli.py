@@ -153,6 +153,8 @@ def command_eval_two_shot(args) -> int:
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
         spec, tiles, estimator, shift_evaluation.estimate_tiles(estimator, tiles), args.cache_dir, two_shot_model=model)
     evaluation["scan_outcome_models"] = shift_evaluation.scan_outcome_models(args.single_shot_model, args.model)
+    evaluation["scan_outcome_on_the_slide"] = slide_calibration.self_calibrated_scan_outcomes(
+        slide_calibration.SlideCalibrationSpec(), args.cache_dir, args.single_shot_model, args.model, args.workers)
     print(shift_evaluation.format_two_shot(evaluation))
     print(f"with the condenser not known:\n{shift_evaluation.format_two_shot(evaluation['condenser_not_known'])}")
     print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
@@ -160,6 +162,8 @@ def command_eval_two_shot(args) -> int:
                                               shift_evaluation.TWO_SHOT_CALIBRATION_TITLE))
     print(slide_calibration.format_slide_calibration(evaluation["calibration_on_the_slide"],
                                                      slide_calibration.TWO_SHOT_TITLE))
+    print(shift_evaluation.format_calibrated_scan_outcomes(evaluation["scan_outcome_on_the_slide"],
+                                                           slide_calibration.SCAN_OUTCOME_TITLE))
     if args.card:
         from wsi_autofocus.model_card import render_two_shot
 

@@ -325,6 +325,15 @@ def scan_outcome_target_check(scan_outcome: dict) -> tuple[str, bool]:
             "the scan than by the focus map alone (target 0)", worse == 0)
 
 
+def self_calibrated_scan_outcome_checks(results: dict) -> list[tuple[str, bool]]:
+    """`scan_outcome_target_check` of the scan outcome on the slide itself
+    (`slide_calibration.self_calibrated_scan_outcomes`), once per pair of models it was measured with."""
+    configurations = next(iter(results.values()))["outcomes"]
+    return [(f"on the slide itself with {configuration}: {text}", met) for configuration in configurations
+            for text, met in [scan_outcome_target_check({name: result["outcomes"][configuration]
+                                                         for name, result in results.items()})]]
+
+
 def render_two_shot(model_path: Path, evaluation: dict) -> str:
     """The two-shot model's card, from its metadata and its evaluation under held-out imaging."""
     from wsi_autofocus import two_shot, two_shot_training
@@ -343,6 +352,8 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     checks += [calibration_target_check(where, results, "wsi-autofocus eval-two-shot")
                for where, results in (("other specimens", calibration), ("the slide itself", on_the_slide))]
     checks.append(scan_outcome_target_check(evaluation["scan_outcome_20x"]))
+    scan_on_the_slide = evaluation.get("scan_outcome_on_the_slide")
+    checks += self_calibrated_scan_outcome_checks(scan_on_the_slide) if scan_on_the_slide else []
     lines = [
         "# Model card: two-shot defocus",
         "",
@@ -429,6 +440,17 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "On the slide itself is how a scan calibrates (`ScanSlide.calibrate_autofocus`: the focus map's sweeps of the "
         "slide being scanned; `wsi_autofocus.slide_calibration`: sweep and test fields never overlap). "
         + shift_evaluation.CALIBRATION_COLUMNS_NOTE,
+        "",
+        "What a scan that calibrates itself makes of the slide's other fields (`ScanSlide.calibrate_autofocus`: both "
+        "models calibrated on the nine sweeps, `calibration.calibrate_both`; the single-shot calibration serves that "
+        "scan's tiles only), beside the shipped models and the calibrated two-shot model alone (what a later scan is "
+        "served), measured as the scan outcome above (`slide_calibration.self_calibrated_scan_outcomes`; the fields "
+        "re-imaged for each correction):",
+        "",
+        "```",
+        shift_evaluation.format_calibrated_scan_outcomes(scan_on_the_slide, slide_calibration.SCAN_OUTCOME_TITLE)
+        if scan_on_the_slide else f"{slide_calibration.SCAN_OUTCOME_TITLE}: not in this evaluation",
+        "```",
         "",
         "- Targets met: " + ("; ".join(text for text, ok in checks if ok) or "none"),
         "- Targets not met: " + ("; ".join(text for text, ok in checks if not ok) or "none"),

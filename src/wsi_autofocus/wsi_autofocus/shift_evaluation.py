@@ -519,6 +519,10 @@ def scan_outcomes(estimator, tiles: dict, estimates: dict, refocuser: Refocuser,
             "other_way": np.array([OTHER_WAY in taken for taken in kinds], bool)}
 
 
+# The models a scan outcome after a calibration is measured with (`calibrated_scan_outcomes`).
+SHIPPED_MODELS, TWO_SHOT_CALIBRATED, BOTH_CALIBRATED = "shipped models", "two-shot calib.", "both calibrated"
+
+
 def scan_outcome_statistics(outcomes: dict) -> dict:
     """Focus-map-only against the scan's inline autofocus: mean |defocus| before and after, tiles made
     worse, tiles within half the depth of field before and after, side probes and how often they
@@ -567,19 +571,68 @@ def scan_outcome_models(single_shot_model_dir: Path, two_shot_model_path: Path) 
     return {"single_shot": sha256(Path(single_shot_model_dir) / "model.pt"), "two_shot": sha256(two_shot_file)}
 
 
-def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION) -> str:
-    lines = [f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
+def format_scan_outcomes(table: dict, magnification: float = DEFAULT_OBJECTIVE_MAGNIFICATION,
+                         title: str | None = None, label: str = "imaging") -> str:
+    """`scan_outcome_statistics` per row of `table` (named in a column headed `label`), under `title`."""
+    width = max([16] + [len(name) + 1 for name in table])
+    lines = [title or f"scan outcome ({magnification:g}x, every tile taken at the focus map's z = its defocus; inline "
              "autofocus as the scan runs it, a correction kept only if sharper)",
-             f"{'imaging':<16}{'n':>4} {'map |d|':>8} {'scan |d|':>9} {'in focus':>9} {'worse':>6} {'improved':>9} "
+             f"{label:<{width}}{'n':>4} {'map |d|':>8} {'scan |d|':>9} {'in focus':>9} {'worse':>6} {'improved':>9} "
              f"{'corrected':>10} {'probes':>7} {'decided':>8} {'right':>6} {'bracketed':>10} {'other way':>10} "
              f"{'shots/tile':>11}"]
     for imaging, s in table.items():
         in_focus = f"{s['in_focus_focus_map']}->{s['in_focus_scan']}"
-        lines.append(f"{imaging:<16}{s['n']:4d} {s['focus_map_mean_abs_um']:8.2f} {s['scan_mean_abs_um']:9.2f} "
+        lines.append(f"{imaging:<{width}}{s['n']:4d} {s['focus_map_mean_abs_um']:8.2f} {s['scan_mean_abs_um']:9.2f} "
                      f"{in_focus:>9} {s['tiles_worse']:6d} {s['tiles_improved']:9d} {s['corrections']:10d} {s['side_probes']:7d} "
                      f"{s['probes_decided']:8d} {s['probes_decided_right']:6d} {s['bracketed']:10d} "
                      f"{s['other_way']:10d} {s['exposures_per_tile']:11.2f}")
     return "\n".join(lines)
+
+
+def single_shot_estimates(model_dir: Path, tiles: dict, threads: int = 2) -> tuple:
+    """The single-shot model of `model_dir` (ONNX Runtime) and its estimates of `tiles` (`estimate_tiles`)."""
+    from wsi_autofocus.inference import FocusEstimator, load_backend
+
+    estimator = FocusEstimator(load_backend("onnxruntime", model_dir, threads=threads)[0], model_dir)
+    return estimator, estimate_tiles(estimator, tiles)
+
+
+def _scan_outcome(single_shot: tuple, two_shot_path: Path, tiles: dict, refocuser, mask: np.ndarray) -> dict:
+    estimator, estimates = single_shot
+    return scan_outcome_statistics(scan_outcomes(estimator, tiles, estimates, refocuser, mask,
+                                                 two_shot.TwoShotModel.load(two_shot_path)))
+
+
+def calibrated_scan_outcomes(stacks: list[dict], tiles: dict, refocuser, mask: np.ndarray,
+                             condenser: two_shot.Condenser, model_dir: Path, two_shot_path: Path, work_dir: Path,
+                             shipped: tuple | None = None, threads: int = 2) -> dict:
+    """`calibration.calibrate_both` (as the autofocus node does) on the rendered `stacks`, then the scan outcome
+    (`scan_outcome_statistics`) of `tiles` in `mask` with the shipped models, with the calibrated two-shot model beside
+    the shipped single shot (what a later scan is served) and with both calibrated (what the scan whose sweeps they
+    are is served); and why a calibration was refused (it then leaves the shipped model). `refocuser` re-images a
+    tile's field (`Refocuser`, `slide_calibration.SlideRefocuser`); `shipped`: the shipped single-shot model's
+    `single_shot_estimates` of `tiles`, when already made."""
+    from wsi_autofocus.calibration import calibrate_both
+
+    shipped = shipped or single_shot_estimates(model_dir, tiles, threads)
+    calibrated = calibrate_both(z_stacks(stacks), work_dir, model_dir, two_shot_path, condenser=condenser)
+    calibrated_single_shot = (single_shot_estimates(calibrated.single_shot.model_dir, tiles, threads)
+                              if calibrated.single_shot else shipped)
+    calibrated_two_shot = calibrated.two_shot.path if calibrated.two_shot else two_shot_path
+    return {"refused": list(calibrated.errors), "outcomes": {
+        SHIPPED_MODELS: _scan_outcome(shipped, two_shot_path, tiles, refocuser, mask),
+        TWO_SHOT_CALIBRATED: _scan_outcome(shipped, calibrated_two_shot, tiles, refocuser, mask),
+        BOTH_CALIBRATED: _scan_outcome(calibrated_single_shot, calibrated_two_shot, tiles, refocuser, mask)}}
+
+
+def format_calibrated_scan_outcomes(results: dict, title: str) -> str:
+    """`calibrated_scan_outcomes` of each calibration, a row per pair of models, under `title` (columns as
+    `format_scan_outcomes`), and the calibrations refused."""
+    rows = {f"{name}, {models}": statistics for name, result in results.items()
+            for models, statistics in result["outcomes"].items()}
+    refused = [f"{name}: calibration refused: {reason}" for name, result in results.items()
+               for reason in result["refused"]]
+    return "\n".join([format_scan_outcomes(rows, title=title, label="calibrated on, models"), *refused])
 
 
 # -- self-calibration under a held-out microscope ----------------------------------------------------

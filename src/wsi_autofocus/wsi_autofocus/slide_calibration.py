@@ -12,6 +12,7 @@ The immunohistochemistry image is not used: one 20x field shows all of it.
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,10 @@ from wsi_autofocus import heldout_imaging, two_shot
 from wsi_autofocus.content import EVALUATION_IMAGES, RealImageSpecimen
 from wsi_autofocus.data import (SPLITS, in_focus_tissue_fraction, save_npz, specimen_for_seed, starmap_in_processes,
                                tissue_points)
-from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, cache_key, calibrated_statistics,
-                                            describe_calibration, format_calibration, imaging_condenser,
-                                            pair_estimates, refocus_rng, render_sweep, sweep_focus_um,
-                                            two_shot_calibrated_statistics, z_stacks)
+from wsi_autofocus.shift_evaluation import (PROCEDURAL, CalibrationSpec, cache_key, calibrated_scan_outcomes,
+                                            calibrated_statistics, describe_calibration, format_calibration,
+                                            imaging_condenser, pair_estimates, refocus_rng, render_sweep,
+                                            sweep_focus_um, two_shot_calibrated_statistics, z_stacks)
 from wsi_common.focus_metrics import MIN_FIELD_TISSUE_FRACTION
 
 SLIDES = (PROCEDURAL, "real-he")
@@ -36,6 +37,8 @@ SWEEP_ROWS, TEST_ROWS = (0.0, 0.4), (0.6, 1.0)
 TITLE = ("self-calibration on the slide itself (20x): fitted on a held-out microscope's focus-map sweeps of one "
          "slide, tested on other fields of that slide")
 TWO_SHOT_TITLE = TITLE.replace("self-calibration", "two-shot self-calibration") + " with their second exposures"
+SCAN_OUTCOME_TITLE = ("scan outcome after self-calibration on the slide itself (20x): both models calibrated on nine "
+                      "focus-map sweeps of one slide, the scan's inline autofocus over other fields of it")
 
 
 @dataclass(frozen=True)
@@ -242,3 +245,25 @@ class SlideRefocuser:
                                                         self.spec.sweeps.magnification, self.spec.test_tile_px,
                                                         rng).image_rgb8
         return self._images[key]
+
+
+def _self_calibrated_scan_outcome(spec: SlideCalibrationSpec, scope: str, slide: str, rendered: dict,
+                                  model_dir: Path, two_shot_path: Path, work_dir: Path) -> dict:
+    tiles = rendered["tiles"] | {"imaging": np.full(len(rendered["tiles"]["images"]), scope)}
+    return calibrated_scan_outcomes(rendered["stacks"], tiles, SlideRefocuser(spec, scope, slide),
+                                    np.ones(len(tiles["images"]), bool), imaging_condenser(scope), model_dir,
+                                    two_shot_path, work_dir, threads=1)
+
+
+def self_calibrated_scan_outcomes(spec: SlideCalibrationSpec, cache_dir: Path, model_dir: Path, two_shot_path: Path,
+                                  workers: int = 2, log=print) -> dict:
+    """Per "microscope / slide": both models calibrated on the slide's sweeps, then the scan outcome of its test
+    fields with the shipped models, the calibrated two-shot model alone and both calibrated (what a scan that
+    calibrates itself reads its tiles with), `shift_evaluation.calibrated_scan_outcomes`; a slide per process. The
+    fields re-imaged for the scan are rendered each time (about a quarter of an hour on 2 cores)."""
+    slides = render_all(spec, cache_dir, log=log)
+    with tempfile.TemporaryDirectory() as work:
+        jobs = [(spec, scope, slide, rendered, model_dir, two_shot_path, Path(work) / f"{scope}-{slide}")
+                for (scope, slide), rendered in slides.items()]
+        results = starmap_in_processes(_self_calibrated_scan_outcome, jobs, workers)
+    return dict(zip((f"{scope} / {slide}" for scope, slide in slides), results))
