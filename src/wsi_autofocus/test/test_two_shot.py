@@ -320,9 +320,9 @@ def test_the_scan_outcome_on_the_slide_itself_is_judged_for_each_pair_of_models(
 
     checks = self_calibrated_scan_outcome_checks({"scope-a / slide-1": outcomes(1, 0),
                                                   "scope-b / slide-2": outcomes(0, 2)})
-    assert checks == [("on the slide itself with shipped models: 1 tiles of 60 left further from focus by the scan "
+    assert checks == [("on the slide itself with shipped models: 1 of 60 tiles left further from focus by the scan "
                        "than by the focus map alone (target 0)", False),
-                      ("on the slide itself with both calibrated: 2 tiles of 60 left further from focus by the scan "
+                      ("on the slide itself with both calibrated: 2 of 60 tiles left further from focus by the scan "
                        "than by the focus map alone (target 0)", False)]
     assert all(met for _, met in self_calibrated_scan_outcome_checks({"scope-a / slide-1": outcomes(0, 0)}))
 

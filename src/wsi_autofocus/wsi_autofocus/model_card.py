@@ -321,7 +321,7 @@ def scan_outcome_target_check(scan_outcome: dict) -> tuple[str, bool]:
     """The scan with inline autofocus against focus-map-only on every microscope of the scan outcome table:
     no tile may end further from focus, as (statement, met)."""
     worse = sum(outcome["tiles_worse"] for outcome in scan_outcome.values())
-    return (f"{worse} tiles of {sum(outcome['n'] for outcome in scan_outcome.values())} left further from focus by "
+    return (f"{worse} of {sum(outcome['n'] for outcome in scan_outcome.values())} tiles left further from focus by "
             "the scan than by the focus map alone (target 0)", worse == 0)
 
 

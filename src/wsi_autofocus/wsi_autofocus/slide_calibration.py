@@ -260,7 +260,7 @@ def self_calibrated_scan_outcomes(spec: SlideCalibrationSpec, cache_dir: Path, m
     """Per "microscope / slide": both models calibrated on the slide's sweeps, then the scan outcome of its test
     fields with the shipped models, the calibrated two-shot model alone and both calibrated (what a scan that
     calibrates itself reads its tiles with), `shift_evaluation.calibrated_scan_outcomes`; a slide per process. The
-    fields re-imaged for the scan are rendered each time (about a quarter of an hour on 2 cores)."""
+    fields re-imaged for the scan are rendered each time: they are not cached."""
     slides = render_all(spec, cache_dir, log=log)
     with tempfile.TemporaryDirectory() as work:
         jobs = [(spec, scope, slide, rendered, model_dir, two_shot_path, Path(work) / f"{scope}-{slide}")
