@@ -18,7 +18,6 @@ from wsi_autofocus.two_shot import TwoShotError, TwoShotModel, pair_features
 from wsi_common.focus_metrics import TISSUE_SAMPLE_STEP, tissue_fraction
 
 PIXEL_UM, APERTURE = 0.325, 0.75
-RATIO_BANDS = slice(0, len(two_shot.BAND_EDGES) - 1)
 
 
 def _specimen(kind: str, rng) -> np.ndarray:
@@ -34,9 +33,13 @@ def _exposure(specimen: np.ndarray, blur_px: float) -> np.ndarray:
     return np.repeat(np.round(gray).astype(np.uint8)[..., None], 3, axis=2)
 
 
-def _ratios(specimen, blurs):
+def _features(specimen, blurs):
     first, second = (_exposure(specimen, blur) for blur in blurs)
-    return pair_features(first, second, APERTURE, PIXEL_UM, 2.0)[RATIO_BANDS][:5]
+    return pair_features(first, second, APERTURE, PIXEL_UM, 2.0)
+
+
+def _ratios(specimen, blurs):
+    return _features(specimen, blurs)[two_shot.RATIO_FEATURES][:5]
 
 
 def test_band_ratios_depend_on_the_blur_not_on_the_specimen():
@@ -46,6 +49,11 @@ def test_band_ratios_depend_on_the_blur_not_on_the_specimen():
     assert np.allclose(_ratios(coarse, (2.0, 1.0)), sharper_second, rtol=0.1, atol=0.05)
     # The same specimens blurred the other way round: the second exposure is the blurrier one.
     assert np.all(_ratios(fine, (1.0, 2.0))[1:] < 0) and np.all(sharper_second[1:] > 0)
+    # The band levels are what tells the specimens apart: the coarse one's power falls faster with frequency.
+    fine_levels, coarse_levels = (_features(specimen, (2.0, 1.0))[two_shot.LEVEL_FEATURES]
+                                  for specimen in (fine, coarse))
+    assert fine_levels[0] == coarse_levels[0] == 0.0
+    assert np.all(coarse_levels[6:12] < fine_levels[6:12] - 0.5)
 
 
 def _stained(texture: np.ndarray) -> np.ndarray:

@@ -348,16 +348,23 @@ def pair_estimates(model, images, images_above, numerical_apertures, pixel_sizes
             "compute_s": np.array(compute_s)}
 
 
-def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int = 2,
-                       condenser_known: bool = True) -> dict:
-    """The two-shot model's estimate for every tile: the tile and a second exposure of its field one
-    `two_shot.default_step_um` higher (imaged by the tile's own microscope, cached by `refocuser`), under the
-    condenser its microscope declares (`imaging_condenser`) or with the condenser not known."""
-    steps = [two_shot.default_step_um(float(aperture)) for aperture in tiles["numerical_aperture"]]
-    requests = [(index, float(true) + step) for index, (true, step) in enumerate(zip(tiles["true_um"], steps))]
+def second_exposures(tiles: dict, refocuser: "Refocuser", indices=None, workers: int = 2) -> tuple[list, list]:
+    """(images, steps µm): for each tile (of `indices`, default all) a second exposure of its field one
+    `two_shot.default_step_um` higher, imaged by the tile's own microscope and cached by `refocuser`."""
+    indices = range(len(tiles["images"])) if indices is None else [int(index) for index in indices]
+    steps = [two_shot.default_step_um(float(tiles["numerical_aperture"][index])) for index in indices]
+    requests = [(index, float(tiles["true_um"][index]) + step) for index, step in zip(indices, steps)]
     refocuser.prefetch(requests, workers)
     above = [refocuser.image(index, z) for index, z in requests]
     refocuser.save()
+    return above, steps
+
+
+def two_shot_estimates(model, tiles: dict, refocuser: "Refocuser", workers: int = 2,
+                       condenser_known: bool = True) -> dict:
+    """The two-shot model's estimate for every tile and its `second_exposures`, under the condenser its
+    microscope declares (`imaging_condenser`) or with the condenser not known."""
+    above, steps = second_exposures(tiles, refocuser, workers=workers)
     return pair_estimates(model, tiles["images"], above, tiles["numerical_aperture"], tiles["pixel_size_um"], steps,
                           [imaging_condenser(imaging) if condenser_known else two_shot.UNKNOWN_CONDENSER
                            for imaging in tiles["imaging"]])

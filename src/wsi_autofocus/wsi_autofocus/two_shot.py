@@ -38,7 +38,11 @@ REFERENCE_WAVELENGTH_UM = 0.55
 BAND_EDGES = np.concatenate([np.geomspace(0.02, 0.3, 8), np.linspace(0.3, 1.3, 11)[1:]])
 # The step a scan takes for the second exposure, in depths of focus (lambda / NA^2): about 2 µm at 20x/0.75.
 DEFAULT_STEP_DEPTHS = 2.0
-FEATURE_COUNT = 3 * (len(BAND_EDGES) - 1) + 2
+BAND_COUNT = len(BAND_EDGES) - 1
+FEATURE_COUNT = 3 * BAND_COUNT + 2
+# Where `features_from_bands` puts each band's log power ratio between the exposures (the blur's change), and
+# the bands' mean log power (the content's spectrum shape).
+RATIO_FEATURES, LEVEL_FEATURES = slice(0, BAND_COUNT), slice(BAND_COUNT, 2 * BAND_COUNT)
 # The model reads the pair's features and the microscope's condenser (`model_inputs`).
 MODEL_INPUT_COUNT = FEATURE_COUNT + 2
 MODEL_FILE = "two_shot.npz"
@@ -75,8 +79,8 @@ def _band_layout(shape: tuple[int, int], numerical_aperture: float, pixel_size_u
     fx = np.fft.rfftfreq(width)[None, :] / pixel_size_um
     normalised = np.hypot(fy, fx) * REFERENCE_WAVELENGTH_UM / numerical_aperture
     index = np.digitize(normalised, BAND_EDGES) - 1
-    index[(index < 0) | (index >= len(BAND_EDGES) - 1)] = -1
-    counts = np.bincount(index[index >= 0], minlength=len(BAND_EDGES) - 1)
+    index[(index < 0) | (index >= BAND_COUNT)] = -1
+    counts = np.bincount(index[index >= 0], minlength=BAND_COUNT)
     nyquist = 0.5 / pixel_size_um * REFERENCE_WAVELENGTH_UM / numerical_aperture
     valid = (BAND_EDGES[1:] <= nyquist) & (counts > 0)
     return index, counts, valid, _hann(height, width)
