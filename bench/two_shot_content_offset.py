@@ -1,6 +1,6 @@
 """Benchmark (a diagnosis): through which features the two-shot model reads one content differently from another.
 
-    .venv/bin/python bench/two_shot_content_offset.py [--model FILE] [--cache-dir D]
+    .venv/bin/python bench/two_shot_content_offset.py [--model FILE] [--cache-dir D] [--output JSON]
 
 On each held-out microscope's 20x tiles of the shift evaluation (procedural test specimens, real H&E and IHC, with
 their second exposures), the model's mean signed error and MAE per content: as read; with every tile's band levels
@@ -8,7 +8,7 @@ their second exposures), the model's mean signed error and MAE per content: as r
 content's mean, so that the contents differ only in their band ratios (if the offset between contents came through
 the levels, they would then read alike); and after the card's calibration on nine sweeps of validation specimens
 (`shift_evaluation.CalibrationSpec`). Uses the evaluation's caches (`wsi-autofocus eval-two-shot` fills them).
-Prints a table and writes bench/results/two_shot_content_offset.json.
+Prints a table and writes bench/results/two_shot_content_offset.json (or --output).
 """
 import argparse
 import json
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--cache-dir", type=Path, default=Path("build/autofocus-eval-cache"))
+    parser.add_argument("--output", type=Path, default=RESULTS / "two_shot_content_offset.json")
     args = parser.parse_args(argv)
     spec = ShiftSpec()
     tiles = render_tiles(spec, args.cache_dir)
@@ -83,11 +84,10 @@ def main(argv=None) -> int:
         for label, row in rows.items():
             print(f"{name:<16}{label:<34}" + "".join(f"{row[c]['bias_um']:+11.2f} / {row[c]['mae_um']:<8.2f}"
                                                      for c in contents))
-    RESULTS.mkdir(exist_ok=True)
-    output = RESULTS / "two_shot_content_offset.json"
-    output.write_text(json.dumps({"model": str(args.model), "magnification": MAGNIFICATION, "results": results},
-                                 indent=1))
-    print(f"wrote {output}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"model": str(args.model), "magnification": MAGNIFICATION, "results": results},
+                                      indent=1))
+    print(f"wrote {args.output}")
     return 0
 
 
