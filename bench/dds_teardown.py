@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from wsi_common.fastdds_teardown import fast_dds_segments, participant_segments
+from wsi_common.fastdds_shm import remove_zombie_segments
 from wsi_common.ros_env import node_environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,6 @@ def worker(teardown: str) -> None:
 
 
 def run_round(teardown: str, processes: int, rng: random.Random) -> dict:
-    existing = fast_dds_segments()      # other participants' on this machine stay
     workers = [subprocess.Popen([sys.executable, __file__, "--worker", teardown], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True,
                                 env=node_environment(sends_images=index % 2 == 0))
@@ -76,11 +75,9 @@ def run_round(teardown: str, processes: int, rng: random.Random) -> dict:
             teardown_s.append(json.loads(process.stdout.read().splitlines()[-1])["teardown_s"])
         except subprocess.TimeoutExpired:
             hung += 1
-            leftovers = participant_segments(process.pid, existing)
             process.kill()
             process.wait()
-            for segment in leftovers:
-                Path(segment).unlink(missing_ok=True)
+            remove_zombie_segments()    # the killed participant's; other participants' on this machine stay
     return {"hung": hung, "teardown_s": teardown_s}
 
 

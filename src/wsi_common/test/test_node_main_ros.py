@@ -1,8 +1,11 @@
 """A node process that stops cleanly leaves nothing of its DDS participant behind: Fast DDS's shared-memory
 segments in /dev/shm (128 MiB each with the large-image profile) outlive a process that exits without
-deleting its participant, and fill the machine's memory one stopped node at a time. One that cannot stop says
-where it is stuck and exits before launch would kill it."""
+deleting its participant, and fill the machine's memory one stopped node at a time; the supervisor frees those
+a killed node leaves. One that cannot stop says where it is stuck and exits before launch would kill it."""
+import io
+import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -12,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from wsi_common.fastdds_teardown import fast_dds_segments, participant_segments
+from wsi_common.fastdds_shm import ZOMBIE_MIN_AGE_S, fast_dds_segments, participant_segments, remove_zombie_segments
 from wsi_common.node_main import STOP_DEADLINE_S
 from wsi_common.ros_env import node_environment
+from wsi_common.supervisor import NodeSpec, Supervisor
 
 pytestmark = pytest.mark.ros
 
@@ -92,6 +96,39 @@ def test_a_stopped_node_removes_its_shared_memory(tmp_path, node_script):
     finally:
         process.kill()
     assert sorted(f for f in files if Path(f).exists()) == []
+
+
+def test_the_supervisor_frees_the_shared_memory_of_a_killed_node_and_keeps_a_living_ones(tmp_path):
+    """A node killed (by the out-of-memory killer, say) leaves its participant's segment; the next graph the
+    supervisor starts removes it, and says so, while a node still running elsewhere keeps its own."""
+    (tmp_path / "stopping_node.py").write_text(NODE_WITH_ACTIONS)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    existing = fast_dds_segments()
+    logs = {name: io.StringIO() for name in ("living", "killed")}
+    graphs = {name: Supervisor([NodeSpec(name=name, package="p", executable="e", module="stopping_node")],
+                               env=env, log=log).start() for name, log in logs.items()}
+    try:
+        segments = {}
+        for name, graph in graphs.items():
+            process = graph.processes[name]
+            deadline = time.monotonic() + 60
+            while not (owned := participant_segments(process.pid, existing)):
+                assert process.poll() is None and time.monotonic() < deadline, logs[name].getvalue()
+                time.sleep(0.2)
+            segments[name] = owned
+            existing |= owned
+        os.killpg(graphs["killed"].processes["killed"].pid, signal.SIGKILL)
+        graphs["killed"].processes["killed"].wait()
+        assert all(Path(segment).exists() for segment in segments["killed"])
+        time.sleep(ZOMBIE_MIN_AGE_S)
+        log = io.StringIO()
+        Supervisor([], log=log).start().stop()
+        assert re.search(r"^wsi: removed \d+ Fast DDS shared-memory segment", log.getvalue(), re.MULTILINE)
+        assert not any(Path(segment).exists() for segment in segments["killed"])
+        assert all(Path(segment).exists() for segment in segments["living"])
+    finally:
+        codes = {name: graph.stop()[name] for name, graph in graphs.items()}
+    assert codes == {"living": 0, "killed": -signal.SIGKILL}
 
 
 def test_a_node_stuck_in_its_teardown_prints_where_and_exits_before_launch_kills_it(tmp_path):
@@ -202,7 +239,6 @@ def test_a_participant_deleted_while_a_discovery_callback_runs(tmp_path, teardow
     (and a Fast DDS without the bug would let end_ros's workaround go)."""
     (tmp_path / "subject.py").write_text(PARTICIPANT_SUBJECT)
     trigger = tmp_path / "stop"
-    existing = fast_dds_segments()
     subject = subprocess.Popen([sys.executable, str(tmp_path / "subject.py"), str(trigger), teardown],
                                env=node_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     gdb = joining = None
@@ -229,11 +265,9 @@ def test_a_participant_deleted_while_a_discovery_callback_runs(tmp_path, teardow
         try:
             subject.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            spinning = participant_segments(subject.pid, existing)
             subject.kill()
             subject.wait()
-            for segment in spinning:        # a killed participant's shared memory stays unless removed
-                Path(segment).unlink(missing_ok=True)
+            remove_zombie_segments()        # a killed participant's shared memory stays unless removed
         output = subject.stdout.read()
     finally:
         for process in (subject, joining):

@@ -13,11 +13,10 @@ hung with rclpy's own node destruction, 0 of 600 with the detach below.
 The same call with a finite time limit waits as it should (the mutex is released while waiting): the callback
 ends, the listener is detached, and rmw's own call then returns at once. The call is made through the
 C++ symbols of the ros-fastdds and ros-rmw-fastrtps-cpp wheels pinned in `constraints.txt`, which rclpy has
-loaded. A process killed instead leaves its participant's shared memory in /dev/shm: `participant_segments` finds it.
+loaded. A process killed instead leaves its participant's shared memory in /dev/shm (`wsi_common.fastdds_shm`).
 """
 import ctypes
 from functools import cache
-from pathlib import Path
 
 from rclpy.exceptions import InvalidHandle
 from rclpy.node import Node
@@ -34,21 +33,6 @@ _RMW_HANDLE = ("librcl.so", "rcl_node_get_rmw_handle")
 _PARTICIPANT = ("librmw_fastrtps_cpp.so", "_ZN16rmw_fastrtps_cpp22get_domain_participantEP10rmw_node_s")
 _SET_LISTENER = ("libfastdds.so.3.2", "_ZN8eprosima7fastdds3dds17DomainParticipant12set_listenerE"
                                       "PNS1_25DomainParticipantListenerENSt6chrono8durationIlSt5ratioILl1ELl1EEEE")
-
-
-def fast_dds_segments() -> set[str]:
-    """Every Fast DDS shared-memory file on the machine."""
-    return {str(path) for path in Path("/dev/shm").glob("fastdds_*")}
-
-
-def participant_segments(pid: int, existing: set[str]) -> set[str]:
-    """The Fast DDS segments in /dev/shm that the process's participant owns: those it maps that were not
-    there before it started (it also maps the segments of other participants on the machine, to write to
-    them). The port files (fastdds_port<N>, 52 kB) are not among them: every participant on the port shares
-    one, and Fast DDS keeps it while any process of the domain may still use it."""
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    mapped = {line.split()[-1] for line in maps if "/dev/shm/fastdds_" in line}
-    return {path for path in mapped - existing if not Path(path).name.startswith("fastdds_port")}
 
 
 class DetachError(RuntimeError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from wsi_common.fastdds_shm import remove_zombie_segments
 from wsi_common.ros_env import node_environment
 
 
@@ -85,6 +86,7 @@ class Supervisor:
         return f"{spec.namespace.strip('/')}/{spec.name}".lstrip("/")
 
     def start(self) -> "Supervisor":
+        self._remove_zombie_segments()
         for spec in self.specs:
             params_file = write_params_file(spec, Path(self._params_dir.name))
             command = [sys.executable, "-m", "wsi_common.run_node", spec.module,
@@ -131,7 +133,18 @@ class Supervisor:
         for reader in self._readers:
             reader.join(timeout=2.0)
         self._params_dir.cleanup()
+        self._remove_zombie_segments()
         return {label: p.returncode for label, p in self.processes.items()}
+
+    def _remove_zombie_segments(self) -> None:
+        """Free the shared memory of DDS participants whose processes were killed: before the nodes start, what an
+        earlier run left (a node killed at its stop deadline, by the out-of-memory killer, by launch's SIGKILL), and
+        after they stop, what a straggler killed above left. It would stay in the machine's memory until reboot."""
+        sweep = remove_zombie_segments()
+        if sweep.segments:
+            with self._log_lock:
+                self._log.write(f"wsi: {sweep.describe()}\n")
+                self._log.flush()
 
     def __enter__(self) -> "Supervisor":
         return self.start()
