@@ -19,9 +19,9 @@ _LOCK_FILE = re.compile(r"^(fastdds_[0-9a-z]{16})_(el|sl)$")
 ZOMBIE_MIN_AGE_S = 2.0
 
 
-def fast_dds_segments(directory: Path = SHM_DIR) -> set[str]:
-    """Every Fast DDS shared-memory file in `directory`."""
-    return {str(path) for path in Path(directory).glob("fastdds_*")}
+def fast_dds_segments() -> set[str]:
+    """Every Fast DDS shared-memory file on the machine."""
+    return {str(path) for path in SHM_DIR.glob("fastdds_*")}
 
 
 def participant_segments(pid: int, existing: set[str]) -> set[str]:
