@@ -170,6 +170,26 @@ def test_an_absorbing_specimen_is_sharpest_at_the_held_out_best_focus_and_its_ph
     assert peaks[0.04] - peaks[0.0] > 0.1
 
 
+def test_held_out_camera_noise_has_the_shot_noise_variance_and_draws_the_same_noise_whatever_the_irradiance():
+    raw = dataclasses.replace(SCOPE.camera, srgb=False, jpeg_quality=None, illumination_falloff=0.0,
+                              white_balance=(1.0, 1.0, 1.0))
+    half_glass = np.full((256, 256, 3), 0.5, np.float32)
+    red_sites = heldout_imaging.expose_bayer(half_glass, raw, np.random.default_rng(0))[0::2, 0::2, 0]
+    electrons_per_level = raw.full_well_e / 255
+    mean_e = 0.5 * raw.glass_fill * raw.full_well_e
+    assert red_sites.mean() * electrons_per_level == pytest.approx(mean_e, rel=0.01)
+    shot_and_read_e = math.sqrt(mean_e + raw.read_noise_e ** 2)
+    assert red_sites.std() * electrons_per_level == pytest.approx(shot_and_read_e, rel=0.1)
+    # An irradiance a little different (as another CPU's arithmetic leaves it) takes the same draws from the
+    # stream: the images after it stay the same images (a Poisson sampler's draws depend on its mean).
+    streams = [np.random.default_rng(1), np.random.default_rng(1)]
+    first = [heldout_imaging.expose_bayer(half_glass * np.float32(scale), SCOPE.camera, rng)
+             for scale, rng in zip((1.0, 1.00001), streams)]
+    assert (first[0] != first[1]).mean() < 0.01
+    after = [heldout_imaging.expose_bayer(half_glass, SCOPE.camera, rng) for rng in streams]
+    assert np.array_equal(after[0], after[1])
+
+
 def test_held_out_camera_is_a_bayer_sensor_with_its_own_response():
     rng = np.random.default_rng(0)
     glass = np.ones((64, 64, 3), np.float32)
