@@ -52,8 +52,10 @@ train-autofocus: $(VENV)/.built
 # (3 min), and evaluates it, and its self-calibration, under the held-out microscopes (their second
 # exposures, focus-map sweeps and a focus-map-like sweep of each 20x test field rendered once: from a cache
 # without the test fields' sweeps the whole evaluation took 55 min here, from the one `train-autofocus`
-# leaves 13 min), with what a scan makes of the new pair (the scan outcome, which the single-shot card shows too, and
-# on the slide itself after the scan calibrates itself).
+# leaves 13 min; each calibration is judged over six draws of sweeps, `shift_evaluation.calibration_draws`, whose
+# renders add about 45 min to the first run: 35 min with the other specimens' draws already rendered, which took
+# about 13 more, on 2026-12-08), with what a scan makes of the new pair (the scan outcome, which the single-shot card
+# shows too, and on the slide itself after the scan calibrates itself).
 train-two-shot: $(VENV)/.built
 	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli train-two-shot --data-dir build/two-shot-data
 	OPENBLAS_NUM_THREADS=1 $(SOURCE_PY) -m wsi_autofocus.cli eval-two-shot --card

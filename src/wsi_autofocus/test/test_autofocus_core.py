@@ -15,7 +15,8 @@ from wsi_autofocus.evaluate import EvaluationSpec, error_statistics, format_tabl
 from wsi_autofocus.inference import (CPU_PATCHES_PER_RUN, BackendUnavailableError, FocusEstimator, FocusInputError,
                                      aggregate, default_model_dir, load_backend)
 from wsi_autofocus.model import ARCHITECTURES, RadialLogSpectrum, UnknownArchitectureError, architecture, build_model
-from wsi_autofocus.model_card import calibration_target_check, record_reproduction, render, target_statement
+from wsi_autofocus.model_card import (calibration_draws_target_check, calibration_target_check, record_reproduction,
+                                     render, target_statement)
 from wsi_autofocus.model_io import MODEL_INPUTS, MODEL_OUTPUTS, OPTICS_FEATURES
 from wsi_autofocus.patches import context_corner, patch_grid, select_patches
 from wsi_autofocus.training import (InlineFocusDataset, TrainingConfig, anneal_factor, fit_uncertainty_calibration,
@@ -398,6 +399,20 @@ def test_the_calibration_target_is_judged_against_best_focus_and_shows_the_tiles
     assert not met and "scope-a 0.25, scope-b 0.45" in text and "own sweep focus 0.21, 0.22" in text
     rows["scope-b"]["after"]["mae_um"] = 0.3
     assert calibration_target_check("the slide itself", rows, "wsi-autofocus eval")[1]
+
+
+def test_the_calibration_target_over_draws_of_sweeps_is_judged_by_their_mean_not_by_a_lucky_draw():
+    """One draw of nine sweeps under the target says little when the next reads well over it: the card judges the
+    mean over the draws and says how many single draws were within it."""
+    over = {"seeds": [23, 24, 25], "sweeps": 9, "microscopes": {
+        "scope-a": {"mae_after_um": [0.28, 0.36, 0.38], "mean_mae_after_um": 0.34, "sd_mae_after_um": 0.053},
+        "scope-b": {"mae_after_um": [0.20, 0.22, 0.24], "mean_mae_after_um": 0.22, "sd_mae_after_um": 0.02}}}
+    text, met = calibration_draws_target_check("other specimens", over)
+    assert not met
+    assert "on other specimens mean MAE over 3 draws of 9 sweeps scope-a 0.34 ± 0.05, scope-b 0.22 ± 0.02 µm" in text
+    assert "single draws within it 1/3, 3/3" in text
+    over["microscopes"]["scope-a"] |= {"mae_after_um": [0.36, 0.27, 0.27], "mean_mae_after_um": 0.30}
+    assert calibration_draws_target_check("other specimens", over)[1]
 
 
 def test_model_card_reports_another_run_of_the_recipe(tmp_path):

@@ -158,6 +158,38 @@ def test_the_calibration_table_counts_the_sweeps_a_calibration_left_out():
     assert shift_evaluation.format_calibration({"scope": result}).splitlines()[-1].split()[1] == "2/3"
 
 
+def test_calibration_draws_differ_only_in_their_seed_and_the_first_is_the_cards():
+    """The seed draws the sweeps' fields, start offsets and camera noise (`render_sweeps`); the rest of a draw is the
+    card's calibration."""
+    spec = shift_evaluation.CalibrationSpec()
+    draws = shift_evaluation.calibration_draws(spec, 3)
+    assert draws[0] == spec and len({draw.seed for draw in draws}) == 3
+    assert all(dataclasses.replace(draw, seed=spec.seed) == spec for draw in draws)
+
+
+def _check(mae_before: float, mae_after: float, refused: bool) -> dict:
+    """A calibration row as `two_shot_calibration_check` makes it (a refused one reads as before)."""
+    after = mae_before if refused else mae_after
+    return {"before": {"mae_um": mae_before, "bias_um": 0.0}, "after": {"mae_um": after, "bias_um": after / 2},
+            "refused": "no better on held-back sweeps" if refused else None}
+
+
+def test_calibrations_over_draws_give_each_draws_mae_their_mean_and_spread_and_count_the_refused():
+    """A refused calibration leaves the model as it was: that draw's MAE is the one before, and it counts."""
+    checks = [{"scope": _check(0.7, 0.3, False)}, {"scope": _check(0.7, 0.4, False)}, {"scope": _check(0.7, 0.2, True)}]
+    over = shift_evaluation.over_draws([23, 24, 25], 9, checks)
+    row = over["microscopes"]["scope"]
+    assert over["seeds"] == [23, 24, 25] and over["sweeps"] == 9
+    assert row["mae_after_um"] == [0.3, 0.4, 0.7] and row["refused"] == 1
+    assert row["mean_mae_after_um"] == pytest.approx(1.4 / 3)
+    assert row["sd_mae_after_um"] == pytest.approx(np.std([0.3, 0.4, 0.7], ddof=1))
+    assert row["bias_after_um"] == [0.15, 0.2, 0.35]
+    title, header, line = shift_evaluation.format_over_draws(over, 0.3, shift_evaluation.DRAWS_TITLE).splitlines()
+    assert "on 3 independent draws of 9 sweeps" in title
+    assert header.split()[3:6] == ["seed", "23", "seed"]
+    assert line.split() == ["scope", "0.70", "0.30", "0.40", "0.70", "0.47", "0.21", "1", "1/3"]
+
+
 def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():
     """A calibration that learnt another focus reads every field off the same way: the MAE cannot tell that
     from scatter, the mean signed error can."""

@@ -134,6 +134,8 @@ def command_train_two_shot(args) -> int:
 
 
 def command_eval_two_shot(args) -> int:
+    from wsi_autofocus.model_card import TARGET_CALIBRATED_MAE_UM
+
     model = TwoShotModel.load(args.model)
     spec = shift_evaluation.ShiftSpec(tiles_per_cell=args.shift_tiles)
     tiles = shift_evaluation.render_tiles(spec, args.cache_dir, workers=args.workers)
@@ -144,10 +146,20 @@ def command_eval_two_shot(args) -> int:
     evaluation = shift_evaluation.two_shot_evaluation(tiles, estimates)
     evaluation["condenser_not_known"] = shift_evaluation.two_shot_evaluation(
         tiles, shift_evaluation.two_shot_estimates(model, tiles, refocuser, args.workers, condenser_known=False))
-    evaluation["calibration_under_held_out_imaging"] = shift_evaluation.two_shot_calibration_check(
-        args.model, shift_evaluation.CalibrationSpec(), tiles, refocuser, estimates, args.cache_dir)
-    evaluation["calibration_on_the_slide"] = slide_calibration.two_shot_slide_calibration_check(
-        args.model, slide_calibration.SlideCalibrationSpec(), args.cache_dir)
+    # Each calibration is shown in full for one draw of sweeps and judged over `calibration_draws`.
+    sweep_specs = shift_evaluation.calibration_draws(shift_evaluation.CalibrationSpec())
+    draws = [shift_evaluation.two_shot_calibration_check(args.model, draw_spec, tiles, refocuser, estimates,
+                                                         args.cache_dir) for draw_spec in sweep_specs]
+    evaluation["calibration_under_held_out_imaging"] = draws[0]
+    evaluation["calibration_draws"] = shift_evaluation.over_draws([spec.seed for spec in sweep_specs],
+                                                                  sweep_specs[0].sweeps, draws)
+    slide_specs = shift_evaluation.calibration_draws(slide_calibration.SlideCalibrationSpec())
+    draws = [slide_calibration.two_shot_slide_calibration_check(args.model, slide_spec, args.cache_dir,
+                                                                tiles_sweep_focus=slide_spec == slide_specs[0])
+             for slide_spec in slide_specs]
+    evaluation["calibration_on_the_slide"] = draws[0]
+    evaluation["calibration_on_the_slide_draws"] = shift_evaluation.over_draws(
+        [spec.seed for spec in slide_specs], slide_specs[0].sweeps.sweeps, draws)
     backend, _ = load_backend(args.backend, args.single_shot_model, threads=args.threads)
     estimator = FocusEstimator(backend, args.single_shot_model)
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(
@@ -160,8 +172,12 @@ def command_eval_two_shot(args) -> int:
     print(shift_evaluation.format_scan_outcomes(evaluation["scan_outcome_20x"]))
     print(shift_evaluation.format_calibration(evaluation["calibration_under_held_out_imaging"],
                                               shift_evaluation.TWO_SHOT_CALIBRATION_TITLE))
+    print(shift_evaluation.format_over_draws(evaluation["calibration_draws"], TARGET_CALIBRATED_MAE_UM,
+                                             shift_evaluation.DRAWS_TITLE))
     print(slide_calibration.format_slide_calibration(evaluation["calibration_on_the_slide"],
                                                      slide_calibration.TWO_SHOT_TITLE))
+    print(shift_evaluation.format_over_draws(evaluation["calibration_on_the_slide_draws"], TARGET_CALIBRATED_MAE_UM,
+                                             slide_calibration.DRAWS_TITLE))
     print(shift_evaluation.format_calibrated_scan_outcomes(evaluation["scan_outcome_on_the_slide"],
                                                            slide_calibration.SCAN_OUTCOME_TITLE))
     if args.card:

@@ -317,6 +317,19 @@ def calibration_target_check(where: str, results: dict | None, command: str) -> 
             all(mae <= TARGET_CALIBRATED_MAE_UM for _, mae in after))
 
 
+def calibration_draws_target_check(where: str, over: dict) -> tuple[str, bool]:
+    """The mean MAE after self-calibration on `where` over independent draws (`shift_evaluation.over_draws`) of each
+    calibration against its target, as (statement, met)."""
+    results = over["microscopes"]
+    means = ", ".join(f"{name} {r['mean_mae_after_um']:.2f} ± {r['sd_mae_after_um']:.2f}"
+                      for name, r in results.items())
+    single = ", ".join(f"{sum(mae <= TARGET_CALIBRATED_MAE_UM for mae in r['mae_after_um'])}/{len(r['mae_after_um'])}"
+                       for r in results.values())
+    return (f"after self-calibration on {where} mean MAE over {len(over['seeds'])} draws of {over['sweeps']} "
+            f"sweeps {means} µm (target ≤ {TARGET_CALIBRATED_MAE_UM}; single draws within it {single})",
+            all(r["mean_mae_after_um"] <= TARGET_CALIBRATED_MAE_UM for r in results.values()))
+
+
 def scan_outcome_target_check(scan_outcome: dict) -> tuple[str, bool]:
     """The scan with inline autofocus against focus-map-only on every microscope of the scan outcome table:
     no tile may end further from focus, as (statement, met)."""
@@ -349,8 +362,11 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
     on_the_slide = evaluation.get("calibration_on_the_slide")
     checks = shift_target_checks(evaluation["pooled_20x"]["held_out_imaging_real_content"])
     checks.append(own_simulator_target_check(evaluation["pooled_20x"]["own_simulator_procedural"]))
-    checks += [calibration_target_check(where, results, "wsi-autofocus eval-two-shot")
-               for where, results in (("other specimens", calibration), ("the slide itself", on_the_slide))]
+    draws, slide_draws = evaluation.get("calibration_draws"), evaluation.get("calibration_on_the_slide_draws")
+    checks += [calibration_draws_target_check(where, over) if over else
+               calibration_target_check(where, results, "wsi-autofocus eval-two-shot")
+               for where, results, over in (("other specimens", calibration, draws),
+                                            ("the slide itself", on_the_slide, slide_draws))]
     checks.append(scan_outcome_target_check(evaluation["scan_outcome_20x"]))
     scan_on_the_slide = evaluation.get("scan_outcome_on_the_slide")
     checks += self_calibrated_scan_outcome_checks(scan_on_the_slide) if scan_on_the_slide else []
@@ -427,14 +443,23 @@ def render_two_shot(model_path: Path, evaluation: dict) -> str:
         "(`two_shot_calibration.fine_tune`), sigma's temperature on the held-back third of the sweeps, read through "
         "the field window only (never below the trained one). Nine sweeps of validation "
         "specimens under each held-out microscope, judged on that microscope's 20x tiles above (other specimens and "
-        "real content):",
+        "real content); then nine sweeps of a slide, judged on other fields of it. Each is shown in full for one draw "
+        "of the sweeps, then as the same calibration on independent draws (which fields are swept, and on a slide "
+        "which are tested; where each sweep starts; the camera's noise), by whose mean its target is judged "
+        "(`shift_evaluation.calibration_draws`): one draw's MAE moves by more than the recipes differ.",
         "",
         "```",
         shift_evaluation.format_calibration(calibration, shift_evaluation.TWO_SHOT_CALIBRATION_TITLE) if calibration
         else "not in this evaluation",
         "",
+        shift_evaluation.format_over_draws(draws, TARGET_CALIBRATED_MAE_UM, shift_evaluation.DRAWS_TITLE) if draws
+        else "calibration over independent draws of sweeps: not in this evaluation",
+        "",
         slide_calibration.format_slide_calibration(on_the_slide, slide_calibration.TWO_SHOT_TITLE) if on_the_slide
         else f"{slide_calibration.TWO_SHOT_TITLE}: not in this evaluation",
+        "",
+        shift_evaluation.format_over_draws(slide_draws, TARGET_CALIBRATED_MAE_UM, slide_calibration.DRAWS_TITLE)
+        if slide_draws else "calibration on the slide itself over independent draws: not in this evaluation",
         "```",
         "",
         "On the slide itself is how a scan calibrates (`ScanSlide.calibrate_autofocus`: the focus map's sweeps of the "

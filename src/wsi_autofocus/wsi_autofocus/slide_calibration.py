@@ -37,6 +37,8 @@ SWEEP_ROWS, TEST_ROWS = (0.0, 0.4), (0.6, 1.0)
 TITLE = ("self-calibration on the slide itself (20x): fitted on a held-out microscope's focus-map sweeps of one "
          "slide, tested on other fields of that slide")
 TWO_SHOT_TITLE = TITLE.replace("self-calibration", "two-shot self-calibration") + " with their second exposures"
+DRAWS_TITLE = ("two-shot self-calibration on the slide itself (20x) on {draws} independent draws of each slide's "
+               "fields ({sweeps} swept, other ones tested; start offsets and camera noise): MAE µm")
 SCAN_OUTCOME_TITLE = ("scan outcome after self-calibration on the slide itself (20x): both models calibrated on nine "
                       "focus-map sweeps of one slide, the scan's inline autofocus over other fields of it")
 
@@ -202,10 +204,13 @@ def slide_calibration_check(model_dir: Path | None, spec: SlideCalibrationSpec, 
     return results
 
 
-def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpec, work_dir: Path, log=print) -> dict:
-    """`slide_calibration_check` for the two-shot model: each test field read from it and its second exposure."""
+def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpec, work_dir: Path, log=print,
+                                     tiles_sweep_focus: bool = True) -> dict:
+    """`slide_calibration_check` for the two-shot model: each test field read from it and its second exposure;
+    without `tiles_sweep_focus` the test fields are not swept (`with_sweep_focus`) and the rows lack its columns."""
     results = {}
-    slides = with_sweep_focus(spec, render_all(spec, work_dir, log=log), work_dir, log=log)
+    slides = render_all(spec, work_dir, log=log)
+    slides = with_sweep_focus(spec, slides, work_dir, log=log) if tiles_sweep_focus else slides
     for (scope, slide), rendered in slides.items():
         name, tiles = f"{scope} / {slide}", rendered["tiles"]
 
@@ -216,7 +221,7 @@ def two_shot_slide_calibration_check(model_path: Path, spec: SlideCalibrationSpe
 
         results[name] = two_shot_calibrated_statistics(
             model_path, z_stacks(rendered["stacks"]), tiles, estimate,
-            Path(work_dir) / f"two-shot-calibrated-{scope}-{slide}.npz",
+            Path(work_dir) / f"two-shot-calibrated-{scope}-{slide}-seed{spec.seed}.npz",
             {"name": scope, "objective": spec.sweeps.magnification}, imaging_condenser(scope))
         log(f"{name}: {describe_calibration(results[name])}")
     return results
