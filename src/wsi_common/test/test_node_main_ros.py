@@ -104,16 +104,18 @@ def test_the_supervisor_frees_the_shared_memory_of_a_killed_node_and_keeps_a_liv
     (tmp_path / "stopping_node.py").write_text(NODE_WITH_ACTIONS)
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
     existing = fast_dds_segments()
-    logs = {name: io.StringIO() for name in ("living", "killed")}
-    graphs = {name: Supervisor([NodeSpec(name=name, package="p", executable="e", module="stopping_node")],
-                               env=env, log=log).start() for name, log in logs.items()}
+    graphs, segments = {}, {}
     try:
-        segments = {}
-        for name, graph in graphs.items():
-            process = graph.processes[name]
+        # One graph after the other: a participant also maps the segments of the participants it discovers, so the
+        # living node's own segments are told apart only before the other node starts.
+        for name in ("living", "killed"):
+            log = io.StringIO()
+            graphs[name] = Supervisor([NodeSpec(name=name, package="p", executable="e", module="stopping_node")],
+                                      env=env, log=log).start()
+            process = graphs[name].processes[name]
             deadline = time.monotonic() + 60
             while not (owned := participant_segments(process.pid, existing)):
-                assert process.poll() is None and time.monotonic() < deadline, logs[name].getvalue()
+                assert process.poll() is None and time.monotonic() < deadline, log.getvalue()
                 time.sleep(0.2)
             segments[name] = owned
             existing |= owned
