@@ -175,19 +175,21 @@ def _check(mae_before: float, mae_after: float, refused: bool) -> dict:
 
 
 def test_calibrations_over_draws_give_each_draws_mae_their_mean_and_spread_and_count_the_refused():
-    """A refused calibration leaves the model as it was: that draw's MAE is the one before, and it counts."""
-    checks = [{"scope": _check(0.7, 0.3, False)}, {"scope": _check(0.7, 0.4, False)}, {"scope": _check(0.7, 0.2, True)}]
+    """A refused calibration leaves the model as it was: that draw's MAE is the one before, and it counts. Draws on a
+    slide test other fields each: the MAE before is their mean."""
+    checks = [{"scope": _check(0.7, 0.3, False)}, {"scope": _check(0.8, 0.4, False)}, {"scope": _check(0.6, 0.2, True)}]
     over = shift_evaluation.over_draws([23, 24, 25], 9, checks)
     row = over["microscopes"]["scope"]
     assert over["seeds"] == [23, 24, 25] and over["sweeps"] == 9
-    assert row["mae_after_um"] == [0.3, 0.4, 0.7] and row["refused"] == 1
-    assert row["mean_mae_after_um"] == pytest.approx(1.4 / 3)
-    assert row["sd_mae_after_um"] == pytest.approx(np.std([0.3, 0.4, 0.7], ddof=1))
-    assert row["bias_after_um"] == [0.15, 0.2, 0.35]
+    assert row["mae_after_um"] == [0.3, 0.4, 0.6] and row["refused"] == 1
+    assert row["mae_before_um"] == [0.7, 0.8, 0.6] and row["mean_mae_before_um"] == pytest.approx(0.7)
+    assert row["mean_mae_after_um"] == pytest.approx(1.3 / 3)
+    assert row["sd_mae_after_um"] == pytest.approx(np.std([0.3, 0.4, 0.6], ddof=1))
+    assert row["bias_after_um"] == [0.15, 0.2, 0.3]
     title, header, line = shift_evaluation.format_over_draws(over, 0.3, shift_evaluation.DRAWS_TITLE).splitlines()
     assert "on 3 independent draws of 9 sweeps" in title
     assert header.split()[3:6] == ["seed", "23", "seed"]
-    assert line.split() == ["scope", "0.70", "0.30", "0.40", "0.70", "0.47", "0.21", "1", "1/3"]
+    assert line.split() == ["scope", "0.70", "0.30", "0.40", "0.60", "0.43", "0.15", "1", "1/3"]
 
 
 def test_the_calibration_table_shows_the_mean_signed_error_after_calibration():

@@ -154,12 +154,12 @@ def command_eval_two_shot(args) -> int:
     evaluation["calibration_draws"] = shift_evaluation.over_draws([spec.seed for spec in sweep_specs],
                                                                   sweep_specs[0].sweeps, draws)
     slide_specs = shift_evaluation.calibration_draws(slide_calibration.SlideCalibrationSpec())
-    draws = [slide_calibration.two_shot_slide_calibration_check(args.model, slide_spec, args.cache_dir,
-                                                                tiles_sweep_focus=slide_spec == slide_specs[0])
-             for slide_spec in slide_specs]
-    evaluation["calibration_on_the_slide"] = draws[0]
+    slide_draws = [slide_calibration.two_shot_slide_calibration_check(args.model, slide_spec, args.cache_dir,
+                                                                      tiles_sweep_focus=slide_spec == slide_specs[0])
+                   for slide_spec in slide_specs]
+    evaluation["calibration_on_the_slide"] = slide_draws[0]
     evaluation["calibration_on_the_slide_draws"] = shift_evaluation.over_draws(
-        [spec.seed for spec in slide_specs], slide_specs[0].sweeps.sweeps, draws)
+        [spec.seed for spec in slide_specs], slide_specs[0].sweeps.sweeps, slide_draws)
     backend, _ = load_backend(args.backend, args.single_shot_model, threads=args.threads)
     estimator = FocusEstimator(backend, args.single_shot_model)
     evaluation["scan_outcome_20x"] = shift_evaluation.scan_outcome_table(

@@ -894,14 +894,16 @@ def calibration_draws(spec, draws: int = CALIBRATION_DRAWS) -> list:
 def over_draws(seeds: list[int], sweeps: int, draws: list[dict]) -> dict:
     """The calibration checks of independent draws (`two_shot_calibration_check` or
     `slide_calibration.two_shot_slide_calibration_check` results on `sweeps` sweeps, one per `calibration_draws` spec,
-    of those `seeds`) side by side, per calibration: each draw's MAE and mean signed error after (a refused
-    calibration leaves the model in use: its MAE before), how many draws were refused, and the mean and standard
-    deviation of the MAE after over the draws."""
+    of those `seeds`) side by side, per calibration: each draw's MAE before (a draw on a slide tests other fields)
+    and its MAE and mean signed error after (a refused calibration leaves the model in use: its MAE before), how many
+    draws were refused, the mean MAE before and the mean and standard deviation of the MAE after over the draws."""
     out = {}
     for name in draws[0]:
         after = [draw[name]["after"] for draw in draws]
         mae = np.array([statistics["mae_um"] for statistics in after])
-        out[name] = {"mae_before_um": draws[0][name]["before"]["mae_um"], "mae_after_um": mae.tolist(),
+        before = [draw[name]["before"]["mae_um"] for draw in draws]
+        out[name] = {"mae_before_um": before, "mean_mae_before_um": float(np.mean(before)),
+                     "mae_after_um": mae.tolist(),
                      "bias_after_um": [statistics["bias_um"] for statistics in after],
                      "refused": sum(bool(draw[name]["refused"]) for draw in draws),
                      "mean_mae_after_um": float(mae.mean()),
@@ -911,7 +913,8 @@ def over_draws(seeds: list[int], sweeps: int, draws: list[dict]) -> dict:
 
 def format_over_draws(over: dict, target_um: float, title: str) -> str:
     """`over_draws` results as a table under `title` (formatted with the draws and sweeps): a row per calibration, the
-    MAE after of each draw (by its seed), their mean and standard deviation, and how many draws meet `target_um`."""
+    mean MAE before, the MAE after of each draw (by its seed), their mean and standard deviation, and how many draws
+    meet `target_um`."""
     seeds, results = over["seeds"], over["microscopes"]
     width = max(18, *(len(name) + 2 for name in results))
     lines = [title.format(draws=len(seeds), sweeps=over["sweeps"]),
@@ -919,7 +922,7 @@ def format_over_draws(over: dict, target_um: float, title: str) -> str:
              + f"{'mean':>8}{'sd':>7}{'refused':>9}{'<= ' + format(target_um, 'g'):>9}"]
     for name, r in results.items():
         met = f"{sum(mae <= target_um for mae in r['mae_after_um'])}/{len(r['mae_after_um'])}"
-        lines.append(f"{name:<{width}}{r['mae_before_um']:8.2f}" + "".join(f"{mae:9.2f}" for mae in r["mae_after_um"])
+        lines.append(f"{name:<{width}}{r['mean_mae_before_um']:8.2f}" + "".join(f"{mae:9.2f}" for mae in r["mae_after_um"])
                      + f"{r['mean_mae_after_um']:8.2f}{r['sd_mae_after_um']:7.2f}{r['refused']:9d}{met:>9}")
     return "\n".join(lines)
 
