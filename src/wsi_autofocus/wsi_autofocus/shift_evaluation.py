@@ -879,7 +879,7 @@ def two_shot_calibration_check(model_path: Path, spec: CalibrationSpec, tiles: d
 
 # Independent draws of a calibration's nine sweeps (`calibration_draws`) each calibration of the evaluation is judged
 # over: which fields are swept, where each sweep starts and the camera's noise moved the two-shot calibration on other
-# specimens' MAE on the same tiles over 0.35-0.41 µm (astigmatic), 0.20-0.24 (ring-lit) and 0.29-0.51 (Gaussian-lit)
+# specimens' MAE on the same tiles over 0.35-0.41 µm (astigmatic), 0.20-0.24 (ring-lit) and 0.295-0.52 (Gaussian-lit)
 # in six draws (2026-12-08), more than separated the recipes compared on one draw.
 CALIBRATION_DRAWS = 6
 
